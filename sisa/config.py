@@ -1,0 +1,424 @@
+"""Frozen configuration dataclasses, loaded from YAML with dotted ``key=value`` overrides.
+
+Every section validates itself in ``__post_init__`` and says how to fix a bad value;
+unknown keys are rejected with the list of allowed ones, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sisa.errors import ConfigError
+
+__all__ = [
+    "AggregateConfig",
+    "DataConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "ResourcesConfig",
+    "SisaConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+DATASETS = ("fashion-mnist", "npz", "csv", "idx")
+OPTIMIZERS = ("adam", "sgd")
+EPOCH_SCHEDULES = ("recalibrated", "constant")
+PARTITION_STRATEGIES = ("uniform",)
+AGGREGATE_METHODS = ("mean", "vote", "weighted")
+AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training and test data come from.
+
+    Attributes:
+        dataset: ``fashion-mnist`` (built in), ``npz``, ``csv`` or ``idx``.
+        train: Path of the training file (npz/csv) or IDX images file.
+        test: Path of the test file (npz/csv) or IDX images file.
+        train_labels: IDX labels file for ``train`` (``idx`` only).
+        test_labels: IDX labels file for ``test`` (``idx`` only).
+        root: Directory holding the Fashion-MNIST files (default: the Debian
+            package's directory, then a download cache).
+        num_classes: Number of classes; labels must lie in ``[0, num_classes)``.
+        label_column: CSV column holding the label.
+        id_column: CSV column holding the sample id (default: row number).
+        train_limit: Use only the first N training samples (quick runs, tests).
+        test_limit: Use only the first N test samples.
+    """
+
+    dataset: str = "fashion-mnist"
+    train: str | None = None
+    test: str | None = None
+    train_labels: str | None = None
+    test_labels: str | None = None
+    root: str | None = None
+    num_classes: int = 10
+    label_column: str = "label"
+    id_column: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _require(self.num_classes >= 2, f"data.num_classes={self.num_classes} must be >= 2")
+        if self.dataset in ("npz", "csv", "idx"):
+            _require(self.train is not None, f"data.dataset={self.dataset!r} needs data.train=PATH")
+        if self.dataset == "idx":
+            _require(
+                self.train_labels is not None, "data.dataset='idx' needs data.train_labels=PATH"
+            )
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name}={value} must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network each shard trains.
+
+    Attributes:
+        name: ``mlp``, ``cnn``, or ``"package.module:callable"`` returning an
+            ``nn.Module``; the callable receives ``input_shape``, ``num_classes``
+            and ``options`` as keyword arguments.
+        hidden: Hidden layer widths of the MLP, or the fully connected width(s) of the CNN.
+        channels: Convolution channels of the CNN.
+        dropout: Dropout probability before the output layer.
+        options: Extra keyword arguments for a custom callable.
+    """
+
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+    channels: tuple[int, ...] = (32, 64)
+    dropout: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in ("mlp", "cnn") or ":" in self.name,
+            f"model.name={self.name!r} is unknown; use 'mlp', 'cnn' or 'package.module:callable'",
+        )
+        _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must be positive")
+        _require(
+            all(c >= 1 for c in self.channels), f"model.channels={self.channels} must be positive"
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe of every shard.
+
+    Attributes:
+        epochs: Epochs an unsliced model would train for.
+        epoch_schedule: ``recalibrated`` trains each of the R stages for
+            ``max(1, round(2 * epochs / (R + 1)))`` epochs (2R/(R+1) x epochs in all,
+            the paper's recalibration, same compute as unsliced training);
+            ``constant`` trains every stage for ``epochs`` epochs.
+        batch_size: Mini-batch size.
+        optimizer: ``adam`` or ``sgd``.
+        lr: Learning rate.
+        weight_decay: L2 penalty.
+        momentum: SGD momentum (ignored by Adam).
+    """
+
+    epochs: int = 10
+    epoch_schedule: str = "recalibrated"
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _choice("train.epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
+        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.momentum < 1, f"train.momentum={self.momentum} must be in [0, 1)")
+
+    def stage_epochs(self, slices: int) -> int:
+        """Epochs each of the ``slices`` stages trains for.
+
+        Args:
+            slices: Number of slices R of a shard.
+
+        Returns:
+            The per-stage epoch count under the configured schedule.
+        """
+        if self.epoch_schedule == "constant":
+            return self.epochs
+        return max(1, round(2 * self.epochs / (slices + 1)))
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How samples are assigned to shards and slices.
+
+    Attributes:
+        strategy: ``uniform``: a pure function of (seed, sample id).
+    """
+
+    strategy: str = "uniform"
+
+    def __post_init__(self) -> None:
+        _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """How shard predictions are combined.
+
+    Attributes:
+        method: ``mean`` of probabilities (default), label ``vote``, or
+            ``weighted`` mean by shard size.
+        backend: ``vmap`` (one batched forward over stacked weights), ``loop``
+            (one forward per shard), or ``auto`` (measured choice per device and batch).
+    """
+
+    method: str = "mean"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("aggregate.method", self.method, AGGREGATE_METHODS)
+        _choice("aggregate.backend", self.backend, AGGREGATE_BACKENDS)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each shard's Ray task may use.
+
+    Attributes:
+        cpus_per_shard: Ray ``num_cpus`` of a shard task.
+        gpus_per_shard: Ray ``num_gpus`` of a shard task; fractions pack shards on
+            one GPU; 0 trains on the CPU.
+        threads_per_shard: torch intra-op threads; part of the recipe, because
+            results differ in the last bits between thread counts.
+        max_retries: Ray retries of a shard task after a worker dies.
+    """
+
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float = 0.0
+    threads_per_shard: int = 1
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.cpus_per_shard > 0, f"resources.cpus_per_shard={self.cpus_per_shard} must be > 0")
+        _require(
+            0 <= self.gpus_per_shard <= 1 or float(self.gpus_per_shard).is_integer(),
+            f"resources.gpus_per_shard={self.gpus_per_shard} must be a fraction in [0, 1] or a whole number",
+        )
+        _require(
+            self.threads_per_shard >= 1,
+            f"resources.threads_per_shard={self.threads_per_shard} must be >= 1",
+        )
+        _require(self.max_retries >= 0, f"resources.max_retries={self.max_retries} must be >= 0")
+
+    @property
+    def device(self) -> str:
+        """``cuda`` when shards get a GPU share, else ``cpu``."""
+        return "cuda" if self.gpus_per_shard > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class SisaConfig:
+    """Everything that defines a SISA ensemble.
+
+    Attributes:
+        seed: Root seed of the partition and of every training stage.
+        shards: Number of shards S.
+        slices: Number of slices R per shard.
+    """
+
+    seed: int = 0
+    shards: int = 8
+    slices: int = 4
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
+        _require(1 <= self.shards <= 4096, f"shards={self.shards} must be in [1, 4096]")
+        _require(1 <= self.slices <= 1024, f"slices={self.slices} must be in [1, 1024]")
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that determine a shard's weights, bit for bit.
+
+        Returns:
+            A JSON-able dict; its digest is part of every checkpoint key, so a
+            checkpoint is never reused under another recipe.
+        """
+        return {
+            "seed": self.seed,
+            "model": config_to_dict(self.model),
+            "train": config_to_dict(self.train),
+            "threads": self.resources.threads_per_shard,
+            "device": self.resources.device,
+        }
+
+    def recipe_digest(self) -> str:
+        """Hex SHA-256 of the canonical JSON of :meth:`recipe`."""
+        blob = json.dumps(self.recipe(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
+        return _build(hint, value, where + ".")  # type: ignore[arg-type]
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed here: {', '.join(prefix + n for n in names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive: field mismatch
+        raise ConfigError(f"bad config under {prefix or 'top level'}: {exc}") from exc
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. shards=8 or train.lr=0.01")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> SisaConfig:
+    """Build a validated :class:`SisaConfig` from a nested mapping.
+
+    Args:
+        raw: Nested mapping as found in a YAML file.
+        overrides: Dotted ``key=value`` strings applied on top, values parsed as YAML.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        ConfigError: On unknown keys, wrong types, or values out of range.
+    """
+    tree: dict[str, Any] = json.loads(json.dumps(dict(raw)))  # deep copy, JSON-able only
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(SisaConfig, tree)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Turn a config dataclass into plain JSON-able dicts and lists."""
+    out = dataclasses.asdict(cfg)
+    return typing.cast(dict[str, Any], json.loads(json.dumps(out)))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SisaConfig:
+    """Load a YAML config file and apply dotted overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the defaults.
+        overrides: ``key=value`` strings such as ``shards=8`` or ``train.lr=0.01``.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: If the file is missing, not YAML, or holds bad keys or values.
+    """
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return config_from_dict(raw, overrides)

@@ -1,0 +1,413 @@
+"""The public ``Ensemble``: create or open a store, ingest data, train on Ray, predict.
+
+This module is the conductor: it reads and writes the store, plans which stages of
+which shards need training, and hands the work to the orchestrator. It holds no
+training or aggregation logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa import aggregate
+from sisa.config import SisaConfig, config_from_dict, config_to_dict
+from sisa.data import LabeledArrays, as_arrays
+from sisa.digests import checkpoint_key, manifest_digest
+from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
+from sisa.models import build_model
+from sisa.partition import uniform_assignment
+from sisa.store import Store
+from sisa.trainer import ShardJob, SliceData, StageResult, load_checkpoint
+
+__all__ = ["Ensemble", "FitReport"]
+
+log = logging.getLogger(__name__)
+
+# Keys that decide where samples live; changing them on an existing store would move samples.
+_PARTITION_KEYS = ("seed", "shards", "slices", "partition")
+
+
+@dataclass
+class FitReport:
+    """What one :meth:`Ensemble.fit` call trained.
+
+    Attributes:
+        trained: Shard -> stages trained in this call.
+        skipped: Shards whose live model was already current.
+        seconds: Wall time of the call.
+        stage_seconds: Sum of per-stage training times (compute spent).
+    """
+
+    trained: dict[int, list[int]] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: float = 0.0
+
+
+class Ensemble:
+    """A SISA ensemble backed by one store directory.
+
+    Create with :meth:`create`, reopen with :meth:`open`; use as a context manager
+    or call :meth:`close` to release the store's writer lock.
+    """
+
+    def __init__(self, store: Store, address: str | None = None) -> None:
+        """Wrap an open store; use :meth:`create` or :meth:`open` instead."""
+        self.store = store
+        self.address = address
+        meta = store.meta()
+        self.config: SisaConfig = config_from_dict(meta["config"])
+        self._models: dict[int, tuple[str, nn.Module]] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path: str | Path, config: SisaConfig, *, address: str | None = None) -> Ensemble:
+        """Create a new store directory for an ensemble.
+
+        Args:
+            path: Directory to create.
+            config: The ensemble's config, stored with it.
+            address: Ray address used by :meth:`fit` (default: ``RAY_ADDRESS`` or local).
+
+        Returns:
+            The ensemble, open for writing.
+        """
+        store = Store.create(path, {"config": config_to_dict(config), "feature_shape": None})
+        return cls(store, address)
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False, address: str | None = None) -> Ensemble:
+        """Open an existing ensemble.
+
+        Args:
+            path: The store directory.
+            readonly: Read without taking the writer lock (predict, status, eval).
+            address: Ray address used by :meth:`fit`.
+
+        Returns:
+            The ensemble.
+        """
+        return cls(Store.open(path, readonly=readonly), address)
+
+    def close(self) -> None:
+        """Release the store (and its writer lock)."""
+        self.store.close()
+
+    def __enter__(self) -> Ensemble:
+        """Enter a ``with`` block."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close on leaving a ``with`` block."""
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self.store.path
+
+    @property
+    def feature_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample, fixed by the first ingest."""
+        shape = self.store.meta().get("feature_shape")
+        return tuple(shape) if shape is not None else None
+
+    def reconfigure(self, config: SisaConfig) -> None:
+        """Replace the stored config (recipe, resources, aggregation).
+
+        A changed recipe makes :meth:`fit` retrain every shard (checkpoint keys cover
+        the recipe); seed, shards, slices and partition cannot change, since they
+        decide where samples live.
+
+        Raises:
+            ConfigError: If a partition-defining key differs.
+        """
+        old, new = config_to_dict(self.config), config_to_dict(config)
+        changed = [k for k in _PARTITION_KEYS if old[k] != new[k]]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)} of store {self.path} cannot change after creation "
+                f"(stored: {', '.join(f'{k}={old[k]}' for k in changed)}); use a new --store"
+            )
+        self.store.write(lambda txn: self.store.put_meta(txn, config=new))
+        self.config = config
+
+    # ------------------------------------------------------------------- ingest
+    def ingest(self, x: Any, y: Any = None, ids: Any = None) -> int:
+        """Add samples to the store, assigned to shards and slices by the partitioner.
+
+        All-or-nothing: any bad sample rejects the whole call and nothing is written.
+
+        Args:
+            x: Features as an array ``(n, ...)``, or a ``torch.utils.data.Dataset``
+                of ``(features, label)`` pairs (then ``y`` is None), or a
+                :class:`~sisa.data.LabeledArrays`.
+            y: Integer labels in ``[0, num_classes)``.
+            ids: Unique non-negative int ids; default ``0..n-1``.
+
+        Returns:
+            Number of samples written.
+
+        Raises:
+            DataError: On bad shapes, NaN/inf, bad labels, or ids already stored.
+        """
+        data = x if isinstance(x, LabeledArrays) else as_arrays(x, y, ids, num_classes=self.config.data.num_classes)
+        shape = self.feature_shape
+        if shape is not None and data.feature_shape != shape:
+            raise DataError(
+                f"samples have shape {data.feature_shape}, but this store holds samples of shape {shape}; "
+                "reshape the data to match"
+            )
+        with self.store.read() as txn:
+            clash = [int(i) for i in data.ids[:100_000].tolist() if self.store.has_sample(txn, int(i))]
+            if len(data) > 100_000:
+                clash += [int(i) for i in data.ids[100_000:].tolist() if self.store.has_sample(txn, int(i))]
+        if clash:
+            raise DataError(
+                f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids"
+            )
+        cfg = self.config
+        shard, slice_ = uniform_assignment(data.ids, cfg.seed, cfg.shards, cfg.slices)
+
+        def change(txn: Any) -> None:
+            self.store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
+            self.store.put_meta(txn, feature_shape=list(data.feature_shape))
+
+        self.store.write(change)
+        log.info("ingested %d samples into %s", len(data), self.path)
+        return len(data)
+
+    # -------------------------------------------------------------------- train
+    def _shard_slices(self, txn: Any, shard: int) -> list[np.ndarray]:
+        return [self.store.slice_ids(txn, shard, r) for r in range(self.config.slices)]
+
+    def _plan(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
+        """Last stage whose stored checkpoint is exactly what training now would produce."""
+        recipe = self.config.recipe_digest()
+        parent: dict[str, Any] | None = None
+        for stage in range(1, len(slice_ids) + 1):
+            record = self.store.stage_record(txn, shard, stage)
+            expected = checkpoint_key(
+                recipe, shard, stage, manifest_digest(slice_ids[:stage]), parent["key"] if parent else None
+            )
+            if record is None or record["key"] != expected:
+                return stage - 1, parent
+            parent = record
+        return len(slice_ids), parent
+
+    def fit(self, progress: Callable[[StageResult], None] | None = None) -> FitReport:
+        """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray.
+
+        Resumes each shard from its last valid stage, so re-running after a crash
+        (or after new data) redoes only what is needed.
+
+        Args:
+            progress: Called after each stage is committed (e.g. to advance a progress bar).
+
+        Returns:
+            What was trained.
+
+        Raises:
+            ConfigError: If a shard would be empty or hold fewer samples than slices.
+        """
+        from sisa import orchestrator  # the one Ray import; keeps predict/status Ray-free
+
+        started = time.perf_counter()
+        cfg, report = self.config, FitReport()
+        shape = self.feature_shape
+        if shape is None:
+            raise NotTrainedError(f"store {self.path} holds no samples; ingest data before fit")
+        jobs: list[ShardJob] = []
+        with self.store.read() as txn:
+            live = self.store.live(txn)
+            for shard in range(cfg.shards):
+                slice_ids = self._shard_slices(txn, shard)
+                size = sum(len(s) for s in slice_ids)
+                if size < cfg.slices:
+                    raise ConfigError(
+                        f"shard {shard} holds {size} samples, fewer than slices={cfg.slices}: "
+                        f"lower shards (now {cfg.shards}) or slices, or ingest more data"
+                    )
+                done, parent = self._plan(txn, shard, slice_ids)
+                if done == len(slice_ids) and shard in live and parent and live[shard]["key"] == parent["key"]:
+                    report.skipped.append(shard)
+                    continue
+                slices = tuple(
+                    SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in slice_ids
+                )
+                jobs.append(
+                    ShardJob(
+                        config=cfg,
+                        shard=shard,
+                        slices=slices,
+                        start_stage=min(done, len(slice_ids) - 1),
+                        parent=self.store.checkpoint(txn, parent) if parent and done < len(slice_ids) else None,
+                        parent_key=parent["key"] if parent and done < len(slice_ids) else None,
+                        input_shape=shape,
+                        num_classes=cfg.data.num_classes,
+                    )
+                )
+        # A shard whose stages are all valid but whose live pointer is missing just
+        # replays its last stage (start_stage = R-1), which needs stage R-1's bytes.
+        jobs = [self._fix_parent(job) for job in jobs]
+        total_slices = {job.shard: len(job.slices) for job in jobs}
+
+        def commit(result: StageResult) -> None:
+            record = {
+                "shard": result.shard,
+                "stage": result.stage,
+                "key": result.key,
+                "sha256": result.sha256,
+                "weights": result.weights,
+                "manifest": result.manifest,
+                "parent": result.parent,
+                "n_samples": result.n_samples,
+                "epochs": result.epochs,
+                "seconds": round(result.seconds, 4),
+            }
+            last = result.stage == total_slices[result.shard]
+            self.store.write(lambda txn: self.store.commit_stage(txn, record, result.checkpoint, last))
+            report.trained.setdefault(result.shard, []).append(result.stage)
+            report.stage_seconds += result.seconds
+            if progress is not None:
+                progress(result)
+
+        if jobs:
+            orchestrator.connect(self.address)
+            orchestrator.run_jobs(jobs, commit)
+        report.seconds = time.perf_counter() - started
+        log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
+        return report
+
+    def _fix_parent(self, job: ShardJob) -> ShardJob:
+        if job.start_stage == 0 or job.parent is not None:
+            return job
+        with self.store.read() as txn:
+            record = self.store.stage_record(txn, job.shard, job.start_stage)
+            if record is None:  # pragma: no cover - _plan guarantees it exists
+                raise StoreError(f"shard {job.shard}: stage {job.start_stage} record vanished")
+            blob = self.store.checkpoint(txn, record)
+        return ShardJob(**{**job.__dict__, "parent": blob, "parent_key": record["key"]})
+
+    # ------------------------------------------------------------------ predict
+    def live_models(self) -> dict[int, nn.Module]:
+        """The live model of every trained shard, loaded (and cached) from the store.
+
+        Raises:
+            NotTrainedError: If no shard has a live model.
+            IntegrityError: If a live checkpoint was modified.
+        """
+        shape = self.feature_shape
+        with self.store.read() as txn:
+            live = self.store.live(txn)
+            if not live or shape is None:
+                raise NotTrainedError(f"store {self.path} has no trained shards; run fit (sisa train) first")
+            for shard, record in live.items():
+                cached = self._models.get(shard)
+                if cached is not None and cached[0] == record["key"]:
+                    continue
+                full = self.store.stage_record(txn, shard, record["stage"]) or record
+                ckpt = load_checkpoint(self.store.checkpoint(txn, {**full, "shard": shard}))
+                model = build_model(self.config.model, shape, self.config.data.num_classes)
+                model.load_state_dict(ckpt["model"])
+                self._models[shard] = (record["key"], model.eval())
+        for gone in set(self._models) - set(live):
+            del self._models[gone]
+        return {shard: self._models[shard][1] for shard in sorted(live)}
+
+    def _shard_sizes(self, shards: Sequence[int]) -> list[float]:
+        with self.store.read() as txn:
+            live = self.store.live(txn)
+        return [float(live[s]["n_samples"]) for s in shards]
+
+    def predict_proba(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
+        """Ensemble class probabilities.
+
+        Args:
+            x: Features ``(n, ...)`` (numpy or torch).
+            method: ``mean`` (default from config), ``vote`` or ``weighted`` (by shard size).
+            batch_size: Rows per forward pass.
+
+        Returns:
+            ``(n, num_classes)`` float array; rows sum to 1.
+        """
+        models = self.live_models()
+        method = method or self.config.aggregate.method
+        weights = self._shard_sizes(list(models)) if method == "weighted" else None
+        xt = self._as_tensor(x)
+        out = aggregate.predict_proba(
+            list(models.values()), xt, method=method, weights=weights,
+            backend=self.config.aggregate.backend, batch_size=batch_size,
+        )
+        return out.cpu().numpy()
+
+    def predict(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
+        """Ensemble labels: argmax of :meth:`predict_proba`."""
+        return self.predict_proba(x, method=method, batch_size=batch_size).argmax(axis=1)
+
+    def score(self, x: Any, y: Any, *, method: str | None = None) -> float:
+        """Ensemble accuracy on ``(x, y)``."""
+        return float((self.predict(x, method=method) == np.asarray(y)).mean())
+
+    def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
+        """Accuracy of each live shard model on ``(x, y)``."""
+        models = self.live_models()
+        probas = aggregate.shard_probas(list(models.values()), self._as_tensor(x), backend=self.config.aggregate.backend)
+        labels = probas.argmax(dim=2).cpu().numpy()
+        y_np = np.asarray(y)
+        return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(models)}
+
+    def _as_tensor(self, x: Any) -> torch.Tensor:
+        shape = self.feature_shape
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if shape is not None and tuple(xt.shape[1:]) != shape:
+            raise DataError(f"inputs have sample shape {tuple(xt.shape[1:])}, the ensemble expects {shape}")
+        return xt
+
+    # ------------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        """Shards, slices, sample counts per shard and slice, and live checkpoint digests.
+
+        Returns:
+            A JSON-able dict.
+        """
+        cfg = self.config
+        with self.store.read() as txn:
+            live = self.store.live(txn)
+            shards = []
+            for shard in range(cfg.shards):
+                counts = [int(len(self.store.slice_ids(txn, shard, r))) for r in range(cfg.slices)]
+                stages = self.store.stage_records(txn, shard)
+                rec = live.get(shard)
+                shards.append({
+                    "shard": shard,
+                    "samples": sum(counts),
+                    "slice_samples": counts,
+                    "stages_done": len(stages),
+                    "live": rec is not None,
+                    "live_checkpoint": rec["sha256"] if rec else None,
+                    "live_weights": rec["weights"] if rec else None,
+                    "live_manifest": rec["manifest"] if rec else None,
+                })
+            n = self.store.count_samples(txn)
+        return {
+            "store": str(self.path),
+            "shards": cfg.shards,
+            "slices": cfg.slices,
+            "samples": n,
+            "feature_shape": list(self.feature_shape or []),
+            "num_classes": cfg.data.num_classes,
+            "model": cfg.model.name,
+            "recipe": cfg.recipe_digest(),
+            "trained_shards": len(live),
+            "per_shard": shards,
+        }

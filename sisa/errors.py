@@ -1,0 +1,47 @@
+"""Exception hierarchy of sisa: one type per failure a caller may want to handle.
+
+Every error survives pickling (Ray ships exceptions between processes), so each
+subclass keeps the plain ``Exception(message)`` constructor signature.
+"""
+
+from __future__ import annotations
+
+
+class SisaError(Exception):
+    """Base class of every error raised by sisa."""
+
+
+class ConfigError(SisaError, ValueError):
+    """A configuration file or override is malformed or holds a bad value."""
+
+
+class DataError(SisaError, ValueError):
+    """Input data is malformed: wrong shape, dtype, NaN, bad label, duplicate id."""
+
+
+class StoreError(SisaError):
+    """The store directory is missing, not a store, or inconsistent."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's write lock."""
+
+
+class StoreFullError(StoreError):
+    """A write could not complete because the disk or the map is full."""
+
+
+class IntegrityError(StoreError):
+    """A stored record or checkpoint does not match its recorded digest."""
+
+
+class ModelError(SisaError, ValueError):
+    """A model name or ``module:callable`` spec cannot be built."""
+
+
+class TrainingError(SisaError):
+    """Training a shard failed (after any retries)."""
+
+
+class NotTrainedError(SisaError):
+    """Prediction was asked of an ensemble with no live shard models."""

@@ -1,0 +1,365 @@
+"""The LMDB store of one ensemble: samples, assignments, config, checkpoints and live models.
+
+One directory per ensemble. Every logical change is one write transaction, so a crash
+leaves the old or the new state (invariant 5). A writer holds an exclusive ``flock``
+on ``writer.lock``; readers use LMDB's MVCC snapshots and need no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import numpy as np
+
+from sisa.errors import IntegrityError, StoreError, StoreFullError, StoreLockedError
+
+__all__ = ["FORMAT_VERSION", "Store"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live")
+_INITIAL_MAP = 1 << 28  # 256 MiB; grown by doubling on MapFullError
+_LOCK_NAME = "writer.lock"
+
+T = TypeVar("T")
+
+
+def id_key(sample_id: int) -> bytes:
+    """Big-endian key of a sample id, so LMDB's byte order is numeric order."""
+    return struct.pack(">Q", sample_id)
+
+
+def member_key(shard: int, slice_: int, sample_id: int) -> bytes:
+    """Key of the (shard, slice, id) membership index; a prefix scan lists a slice in id order."""
+    return struct.pack(">IIQ", shard, slice_, sample_id)
+
+
+def stage_key(shard: int, stage: int) -> bytes:
+    """Key of a stage record."""
+    return struct.pack(">II", shard, stage)
+
+
+def shard_key(shard: int) -> bytes:
+    """Key of a shard's live-model record."""
+    return struct.pack(">I", shard)
+
+
+class Store:
+    """An open store directory.
+
+    Use :meth:`create` or :meth:`open`; close with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(self, path: Path, env: lmdb.Environment, lock_fd: int | None) -> None:
+        """Wrap an open environment; use :meth:`create` or :meth:`open` instead."""
+        self.path = path
+        self._env = env
+        self._lock_fd = lock_fd
+        self._dbs = {name: env.open_db(name.encode(), create=lock_fd is not None) for name in _DBS}
+
+    # ----------------------------------------------------------------- lifecycle
+    @staticmethod
+    def _lock(path: Path) -> int:
+        fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreLockedError(
+                f"store {path} is locked by pid {holder}: another process is writing it; "
+                "wait for it to finish, or open read-only (sisa status/eval, Ensemble.open(readonly=True))"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    @classmethod
+    def _open_env(cls, path: Path, readonly: bool) -> lmdb.Environment:
+        size = max(_INITIAL_MAP, (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0)
+        return lmdb.open(
+            str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=readonly, subdir=True, mode=0o600
+        )
+
+    @classmethod
+    def create(cls, path: str | Path, meta: dict[str, Any]) -> Store:
+        """Create a new store directory and write its metadata.
+
+        Args:
+            path: Directory to create (must not be an existing store; an empty dir is fine).
+            meta: JSON-able metadata, e.g. the config.
+
+        Returns:
+            The store, open for writing.
+
+        Raises:
+            StoreError: If ``path`` already holds a store or other files.
+        """
+        p = Path(path)
+        if p.exists() and any(p.iterdir()):
+            if (p / "data.mdb").exists():
+                raise StoreError(f"{p} already holds a store; open it with Ensemble.open / --store, or pick a new path")
+            raise StoreError(f"{p} exists and is not empty; pick a new or empty directory for the store")
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(p, 0o700)
+        fd = cls._lock(p)
+        store = cls(p, cls._open_env(p, readonly=False), fd)
+        store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
+        """Open an existing store.
+
+        Args:
+            path: The store directory.
+            readonly: Open for reading only (no writer lock is taken).
+
+        Returns:
+            The open store.
+
+        Raises:
+            StoreError: If ``path`` is not a store.
+            StoreLockedError: If another process is writing and ``readonly`` is False.
+        """
+        p = Path(path)
+        if not (p / "data.mdb").is_file():
+            raise StoreError(f"{p} is not a sisa store (no data.mdb); create one with `sisa train --store {p}`")
+        fd = None if readonly else cls._lock(p)
+        try:
+            store = cls(p, cls._open_env(p, readonly=readonly), fd)
+            version = store.meta().get("format")
+        except (lmdb.Error, json.JSONDecodeError) as exc:
+            if fd is not None:
+                os.close(fd)
+            raise StoreError(f"{p} is not a readable sisa store: {exc}") from exc
+        if version != FORMAT_VERSION:
+            store.close()
+            raise StoreError(f"{p} has store format {version!r}; this sisa reads format {FORMAT_VERSION}")
+        return store
+
+    def close(self) -> None:
+        """Close the environment and release the writer lock."""
+        self._env.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def writable(self) -> bool:
+        """True when this handle holds the writer lock."""
+        return self._lock_fd is not None
+
+    # -------------------------------------------------------------- transactions
+    def db(self, name: str) -> Any:
+        """Handle of a named database."""
+        return self._dbs[name]
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one write transaction, growing the map and retrying if it is full.
+
+        Args:
+            fn: Does every put/delete of one logical change; may run more than once.
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            StoreError: If this handle is read-only.
+            StoreFullError: If the disk is full; nothing of the change is written.
+        """
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only; open it for writing to change it")
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                new_size = self._env.info()["map_size"] * 2
+                log.info("store map full; growing to %d MiB", new_size >> 20)
+                self._env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
+                    raise StoreFullError(
+                        f"store {self.path}: the disk is full; the change was not written. Free space and retry"
+                    ) from exc
+                raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise StoreFullError(f"store {self.path}: the disk is full; the change was not written") from exc
+                raise
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction: one consistent snapshot of the whole store."""
+        try:
+            txn = self._env.begin()
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)  # adopt the size another process grew the map to
+            txn = self._env.begin()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    # ----------------------------------------------------------------- metadata
+    def _put_meta(self, txn: lmdb.Transaction, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            txn.put(k.encode(), json.dumps(v).encode(), db=self._dbs["meta"])
+
+    def put_meta(self, txn: lmdb.Transaction, **values: Any) -> None:
+        """Set metadata keys inside the caller's write transaction."""
+        self._put_meta(txn, values)
+
+    def meta(self, txn: lmdb.Transaction | None = None) -> dict[str, Any]:
+        """All metadata as a dict."""
+        if txn is None:
+            with self.read() as t:
+                return self.meta(t)
+        return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self._dbs["meta"])}
+
+    # ------------------------------------------------------------------ samples
+    @staticmethod
+    def encode_sample(label: int, features: np.ndarray) -> bytes:
+        """Record bytes of one sample: int64 label then float32 features."""
+        return struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
+
+    def count_samples(self, txn: lmdb.Transaction) -> int:
+        """Number of stored samples."""
+        return int(txn.stat(self._dbs["samples"])["entries"])
+
+    def has_sample(self, txn: lmdb.Transaction, sample_id: int) -> bool:
+        """Whether ``sample_id`` is stored."""
+        return txn.get(id_key(sample_id), db=self._dbs["samples"]) is not None
+
+    def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
+        """Sorted ids of one slice of one shard."""
+        prefix = struct.pack(">II", shard, slice_)
+        out: list[int] = []
+        cur = txn.cursor(db=self._dbs["members"])
+        if cur.set_range(prefix):
+            for key in cur.iternext(keys=True, values=False):
+                if key[:8] != prefix:
+                    break
+                out.append(struct.unpack(">Q", key[8:])[0])
+        return np.asarray(out, dtype=np.int64)
+
+    def load_samples(
+        self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of ``ids``, in the given order.
+
+        Raises:
+            IntegrityError: If an id has no record or a record has the wrong size.
+        """
+        width = int(np.prod(feature_shape))
+        x = np.empty((len(ids), width), dtype=np.float32)
+        y = np.empty(len(ids), dtype=np.int64)
+        db = self._dbs["samples"]
+        for i, sid in enumerate(ids.tolist()):
+            raw = txn.get(id_key(sid), db=db)
+            if raw is None or len(raw) != 8 + 4 * width:
+                raise IntegrityError(f"sample {sid} is missing or corrupt in store {self.path}")
+            y[i] = struct.unpack_from("<q", raw)[0]
+            x[i] = np.frombuffer(raw, dtype="<f4", offset=8)
+        return x.reshape((len(ids), *feature_shape)), y
+
+    # -------------------------------------------------------------- checkpoints
+    def stage_record(self, txn: lmdb.Transaction, shard: int, stage: int) -> dict[str, Any] | None:
+        """The committed record of a stage checkpoint, or None."""
+        raw = txn.get(stage_key(shard, stage), db=self._dbs["stages"])
+        return json.loads(raw) if raw is not None else None
+
+    def stage_records(self, txn: lmdb.Transaction, shard: int) -> list[dict[str, Any]]:
+        """All stage records of a shard, in stage order."""
+        out = []
+        cur = txn.cursor(db=self._dbs["stages"])
+        prefix = struct.pack(">I", shard)
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if key[:4] != prefix:
+                    break
+                out.append(json.loads(value))
+        return out
+
+    def checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any]) -> bytes:
+        """Checkpoint bytes of a stage record, checked against the recorded sha256.
+
+        Raises:
+            IntegrityError: If the bytes are missing or altered.
+        """
+        from sisa.digests import sha256  # local: keeps store importable without torch at module import
+
+        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
+        where = f"shard {record['shard']} stage {record['stage']}"
+        if raw is None:
+            raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
+        blob = bytes(raw)
+        if sha256(blob) != record["sha256"]:
+            raise IntegrityError(f"checkpoint of {where} was modified: its sha256 does not match the record")
+        return blob
+
+    def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+        """Live-model record of every shard that has one."""
+        return {
+            struct.unpack(">I", k)[0]: json.loads(v) for k, v in txn.cursor(db=self._dbs["live"])
+        }
+
+    # ------------------------------------------------------------------ writes
+    def put_samples(
+        self,
+        txn: lmdb.Transaction,
+        ids: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        shard: np.ndarray,
+        slice_: np.ndarray,
+    ) -> None:
+        """Write samples with their assignment, inside the caller's write transaction."""
+        samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
+        flat = x.reshape(len(ids), -1)
+        for i, sid in enumerate(ids.tolist()):
+            k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
+            if not txn.put(k, self.encode_sample(int(y[i]), flat[i]), db=samples, overwrite=False):
+                raise StoreError(f"sample id {sid} is already in the store")
+            txn.put(k, struct.pack(">II", s, r), db=assign)
+            txn.put(member_key(s, r, sid), b"", db=members)
+
+    def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], checkpoint: bytes, live: bool) -> None:
+        """Store a finished stage checkpoint, inside the caller's write transaction.
+
+        A stage whose key changed invalidates every later stage of the shard (they
+        descend from the old checkpoint): their records and bytes go in the same
+        transaction, and so does a live pointer to one of them.
+
+        Args:
+            txn: Open write transaction.
+            record: JSON-able stage record (``shard``, ``stage``, ``key``, ``sha256``, ...).
+            checkpoint: The checkpoint bytes.
+            live: Whether this stage is the shard's last, making it the live model.
+        """
+        shard, stage = record["shard"], record["stage"]
+        stages, ckpts, lives = self._dbs["stages"], self._dbs["ckpt"], self._dbs["live"]
+        old = self.stage_record(txn, shard, stage)
+        if old is not None and old["key"] != record["key"]:
+            for later in self.stage_records(txn, shard):
+                if later["stage"] >= stage:
+                    txn.delete(later["key"].encode(), db=ckpts)
+                    txn.delete(stage_key(shard, later["stage"]), db=stages)
+            txn.delete(shard_key(shard), db=lives)
+        txn.put(record["key"].encode(), checkpoint, db=ckpts)
+        txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
+        if live:
+            live_record = {k: record[k] for k in ("stage", "key", "sha256", "weights", "manifest", "n_samples")}
+            txn.put(shard_key(shard), json.dumps(live_record, sort_keys=True).encode(), db=lives)

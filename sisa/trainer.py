@@ -1,0 +1,271 @@
+"""Pure-torch training of one shard, slice by slice, with a checkpoint after every stage.
+
+No Ray and no store here: the orchestrator ships a :class:`ShardJob` in and gets
+:class:`StageResult` objects back. Stage r trains on slices 1..r; every random
+source is seeded from (seed, shard, stage) and the data order derives from the
+sorted ids, so the same job always yields the same bytes (invariant 2).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.config import SisaConfig
+from sisa.digests import checkpoint_key, manifest_digest, sha256, weights_digest
+from sisa.errors import IntegrityError, TrainingError
+from sisa.models import build_model
+from sisa.partition import splitmix64
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "ShardJob",
+    "SliceData",
+    "StageResult",
+    "derive_seed",
+    "load_checkpoint",
+    "train_shard",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """One slice of a shard: its sorted ids, features and labels."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything needed to (re)train one shard from a given stage onwards.
+
+    Attributes:
+        config: The ensemble's config (recipe, seed, resources).
+        shard: Shard index.
+        slices: The shard's slices in order; stage r trains on ``slices[:r]``.
+        start_stage: Number of stages already done; training starts at stage
+            ``start_stage + 1``.
+        parent: Bytes of the stage ``start_stage`` checkpoint, or ``None`` when
+            ``start_stage == 0``.
+        parent_key: Key of that checkpoint.
+        input_shape: Shape of one sample.
+        num_classes: Number of classes.
+    """
+
+    config: SisaConfig
+    shard: int
+    slices: tuple[SliceData, ...]
+    start_stage: int
+    parent: bytes | None
+    parent_key: str | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A finished stage: the checkpoint bytes and what they are provably made of."""
+
+    shard: int
+    stage: int
+    key: str
+    checkpoint: bytes
+    sha256: str
+    manifest: str
+    weights: str
+    parent: str | None
+    n_samples: int
+    epochs: int
+    seconds: float
+
+
+def derive_seed(seed: int, shard: int, stage: int) -> int:
+    """A 63-bit seed that depends only on (seed, shard, stage).
+
+    Args:
+        seed: Root seed from the config.
+        shard: Shard index.
+        stage: Stage number (0 is model initialisation).
+
+    Returns:
+        A non-negative int usable by ``torch.manual_seed``.
+    """
+    mixed = splitmix64(np.asarray([seed, shard, stage], dtype=np.uint64))
+    value = splitmix64(np.asarray(mixed[0] ^ splitmix64(mixed[1] ^ splitmix64(mixed[2]))))
+    return int(value) >> 1
+
+
+def _make_optimizer(cfg: SisaConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _set_determinism(threads: int, device: torch.device) -> None:
+    # Thread count changes float summation order, so it is part of the recipe.
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Decode checkpoint bytes without executing any pickled code.
+
+    Args:
+        blob: Bytes written by the trainer.
+        expected_sha256: Digest recorded in the store; checked first when given.
+
+    Returns:
+        The checkpoint dict (``model``, ``optimizer``, ``rng``, ``meta``).
+
+    Raises:
+        IntegrityError: If the digest differs or the bytes are not a checkpoint.
+    """
+    if expected_sha256 is not None and sha256(blob) != expected_sha256:
+        raise IntegrityError("checkpoint bytes do not match their recorded sha256: the store was modified")
+    try:
+        # weights_only=True: a crafted pickle cannot run code on load.
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IntegrityError(f"checkpoint cannot be decoded safely: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise IntegrityError("checkpoint has an unknown format")
+    return ckpt
+
+
+def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "meta": meta,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate slices 1..stage and order the rows by id."""
+    used = slices[:stage]
+    ids = np.concatenate([s.ids for s in used]) if used else np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    x = np.concatenate([s.x for s in used])[order] if used else np.zeros((0,), np.float32)
+    y = np.concatenate([s.y for s in used])[order] if used else np.zeros(0, np.int64)
+    return ids[order], x, y
+
+
+def _train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    n = x.shape[0]
+    for _ in range(epochs):
+        # The permutation comes from a generator seeded per stage, over rows sorted by id.
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+
+
+def train_shard(job: ShardJob) -> Iterator[StageResult]:
+    """Train a shard's remaining stages, yielding each stage's checkpoint as it finishes.
+
+    Args:
+        job: What to train and from where.
+
+    Yields:
+        One :class:`StageResult` per stage ``job.start_stage + 1 .. len(job.slices)``.
+
+    Raises:
+        TrainingError: If the parent checkpoint is missing or training fails.
+    """
+    cfg = job.config
+    device = torch.device(cfg.resources.device)
+    _set_determinism(cfg.resources.threads_per_shard, device)
+    if device.type == "cuda" and cfg.resources.gpus_per_shard < 1:
+        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus_per_shard, device)
+    recipe_digest = cfg.recipe_digest()
+    epochs = cfg.train.stage_epochs(cfg.slices)
+
+    torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
+    model = build_model(cfg.model, job.input_shape, job.num_classes).to(device)
+    optimizer = _make_optimizer(cfg, model)
+    parent_key = job.parent_key
+    if job.start_stage > 0:
+        if job.parent is None or parent_key is None:
+            raise TrainingError(f"shard {job.shard}: resuming at stage {job.start_stage} needs its checkpoint")
+        ckpt = load_checkpoint(job.parent)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+    for stage in range(job.start_stage + 1, len(job.slices) + 1):
+        started = time.perf_counter()
+        seed = derive_seed(cfg.seed, job.shard, stage)
+        torch.manual_seed(seed)  # dropout and any other use of the global RNG
+        generator = torch.Generator().manual_seed(seed)
+        ids, x_np, y_np = _stage_data(job.slices, stage)
+        if ids.size:
+            x = torch.from_numpy(x_np).to(device)
+            y = torch.from_numpy(y_np).to(device)
+            _train_epochs(model, optimizer, x, y, epochs, cfg.train.batch_size, generator)
+        manifest = manifest_digest([s.ids for s in job.slices[:stage]])
+        key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
+        meta = {
+            "shard": job.shard,
+            "stage": stage,
+            "key": key,
+            "parent": parent_key or "",
+            "manifest": manifest,
+            "recipe": recipe_digest,
+            "n_samples": int(ids.size),
+            "epochs": epochs,
+            "torch": str(torch.__version__),
+        }
+        blob = _encode(model, optimizer, meta)
+        seconds = time.perf_counter() - started
+        log.debug("shard %d stage %d: %d samples, %.2fs", job.shard, stage, ids.size, seconds)
+        yield StageResult(
+            shard=job.shard,
+            stage=stage,
+            key=key,
+            checkpoint=blob,
+            sha256=sha256(blob),
+            manifest=manifest,
+            weights=weights_digest(model.state_dict()),
+            parent=parent_key,
+            n_samples=int(ids.size),
+            epochs=epochs,
+            seconds=seconds,
+        )
+        parent_key = key
