@@ -1,0 +1,62 @@
+"""Shared fixtures: one Ray instance per test session, small synthetic datasets, store digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sisa.config import SisaConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """Start Ray once for the whole session (about 4 s), shared by every test that trains."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def blobs(n: int = 600, d: int = 12, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable synthetic classification problem: Gaussian blobs around class centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(classes, d))
+    y = rng.integers(0, classes, size=n)
+    x = (centres[y] + rng.normal(size=(n, d))).astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def small_config(*overrides: str) -> SisaConfig:
+    """A config that trains in well under a second per shard."""
+    base = [
+        "shards=3", "slices=3", "data.num_classes=3", "model.hidden=[16]",
+        "train.epochs=4", "train.batch_size=32", "train.lr=0.01",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+def store_digest(path: Path) -> str:
+    """SHA-256 over every file of a store directory except lock files (readers touch those)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name not in ("lock.mdb", "writer.lock"):
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def env_python() -> dict[str, str]:
+    """Environment for child Python processes that import sisa."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
