@@ -34,6 +34,9 @@ _LOCK_NAME = "writer.lock"
 
 T = TypeVar("T")
 
+# realpath -> (environment, number of open Store handles on it)
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+
 
 def id_key(sample_id: int) -> bytes:
     """Big-endian key of a sample id, so LMDB's byte order is numeric order."""
@@ -66,6 +69,7 @@ class Store:
         self.path = path
         self._env = env
         self._lock_fd = lock_fd
+        self._closed = False
         self._dbs = {name: env.open_db(name.encode(), create=lock_fd is not None) for name in _DBS}
 
     # ----------------------------------------------------------------- lifecycle
@@ -87,10 +91,31 @@ class Store:
 
     @classmethod
     def _open_env(cls, path: Path, readonly: bool) -> lmdb.Environment:
+        # py-lmdb refuses to open one environment twice in a process, so handles on the
+        # same directory (a writer and a reader, say) share one env, counted by _ENVS.
+        real = os.path.realpath(path)
+        if real in _ENVS:
+            env, count = _ENVS[real]
+            _ENVS[real] = (env, count + 1)
+            return env
         size = max(_INITIAL_MAP, (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0)
-        return lmdb.open(
-            str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=readonly, subdir=True, mode=0o600
+        # The env itself is opened writable whenever the files allow it, so a reader opened
+        # first does not stop a later writer in this process; the writer lock decides who writes.
+        env_readonly = readonly and not os.access(path / "data.mdb", os.W_OK)
+        env = lmdb.open(
+            str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=env_readonly, subdir=True, mode=0o600
         )
+        _ENVS[real] = (env, 1)
+        return env
+
+    def _release_env(self) -> None:
+        real = os.path.realpath(self.path)
+        env, count = _ENVS.get(real, (self._env, 1))
+        if count <= 1:
+            _ENVS.pop(real, None)
+            env.close()
+        else:
+            _ENVS[real] = (env, count - 1)
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any]) -> Store:
@@ -137,11 +162,14 @@ class Store:
         if not (p / "data.mdb").is_file():
             raise StoreError(f"{p} is not a sisa store (no data.mdb); create one with `sisa train --store {p}`")
         fd = None if readonly else cls._lock(p)
+        store: Store | None = None
         try:
             store = cls(p, cls._open_env(p, readonly=readonly), fd)
             version = store.meta().get("format")
-        except (lmdb.Error, json.JSONDecodeError) as exc:
-            if fd is not None:
+        except (lmdb.Error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if store is not None:
+                store.close()
+            elif fd is not None:
                 os.close(fd)
             raise StoreError(f"{p} is not a readable sisa store: {exc}") from exc
         if version != FORMAT_VERSION:
@@ -151,7 +179,10 @@ class Store:
 
     def close(self) -> None:
         """Close the environment and release the writer lock."""
-        self._env.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._release_env()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
