@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sisa.config import load_config
+from sisa.config import config_from_dict, config_to_dict, load_config
 from sisa.data import load_split
 from sisa.ensemble import Ensemble
 from sisa.errors import SisaError
@@ -65,8 +65,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     store = Path(args.store)
     if (store / "data.mdb").exists():
         ens = Ensemble.open(store, address=args.address)
-        if args.config or args.overrides:
-            ens.reconfigure(load_config(args.config, args.overrides))
+        try:
+            if args.config or args.overrides:
+                # Overrides apply on top of the given file, or else on top of the stored config.
+                new = (load_config(args.config, args.overrides) if args.config
+                       else config_from_dict(config_to_dict(ens.config), args.overrides))
+                ens.reconfigure(new)
+        except BaseException:
+            ens.close()
+            raise
     else:
         ens = Ensemble.create(store, load_config(args.config, args.overrides), address=args.address)
     with ens:

@@ -1,0 +1,97 @@
+"""The ``sisa`` CLI on real Fashion-MNIST (tiny config): JSON output, exit codes, --address."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sisa.cli import main
+from tests.conftest import ROOT, store_digest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+TINY = str(ROOT / "configs" / "tiny.yaml")
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="apt-get install -y dataset-fashion-mnist")
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Path:
+    store = tmp_path_factory.mktemp("cli") / "fm"
+    assert main(["train", "--config", TINY, "--store", str(store), "--json"]) == 0
+    return store
+
+
+@needs_fashion
+def test_train_eval_status_json(tiny_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    ev = run_json(capsys, "eval", "--store", str(tiny_store))
+    assert 0.6 < ev["accuracy"] <= 1 and set(ev["per_shard_accuracy"]) == {"0", "1", "2"}
+    assert ev["test_samples"] == 500
+    st = run_json(capsys, "status", "--store", str(tiny_store))
+    assert st["shards"] == 3 and st["slices"] == 2 and st["samples"] == 1200
+    assert [len(s["slice_samples"]) for s in st["per_shard"]] == [2, 2, 2]
+    assert sum(sum(s["slice_samples"]) for s in st["per_shard"]) == 1200
+    assert all(len(s["live_checkpoint"]) == 64 for s in st["per_shard"])
+    # Re-running train on the store resumes: nothing left to train.
+    again = run_json(capsys, "train", "--store", str(tiny_store))
+    assert again["trained"] == {} and again["skipped"] == [0, 1, 2] and again["ingested"] == 0
+    assert again["accuracy"] == ev["accuracy"]
+
+
+@needs_fashion
+def test_human_output_has_a_results_table(tiny_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--store", str(tiny_store), "--method", "vote"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 2" in out and "ensemble (vote)" in out
+    assert main(["status", "--store", str(tiny_store)]) == 0
+    assert "live checkpoint" in capsys.readouterr().out
+
+
+@needs_fashion
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "shards=4"], "shards of store .* cannot change.*stored: shards=3"),
+        (["train", "train.optimizer=lbfgs"], "choose one of adam, sgd"),
+        (["train", "bogus=1"], "unknown config key"),
+    ],
+)
+def test_bad_train_requests_leave_the_store_unchanged(
+    tiny_store: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    before = store_digest(tiny_store)
+    assert main([argv[0], "--store", str(tiny_store), *argv[1:]]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert store_digest(tiny_store) == before
+
+
+def test_errors_exit_non_zero_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--store", str(tmp_path / "none")]) == 2
+    assert "not a sisa store" in capsys.readouterr().err
+    assert main(["eval", "--store", str(tmp_path / "none"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--store", str(tmp_path / "s")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+@needs_fashion
+def test_address_joins_an_existing_ray_cluster(tmp_path: Path, env_python: dict) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    store = tmp_path / "joined"
+    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", TINY, "--store", str(store),
+           "--address", address, "--json", "shards=2", "data.train_limit=300", "data.test_limit=100"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env_python, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["trained"] == {"0": [1, 2], "1": [1, 2]}
+    assert "Started a local Ray instance" not in out.stderr
