@@ -68,8 +68,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if args.config or args.overrides:
                 # Overrides apply on top of the given file, or else on top of the stored config.
-                new = (load_config(args.config, args.overrides) if args.config
-                       else config_from_dict(config_to_dict(ens.config), args.overrides))
+                new = (
+                    load_config(args.config, args.overrides)
+                    if args.config
+                    else config_from_dict(config_to_dict(ens.config), args.overrides)
+                )
                 ens.reconfigure(new)
         except BaseException:
             ens.close()
@@ -86,15 +89,17 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         result = _evaluate(ens)
-        result.update({
-            "store": str(store),
-            "ingested": ingested,
-            "trained": {str(k): v for k, v in report.trained.items()},
-            "skipped": report.skipped,
-            "fit_seconds": report.seconds,
-            "train_compute_seconds": report.stage_seconds,
-            "wall_seconds": time.perf_counter() - started,
-        })
+        result.update(
+            {
+                "store": str(store),
+                "ingested": ingested,
+                "trained": {str(k): v for k, v in report.trained.items()},
+                "skipped": report.skipped,
+                "fit_seconds": report.seconds,
+                "train_compute_seconds": report.stage_seconds,
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
     if not args.json:
         _print_eval(result)
         print(
@@ -119,11 +124,18 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     with Ensemble.open(args.store, readonly=True) as ens:
         result = ens.status()
     if not args.json:
-        print(f"store {result['store']}: {result['samples']} samples, {result['shards']} shards x "
-              f"{result['slices']} slices, model {result['model']}, {result['trained_shards']} shards live")
+        print(
+            f"store {result['store']}: {result['samples']} samples, {result['shards']} shards x "
+            f"{result['slices']} slices, model {result['model']}, {result['trained_shards']} shards live"
+        )
         rows = [
-            [s["shard"], s["samples"], " ".join(map(str, s["slice_samples"])), s["stages_done"],
-             (s["live_checkpoint"] or "-")[:16]]
+            [
+                s["shard"],
+                s["samples"],
+                " ".join(map(str, s["slice_samples"])),
+                s["stages_done"],
+                (s["live_checkpoint"] or "-")[:16],
+            ]
             for s in result["per_shard"]
         ]
         print(_table(["shard", "samples", "per slice", "stages", "live checkpoint"], rows))
@@ -143,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common], help="ingest the configured data and train (or resume)")
     train.add_argument("--config", help="YAML config (e.g. configs/fashion_mnist.yaml)")
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards=8 train.lr=0.01")
+    train.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards=8 train.lr=0.01"
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", parents=[common], help="test accuracy of the ensemble and of each shard")
-    ev.add_argument("--method", choices=["mean", "vote", "weighted"], default=None, help="aggregation (default: config)")
+    ev.add_argument(
+        "--method", choices=["mean", "vote", "weighted"], default=None, help="aggregation (default: config)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     st = sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
@@ -165,8 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code: 0 on success, 2 on a sisa error.
     """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         result = args.func(args)
     except SisaError as exc:

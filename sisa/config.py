@@ -88,9 +88,7 @@ class DataConfig:
         if self.dataset in ("npz", "csv", "idx"):
             _require(self.train is not None, f"data.dataset={self.dataset!r} needs data.train=PATH")
         if self.dataset == "idx":
-            _require(
-                self.train_labels is not None, "data.dataset='idx' needs data.train_labels=PATH"
-            )
+            _require(self.train_labels is not None, "data.dataset='idx' needs data.train_labels=PATH")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"data.{name}={value} must be >= 1 or null")
@@ -122,9 +120,7 @@ class ModelConfig:
             f"model.name={self.name!r} is unknown; use 'mlp', 'cnn' or 'package.module:callable'",
         )
         _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must be positive")
-        _require(
-            all(c >= 1 for c in self.channels), f"model.channels={self.channels} must be positive"
-        )
+        _require(all(c >= 1 for c in self.channels), f"model.channels={self.channels} must be positive")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 

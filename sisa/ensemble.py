@@ -172,9 +172,7 @@ class Ensemble:
             if len(data) > 100_000:
                 clash += [int(i) for i in data.ids[100_000:].tolist() if self.store.has_sample(txn, int(i))]
         if clash:
-            raise DataError(
-                f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids"
-            )
+            raise DataError(f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids")
         cfg = self.config
         shard, slice_ = uniform_assignment(data.ids, cfg.seed, cfg.shards, cfg.slices)
 
@@ -241,9 +239,7 @@ class Ensemble:
                 if done == len(slice_ids) and shard in live and parent and live[shard]["key"] == parent["key"]:
                     report.skipped.append(shard)
                     continue
-                slices = tuple(
-                    SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in slice_ids
-                )
+                slices = tuple(SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in slice_ids)
                 jobs.append(
                     ShardJob(
                         config=cfg,
@@ -345,8 +341,12 @@ class Ensemble:
         weights = self._shard_sizes(list(models)) if method == "weighted" else None
         xt = self._as_tensor(x)
         out = aggregate.predict_proba(
-            list(models.values()), xt, method=method, weights=weights,
-            backend=self.config.aggregate.backend, batch_size=batch_size,
+            list(models.values()),
+            xt,
+            method=method,
+            weights=weights,
+            backend=self.config.aggregate.backend,
+            batch_size=batch_size,
         )
         return out.cpu().numpy()
 
@@ -361,7 +361,9 @@ class Ensemble:
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
         """Accuracy of each live shard model on ``(x, y)``."""
         models = self.live_models()
-        probas = aggregate.shard_probas(list(models.values()), self._as_tensor(x), backend=self.config.aggregate.backend)
+        probas = aggregate.shard_probas(
+            list(models.values()), self._as_tensor(x), backend=self.config.aggregate.backend
+        )
         labels = probas.argmax(dim=2).cpu().numpy()
         y_np = np.asarray(y)
         return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(models)}
@@ -388,16 +390,18 @@ class Ensemble:
                 counts = [int(len(self.store.slice_ids(txn, shard, r))) for r in range(cfg.slices)]
                 stages = self.store.stage_records(txn, shard)
                 rec = live.get(shard)
-                shards.append({
-                    "shard": shard,
-                    "samples": sum(counts),
-                    "slice_samples": counts,
-                    "stages_done": len(stages),
-                    "live": rec is not None,
-                    "live_checkpoint": rec["sha256"] if rec else None,
-                    "live_weights": rec["weights"] if rec else None,
-                    "live_manifest": rec["manifest"] if rec else None,
-                })
+                shards.append(
+                    {
+                        "shard": shard,
+                        "samples": sum(counts),
+                        "slice_samples": counts,
+                        "stages_done": len(stages),
+                        "live": rec is not None,
+                        "live_checkpoint": rec["sha256"] if rec else None,
+                        "live_weights": rec["weights"] if rec else None,
+                        "live_manifest": rec["manifest"] if rec else None,
+                    }
+                )
             n = self.store.count_samples(txn)
         return {
             "store": str(self.path),

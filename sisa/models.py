@@ -60,12 +60,16 @@ def cnn(
         ModelError: If the input is not an image or is too small for the pooling.
     """
     if len(input_shape) != 3:
-        raise ModelError(f"model 'cnn' needs image inputs (C, H, W); got sample shape {tuple(input_shape)}; use model.name=mlp")
+        raise ModelError(
+            f"model 'cnn' needs image inputs (C, H, W); got sample shape {tuple(input_shape)}; use model.name=mlp"
+        )
     c, h, w = input_shape
     layers: list[nn.Module] = []
     for out in channels:
         if h < 2 or w < 2:
-            raise ModelError(f"input {tuple(input_shape)} is too small for {len(channels)} conv blocks; use fewer model.channels")
+            raise ModelError(
+                f"input {tuple(input_shape)} is too small for {len(channels)} conv blocks; use fewer model.channels"
+            )
         layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         c, h, w = out, h // 2, w // 2
     layers.append(nn.Flatten())
@@ -103,7 +107,9 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelError(f"model.name={cfg.name!r} cannot be imported ({exc}); check the module is on PYTHONPATH") from exc
+        raise ModelError(
+            f"model.name={cfg.name!r} cannot be imported ({exc}); check the module is on PYTHONPATH"
+        ) from exc
     model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.name={cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -76,7 +76,7 @@ def run_jobs(
     owner: dict[int, int] = {}
     for job in jobs:
         res = job.config.resources
-        gen = _shard_task.options(
+        gen: Any = _shard_task.options(
             num_cpus=res.cpus_per_shard,
             num_gpus=res.gpus_per_shard,
             max_retries=res.max_retries,

@@ -102,9 +102,7 @@ class Store:
         # The env itself is opened writable whenever the files allow it, so a reader opened
         # first does not stop a later writer in this process; the writer lock decides who writes.
         env_readonly = readonly and not os.access(path / "data.mdb", os.W_OK)
-        env = lmdb.open(
-            str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=env_readonly, subdir=True, mode=0o600
-        )
+        env = lmdb.open(str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=env_readonly, subdir=True, mode=0o600)
         _ENVS[real] = (env, 1)
         return env
 
@@ -258,7 +256,7 @@ class Store:
         if txn is None:
             with self.read() as t:
                 return self.meta(t)
-        return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self._dbs["meta"])}
+        return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["meta"])}
 
     # ------------------------------------------------------------------ samples
     @staticmethod
@@ -310,7 +308,7 @@ class Store:
     def stage_record(self, txn: lmdb.Transaction, shard: int, stage: int) -> dict[str, Any] | None:
         """The committed record of a stage checkpoint, or None."""
         raw = txn.get(stage_key(shard, stage), db=self._dbs["stages"])
-        return json.loads(raw) if raw is not None else None
+        return json.loads(bytes(raw)) if raw is not None else None
 
     def stage_records(self, txn: lmdb.Transaction, shard: int) -> list[dict[str, Any]]:
         """All stage records of a shard, in stage order."""
@@ -321,7 +319,7 @@ class Store:
             for key, value in cur:
                 if key[:4] != prefix:
                     break
-                out.append(json.loads(value))
+                out.append(json.loads(bytes(value)))
         return out
 
     def checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any]) -> bytes:
@@ -343,9 +341,7 @@ class Store:
 
     def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
         """Live-model record of every shard that has one."""
-        return {
-            struct.unpack(">I", k)[0]: json.loads(v) for k, v in txn.cursor(db=self._dbs["live"])
-        }
+        return {struct.unpack(">I", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["live"])}
 
     # ------------------------------------------------------------------ writes
     def put_samples(

@@ -38,8 +38,13 @@ def blobs(n: int = 600, d: int = 12, classes: int = 3, seed: int = 0) -> tuple[n
 def small_config(*overrides: str) -> SisaConfig:
     """A config that trains in well under a second per shard."""
     base = [
-        "shards=3", "slices=3", "data.num_classes=3", "model.hidden=[16]",
-        "train.epochs=4", "train.batch_size=32", "train.lr=0.01",
+        "shards=3",
+        "slices=3",
+        "data.num_classes=3",
+        "model.hidden=[16]",
+        "train.epochs=4",
+        "train.batch_size=32",
+        "train.lr=0.01",
     ]
     return load_config(None, [*base, *overrides])
 

@@ -89,8 +89,22 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, env_python: dict)
 
     address = ray.get_runtime_context().gcs_address
     store = tmp_path / "joined"
-    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", TINY, "--store", str(store),
-           "--address", address, "--json", "shards=2", "data.train_limit=300", "data.test_limit=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sisa.cli",
+        "train",
+        "--config",
+        TINY,
+        "--store",
+        str(store),
+        "--address",
+        address,
+        "--json",
+        "shards=2",
+        "data.train_limit=300",
+        "data.test_limit=100",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env_python, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["trained"] == {"0": [1, 2], "1": [1, 2]}

@@ -16,7 +16,9 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_overrides_are_dotted_and_typed() -> None:
-    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", ["shards=16", "slices=2", "train.lr=0.01", "model.hidden=[64, 32]"])
+    cfg = load_config(
+        ROOT / "configs/fashion_mnist.yaml", ["shards=16", "slices=2", "train.lr=0.01", "model.hidden=[64, 32]"]
+    )
     assert (cfg.shards, cfg.slices, cfg.train.lr, cfg.model.hidden) == (16, 2, 0.01, (64, 32))
 
 

@@ -120,7 +120,7 @@ def test_new_data_retrains_only_from_the_slice_it_lands_in(fitted: Ensemble, tmp
     ens.ingest(x2, y2, ids=[10_000])
     with ens.store.read() as txn:
         where = [(s, r) for s in range(3) for r in range(3) if 10_000 in ens.store.slice_ids(txn, s, r)]
-    (shard, slice_), = where
+    ((shard, slice_),) = where
     report = ens.fit()
     assert report.trained == {shard: list(range(slice_ + 1, 4))}
     ens.close()
