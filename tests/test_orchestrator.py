@@ -1,0 +1,42 @@
+"""The Ray layer: a worker killed mid-task is retried and the result is bit-identical."""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
+    x, y = blobs(3000, d=10)
+    cfg = small_config("shards=2", "train.epochs=12")  # a few seconds per shard: time to kill mid-task
+    with Ensemble.create(tmp_path / "ref", cfg) as ref:
+        ref.ingest(x, y)
+        ref.fit()
+        expected = ref.status()["per_shard"]
+
+    killed: list[int] = []
+
+    def kill_a_running_shard(result) -> None:
+        if killed:
+            return
+        # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>".
+        pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
+        if pids:
+            os.kill(int(pids[0]), signal.SIGKILL)
+            killed.append(int(pids[0]))
+
+    with Ensemble.create(tmp_path / "killed", cfg) as ens:
+        ens.ingest(x, y)
+        report = ens.fit(progress=kill_a_running_shard)
+        got = ens.status()["per_shard"]
+    assert killed, "no shard task was running to kill"
+    assert sorted(report.trained) == [0, 1]
+    assert [s["live_weights"] for s in got] == [s["live_weights"] for s in expected]
+    assert [s["live_checkpoint"] for s in got] == [s["live_checkpoint"] for s in expected]
