@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,16 +118,6 @@ def _make_optimizer(cfg: SisaConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _set_determinism(threads: int, device: torch.device) -> None:
-    # Thread count changes float summation order, so it is part of the recipe.
-    torch.set_num_threads(threads)
-    if device.type == "cuda":
-        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
-
-
 def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str, Any]:
     """Decode checkpoint bytes without executing any pickled code.
 
@@ -165,14 +156,17 @@ def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, 
     return buf.getvalue()
 
 
-def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate slices 1..stage and order the rows by id."""
+def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Slices 1..stage concatenated, plus the row order that sorts them by id.
+
+    Returns ``(ids, x, y, order)``; rows are not moved here: the epoch loop gathers
+    ``order[perm]`` batch by batch, so the features are copied once, not twice.
+    """
     used = slices[:stage]
-    ids = np.concatenate([s.ids for s in used]) if used else np.zeros(0, np.int64)
-    order = np.argsort(ids, kind="stable")
-    x = np.concatenate([s.x for s in used])[order] if used else np.zeros((0,), np.float32)
-    y = np.concatenate([s.y for s in used])[order] if used else np.zeros(0, np.int64)
-    return ids[order], x, y
+    ids = np.concatenate([s.ids for s in used])
+    x = np.concatenate([s.x for s in used])
+    y = np.concatenate([s.y for s in used])
+    return ids, x, y, np.argsort(ids, kind="stable")
 
 
 def _train_epochs(
@@ -180,6 +174,7 @@ def _train_epochs(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    order: torch.Tensor,
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
@@ -188,14 +183,33 @@ def _train_epochs(
     loss_fn = nn.CrossEntropyLoss()
     n = x.shape[0]
     for _ in range(epochs):
-        # The permutation comes from a generator seeded per stage, over rows sorted by id.
-        perm = torch.randperm(n, generator=generator).to(x.device)
+        # The permutation comes from a generator seeded per stage and is applied to the
+        # rows in sorted-id order, so the data order depends only on the ids.
+        rows = order[torch.randperm(n, generator=generator).to(order.device)]
         for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
+            idx = rows[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
+
+
+@contextmanager
+def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
+    """Fix threads and deterministic kernels for the stage, restoring the caller's settings after."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    # Thread count changes float summation order, so it is part of the recipe.
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
 
 
 def train_shard(job: ShardJob) -> Iterator[StageResult]:
@@ -212,7 +226,6 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
     """
     cfg = job.config
     device = torch.device(cfg.resources.device)
-    _set_determinism(cfg.resources.threads_per_shard, device)
     if device.type == "cuda" and cfg.resources.gpus_per_shard < 1:
         torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus_per_shard, device)
     recipe_digest = cfg.recipe_digest()
@@ -230,42 +243,60 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         optimizer.load_state_dict(ckpt["optimizer"])
 
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
-        started = time.perf_counter()
-        seed = derive_seed(cfg.seed, job.shard, stage)
-        torch.manual_seed(seed)  # dropout and any other use of the global RNG
-        generator = torch.Generator().manual_seed(seed)
-        ids, x_np, y_np = _stage_data(job.slices, stage)
-        if ids.size:
-            x = torch.from_numpy(x_np).to(device)
-            y = torch.from_numpy(y_np).to(device)
-            _train_epochs(model, optimizer, x, y, epochs, cfg.train.batch_size, generator)
-        manifest = manifest_digest([s.ids for s in job.slices[:stage]])
-        key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
-        meta = {
-            "shard": job.shard,
-            "stage": stage,
-            "key": key,
-            "parent": parent_key or "",
-            "manifest": manifest,
-            "recipe": recipe_digest,
-            "n_samples": int(ids.size),
-            "epochs": epochs,
-            "torch": str(torch.__version__),
-        }
-        blob = _encode(model, optimizer, meta)
-        seconds = time.perf_counter() - started
-        log.debug("shard %d stage %d: %d samples, %.2fs", job.shard, stage, ids.size, seconds)
-        yield StageResult(
-            shard=job.shard,
-            stage=stage,
-            key=key,
-            checkpoint=blob,
-            sha256=sha256(blob),
-            manifest=manifest,
-            weights=weights_digest(model.state_dict()),
-            parent=parent_key,
-            n_samples=int(ids.size),
-            epochs=epochs,
-            seconds=seconds,
-        )
-        parent_key = key
+        with _deterministic(cfg.resources.threads_per_shard, device):
+            result = _train_stage(job, model, optimizer, stage, parent_key, recipe_digest, epochs, device)
+        yield result
+        parent_key = result.key
+
+
+def _train_stage(
+    job: ShardJob,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: int,
+    parent_key: str | None,
+    recipe_digest: str,
+    epochs: int,
+    device: torch.device,
+) -> StageResult:
+    """Train one stage in place and encode its checkpoint."""
+    cfg = job.config
+    started = time.perf_counter()
+    seed = derive_seed(cfg.seed, job.shard, stage)
+    torch.manual_seed(seed)  # dropout and any other use of the global RNG
+    generator = torch.Generator().manual_seed(seed)
+    ids, x_np, y_np, order = _stage_data(job.slices, stage)
+    if ids.size:
+        x = torch.from_numpy(x_np).to(device)
+        y = torch.from_numpy(y_np).to(device)
+        order_t = torch.from_numpy(order).to(device)
+        _train_epochs(model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator)
+    manifest = manifest_digest([s.ids for s in job.slices[:stage]])
+    key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
+    meta = {
+        "shard": job.shard,
+        "stage": stage,
+        "key": key,
+        "parent": parent_key or "",
+        "manifest": manifest,
+        "recipe": recipe_digest,
+        "n_samples": int(ids.size),
+        "epochs": epochs,
+        "torch": str(torch.__version__),
+    }
+    blob = _encode(model, optimizer, meta)
+    seconds = time.perf_counter() - started
+    log.debug("shard %d stage %d: %d samples, %.2fs", job.shard, stage, ids.size, seconds)
+    return StageResult(
+        shard=job.shard,
+        stage=stage,
+        key=key,
+        checkpoint=blob,
+        sha256=sha256(blob),
+        manifest=manifest,
+        weights=weights_digest(model.state_dict()),
+        parent=parent_key,
+        n_samples=int(ids.size),
+        epochs=epochs,
+        seconds=seconds,
+    )

@@ -95,3 +95,14 @@ def test_trainer_does_not_import_ray() -> None:
     code = "import sys, sisa.trainer; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_training_restores_the_callers_torch_settings() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(train_shard(make_job()))
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,572 @@
+r"""Benchmark SISA training against one monolithic model, in one run, side by side.
+
+Measures, with the same architecture and recipe throughout:
+
+1. **Monolithic**: the config with ``shards=1 slices=1`` (the recalibrated schedule then
+   trains exactly ``train.epochs`` epochs), trained through the Ensemble API on Ray:
+   test accuracy, ``fit()`` wall time and pure compute (``FitReport.stage_seconds``).
+2. **SISA at each S** in ``--shards`` with R=``--slices``: test accuracy (mean and vote
+   aggregation), mean per-shard accuracy, ``fit()`` wall time and compute seconds.
+   One Ray instance with all cores; every run uses a fresh store (create, ingest, fit).
+3. **Parallel speedup**: the SISA fit at S=8 (or the largest S <= 8 listed) on a Ray
+   instance limited to 1 CPU vs 2 CPUs; each timed fit follows a tiny warm-up fit on
+   the same fresh instance, so Ray worker start-up and the torch import are excluded.
+4. **Trainer overhead**: samples/s of ``sisa.trainer.train_shard`` on all training
+   data as one stage vs a plain hand-written torch loop (same model, seed, optimizer,
+   batch size, 1 epoch, 1 thread), run alternately, in-process, 3 repeats each.
+
+Writes a table to stdout, everything to a JSON file and a two-panel PNG beside it.
+
+Full run (the CNN config; roughly 40 minutes on 2 idle cores)::
+
+    .venv/bin/python scripts/bench_train.py
+
+Quick smoke run (MLP, 6000 train / 2000 test samples, 2 epochs, S in 1,2,4)::
+
+    .venv/bin/python scripts/bench_train.py --quick --config configs/fashion_mnist.yaml \
+        --out results/bench_train_quick.json
+
+Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Let `python scripts/bench_train.py` find the package without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sisa import orchestrator  # noqa: E402
+from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data import LabeledArrays, load_split  # noqa: E402
+from sisa.ensemble import Ensemble  # noqa: E402
+from sisa.models import build_model  # noqa: E402
+from sisa.trainer import ShardJob, SliceData, derive_seed, train_shard  # noqa: E402
+
+QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=2000", "train.epochs=2")
+QUICK_SHARDS = (1, 2, 4)
+FULL_SHARDS = (1, 2, 4, 8, 16)
+OVERHEAD_REPEATS = 3
+WARMUP_MIN_SAMPLES = 200
+
+TARGET_ACC_GAP_PP = 2.0
+TARGET_SPEEDUP = 1.7
+TARGET_TRAINER_RATIO = 0.9
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The options; ``overrides`` holds the trailing ``key=value`` strings.
+    """
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=Path("configs/fashion_mnist_cnn.yaml"), help="YAML config")
+    parser.add_argument(
+        "--shards",
+        type=str,
+        default=None,
+        help=f"comma-separated shard counts S (default {','.join(map(str, FULL_SHARDS))}; "
+        f"{','.join(map(str, QUICK_SHARDS))} with --quick)",
+    )
+    parser.add_argument("--slices", type=int, default=4, help="slices R per shard of the SISA runs")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/bench_train.json"), help="JSON output; the PNG goes beside it"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the temporary stores (default: the system tempdir); they are removed",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: adds {' '.join(QUICK_OVERRIDES)} and shards {','.join(map(str, QUICK_SHARDS))}",
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=5")
+    return parser.parse_args(argv)
+
+
+def parse_shards(text: str | None, quick: bool) -> list[int]:
+    """Turn ``--shards`` into a sorted list of distinct positive ints.
+
+    Args:
+        text: The option value, or ``None`` for the default of the mode.
+        quick: Whether ``--quick`` was given.
+
+    Returns:
+        The shard counts to benchmark.
+    """
+    if text is None:
+        return list(QUICK_SHARDS if quick else FULL_SHARDS)
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as exc:
+        raise SystemExit(f"--shards={text!r} must be comma-separated integers, e.g. 1,2,4,8") from exc
+    if not values or values[0] < 1:
+        raise SystemExit(f"--shards={text!r} must list positive integers")
+    return values
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe the machine and software the numbers come from."""
+    import ray
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": str(torch.__version__),
+        "torch_threads_default": torch.get_num_threads(),
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def head(data: LabeledArrays, n: int) -> LabeledArrays:
+    """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
+    return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
+
+
+def run_store(
+    cfg: SisaConfig, train: LabeledArrays, test: LabeledArrays | None, workdir: Path, name: str
+) -> dict[str, Any]:
+    """Create a fresh store, ingest ``train``, fit it on Ray, and score it on ``test``.
+
+    Args:
+        cfg: The ensemble's config.
+        train: Training samples to ingest.
+        test: Test samples to score on, or ``None`` to skip scoring (warm-ups).
+        workdir: Parent directory of the store; the store is removed afterwards.
+        name: Store directory name (unique within ``workdir``).
+
+    Returns:
+        Timings (ingest, fit wall, compute) and, with ``test``, the accuracies.
+    """
+    path = workdir / name
+    ens = Ensemble.create(path, cfg)
+    try:
+        t0 = time.perf_counter()
+        ens.ingest(train)
+        ingest_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = ens.fit()
+        fit_s = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "shards": cfg.shards,
+            "slices": cfg.slices,
+            "epochs_per_stage": cfg.train.stage_epochs(cfg.slices),
+            "train_samples": len(train),
+            "ingest_s": ingest_s,
+            "fit_s": fit_s,
+            "fit_report_s": report.seconds,
+            "compute_s": report.stage_seconds,
+            "stages_trained": sum(len(v) for v in report.trained.values()),
+        }
+        if test is not None:
+            t0 = time.perf_counter()
+            row["acc_mean"] = ens.score(test.x, test.y, method="mean")
+            row["acc_vote"] = ens.score(test.x, test.y, method="vote")
+            shard_acc = ens.shard_scores(test.x, test.y)
+            row["shard_acc_mean"] = float(statistics.fmean(shard_acc.values()))
+            row["shard_acc_min"] = float(min(shard_acc.values()))
+            row["shard_acc_max"] = float(max(shard_acc.values()))
+            row["score_s"] = time.perf_counter() - t0
+        return row
+    finally:
+        ens.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def warm_up(cfg: SisaConfig, train: LabeledArrays, workdir: Path, name: str) -> float:
+    """Fit a tiny store with ``cfg`` so Ray workers are started and have imported torch.
+
+    Args:
+        cfg: Config of the fit to warm up for (same shards, so as many workers start).
+        train: Training data; only its first few hundred samples are used.
+        workdir: Parent directory of the throw-away store.
+        name: Store directory name.
+
+    Returns:
+        Wall seconds of the warm-up fit.
+    """
+    n = min(len(train), max(WARMUP_MIN_SAMPLES, 8 * cfg.shards * cfg.slices))
+    return float(run_store(cfg, head(train, n), None, workdir, name)["fit_s"])
+
+
+def restart_ray(num_cpus: int | None) -> None:
+    """Stop any Ray instance of this process and start a local one with ``num_cpus`` CPUs.
+
+    Args:
+        num_cpus: CPUs of the new instance; ``None`` starts it through
+            ``sisa.orchestrator.connect()`` with all cores.
+    """
+    import ray
+
+    orchestrator.shutdown()
+    if num_cpus is None:
+        orchestrator.connect()
+    else:
+        # address="local": a new local instance even when RAY_ADDRESS names a cluster.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def plain_loop(cfg: SisaConfig, x_np: np.ndarray, y_np: np.ndarray, epochs: int) -> float:
+    """Train with a plain hand-written torch loop; the same model, seed and optimizer as the trainer.
+
+    Args:
+        cfg: Recipe (model, optimizer, lr, batch size, seed).
+        x_np: Features.
+        y_np: Labels.
+        epochs: Epochs to train.
+
+    Returns:
+        Wall seconds, model construction and tensor conversion included (as in the trainer).
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0))
+    model = build_model(cfg.model, tuple(x_np.shape[1:]), cfg.data.num_classes)
+    t = cfg.train
+    if t.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    n, bs = x.shape[0], t.batch_size
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def trainer_run(cfg: SisaConfig, train: LabeledArrays) -> tuple[float, float]:
+    """Train all of ``train`` as one stage with ``sisa.trainer.train_shard``.
+
+    Args:
+        cfg: Config with ``shards=1 slices=1`` so there is exactly one stage.
+        train: Training data (ids sorted ascending, as a store hands them out).
+
+    Returns:
+        (wall seconds of the whole call, the stage's own ``seconds``).
+    """
+    job = ShardJob(
+        config=cfg,
+        shard=0,
+        slices=(SliceData(train.ids, train.x, train.y),),
+        start_stage=0,
+        parent=None,
+        parent_key=None,
+        input_shape=tuple(train.x.shape[1:]),
+        num_classes=cfg.data.num_classes,
+    )
+    t0 = time.perf_counter()
+    results = list(train_shard(job))
+    wall = time.perf_counter() - t0
+    return wall, sum(r.seconds for r in results)
+
+
+def trainer_overhead(cfg: SisaConfig, train: LabeledArrays, repeats: int = OVERHEAD_REPEATS) -> dict[str, Any]:
+    """Compare the trainer's throughput with a plain torch loop, alternating, 1 thread each.
+
+    The trainer sets ``torch.use_deterministic_algorithms(True)`` and the thread count
+    process-wide; both are restored before each plain run and at the end, so the plain
+    loop runs as a user would write it.
+
+    Args:
+        cfg: Config with ``shards=1 slices=1 train.epochs=1``.
+        train: All training data.
+        repeats: Runs of each.
+
+    Returns:
+        Median wall seconds and samples/s of both, and the ratio ours/plain of
+        throughput by wall time (the headline) and by process CPU time.
+    """
+    epochs = cfg.train.stage_epochs(cfg.slices)
+    threads0 = torch.get_num_threads()
+    determ0 = torch.are_deterministic_algorithms_enabled()
+    ours: list[float] = []
+    ours_cpu: list[float] = []
+    ours_stage: list[float] = []
+    plain: list[float] = []
+    plain_cpu: list[float] = []
+    try:
+        for _ in range(repeats):
+            torch.use_deterministic_algorithms(determ0)
+            torch.set_num_threads(1)
+            c0 = time.process_time()
+            plain.append(plain_loop(cfg, train.x, train.y, epochs))
+            plain_cpu.append(time.process_time() - c0)
+            torch.set_num_threads(1)
+            c0 = time.process_time()
+            wall, stage = trainer_run(cfg, train)
+            ours_cpu.append(time.process_time() - c0)
+            ours.append(wall)
+            ours_stage.append(stage)
+    finally:
+        torch.set_num_threads(threads0)
+        torch.use_deterministic_algorithms(determ0)
+    samples = len(train) * epochs
+    ours_med, plain_med = statistics.median(ours), statistics.median(plain)
+    ours_cpu_med, plain_cpu_med = statistics.median(ours_cpu), statistics.median(plain_cpu)
+    return {
+        "samples": len(train),
+        "epochs": epochs,
+        "batch_size": cfg.train.batch_size,
+        "threads": 1,
+        "repeats": repeats,
+        "order": "alternating, plain first",
+        "ours_s": ours,
+        "ours_stage_s": ours_stage,
+        "ours_cpu_s": ours_cpu,
+        "plain_s": plain,
+        "plain_cpu_s": plain_cpu,
+        "ours_median_s": ours_med,
+        "plain_median_s": plain_med,
+        "ours_samples_per_s": samples / ours_med,
+        "plain_samples_per_s": samples / plain_med,
+        "ratio_ours_over_plain": plain_med / ours_med,
+        "ratio_ours_over_plain_cpu": plain_cpu_med / ours_cpu_med,
+        "note": "ours = wall time of list(train_shard(job)) incl. checkpoint encoding and digests; "
+        "plain = model build + loop; both 1 torch thread; *_cpu_s = process CPU time, "
+        "less sensitive than wall time to other load on a shared machine",
+    }
+
+
+def plot(mono: dict[str, Any], rows: list[dict[str, Any]], slices: int, title: str, path: Path) -> None:
+    """Two panels: test accuracy vs S and fit wall time vs S, monolithic as a horizontal line.
+
+    Args:
+        mono: The monolithic run.
+        rows: SISA runs, one per S.
+        slices: R of the SISA runs.
+        title: Figure title.
+        path: PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [r["shards"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(s, [100 * r["acc_mean"] for r in rows], marker="o", label="SISA, mean aggregation")
+    ax1.plot(s, [100 * r["acc_vote"] for r in rows], marker="s", linestyle="--", label="SISA, vote")
+    ax1.plot(s, [100 * r["shard_acc_mean"] for r in rows], marker="^", linestyle=":", label="single shard (mean)")
+    mono_label = f"monolithic ({100 * mono['acc_mean']:.2f}%)"
+    ax1.axhline(100 * mono["acc_mean"], color="black", linewidth=1.2, label=mono_label)
+    ax1.set_xlabel(f"shards S (R={slices} slices each)")
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title("Test accuracy")
+    ax2.plot(s, [r["fit_s"] for r in rows], marker="o", label="SISA fit() wall time")
+    ax2.plot(s, [r["compute_s"] for r in rows], marker="s", linestyle="--", label="SISA compute (sum of stages)")
+    ax2.axhline(mono["fit_s"], color="black", linewidth=1.2, label=f"monolithic fit() ({mono['fit_s']:.1f} s)")
+    ax2.set_xlabel(f"shards S (R={slices} slices each)")
+    ax2.set_ylabel("seconds")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("Training time")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s)
+        ax.set_xticklabels([str(v) for v in s])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(mono: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Print the monolithic and SISA runs as one table."""
+    header = (
+        f"{'run':<11} {'S':>3} {'R':>3} {'ep/st':>5} {'acc_mean':>9} {'acc_vote':>9} "
+        f"{'shard_acc':>9} {'fit_s':>8} {'compute_s':>9} {'ingest_s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, r in [("monolithic", mono)] + [("sisa", r) for r in rows]:
+        print(
+            f"{label:<11} {r['shards']:>3} {r['slices']:>3} {r['epochs_per_stage']:>5} "
+            f"{100 * r['acc_mean']:>8.2f}% {100 * r['acc_vote']:>8.2f}% {100 * r['shard_acc_mean']:>8.2f}% "
+            f"{r['fit_s']:>8.2f} {r['compute_s']:>9.2f} {r['ingest_s']:>8.2f}",
+            flush=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run all four measurements and write the table, JSON and PNG."""
+    args = parse_args(argv)
+    shard_list = parse_shards(args.shards, args.quick)
+    if args.slices < 1:
+        raise SystemExit(f"--slices={args.slices} must be >= 1")
+    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
+    base = load_config(args.config, overrides)
+    info = machine_info()
+    print(f"config {args.config} overrides {overrides or '(none)'}; shards {shard_list}, R={args.slices}", flush=True)
+    print(f"machine: {info['nproc']} cores, torch {info['torch']}, ray {info['ray']}", flush=True)
+
+    train = load_split(base.data, "train")
+    test = load_split(base.data, "test")
+    print(f"data: {len(train)} train, {len(test)} test samples of shape {train.feature_shape}", flush=True)
+
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train-", dir=args.workdir))
+    speed_s = max([s for s in shard_list if s <= 8], default=shard_list[0])
+
+    def cfg_for(shards: int, slices: int, extra: Sequence[str] = ()) -> SisaConfig:
+        return load_config(args.config, [*overrides, f"shards={shards}", f"slices={slices}", *extra])
+
+    try:
+        # 4. Trainer overhead first: in-process, before any Ray worker exists.
+        print("\n[1/4] trainer overhead (in-process, 1 thread, alternating) ...", flush=True)
+        overhead = trainer_overhead(cfg_for(1, 1, ["train.epochs=1"]), train)
+        print(
+            f"  ours {overhead['ours_samples_per_s']:.0f} samples/s, plain {overhead['plain_samples_per_s']:.0f} "
+            f"samples/s, ratio {overhead['ratio_ours_over_plain']:.3f} (by CPU time "
+            f"{overhead['ratio_ours_over_plain_cpu']:.3f})",
+            flush=True,
+        )
+
+        # 1 + 2. Monolithic and SISA on one Ray instance with all cores.
+        print("\n[2/4] Ray with all cores: warm-up ...", flush=True)
+        restart_ray(None)
+        import ray
+
+        ray_cpus = ray.cluster_resources().get("CPU")
+        warm_all = warm_up(cfg_for(max(shard_list), args.slices), train, workdir, "warmup-all")
+        print(f"  warm-up fit {warm_all:.2f}s on {ray_cpus} Ray CPUs", flush=True)
+        print("[2/4] monolithic ...", flush=True)
+        mono_cfg = cfg_for(1, 1)
+        mono = run_store(mono_cfg, train, test, workdir, "monolithic")
+        print(f"  acc {100 * mono['acc_mean']:.2f}%  fit {mono['fit_s']:.2f}s", flush=True)
+        rows: list[dict[str, Any]] = []
+        for s in shard_list:
+            print(f"[3/4] SISA S={s} R={args.slices} ...", flush=True)
+            row = run_store(cfg_for(s, args.slices), train, test, workdir, f"sisa-s{s}")
+            rows.append(row)
+            print(
+                f"  acc {100 * row['acc_mean']:.2f}% (vote {100 * row['acc_vote']:.2f}%)  fit {row['fit_s']:.2f}s",
+                flush=True,
+            )
+
+        # 3. Parallel speedup: fresh Ray instances with 1 and 2 CPUs.
+        speed: dict[str, Any] = {"shards": speed_s, "slices": args.slices, "warmup_excluded": True}
+        speed_cfg = cfg_for(speed_s, args.slices)
+        for cpus in (1, 2):
+            print(f"[4/4] speedup: Ray with {cpus} CPU(s), S={speed_s} ...", flush=True)
+            restart_ray(cpus)
+            warm = warm_up(speed_cfg, train, workdir, f"warmup-{cpus}cpu")
+            run = run_store(speed_cfg, train, None, workdir, f"speed-{cpus}cpu")
+            speed[f"cpus{cpus}"] = {"warmup_fit_s": warm, **run}
+            print(f"  warm-up {warm:.2f}s, fit {run['fit_s']:.2f}s, compute {run['compute_s']:.2f}s", flush=True)
+        speed["speedup"] = speed["cpus1"]["fit_s"] / speed["cpus2"]["fit_s"]
+        speed["note"] = (
+            "each timed fit ran on a fresh Ray instance after one tiny warm-up fit with the same config "
+            "(worker start-up and torch import excluded); speedup = fit_s(1 cpu) / fit_s(2 cpus)"
+        )
+    finally:
+        orchestrator.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)  # only the bench_train-* folder this run made
+
+    ref = next(r for r in rows if r["shards"] == speed_s)
+    gap_pp = 100 * (ref["acc_mean"] - mono["acc_mean"])
+    summary = {
+        "accuracy_gap_shards": speed_s,
+        "sisa_minus_monolithic_pp": gap_pp,
+        "target_gap_pp": TARGET_ACC_GAP_PP,
+        "gap_ok": gap_pp >= -TARGET_ACC_GAP_PP,  # within 2 pp below, or better
+        "parallel_speedup": speed["speedup"],
+        "target_speedup": TARGET_SPEEDUP,
+        "speedup_ok": speed["speedup"] >= TARGET_SPEEDUP,
+        "trainer_over_plain": overhead["ratio_ours_over_plain"],
+        "trainer_over_plain_cpu": overhead["ratio_ours_over_plain_cpu"],
+        "target_trainer_ratio": TARGET_TRAINER_RATIO,
+        "trainer_ok": overhead["ratio_ours_over_plain"] >= TARGET_TRAINER_RATIO,
+    }
+
+    print()
+    print_table(mono, rows)
+    print()
+    print(
+        f"SISA S={speed_s} accuracy - monolithic: {gap_pp:+.2f} pp   "
+        f"(target: within {TARGET_ACC_GAP_PP:g} pp with the CNN config) {'OK' if summary['gap_ok'] else 'MISS'}"
+    )
+    print(
+        f"parallel speedup S={speed_s}, 1 -> 2 CPUs: {speed['speedup']:.2f}x "
+        f"({speed['cpus1']['fit_s']:.2f}s -> {speed['cpus2']['fit_s']:.2f}s; target >= {TARGET_SPEEDUP:g}x) "
+        f"{'OK' if summary['speedup_ok'] else 'MISS'}"
+    )
+    print(
+        f"trainer / plain torch throughput: {overhead['ratio_ours_over_plain']:.3f} "
+        f"({overhead['ours_samples_per_s']:.0f} vs {overhead['plain_samples_per_s']:.0f} samples/s; "
+        f"target >= {TARGET_TRAINER_RATIO:g}) {'OK' if summary['trainer_ok'] else 'MISS'}; "
+        f"by CPU time {overhead['ratio_ours_over_plain_cpu']:.3f}"
+    )
+
+    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["ray_cpus_all_cores_run"] = ray_cpus
+    result = {
+        "config_path": str(args.config),
+        "overrides": overrides,
+        "quick": args.quick,
+        "config": config_to_dict(base),
+        "shards_list": shard_list,
+        "slices": args.slices,
+        "data": {"train": len(train), "test": len(test), "feature_shape": list(train.feature_shape)},
+        "machine": info,
+        "warmup_all_cores_fit_s": warm_all,
+        "monolithic": mono,
+        "sisa": rows,
+        "speedup": speed,
+        "trainer_overhead": overhead,
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    png = args.out.with_suffix(".png")
+    title = (
+        f"{args.config.name} {' '.join(overrides)} | {len(train)} train / {len(test)} test | "
+        f"{info['nproc']} cores, {info['date']}"
+    )
+    plot(mono, rows, args.slices, title, png)
+    print(f"\nwrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
