@@ -29,6 +29,7 @@ __all__ = [
     "ResourcesConfig",
     "SisaConfig",
     "TrainConfig",
+    "UnlearnConfig",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -40,6 +41,7 @@ EPOCH_SCHEDULES = ("recalibrated", "constant")
 PARTITION_STRATEGIES = ("uniform",)
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
+UNLEARN_POLICIES = ("exclude", "serve-stale")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -206,6 +208,24 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True)
+class UnlearnConfig:
+    """What happens between a deletion request and the end of its retrain.
+
+    Attributes:
+        policy: ``exclude`` (default): a shard whose live model saw a deleted id leaves
+            the ensemble the instant the request is journaled, until it is retrained.
+            ``serve-stale``: it keeps serving its old model until the retrain finishes;
+            predictions in that window still carry the deleted samples' influence (and
+            can leak their membership), so use it only where availability outweighs that.
+    """
+
+    policy: str = "exclude"
+
+    def __post_init__(self) -> None:
+        _choice("unlearn.policy", self.policy, UNLEARN_POLICIES)
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     """What each shard's Ray task may use.
 
@@ -259,6 +279,7 @@ class SisaConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:

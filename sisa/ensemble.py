@@ -43,12 +43,14 @@ class FitReport:
     Attributes:
         trained: Shard -> stages trained in this call.
         skipped: Shards whose live model was already current.
+        empty: Shards with no samples (after deletions), which have no model.
         seconds: Wall time of the call.
         stage_seconds: Sum of per-stage training times (compute spent).
     """
 
     trained: dict[int, list[int]] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)
+    empty: list[int] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: float = 0.0
 
@@ -66,7 +68,7 @@ class Ensemble:
         self.address = address
         meta = store.meta()
         self.config: SisaConfig = config_from_dict(meta["config"])
-        self._models: dict[int, tuple[str, nn.Module]] = {}
+        self._models: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -81,22 +83,39 @@ class Ensemble:
         Returns:
             The ensemble, open for writing.
         """
-        store = Store.create(path, {"config": config_to_dict(config), "feature_shape": None})
+        meta = {
+            "config": config_to_dict(config),
+            "feature_shape": None,
+            "shard_slices": [config.slices] * config.shards,
+        }
+        store = Store.create(path, meta)
         return cls(store, address)
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = False, address: str | None = None) -> Ensemble:
+    def open(
+        cls, path: str | Path, *, readonly: bool = False, address: str | None = None, resume: bool = True
+    ) -> Ensemble:
         """Open an existing ensemble.
 
         Args:
             path: The store directory.
             readonly: Read without taking the writer lock (predict, status, eval).
             address: Ray address used by :meth:`fit`.
+            resume: When writable, finish a deletion that a crash interrupted (retrain,
+                erase, certify) before returning. Deferred requests stay pending.
 
         Returns:
             The ensemble.
         """
-        return cls(Store.open(path, readonly=readonly), address)
+        ens = cls(Store.open(path, readonly=readonly), address)
+        if not readonly and resume and any(not r["defer"] for r in ens.pending()):
+            log.info("finishing interrupted deletion requests in %s", path)
+            try:
+                ens.apply()
+            except BaseException:
+                ens.close()
+                raise
+        return ens
 
     def close(self) -> None:
         """Release the store (and its writer lock)."""
@@ -142,10 +161,12 @@ class Ensemble:
         self.config = config
 
     # ------------------------------------------------------------------- ingest
-    def ingest(self, x: Any, y: Any = None, ids: Any = None) -> int:
+    def ingest(self, x: Any, y: Any = None, ids: Any = None, *, new_slice: bool = False) -> int:
         """Add samples to the store, assigned to shards and slices by the partitioner.
 
         All-or-nothing: any bad sample rejects the whole call and nothing is written.
+        With ``new_slice`` (what :meth:`add` uses), the samples go into one new slice
+        appended to each shard they land in, so training them touches no earlier stage.
 
         Args:
             x: Features as an array ``(n, ...)``, or a ``torch.utils.data.Dataset``
@@ -153,6 +174,7 @@ class Ensemble:
                 :class:`~sisa.data.LabeledArrays`.
             y: Integer labels in ``[0, num_classes)``.
             ids: Unique non-negative int ids; default ``0..n-1``.
+            new_slice: Append a slice per touched shard instead of the hashed slice.
 
         Returns:
             Number of samples written.
@@ -177,16 +199,57 @@ class Ensemble:
         shard, slice_ = uniform_assignment(data.ids, cfg.seed, cfg.shards, cfg.slices)
 
         def change(txn: Any) -> None:
+            counts = self.slice_counts(txn)
+            if new_slice:
+                # Stable too: the shard still comes from (seed, id); only the slice is new.
+                slice_[:] = np.asarray(counts)[shard]
+                for s in np.unique(shard).tolist():
+                    counts[s] += 1
             self.store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
-            self.store.put_meta(txn, feature_shape=list(data.feature_shape))
+            self.store.put_meta(txn, feature_shape=list(data.feature_shape), shard_slices=counts)
 
         self.store.write(change)
         log.info("ingested %d samples into %s", len(data), self.path)
         return len(data)
 
     # -------------------------------------------------------------------- train
+    def slice_counts(self, txn: Any) -> list[int]:
+        """Number of slices of each shard (R, plus one per :meth:`add` that touched it)."""
+        counts = self.store.meta(txn).get("shard_slices")
+        return list(counts) if counts else [self.config.slices] * self.config.shards
+
     def _shard_slices(self, txn: Any, shard: int) -> list[np.ndarray]:
-        return [self.store.slice_ids(txn, shard, r) for r in range(self.config.slices)]
+        return [self.store.slice_ids(txn, shard, r) for r in range(self.slice_counts(txn)[shard])]
+
+    def shard_job(self, txn: Any, shard: int, start_stage: int = 0) -> ShardJob:
+        """The job that trains ``shard`` from ``start_stage`` on its current samples.
+
+        Args:
+            txn: Read transaction.
+            shard: Shard index.
+            start_stage: Stages to take from the store (0 = from scratch).
+
+        Returns:
+            The job, with the stage ``start_stage`` checkpoint as parent when > 0.
+        """
+        shape = self.feature_shape
+        assert shape is not None
+        slices = tuple(
+            SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in self._shard_slices(txn, shard)
+        )
+        parent = self.store.stage_record(txn, shard, start_stage) if start_stage > 0 else None
+        if start_stage > 0 and parent is None:
+            raise StoreError(f"shard {shard}: stage {start_stage} has no checkpoint to resume from")
+        return ShardJob(
+            config=self.config,
+            shard=shard,
+            slices=slices,
+            start_stage=start_stage,
+            parent=self.store.checkpoint(txn, parent) if parent else None,
+            parent_key=parent["key"] if parent else None,
+            input_shape=shape,
+            num_classes=self.config.data.num_classes,
+        )
 
     def _plan(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
         """Last stage whose stored checkpoint is exactly what training now would produce."""
@@ -227,34 +290,27 @@ class Ensemble:
         jobs: list[ShardJob] = []
         with self.store.read() as txn:
             live = self.store.live(txn)
+            # Before the first training, a shard smaller than R is a configuration mistake;
+            # after deletions it is a fact to handle (an empty shard simply has no model).
+            first_fit = not any(self.store.stage_records(txn, s) for s in range(cfg.shards))
             for shard in range(cfg.shards):
                 slice_ids = self._shard_slices(txn, shard)
                 size = sum(len(s) for s in slice_ids)
-                if size < cfg.slices:
+                if first_fit and size < cfg.slices:
                     raise ConfigError(
                         f"shard {shard} holds {size} samples, fewer than slices={cfg.slices}: "
                         f"lower shards (now {cfg.shards}) or slices, or ingest more data"
                     )
+                if size == 0:
+                    report.empty.append(shard)
+                    continue
                 done, parent = self._plan(txn, shard, slice_ids)
                 if done == len(slice_ids) and shard in live and parent and live[shard]["key"] == parent["key"]:
                     report.skipped.append(shard)
                     continue
-                slices = tuple(SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in slice_ids)
-                jobs.append(
-                    ShardJob(
-                        config=cfg,
-                        shard=shard,
-                        slices=slices,
-                        start_stage=min(done, len(slice_ids) - 1),
-                        parent=self.store.checkpoint(txn, parent) if parent and done < len(slice_ids) else None,
-                        parent_key=parent["key"] if parent and done < len(slice_ids) else None,
-                        input_shape=shape,
-                        num_classes=cfg.data.num_classes,
-                    )
-                )
-        # A shard whose stages are all valid but whose live pointer is missing just
-        # replays its last stage (start_stage = R-1), which needs stage R-1's bytes.
-        jobs = [self._fix_parent(job) for job in jobs]
+                # All stages valid but no live pointer (retired by a deletion that touched
+                # only later data, say): replay the last stage, which re-derives the same bytes.
+                jobs.append(self.shard_job(txn, shard, min(done, len(slice_ids) - 1)))
         total_slices = {job.shard: len(job.slices) for job in jobs}
 
         def commit(result: StageResult) -> None:
@@ -284,15 +340,69 @@ class Ensemble:
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
         return report
 
-    def _fix_parent(self, job: ShardJob) -> ShardJob:
-        if job.start_stage == 0 or job.parent is not None:
-            return job
+    # --------------------------------------------------------------- unlearning
+    def add(
+        self, x: Any, y: Any = None, ids: Any = None, progress: Callable[[StageResult], None] | None = None
+    ) -> FitReport:
+        """Continual learning: add samples as a new slice of each shard they land in, train only that.
+
+        Each touched shard trains one new stage from its last checkpoint; others are
+        untouched. Before the first :meth:`fit` this is plain :meth:`ingest` + :meth:`fit`.
+
+        Returns:
+            What was trained.
+        """
         with self.store.read() as txn:
-            record = self.store.stage_record(txn, job.shard, job.start_stage)
-            if record is None:  # pragma: no cover - _plan guarantees it exists
-                raise StoreError(f"shard {job.shard}: stage {job.start_stage} record vanished")
-            blob = self.store.checkpoint(txn, record)
-        return ShardJob(**{**job.__dict__, "parent": blob, "parent_key": record["key"]})
+            trained = any(self.store.stage_records(txn, s) for s in range(self.config.shards))
+        self.ingest(x, y, ids, new_slice=trained)
+        return self.fit(progress)
+
+    def delete(
+        self, ids: Any, *, defer: bool = False, progress: Callable[[StageResult], None] | None = None
+    ) -> dict[str, Any]:
+        """Forget samples; returns when the request is durable and (unless ``defer``) the model is clean.
+
+        See :func:`sisa.unlearn.delete` for the steps and the returned certificate.
+        """
+        from sisa import unlearn
+
+        return unlearn.delete(self, ids, defer=defer, progress=progress)
+
+    def apply(self, progress: Callable[[StageResult], None] | None = None) -> list[dict[str, Any]]:
+        """Apply all pending (deferred or interrupted) requests as one batch; returns their certificates."""
+        from sisa import unlearn
+
+        return unlearn.apply(self, progress)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Requests journaled but not yet applied."""
+        from sisa import unlearn
+
+        return unlearn.pending(self.store)
+
+    def resume(self, progress: Callable[[StageResult], None] | None = None) -> dict[str, Any]:
+        """Finish whatever a crash interrupted: pending deletions, then any unfinished training."""
+        certificates = self.apply(progress)
+        report = self.fit(progress)
+        return {"applied": certificates, "trained": {str(k): v for k, v in report.trained.items()}}
+
+    def verify(
+        self, shards: Sequence[int] | None = None, progress: Callable[[StageResult], None] | None = None
+    ) -> dict[str, Any]:
+        """Retrain shards from scratch and compare with the live models; ``ok`` only if bit-identical."""
+        from sisa import unlearn
+
+        return unlearn.verify(self, shards, progress)
+
+    def audit(self) -> Any:
+        """Recompute the audit log's hash chain; returns an :class:`~sisa.audit.AuditReport`."""
+        from sisa.audit import check_chain
+
+        return check_chain(self.store, self.store.secret())
+
+    def forget_cached_models(self) -> None:
+        """Drop loaded shard models, so the next prediction reloads what is live now."""
+        self._models.clear()
 
     # ------------------------------------------------------------------ predict
     def live_models(self) -> dict[int, nn.Module]:
@@ -306,6 +416,11 @@ class Ensemble:
         with self.store.read() as txn:
             live = self.store.live(txn)
             if not live or shape is None:
+                if self.store.stage_records(txn, 0) or self.pending():
+                    raise NotTrainedError(
+                        f"every shard of {self.path} is out of service until pending deletions are applied; "
+                        "run `sisa apply` (or Ensemble.apply())"
+                    )
                 raise NotTrainedError(f"store {self.path} has no trained shards; run fit (sisa train) first")
             for shard, record in live.items():
                 cached = self._models.get(shard)
@@ -315,15 +430,14 @@ class Ensemble:
                 ckpt = load_checkpoint(self.store.checkpoint(txn, {**full, "shard": shard}))
                 model = build_model(self.config.model, shape, self.config.data.num_classes)
                 model.load_state_dict(ckpt["model"])
-                self._models[shard] = (record["key"], model.eval())
+                self._models[shard] = (record["key"], model.eval(), int(record["n_samples"]))
         for gone in set(self._models) - set(live):
             del self._models[gone]
         return {shard: self._models[shard][1] for shard in sorted(live)}
 
     def _shard_sizes(self, shards: Sequence[int]) -> list[float]:
-        with self.store.read() as txn:
-            live = self.store.live(txn)
-        return [float(live[s]["n_samples"]) for s in shards]
+        # From the same snapshot live_models() loaded, so weights always match the models.
+        return [float(self._models[s][2]) for s in shards]
 
     def predict_proba(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
         """Ensemble class probabilities.
@@ -385,9 +499,10 @@ class Ensemble:
         cfg = self.config
         with self.store.read() as txn:
             live = self.store.live(txn)
+            slice_counts = self.slice_counts(txn)
             shards = []
             for shard in range(cfg.shards):
-                counts = [int(len(self.store.slice_ids(txn, shard, r))) for r in range(cfg.slices)]
+                counts = [int(len(self.store.slice_ids(txn, shard, r))) for r in range(slice_counts[shard])]
                 stages = self.store.stage_records(txn, shard)
                 rec = live.get(shard)
                 shards.append(
@@ -397,6 +512,7 @@ class Ensemble:
                         "slice_samples": counts,
                         "stages_done": len(stages),
                         "live": rec is not None,
+                        "stale": bool(rec and rec.get("stale")),
                         "live_checkpoint": rec["sha256"] if rec else None,
                         "live_weights": rec["weights"] if rec else None,
                         "live_manifest": rec["manifest"] if rec else None,

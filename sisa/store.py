@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,14 +29,52 @@ __all__ = ["FORMAT_VERSION", "Store"]
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live")
+_DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
 _INITIAL_MAP = 1 << 28  # 256 MiB; grown by doubling on MapFullError
 _LOCK_NAME = "writer.lock"
+_SECRET_NAME = "hmac.key"  # per-store HMAC secret for keyed hashes of ids and the audit chain
+_COMPACT_DIR = ".compact"  # where a compacted copy is built before it replaces data.mdb
 
 T = TypeVar("T")
 
-# realpath -> (environment, number of open Store handles on it)
-_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+
+class _SharedEnv:
+    """One LMDB environment per directory and process, shared by every Store handle on it.
+
+    py-lmdb refuses to open an environment twice in a process, and compaction swaps the
+    environment under all handles, so handles hold this object rather than the env.
+    """
+
+    def __init__(self, path: Path, readonly: bool) -> None:
+        self.path = path
+        self.count = 0
+        self.env_readonly = readonly
+        self.env, self.dbs = self._open()
+
+    def _open(self) -> tuple[lmdb.Environment, dict[str, Any]]:
+        data = self.path / "data.mdb"
+        size = max(_INITIAL_MAP, data.stat().st_size if data.exists() else 0)
+        env = lmdb.open(
+            str(self.path), map_size=size, max_dbs=len(_DBS) + 4, readonly=self.env_readonly, subdir=True, mode=0o600
+        )
+        dbs = {name: env.open_db(name.encode(), create=not self.env_readonly) for name in _DBS}
+        return env, dbs
+
+    def reopen(self) -> None:
+        """Open the directory's data.mdb again (after compaction replaced it)."""
+        self.env, self.dbs = self._open()
+
+
+# realpath -> the shared environment of that directory in this process
+_ENVS: dict[str, _SharedEnv] = {}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def id_key(sample_id: int) -> bytes:
@@ -64,13 +103,20 @@ class Store:
     Use :meth:`create` or :meth:`open`; close with :meth:`close` or a ``with`` block.
     """
 
-    def __init__(self, path: Path, env: lmdb.Environment, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, shared: _SharedEnv, lock_fd: int | None) -> None:
         """Wrap an open environment; use :meth:`create` or :meth:`open` instead."""
         self.path = path
-        self._env = env
+        self._shared = shared
         self._lock_fd = lock_fd
         self._closed = False
-        self._dbs = {name: env.open_db(name.encode(), create=lock_fd is not None) for name in _DBS}
+
+    @property
+    def _env(self) -> lmdb.Environment:
+        return self._shared.env
+
+    @property
+    def _dbs(self) -> dict[str, Any]:
+        return self._shared.dbs
 
     # ----------------------------------------------------------------- lifecycle
     @staticmethod
@@ -90,30 +136,22 @@ class Store:
         return fd
 
     @classmethod
-    def _open_env(cls, path: Path, readonly: bool) -> lmdb.Environment:
-        # py-lmdb refuses to open one environment twice in a process, so handles on the
-        # same directory (a writer and a reader, say) share one env, counted by _ENVS.
+    def _open_env(cls, path: Path, readonly: bool) -> _SharedEnv:
         real = os.path.realpath(path)
-        if real in _ENVS:
-            env, count = _ENVS[real]
-            _ENVS[real] = (env, count + 1)
-            return env
-        size = max(_INITIAL_MAP, (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0)
-        # The env itself is opened writable whenever the files allow it, so a reader opened
-        # first does not stop a later writer in this process; the writer lock decides who writes.
-        env_readonly = readonly and not os.access(path / "data.mdb", os.W_OK)
-        env = lmdb.open(str(path), map_size=size, max_dbs=len(_DBS) + 4, readonly=env_readonly, subdir=True, mode=0o600)
-        _ENVS[real] = (env, 1)
-        return env
+        shared = _ENVS.get(real)
+        if shared is None:
+            # Opened writable whenever the files allow it, so a reader opened first does not
+            # stop a later writer in this process; the writer lock decides who writes.
+            shared = _SharedEnv(path, readonly and not os.access(path / "data.mdb", os.W_OK))
+            _ENVS[real] = shared
+        shared.count += 1
+        return shared
 
     def _release_env(self) -> None:
-        real = os.path.realpath(self.path)
-        env, count = _ENVS.get(real, (self._env, 1))
-        if count <= 1:
-            _ENVS.pop(real, None)
-            env.close()
-        else:
-            _ENVS[real] = (env, count - 1)
+        self._shared.count -= 1
+        if self._shared.count <= 0:
+            _ENVS.pop(os.path.realpath(self.path), None)
+            self._shared.env.close()
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any]) -> Store:
@@ -137,6 +175,12 @@ class Store:
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(p, 0o700)
         fd = cls._lock(p)
+        secret = os.open(p / _SECRET_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(secret, os.urandom(32))
+            os.fsync(secret)
+        finally:
+            os.close(secret)
         store = cls(p, cls._open_env(p, readonly=False), fd)
         store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))
         return store
@@ -160,6 +204,9 @@ class Store:
         if not (p / "data.mdb").is_file():
             raise StoreError(f"{p} is not a sisa store (no data.mdb); create one with `sisa train --store {p}`")
         fd = None if readonly else cls._lock(p)
+        if fd is not None:
+            # A crash during compaction leaves a partial copy (of live data only): drop it.
+            shutil.rmtree(p / _COMPACT_DIR, ignore_errors=True)
         store: Store | None = None
         try:
             store = cls(p, cls._open_env(p, readonly=readonly), fd)
@@ -184,6 +231,20 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def secret(self) -> bytes:
+        """The store's 32-byte HMAC secret (file ``hmac.key``, owner-only).
+
+        Raises:
+            IntegrityError: If the file is missing or has the wrong size.
+        """
+        try:
+            key = (self.path / _SECRET_NAME).read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"store {self.path}: its HMAC secret {_SECRET_NAME} cannot be read ({exc})") from exc
+        if len(key) != 32:
+            raise IntegrityError(f"store {self.path}: its HMAC secret {_SECRET_NAME} is corrupt")
+        return key
 
     @property
     def writable(self) -> bool:
@@ -241,6 +302,41 @@ class Store:
             yield txn
         finally:
             txn.abort()
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite ``data.mdb`` without its free pages, then atomically swap it in.
+
+        LMDB frees pages on delete but does not scrub them, so deleted bytes stay in the
+        file until it is rewritten; a compacting copy holds live pages only. The copy is
+        fsync'd, renamed over ``data.mdb`` (atomic), and the directory fsync'd, so a crash
+        leaves either the old file or the new one.
+
+        Returns:
+            File size in bytes before and after.
+
+        Raises:
+            StoreError: If this handle is read-only.
+        """
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only; open it for writing to compact it")
+        data, tmp = self.path / "data.mdb", self.path / _COMPACT_DIR
+        before = data.stat().st_size
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        self._env.copy(str(tmp), compact=True)
+        copied = tmp / "data.mdb"
+        os.chmod(copied, 0o600)
+        _fsync(copied)
+        self._env.close()
+        try:
+            os.replace(copied, data)
+            _fsync(self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._shared.reopen()
+        after = data.stat().st_size
+        log.info("compacted %s: %d -> %d bytes", data, before, after)
+        return before, after
 
     # ----------------------------------------------------------------- metadata
     def _put_meta(self, txn: lmdb.Transaction, values: dict[str, Any]) -> None:
@@ -388,5 +484,14 @@ class Store:
         txn.put(record["key"].encode(), checkpoint, db=ckpts)
         txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
         if live:
+            old_live = txn.get(shard_key(shard), db=lives)
+            if old_live is not None:
+                old_key = json.loads(bytes(old_live))["key"]
+                # A stale model kept serving (serve-stale policy) has no stage record left.
+                if old_key != record["key"] and not self._key_in_stages(txn, shard, old_key):
+                    txn.delete(old_key.encode(), db=ckpts)
             live_record = {k: record[k] for k in ("stage", "key", "sha256", "weights", "manifest", "n_samples")}
             txn.put(shard_key(shard), json.dumps(live_record, sort_keys=True).encode(), db=lives)
+
+    def _key_in_stages(self, txn: lmdb.Transaction, shard: int, key: str) -> bool:
+        return any(r["key"] == key for r in self.stage_records(txn, shard))

@@ -1,0 +1,314 @@
+"""Deletion: durable journal, retrain from the last clean slice, erasure, certificates, verify.
+
+A request is one fsync'd LMDB transaction that removes the samples, drops every
+checkpoint whose manifest holds them and takes the affected shards out of service
+(``exclude`` policy). Applying it is ``fit`` (which retrains exactly the stale stages),
+compaction (which erases the freed pages), and a certificate appended to the audit
+log. Each step is idempotent, so a crash anywhere is finished by the next ``apply``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+import numpy as np
+
+from sisa.audit import append_entry, keyed_hash
+from sisa.errors import DataError
+from sisa.store import Store, id_key, member_key, shard_key, stage_key
+
+if TYPE_CHECKING:
+    from sisa.ensemble import Ensemble
+    from sisa.trainer import StageResult
+
+__all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "pending", "read_ids_file", "verify"]
+
+log = logging.getLogger(__name__)
+
+MAX_ID = 2**63 - 2
+
+
+def normalize_ids(ids: Any) -> list[int]:
+    """Validate a deletion request's ids.
+
+    Args:
+        ids: An int, or a sequence / array of ints.
+
+    Returns:
+        The distinct ids, in first-seen order.
+
+    Raises:
+        DataError: On an empty request, non-integers (bools, floats, strings, mixed types)
+            or ids outside ``[0, 2**63 - 2]``.
+    """
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        ids = [ids]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise DataError(f"ids must be a list of integers, got {type(ids).__name__}")
+    raw = list(np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else ids)
+    if not raw:
+        raise DataError("the deletion request is empty: pass at least one id")
+    kinds = {type(i).__name__ for i in raw if isinstance(i, bool) or not isinstance(i, (int, np.integer))}
+    if kinds:
+        raise DataError(f"ids must all be integers; found {', '.join(sorted(kinds))} values: pass integer sample ids")
+    out = list(dict.fromkeys(int(i) for i in raw))
+    bad = [i for i in out if not 0 <= i <= MAX_ID]
+    if bad:
+        raise DataError(f"id {bad[0]} is outside [0, {MAX_ID}]; sample ids are non-negative 63-bit integers")
+    return out
+
+
+def read_ids_file(path: str | Path) -> list[int]:
+    """Read an ids file: one integer per line; blank lines and ``#`` comments are skipped.
+
+    Raises:
+        DataError: If the file is missing or a line is not an integer (named by number).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read ids file {p}: {exc}") from exc
+    out: list[int] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        try:
+            out.append(int(item, 10))
+        except ValueError:
+            raise DataError(f"{p} line {n}: {item[:40]!r} is not an integer id; put one integer id per line") from None
+    return normalize_ids(out)
+
+
+def deleted_ids(store: Store, ids: Iterable[int]) -> list[int]:
+    """Which of ``ids`` were deleted by an earlier request (looked up by keyed hash)."""
+    secret = store.secret()
+    with store.read() as txn:
+        return [int(i) for i in ids if txn.get(keyed_hash(secret, int(i)).encode(), db=store.db("deleted")) is not None]
+
+
+def _requests(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
+    return [json.loads(bytes(v)) for _, v in txn.cursor(db=store.db("requests"))]
+
+
+def pending(store: Store) -> list[dict[str, Any]]:
+    """Requests journaled but not yet applied, oldest first."""
+    with store.read() as txn:
+        return [r for r in _requests(store, txn) if r["state"] == "pending"]
+
+
+def _journal(
+    store: Store, txn: lmdb.Transaction, ids: Sequence[int], secret: bytes, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Tombstone ``ids`` and retire every checkpoint that saw them, in the caller's transaction."""
+    dbs = {name: store.db(name) for name in ("samples", "assign", "members", "deleted", "ckpt", "stages", "live")}
+    last = txn.cursor(db=store.db("requests"))
+    request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
+    first_slice: dict[int, int] = {}
+    for sid in ids:
+        shard, slice_ = struct.unpack(">II", bytes(txn.get(id_key(sid), db=dbs["assign"]) or b""))
+        txn.delete(id_key(sid), db=dbs["samples"])
+        txn.delete(id_key(sid), db=dbs["assign"])
+        txn.delete(member_key(shard, slice_, sid), db=dbs["members"])
+        txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
+        first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
+    shards: dict[str, Any] = {}
+    for shard, slice_ in sorted(first_slice.items()):
+        # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
+        # stage slice_ (0 = the initial model) is the last clean checkpoint.
+        live_raw = txn.get(shard_key(shard), db=dbs["live"])
+        live = json.loads(bytes(live_raw)) if live_raw is not None else None
+        keep_live = live is not None and meta["policy"] == "serve-stale"
+        removed = []
+        for record in store.stage_records(txn, shard):
+            if record["stage"] > slice_:
+                if not (keep_live and live is not None and record["key"] == live["key"]):
+                    txn.delete(record["key"].encode(), db=dbs["ckpt"])
+                txn.delete(stage_key(shard, record["stage"]), db=dbs["stages"])
+                removed.append(record["sha256"])
+        if keep_live and live is not None:
+            txn.put(shard_key(shard), json.dumps({**live, "stale": True}, sort_keys=True).encode(), db=dbs["live"])
+        else:
+            txn.delete(shard_key(shard), db=dbs["live"])
+        shards[str(shard)] = {"from_slice": slice_ + 1, "restart_stage": slice_, "removed_checkpoints": removed}
+    request = {
+        "request_id": request_id,
+        "state": "pending",
+        "requested_at": time.time(),
+        "id_hashes": sorted(keyed_hash(secret, sid) for sid in ids),
+        "deleted": len(ids),
+        "shards": shards,
+        **meta,
+    }
+    txn.put(struct.pack(">Q", request_id), json.dumps(request, sort_keys=True).encode(), db=store.db("requests"))
+    return request
+
+
+def delete(
+    ens: Ensemble, ids: Any, *, defer: bool = False, progress: Callable[[StageResult], None] | None = None
+) -> dict[str, Any]:
+    """Delete samples: journal durably, then (unless deferred) retrain, erase and certify.
+
+    Args:
+        ens: A writable ensemble.
+        ids: The sample ids to forget.
+        defer: Only journal (ids tombstoned, shards out of service); :func:`apply` later.
+        progress: Called after each retrained stage is committed.
+
+    Returns:
+        The certificate (``state`` ``applied``), the pending request (``state``
+        ``pending``), or for ids that were all deleted before a no-op report (``state``
+        ``noop``); ``already_deleted`` counts ids deleted by earlier requests.
+
+    Raises:
+        DataError: On malformed ids or ids the store never held; nothing is changed.
+    """
+    wanted = normalize_ids(ids)
+    store = ens.store
+    secret = store.secret()
+    with store.read() as txn:
+        present = [i for i in wanted if store.has_sample(txn, i)]
+    gone = deleted_ids(store, [i for i in wanted if i not in set(present)])
+    unknown = sorted(set(wanted) - set(present) - set(gone))
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} id(s) are not in the store and were never deleted (first: {unknown[:5]}); "
+            "the whole request was rejected and nothing changed: check the ids"
+        )
+    if not present:
+        return {"state": "noop", "request_id": None, "deleted": 0, "already_deleted": len(gone), "retrained_shards": []}
+    meta = {"already_deleted": len(gone), "defer": defer, "policy": ens.config.unlearn.policy}
+    request = store.write(lambda txn: _journal(store, txn, present, secret, meta))
+    ens.forget_cached_models()
+    log.info("journaled request %d: %d ids, shards %s", request["request_id"], len(present), list(request["shards"]))
+    if defer:
+        return {**request, "retrained_shards": [int(s) for s in request["shards"]]}
+    certificates = apply(ens, progress)
+    return next(c for c in certificates if c["request_id"] == request["request_id"])
+
+
+def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) -> list[dict[str, Any]]:
+    """Apply every pending request as one batch: one retrain per affected shard.
+
+    Args:
+        ens: A writable ensemble.
+        progress: Called after each retrained stage is committed.
+
+    Returns:
+        One certificate per applied request, oldest first.
+    """
+    store = ens.store
+    requests = pending(store)
+    if not requests:
+        return []
+    report = ens.fit(progress)
+    before, after = store.compact()
+    secret = store.secret()
+
+    def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
+        live = store.live(txn)
+        certificates = []
+        for request in requests:
+            shards = {}
+            for key, info in request["shards"].items():
+                shard = int(key)
+                new = [r for r in store.stage_records(txn, shard) if r["stage"] > info["restart_stage"]]
+                rec = live.get(shard)
+                shards[key] = {
+                    **info,
+                    "new_checkpoints": [r["sha256"] for r in new],
+                    "live_checkpoint": rec["sha256"] if rec else None,
+                    "live_weights": rec["weights"] if rec else None,
+                    "manifest": rec["manifest"] if rec else None,
+                    "samples": rec["n_samples"] if rec else 0,
+                }
+            applied_at = time.time()
+            certificate = {
+                "request_id": request["request_id"],
+                "state": "applied",
+                "requested_at": request["requested_at"],
+                "applied_at": applied_at,
+                "seconds": applied_at - request["requested_at"],
+                "id_hashes": request["id_hashes"],
+                "deleted": request["deleted"],
+                "already_deleted": request["already_deleted"],
+                "policy": request["policy"],
+                "retrained_shards": sorted(int(s) for s in shards),
+                "shards": shards,
+                "batch": {"requests": len(requests), "retrain_seconds": report.seconds, "file_bytes": [before, after]},
+            }
+            record = append_entry(store, txn, secret, certificate)
+            certificate["audit_seq"] = record["seq"]
+            updated = {**request, "state": "applied", "applied_at": applied_at}
+            txn.put(
+                struct.pack(">Q", request["request_id"]),
+                json.dumps(updated, sort_keys=True).encode(),
+                db=store.db("requests"),
+            )
+            certificates.append(certificate)
+        return certificates
+
+    certificates = store.write(certify)
+    log.info("applied %d request(s); retrained %s", len(certificates), sorted(report.trained))
+    return certificates
+
+
+def verify(
+    ens: Ensemble, shards: Sequence[int] | None = None, progress: Callable[[StageResult], None] | None = None
+) -> dict[str, Any]:
+    """Retrain shards from scratch on their current samples and compare with the live models.
+
+    Args:
+        ens: The ensemble.
+        shards: Shards to check (default: all).
+        progress: Called after each replayed stage.
+
+    Returns:
+        ``{"ok": bool, "shards": {k: {...digests, "ok"}}}``; ``ok`` only when every
+        checked shard's replay is bit-identical to its live model.
+    """
+    from sisa import orchestrator
+
+    store, cfg = ens.store, ens.config
+    chosen = list(range(cfg.shards)) if shards is None else list(shards)
+    bad = [s for s in chosen if not 0 <= s < cfg.shards]
+    if bad:
+        raise DataError(f"shard {bad[0]} does not exist; shards are 0..{cfg.shards - 1}")
+    out: dict[str, Any] = {}
+    jobs = []
+    with store.read() as txn:
+        live = store.live(txn)
+        for shard in chosen:
+            size = sum(len(store.slice_ids(txn, shard, r)) for r in range(ens.slice_counts(txn)[shard]))
+            rec = live.get(shard)
+            out[str(shard)] = {"samples": size, "live_weights": rec["weights"] if rec else None, "replay_weights": None}
+            if size and rec:
+                jobs.append(ens.shard_job(txn, shard, 0))
+    last: dict[int, StageResult] = {}
+
+    def keep(result: StageResult) -> None:
+        last[result.shard] = result
+        if progress is not None:
+            progress(result)
+
+    if jobs:
+        orchestrator.connect(ens.address)
+        orchestrator.run_jobs(jobs, keep)
+    for key, info in out.items():
+        result = last.get(int(key))
+        if info["samples"] == 0:
+            info.update(ok=info["live_weights"] is None, reason="empty shard: no model")
+        elif info["live_weights"] is None:
+            info.update(ok=False, reason="no live model: pending deletion or never trained; run sisa apply")
+        elif result is not None:
+            info.update(replay_weights=result.weights, replay_manifest=result.manifest)
+            info["ok"] = result.weights == info["live_weights"]
+    return {"ok": all(i["ok"] for i in out.values()), "shards": out}
