@@ -1,7 +1,8 @@
-"""The ``sisa`` command line: train, eval and status over a store directory.
+"""The ``sisa`` command line: train, eval, status, delete, apply, pending, verify, audit, add, resume.
 
-Every command takes ``--json`` (one JSON object on stdout) and exits non-zero with a
-one-line ``error:`` message on bad input; progress bars go to stderr.
+Every command takes ``--json`` (one JSON object on stdout) and exits 2 with a one-line
+``error:`` message on bad input, 1 when verify or audit finds a problem; progress bars
+go to stderr.
 """
 
 from __future__ import annotations
@@ -18,11 +19,27 @@ from typing import Any
 from sisa.config import config_from_dict, config_to_dict, load_config
 from sisa.data import load_split
 from sisa.ensemble import Ensemble
-from sisa.errors import SisaError
+from sisa.errors import DataError, SisaError
 
 __all__ = ["main"]
 
 EXIT_ERROR = 2
+EXIT_FAILED_CHECK = 1  # verify or audit ran and found a problem
+
+
+class VerificationError(Exception):
+    """verify or audit completed and failed; carries the JSON result."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__("check failed")
+        self.result = result
+
+
+def _int_id(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -53,7 +70,7 @@ def _print_eval(result: dict[str, Any]) -> None:
     print(_table(["model", "test accuracy"], rows))
 
 
-def _progress_bar(total: int, desc: str) -> Any:
+def _progress_bar(total: int | None, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=not sys.stderr.isatty() and None)
@@ -142,6 +159,152 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _writer(args: argparse.Namespace) -> Ensemble:
+    return Ensemble.open(args.store, address=getattr(args, "address", None), resume=False)
+
+
+def _stage_bar(args: argparse.Namespace, desc: str) -> tuple[Any, Any]:
+    """A progress bar over committed stages (none with --json), and the callback advancing it."""
+    if args.json:
+        return None, None
+    bar = _progress_bar(None, desc)
+    return bar, lambda _r: bar.update(1)
+
+
+def _print_certificate(cert: dict[str, Any]) -> None:
+    if cert["state"] == "noop":
+        print(f"nothing to do: {cert['already_deleted']} id(s) were already deleted")
+        return
+    what = "journaled (deferred; run `sisa apply`)" if cert["state"] == "pending" else "applied"
+    print(
+        f"request {cert['request_id']} {what}: {cert['deleted']} sample(s) deleted, "
+        f"{cert['already_deleted']} already deleted before"
+    )
+    rows = [
+        [
+            k,
+            v["from_slice"],
+            len(v["removed_checkpoints"]),
+            len(v.get("new_checkpoints", [])),
+            (v.get("live_checkpoint") or "-")[:16],
+        ]
+        for k, v in cert["shards"].items()
+    ]
+    print(_table(["shard", "from slice", "removed ckpts", "new ckpts", "new live checkpoint"], rows))
+    if "seconds" in cert:
+        print(f"done in {cert['seconds']:.2f}s; audit entry {cert['audit_seq']}")
+
+
+def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
+    """Forget samples by id: journal, retrain affected shards, erase, certify."""
+    from sisa.unlearn import read_ids_file
+
+    if (args.ids is None) == (args.ids_file is None):
+        raise DataError("give the ids to delete with exactly one of --ids ID [ID ...] or --ids-file FILE")
+    ids = read_ids_file(args.ids_file) if args.ids_file else args.ids
+    with _writer(args) as ens:
+        bar, tick = _stage_bar(args, "retraining")
+        cert = ens.delete(ids, defer=args.defer, progress=tick)
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        _print_certificate(cert)
+    return cert
+
+
+def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
+    """Apply all deferred requests as one batch."""
+    with _writer(args) as ens:
+        bar, tick = _stage_bar(args, "retraining")
+        certs = ens.apply(progress=tick)
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        print(f"applied {len(certs)} request(s)")
+        for cert in certs:
+            _print_certificate(cert)
+    return {"applied": certs}
+
+
+def cmd_pending(args: argparse.Namespace) -> dict[str, Any]:
+    """List journaled requests not yet applied."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        requests = ens.pending()
+    if not args.json:
+        print(f"{len(requests)} pending request(s)")
+        for r in requests:
+            print(f"  request {r['request_id']}: {r['deleted']} id(s), shards {', '.join(r['shards'])}")
+    return {"pending": requests}
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    """Retrain shards from scratch and compare with the live models."""
+    with Ensemble.open(args.store, readonly=True, address=args.address) as ens:
+        bar, tick = _stage_bar(args, "replaying")
+        result = ens.verify(args.shard, progress=tick)
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        rows = [
+            [
+                k,
+                v["samples"],
+                (v["live_weights"] or "-")[:16],
+                (v["replay_weights"] or "-")[:16],
+                "ok" if v["ok"] else "FAIL",
+                v.get("reason", ""),
+            ]
+            for k, v in result["shards"].items()
+        ]
+        print(_table(["shard", "samples", "live weights", "replay weights", "", ""], rows))
+        print(
+            "verify: "
+            + ("OK, every live model is bit-identical to a retrain from scratch" if result["ok"] else "FAILED")
+        )
+    if not result["ok"]:
+        raise VerificationError(result)
+    return result
+
+
+def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
+    """Recompute the audit log's hash chain."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        report = ens.audit()
+    result = {"ok": report.ok, "entries": report.entries, "problems": report.problems}
+    if not args.json:
+        print(f"audit: {report.entries} entries, " + ("chain OK" if report.ok else "CHAIN BROKEN"))
+        for problem in report.problems:
+            print(f"  {problem}")
+    if not report.ok:
+        raise VerificationError(result)
+    return result
+
+
+def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
+    """Add samples from an .npz file as new slices and train only those."""
+    from sisa.data import load_npz
+
+    with _writer(args) as ens:
+        data = load_npz(args.input, num_classes=ens.config.data.num_classes)
+        bar, tick = _stage_bar(args, "training")
+        report = ens.add(data, progress=tick)
+        if bar is not None:
+            bar.close()
+    result = {"added": len(data), "trained": {str(k): v for k, v in report.trained.items()}, "seconds": report.seconds}
+    if not args.json:
+        print(f"added {len(data)} samples; trained stages {result['trained']} in {report.seconds:.1f}s")
+    return result
+
+
+def cmd_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """Finish interrupted deletions and training."""
+    with _writer(args) as ens:
+        result = ens.resume()
+    if not args.json:
+        print(f"resumed: applied {len(result['applied'])} request(s), trained {result['trained'] or 'nothing'}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sisa`` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -168,6 +331,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
     st.set_defaults(func=cmd_status)
+
+    ray_opt = argparse.ArgumentParser(add_help=False)
+    ray_opt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+    de = sub.add_parser("delete", parents=[common, ray_opt], help="forget samples: retrain, erase, certify")
+    de.add_argument("--ids", nargs="+", type=_int_id, help="sample ids to delete")
+    de.add_argument("--ids-file", help="file with one integer id per line")
+    de.add_argument("--defer", action="store_true", help="only journal now (ids tombstoned); `sisa apply` later")
+    de.set_defaults(func=cmd_delete)
+
+    ap = sub.add_parser("apply", parents=[common, ray_opt], help="apply deferred deletions as one batch")
+    ap.set_defaults(func=cmd_apply)
+
+    pe = sub.add_parser("pending", parents=[common], help="deletion requests not yet applied")
+    pe.set_defaults(func=cmd_pending)
+
+    ve = sub.add_parser("verify", parents=[common, ray_opt], help="retrain from scratch; bit-identical or fail")
+    ve.add_argument("--shard", type=int, action="append", help="shard to verify (repeatable; default all)")
+    ve.set_defaults(func=cmd_verify)
+
+    au = sub.add_parser("audit", parents=[common], help="check the audit log's hash chain")
+    au.set_defaults(func=cmd_audit)
+
+    ad = sub.add_parser("add", parents=[common, ray_opt], help="add samples (.npz: x, y, ids) and train them")
+    ad.add_argument("--input", required=True, help=".npz file with x, y and optional ids")
+    ad.set_defaults(func=cmd_add)
+
+    re_ = sub.add_parser("resume", parents=[common, ray_opt], help="finish interrupted deletions and training")
+    re_.set_defaults(func=cmd_resume)
     return parser
 
 
@@ -188,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = args.func(args)
+    except VerificationError as failed:
+        if args.json:
+            print(json.dumps(failed.result, sort_keys=True))
+        return EXIT_FAILED_CHECK
     except SisaError as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
