@@ -190,11 +190,17 @@ class Ensemble:
                 "reshape the data to match"
             )
         with self.store.read() as txn:
-            clash = [int(i) for i in data.ids[:100_000].tolist() if self.store.has_sample(txn, int(i))]
-            if len(data) > 100_000:
-                clash += [int(i) for i in data.ids[100_000:].tolist() if self.store.has_sample(txn, int(i))]
+            clash = [i for i in data.ids.tolist() if self.store.has_sample(txn, i)]
         if clash:
             raise DataError(f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids")
+        from sisa.unlearn import deleted_ids  # local: unlearn builds on this module
+
+        gone = deleted_ids(self.store, data.ids.tolist())
+        if gone:
+            raise DataError(
+                f"{len(gone)} id(s) were deleted by earlier requests (first: {gone[0]}); "
+                "a deleted id is never reused: give the new samples new ids"
+            )
         cfg = self.config
         shard, slice_ = uniform_assignment(data.ids, cfg.seed, cfg.shards, cfg.slices)
 

@@ -1,0 +1,264 @@
+"""Deletion end to end: bit-exact verify, untouched checkpoints, erasure, audit, crash resume, add."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sisa.ensemble import Ensemble
+from sisa.errors import DataError
+from tests.conftest import blobs, small_config, store_digest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+X, Y = blobs(600, d=10)
+
+
+def make(path: Path, *overrides: str) -> Ensemble:
+    ens = Ensemble.create(path, small_config(*overrides))
+    ens.ingest(X, Y)
+    ens.fit()
+    return ens
+
+
+def checkpoints(ens: Ensemble) -> dict[tuple[int, int], bytes]:
+    with ens.store.read() as txn:
+        return {
+            (s, r["stage"]): ens.store.checkpoint(txn, r)
+            for s in range(ens.config.shards)
+            for r in ens.store.stage_records(txn, s)
+        }
+
+
+def where(ens: Ensemble, sample_id: int) -> tuple[int, int]:
+    with ens.store.read() as txn:
+        raw = txn.get(struct.pack(">Q", sample_id), db=ens.store.db("assign"))
+    return struct.unpack(">II", bytes(raw))
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
+@pytest.fixture
+def ens(tmp_path: Path):
+    e = make(tmp_path / "st")
+    yield e
+    e.close()
+
+
+def test_delete_retrains_from_last_clean_slice_and_verifies(ens: Ensemble) -> None:
+    victim = 17
+    shard, slice_ = where(ens, victim)
+    before = checkpoints(ens)
+    cert = ens.delete([victim])
+    assert cert["state"] == "applied" and cert["retrained_shards"] == [shard]
+    info = cert["shards"][str(shard)]
+    assert info["from_slice"] == slice_ + 1
+    assert len(info["removed_checkpoints"]) == len(info["new_checkpoints"]) == 3 - slice_
+    assert cert["seconds"] > 0 and cert["deleted"] == 1
+    after = checkpoints(ens)
+    for (s, stage), blob in before.items():
+        if s != shard or stage <= slice_:
+            assert after[(s, stage)] == blob  # untouched shards and earlier stages: same bytes
+        else:
+            assert after[(s, stage)] != blob
+    result = ens.verify()
+    assert result["ok"] and all(v["ok"] for v in result["shards"].values())
+    assert result["shards"][str(shard)]["replay_weights"] == info["live_weights"]
+    assert ens.status()["samples"] == 599
+
+
+def test_certificate_and_audit_never_hold_raw_ids(ens: Ensemble) -> None:
+    cert = ens.delete([4242 % 600, 17])
+    text = json.dumps(cert)
+    assert len(cert["id_hashes"]) == 2 and all(len(h) == 64 for h in cert["id_hashes"])
+    with ens.store.read() as txn:
+        logged = [bytes(v) for _, v in txn.cursor(db=ens.store.db("audit"))]
+    assert '"ids"' not in text and b'"ids"' not in logged[0]
+    assert ens.audit().ok and ens.audit().entries == 1
+
+
+def test_deleted_bytes_are_on_no_file(ens: Ensemble) -> None:
+    needles = [X[i].astype("<f4").tobytes() for i in (3, 99, 450)]
+    assert files_containing(ens.path, needles[0])  # present before
+    ens.delete([3, 99, 450])
+    for needle in needles:
+        assert files_containing(ens.path, needle) == []
+    assert files_containing(ens.path, X[4].astype("<f4").tobytes())  # others stay
+
+
+def test_batched_deferred_requests_cost_one_retrain_per_shard(ens: Ensemble) -> None:
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    for i in ids:
+        pending = ens.delete([i], defer=True)
+        assert pending["state"] == "pending"
+    assert len(ens.pending()) == 8
+    shards = {s["shard"] for s in ens.status()["per_shard"] if not s["live"]}
+    assert shards  # affected shards are out of service until applied
+    trained: list[int] = []
+    certs = ens.apply(progress=lambda r: trained.append(r.shard))
+    assert [c["request_id"] for c in certs] == list(range(1, 9))
+    affected = {s for c in certs for s in c["retrained_shards"]}
+    restart = {s: min(c["shards"][str(s)]["restart_stage"] for c in certs if str(s) in c["shards"]) for s in affected}
+    assert sorted(trained) == sorted(s for s in affected for _ in range(3 - restart[s]))
+    assert ens.pending() == [] and ens.verify()["ok"] and ens.audit().entries == 8
+
+
+def test_exclude_policy_takes_affected_shards_out_until_applied(ens: Ensemble) -> None:
+    shard, _ = where(ens, 10)
+    ens.delete([10], defer=True)
+    live = ens.live_models()
+    assert shard not in live and len(live) == 2
+    ens.apply()
+    assert len(ens.live_models()) == 3
+
+
+def test_serve_stale_policy_keeps_serving_until_applied(tmp_path: Path) -> None:
+    ens = make(tmp_path / "stale", "unlearn.policy=serve-stale")
+    shard, _ = where(ens, 10)
+    old = ens.predict_proba(X[:5])
+    ens.delete([10], defer=True)
+    assert len(ens.live_models()) == 3 and np.array_equal(ens.predict_proba(X[:5]), old)
+    assert ens.status()["per_shard"][shard]["stale"]
+    assert not ens.verify()["ok"]  # the stale model saw the deleted sample
+    ens.apply()
+    assert ens.verify()["ok"] and not any(s["stale"] for s in ens.status()["per_shard"])
+    assert files_containing(ens.path, X[10].astype("<f4").tobytes()) == []
+    ens.close()
+
+
+def test_add_then_delete_stays_exact(ens: Ensemble) -> None:
+    x2, y2 = blobs(40, d=10, seed=9)
+    report = ens.add(x2, y2, ids=np.arange(5000, 5040))
+    touched = sorted(report.trained)
+    assert all(stages == [4] for stages in report.trained.values())  # only the new slice trains
+    assert [len(s["slice_samples"]) for s in ens.status()["per_shard"]] == [4 if s in touched else 3 for s in range(3)]
+    assert ens.verify()["ok"]
+    cert = ens.delete([5001, 12])
+    assert ens.verify()["ok"] and cert["state"] == "applied"
+    x3, y3 = blobs(10, d=10, seed=10)
+    ens.add(x3, y3, ids=np.arange(6000, 6010))
+    ens.delete([6003])
+    assert ens.verify()["ok"] and ens.audit().ok
+
+
+def test_empty_shard_after_deletion(ens: Ensemble) -> None:
+    with ens.store.read() as txn:
+        ids = np.concatenate([ens.store.slice_ids(txn, 1, r) for r in range(3)]).tolist()
+    cert = ens.delete(ids)
+    assert cert["shards"]["1"]["samples"] == 0 and cert["shards"]["1"]["live_checkpoint"] is None
+    assert sorted(ens.live_models()) == [0, 2]
+    assert ens.predict(X[:3]).shape == (3,)
+    result = ens.verify()
+    assert result["ok"] and result["shards"]["1"]["reason"].startswith("empty shard")
+
+
+def test_idempotence_and_bad_requests_change_nothing(ens: Ensemble, tmp_path: Path) -> None:
+    ens.delete([30])
+    before = store_digest(ens.path)
+    assert ens.delete([30])["state"] == "noop"
+    bad = [
+        ([30, 999_999], "not in the store"),
+        ([], "empty"),
+        ([1, "2"], "integers"),
+        ([1.5], "integers"),
+        ([True], "integers"),
+        ([-3], "outside"),
+        ("17", "list of integers"),
+    ]
+    for ids, message in bad:
+        with pytest.raises(DataError, match=message):
+            ens.delete(ids)
+    assert store_digest(ens.path) == before
+    with pytest.raises(DataError, match="never reused"):
+        ens.ingest(X[:1], Y[:1], ids=[30])
+    cert = ens.delete([30, 31])
+    assert cert["already_deleted"] == 1 and cert["deleted"] == 1
+
+
+def test_audit_detects_tampering(ens: Ensemble) -> None:
+    for i in (40, 41, 42):
+        ens.delete([i])
+    assert ens.audit().ok
+    db = ens.store.db("audit")
+
+    def entry(txn, seq):
+        return json.loads(bytes(txn.get(struct.pack(">Q", seq), db=db)))
+
+    def put(txn, seq, rec):
+        txn.put(struct.pack(">Q", seq), json.dumps(rec).encode(), db=db)
+
+    snapshot = ens.store.write(lambda txn: {i: entry(txn, i) for i in range(3)})
+
+    def restore():
+        ens.store.write(lambda txn: [put(txn, i, r) for i, r in snapshot.items()])
+        assert ens.audit().ok
+
+    edited = dict(snapshot[1], entry={**snapshot[1]["entry"], "deleted": 7})
+    ens.store.write(lambda txn: put(txn, 1, edited))
+    assert not ens.audit().ok and "MAC mismatch" in " ".join(ens.audit().problems)
+    restore()
+    ens.store.write(lambda txn: (put(txn, 1, snapshot[2]), put(txn, 2, snapshot[1])))
+    assert not ens.audit().ok
+    restore()
+    ens.store.write(lambda txn: txn.delete(struct.pack(">Q", 2), db=db))
+    assert not ens.audit().ok and "removed" in " ".join(ens.audit().problems)
+    restore()
+    forged = dict(snapshot[2], seq=3, prev=snapshot[2]["mac"])
+    ens.store.write(lambda txn: put(txn, 3, forged))
+    assert not ens.audit().ok
+
+
+CRASH_CHILD = """
+import os, signal, sys
+from sisa.ensemble import Ensemble
+from sisa import unlearn
+ens = Ensemble.open(sys.argv[1])
+point = sys.argv[2]
+if point == "after-journal":
+    store = ens.store
+    meta = {"already_deleted": 0, "defer": False, "policy": "exclude"}
+    store.write(lambda txn: unlearn._journal(store, txn, [int(sys.argv[3])], store.secret(), meta))
+    os.kill(os.getpid(), signal.SIGKILL)
+elif point == "mid-retrain":
+    ens.delete([int(sys.argv[3])], progress=lambda r: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+@pytest.mark.parametrize("point", ["after-journal", "mid-retrain"])
+def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: dict, point: str) -> None:
+    ens = make(tmp_path / "crash")
+    with ens.store.read() as txn:  # a victim in slice 1, so the retrain has several stages
+        victim = int(ens.store.slice_ids(txn, 0, 0)[0])
+    reference = make(tmp_path / "ref")
+    reference.delete([victim])
+    expected = {s["shard"]: s["live_weights"] for s in reference.status()["per_shard"]}
+    reference.close()
+    ens.close()
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(tmp_path / "crash"), point, str(victim)],
+        env=env_python, capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    with Ensemble.open(tmp_path / "crash", readonly=True) as reader:
+        assert 0 not in reader.live_models()  # in between, the shard that saw the id is not served
+        assert len(reader.pending()) == 1
+    with Ensemble.open(tmp_path / "crash") as ens:  # opening for writing finishes the request
+        assert ens.pending() == []
+        assert {s["shard"]: s["live_weights"] for s in ens.status()["per_shard"]} == expected
+        assert ens.verify()["ok"] and ens.audit().ok and ens.audit().entries == 1
+        assert ens.status()["samples"] == 599
+    assert files_containing(tmp_path / "crash", X[victim].astype("<f4").tobytes()) == []
+    assert not (tmp_path / "crash" / ".compact").exists()
+
+
+def test_store_secret_is_owner_only(ens: Ensemble) -> None:
+    assert (ens.path / "hmac.key").stat().st_mode & 0o777 == 0o600
+    assert os.path.getsize(ens.path / "hmac.key") == 32
