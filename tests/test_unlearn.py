@@ -244,7 +244,10 @@ def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: di
     ens.close()
     child = subprocess.run(
         [sys.executable, "-c", CRASH_CHILD, str(tmp_path / "crash"), point, str(victim)],
-        env=env_python, capture_output=True, text=True, timeout=300,
+        env=env_python,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
     with Ensemble.open(tmp_path / "crash", readonly=True) as reader:

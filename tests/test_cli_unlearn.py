@@ -1,0 +1,117 @@
+"""The deletion commands of the CLI: delete, apply, pending, verify, audit, add, resume."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sisa.cli import main
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, small_config, store_digest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict:
+    assert main([*argv, "--json"]) == code
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    return tmp_path / "st"
+
+
+def test_delete_verify_audit_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cert = run_json(capsys, "delete", "--store", str(store), "--ids", "17", "42", "99")
+    assert cert["request_id"] == 1 and cert["state"] == "applied" and cert["seconds"] > 0
+    assert cert["retrained_shards"] and all("from_slice" in cert["shards"][str(s)] for s in cert["retrained_shards"])
+    ver = run_json(capsys, "verify", "--store", str(store))
+    assert ver["ok"] and set(ver["shards"]) == {"0", "1", "2"}
+    assert all(v["live_weights"] == v["replay_weights"] for v in ver["shards"].values())
+    one = run_json(capsys, "verify", "--store", str(store), "--shard", "1")
+    assert set(one["shards"]) == {"1"}
+    audit = run_json(capsys, "audit", "--store", str(store))
+    assert audit == {"ok": True, "entries": 1, "problems": []}
+    again = run_json(capsys, "delete", "--store", str(store), "--ids", "17")
+    assert again["state"] == "noop" and again["already_deleted"] == 1
+
+
+def test_ids_file_defer_pending_apply(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# forget these\n5\n\n6\n")
+    pending = run_json(capsys, "delete", "--store", str(store), "--ids-file", str(ids), "--defer")
+    assert pending["state"] == "pending"
+    listed = run_json(capsys, "pending", "--store", str(store))
+    assert [r["request_id"] for r in listed["pending"]] == [1]
+    applied = run_json(capsys, "apply", "--store", str(store))
+    assert [c["request_id"] for c in applied["applied"]] == [1]
+    assert run_json(capsys, "pending", "--store", str(store))["pending"] == []
+    assert main(["audit", "--store", str(store)]) == 0
+    assert "chain OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ids", "123456"], "not in the store"),
+        ([], "exactly one of --ids"),
+        (["--ids-file", "MISSING"], "cannot read ids file"),
+        (["--ids-file", "GARBAGE"], "line 2: 'x7' is not an integer id"),
+        (["--ids-file", "EMPTY"], "empty"),
+    ],
+)
+def test_bad_delete_requests_exit_2_and_change_nothing(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    (tmp_path / "GARBAGE").write_text("3\nx7\n")
+    (tmp_path / "EMPTY").write_text("\n# nothing\n")
+    argv = [str(tmp_path / a) if a in ("MISSING", "GARBAGE", "EMPTY") else a for a in argv]
+    before = store_digest(store)
+    assert main(["delete", "--store", str(store), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert store_digest(store) == before
+
+
+def test_non_integer_ids_are_a_usage_error(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["delete", "--store", str(store), "--ids", "12", "abc"])
+    assert exit_info.value.code == 2 and "not an integer id" in capsys.readouterr().err
+
+
+def test_add_from_npz_then_resume(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x, y = blobs(20, d=10, seed=4)
+    np.savez(tmp_path / "new.npz", x=x, y=y, ids=np.arange(900, 920))
+    added = run_json(capsys, "add", "--store", str(store), "--input", str(tmp_path / "new.npz"))
+    assert added["added"] == 20 and all(v == [4] for v in added["trained"].values())
+    resumed = run_json(capsys, "resume", "--store", str(store))
+    assert resumed == {"applied": [], "trained": {}}
+    assert run_json(capsys, "verify", "--store", str(store))["ok"]
+
+
+def test_failed_audit_and_verify_exit_1(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_json(capsys, "delete", "--store", str(store), "--ids", "3")
+    with Ensemble.open(store) as ens:
+        db = ens.store.db("audit")
+        ens.store.write(lambda txn: txn.put(struct.pack(">Q", 0), b'{"seq": 0}', db=db))
+    report = run_json(capsys, "audit", "--store", str(store), code=1)
+    assert report["ok"] is False and report["problems"]
+    assert main(["audit", "--store", str(store)]) == 1
+    assert "CHAIN BROKEN" in capsys.readouterr().out
+
+
+def test_verify_fails_with_exit_1_while_a_stale_model_serves(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Ensemble.open(store) as ens:
+        ens.reconfigure(small_config("unlearn.policy=serve-stale"))
+    run_json(capsys, "delete", "--store", str(store), "--ids", "8", "--defer")
+    result = run_json(capsys, "verify", "--store", str(store), code=1)
+    assert result["ok"] is False
+    assert [k for k, v in result["shards"].items() if not v["ok"]]
+    run_json(capsys, "apply", "--store", str(store))
+    assert run_json(capsys, "verify", "--store", str(store))["ok"]
