@@ -58,15 +58,32 @@ class _SharedEnv:
             str(self.path), map_size=size, max_dbs=len(_DBS) + 4, readonly=self.env_readonly, subdir=True, mode=0o600
         )
         dbs = {name: env.open_db(name.encode(), create=not self.env_readonly) for name in _DBS}
+        self.ident = _file_ident(data)
         return env, dbs
 
     def reopen(self) -> None:
         """Open the directory's data.mdb again (after compaction replaced it)."""
         self.env, self.dbs = self._open()
 
+    def follow_swap(self) -> None:
+        """Reopen if another process's compaction replaced data.mdb since we opened it.
+
+        Without this a long-lived reader would keep the old file's frozen snapshot and
+        never see later deletions take shards out of service.
+        """
+        if _file_ident(self.path / "data.mdb") != self.ident:
+            log.info("data.mdb of %s was compacted by another process; reopening", self.path)
+            self.env.close()
+            self.reopen()
+
 
 # realpath -> the shared environment of that directory in this process
 _ENVS: dict[str, _SharedEnv] = {}
+
+
+def _file_ident(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _fsync(path: Path) -> None:
@@ -293,6 +310,8 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction: one consistent snapshot of the whole store."""
+        if not self.writable:
+            self._shared.follow_swap()
         try:
             txn = self._env.begin()
         except lmdb.MapResizedError:

@@ -265,3 +265,14 @@ def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: di
 def test_store_secret_is_owner_only(ens: Ensemble) -> None:
     assert (ens.path / "hmac.key").stat().st_mode & 0o777 == 0o600
     assert os.path.getsize(ens.path / "hmac.key") == 32
+
+
+def test_long_lived_reader_follows_compaction_by_another_process(tmp_path: Path, env_python: dict) -> None:
+    make(tmp_path / "rd").close()
+    reader = Ensemble.open(tmp_path / "rd", readonly=True)
+    assert reader.status()["samples"] == 600
+    code = "import sys; from sisa.ensemble import Ensemble; Ensemble.open(sys.argv[1]).delete([7, 8])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "rd")], env=env_python, check=True, timeout=300)
+    assert reader.status()["samples"] == 598  # sees the compacted file, not the old snapshot
+    assert len(reader.audit().problems) == 0 and reader.audit().entries == 1
+    reader.close()
