@@ -13,6 +13,19 @@ from tests.conftest import blobs, small_config
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is in the parent chain of ``pid`` (read from /proc)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid == ancestor:
+            return True
+    return False
+
+
 def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
     x, y = blobs(3000, d=10)
     cfg = small_config("shards=2", "train.epochs=12")  # a few seconds per shard: time to kill mid-task
@@ -26,11 +39,14 @@ def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
     def kill_a_running_shard(result) -> None:
         if killed:
             return
-        # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>".
+        # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>". Only
+        # workers of this test session's own Ray (descendants of this process) are candidates:
+        # another Ray instance on the machine must never be touched.
         pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
-        if pids:
-            os.kill(int(pids[0]), signal.SIGKILL)
-            killed.append(int(pids[0]))
+        ours = [int(p) for p in pids if descends_from(int(p), os.getpid())]
+        if ours:
+            os.kill(ours[0], signal.SIGKILL)
+            killed.append(ours[0])
 
     with Ensemble.create(tmp_path / "killed", cfg) as ens:
         ens.ingest(x, y)
