@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
+from sisa.arrays import MAX_ID
 from sisa.audit import append_entry, keyed_hash
 from sisa.errors import DataError
 from sisa.store import Store, id_key, member_key, shard_key, stage_key
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "pending", "read_ids_file", "verify"]
 
 log = logging.getLogger(__name__)
-
-MAX_ID = 2**63 - 2
-
 
 def normalize_ids(ids: Any) -> list[int]:
     """Validate a deletion request's ids.

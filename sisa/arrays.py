@@ -1,0 +1,209 @@
+"""Validated in-memory samples: ``LabeledArrays`` and ``as_arrays``, the single gate all data passes.
+
+Every bad input raises a :class:`~sisa.errors.DataError` that names the problem and its fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sisa.errors import DataError
+
+__all__ = ["MAX_ID", "LabeledArrays", "as_arrays", "validated"]
+
+log = logging.getLogger(__name__)
+
+# 2**63 - 1 stays free so callers may use it as a sentinel next to int64 ids.
+MAX_ID = 2**63 - 2
+
+
+@dataclass(frozen=True, eq=False)
+class LabeledArrays:
+    """Validated samples: features, labels and stable sample ids.
+
+    Attributes:
+        x: float32, C-contiguous, shape ``(n, *feature_shape)``, ``n >= 1``.
+        y: int64 labels, shape ``(n,)``.
+        ids: int64 ids, shape ``(n,)``, unique, each in ``[0, MAX_ID]``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's features."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """Arrays, nested lists or torch tensors as numpy, without importing torch."""
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is loaded
+    if torch is not None and isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        return np.asarray((t.float() if t.dtype == torch.bfloat16 else t).numpy())
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise DataError(f"cannot make an array of the input ({exc}); give equal-length rows") from exc
+
+
+def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Stack a map-style Dataset of ``(features, label)`` items into x and y."""
+    if not hasattr(ds, "__len__"):
+        raise DataError("a Dataset passed as x needs len(); use a map-style Dataset")
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for i in range(len(ds)):
+        item = ds[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError(f"Dataset item {i} must be a (features, label) pair, not {item!r:.60}")
+        feats, label = _to_numpy(item[0]), _to_numpy(item[1])
+        if xs and feats.shape != xs[0].shape:
+            raise DataError(
+                f"Dataset items have inconsistent feature shapes: item 0 is {xs[0].shape}, "
+                f"item {i} is {feats.shape}; pad or resize the features to one shape"
+            )
+        if label.size != 1:
+            raise DataError(f"Dataset item {i} has a label of shape {label.shape}; use scalar labels")
+        xs.append(feats)
+        ys.append(label.reshape(()))
+    if not xs:
+        raise DataError("x is empty (0 samples); give at least one sample")
+    return np.stack(xs), np.stack(ys)
+
+
+def _check_x(x: np.ndarray, copy: bool) -> np.ndarray:
+    """Float32, C-contiguous, finite features of shape ``(n, ...)``."""
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise DataError("x is empty (0 samples); give at least one sample")
+    if x.dtype.kind not in "iuf":  # bool, complex, str, object
+        raise DataError(f"features x must be numeric, not {x.dtype}; convert them first (e.g. x.astype(np.float32))")
+    if x.ndim < 2:
+        raise DataError(
+            f"x must have shape (n, features...), not {x.shape}; reshape it, "
+            "e.g. x.reshape(-1, 1) for one feature per sample"
+        )
+    with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
+        out = np.array(x, np.float32, order="C", copy=True) if copy else np.ascontiguousarray(x, np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(
+            f"x holds {int(bad.sum())} NaN/inf value(s) (after float32 conversion), "
+            f"the first at index {first}; clean or impute them before training"
+        )
+    return out
+
+
+def _int_vector(a: np.ndarray, n: int, name: str, hi: int, rule: str, fix: str) -> np.ndarray:
+    """A fresh int64 copy of ``a`` after checking: 1-D, length n, integral, in [0, hi]."""
+    if a.ndim != 1:
+        raise DataError(f"{name} must be 1-D of shape (n,), not {a.shape}; try {name}.ravel()")
+    if len(a) != n:
+        raise DataError(f"len({name})={len(a)} != len(x)={n}; give one per sample")
+    if a.dtype.kind not in "iuf":  # bool, str, object (mixed types) have no safe integer reading
+        raise DataError(f"{rule}; got dtype {a.dtype}; {fix}")
+    bad = (a < 0) | (a > hi)
+    if a.dtype.kind == "f":
+        # 2.0**63 is exact, whereas float(MAX_ID) rounds up to 2**63 and would let it pass.
+        bad |= ~np.isfinite(a) | (a != np.floor(a)) | (a >= 2.0**63)
+    if bad.any():
+        p = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{rule}; found {a[p].item()!r} at position {p}; {fix}")
+    return np.array(a, dtype=np.int64, copy=True)
+
+
+def _check_ids(ids: Any, n: int) -> np.ndarray:
+    """Unique int64 ids in ``[0, MAX_ID]``; ``None`` gives ``0..n-1``."""
+    if ids is None:
+        return np.arange(n, dtype=np.int64)
+    rule, fix = "ids must be integers in [0, 2**63 - 2]", "give each sample a non-negative integer id"
+    if isinstance(ids, (list, tuple)):
+        # Check the Python values one by one: numpy would read True as 1, keep too-big ints
+        # as objects, and round big ints that share a list with floats.
+        clean: list[int] = []
+        for p, v in enumerate(ids):
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            if ok and isinstance(v, (float, np.floating)):
+                ok = math.isfinite(v) and float(v).is_integer()
+            if not ok or not 0 <= int(v) <= MAX_ID:
+                raise DataError(f"{rule}; found {v!r} at position {p}; {fix}")
+            clean.append(int(v))
+        ids = np.array(clean, dtype=np.int64)
+    out = _int_vector(_to_numpy(ids), n, "ids", MAX_ID, rule, fix)
+    order = np.argsort(out, kind="stable")
+    dup = out[order[1:]] == out[order[:-1]]
+    if dup.any():
+        second = int(order[1:][dup].min())  # the earliest position that repeats an id
+        first = int(np.flatnonzero(out == out[second])[0])
+        raise DataError(
+            f"ids must be unique; id {out[second]} appears at positions {first} and "
+            f"{second}; drop or renumber the duplicates"
+        )
+    return out
+
+
+def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> LabeledArrays:
+    """Validate samples and build :class:`LabeledArrays` (what :func:`as_arrays` does).
+
+    Args:
+        x: Features, or a torch ``Dataset`` of ``(features, label)`` with ``y=None``.
+        y: Labels.
+        ids: Sample ids or None for ``0..n-1``.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+        copy: False only for arrays the caller owns outright (the loaders), to save a copy.
+
+    Returns:
+        The validated arrays.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise DataError(f"num_classes={num_classes!r} must be an integer >= 1; set data.num_classes")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.utils.data.Dataset):
+        if y is not None:
+            raise DataError("x is a Dataset of (features, label) pairs; pass y=None")
+        xa, ya = _from_dataset(x)
+        copy = False  # np.stack already made fresh arrays
+    elif y is None:
+        raise DataError("labels y are required unless x is a Dataset of (features, label) pairs")
+    else:
+        xa, ya = _to_numpy(x), _to_numpy(y)
+    xf = _check_x(xa, copy)
+    k = int(num_classes)
+    yf = _int_vector(
+        ya, len(xf), "y", k - 1, f"labels must be integers in [0, {k})", "check data.num_classes or your labels"
+    )
+    return LabeledArrays(xf, yf, _check_ids(ids, len(xf)))
+
+
+def as_arrays(x: Any, y: Any = None, ids: Any = None, *, num_classes: int) -> LabeledArrays:
+    """Validate user data and return fresh float32/int64 arrays.
+
+    Args:
+        x: Features of shape ``(n, ...)``: numpy array, nested list or torch tensor (cast
+            to float32, never rescaled), or a map-style torch Dataset of
+            ``(features, label)`` items with ``y=None``.
+        y: Integer labels of shape ``(n,)``; integral floats such as ``3.0`` are accepted.
+        ids: Unique sample ids in ``[0, MAX_ID]``; ``None`` means ``0..n-1``.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+
+    Returns:
+        LabeledArrays holding copies, never views of the caller's memory.
+
+    Raises:
+        DataError: On empty, ragged, non-numeric or non-finite features, bad labels or bad ids.
+    """
+    return validated(x, y, ids, num_classes, copy=True)
+
+

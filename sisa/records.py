@@ -1,0 +1,201 @@
+"""Record layout of the store: the named databases, their keys, and record-level reads and writes.
+
+Keys are big-endian so LMDB's byte order is numeric order: a prefix scan of
+``members`` lists one slice of one shard in id order, and of ``stages`` one shard's
+stages in order. Every write here runs inside a caller's transaction, so a logical
+change composed of several of them stays atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from sisa.digests import sha256
+from sisa.errors import IntegrityError, StoreError
+
+__all__ = ["DBS", "Records", "id_key", "member_key", "shard_key", "stage_key"]
+
+# samples: id -> label + features; assign: id -> (shard, slice); members: (shard, slice, id) -> "";
+# ckpt: key -> checkpoint bytes; stages: (shard, stage) -> record; live: shard -> live record;
+# requests: request id -> deletion request; deleted: keyed hash of an id -> request id; audit: seq -> entry.
+DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
+
+
+def id_key(sample_id: int) -> bytes:
+    """Big-endian key of a sample id, so LMDB's byte order is numeric order."""
+    return struct.pack(">Q", sample_id)
+
+
+def member_key(shard: int, slice_: int, sample_id: int) -> bytes:
+    """Key of the (shard, slice, id) membership index; a prefix scan lists a slice in id order."""
+    return struct.pack(">IIQ", shard, slice_, sample_id)
+
+
+def stage_key(shard: int, stage: int) -> bytes:
+    """Key of a stage record."""
+    return struct.pack(">II", shard, stage)
+
+
+def shard_key(shard: int) -> bytes:
+    """Key of a shard's live-model record."""
+    return struct.pack(">I", shard)
+
+
+class Records:
+    """Record-level operations, mixed into :class:`~sisa.store.Store`."""
+
+    path: Path
+
+    def db(self, name: str) -> Any:  # pragma: no cover - provided by Store
+        """Handle of a named database."""
+        raise NotImplementedError
+
+    @property
+    def _dbs(self) -> dict[str, Any]:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ samples
+    @staticmethod
+    def encode_sample(label: int, features: np.ndarray) -> bytes:
+        """Record bytes of one sample: int64 label then float32 features."""
+        return struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
+
+    def count_samples(self, txn: lmdb.Transaction) -> int:
+        """Number of stored samples."""
+        return int(txn.stat(self._dbs["samples"])["entries"])
+
+    def has_sample(self, txn: lmdb.Transaction, sample_id: int) -> bool:
+        """Whether ``sample_id`` is stored."""
+        return txn.get(id_key(sample_id), db=self._dbs["samples"]) is not None
+
+    def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
+        """Sorted ids of one slice of one shard."""
+        prefix = struct.pack(">II", shard, slice_)
+        out: list[int] = []
+        cur = txn.cursor(db=self._dbs["members"])
+        if cur.set_range(prefix):
+            for key in cur.iternext(keys=True, values=False):
+                if key[:8] != prefix:
+                    break
+                out.append(struct.unpack(">Q", key[8:])[0])
+        return np.asarray(out, dtype=np.int64)
+
+    def load_samples(
+        self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of ``ids``, in the given order.
+
+        Raises:
+            IntegrityError: If an id has no record or a record has the wrong size.
+        """
+        width = int(np.prod(feature_shape))
+        x = np.empty((len(ids), width), dtype=np.float32)
+        y = np.empty(len(ids), dtype=np.int64)
+        db = self._dbs["samples"]
+        for i, sid in enumerate(ids.tolist()):
+            raw = txn.get(id_key(sid), db=db)
+            if raw is None or len(raw) != 8 + 4 * width:
+                raise IntegrityError(f"sample {sid} is missing or corrupt in store {self.path}")
+            y[i] = struct.unpack_from("<q", raw)[0]
+            x[i] = np.frombuffer(raw, dtype="<f4", offset=8)
+        return x.reshape((len(ids), *feature_shape)), y
+
+    # -------------------------------------------------------------- checkpoints
+    def stage_record(self, txn: lmdb.Transaction, shard: int, stage: int) -> dict[str, Any] | None:
+        """The committed record of a stage checkpoint, or None."""
+        raw = txn.get(stage_key(shard, stage), db=self._dbs["stages"])
+        return json.loads(bytes(raw)) if raw is not None else None
+
+    def stage_records(self, txn: lmdb.Transaction, shard: int) -> list[dict[str, Any]]:
+        """All stage records of a shard, in stage order."""
+        out = []
+        cur = txn.cursor(db=self._dbs["stages"])
+        prefix = struct.pack(">I", shard)
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if key[:4] != prefix:
+                    break
+                out.append(json.loads(bytes(value)))
+        return out
+
+    def checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any]) -> bytes:
+        """Checkpoint bytes of a stage record, checked against the recorded sha256.
+
+        Raises:
+            IntegrityError: If the bytes are missing or altered.
+        """
+        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
+        where = f"shard {record['shard']} stage {record['stage']}"
+        if raw is None:
+            raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
+        blob = bytes(raw)
+        if sha256(blob) != record["sha256"]:
+            raise IntegrityError(f"checkpoint of {where} was modified: its sha256 does not match the record")
+        return blob
+
+    def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+        """Live-model record of every shard that has one."""
+        return {struct.unpack(">I", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["live"])}
+
+    # ------------------------------------------------------------------ writes
+    def put_samples(
+        self,
+        txn: lmdb.Transaction,
+        ids: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        shard: np.ndarray,
+        slice_: np.ndarray,
+    ) -> None:
+        """Write samples with their assignment, inside the caller's write transaction."""
+        samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
+        flat = x.reshape(len(ids), -1)
+        for i, sid in enumerate(ids.tolist()):
+            k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
+            if not txn.put(k, self.encode_sample(int(y[i]), flat[i]), db=samples, overwrite=False):
+                raise StoreError(f"sample id {sid} is already in the store")
+            txn.put(k, struct.pack(">II", s, r), db=assign)
+            txn.put(member_key(s, r, sid), b"", db=members)
+
+    def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], checkpoint: bytes, live: bool) -> None:
+        """Store a finished stage checkpoint, inside the caller's write transaction.
+
+        A stage whose key changed invalidates every later stage of the shard (they
+        descend from the old checkpoint): their records and bytes go in the same
+        transaction, and so does a live pointer to one of them.
+
+        Args:
+            txn: Open write transaction.
+            record: JSON-able stage record (``shard``, ``stage``, ``key``, ``sha256``, ...).
+            checkpoint: The checkpoint bytes.
+            live: Whether this stage is the shard's last, making it the live model.
+        """
+        shard, stage = record["shard"], record["stage"]
+        stages, ckpts, lives = self._dbs["stages"], self._dbs["ckpt"], self._dbs["live"]
+        old = self.stage_record(txn, shard, stage)
+        if old is not None and old["key"] != record["key"]:
+            for later in self.stage_records(txn, shard):
+                if later["stage"] >= stage:
+                    txn.delete(later["key"].encode(), db=ckpts)
+                    txn.delete(stage_key(shard, later["stage"]), db=stages)
+            txn.delete(shard_key(shard), db=lives)
+        txn.put(record["key"].encode(), checkpoint, db=ckpts)
+        txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
+        if live:
+            old_live = txn.get(shard_key(shard), db=lives)
+            if old_live is not None:
+                old_key = json.loads(bytes(old_live))["key"]
+                # A stale model kept serving (serve-stale policy) has no stage record left.
+                if old_key != record["key"] and not self._key_in_stages(txn, shard, old_key):
+                    txn.delete(old_key.encode(), db=ckpts)
+            live_record = {k: record[k] for k in ("stage", "key", "sha256", "weights", "manifest", "n_samples")}
+            txn.put(shard_key(shard), json.dumps(live_record, sort_keys=True).encode(), db=lives)
+
+    def _key_in_stages(self, txn: lmdb.Transaction, shard: int, key: str) -> bool:
+        return any(r["key"] == key for r in self.stage_records(txn, shard))
