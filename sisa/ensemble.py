@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from sisa import aggregate
 from sisa.config import SisaConfig, config_from_dict, config_to_dict
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
 from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
-from sisa.models import build_model
 from sisa.partition import uniform_assignment
+from sisa.serving import Serving
 from sisa.store import Store
-from sisa.trainer import ShardJob, SliceData, StageResult, load_checkpoint
+from sisa.trainer import ShardJob, SliceData, StageResult
 
 __all__ = ["Ensemble", "FitReport"]
 
@@ -68,7 +66,7 @@ class Ensemble:
         self.address = address
         meta = store.meta()
         self.config: SisaConfig = config_from_dict(meta["config"])
-        self._models: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
+        self._serving = Serving(self)
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -406,44 +404,19 @@ class Ensemble:
 
         return check_chain(self.store, self.store.secret())
 
-    def forget_cached_models(self) -> None:
-        """Drop loaded shard models, so the next prediction reloads what is live now."""
-        self._models.clear()
-
     # ------------------------------------------------------------------ predict
     def live_models(self) -> dict[int, nn.Module]:
-        """The live model of every trained shard, loaded (and cached) from the store.
+        """The live model of every shard in service, loaded (and cached) from the store.
 
         Raises:
-            NotTrainedError: If no shard has a live model.
+            NotTrainedError: If no shard is in service.
             IntegrityError: If a live checkpoint was modified.
         """
-        shape = self.feature_shape
-        with self.store.read() as txn:
-            live = self.store.live(txn)
-            if not live or shape is None:
-                if self.store.stage_records(txn, 0) or self.pending():
-                    raise NotTrainedError(
-                        f"every shard of {self.path} is out of service until pending deletions are applied; "
-                        "run `sisa apply` (or Ensemble.apply())"
-                    )
-                raise NotTrainedError(f"store {self.path} has no trained shards; run fit (sisa train) first")
-            for shard, record in live.items():
-                cached = self._models.get(shard)
-                if cached is not None and cached[0] == record["key"]:
-                    continue
-                full = self.store.stage_record(txn, shard, record["stage"]) or record
-                ckpt = load_checkpoint(self.store.checkpoint(txn, {**full, "shard": shard}))
-                model = build_model(self.config.model, shape, self.config.data.num_classes)
-                model.load_state_dict(ckpt["model"])
-                self._models[shard] = (record["key"], model.eval(), int(record["n_samples"]))
-        for gone in set(self._models) - set(live):
-            del self._models[gone]
-        return {shard: self._models[shard][1] for shard in sorted(live)}
+        return {shard: model for shard, (model, _) in self._serving.snapshot().items()}
 
-    def _shard_sizes(self, shards: Sequence[int]) -> list[float]:
-        # From the same snapshot live_models() loaded, so weights always match the models.
-        return [float(self._models[s][2]) for s in shards]
+    def forget_cached_models(self) -> None:
+        """Drop loaded shard models, so the next prediction reloads what is live now."""
+        self._serving.clear()
 
     def predict_proba(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
         """Ensemble class probabilities.
@@ -456,19 +429,7 @@ class Ensemble:
         Returns:
             ``(n, num_classes)`` float array; rows sum to 1.
         """
-        models = self.live_models()
-        method = method or self.config.aggregate.method
-        weights = self._shard_sizes(list(models)) if method == "weighted" else None
-        xt = self._as_tensor(x)
-        out = aggregate.predict_proba(
-            list(models.values()),
-            xt,
-            method=method,
-            weights=weights,
-            backend=self.config.aggregate.backend,
-            batch_size=batch_size,
-        )
-        return out.cpu().numpy()
+        return self._serving.predict_proba(x, method or self.config.aggregate.method, batch_size)
 
     def predict(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
         """Ensemble labels: argmax of :meth:`predict_proba`."""
@@ -480,20 +441,7 @@ class Ensemble:
 
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
         """Accuracy of each live shard model on ``(x, y)``."""
-        models = self.live_models()
-        probas = aggregate.shard_probas(
-            list(models.values()), self._as_tensor(x), backend=self.config.aggregate.backend
-        )
-        labels = probas.argmax(dim=2).cpu().numpy()
-        y_np = np.asarray(y)
-        return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(models)}
-
-    def _as_tensor(self, x: Any) -> torch.Tensor:
-        shape = self.feature_shape
-        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        if shape is not None and tuple(xt.shape[1:]) != shape:
-            raise DataError(f"inputs have sample shape {tuple(xt.shape[1:])}, the ensemble expects {shape}")
-        return xt
+        return self._serving.shard_scores(x, y)
 
     # ------------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""Serving: load each shard's live model from the store (cached by checkpoint key) and predict.
+
+Every prediction reads the live set from one store snapshot, so it uses the old
+ensemble or the new one, never a mix, and never a shard a deletion took out of service.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa import aggregate
+from sisa.errors import DataError, NotTrainedError
+from sisa.models import build_model
+from sisa.trainer import load_checkpoint
+
+if TYPE_CHECKING:
+    from sisa.ensemble import Ensemble
+
+__all__ = ["Serving"]
+
+
+class Serving:
+    """Live shard models of one ensemble, and predictions from them."""
+
+    def __init__(self, ens: Ensemble) -> None:
+        """Serve ``ens``; nothing is loaded until the first prediction."""
+        self._ens = ens
+        self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
+
+    def clear(self) -> None:
+        """Forget every loaded model."""
+        self._cache.clear()
+
+    def snapshot(self) -> dict[int, tuple[nn.Module, int]]:
+        """Every shard in service: its model and its training-set size, from one read snapshot.
+
+        Raises:
+            NotTrainedError: If no shard is in service.
+            IntegrityError: If a live checkpoint was modified.
+        """
+        ens, store = self._ens, self._ens.store
+        shape = ens.feature_shape
+        with store.read() as txn:
+            live = store.live(txn)
+            if not live or shape is None:
+                if store.stage_records(txn, 0) or ens.pending():
+                    raise NotTrainedError(
+                        f"every shard of {ens.path} is out of service until pending deletions are applied; "
+                        "run `sisa apply` (or Ensemble.apply())"
+                    )
+                raise NotTrainedError(f"store {ens.path} has no trained shards; run fit (sisa train) first")
+            for shard, record in live.items():
+                cached = self._cache.get(shard)
+                if cached is not None and cached[0] == record["key"]:
+                    continue
+                # A stale model kept by the serve-stale policy has only its live record.
+                full = store.stage_record(txn, shard, record["stage"]) or record
+                ckpt = load_checkpoint(store.checkpoint(txn, {**full, "shard": shard}))
+                model = build_model(ens.config.model, shape, ens.config.data.num_classes)
+                model.load_state_dict(ckpt["model"])
+                self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
+        for gone in set(self._cache) - set(live):
+            del self._cache[gone]
+        return {shard: (self._cache[shard][1], self._cache[shard][2]) for shard in sorted(live)}
+
+    def as_tensor(self, x: Any) -> torch.Tensor:
+        """Inputs as a float32 tensor, checked against the stored sample shape.
+
+        Raises:
+            DataError: If the sample shape differs.
+        """
+        shape = self._ens.feature_shape
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if shape is not None and tuple(xt.shape[1:]) != shape:
+            raise DataError(f"inputs have sample shape {tuple(xt.shape[1:])}, the ensemble expects {shape}")
+        return xt
+
+    def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
+        """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
+        live = self.snapshot()
+        models = [model for model, _ in live.values()]
+        weights = [float(n) for _, n in live.values()] if method == "weighted" else None
+        out = aggregate.predict_proba(
+            models,
+            self.as_tensor(x),
+            method=method,
+            weights=weights,
+            backend=self._ens.config.aggregate.backend,
+            batch_size=batch_size,
+        )
+        return out.cpu().numpy()
+
+    def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
+        """Accuracy of each live shard model on ``(x, y)``."""
+        live = self.snapshot()
+        probas = aggregate.shard_probas(
+            [model for model, _ in live.values()], self.as_tensor(x), backend=self._ens.config.aggregate.backend
+        )
+        labels = probas.argmax(dim=2).cpu().numpy()
+        y_np = np.asarray(y)
+        return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}
