@@ -296,7 +296,7 @@ class Ensemble:
             live = self.store.live(txn)
             # Before the first training, a shard smaller than R is a configuration mistake;
             # after deletions it is a fact to handle (an empty shard simply has no model).
-            first_fit = not any(self.store.stage_records(txn, s) for s in range(cfg.shards))
+            first_fit = not self.store.meta(txn).get("trained")
             for shard in range(cfg.shards):
                 slice_ids = self._shard_slices(txn, shard)
                 size = sum(len(s) for s in slice_ids)
@@ -331,7 +331,12 @@ class Ensemble:
                 "seconds": round(result.seconds, 4),
             }
             last = result.stage == total_slices[result.shard]
-            self.store.write(lambda txn: self.store.commit_stage(txn, record, result.checkpoint, last))
+
+            def change(txn: Any) -> None:
+                self.store.commit_stage(txn, record, result.checkpoint, last)
+                self.store.put_meta(txn, trained=True)  # from now on, small shards come from deletions
+
+            self.store.write(change)
             report.trained.setdefault(result.shard, []).append(result.stage)
             report.stage_seconds += result.seconds
             if progress is not None:

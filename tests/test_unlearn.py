@@ -152,7 +152,10 @@ def test_add_then_delete_stays_exact(ens: Ensemble) -> None:
 def test_empty_shard_after_deletion(ens: Ensemble) -> None:
     with ens.store.read() as txn:
         ids = np.concatenate([ens.store.slice_ids(txn, 1, r) for r in range(3)]).tolist()
+        # Also hit slice 1 of the other shards: every stage checkpoint of the store goes.
+        ids += [int(ens.store.slice_ids(txn, s, 0)[0]) for s in (0, 2)]
     cert = ens.delete(ids)
+    assert cert["shards"]["0"]["from_slice"] == cert["shards"]["2"]["from_slice"] == 1
     assert cert["shards"]["1"]["samples"] == 0 and cert["shards"]["1"]["live_checkpoint"] is None
     assert sorted(ens.live_models()) == [0, 2]
     assert ens.predict(X[:3]).shape == (3,)
