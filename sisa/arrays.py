@@ -205,5 +205,3 @@ def as_arrays(x: Any, y: Any = None, ids: Any = None, *, num_classes: int) -> La
         DataError: On empty, ragged, non-numeric or non-finite features, bad labels or bad ids.
     """
     return validated(x, y, ids, num_classes, copy=True)
-
-

@@ -33,6 +33,7 @@ __all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "pending", "read_i
 
 log = logging.getLogger(__name__)
 
+
 def normalize_ids(ids: Any) -> list[int]:
     """Validate a deletion request's ids.
 
