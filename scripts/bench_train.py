@@ -32,10 +32,8 @@ Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -51,6 +49,8 @@ from torch import nn
 
 # Let `python scripts/bench_train.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import head, machine_info  # noqa: E402
+
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data import LabeledArrays, load_split  # noqa: E402
@@ -130,28 +130,8 @@ def parse_shards(text: str | None, quick: bool) -> list[int]:
     return values
 
 
-def machine_info() -> dict[str, Any]:
-    """Describe the machine and software the numbers come from."""
-    import ray
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "torch": str(torch.__version__),
-        "torch_threads_default": torch.get_num_threads(),
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-    }
 
 
-def head(data: LabeledArrays, n: int) -> LabeledArrays:
-    """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
-    return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
 
 
 def run_store(

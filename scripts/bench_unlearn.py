@@ -57,11 +57,9 @@ Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -72,10 +70,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 # Let `python scripts/bench_unlearn.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import head, machine_info, usable_cpus  # noqa: E402
+
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data import LabeledArrays, load_split  # noqa: E402
@@ -181,28 +180,6 @@ def parse_ints(text: str, name: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- machine and Ray
-def usable_cpus() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def machine_info() -> dict[str, Any]:
-    """Describe the machine and software the numbers come from."""
-    import ray
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": usable_cpus(),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "torch": str(torch.__version__),
-        "torch_threads_default": torch.get_num_threads(),
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-    }
 
 
 def start_ray() -> float | None:
@@ -216,9 +193,6 @@ def start_ray() -> float | None:
 
 
 # --------------------------------------------------------------------------- stores
-def head(data: LabeledArrays, n: int) -> LabeledArrays:
-    """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
-    return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
 
 
 def build_store(cfg: SisaConfig, train: LabeledArrays, path: Path) -> tuple[Ensemble, dict[str, Any]]:

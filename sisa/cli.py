@@ -73,7 +73,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def _progress_bar(total: int | None, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=not sys.stderr.isatty() and None)
+    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:

@@ -175,8 +175,9 @@ def delete(
     secret = store.secret()
     with store.read() as txn:
         present = [i for i in wanted if store.has_sample(txn, i)]
-    gone = deleted_ids(store, [i for i in wanted if i not in set(present)])
-    unknown = sorted(set(wanted) - set(present) - set(gone))
+    present_set = set(present)
+    gone = deleted_ids(store, [i for i in wanted if i not in present_set])
+    unknown = sorted(set(wanted) - present_set - set(gone))
     if unknown:
         raise DataError(
             f"{len(unknown)} id(s) are not in the store and were never deleted (first: {unknown[:5]}); "
@@ -285,8 +286,9 @@ def verify(
     jobs = []
     with store.read() as txn:
         live = store.live(txn)
+        slice_counts = ens.slice_counts(txn)
         for shard in chosen:
-            size = sum(len(store.slice_ids(txn, shard, r)) for r in range(ens.slice_counts(txn)[shard]))
+            size = sum(len(store.slice_ids(txn, shard, r)) for r in range(slice_counts[shard]))
             rec = live.get(shard)
             out[str(shard)] = {"samples": size, "live_weights": rec["weights"] if rec else None, "replay_weights": None}
             if size and rec:

@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts: machine description and data subsets."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+
+from sisa.data import LabeledArrays
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe the machine and software the numbers come from."""
+    import ray
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": usable_cpus(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": str(torch.__version__),
+        "torch_threads_default": torch.get_num_threads(),
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def head(data: LabeledArrays, n: int) -> LabeledArrays:
+    """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
+    return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
