@@ -73,7 +73,8 @@ def _print_eval(result: dict[str, Any]) -> None:
 def _progress_bar(total: int | None, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
+    # disable=None: tqdm switches itself off when stderr is not a terminal.
+    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=None)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
