@@ -130,10 +130,6 @@ def parse_shards(text: str | None, quick: bool) -> list[int]:
     return values
 
 
-
-
-
-
 def run_store(
     cfg: SisaConfig, train: LabeledArrays, test: LabeledArrays | None, workdir: Path, name: str
 ) -> dict[str, Any]:
