@@ -19,11 +19,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from sisa.config_rules import choice as _choice
+from sisa.config_rules import require as _require
 from sisa.errors import ConfigError
+from sisa.evaluation_config import EvaluateConfig
 
 __all__ = [
     "AggregateConfig",
     "DataConfig",
+    "EvaluateConfig",
     "ModelConfig",
     "PartitionConfig",
     "ResourcesConfig",
@@ -42,15 +46,6 @@ PARTITION_STRATEGIES = ("uniform",)
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-stale")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    _require(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -281,6 +276,7 @@ class SisaConfig:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
