@@ -33,7 +33,10 @@ __all__ = [
     "SliceData",
     "StageResult",
     "derive_seed",
+    "deterministic",
     "load_checkpoint",
+    "make_optimizer",
+    "train_epochs",
     "train_shard",
 ]
 
@@ -111,11 +114,23 @@ def derive_seed(seed: int, shard: int, stage: int) -> int:
     return int(value) >> 1
 
 
-def _make_optimizer(cfg: SisaConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: SisaConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The train section's optimizer over ``model``'s parameters.
+
+    Args:
+        cfg: Config whose ``train`` section names the optimizer and its settings.
+        model: The model to optimise.
+        lr: Learning rate to use instead of ``cfg.train.lr`` (the unlearning baselines
+            keep the optimizer kind but tune their own rate).
+
+    Returns:
+        A fresh optimizer.
+    """
     t = cfg.train
+    rate = t.lr if lr is None else lr
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=rate, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=rate, weight_decay=t.weight_decay)
 
 
 def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str, Any]:
@@ -169,7 +184,7 @@ def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np
     return ids, x, y, np.argsort(ids, kind="stable")
 
 
-def _train_epochs(
+def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
@@ -179,6 +194,19 @@ def _train_epochs(
     batch_size: int,
     generator: torch.Generator,
 ) -> None:
+    """Minibatch cross-entropy descent over ``x`` for ``epochs`` epochs, in place.
+
+    Args:
+        model: Model to train.
+        optimizer: Its optimizer.
+        x: Features on the model's device.
+        y: Labels on the model's device.
+        order: Row order that sorts the rows by sample id; each epoch permutes this
+            order with ``generator``, so batches depend on the ids, not on row layout.
+        epochs: Passes over the data.
+        batch_size: Rows per step.
+        generator: Seeded CPU generator of the permutations.
+    """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     n = x.shape[0]
@@ -195,8 +223,13 @@ def _train_epochs(
 
 
 @contextmanager
-def _deterministic(threads: int, device: torch.device) -> Iterator[None]:
-    """Fix threads and deterministic kernels for the stage, restoring the caller's settings after."""
+def deterministic(threads: int, device: torch.device) -> Iterator[None]:
+    """Fix threads and deterministic kernels for a block, restoring the caller's settings after.
+
+    Args:
+        threads: Torch intra-op threads inside the block.
+        device: Device the block computes on (CUDA needs extra switches).
+    """
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     # Thread count changes float summation order, so it is part of the recipe.
     torch.set_num_threads(threads)
@@ -233,7 +266,7 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
 
     torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
     model = build_model(cfg.model, job.input_shape, job.num_classes).to(device)
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     parent_key = job.parent_key
     if job.start_stage > 0:
         if job.parent is None or parent_key is None:
@@ -243,7 +276,7 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         optimizer.load_state_dict(ckpt["optimizer"])
 
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
-        with _deterministic(cfg.resources.threads_per_shard, device):
+        with deterministic(cfg.resources.threads_per_shard, device):
             result = _train_stage(job, model, optimizer, stage, parent_key, recipe_digest, epochs, device)
         yield result
         parent_key = result.key
@@ -270,7 +303,7 @@ def _train_stage(
         x = torch.from_numpy(x_np).to(device)
         y = torch.from_numpy(y_np).to(device)
         order_t = torch.from_numpy(order).to(device)
-        _train_epochs(model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator)
+        train_epochs(model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator)
     manifest = manifest_digest([s.ids for s in job.slices[:stage]])
     key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
     meta = {

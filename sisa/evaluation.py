@@ -1,0 +1,425 @@
+"""The unlearning-evaluation harness: every method on the same data, forget set and architecture.
+
+For each forget set it trains the gold standard (a monolithic model retrained without the
+forget set, under several seeds), runs SISA's exact deletion on a trained ensemble and the
+approximate baselines on a monolithic model trained on everything, and scores them all with
+:mod:`sisa.metrics`. ``docs/metrics.md`` defines each column and how to read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from sisa.approximate import APPROXIMATE_METHODS
+from sisa.arrays import LabeledArrays
+from sisa.config import SisaConfig, config_to_dict
+from sisa.data import load_split
+from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError, DataError
+from sisa.metrics import accuracy, kl_divergence, membership_inference, per_sample_loss
+from sisa.monolithic import predict_proba, train_monolithic, usable_threads
+
+__all__ = [
+    "METHODS",
+    "ForgetSpec",
+    "MethodRow",
+    "evaluate",
+    "forget_ids",
+    "parse_forget",
+    "parse_methods",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("retrain", "sisa", "gradient_ascent", "finetune", "prune")
+# Retain-set accuracy is estimated on at most this many retain samples: it moves little
+# and a full pass costs as much as the rest of the scoring together.
+RETAIN_EVAL_SAMPLES = 10_000
+
+ProbaFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """Which training samples to forget.
+
+    Attributes:
+        kind: ``random`` (a uniform random fraction) or ``class`` (every sample of one label).
+        value: The fraction for ``random``, the label for ``class``.
+    """
+
+    kind: str
+    value: float
+
+    @property
+    def name(self) -> str:
+        """The spec as written on the command line, e.g. ``random:0.01`` or ``class:3``."""
+        return f"{self.kind}:{int(self.value)}" if self.kind == "class" else f"{self.kind}:{self.value:g}"
+
+
+def parse_forget(text: str) -> ForgetSpec:
+    """Parse ``random:FRACTION`` or ``class:LABEL``.
+
+    Raises:
+        ConfigError: Naming the bad spec and the accepted forms.
+    """
+    hint = "use random:FRACTION (0 < FRACTION < 1, e.g. random:0.01) or class:LABEL (e.g. class:3)"
+    m = re.fullmatch(r"\s*(random|class):\s*([0-9.eE+-]+)\s*", text)
+    if not m:
+        raise ConfigError(f"forget set {text!r} is not understood; {hint}")
+    kind, raw = m.groups()
+    try:
+        value = float(raw) if kind == "random" else int(raw)
+    except ValueError:
+        raise ConfigError(f"forget set {text!r}: {raw!r} is not a number; {hint}") from None
+    if kind == "random" and not 0 < value < 1:
+        raise ConfigError(f"forget set {text!r}: the fraction must be in (0, 1); {hint}")
+    if kind == "class" and value < 0:
+        raise ConfigError(f"forget set {text!r}: the label must be >= 0; {hint}")
+    return ForgetSpec(kind, float(value))
+
+
+def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Parse a comma-separated method list, keeping the canonical order.
+
+    Raises:
+        ConfigError: On an unknown or empty list.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = [s.strip() for s in items if s.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names)
+
+
+def forget_ids(spec: ForgetSpec, train: LabeledArrays, num_classes: int, seed: int) -> np.ndarray:
+    """The sorted ids of the forget set ``spec`` selects from ``train``.
+
+    Args:
+        spec: The forget-set spec.
+        train: Training data.
+        num_classes: Number of classes (bounds a ``class`` spec).
+        seed: Seed of the random draw (the same seed always gives the same set).
+
+    Returns:
+        Sorted int64 ids.
+
+    Raises:
+        DataError: If the set would be empty or hold every sample.
+    """
+    if spec.kind == "class":
+        label = int(spec.value)
+        if label >= num_classes:
+            raise DataError(f"forget set {spec.name}: label {label} is outside [0, {num_classes}); pick a valid class")
+        ids = train.ids[train.y == label]
+    else:
+        n = int(round(spec.value * len(train)))
+        rng = np.random.default_rng([seed, 0x5EED])
+        ids = rng.choice(train.ids, size=n, replace=False) if n else train.ids[:0]
+    if len(ids) == 0 or len(ids) == len(train):
+        raise DataError(
+            f"forget set {spec.name} selects {len(ids)} of {len(train)} training samples; "
+            "it must leave both a forget set and a retain set: choose another fraction or class"
+        )
+    return np.sort(ids.astype(np.int64))
+
+
+def _subset(data: LabeledArrays, mask: np.ndarray) -> LabeledArrays:
+    return LabeledArrays(x=data.x[mask], y=data.y[mask], ids=data.ids[mask])
+
+
+@dataclass
+class MethodRow:
+    """One method's scores on one forget set.
+
+    Attributes:
+        forget: Forget-set spec name.
+        method: Method name (``original`` is the model before any unlearning).
+        forget_accuracy: Accuracy on the forget set.
+        retain_accuracy: Accuracy on (a sample of) the retain set.
+        test_accuracy: Accuracy on the test split.
+        mia_accuracy: Cross-validated accuracy of the loss-based attack, forget vs held-out.
+        mia_auc: Its ROC AUC.
+        kl_forget: Mean KL(retrain || method) on the forget set; for ``retrain`` the floor
+            between the reference retrain and the other seeds.
+        kl_test: The same on the test split.
+        seconds: Wall time of the unlearning step (training time for ``retrain``).
+        extra: Method-specific details (seed spreads, certificates, ...).
+    """
+
+    forget: str
+    method: str
+    forget_accuracy: float
+    retain_accuracy: float
+    test_accuracy: float
+    mia_accuracy: float
+    mia_auc: float
+    kl_forget: float
+    kl_test: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Sets:
+    """The evaluation sets of one forget spec."""
+
+    spec: ForgetSpec
+    forget: LabeledArrays
+    retain: LabeledArrays
+    retain_eval: LabeledArrays
+    test: LabeledArrays
+    heldout: LabeledArrays  # non-members for the attack, same label mix as the forget set
+
+
+def _sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg: SisaConfig) -> _Sets:
+    ids = forget_ids(spec, train, cfg.data.num_classes, cfg.seed)
+    in_forget = np.isin(train.ids, ids)
+    retain = _subset(train, ~in_forget)
+    rng = np.random.default_rng([cfg.seed, 0xE7A1])
+    keep = np.zeros(len(retain), dtype=bool)
+    keep[rng.choice(len(retain), size=min(RETAIN_EVAL_SAMPLES, len(retain)), replace=False)] = True
+    # For a class forget set the attack compares with test samples of that class: against the
+    # whole test split it would only detect the label, which says nothing about membership.
+    heldout = _subset(test, test.y == int(spec.value)) if spec.kind == "class" else test
+    if len(heldout) == 0:
+        raise DataError(f"forget set {spec.name}: the test split has no samples of that class to compare with")
+    return _Sets(spec, _subset(train, in_forget), retain, _subset(retain, keep), test, heldout)
+
+
+class _Scorer:
+    """Scores models on one forget spec's sets against the reference retrain."""
+
+    def __init__(self, sets: _Sets, cfg: SisaConfig) -> None:
+        self.sets = sets
+        self.cfg = cfg
+        self.ref_forget: np.ndarray | None = None
+        self.ref_test: np.ndarray | None = None
+
+    def probas(self, fn: ProbaFn) -> dict[str, np.ndarray]:
+        s = self.sets
+        out = {"forget": fn(s.forget.x), "retain": fn(s.retain_eval.x), "test": fn(s.test.x)}
+        out["heldout"] = out["test"] if s.heldout is s.test else fn(s.heldout.x)
+        return out
+
+    def row(self, method: str, p: dict[str, np.ndarray], seconds: float, **extra: Any) -> MethodRow:
+        s, ev = self.sets, self.cfg.evaluate
+        mia = membership_inference(
+            per_sample_loss(p["forget"], s.forget.y),
+            per_sample_loss(p["heldout"], s.heldout.y),
+            folds=ev.mia_folds,
+            max_samples=ev.mia_samples,
+            seed=self.cfg.seed,
+        )
+        assert self.ref_forget is not None and self.ref_test is not None
+        return MethodRow(
+            forget=s.spec.name,
+            method=method,
+            forget_accuracy=accuracy(p["forget"], s.forget.y),
+            retain_accuracy=accuracy(p["retain"], s.retain_eval.y),
+            test_accuracy=accuracy(p["test"], s.test.y),
+            mia_accuracy=mia.accuracy,
+            mia_auc=mia.auc,
+            kl_forget=float(kl_divergence(self.ref_forget, p["forget"]).mean()),
+            kl_test=float(kl_divergence(self.ref_test, p["test"]).mean()),
+            seconds=seconds,
+            extra=extra,
+        )
+
+
+def _model_fn(model: nn.Module) -> ProbaFn:
+    return lambda x: predict_proba(model, x)
+
+
+def _retrain_rows(scorer: _Scorer, cfg: SisaConfig, threads: int, say: Callable[[str], None]) -> list[MethodRow]:
+    """Train the retrains (first = reference), returning one row per seed."""
+    rows = []
+    sets = scorer.sets
+    for k in range(cfg.evaluate.retrain_seeds):
+        say(f"{sets.spec.name}: retrain seed {cfg.seed + k} on {len(sets.retain)} samples")
+        model, seconds = train_monolithic(cfg, sets.retain, seed=cfg.seed + k, threads=threads)
+        p = scorer.probas(_model_fn(model))
+        if k == 0:
+            scorer.ref_forget, scorer.ref_test = p["forget"], p["test"]
+        rows.append(scorer.row("retrain", p, seconds, seed=cfg.seed + k))
+    return rows
+
+
+def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
+    """One ``retrain`` row: means over seeds; KL = the seed-to-seed floor; the spread in ``extra``."""
+    others = rows[1:]
+
+    def mean(attr: str, of: list[MethodRow] = rows) -> float:
+        return float(np.mean([getattr(r, attr) for r in of]))
+
+    aucs = [r.mia_auc for r in rows]
+    return MethodRow(
+        forget=rows[0].forget,
+        method="retrain",
+        forget_accuracy=mean("forget_accuracy"),
+        retain_accuracy=mean("retain_accuracy"),
+        test_accuracy=mean("test_accuracy"),
+        mia_accuracy=mean("mia_accuracy"),
+        mia_auc=mean("mia_auc"),
+        kl_forget=mean("kl_forget", others),
+        kl_test=mean("kl_test", others),
+        seconds=mean("seconds"),
+        extra={
+            "seeds": [r.extra["seed"] for r in rows],
+            "mia_auc_per_seed": aucs,
+            "mia_auc_spread": [min(aucs), max(aucs)],
+            "test_accuracy_per_seed": [r.test_accuracy for r in rows],
+            "kl_floor_forget": mean("kl_forget", others),
+            "kl_floor_test": mean("kl_test", others),
+        },
+    )
+
+
+def _train_sisa_base(cfg: SisaConfig, train: LabeledArrays, path: Path, address: str | None) -> dict[str, Any]:
+    if path.exists():
+        shutil.rmtree(path)
+    with Ensemble.create(path, cfg, address=address) as ens:
+        ens.ingest(train)
+        report = ens.fit()
+    return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}
+
+
+def _sisa_row(scorer: _Scorer, base: Path, workdir: Path, address: str | None, say: Callable[[str], None]) -> MethodRow:
+    sets = scorer.sets
+    path = workdir / f"sisa-{re.sub(r'[^a-z0-9.]+', '-', sets.spec.name)}"
+    if path.exists():
+        shutil.rmtree(path)
+    # Every forget set starts from the same trained ensemble: a copy of the closed base store.
+    shutil.copytree(base, path, ignore=shutil.ignore_patterns("writer.lock", "lock.mdb"))
+    with Ensemble.open(path, address=address) as ens:
+        before = scorer.probas(ens.predict_proba)
+        say(f"{sets.spec.name}: sisa deletes {len(sets.forget)} samples")
+        started = time.perf_counter()
+        cert = ens.delete(sets.forget.ids)
+        seconds = time.perf_counter() - started
+        p = scorer.probas(ens.predict_proba)
+    return scorer.row(
+        "sisa",
+        p,
+        seconds,
+        retrained_shards=cert.get("retrained_shards", []),
+        test_accuracy_before=accuracy(before["test"], sets.test.y),
+        store=str(path),
+    )
+
+
+def evaluate(
+    cfg: SisaConfig,
+    forgets: Sequence[ForgetSpec],
+    methods: Sequence[str] = METHODS,
+    workdir: str | Path = "runs/evaluate",
+    *,
+    address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every method on every forget set and score them.
+
+    The retrain reference is always trained (KL and the attack's ideal value need it);
+    ``retrain`` in ``methods`` only decides whether its row is reported. The model
+    trained on everything is reported as ``original``.
+
+    Args:
+        cfg: Ensemble config: data, model and training recipe for every method, and
+            the ``evaluate`` section's hyperparameters.
+        forgets: Forget-set specs.
+        methods: Subset of :data:`METHODS`.
+        workdir: Directory for the SISA stores (``sisa-base``, ``sisa-<forget>``), replaced
+            on every run.
+        address: Ray address for SISA training.
+        progress: Called with a short description before each long step.
+
+    Returns:
+        ``{"rows": [...], "targets": {...}, "config": {...}, ...}``, JSON-able.
+
+    Raises:
+        ConfigError: On unknown methods or no forget set.
+        DataError: On a forget set that is empty or covers all data.
+    """
+    methods = parse_methods(list(methods))
+    if not forgets:
+        raise ConfigError("no forget set given; pass e.g. random:0.01, random:0.1 or class:3")
+    say = progress or (lambda msg: log.info("%s", msg))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    threads = usable_threads(cfg.evaluate.threads)
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    all_sets = [_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
+    started = time.perf_counter()
+
+    say(f"original: monolithic model on all {len(train)} samples")
+    original, original_seconds = train_monolithic(cfg, train, seed=cfg.seed, threads=threads)
+    base = workdir / "sisa-base"
+    sisa_base: dict[str, Any] = {}
+    if "sisa" in methods:
+        say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(train)} samples")
+        sisa_base = _train_sisa_base(cfg, train, base, address)
+
+    rows: list[MethodRow] = []
+    targets: dict[str, Any] = {}
+    for sets in all_sets:
+        scorer = _Scorer(sets, cfg)
+        retrains = _retrain_rows(scorer, cfg, threads, say)
+        retrain = _summarise_retrains(retrains)
+        spec_rows = [retrain] if "retrain" in methods else []
+        spec_rows.append(
+            scorer.row("original", scorer.probas(_model_fn(original)), 0.0, train_seconds=original_seconds)
+        )
+        if "sisa" in methods:
+            spec_rows.append(_sisa_row(scorer, base, workdir, address, say))
+        for name in methods:
+            if name in APPROXIMATE_METHODS:
+                say(f"{sets.spec.name}: {name}")
+                t0 = time.perf_counter()
+                model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, cfg.seed, threads)
+                seconds = time.perf_counter() - t0
+                spec_rows.append(scorer.row(name, scorer.probas(_model_fn(model)), seconds))
+        for r in spec_rows:
+            r.extra["speedup_vs_retrain"] = retrain.seconds / r.seconds if r.seconds > 0 else None
+        rows.extend(spec_rows)
+        targets[sets.spec.name] = _targets(retrain, spec_rows)
+
+    return {
+        "forget_sets": {s.spec.name: {"forget": len(s.forget), "retain": len(s.retain)} for s in all_sets},
+        "methods": list(methods),
+        "rows": [asdict(r) for r in rows],
+        "targets": targets,
+        "original_train_seconds": original_seconds,
+        "sisa_base": sisa_base,
+        "threads": threads,
+        "wall_seconds": time.perf_counter() - started,
+        "config": config_to_dict(cfg),
+    }
+
+
+def _targets(retrain: MethodRow, rows: Sequence[MethodRow]) -> dict[str, Any]:
+    """The issue's targets for SISA, stated as measured facts (never pass/fail by fiat)."""
+    sisa = next((r for r in rows if r.method == "sisa"), None)
+    if sisa is None:
+        return {}
+    lo, hi = retrain.extra["mia_auc_spread"]
+    floor_f, floor_t = retrain.extra["kl_floor_forget"], retrain.extra["kl_floor_test"]
+    return {
+        "sisa_mia_auc": sisa.mia_auc,
+        "retrain_mia_auc_spread": [lo, hi],
+        "sisa_mia_within_retrain_spread": bool(lo <= sisa.mia_auc <= hi),
+        "sisa_mia_distance_to_retrain_mean": abs(sisa.mia_auc - retrain.mia_auc),
+        "sisa_kl_test_over_floor": sisa.kl_test / floor_t if floor_t > 0 else None,
+        "sisa_kl_forget_over_floor": sisa.kl_forget / floor_f if floor_f > 0 else None,
+        "sisa_test_accuracy_gap": retrain.test_accuracy - sisa.test_accuracy,
+    }
