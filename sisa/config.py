@@ -42,7 +42,7 @@ __all__ = [
 DATASETS = ("fashion-mnist", "npz", "csv", "idx")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("recalibrated", "constant")
-PARTITION_STRATEGIES = ("uniform",)
+PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-stale")
@@ -175,12 +175,39 @@ class PartitionConfig:
 
     Attributes:
         strategy: ``uniform``: a pure function of (seed, sample id).
+            ``distribution-aware``: SISA's Algorithm 1, shards filled in order of rising
+            deletion probability so each expects about the same number of deletion
+            requests (see docs/sharding.md); needs a deletion prior.
+        probabilities: Deletion prior file for ``distribution-aware``: a ``.csv`` with
+            the header ``id,probability`` or an ``.npz`` with arrays ``ids`` and
+            ``probability``. ``Ensemble.ingest(..., probabilities=...)`` overrides it.
+        bound: The bound C on each shard's expected number of deletions
+            (``distribution-aware`` only; > 0). Unset: total mass / shards, and the
+            last shard takes the rest. Set: it must cut the data into exactly
+            ``shards`` shards, or ingest says how many it yields.
     """
 
     strategy: str = "uniform"
+    probabilities: str | None = None
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
+        aware = self.strategy == "distribution-aware"
+        _require(
+            self.bound is None or self.bound > 0,
+            f"partition.bound={self.bound} must be > 0 (an expected number of deletions per shard), or null",
+        )
+        _require(
+            aware or (self.bound is None and self.probabilities is None),
+            "partition.bound and partition.probabilities only apply to partition.strategy: distribution-aware; "
+            "set that strategy or remove them",
+        )
+        _require(
+            not aware or bool(self.probabilities),
+            "partition.strategy: distribution-aware needs partition.probabilities=PATH, a deletion prior "
+            "(.csv with header id,probability, or .npz with arrays ids and probability)",
+        )
 
 
 @dataclass(frozen=True)

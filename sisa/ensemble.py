@@ -19,9 +19,16 @@ from torch import nn
 
 from sisa.config import SisaConfig, config_from_dict, config_to_dict
 from sisa.data import LabeledArrays, as_arrays
+from sisa.deletion_prior import check_probabilities, load_prior
 from sisa.digests import checkpoint_key, manifest_digest
 from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
-from sisa.partition import uniform_assignment
+from sisa.partition import (
+    distribution_aware_assignment,
+    greedy_shards,
+    hashed_slices,
+    shard_masses,
+    uniform_assignment,
+)
 from sisa.serving import Serving
 from sisa.store import Store
 from sisa.trainer import ShardJob, SliceData, StageResult
@@ -149,7 +156,10 @@ class Ensemble:
             ConfigError: If a partition-defining key differs.
         """
         old, new = config_to_dict(self.config), config_to_dict(config)
-        changed = [k for k in _PARTITION_KEYS if old[k] != new[k]]
+        # The prior file is read only at ingest and every placement is persisted, so pointing
+        # partition.probabilities at another file (say, one covering data to add) moves nothing.
+        same_prior = {**new, "partition": {**new["partition"], "probabilities": old["partition"]["probabilities"]}}
+        changed = [k for k in _PARTITION_KEYS if old[k] != same_prior[k]]
         if changed:
             raise ConfigError(
                 f"{', '.join(changed)} of store {self.path} cannot change after creation "
@@ -159,12 +169,19 @@ class Ensemble:
         self.config = config
 
     # ------------------------------------------------------------------- ingest
-    def ingest(self, x: Any, y: Any = None, ids: Any = None, *, new_slice: bool = False) -> int:
+    def ingest(
+        self, x: Any, y: Any = None, ids: Any = None, *, new_slice: bool = False, probabilities: Any = None
+    ) -> int:
         """Add samples to the store, assigned to shards and slices by the partitioner.
 
         All-or-nothing: any bad sample rejects the whole call and nothing is written.
         With ``new_slice`` (what :meth:`add` uses), the samples go into one new slice
         appended to each shard they land in, so training them touches no earlier stage.
+
+        Under ``partition.strategy: distribution-aware`` the first ingest cuts shards with
+        SISA's Algorithm 1 and later ones place each new sample in the shard expecting the
+        fewest deletions (see :mod:`sisa.partition`); each shard's expected deletions are
+        kept in the store so those later placements know them.
 
         Args:
             x: Features as an array ``(n, ...)``, or a ``torch.utils.data.Dataset``
@@ -173,12 +190,16 @@ class Ensemble:
             y: Integer labels in ``[0, num_classes)``.
             ids: Unique non-negative int ids; default ``0..n-1``.
             new_slice: Append a slice per touched shard instead of the hashed slice.
+            probabilities: Deletion probabilities aligned with the samples, for the
+                ``distribution-aware`` strategy; overrides the ``partition.probabilities`` file.
 
         Returns:
             Number of samples written.
 
         Raises:
-            DataError: On bad shapes, NaN/inf, bad labels, or ids already stored.
+            DataError: On bad shapes, NaN/inf, bad labels, ids already stored, or a bad or
+                missing deletion prior.
+            ConfigError: If ``partition.bound`` cuts the data into another number of shards.
         """
         data = x if isinstance(x, LabeledArrays) else as_arrays(x, y, ids, num_classes=self.config.data.num_classes)
         shape = self.feature_shape
@@ -199,22 +220,68 @@ class Ensemble:
                 f"{len(gone)} id(s) were deleted by earlier requests (first: {gone[0]}); "
                 "a deleted id is never reused: give the new samples new ids"
             )
-        cfg = self.config
-        shard, slice_ = uniform_assignment(data.ids, cfg.seed, cfg.shards, cfg.slices)
+        # Everything that can fail is decided before the write transaction opens, so a bad
+        # prior leaves the store's files byte for byte as they were.
+        shard, slice_, masses = self._assign(data.ids, probabilities)
 
         def change(txn: Any) -> None:
             counts = self.slice_counts(txn)
             if new_slice:
-                # Stable too: the shard still comes from (seed, id); only the slice is new.
+                # Stable too: the shard is the partitioner's; only the slice is new.
                 slice_[:] = np.asarray(counts)[shard]
                 for s in np.unique(shard).tolist():
                     counts[s] += 1
             self.store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
-            self.store.put_meta(txn, feature_shape=list(data.feature_shape), shard_slices=counts)
+            extra = {} if masses is None else {"shard_mass": masses}
+            self.store.put_meta(txn, feature_shape=list(data.feature_shape), shard_slices=counts, **extra)
 
         self.store.write(change)
         log.info("ingested %d samples into %s", len(data), self.path)
         return len(data)
+
+    def _assign(self, ids: np.ndarray, probabilities: Any) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+        """Shard and slice of each new id, and the shards' expected deletions afterwards.
+
+        Returns:
+            ``(shard, slice, masses)``; ``masses`` is None under the uniform strategy.
+        """
+        cfg, part = self.config, self.config.partition
+        if part.strategy == "uniform":
+            if probabilities is not None:
+                raise DataError(
+                    "deletion probabilities were given, but partition.strategy is uniform, which ignores them; "
+                    "create the store with partition.strategy: distribution-aware, or drop probabilities="
+                )
+            shard, slice_ = uniform_assignment(ids, cfg.seed, cfg.shards, cfg.slices)
+            return shard, slice_, None
+        p = self._probabilities(ids, probabilities)
+        masses = self.store.meta().get("shard_mass")
+        if masses is None:  # the first ingest: Algorithm 1 over all of it
+            shard, slice_ = distribution_aware_assignment(ids, p, cfg.seed, cfg.shards, cfg.slices, part.bound)
+            return shard, slice_, shard_masses(shard, p, cfg.shards)
+        # Later ingests never move stored samples: each new one joins the least-loaded shard.
+        shard, masses = greedy_shards(ids, p, cfg.seed, masses)
+        return shard, hashed_slices(ids, cfg.seed, cfg.slices), masses
+
+    def _probabilities(self, ids: np.ndarray, probabilities: Any) -> np.ndarray:
+        """The deletion prior of ``ids``: the given array, else the configured file."""
+        if probabilities is not None:
+            p = np.asarray(probabilities)
+            if p.shape != (len(ids),) or p.dtype.kind not in "iuf":
+                raise DataError(
+                    f"probabilities must be {len(ids)} numbers, one per sample in ids order; "
+                    f"got an array of shape {p.shape} and dtype {p.dtype}"
+                )
+            p = p.astype(np.float64)
+            check_probabilities(p, "probabilities")
+            return p
+        path = self.config.partition.probabilities
+        if not path:
+            raise DataError(
+                "partition.strategy is distribution-aware but no deletion prior was given: set "
+                "partition.probabilities=PATH (.csv id,probability or .npz ids/probability) or pass probabilities="
+            )
+        return load_prior(path, ids)
 
     # -------------------------------------------------------------------- train
     def slice_counts(self, txn: Any) -> list[int]:
@@ -351,19 +418,27 @@ class Ensemble:
 
     # --------------------------------------------------------------- unlearning
     def add(
-        self, x: Any, y: Any = None, ids: Any = None, progress: Callable[[StageResult], None] | None = None
+        self,
+        x: Any,
+        y: Any = None,
+        ids: Any = None,
+        progress: Callable[[StageResult], None] | None = None,
+        *,
+        probabilities: Any = None,
     ) -> FitReport:
         """Continual learning: add samples as a new slice of each shard they land in, train only that.
 
         Each touched shard trains one new stage from its last checkpoint; others are
         untouched. Before the first :meth:`fit` this is plain :meth:`ingest` + :meth:`fit`.
+        Under distribution-aware sharding each new sample goes to the shard expecting the
+        fewest deletions; ``probabilities`` (else the prior file) gives their probabilities.
 
         Returns:
             What was trained.
         """
         with self.store.read() as txn:
             trained = any(self.store.stage_records(txn, s) for s in range(self.config.shards))
-        self.ingest(x, y, ids, new_slice=trained)
+        self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities)
         return self.fit(progress)
 
     def delete(
@@ -459,6 +534,7 @@ class Ensemble:
         with self.store.read() as txn:
             live = self.store.live(txn)
             slice_counts = self.slice_counts(txn)
+            masses = self.store.meta(txn).get("shard_mass")
             shards = []
             for shard in range(cfg.shards):
                 counts = [int(len(self.store.slice_ids(txn, shard, r))) for r in range(slice_counts[shard])]
@@ -475,6 +551,8 @@ class Ensemble:
                         "live_checkpoint": rec["sha256"] if rec else None,
                         "live_weights": rec["weights"] if rec else None,
                         "live_manifest": rec["manifest"] if rec else None,
+                        # distribution-aware only: prior mass placed here at ingest (deletions keep it)
+                        "expected_deletions": masses[shard] if masses else None,
                     }
                 )
             n = self.store.count_samples(txn)
