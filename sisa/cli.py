@@ -1,4 +1,4 @@
-"""The ``sisa`` command line: train, eval, status, delete, apply, pending, verify, audit, add, resume.
+"""The ``sisa`` command line: train, eval, status, delete, apply, pending, verify, audit, add, resume, evaluate.
 
 Every command takes ``--json`` (one JSON object on stdout) and exits 2 with a one-line
 ``error:`` message on bad input, 1 when verify or audit finds a problem; progress bars
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sisa import cli_evaluate
+from sisa.cli_format import progress_bar, table
 from sisa.config import config_from_dict, config_to_dict, load_config
 from sisa.data import load_split
 from sisa.ensemble import Ensemble
@@ -42,14 +44,6 @@ def _int_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _evaluate(ens: Ensemble, method: str | None = None) -> dict[str, Any]:
     test = load_split(ens.config.data, "test")
     started = time.perf_counter()
@@ -67,14 +61,7 @@ def _evaluate(ens: Ensemble, method: str | None = None) -> dict[str, Any]:
 def _print_eval(result: dict[str, Any]) -> None:
     rows = [[f"shard {k}", f"{v:.4f}"] for k, v in result["per_shard_accuracy"].items()]
     rows.append([f"ensemble ({result['method']})", f"{result['accuracy']:.4f}"])
-    print(_table(["model", "test accuracy"], rows))
-
-
-def _progress_bar(total: int | None, desc: str) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: tqdm switches itself off when stderr is not a terminal.
-    return tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, disable=None)
+    print(table(["model", "test accuracy"], rows))
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if ens.feature_shape is None:
             ingested = ens.ingest(load_split(ens.config.data, "train"))
         cfg = ens.config
-        bar = _progress_bar(cfg.shards * cfg.slices, "training") if not args.json else None
+        bar = progress_bar(cfg.shards * cfg.slices, "training") if not args.json else None
         report = ens.fit(progress=(lambda _r: bar.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
@@ -156,7 +143,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for s in result["per_shard"]
         ]
-        print(_table(["shard", "samples", "per slice", "stages", "live checkpoint"], rows))
+        print(table(["shard", "samples", "per slice", "stages", "live checkpoint"], rows))
     return result
 
 
@@ -168,7 +155,7 @@ def _stage_bar(args: argparse.Namespace, desc: str) -> tuple[Any, Any]:
     """A progress bar over committed stages (none with --json), and the callback advancing it."""
     if args.json:
         return None, None
-    bar = _progress_bar(None, desc)
+    bar = progress_bar(None, desc)
     return bar, lambda _r: bar.update(1)
 
 
@@ -191,7 +178,7 @@ def _print_certificate(cert: dict[str, Any]) -> None:
         ]
         for k, v in cert["shards"].items()
     ]
-    print(_table(["shard", "from slice", "removed ckpts", "new ckpts", "new live checkpoint"], rows))
+    print(table(["shard", "from slice", "removed ckpts", "new ckpts", "new live checkpoint"], rows))
     if "seconds" in cert:
         print(f"done in {cert['seconds']:.2f}s; audit entry {cert['audit_seq']}")
 
@@ -257,7 +244,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for k, v in result["shards"].items()
         ]
-        print(_table(["shard", "samples", "live weights", "replay weights", "", ""], rows))
+        print(table(["shard", "samples", "live weights", "replay weights", "", ""], rows))
         print(
             "verify: "
             + ("OK, every live model is bit-identical to a retrain from scratch" if result["ok"] else "FAILED")
@@ -361,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     re_ = sub.add_parser("resume", parents=[common, ray_opt], help="finish interrupted deletions and training")
     re_.set_defaults(func=cmd_resume)
+
+    cli_evaluate.register(sub)
     return parser
 
 

@@ -277,6 +277,7 @@ def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
         seconds=mean("seconds"),
         extra={
             "seeds": [r.extra["seed"] for r in rows],
+            "seconds_per_seed": [r.seconds for r in rows],
             "mia_auc_per_seed": aucs,
             "mia_auc_spread": [min(aucs), max(aucs)],
             "test_accuracy_per_seed": [r.test_accuracy for r in rows],
@@ -364,24 +365,11 @@ def evaluate(
 
     say(f"original: monolithic model on all {len(train)} samples")
     original, original_seconds = train_monolithic(cfg, train, seed=cfg.seed, threads=threads)
-    base = workdir / "sisa-base"
-    sisa_base: dict[str, Any] = {}
-    if "sisa" in methods:
-        say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(train)} samples")
-        sisa_base = _train_sisa_base(cfg, train, base, address)
-
-    rows: list[MethodRow] = []
-    targets: dict[str, Any] = {}
+    per_spec: list[tuple[_Scorer, MethodRow, list[MethodRow]]] = []
     for sets in all_sets:
         scorer = _Scorer(sets, cfg)
-        retrains = _retrain_rows(scorer, cfg, threads, say)
-        retrain = _summarise_retrains(retrains)
-        spec_rows = [retrain] if "retrain" in methods else []
-        spec_rows.append(
-            scorer.row("original", scorer.probas(_model_fn(original)), 0.0, train_seconds=original_seconds)
-        )
-        if "sisa" in methods:
-            spec_rows.append(_sisa_row(scorer, base, workdir, address, say))
+        retrain = _summarise_retrains(_retrain_rows(scorer, cfg, threads, say))
+        spec_rows = [scorer.row("original", scorer.probas(_model_fn(original)), 0.0, train_seconds=original_seconds)]
         for name in methods:
             if name in APPROXIMATE_METHODS:
                 say(f"{sets.spec.name}: {name}")
@@ -389,10 +377,27 @@ def evaluate(
                 model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, cfg.seed, threads)
                 seconds = time.perf_counter() - t0
                 spec_rows.append(scorer.row(name, scorer.probas(_model_fn(model)), seconds))
-        for r in spec_rows:
+        per_spec.append((scorer, retrain, spec_rows))
+
+    # SISA runs last: Ray's worker processes would otherwise share the cores with the
+    # monolithic timings above.
+    sisa_base: dict[str, Any] = {}
+    if "sisa" in methods:
+        base = workdir / "sisa-base"
+        say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(train)} samples")
+        sisa_base = _train_sisa_base(cfg, train, base, address)
+        for scorer, _, spec_rows in per_spec:
+            spec_rows.append(_sisa_row(scorer, base, workdir, address, say))
+
+    order = {m: i for i, m in enumerate(("retrain", "original", *METHODS[1:]))}
+    rows: list[MethodRow] = []
+    targets: dict[str, Any] = {}
+    for scorer, retrain, spec_rows in per_spec:
+        shown = sorted(([retrain] if "retrain" in methods else []) + spec_rows, key=lambda r: order[r.method])
+        for r in shown:
             r.extra["speedup_vs_retrain"] = retrain.seconds / r.seconds if r.seconds > 0 else None
-        rows.extend(spec_rows)
-        targets[sets.spec.name] = _targets(retrain, spec_rows)
+        rows.extend(shown)
+        targets[scorer.sets.spec.name] = _targets(retrain, spec_rows)
 
     return {
         "forget_sets": {s.spec.name: {"forget": len(s.forget), "retain": len(s.retain)} for s in all_sets},

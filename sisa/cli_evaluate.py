@@ -1,0 +1,126 @@
+"""``sisa evaluate``: compare exact SISA deletion with retraining and approximate unlearning.
+
+Prints one table row per (forget set, method), writes ``evaluation.json`` and (unless
+``--no-plot``) ``evaluation.png`` into ``--out``; ``--json`` prints the JSON instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sisa.cli_format import progress_bar, table
+from sisa.config import load_config
+from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
+from sisa.evaluation_plot import plot_evaluation, require_matplotlib
+
+__all__ = ["cmd_evaluate", "register"]
+
+_COLUMNS = (
+    ("forget", "forget"),
+    ("method", "method"),
+    ("forget_accuracy", "forget acc"),
+    ("retain_accuracy", "retain acc"),
+    ("test_accuracy", "test acc"),
+    ("mia_accuracy", "MIA acc"),
+    ("mia_auc", "MIA AUC"),
+    ("kl_forget", "KL forget"),
+    ("kl_test", "KL test"),
+    ("seconds", "seconds"),
+)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The evaluation table as text (also used by ``scripts/bench_quality.py``).
+
+    Args:
+        rows: ``evaluate(...)["rows"]``.
+
+    Returns:
+        An aligned table.
+    """
+
+    def cell(value: Any, key: str) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}" if key == "seconds" else f"{value:.4f}"
+        return str(value)
+
+    return table([title for _, title in _COLUMNS], [[cell(r[k], k) for k, _ in _COLUMNS] for r in rows])
+
+
+def _steps(cfg: Any, forgets: int, methods: tuple[str, ...]) -> int:
+    approximate = sum(m in ("gradient_ascent", "finetune", "prune") for m in methods)
+    sisa = "sisa" in methods
+    return 1 + sisa + forgets * (cfg.evaluate.retrain_seeds + sisa + approximate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation grid; print the table and write the JSON and PNG."""
+    cfg = load_config(args.config, args.overrides)
+    forgets = [parse_forget(part) for text in (args.forget or ["random:0.01"]) for part in text.split(",")]
+    methods = parse_methods(args.methods)
+    if not args.no_plot:
+        require_matplotlib()
+    out = Path(args.out)
+    bar = progress_bar(_steps(cfg, len(forgets), methods), "evaluating", unit="step") if not args.json else None
+
+    def progress(message: str) -> None:
+        if bar is not None:
+            bar.set_description(message[:60])
+            bar.update(1)
+
+    try:
+        result = evaluate(cfg, forgets, methods, out, address=args.address, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    result["json"] = str(out / "evaluation.json")
+    if not args.no_plot:
+        result["plot"] = str(plot_evaluation(result, out / "evaluation.png"))
+    if not args.json:
+        print(format_rows(result["rows"]))
+        for name, t in result["targets"].items():
+            if t:
+                lo, hi = t["retrain_mia_auc_spread"]
+                print(
+                    f"{name}: sisa MIA AUC {t['sisa_mia_auc']:.4f} vs retrain seed spread [{lo:.4f}, {hi:.4f}] "
+                    f"({'inside' if t['sisa_mia_within_retrain_spread'] else 'outside'}); "
+                    f"KL(test) {t['sisa_kl_test_over_floor']:.2f}x the retrain floor; "
+                    f"test accuracy gap {100 * t['sisa_test_accuracy_gap']:+.2f} pp"
+                )
+        print(f"wrote {result['json']}" + (f" and {result['plot']}" if "plot" in result else ""))
+    return result
+
+
+def register(sub: Any) -> None:
+    """Add the ``evaluate`` sub-command to the ``sisa`` parser.
+
+    Args:
+        sub: The parser's sub-parser collection.
+    """
+    ev = sub.add_parser(
+        "evaluate",
+        help="compare sisa with retraining and approximate unlearning (accuracy, MIA, KL, time)",
+    )
+    ev.add_argument("--config", help="YAML config (data, model, recipe and the evaluate: section)")
+    ev.add_argument(
+        "--forget",
+        action="append",
+        metavar="SPEC",
+        help="forget set: random:FRACTION or class:LABEL; repeat or comma-separate (default random:0.01)",
+    )
+    ev.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (default all)"
+    )
+    ev.add_argument("--out", default="runs/evaluate", help="output directory (stores, JSON, PNG); replaced")
+    ev.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ev.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ev.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    ev.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. evaluate.prune.fraction=0.1"
+    )
+    ev.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,42 @@
+"""Plain-text output helpers shared by the CLI commands: aligned tables and stderr progress bars."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["progress_bar", "table"]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Right-aligned columns under a header and a rule.
+
+    Args:
+        headers: Column titles.
+        rows: Cells; anything with ``str``.
+
+    Returns:
+        The table as one string without a trailing newline.
+    """
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "stage") -> Any:
+    """A tqdm bar on stderr that switches itself off when stderr is not a terminal.
+
+    Args:
+        total: Expected number of updates (None: unknown).
+        desc: Label.
+        unit: What one update counts.
+
+    Returns:
+        The tqdm instance.
+    """
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None)
