@@ -67,11 +67,11 @@ def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
-    # Renormalise after clipping so float32 rounding never gives a (tiny) negative KL.
     p = np.clip(p, 0.0, 1.0)
     p = p / p.sum(axis=1, keepdims=True)
+    # Clip q (not renormalised: that would shift every term by ~EPS) so a zero where p has
+    # mass gives a large finite value; float rounding can still dip below 0, hence the max.
     q = np.clip(q, EPS, 1.0)
-    q = q / q.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
     return np.maximum(terms.sum(axis=1), 0.0)

@@ -1,0 +1,151 @@
+"""Approximate unlearning baselines move a memorising model in the intended direction.
+
+The tiny problem: Gaussian blobs where 40 samples carry wrong labels. Only memorisation
+fits those labels, so a model trained on everything gets them right and a model that
+forgot them gets them wrong.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sisa.approximate import APPROXIMATE_METHODS, finetune, gradient_ascent, prune, prune_mask
+from sisa.arrays import LabeledArrays
+from sisa.config import SisaConfig
+from sisa.metrics import accuracy, per_sample_loss
+from sisa.monolithic import predict_proba, train_monolithic
+from tests.conftest import blobs, small_config
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[SisaConfig, nn.Module, LabeledArrays, LabeledArrays]:
+    x, y = blobs(n=600, d=12, classes=3, seed=0)
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(600, 40, replace=False)
+    y = y.copy()
+    y[chosen] = (y[chosen] + 1 + rng.integers(0, 2, 40)) % 3  # always a wrong label
+    in_forget = np.isin(np.arange(600), chosen)
+    ids = np.arange(600)
+    forget = LabeledArrays(x=x[in_forget], y=y[in_forget], ids=ids[in_forget])
+    retain = LabeledArrays(x=x[~in_forget], y=y[~in_forget], ids=ids[~in_forget])
+    cfg = small_config(
+        "model.hidden=[64]",
+        "train.epochs=100",
+        "train.lr=0.01",
+        "evaluate.gradient_ascent.epochs=5",
+        "evaluate.gradient_ascent.lr=0.01",
+        "evaluate.finetune.epochs=20",
+        "evaluate.finetune.lr=0.01",
+        "evaluate.prune.fraction=0.1",
+        "evaluate.prune.repair_epochs=5",
+        "evaluate.prune.lr=0.01",
+    )
+    model, _ = train_monolithic(cfg, LabeledArrays(x=x, y=y, ids=ids), seed=0, threads=1)
+    return cfg, model, forget, retain
+
+
+def _scores(model: nn.Module, forget: LabeledArrays, retain: LabeledArrays) -> tuple[float, float, float]:
+    pf = predict_proba(model, forget.x)
+    return (
+        accuracy(pf, forget.y),
+        float(per_sample_loss(pf, forget.y).mean()),
+        accuracy(predict_proba(model, retain.x), retain.y),
+    )
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_original_memorised_the_forget_set(problem: tuple) -> None:
+    _, model, forget, retain = problem
+    f_acc, f_loss, r_acc = _scores(model, forget, retain)
+    assert f_acc == 1.0 and f_loss < 0.1 and r_acc == 1.0
+
+
+@pytest.mark.parametrize("method", sorted(APPROXIMATE_METHODS))
+def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(problem: tuple, method: str) -> None:
+    cfg, model, forget, retain = problem
+    before = _state(model)
+    out = APPROXIMATE_METHODS[method](model, forget, retain, cfg, 0, 1)
+    f_acc, f_loss, r_acc = _scores(out, forget, retain)
+    assert f_acc < 0.2, f"{method} still predicts the memorised labels ({f_acc:.2f})"
+    assert f_loss > 2.0
+    assert r_acc > 0.97, f"{method} damaged the retain set ({r_acc:.3f})"
+    assert _same(before, _state(model)), f"{method} modified the model it was given"
+    assert not out.training
+
+
+def test_methods_are_deterministic_and_seeded(problem: tuple) -> None:
+    cfg, model, forget, retain = problem
+    a = _state(gradient_ascent(model, forget, retain, cfg, seed=3))
+    assert _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=3)))
+    assert not _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=4)))
+    assert _same(_state(finetune(model, retain, cfg, seed=1)), _state(finetune(model, retain, cfg, seed=1)))
+
+
+def test_the_retain_descent_term_protects_the_retain_set() -> None:
+    # Correctly labelled forget samples: ascending their loss drags similar retain samples
+    # along, unless the retain term pulls back.
+    x, y = blobs(n=600, d=12, classes=3, seed=0)
+    ids = np.arange(600)
+    in_forget = ids % 10 == 0
+    forget = LabeledArrays(x=x[in_forget], y=y[in_forget], ids=ids[in_forget])
+    retain = LabeledArrays(x=x[~in_forget], y=y[~in_forget], ids=ids[~in_forget])
+    cfg = small_config("model.hidden=[64]", "train.epochs=100", "train.lr=0.01")
+    model, _ = train_monolithic(cfg, LabeledArrays(x=x, y=y, ids=ids), seed=0, threads=1)
+
+    def ascended(retain_weight: float) -> float:
+        hp = dataclasses.replace(cfg.evaluate.gradient_ascent, epochs=20, lr=0.01, retain_weight=retain_weight)
+        out = gradient_ascent(
+            model,
+            forget,
+            retain,
+            dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, gradient_ascent=hp)),
+            seed=0,
+        )
+        return accuracy(predict_proba(out, retain.x), retain.y)
+
+    assert accuracy(predict_proba(model, retain.x), retain.y) == 1.0
+    assert ascended(0.0) < 0.6 < 0.75 < ascended(1.0)
+
+
+def test_prune_mask_takes_the_globally_most_salient_entries() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    data = LabeledArrays(x=x, y=np.arange(10) % 2, ids=np.arange(10))
+    masks = prune_mask(model, data, fraction=0.25)
+    # The same saliency by hand: |w * dL/dw| over both weight matrices, top 25% of 18 entries.
+    loss = nn.CrossEntropyLoss(reduction="sum")(model(torch.from_numpy(x)), torch.from_numpy(data.y))
+    grads = torch.autograd.grad(loss, [model[0].weight, model[2].weight])
+    sal = torch.cat([(model[0].weight * grads[0]).abs().flatten(), (model[2].weight * grads[1]).abs().flatten()])
+    k = round(0.25 * 18)
+    expected = torch.zeros(18, dtype=torch.bool)
+    expected[torch.argsort(sal, descending=True)[:k]] = True
+    got = torch.cat([masks["0.weight"].flatten(), masks["2.weight"].flatten()])
+    assert set(masks) == {"0.weight", "2.weight"}  # biases are never pruned
+    assert int(got.sum()) == k and torch.equal(got, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_zero_pruning_keeps_pruned_weights_at_zero_through_the_repair(problem: tuple) -> None:
+    cfg, model, forget, retain = problem
+    masks = prune_mask(model, forget, cfg.evaluate.prune.fraction)
+    out = prune(model, forget, retain, cfg, seed=0)
+    params = dict(out.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name][mask] == 0).all()
+        assert (params[name][~mask] != 0).any()
+    reinit_cfg = dataclasses.replace(
+        cfg, evaluate=dataclasses.replace(cfg.evaluate, prune=dataclasses.replace(cfg.evaluate.prune, mode="reinit"))
+    )
+    re = dict(prune(model, forget, retain, reinit_cfg, seed=0).named_parameters())
+    assert any((re[name][mask] != 0).any() for name, mask in masks.items())

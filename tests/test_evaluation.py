@@ -1,0 +1,144 @@
+"""The evaluation harness end to end on a tiny problem: forget sets, rows, targets, CLI output."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sisa.arrays import LabeledArrays
+from sisa.cli import main
+from sisa.config import SisaConfig
+from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError, DataError
+from sisa.evaluation import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
+from tests.conftest import blobs, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_parse_forget_and_methods() -> None:
+    assert parse_forget("random:0.01") == ForgetSpec("random", 0.01)
+    assert parse_forget(" class:3 ").name == "class:3"
+    assert parse_forget("random:0.1").name == "random:0.1"
+    for bad in ("random:0", "random:1.5", "class:-1", "class:x", "everything", "random:"):
+        with pytest.raises(ConfigError, match="random:FRACTION"):
+            parse_forget(bad)
+    assert parse_methods("prune,sisa") == ("sisa", "prune")  # canonical order
+    assert parse_methods(list(METHODS)) == METHODS
+    with pytest.raises(ConfigError, match="unknown method.*magic"):
+        parse_methods("sisa,magic")
+    with pytest.raises(ConfigError, match="none given"):
+        parse_methods(" , ")
+
+
+def test_forget_ids_select_what_the_spec_says() -> None:
+    y = np.arange(1000) % 4
+    data = LabeledArrays(x=np.zeros((1000, 2), np.float32), y=y, ids=np.arange(1000) * 3)
+    cls = forget_ids(ForgetSpec("class", 2), data, 4, seed=0)
+    assert np.array_equal(cls, data.ids[y == 2])
+    a = forget_ids(ForgetSpec("random", 0.1), data, 4, seed=0)
+    assert len(a) == 100 and np.all(np.diff(a) > 0) and np.isin(a, data.ids).all()
+    assert np.array_equal(a, forget_ids(ForgetSpec("random", 0.1), data, 4, seed=0))
+    assert not np.array_equal(a, forget_ids(ForgetSpec("random", 0.1), data, 4, seed=1))
+    with pytest.raises(DataError, match="outside"):
+        forget_ids(ForgetSpec("class", 4), data, 4, seed=0)
+    with pytest.raises(DataError, match="selects 0 of 1000"):
+        forget_ids(ForgetSpec("random", 0.0001), data, 4, seed=0)
+    one_class = LabeledArrays(x=data.x, y=np.zeros(1000, np.int64), ids=data.ids)
+    with pytest.raises(DataError, match="selects 1000 of 1000"):
+        forget_ids(ForgetSpec("class", 0), one_class, 4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def blob_config(tmp_path_factory: pytest.TempPathFactory) -> SisaConfig:
+    root = tmp_path_factory.mktemp("eval-data")
+    x, y = blobs(n=900, d=12, classes=3, seed=5)
+    np.savez(root / "train.npz", x=x[:600], y=y[:600])
+    np.savez(root / "test.npz", x=x[600:], y=y[600:])
+    return small_config(
+        "data.dataset=npz",
+        f"data.train={root / 'train.npz'}",
+        f"data.test={root / 'test.npz'}",
+        "evaluate.retrain_seeds=3",
+        "evaluate.threads=1",
+    )
+
+
+def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfig, tmp_path: Path) -> None:
+    result = evaluate(blob_config, [ForgetSpec("random", 0.1), ForgetSpec("class", 1)], METHODS, tmp_path)
+    rows = {(r["forget"], r["method"]): r for r in result["rows"]}
+    names = ("retrain", "original", "sisa", "gradient_ascent", "finetune", "prune")
+    assert [r["method"] for r in result["rows"]] == [*names, *names]
+    n_class = int((np.load(blob_config.data.train)["y"] == 1).sum())
+    assert result["forget_sets"] == {
+        "random:0.1": {"forget": 60, "retain": 540},
+        "class:1": {"forget": n_class, "retain": 600 - n_class},
+    }
+    for r in result["rows"]:
+        for key in ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_accuracy", "mia_auc"):
+            assert 0.0 <= r[key] <= 1.0, (r["method"], key)
+        assert r["kl_forget"] >= 0 and r["kl_test"] >= 0
+    # Retraining without class 1 can never predict class 1: forget accuracy is exactly 0.
+    assert rows["class:1", "retrain"]["forget_accuracy"] == 0.0
+    assert rows["class:1", "sisa"]["forget_accuracy"] == 0.0
+    assert rows["class:1", "original"]["forget_accuracy"] > 0.9
+    # The original model is far from the retrain on the forgotten class; SISA is near the floor.
+    floor = rows["class:1", "retrain"]["extra"]["kl_floor_forget"]
+    assert rows["class:1", "retrain"]["kl_forget"] == floor
+    assert rows["class:1", "original"]["kl_forget"] > 10 * rows["class:1", "sisa"]["kl_forget"]
+    spread = rows["random:0.1", "retrain"]["extra"]["mia_auc_spread"]
+    assert len(rows["random:0.1", "retrain"]["extra"]["mia_auc_per_seed"]) == 3 and spread[0] <= spread[1]
+    t = result["targets"]["class:1"]
+    lo, hi = t["retrain_mia_auc_spread"]
+    assert t["sisa_mia_within_retrain_spread"] is bool(lo <= t["sisa_mia_auc"] <= hi)
+    assert t["sisa_kl_forget_over_floor"] == pytest.approx(rows["class:1", "sisa"]["kl_forget"] / floor)
+    # SISA really deleted: its store no longer holds the forget set, and verify passes.
+    store = Path(rows["class:1", "sisa"]["extra"]["store"])
+    with Ensemble.open(store, readonly=True) as ens:
+        assert ens.status()["samples"] == 600 - n_class
+    with Ensemble.open(store) as ens:
+        assert ens.verify()["ok"]
+
+
+def test_cli_writes_table_json_and_png(
+    blob_config: SisaConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    import yaml
+
+    from sisa.config import config_to_dict
+
+    cfg_file.write_text(yaml.safe_dump(config_to_dict(blob_config)))
+    out = tmp_path / "out"
+    argv = [
+        "evaluate",
+        "--config",
+        str(cfg_file),
+        "--forget",
+        "random:0.05",
+        "--methods",
+        "retrain,finetune",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "MIA AUC" in text and "finetune" in text and "sisa" not in text.split("wrote")[0]
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["retrain", "original", "finetune"]
+    assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--json", "--no-plot", "evaluate.finetune.epochs=2"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["config"]["evaluate"]["finetune"]["epochs"] == 2 and "plot" not in again
+
+
+def test_cli_rejects_bad_requests_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    assert main(["evaluate", "--forget", "random:2", "--out", str(out)]) == 2
+    assert "random:FRACTION" in capsys.readouterr().err
+    assert main(["evaluate", "--methods", "sisa,oracle", "--out", str(out)]) == 2
+    assert "oracle" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(out), "evaluate.prune.mode=melt"]) == 2
+    assert "evaluate.prune.mode" in capsys.readouterr().err
+    assert not out.exists()
