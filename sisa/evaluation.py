@@ -31,12 +31,17 @@ from sisa.monolithic import predict_proba, train_monolithic, usable_threads
 
 __all__ = [
     "METHODS",
+    "EvalSets",
     "ForgetSpec",
     "MethodRow",
+    "Scorer",
+    "build_sets",
     "evaluate",
     "forget_ids",
+    "model_fn",
     "parse_forget",
     "parse_methods",
+    "retrain_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,8 +177,8 @@ class MethodRow:
 
 
 @dataclass
-class _Sets:
-    """The evaluation sets of one forget spec."""
+class EvalSets:
+    """The evaluation sets of one forget spec (built by :func:`build_sets`)."""
 
     spec: ForgetSpec
     forget: LabeledArrays
@@ -183,7 +188,21 @@ class _Sets:
     heldout: LabeledArrays  # non-members for the attack, same label mix as the forget set
 
 
-def _sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg: SisaConfig) -> _Sets:
+def build_sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg: SisaConfig) -> EvalSets:
+    """Split ``train`` into forget and retain sets and pick the attack's held-out set.
+
+    Args:
+        spec: Forget-set spec.
+        train: Training data.
+        test: Test data (the attack's non-members; for ``class:K`` only its class-K samples).
+        cfg: Config (seed, number of classes).
+
+    Returns:
+        The sets.
+
+    Raises:
+        DataError: On an empty or all-covering forget set, or no held-out samples.
+    """
     ids = forget_ids(spec, train, cfg.data.num_classes, cfg.seed)
     in_forget = np.isin(train.ids, ids)
     retain = _subset(train, ~in_forget)
@@ -195,25 +214,42 @@ def _sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg: Sisa
     heldout = _subset(test, test.y == int(spec.value)) if spec.kind == "class" else test
     if len(heldout) == 0:
         raise DataError(f"forget set {spec.name}: the test split has no samples of that class to compare with")
-    return _Sets(spec, _subset(train, in_forget), retain, _subset(retain, keep), test, heldout)
+    return EvalSets(spec, _subset(train, in_forget), retain, _subset(retain, keep), test, heldout)
 
 
-class _Scorer:
-    """Scores models on one forget spec's sets against the reference retrain."""
+class Scorer:
+    """Scores models on one forget spec's sets against the reference retrain.
 
-    def __init__(self, sets: _Sets, cfg: SisaConfig) -> None:
+    :func:`retrain_reference` fills in the reference probabilities; every later
+    :meth:`row` measures KL against them.
+    """
+
+    def __init__(self, sets: EvalSets, cfg: SisaConfig) -> None:
+        """Score on ``sets`` with ``cfg.evaluate``'s attack settings."""
         self.sets = sets
         self.cfg = cfg
         self.ref_forget: np.ndarray | None = None
         self.ref_test: np.ndarray | None = None
 
     def probas(self, fn: ProbaFn) -> dict[str, np.ndarray]:
+        """Probabilities of ``fn`` on the forget, retain-sample, test and held-out sets."""
         s = self.sets
         out = {"forget": fn(s.forget.x), "retain": fn(s.retain_eval.x), "test": fn(s.test.x)}
         out["heldout"] = out["test"] if s.heldout is s.test else fn(s.heldout.x)
         return out
 
     def row(self, method: str, p: dict[str, np.ndarray], seconds: float, **extra: Any) -> MethodRow:
+        """Every metric of one method from its :meth:`probas`.
+
+        Args:
+            method: Row name.
+            p: The method's probabilities.
+            seconds: Wall time of its unlearning step.
+            **extra: Stored in the row's ``extra``.
+
+        Returns:
+            The row.
+        """
         s, ev = self.sets, self.cfg.evaluate
         mia = membership_inference(
             per_sample_loss(p["forget"], s.forget.y),
@@ -238,18 +274,28 @@ class _Scorer:
         )
 
 
-def _model_fn(model: nn.Module) -> ProbaFn:
+def model_fn(model: nn.Module) -> ProbaFn:
+    """The probability function of one torch model, for :meth:`Scorer.probas`."""
     return lambda x: predict_proba(model, x)
 
 
-def _retrain_rows(scorer: _Scorer, cfg: SisaConfig, threads: int, say: Callable[[str], None]) -> list[MethodRow]:
+def retrain_reference(scorer: Scorer, cfg: SisaConfig, threads: int, say: Callable[[str], None]) -> MethodRow:
+    """Train the retrains of ``scorer``'s forget set and set the first as its KL reference.
+
+    Returns:
+        The summary ``retrain`` row (means over seeds, KL = seed-to-seed floor).
+    """
+    return _summarise_retrains(_retrain_rows(scorer, cfg, threads, say))
+
+
+def _retrain_rows(scorer: Scorer, cfg: SisaConfig, threads: int, say: Callable[[str], None]) -> list[MethodRow]:
     """Train the retrains (first = reference), returning one row per seed."""
     rows = []
     sets = scorer.sets
     for k in range(cfg.evaluate.retrain_seeds):
         say(f"{sets.spec.name}: retrain seed {cfg.seed + k} on {len(sets.retain)} samples")
         model, seconds = train_monolithic(cfg, sets.retain, seed=cfg.seed + k, threads=threads)
-        p = scorer.probas(_model_fn(model))
+        p = scorer.probas(model_fn(model))
         if k == 0:
             scorer.ref_forget, scorer.ref_test = p["forget"], p["test"]
         rows.append(scorer.row("retrain", p, seconds, seed=cfg.seed + k))
@@ -296,7 +342,7 @@ def _train_sisa_base(cfg: SisaConfig, train: LabeledArrays, path: Path, address:
     return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}
 
 
-def _sisa_row(scorer: _Scorer, base: Path, workdir: Path, address: str | None, say: Callable[[str], None]) -> MethodRow:
+def _sisa_row(scorer: Scorer, base: Path, workdir: Path, address: str | None, say: Callable[[str], None]) -> MethodRow:
     sets = scorer.sets
     path = workdir / f"sisa-{re.sub(r'[^a-z0-9.]+', '-', sets.spec.name)}"
     if path.exists():
@@ -360,23 +406,23 @@ def evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     threads = usable_threads(cfg.evaluate.threads)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    all_sets = [_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
+    all_sets = [build_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
     started = time.perf_counter()
 
     say(f"original: monolithic model on all {len(train)} samples")
     original, original_seconds = train_monolithic(cfg, train, seed=cfg.seed, threads=threads)
-    per_spec: list[tuple[_Scorer, MethodRow, list[MethodRow]]] = []
+    per_spec: list[tuple[Scorer, MethodRow, list[MethodRow]]] = []
     for sets in all_sets:
-        scorer = _Scorer(sets, cfg)
-        retrain = _summarise_retrains(_retrain_rows(scorer, cfg, threads, say))
-        spec_rows = [scorer.row("original", scorer.probas(_model_fn(original)), 0.0, train_seconds=original_seconds)]
+        scorer = Scorer(sets, cfg)
+        retrain = retrain_reference(scorer, cfg, threads, say)
+        spec_rows = [scorer.row("original", scorer.probas(model_fn(original)), 0.0, train_seconds=original_seconds)]
         for name in methods:
             if name in APPROXIMATE_METHODS:
                 say(f"{sets.spec.name}: {name}")
                 t0 = time.perf_counter()
                 model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, cfg.seed, threads)
                 seconds = time.perf_counter() - t0
-                spec_rows.append(scorer.row(name, scorer.probas(_model_fn(model)), seconds))
+                spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds))
         per_spec.append((scorer, retrain, spec_rows))
 
     # SISA runs last: Ray's worker processes would otherwise share the cores with the
