@@ -54,7 +54,7 @@ class FinetuneConfig:
         batch_size: Batch size.
     """
 
-    epochs: int = 1
+    epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
 
@@ -77,7 +77,7 @@ class PruneConfig:
     """
 
     fraction: float = 0.05
-    mode: str = "zero"
+    mode: str = "reinit"
     repair_epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 64
