@@ -40,6 +40,7 @@ def problem() -> tuple[SisaConfig, nn.Module, LabeledArrays, LabeledArrays]:
         "evaluate.finetune.epochs=20",
         "evaluate.finetune.lr=0.01",
         "evaluate.prune.fraction=0.1",
+        "evaluate.prune.mode=zero",
         "evaluate.prune.repair_epochs=5",
         "evaluate.prune.lr=0.01",
     )

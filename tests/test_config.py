@@ -71,3 +71,31 @@ def test_recipe_digest_tracks_training_settings_only() -> None:
     assert base.recipe_digest() == load_config(None, ["aggregate.method=vote"]).recipe_digest()
     assert base.recipe_digest() != load_config(None, ["train.lr=0.01"]).recipe_digest()
     assert base.recipe_digest() != load_config(None, ["resources.threads_per_shard=2"]).recipe_digest()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("evaluate.retrain_seeds=1", "retrain_seeds=1 must be in"),
+        ("evaluate.mia_folds=1", "mia_folds=1"),
+        ("evaluate.mia_samples=5", "mia_samples=5"),
+        ("evaluate.threads=-1", "threads=-1"),
+        ("evaluate.gradient_ascent.lr=0", "gradient_ascent.lr=0.0 must be > 0"),
+        ("evaluate.gradient_ascent.retain_weight=-1", "retain_weight=-1.0"),
+        ("evaluate.finetune.epochs=-1", "finetune.epochs=-1"),
+        ("evaluate.prune.fraction=1", "prune.fraction=1.0 must be in (0, 1)"),
+        ("evaluate.prune.mode=melt", "choose one of zero, reinit"),
+        ("evaluate.prune.batch_size=0", "prune.batch_size=0"),
+        ("evaluate.unknown=1", "unknown config key(s) evaluate.unknown"),
+    ],
+)
+def test_evaluate_section_is_validated(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_evaluate_section_does_not_change_the_recipe() -> None:
+    base = load_config(None)
+    tuned = load_config(None, ["evaluate.finetune.epochs=7", "evaluate.retrain_seeds=4"])
+    assert tuned.evaluate.finetune.epochs == 7 and tuned.recipe_digest() == base.recipe_digest()
