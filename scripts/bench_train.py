@@ -56,7 +56,8 @@ from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.models import build_model  # noqa: E402
-from sisa.trainer import ShardJob, SliceData, derive_seed, train_shard  # noqa: E402
+from sisa.monolithic import single_stage_job  # noqa: E402
+from sisa.trainer import derive_seed, train_shard  # noqa: E402
 
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=2000", "train.epochs=2")
 QUICK_SHARDS = (1, 2, 4)
@@ -260,16 +261,7 @@ def trainer_run(cfg: SisaConfig, train: LabeledArrays) -> tuple[float, float]:
     Returns:
         (wall seconds of the whole call, the stage's own ``seconds``).
     """
-    job = ShardJob(
-        config=cfg,
-        shard=0,
-        slices=(SliceData(train.ids, train.x, train.y),),
-        start_stage=0,
-        parent=None,
-        parent_key=None,
-        input_shape=tuple(train.x.shape[1:]),
-        num_classes=cfg.data.num_classes,
-    )
+    job = single_stage_job(cfg, train)
     t0 = time.perf_counter()
     results = list(train_shard(job))
     wall = time.perf_counter() - t0

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 
 from sisa.data import LabeledArrays
+from sisa.monolithic import usable_threads
 
 
 def usable_cpus() -> int:
     """CPUs this process may run on (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return usable_threads(0)
 
 
 def machine_info() -> dict[str, Any]:

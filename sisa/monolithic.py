@@ -22,7 +22,7 @@ from sisa.config import SisaConfig
 from sisa.models import build_model
 from sisa.trainer import ShardJob, SliceData, load_checkpoint, train_shard
 
-__all__ = ["monolithic_config", "predict_proba", "train_monolithic", "usable_threads"]
+__all__ = ["monolithic_config", "predict_proba", "single_stage_job", "train_monolithic", "usable_threads"]
 
 
 def usable_threads(requested: int = 0) -> int:
@@ -53,6 +53,28 @@ def monolithic_config(cfg: SisaConfig, *, seed: int, threads: int) -> SisaConfig
     return dataclasses.replace(cfg, seed=seed, shards=1, slices=1, resources=resources)
 
 
+def single_stage_job(cfg: SisaConfig, data: LabeledArrays) -> ShardJob:
+    """A job that trains all of ``data`` as shard 0's one and only stage, from scratch.
+
+    Args:
+        cfg: The recipe (normally from :func:`monolithic_config`).
+        data: Training samples.
+
+    Returns:
+        The job for :func:`sisa.trainer.train_shard`.
+    """
+    return ShardJob(
+        config=cfg,
+        shard=0,
+        slices=(SliceData(data.ids, data.x, data.y),),
+        start_stage=0,
+        parent=None,
+        parent_key=None,
+        input_shape=data.feature_shape,
+        num_classes=cfg.data.num_classes,
+    )
+
+
 def train_monolithic(cfg: SisaConfig, data: LabeledArrays, *, seed: int, threads: int = 0) -> tuple[nn.Module, float]:
     """Train one model on ``data`` in this process.
 
@@ -66,16 +88,7 @@ def train_monolithic(cfg: SisaConfig, data: LabeledArrays, *, seed: int, threads
         ``(model in eval mode, wall seconds of training)``.
     """
     mono = monolithic_config(cfg, seed=seed, threads=usable_threads(threads))
-    job = ShardJob(
-        config=mono,
-        shard=0,
-        slices=(SliceData(data.ids, data.x, data.y),),
-        start_stage=0,
-        parent=None,
-        parent_key=None,
-        input_shape=data.feature_shape,
-        num_classes=cfg.data.num_classes,
-    )
+    job = single_stage_job(mono, data)
     started = time.perf_counter()
     *_, last = train_shard(job)
     seconds = time.perf_counter() - started
