@@ -73,8 +73,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "```",
         "",
         "| forget set | SISA MIA AUC | retrain seed spread | inside | KL(test) / floor | KL(forget) / floor "
-        "| SISA test-accuracy gap |",
-        "|---|---|---|---|---|---|---|",
+        "| KL(test) / family gap | SISA test-accuracy gap |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, t in result["targets"].items():
         if not t:
@@ -84,6 +84,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         lines.append(
             f"| {name} | {t['sisa_mia_auc']:.4f} | [{lo:.4f}, {hi:.4f}] | {inside} "
             f"| {t['sisa_kl_test_over_floor']:.2f}x | {t['sisa_kl_forget_over_floor']:.2f}x "
+            f"| {t['sisa_kl_test_over_family_gap']:.2f}x "
             f"| {100 * t['sisa_test_accuracy_gap']:+.2f} pp |"
         )
     lines += ["", "![quality](bench/quality.png)", "", END]

@@ -88,7 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"{name}: sisa MIA AUC {t['sisa_mia_auc']:.4f} vs retrain seed spread [{lo:.4f}, {hi:.4f}] "
                     f"({'inside' if t['sisa_mia_within_retrain_spread'] else 'outside'}); "
-                    f"KL(test) {t['sisa_kl_test_over_floor']:.2f}x the retrain floor; "
+                    f"KL(test) {t['sisa_kl_test_over_floor']:.2f}x the retrain floor, "
+                    f"{t['sisa_kl_test_over_family_gap']:.2f}x the ensemble-vs-monolith gap; "
                     f"test accuracy gap {100 * t['sisa_test_accuracy_gap']:+.2f} pp"
                 )
         print(f"wrote {result['json']}" + (f" and {result['plot']}" if "plot" in result else ""))

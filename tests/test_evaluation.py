@@ -93,6 +93,8 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
     lo, hi = t["retrain_mia_auc_spread"]
     assert t["sisa_mia_within_retrain_spread"] is bool(lo <= t["sisa_mia_auc"] <= hi)
     assert t["sisa_kl_forget_over_floor"] == pytest.approx(rows["class:1", "sisa"]["kl_forget"] / floor)
+    gap = rows["class:1", "sisa"]["extra"]["family_gap_kl_test"]
+    assert gap > 0 and t["sisa_kl_test_over_family_gap"] == pytest.approx(rows["class:1", "sisa"]["kl_test"] / gap)
     # SISA really deleted: its store no longer holds the forget set, and verify passes.
     store = Path(rows["class:1", "sisa"]["extra"]["store"])
     with Ensemble.open(store, readonly=True) as ens:
