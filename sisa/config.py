@@ -180,7 +180,8 @@ class PartitionConfig:
             requests (see docs/sharding.md); needs a deletion prior.
         probabilities: Deletion prior file for ``distribution-aware``: a ``.csv`` with
             the header ``id,probability`` or an ``.npz`` with arrays ``ids`` and
-            ``probability``. ``Ensemble.ingest(..., probabilities=...)`` overrides it.
+            ``probability``. ``Ensemble.ingest(..., probabilities=...)`` overrides it;
+            without either, ingest refuses with the fix (the CLI needs the file).
         bound: The bound C on each shard's expected number of deletions
             (``distribution-aware`` only; > 0). Unset: total mass / shards, and the
             last shard takes the rest. Set: it must cut the data into exactly
@@ -202,11 +203,6 @@ class PartitionConfig:
             aware or (self.bound is None and self.probabilities is None),
             "partition.bound and partition.probabilities only apply to partition.strategy: distribution-aware; "
             "set that strategy or remove them",
-        )
-        _require(
-            not aware or bool(self.probabilities),
-            "partition.strategy: distribution-aware needs partition.probabilities=PATH, a deletion prior "
-            "(.csv with header id,probability, or .npz with arrays ids and probability)",
         )
 
 

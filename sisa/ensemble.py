@@ -19,16 +19,9 @@ from torch import nn
 
 from sisa.config import SisaConfig, config_from_dict, config_to_dict
 from sisa.data import LabeledArrays, as_arrays
-from sisa.deletion_prior import check_probabilities, load_prior
 from sisa.digests import checkpoint_key, manifest_digest
 from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
-from sisa.partition import (
-    distribution_aware_assignment,
-    greedy_shards,
-    hashed_slices,
-    shard_masses,
-    uniform_assignment,
-)
+from sisa.placement import place
 from sisa.serving import Serving
 from sisa.store import Store
 from sisa.trainer import ShardJob, SliceData, StageResult
@@ -222,7 +215,7 @@ class Ensemble:
             )
         # Everything that can fail is decided before the write transaction opens, so a bad
         # prior leaves the store's files byte for byte as they were.
-        shard, slice_, masses = self._assign(data.ids, probabilities)
+        shard, slice_, masses = place(self.config, data.ids, probabilities, self.store.meta().get("shard_mass"))
 
         def change(txn: Any) -> None:
             counts = self.slice_counts(txn)
@@ -238,50 +231,6 @@ class Ensemble:
         self.store.write(change)
         log.info("ingested %d samples into %s", len(data), self.path)
         return len(data)
-
-    def _assign(self, ids: np.ndarray, probabilities: Any) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
-        """Shard and slice of each new id, and the shards' expected deletions afterwards.
-
-        Returns:
-            ``(shard, slice, masses)``; ``masses`` is None under the uniform strategy.
-        """
-        cfg, part = self.config, self.config.partition
-        if part.strategy == "uniform":
-            if probabilities is not None:
-                raise DataError(
-                    "deletion probabilities were given, but partition.strategy is uniform, which ignores them; "
-                    "create the store with partition.strategy: distribution-aware, or drop probabilities="
-                )
-            shard, slice_ = uniform_assignment(ids, cfg.seed, cfg.shards, cfg.slices)
-            return shard, slice_, None
-        p = self._probabilities(ids, probabilities)
-        masses = self.store.meta().get("shard_mass")
-        if masses is None:  # the first ingest: Algorithm 1 over all of it
-            shard, slice_ = distribution_aware_assignment(ids, p, cfg.seed, cfg.shards, cfg.slices, part.bound)
-            return shard, slice_, shard_masses(shard, p, cfg.shards)
-        # Later ingests never move stored samples: each new one joins the least-loaded shard.
-        shard, masses = greedy_shards(ids, p, cfg.seed, masses)
-        return shard, hashed_slices(ids, cfg.seed, cfg.slices), masses
-
-    def _probabilities(self, ids: np.ndarray, probabilities: Any) -> np.ndarray:
-        """The deletion prior of ``ids``: the given array, else the configured file."""
-        if probabilities is not None:
-            p = np.asarray(probabilities)
-            if p.shape != (len(ids),) or p.dtype.kind not in "iuf":
-                raise DataError(
-                    f"probabilities must be {len(ids)} numbers, one per sample in ids order; "
-                    f"got an array of shape {p.shape} and dtype {p.dtype}"
-                )
-            p = p.astype(np.float64)
-            check_probabilities(p, "probabilities")
-            return p
-        path = self.config.partition.probabilities
-        if not path:
-            raise DataError(
-                "partition.strategy is distribution-aware but no deletion prior was given: set "
-                "partition.probabilities=PATH (.csv id,probability or .npz ids/probability) or pass probabilities="
-            )
-        return load_prior(path, ids)
 
     # -------------------------------------------------------------------- train
     def slice_counts(self, txn: Any) -> list[int]:

@@ -115,7 +115,6 @@ def test_config_keys() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["partition.strategy=distribution-aware"], "distribution-aware needs partition.probabilities=PATH"),
         (["partition.strategy=aware"], "choose one of uniform, distribution-aware"),
         (["partition.probabilities=p.csv"], "only apply to partition.strategy: distribution-aware"),
         (["partition.bound=3"], "only apply to partition.strategy: distribution-aware"),
@@ -264,6 +263,17 @@ def test_bound_mismatch_and_uniform_with_probabilities_leave_the_store_unchanged
         ens.ingest(X, Y)
         assert "shard_mass" not in ens.store.meta()
         assert ens.status()["per_shard"][0]["expected_deletions"] is None
+
+
+def test_a_prior_array_needs_no_file_and_no_prior_at_all_is_refused(tmp_path: Path) -> None:
+    cfg = small_config("partition.strategy=distribution-aware")  # no file: Python users pass arrays
+    with Ensemble.create(tmp_path / "none", cfg) as ens:
+        digest = store_digest(ens.path)
+        with pytest.raises(DataError, match="no deletion prior was given.*pass probabilities="):
+            ens.ingest(X, Y)
+        assert store_digest(ens.path) == digest
+        ens.ingest(X, Y, probabilities=P)
+        assert sum(ens.store.meta()["shard_mass"]) == pytest.approx(float(np.sum(P)))
 
 
 def test_prior_path_may_change_but_not_the_strategy(tmp_path: Path) -> None:

@@ -1,0 +1,92 @@
+"""Where an ingest puts its samples: the configured partition strategy applied to new ids.
+
+Kept apart from :mod:`sisa.partition` (pure assignment functions) because it also reads the
+deletion prior and the store's per-shard expected deletions, and apart from the ensemble
+because it decides everything before a write transaction opens: a bad prior raises here
+and the store is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sisa.config import SisaConfig
+from sisa.deletion_prior import check_probabilities, load_prior
+from sisa.errors import DataError
+from sisa.partition import (
+    distribution_aware_assignment,
+    greedy_shards,
+    hashed_slices,
+    shard_masses,
+    uniform_assignment,
+)
+
+__all__ = ["place", "prior_for"]
+
+
+def place(
+    cfg: SisaConfig, ids: np.ndarray, probabilities: Any, stored_masses: list[float] | None
+) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+    """Shard and slice of each new id, and the shards' expected deletions afterwards.
+
+    Under ``uniform`` this is the hash of (seed, id). Under ``distribution-aware`` the
+    first ingest (no stored masses) cuts shards with Algorithm 1; later ones put each new
+    sample into the shard expecting the fewest deletions, never moving stored samples.
+
+    Args:
+        cfg: The ensemble's config.
+        ids: The new sample ids.
+        probabilities: Deletion probabilities aligned with ``ids`` (overrides the
+            configured prior file), or None.
+        stored_masses: The store's per-shard expected deletions (``shard_mass`` meta),
+            None before the first distribution-aware ingest.
+
+    Returns:
+        ``(shard, slice, masses)``; ``masses`` is None under the uniform strategy.
+
+    Raises:
+        DataError: On probabilities given to a uniform store, or a bad or missing prior.
+        ConfigError: If ``partition.bound`` cuts the data into another number of shards.
+    """
+    part = cfg.partition
+    if part.strategy == "uniform":
+        if probabilities is not None:
+            raise DataError(
+                "deletion probabilities were given, but partition.strategy is uniform, which ignores them; "
+                "create the store with partition.strategy: distribution-aware, or drop probabilities="
+            )
+        shard, slice_ = uniform_assignment(ids, cfg.seed, cfg.shards, cfg.slices)
+        return shard, slice_, None
+    p = prior_for(cfg, ids, probabilities)
+    if stored_masses is None:  # the first ingest: Algorithm 1 over all of it
+        shard, slice_ = distribution_aware_assignment(ids, p, cfg.seed, cfg.shards, cfg.slices, part.bound)
+        return shard, slice_, shard_masses(shard, p, cfg.shards)
+    shard, masses = greedy_shards(ids, p, cfg.seed, stored_masses)
+    return shard, hashed_slices(ids, cfg.seed, cfg.slices), masses
+
+
+def prior_for(cfg: SisaConfig, ids: np.ndarray, probabilities: Any) -> np.ndarray:
+    """The deletion prior of ``ids``: the given array, else the configured file.
+
+    Raises:
+        DataError: If the array is malformed, the file is bad, or neither is given.
+    """
+    if probabilities is not None:
+        p = np.asarray(probabilities)
+        if p.shape != (len(ids),) or p.dtype.kind not in "iuf":
+            raise DataError(
+                f"probabilities must be {len(ids)} numbers, one per sample in ids order; "
+                f"got an array of shape {p.shape} and dtype {p.dtype}"
+            )
+        p = p.astype(np.float64)
+        check_probabilities(p, "probabilities")
+        return p
+    path = cfg.partition.probabilities
+    if not path:
+        raise DataError(
+            "partition.strategy is distribution-aware but no deletion prior was given: set "
+            "partition.probabilities=PATH (.csv id,probability or .npz ids/probability) or pass probabilities="
+        )
+    return load_prior(path, ids)
