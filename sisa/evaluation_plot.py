@@ -57,7 +57,7 @@ def plot_evaluation(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    forgets = list(result["forget_sets"])
+    forgets = list(dict.fromkeys(r["forget"] for r in result["rows"]))  # run order (JSON may sort keys)
     fig, axes = plt.subplots(2, len(forgets), figsize=(5.2 * len(forgets), 8), squeeze=False)
     for col, name in enumerate(forgets):
         rows = [r for r in result["rows"] if r["forget"] == name]
@@ -76,8 +76,9 @@ def plot_evaluation(result: dict[str, Any], path: str | Path) -> Path:
         top.set_xlabel("membership-inference AUC (forget vs held-out)")
         top.set_ylabel("test accuracy")
         top.grid(alpha=0.3)
+        top.margins(x=0.2, y=0.12)  # room for the labels of points at the edges
         if spread:
-            top.legend(fontsize=8, loc="lower right")
+            top.legend(fontsize=8, loc="best")
         timed = [r for r in rows if r["seconds"] > 0]
         bottom.barh(
             [r["method"] for r in timed],
