@@ -255,7 +255,8 @@ class Ensemble:
         shape = self.feature_shape
         assert shape is not None
         slices = tuple(
-            SliceData(ids, *self.store.load_samples(txn, ids, shape)) for ids in self._shard_slices(txn, shard)
+            SliceData(ids, *self.store.load_samples(txn, ids, shape, f"shard {shard} slice {r}"))
+            for r, ids in enumerate(self._shard_slices(txn, shard))
         )
         parent = self.store.stage_record(txn, shard, start_stage) if start_stage > 0 else None
         if start_stage > 0 and parent is None:

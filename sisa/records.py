@@ -8,6 +8,7 @@ change composed of several of them stays atomic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -47,6 +48,14 @@ def shard_key(shard: int) -> bytes:
     return struct.pack(">I", shard)
 
 
+DIGEST_SIZE = 16
+
+
+def _sample_digest(sample_id: int, body: bytes) -> bytes:
+    """BLAKE2b-128 over the id key and the record body: binds the bytes to their id."""
+    return hashlib.blake2b(id_key(sample_id) + body, digest_size=DIGEST_SIZE).digest()
+
+
 class Records:
     """Record-level operations, mixed into :class:`~sisa.store.Store`."""
 
@@ -62,9 +71,14 @@ class Records:
 
     # ------------------------------------------------------------------ samples
     @staticmethod
-    def encode_sample(label: int, features: np.ndarray) -> bytes:
-        """Record bytes of one sample: int64 label then float32 features."""
-        return struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
+    def encode_sample(sample_id: int, label: int, features: np.ndarray) -> bytes:
+        """Record bytes of one sample: int64 label, float32 features, then a 16-byte digest.
+
+        The digest (BLAKE2b over the id key, label and features) makes a flipped byte
+        or a record moved to another id detectable on load.
+        """
+        body = struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
+        return body + _sample_digest(sample_id, body)
 
     def count_samples(self, txn: lmdb.Transaction) -> int:
         """Number of stored samples."""
@@ -87,23 +101,37 @@ class Records:
         return np.asarray(out, dtype=np.int64)
 
     def load_samples(
-        self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...]
+        self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...], where: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of ``ids``, in the given order.
+        """Features and labels of ``ids``, in the given order, each checked against its digest.
+
+        Args:
+            txn: Read transaction.
+            ids: Sample ids.
+            feature_shape: Shape of one sample.
+            where: Where the ids live (e.g. ``shard 2 slice 1``), named in errors.
 
         Raises:
-            IntegrityError: If an id has no record or a record has the wrong size.
+            IntegrityError: If an id has no record, or its record was modified.
         """
         width = int(np.prod(feature_shape))
+        body_len = 8 + 4 * width
         x = np.empty((len(ids), width), dtype=np.float32)
         y = np.empty(len(ids), dtype=np.int64)
         db = self._dbs["samples"]
+        at = f" ({where})" if where else ""
         for i, sid in enumerate(ids.tolist()):
             raw = txn.get(id_key(sid), db=db)
-            if raw is None or len(raw) != 8 + 4 * width:
-                raise IntegrityError(f"sample {sid} is missing or corrupt in store {self.path}")
+            if raw is None:
+                raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
+            raw = bytes(raw)
+            if len(raw) != body_len + DIGEST_SIZE or raw[body_len:] != _sample_digest(sid, raw[:body_len]):
+                raise IntegrityError(
+                    f"sample {sid}{at} in store {self.path} was modified: its record does not match its digest; "
+                    "restore the store from a backup or re-ingest the data into a new store"
+                )
             y[i] = struct.unpack_from("<q", raw)[0]
-            x[i] = np.frombuffer(raw, dtype="<f4", offset=8)
+            x[i] = np.frombuffer(raw, dtype="<f4", offset=8, count=width)
         return x.reshape((len(ids), *feature_shape)), y
 
     # -------------------------------------------------------------- checkpoints
@@ -131,12 +159,15 @@ class Records:
             IntegrityError: If the bytes are missing or altered.
         """
         raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
-        where = f"shard {record['shard']} stage {record['stage']}"
+        where = f"shard {record['shard']} stage {record['stage']} (trained on slices 0..{record['stage'] - 1})"
         if raw is None:
             raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
         blob = bytes(raw)
         if sha256(blob) != record["sha256"]:
-            raise IntegrityError(f"checkpoint of {where} was modified: its sha256 does not match the record")
+            raise IntegrityError(
+                f"checkpoint of {where} was modified: its sha256 does not match the record; "
+                "`sisa resume` after removing it, or restore the store from a backup"
+            )
         return blob
 
     def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
@@ -158,7 +189,7 @@ class Records:
         flat = x.reshape(len(ids), -1)
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
-            if not txn.put(k, self.encode_sample(int(y[i]), flat[i]), db=samples, overwrite=False):
+            if not txn.put(k, self.encode_sample(sid, int(y[i]), flat[i]), db=samples, overwrite=False):
                 raise StoreError(f"sample id {sid} is already in the store")
             txn.put(k, struct.pack(">II", s, r), db=assign)
             txn.put(member_key(s, r, sid), b"", db=members)

@@ -1,0 +1,300 @@
+"""Fault injection: SIGKILL loops during training and deletion, a full disk, tampered bytes.
+
+The kill loops run a real child process (its own driver of the test session's Ray) and
+SIGKILL it at seeded random moments or at chosen phases; the store must come back
+consistent, finish the work on the next open, and end bit-identical to an uninterrupted
+run. They are marked ``faults`` (``pytest -m faults`` runs only them; the README test
+command runs everything).
+"""
+
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from sisa.ensemble import Ensemble
+from sisa.errors import IntegrityError
+from tests.conftest import blobs, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+KILLS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session: None) -> str:
+    """The test session's Ray, which the child drivers join (saves a Ray start per trial)."""
+    return ray.get_runtime_context().gcs_address
+
+
+def live_state(ens: Ensemble) -> dict[int, tuple[str, str]]:
+    """Shard -> (live checkpoint sha256, weights digest)."""
+    with ens.store.read() as txn:
+        return {s: (r["sha256"], r["weights"]) for s, r in ens.store.live(txn).items()}
+
+
+def assert_consistent(path: Path) -> None:
+    """Readable, every committed stage present from 1 up, every checkpoint's bytes intact."""
+    with Ensemble.open(path, readonly=True) as ens:
+        status = ens.status()
+        with ens.store.read() as txn:
+            for shard in range(ens.config.shards):
+                records = ens.store.stage_records(txn, shard)
+                assert [r["stage"] for r in records] == list(range(1, len(records) + 1)), records
+                for r in records:
+                    ens.store.checkpoint(txn, r)  # raises IntegrityError on altered bytes
+                live = ens.store.live(txn).get(shard)
+                if live is not None:
+                    assert live["key"] == records[-1]["key"] and len(records) == ens.config.slices
+        assert status["samples"] > 0
+
+
+def run_child(code: str, args: list[str], env: dict, kill_after: float | None) -> int:
+    """Run ``code`` in a child Python; SIGKILL it after ``kill_after`` s unless it exits first."""
+    child = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        child.wait(timeout=kill_after if kill_after is not None else 300)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    if child.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"child failed ({child.returncode}): {child.stderr.read() if child.stderr else ''}")
+    if child.stderr:
+        child.stderr.close()
+    return child.returncode
+
+
+CHILD_FIT = """
+import sys
+from sisa.ensemble import Ensemble
+with Ensemble.open(sys.argv[1], address=sys.argv[2]) as ens:
+    ens.fit()
+"""
+
+
+@pytest.mark.faults
+def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env_python: dict) -> None:
+    x, y = blobs(4000, d=16)
+    cfg = small_config("shards=2", "slices=4", "train.epochs=25", "model.hidden=[32]")
+    template = tmp_path / "template"
+    with Ensemble.create(template, cfg) as ens:
+        ens.ingest(x, y)
+    shutil.copytree(template, tmp_path / "ref")
+    with Ensemble.open(tmp_path / "ref") as ref:
+        started = time.perf_counter()
+        ref.fit()
+        fit_seconds = time.perf_counter() - started
+        expected = live_state(ref)
+
+    rng = random.Random(20261126)
+    work = tmp_path / "work"
+    kills = completions = 0
+    while kills < KILLS or not completions:
+        if not work.exists():
+            shutil.copytree(template, work)
+        # Past the child's start-up (imports, joining Ray: ~2-3 s) and across the whole fit.
+        delay = None if kills >= KILLS else rng.uniform(1.0, 3.0 + 1.5 * fit_seconds)
+        code = run_child(CHILD_FIT, [str(work), ray_address], env_python, delay)
+        assert_consistent(work)
+        if code == 0:
+            with Ensemble.open(work, readonly=True) as ens:
+                assert live_state(ens) == expected  # bit-identical to the uninterrupted run
+            completions += 1
+            shutil.rmtree(work)
+        else:
+            kills += 1
+    assert kills == KILLS and completions >= 1
+
+
+CHILD_DELETE = """
+import os, signal, sys, threading
+import sisa.store, sisa.unlearn
+from sisa.ensemble import Ensemble
+
+path, address, phase, arg = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+victims = [int(v) for v in sys.argv[5].split(",")]
+
+def die(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+stages = []
+def progress(_result):
+    stages.append(1)
+    if phase == "retrain" and len(stages) > arg:
+        die()
+
+if phase == "timer":
+    threading.Timer(arg, die).start()
+elif phase == "journal":  # the request is durable; the retrain has not started
+    Ensemble.fit = die
+elif phase == "compact-copy":  # retrained; the compacted copy is written but not swapped in
+    real_fsync = sisa.store._fsync
+    def fsync_then_die(p):
+        real_fsync(p)
+        if p.name == "data.mdb":
+            die()
+    sisa.store._fsync = fsync_then_die
+elif phase == "compact-swap":  # the copy replaced data.mdb; directory not fsync'd, copy dir not removed
+    real_replace = os.replace
+    def replace_then_die(a, b):
+        real_replace(a, b)
+        die()
+    os.replace = replace_then_die
+elif phase == "certify":  # retrained and erased; the certificate is not written
+    sisa.unlearn.append_entry = die
+ens = Ensemble.open(path, address=address)
+ens.delete(victims, progress=progress)
+"""
+PHASES = ("journal", "retrain", "compact-copy", "compact-swap", "certify", "timer")
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
+@pytest.mark.faults
+def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: str, env_python: dict) -> None:
+    x, y = blobs(3000, d=10)
+    cfg = small_config("shards=3", "slices=4", "train.epochs=12")
+    template = tmp_path / "template"
+    with Ensemble.create(template, cfg) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        ens.delete([5])  # an earlier request, which must survive every crash below
+        with ens.store.read() as txn:
+            # Victims in the first slice of shards 0 and 1: both retrain all four stages.
+            victims = [int(ens.store.slice_ids(txn, s, 0)[1]) for s in (0, 1)]
+    survivors = sorted(set(range(3000)) - {5, *victims})
+    shutil.copytree(template, tmp_path / "ref")
+    with Ensemble.open(tmp_path / "ref") as ref:
+        started = time.perf_counter()
+        ref.delete(victims)
+        delete_seconds = time.perf_counter() - started
+        expected = live_state(ref)
+    needles = [x[v].astype("<f4").tobytes() for v in victims]
+
+    rng = random.Random(5)
+    seen_phases: dict[str, int] = {}
+    for trial in range(KILLS):
+        phase = PHASES[trial % len(PHASES)]
+        arg = {"retrain": rng.randrange(0, 8), "timer": rng.uniform(1.5, 3.0 + 1.5 * delete_seconds)}.get(phase, 0)
+        work = tmp_path / f"trial{trial}"
+        shutil.copytree(template, work)
+        code = run_child(CHILD_DELETE, [str(work), ray_address, phase, str(arg), ",".join(map(str, victims))],
+                         env_python, None)
+        seen_phases[phase] = seen_phases.get(phase, 0) + (code == -signal.SIGKILL)
+        assert_consistent(work)
+        with Ensemble.open(work, readonly=True) as reader:
+            with reader.store.read() as txn:
+                journaled = not any(reader.store.has_sample(txn, v) for v in victims)
+            if journaled:
+                # In between: no shard that saw a victim serves a model that saw it. A shard
+                # is either out of service or serves the clean retrain (bit-identical to ref).
+                for shard, state in live_state(reader).items():
+                    if shard in (0, 1):
+                        assert state == expected[shard], (phase, shard)
+                reader.predict_proba(x[:8])
+            else:  # killed before the request was durable: it was never acknowledged
+                assert code == -signal.SIGKILL and phase == "timer"
+        with Ensemble.open(work, address=ray_address) as ens:  # opening for writing finishes it
+            if not journaled:
+                ens.delete(victims)  # the client retries an unacknowledged request
+            assert ens.pending() == []
+            assert live_state(ens) == expected
+            assert ens.verify()["ok"]
+            audit = ens.audit()
+            assert audit.ok and audit.entries == 2, audit.problems
+            with ens.store.read() as txn:
+                assert all(ens.store.has_sample(txn, i) for i in survivors[::97])
+                assert ens.store.count_samples(txn) == len(survivors)
+        for needle in needles:
+            assert files_containing(work, needle) == []
+        assert not (work / ".compact").exists()
+        shutil.rmtree(work)
+    # Every phase was really interrupted at least once (a kill that came too late would not count).
+    assert all(seen_phases[p] >= 1 for p in PHASES if p != "timer"), seen_phases
+
+
+CHILD_FULL_DISK = """
+import resource, signal, sys
+import numpy as np
+from sisa.ensemble import Ensemble
+from sisa.errors import StoreFullError
+limit = int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+rng = np.random.default_rng(0)
+with Ensemble.open(sys.argv[1], resume=False) as ens:
+    try:
+        ens.ingest(rng.normal(size=(20000, 10)).astype("float32"), rng.integers(0, 3, 20000),
+                   ids=np.arange(10**6, 10**6 + 20000))
+    except StoreFullError as exc:
+        print("STORE FULL:", exc)
+        sys.exit(3)
+print("ingested")
+"""
+
+
+def test_full_disk_fails_cleanly_and_leaves_the_store_consistent(tmp_path: Path, env_python: dict) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        before = live_state(ens)
+    size = (tmp_path / "st" / "data.mdb").stat().st_size
+    # The file may not grow by more than 64 KiB: the 20,000-sample ingest (~1 MB) cannot fit.
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_FULL_DISK, str(tmp_path / "st"), str(size + 65536)],
+        env=env_python, capture_output=True, text=True, timeout=120,
+    )
+    assert child.returncode == 3, child.stdout + child.stderr
+    assert "no space" in child.stdout.lower() or "full" in child.stdout.lower(), child.stdout
+    assert_consistent(tmp_path / "st")
+    with Ensemble.open(tmp_path / "st") as ens:
+        assert ens.status()["samples"] == 600  # the failed ingest wrote nothing
+        assert live_state(ens) == before
+        assert ens.verify()["ok"]
+        ens.ingest(x[:10] + 1, y[:10], ids=np.arange(5000, 5010))  # and it still takes writes
+        assert ens.status()["samples"] == 610
+
+
+def flip_byte_in_file(path: Path, needle: bytes, offset: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0, "needle not found in the file"
+    data[at + offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_sample_record_names_shard_and_slice(tmp_path: Path) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        with ens.store.read() as txn:
+            victim = int(ens.store.slice_ids(txn, 2, 1)[3])
+    flip_byte_in_file(tmp_path / "st" / "data.mdb", x[victim].astype("<f4").tobytes(), offset=5)
+    with Ensemble.open(tmp_path / "st") as ens, pytest.raises(IntegrityError) as err:
+        ens.fit()
+    assert f"sample {victim} (shard 2 slice 1)" in str(err.value) and "was modified" in str(err.value)
+
+
+def test_flipped_byte_in_a_checkpoint_names_shard_and_stage(tmp_path: Path) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        with ens.store.read() as txn:
+            record = ens.store.stage_record(txn, 1, 3)
+            blob = ens.store.checkpoint(txn, record)
+    # Flip a byte in the middle of the checkpoint's bytes inside data.mdb (the weights).
+    flip_byte_in_file(tmp_path / "st" / "data.mdb", blob[len(blob) // 2 : len(blob) // 2 + 64])
+    with Ensemble.open(tmp_path / "st", readonly=True) as ens, pytest.raises(IntegrityError) as err:
+        ens.predict(x[:4])
+    assert "checkpoint of shard 1 stage 3" in str(err.value) and "was modified" in str(err.value)
