@@ -92,6 +92,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _seal_copy(path: Path, map_size: int) -> None:
+    """Make both meta pages of a compacted copy hold its data, with one no-op commit.
+
+    A compacting copy keeps the data in meta page 1 (txnid 1) and leaves page 0 an empty
+    database. Every process picks the current meta page by the parity of the txnid in
+    ``lock.mdb``, and that file outlives the swap while another process (a reader) has
+    the store open: with an even txnid there, the writer and readers would all see page
+    0, an empty store, and the next commit would overwrite the real data. Rewriting one
+    key with its own value, in the copy's own environment, commits txnid 2 into page 0
+    with the same content, so either parity finds the data.
+    """
+    env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DBS) + 4, subdir=True, mode=0o600)
+    try:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(write=True) as txn:
+            txn.put(b"format", txn.get(b"format", db=meta), db=meta)
+    finally:
+        env.close()
+
+
 class Store(Records):
     """An open store directory (record-level reads and writes come from :class:`Records`).
 
@@ -321,6 +341,7 @@ class Store(Records):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
         self._env.copy(str(tmp), compact=True)
+        _seal_copy(tmp, self._env.info()["map_size"])
         copied = tmp / "data.mdb"
         os.chmod(copied, 0o600)
         _fsync(copied)
