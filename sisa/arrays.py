@@ -15,7 +15,7 @@ import numpy as np
 
 from sisa.errors import DataError
 
-__all__ = ["MAX_ID", "LabeledArrays", "as_arrays", "validated"]
+__all__ = ["MAX_ID", "LabeledArrays", "as_arrays", "check_labels", "to_numpy", "validated"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class LabeledArrays:
         return int(self.x.shape[0])
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
     """Arrays, nested lists or torch tensors as numpy, without importing torch."""
     torch = sys.modules.get("torch")  # a tensor can only exist once torch is loaded
     if torch is not None and isinstance(value, torch.Tensor):
@@ -68,7 +68,7 @@ def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
         item = ds[i]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataError(f"Dataset item {i} must be a (features, label) pair, not {item!r:.60}")
-        feats, label = _to_numpy(item[0]), _to_numpy(item[1])
+        feats, label = to_numpy(item[0]), to_numpy(item[1])
         if xs and feats.shape != xs[0].shape:
             raise DataError(
                 f"Dataset items have inconsistent feature shapes: item 0 is {xs[0].shape}, "
@@ -141,7 +141,7 @@ def _check_ids(ids: Any, n: int) -> np.ndarray:
                 raise DataError(f"{rule}; found {v!r} at position {p}; {fix}")
             clean.append(int(v))
         ids = np.array(clean, dtype=np.int64)
-    out = _int_vector(_to_numpy(ids), n, "ids", MAX_ID, rule, fix)
+    out = _int_vector(to_numpy(ids), n, "ids", MAX_ID, rule, fix)
     order = np.argsort(out, kind="stable")
     dup = out[order[1:]] == out[order[:-1]]
     if dup.any():
@@ -152,6 +152,17 @@ def _check_ids(ids: Any, n: int) -> np.ndarray:
             f"{second}; drop or renumber the duplicates"
         )
     return out
+
+
+def check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
+    """Labels as a fresh int64 array after checking: 1-D, ``n`` of them, integers in ``[0, num_classes)``.
+
+    Raises:
+        DataError: Naming the first bad label (or the bad shape) and the fix.
+    """
+    k = int(num_classes)
+    rule, fix = f"labels must be integers in [0, {k})", "check data.num_classes or your labels"
+    return _int_vector(to_numpy(y), n, "y", k - 1, rule, fix)
 
 
 def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> LabeledArrays:
@@ -178,13 +189,9 @@ def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> Labeled
     elif y is None:
         raise DataError("labels y are required unless x is a Dataset of (features, label) pairs")
     else:
-        xa, ya = _to_numpy(x), _to_numpy(y)
+        xa, ya = to_numpy(x), to_numpy(y)
     xf = _check_x(xa, copy)
-    k = int(num_classes)
-    yf = _int_vector(
-        ya, len(xf), "y", k - 1, f"labels must be integers in [0, {k})", "check data.num_classes or your labels"
-    )
-    return LabeledArrays(xf, yf, _check_ids(ids, len(xf)))
+    return LabeledArrays(xf, check_labels(ya, len(xf), num_classes), _check_ids(ids, len(xf)))
 
 
 def as_arrays(x: Any, y: Any = None, ids: Any = None, *, num_classes: int) -> LabeledArrays:

@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sisa import cli_evaluate
 from sisa.cli_format import progress_bar, table
-from sisa.config import config_from_dict, config_to_dict, load_config
-from sisa.data import load_split
+from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
+from sisa.data import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError, SisaError
+from sisa.models import build_model
+from sisa.placement import check_shard_sizes, place
 
 __all__ = ["main"]
 
@@ -44,8 +48,8 @@ def _int_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
 
 
-def _evaluate(ens: Ensemble, method: str | None = None) -> dict[str, Any]:
-    test = load_split(ens.config.data, "test")
+def _evaluate(ens: Ensemble, method: str | None = None, test: LabeledArrays | None = None) -> dict[str, Any]:
+    test = load_split(ens.config.data, "test") if test is None else test
     started = time.perf_counter()
     accuracy = ens.score(test.x, test.y, method=method)
     per_shard = ens.shard_scores(test.x, test.y)
@@ -64,36 +68,64 @@ def _print_eval(result: dict[str, Any]) -> None:
     print(table(["model", "test accuracy"], rows))
 
 
+def _preflight(cfg: SisaConfig, shape: tuple[int, ...], train: LabeledArrays | None) -> None:
+    """Refuse, before anything is written, what training would refuse later.
+
+    The model must build for the data's sample shape (a CNN needs images, a custom
+    callable must import and run), and new data must give every shard at least
+    ``slices`` samples (else the first fit refuses, after the store was created).
+    """
+    build_model(cfg.model, shape, cfg.data.num_classes)
+    if train is not None:
+        shard, _, _ = place(cfg, train.ids, None, None)
+        check_shard_sizes(cfg, np.bincount(shard, minlength=cfg.shards).tolist())
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Create (or resume) a store, ingest the configured training data, train, evaluate."""
+    """Create (or resume) a store, ingest the configured training data, train, evaluate.
+
+    Config, data files, model and shard sizes are all checked before the store is created
+    or changed, so a run refused for bad input leaves no store behind and an existing
+    store byte for byte as it was.
+    """
     started = time.perf_counter()
     store = Path(args.store)
+    train: LabeledArrays | None = None
     if (store / "data.mdb").exists():
         ens = Ensemble.open(store, address=args.address)
         try:
+            cfg = ens.config
             if args.config or args.overrides:
                 # Overrides apply on top of the given file, or else on top of the stored config.
-                new = (
+                cfg = (
                     load_config(args.config, args.overrides)
                     if args.config
                     else config_from_dict(config_to_dict(ens.config), args.overrides)
                 )
-                ens.reconfigure(new)
+            shape = ens.feature_shape
+            if shape is None:  # created, never ingested
+                train = load_split(cfg.data, "train")
+                shape = train.feature_shape
+            test = load_split(cfg.data, "test")
+            _preflight(cfg, shape, train)
+            if cfg is not ens.config:
+                ens.reconfigure(cfg)
         except BaseException:
             ens.close()
             raise
     else:
-        ens = Ensemble.create(store, load_config(args.config, args.overrides), address=args.address)
+        cfg = load_config(args.config, args.overrides)
+        train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        _preflight(cfg, train.feature_shape, train)
+        ens = Ensemble.create(store, cfg, address=args.address)
     with ens:
-        ingested = 0
-        if ens.feature_shape is None:
-            ingested = ens.ingest(load_split(ens.config.data, "train"))
+        ingested = ens.ingest(train) if train is not None else 0
         cfg = ens.config
         bar = progress_bar(cfg.shards * cfg.slices, "training") if not args.json else None
         report = ens.fit(progress=(lambda _r: bar.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
-        result = _evaluate(ens)
+        result = _evaluate(ens, test=test)
         result.update(
             {
                 "store": str(store),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sisa.config_rules import choice as _choice
+from sisa.config_rules import load_yaml as _load_yaml
 from sisa.config_rules import require as _require
 from sisa.errors import ConfigError
 from sisa.evaluation_config import EvaluateConfig
@@ -151,8 +153,11 @@ class TrainConfig:
         _choice("train.epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be > 0 and finite")
+        _require(
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            f"train.weight_decay={self.weight_decay} must be >= 0 and finite",
+        )
         _require(0 <= self.momentum < 1, f"train.momentum={self.momentum} must be in [0, 1)")
 
     def stage_epochs(self, slices: int) -> int:
@@ -196,8 +201,8 @@ class PartitionConfig:
         _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
         aware = self.strategy == "distribution-aware"
         _require(
-            self.bound is None or self.bound > 0,
-            f"partition.bound={self.bound} must be > 0 (an expected number of deletions per shard), or null",
+            self.bound is None or (self.bound > 0 and math.isfinite(self.bound)),
+            f"partition.bound={self.bound} must be > 0 and finite (an expected number of deletions per shard), or null",
         )
         _require(
             aware or (self.bound is None and self.probabilities is None),
@@ -262,7 +267,10 @@ class ResourcesConfig:
     max_retries: int = 3
 
     def __post_init__(self) -> None:
-        _require(self.cpus_per_shard > 0, f"resources.cpus_per_shard={self.cpus_per_shard} must be > 0")
+        _require(
+            self.cpus_per_shard > 0 and math.isfinite(self.cpus_per_shard),
+            f"resources.cpus_per_shard={self.cpus_per_shard} must be > 0 and finite",
+        )
         _require(
             0 <= self.gpus_per_shard <= 1 or float(self.gpus_per_shard).is_integer(),
             f"resources.gpus_per_shard={self.gpus_per_shard} must be a fraction in [0, 1] or a whole number",
@@ -396,7 +404,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r} has an empty key part")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
     node = tree
@@ -421,7 +429,14 @@ def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> S
     Raises:
         ConfigError: On unknown keys, wrong types, or values out of range.
     """
-    tree: dict[str, Any] = json.loads(json.dumps(dict(raw)))  # deep copy, JSON-able only
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of keys (as in a YAML file), got {type(raw).__name__}")
+    try:
+        tree: dict[str, Any] = json.loads(json.dumps(dict(raw)))  # deep copy, JSON-able only
+    except (TypeError, ValueError) as exc:  # YAML dates, sets, binary, or NaN keys
+        raise ConfigError(
+            f"a config value is not plain data ({exc}); quote dates and use numbers, strings, lists"
+        ) from exc
     for override in overrides:
         _apply_override(tree, override)
     return _build(SisaConfig, tree)
@@ -450,9 +465,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file")
+            what = "is a directory, not a file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config file {p} {what}; pass an existing YAML file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _load_yaml(p.read_text()) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text ({exc}); pass a YAML file") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(raw, Mapping):

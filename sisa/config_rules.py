@@ -1,4 +1,4 @@
-"""The two checks every config section uses: a condition with its message, and a choice from a list.
+"""The shared config checks (a condition with its message, a choice from a list) and strict YAML parsing.
 
 They live apart from :mod:`sisa.config` so that config sections defined in other modules
 (such as :mod:`sisa.evaluation_config`) share them without an import cycle.
@@ -7,10 +7,13 @@ They live apart from :mod:`sisa.config` so that config sections defined in other
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import yaml
 
 from sisa.errors import ConfigError
 
-__all__ = ["choice", "require"]
+__all__ = ["choice", "load_yaml", "require"]
 
 
 def require(ok: bool, message: str) -> None:
@@ -39,3 +42,40 @@ def choice(name: str, value: str, allowed: Sequence[str]) -> None:
         ConfigError: Naming the key, the bad value and the allowed ones.
     """
     require(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
+
+    Plain YAML loading keeps the last of ``shards: 8`` ... ``shards: 16`` without a word;
+    a config must not silently drop a setting the user wrote.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by own keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}; keep one of them",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, but refuse a key repeated in one mapping.
+
+    Raises:
+        yaml.YAMLError: On invalid YAML or a duplicate key (with its line and column).
+    """
+    return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass

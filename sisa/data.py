@@ -186,24 +186,27 @@ def load_csv(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file {p} does not exist; check data.train / data.test")
-    with p.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            raise DataError(f"{p} is empty; a header row naming the columns is required")
-        for col, key in ((label_column, "label_column"), (id_column, "id_column")):
-            if col is not None and col not in header:
-                raise DataError(f"{p} has no column {col!r}; its columns are {header}; set data.{key}")
-        if len(set(header)) != len(header):
-            raise DataError(f"{p} repeats a column name in its header {header}; make names unique")
-        rows: list[tuple[int, list[str]]] = []
-        for row in reader:
-            if row and len(row) != len(header):
-                raise DataError(
-                    f"{p} line {reader.line_num} has {len(row)} cells, the header {len(header)}; fix that row"
-                )
-            if row:  # blank lines (e.g. a trailing newline) carry no sample
-                rows.append((reader.line_num, row))
+    try:
+        with p.open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
+                raise DataError(f"{p} is empty; a header row naming the columns is required")
+            for col, key in ((label_column, "label_column"), (id_column, "id_column")):
+                if col is not None and col not in header:
+                    raise DataError(f"{p} has no column {col!r}; its columns are {header}; set data.{key}")
+            if len(set(header)) != len(header):
+                raise DataError(f"{p} repeats a column name in its header {header}; make names unique")
+            rows: list[tuple[int, list[str]]] = []
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(
+                        f"{p} line {reader.line_num} has {len(row)} cells, the header {len(header)}; fix that row"
+                    )
+                if row:  # blank lines (e.g. a trailing newline) carry no sample
+                    rows.append((reader.line_num, row))
+    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, a NUL byte, a runaway quote
+        raise DataError(f"{p} is not a readable CSV text file ({exc}); save it as UTF-8 CSV with a header row") from exc
     if not rows:
         raise DataError(f"{p} has a header but no data rows; give at least one sample")
     feats = [i for i, h in enumerate(header) if h not in (label_column, id_column)]

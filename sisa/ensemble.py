@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from sisa.arrays import check_labels
 from sisa.config import SisaConfig, config_from_dict, config_to_dict
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
 from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
-from sisa.placement import place
+from sisa.placement import check_shard_sizes, place
 from sisa.serving import Serving
 from sisa.store import Store
 from sisa.trainer import ShardJob, SliceData, StageResult
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 # Keys that decide where samples live; changing them on an existing store would move samples.
 _PARTITION_KEYS = ("seed", "shards", "slices", "partition")
+
+
+def _require_config(config: Any) -> None:
+    if not isinstance(config, SisaConfig):
+        raise ConfigError(
+            f"config must be a SisaConfig, not {type(config).__name__}; "
+            "build one with sisa.load_config(path, overrides)"
+        )
 
 
 @dataclass
@@ -80,7 +89,12 @@ class Ensemble:
 
         Returns:
             The ensemble, open for writing.
+
+        Raises:
+            ConfigError: If ``config`` is not a :class:`~sisa.config.SisaConfig`.
+            StoreError: If ``path`` is a file, a store, or a non-empty directory.
         """
+        _require_config(config)
         meta = {
             "config": config_to_dict(config),
             "feature_shape": None,
@@ -146,8 +160,9 @@ class Ensemble:
         decide where samples live.
 
         Raises:
-            ConfigError: If a partition-defining key differs.
+            ConfigError: If ``config`` is not a SisaConfig, or a partition-defining key differs.
         """
+        _require_config(config)
         old, new = config_to_dict(self.config), config_to_dict(config)
         # The prior file is read only at ingest and every placement is persisted, so pointing
         # partition.probabilities at another file (say, one covering data to add) moves nothing.
@@ -299,7 +314,7 @@ class Ensemble:
             What was trained.
 
         Raises:
-            ConfigError: If a shard would be empty or hold fewer samples than slices.
+            ConfigError: At the first fit, if a shard holds fewer samples than slices (or none).
         """
         from sisa import orchestrator  # the one Ray import; keeps predict/status Ray-free
 
@@ -313,15 +328,13 @@ class Ensemble:
             live = self.store.live(txn)
             # Before the first training, a shard smaller than R is a configuration mistake;
             # after deletions it is a fact to handle (an empty shard simply has no model).
-            first_fit = not self.store.meta(txn).get("trained")
-            for shard in range(cfg.shards):
-                slice_ids = self._shard_slices(txn, shard)
+            all_slices = [self._shard_slices(txn, shard) for shard in range(cfg.shards)]
+            # Before the first training, a shard smaller than R is a configuration mistake;
+            # after deletions it is a fact to handle (an empty shard simply has no model).
+            if not self.store.meta(txn).get("trained"):
+                check_shard_sizes(cfg, [sum(len(s) for s in slice_ids) for slice_ids in all_slices])
+            for shard, slice_ids in enumerate(all_slices):
                 size = sum(len(s) for s in slice_ids)
-                if first_fit and size < cfg.slices:
-                    raise ConfigError(
-                        f"shard {shard} holds {size} samples, fewer than slices={cfg.slices}: "
-                        f"lower shards (now {cfg.shards}) or slices, or ingest more data"
-                    )
                 if size == 0:
                     report.empty.append(shard)
                     continue
@@ -466,8 +479,13 @@ class Ensemble:
         return self.predict_proba(x, method=method, batch_size=batch_size).argmax(axis=1)
 
     def score(self, x: Any, y: Any, *, method: str | None = None) -> float:
-        """Ensemble accuracy on ``(x, y)``."""
-        return float((self.predict(x, method=method) == np.asarray(y)).mean())
+        """Ensemble accuracy on ``(x, y)``.
+
+        Raises:
+            DataError: On bad inputs, or labels that are not ``len(x)`` integers in ``[0, num_classes)``.
+        """
+        predicted = self.predict(x, method=method)
+        return float((predicted == check_labels(y, len(predicted), self.config.data.num_classes)).mean())
 
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
         """Accuracy of each live shard model on ``(x, y)``."""

@@ -96,8 +96,8 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         which the trainer seeds first).
 
     Raises:
-        ModelError: If a custom ``module:callable`` cannot be imported or does not
-            return an ``nn.Module``.
+        ModelError: If a custom ``module:callable`` cannot be imported, fails when
+            called, or does not return an ``nn.Module``.
     """
     if cfg.name == "mlp":
         return mlp(input_shape, num_classes, cfg.hidden, cfg.dropout)
@@ -110,7 +110,13 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         raise ModelError(
             f"model.name={cfg.name!r} cannot be imported ({exc}); check the module is on PYTHONPATH"
         ) from exc
-    model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
+    try:
+        model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
+    except Exception as exc:  # the user's code failed: report it as a model problem, not a training crash
+        raise ModelError(
+            f"model.name={cfg.name!r} failed to build ({type(exc).__name__}: {exc}); it is called as "
+            "f(input_shape=..., num_classes=..., **model.options)"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.name={cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -8,13 +8,14 @@ and the store is never touched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sisa.config import SisaConfig
 from sisa.deletion_prior import check_probabilities, load_prior
-from sisa.errors import DataError
+from sisa.errors import ConfigError, DataError
 from sisa.partition import (
     distribution_aware_assignment,
     greedy_shards,
@@ -23,7 +24,7 @@ from sisa.partition import (
     uniform_assignment,
 )
 
-__all__ = ["place", "prior_for"]
+__all__ = ["check_shard_sizes", "place", "prior_for"]
 
 
 def place(
@@ -90,3 +91,26 @@ def prior_for(cfg: SisaConfig, ids: np.ndarray, probabilities: Any) -> np.ndarra
             "partition.probabilities=PATH (.csv id,probability or .npz ids/probability) or pass probabilities="
         )
     return load_prior(path, ids)
+
+
+def check_shard_sizes(cfg: SisaConfig, sizes: Sequence[int]) -> None:
+    """Refuse a first training in which a shard holds fewer samples than slices.
+
+    Such a shard would train on empty slices: SISA's checkpoints per slice mean nothing
+    there, and the data is too small for the configured S x R. After deletions a small
+    (even empty) shard is a fact the ensemble handles, so only the first fit checks this.
+
+    Args:
+        cfg: The ensemble's config.
+        sizes: Number of samples in each shard.
+
+    Raises:
+        ConfigError: Naming the smallest shard and how to fix the config.
+    """
+    smallest = min(range(len(sizes)), key=lambda s: (sizes[s], s))
+    if sizes[smallest] < cfg.slices:
+        raise ConfigError(
+            f"shard {smallest} holds {sizes[smallest]} samples, fewer than slices={cfg.slices} "
+            f"({sum(sizes)} samples over shards={cfg.shards}): lower shards or slices "
+            "(e.g. the override shards=N or slices=N), or ingest more data"
+        )

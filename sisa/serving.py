@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sisa import aggregate
+from sisa.arrays import check_labels, to_numpy
 from sisa.errors import DataError, NotTrainedError
 from sisa.models import build_model
 from sisa.trainer import load_checkpoint
@@ -71,13 +72,24 @@ class Serving:
         """Inputs as a float32 tensor, checked against the stored sample shape.
 
         Raises:
-            DataError: If the sample shape differs.
+            DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
         """
         shape = self._ens.feature_shape
-        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        if shape is not None and tuple(xt.shape[1:]) != shape:
-            raise DataError(f"inputs have sample shape {tuple(xt.shape[1:])}, the ensemble expects {shape}")
-        return xt
+        xa = to_numpy(x)  # DataError on ragged rows
+        if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
+            raise DataError(
+                f"inputs must be numeric features, not {xa.dtype}; convert them (e.g. x.astype(np.float32))"
+            )
+        if shape is not None and tuple(xa.shape[1:]) != shape:
+            raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
+        with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
+            xf = np.ascontiguousarray(xa, dtype=np.float32)
+        bad = int((~np.isfinite(xf)).sum())
+        if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
+            raise DataError(
+                f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first"
+            )
+        return torch.from_numpy(xf)
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
         """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
@@ -95,11 +107,16 @@ class Serving:
         return out.cpu().numpy()
 
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
-        """Accuracy of each live shard model on ``(x, y)``."""
+        """Accuracy of each live shard model on ``(x, y)``.
+
+        Raises:
+            DataError: On bad inputs, or labels that are not ``len(x)`` integers in ``[0, num_classes)``.
+        """
         live = self.snapshot()
+        xt = self.as_tensor(x)
+        y_np = check_labels(y, xt.shape[0], self._ens.config.data.num_classes)
         probas = aggregate.shard_probas(
-            [model for model, _ in live.values()], self.as_tensor(x), backend=self._ens.config.aggregate.backend
+            [model for model, _ in live.values()], xt, backend=self._ens.config.aggregate.backend
         )
         labels = probas.argmax(dim=2).cpu().numpy()
-        y_np = np.asarray(y)
         return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}

@@ -13,7 +13,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ def normalize_ids(ids: Any) -> list[int]:
     """
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         ids = [ids]
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
         raise DataError(f"ids must be a list of integers, got {type(ids).__name__}")
     raw = list(np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else ids)
     if not raw:
@@ -278,10 +278,12 @@ def verify(
     from sisa import orchestrator
 
     store, cfg = ens.store, ens.config
+    if shards is not None and (isinstance(shards, (str, bytes)) or not isinstance(shards, Iterable)):
+        raise DataError(f"shards must be a list of shard indices, got {type(shards).__name__}; e.g. shards=[0, 2]")
     chosen = list(range(cfg.shards)) if shards is None else list(shards)
-    bad = [s for s in chosen if not 0 <= s < cfg.shards]
+    bad = [s for s in chosen if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < cfg.shards]
     if bad:
-        raise DataError(f"shard {bad[0]} does not exist; shards are 0..{cfg.shards - 1}")
+        raise DataError(f"shard {bad[0]!r} does not exist; shards are the integers 0..{cfg.shards - 1}")
     out: dict[str, Any] = {}
     jobs = []
     with store.read() as txn:
