@@ -43,19 +43,25 @@ class _SharedEnv:
     environment under all handles, so handles hold this object rather than the env.
     """
 
-    def __init__(self, path: Path, readonly: bool) -> None:
+    def __init__(self, path: Path, readonly: bool, create: bool = False) -> None:
         self.path = path
         self.count = 0
         self.env_readonly = readonly
-        self.env, self.dbs = self._open()
+        # Only a new store creates its tables: opening an LMDB directory that is not a sisa
+        # store must fail without writing tables into it.
+        self.env, self.dbs = self._open(create)
 
-    def _open(self) -> tuple[lmdb.Environment, dict[str, Any]]:
+    def _open(self, create: bool = False) -> tuple[lmdb.Environment, dict[str, Any]]:
         data = self.path / "data.mdb"
         size = max(_INITIAL_MAP, data.stat().st_size if data.exists() else 0)
         env = lmdb.open(
             str(self.path), map_size=size, max_dbs=len(DBS) + 4, readonly=self.env_readonly, subdir=True, mode=0o600
         )
-        dbs = {name: env.open_db(name.encode(), create=not self.env_readonly) for name in DBS}
+        try:
+            dbs = {name: env.open_db(name.encode(), create=create and not self.env_readonly) for name in DBS}
+        except lmdb.Error:
+            env.close()  # else this process could never open the directory again
+            raise
         self.ident = _file_ident(data)
         return env, dbs
 
@@ -151,13 +157,13 @@ class Store(Records):
         return fd
 
     @classmethod
-    def _open_env(cls, path: Path, readonly: bool) -> _SharedEnv:
+    def _open_env(cls, path: Path, readonly: bool, create: bool = False) -> _SharedEnv:
         real = os.path.realpath(path)
         shared = _ENVS.get(real)
         if shared is None:
             # Opened writable whenever the files allow it, so a reader opened first does not
             # stop a later writer in this process; the writer lock decides who writes.
-            shared = _SharedEnv(path, readonly and not os.access(path / "data.mdb", os.W_OK))
+            shared = _SharedEnv(path, readonly and not os.access(path / "data.mdb", os.W_OK), create)
             _ENVS[real] = shared
         shared.count += 1
         return shared
@@ -183,6 +189,8 @@ class Store(Records):
             StoreError: If ``path`` already holds a store or other files.
         """
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} is a file, not a directory; pick a new or empty directory for the store")
         if p.exists() and any(p.iterdir()):
             if (p / "data.mdb").exists():
                 raise StoreError(f"{p} already holds a store; open it with Ensemble.open / --store, or pick a new path")
@@ -196,7 +204,7 @@ class Store(Records):
             os.fsync(secret)
         finally:
             os.close(secret)
-        store = cls(p, cls._open_env(p, readonly=False), fd)
+        store = cls(p, cls._open_env(p, readonly=False, create=True), fd)
         store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))
         return store
 
@@ -218,6 +226,10 @@ class Store(Records):
         p = Path(path)
         if not (p / "data.mdb").is_file():
             raise StoreError(f"{p} is not a sisa store (no data.mdb); create one with `sisa train --store {p}`")
+        if (p / "data.mdb").stat().st_size == 0:  # LMDB would initialise it: refuse, write nothing
+            raise StoreError(
+                f"{p} is not a sisa store (its data.mdb is empty); point --store at a store `sisa train` made"
+            )
         fd = None if readonly else cls._lock(p)
         if fd is not None:
             # A crash during compaction leaves a partial copy (of live data only): drop it.
@@ -231,7 +243,9 @@ class Store(Records):
                 store.close()
             elif fd is not None:
                 os.close(fd)
-            raise StoreError(f"{p} is not a readable sisa store: {exc}") from exc
+            raise StoreError(
+                f"{p} is not a readable sisa store ({exc}); point --store at a store `sisa train` made"
+            ) from exc
         if version != FORMAT_VERSION:
             store.close()
             raise StoreError(f"{p} has store format {version!r}; this sisa reads format {FORMAT_VERSION}")
