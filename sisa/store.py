@@ -27,10 +27,12 @@ __all__ = ["FORMAT_VERSION", "Store", "id_key", "member_key", "shard_key", "stag
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sample records carry a BLAKE2b digest
 _INITIAL_MAP = 1 << 28  # 256 MiB; grown by doubling on MapFullError
 _LOCK_NAME = "writer.lock"
 _SECRET_NAME = "hmac.key"  # per-store HMAC secret for keyed hashes of ids and the audit chain
+# OS error texts (as LMDB words them) of a write that failed for lack of room.
+_WRITE_FAILURES = ("No space left", "Input/output error", "File too large", "Disk quota exceeded")
 _COMPACT_DIR = ".compact"  # where a compacted copy is built before it replaces data.mdb
 
 T = TypeVar("T")
@@ -113,7 +115,10 @@ def _seal_copy(path: Path, map_size: int) -> None:
     try:
         meta = env.open_db(b"meta", create=False)
         with env.begin(write=True) as txn:
-            txn.put(b"format", txn.get(b"format", db=meta), db=meta)
+            value = txn.get(b"format", db=meta)
+            if value is None:  # every store has it (create writes it first)
+                raise StoreError(f"compacted copy in {path} has no format record")
+            txn.put(b"format", value, db=meta)
     finally:
         env.close()
 
@@ -248,7 +253,10 @@ class Store(Records):
             ) from exc
         if version != FORMAT_VERSION:
             store.close()
-            raise StoreError(f"{p} has store format {version!r}; this sisa reads format {FORMAT_VERSION}")
+            raise StoreError(
+                f"{p} has store format {version!r}; this sisa reads format {FORMAT_VERSION}: "
+                "train a new store from the original data (`sisa train --store NEW ...`)"
+            )
         return store
 
     def close(self) -> None:
@@ -309,14 +317,19 @@ class Store(Records):
                 log.info("store map full; growing to %d MiB", new_size >> 20)
                 self._env.set_mapsize(new_size)
             except lmdb.Error as exc:
-                if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc):
+                # LMDB reports a short write at commit as EIO; a size limit as EFBIG.
+                if isinstance(exc, lmdb.DiskError) or any(m in str(exc) for m in _WRITE_FAILURES):
                     raise StoreFullError(
-                        f"store {self.path}: the disk is full; the change was not written. Free space and retry"
+                        f"store {self.path}: the write failed ({exc}): the disk is full, over quota or "
+                        "failing; nothing of the change was written (the store is as before). Free space and retry"
                     ) from exc
                 raise
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise StoreFullError(f"store {self.path}: the disk is full; the change was not written") from exc
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise StoreFullError(
+                        f"store {self.path}: the write failed ({exc.strerror}); nothing of the change was written. "
+                        "Free space and retry"
+                    ) from exc
                 raise
 
     @contextmanager
@@ -354,11 +367,19 @@ class Store(Records):
         before = data.stat().st_size
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
-        self._env.copy(str(tmp), compact=True)
-        _seal_copy(tmp, self._env.info()["map_size"])
         copied = tmp / "data.mdb"
-        os.chmod(copied, 0o600)
-        _fsync(copied)
+        try:
+            self._env.copy(str(tmp), compact=True)
+            _seal_copy(tmp, self._env.info()["map_size"])
+            os.chmod(copied, 0o600)
+            _fsync(copied)
+        except (lmdb.Error, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # data.mdb is untouched; a pending deletion stays pending and `sisa resume` erases it later.
+            raise StoreFullError(
+                f"store {self.path}: compaction could not write its copy ({exc}); the store is unchanged. "
+                "Free space (the copy needs about the size of data.mdb) and run `sisa resume`"
+            ) from exc
         self._env.close()
         try:
             os.replace(copied, data)
