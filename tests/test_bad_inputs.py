@@ -401,7 +401,10 @@ API_CALLS = [
         id="reconfigure-shards",
     ),
     pytest.param(
-        lambda e: e.reconfigure("configs/tiny.yaml"), ConfigError, "config must be a SisaConfig", id="reconf-str"
+        lambda e: e.reconfigure("configs/tiny.yaml"),
+        ConfigError,
+        "config must be a SisaConfig",
+        id="reconfigure-not-a-config",
     ),
 ]
 
