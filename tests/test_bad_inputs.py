@@ -136,7 +136,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> dict[s
 
 
 def _fill(arg: str, world: dict[str, Path]) -> str:
-    return arg.format(dir=world["dir"], store=world["store"], config=world["config"], new=world["dir"] / "new_store")
+    return arg.format(dir=world["dir"], store=world["store"], config=world["config"])
 
 
 # ------------------------------------------------------------------- configs (Python API)
@@ -609,9 +609,9 @@ CLI_NEW_STORE = [
 
 @pytest.mark.parametrize(("argv", "message"), CLI_NEW_STORE)
 def test_refused_train_leaves_no_store_behind(
-    world: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    new = world["dir"] / "new_store"
+    new = tmp_path / "new_store"
     code, out, err = _run_cli(["train", "--store", str(new), *(_fill(a, world) for a in argv)], capsys)
     assert code == 2, (out, err)
     assert message in err, err
