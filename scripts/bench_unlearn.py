@@ -77,6 +77,11 @@ from benchlib import head, machine_info, usable_cpus  # noqa: E402
 
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.cost_model import (  # noqa: E402
+    drawn_work,
+    expected_work,
+    expected_work_closed_form,
+)
 from sisa.data import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.partition import uniform_assignment  # noqa: E402
@@ -264,84 +269,8 @@ def slice_sizes(ens: Ensemble) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- cost model
-def shard_work(sizes: Sequence[int], epochs: int) -> list[float]:
-    """Work (sample-epochs) of retraining one shard from each 1-based slice r = 1..R.
-
-    Stage j trains ``epochs`` epochs on slices 1..j, so restarting at slice r costs
-    ``epochs * sum_{j=r..R} |slices 1..j|``.
-
-    Returns:
-        ``work[r - 1]`` for r = 1..R.
-    """
-    cum = np.cumsum(np.asarray(sizes, dtype=np.float64))
-    tail = np.cumsum(cum[::-1])[::-1]  # tail[r-1] = sum_{j>=r} cum[j-1]
-    return [float(epochs * t) for t in tail]
-
-
-def binomial_pmf(k: int, p: float) -> np.ndarray:
-    """``P(m)`` for m = 0..k of Binomial(k, p), computed in log space (stable for large k)."""
-    m = np.arange(k + 1, dtype=np.float64)
-    if p <= 0.0:
-        return (m == 0).astype(np.float64)
-    if p >= 1.0:
-        return (m == k).astype(np.float64)
-    log_comb = np.array([math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1) for i in range(k + 1)])
-    return np.exp(log_comb + m * math.log(p) + (k - m) * math.log1p(-p))
-
-
-def expected_work(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
-    """Expected retraining work of one request of ``k`` uniformly drawn ids (sum over the binomial).
-
-    Args:
-        sizes: Samples per slice of each shard (the store's actual layout).
-        epochs: Epochs per stage ``e'``.
-        k: Ids in the request.
-
-    Returns:
-        Expected sample-epochs retrained: sum over shards, over m ~ Binomial(k, |shard|/n)
-        ids landing there (m >= 1), over the first touched slice r with
-        ``P(r_min >= r) = q_r^m``, of the work of retraining from r.
-    """
-    n = float(sum(sum(s) for s in sizes))
-    total = 0.0
-    for shard in sizes:
-        size = float(sum(shard))
-        if size == 0:
-            continue
-        work = np.asarray(shard_work(shard, epochs))
-        q = np.append(np.cumsum(np.asarray(shard, dtype=np.float64)[::-1])[::-1] / size, 0.0)  # q[r-1], q[R] = 0
-        pmf = binomial_pmf(k, size / n)
-        m = np.arange(1, k + 1, dtype=np.float64)[:, None]
-        p_first = q[None, :-1] ** m - q[None, 1:] ** m  # P(r_min = r | m), rows m = 1..k
-        total += float(pmf[1:] @ (p_first @ work))
-    return total
-
-
-def expected_work_closed_form(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
-    """The same expectation via the binomial generating function ``E[q^m] = (1 - p + p q)^k`` (a check)."""
-    n = float(sum(sum(s) for s in sizes))
-    total = 0.0
-    for shard in sizes:
-        size = float(sum(shard))
-        if size == 0:
-            continue
-        p = size / n
-        work = np.asarray(shard_work(shard, epochs))
-        q = np.append(np.cumsum(np.asarray(shard, dtype=np.float64)[::-1])[::-1] / size, 0.0)
-        tail = (1.0 - p + p * q) ** k - (1.0 - p) ** k  # P(m >= 1 and r_min >= r)
-        total += float((tail[:-1] - tail[1:]) @ work)
-    return total
-
-
-def drawn_work(sizes_after: Sequence[Sequence[int]], epochs: int, first_slice: dict[int, int]) -> float:
-    """Work SISA must retrain for the ids actually drawn: each touched shard from its first touched slice.
-
-    Args:
-        sizes_after: Samples per slice of each shard after the deletion.
-        epochs: Epochs per stage.
-        first_slice: Shard -> first touched slice (1-based) of the drawn ids.
-    """
-    return sum(shard_work(sizes_after[s], epochs)[r - 1] for s, r in first_slice.items())
+# shard_work, binomial_pmf, expected_work, expected_work_closed_form and drawn_work moved to
+# sisa/cost_model.py (imported above), shared with scripts/simulate_requests.py.
 
 
 def first_slices(ids: Sequence[int], cfg: SisaConfig) -> dict[int, int]:
