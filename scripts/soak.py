@@ -274,7 +274,7 @@ def reader_main(exchange: Path) -> None:
 
     args = json.loads((exchange / "reader_args.json").read_text())
     torch.set_num_threads(int(args["threads"]))
-    x = np.load(exchange / "x.npy")
+    x, y = np.load(exchange / "x.npy"), np.load(exchange / "y.npy")
     interval = 1.0 / args["rate"] if args["rate"] > 0 else 0.0
     ens = Ensemble.open(args["store"], readonly=True)
     key_sets: dict[tuple[tuple[int, str], ...], int] = {}
@@ -283,26 +283,29 @@ def reader_main(exchange: Path) -> None:
     ends: list[float] = []
     status: list[int] = []  # 0 ok, 1 unavailable (every shard out of service), 2 error
     used: list[int] = []
+    accuracy: list[float | None] = []  # of the served labels on the fixed batch
     errors: list[str] = []
     stop = exchange / "stop"
     next_at = time.monotonic()
     while not stop.exists():
         start = time.monotonic()
+        acc = None
         try:
-            ens.predict_proba(x)
-            code = 0
+            proba = ens.predict_proba(x)
+            end = time.monotonic()
+            code, acc = 0, round(float((proba.argmax(axis=1) == y).mean()), 5)
         except NotTrainedError:
-            code = 1
+            end, code = time.monotonic(), 1
         except Exception as exc:  # recorded, never fatal: the soak reports every failure
-            code = 2
-            if code == 2 and len(errors) < 20:
+            end, code = time.monotonic(), 2
+            if len(errors) < 20:
                 errors.append(f"{type(exc).__name__}: {exc}")
-        end = time.monotonic()
         # After the call the serving cache holds exactly the live set of the snapshot it read.
         live = tuple(sorted((s, c[0]) for s, c in ens._serving._cache.items())) if code == 0 else ()
         starts.append(start - t0)
         ends.append(end - t0)
         status.append(code)
+        accuracy.append(acc)
         used.append(key_sets.setdefault(live, len(key_sets)))
         if len(starts) == 1:
             (exchange / "ready").write_text("1")
@@ -316,6 +319,7 @@ def reader_main(exchange: Path) -> None:
         "start": starts,
         "end": ends,
         "status": status,
+        "accuracy": accuracy,
         "key_set": used,
         "key_sets": [[list(p) for p in k] for k in key_sets],
         "errors": errors,
@@ -325,10 +329,13 @@ def reader_main(exchange: Path) -> None:
     (exchange / "reader.json").write_text(json.dumps(result))
 
 
-def start_reader(store: Path, x: np.ndarray, exchange: Path, w: Workload, t0: float) -> subprocess.Popen[bytes]:
-    """Start the reader subprocess and wait until it has served its first prediction."""
+def start_reader(
+    store: Path, x: np.ndarray, y: np.ndarray, exchange: Path, w: Workload, t0: float
+) -> subprocess.Popen[bytes]:
+    """Start the reader subprocess on the batch ``(x, y)``; wait until it has served its first prediction."""
     exchange.mkdir(parents=True, exist_ok=True)
     np.save(exchange / "x.npy", np.ascontiguousarray(x, dtype=np.float32))
+    np.save(exchange / "y.npy", np.asarray(y, dtype=np.int64))
     args = {"store": str(store), "rate": w.predict_rate, "threads": w.reader_threads, "t0": t0}
     (exchange / "reader_args.json").write_text(json.dumps(args))
     with open(exchange / "reader.stderr", "wb") as err:
@@ -543,14 +550,17 @@ def summarize(
 
 
 # --------------------------------------------------------------------------- one soak
-def run_soak(cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, workdir: Path, w: Workload) -> dict[str, Any]:
+def run_soak(
+    cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, test_y: np.ndarray, workdir: Path, w: Workload
+) -> dict[str, Any]:
     """Train a store, run the request stream against it with a reader process, check everything.
 
-    Ray must be up (or :func:`sisa.orchestrator.connect` starts a local instance).
+    Ray must be up (or :func:`sisa.orchestrator.connect` starts a local instance). The
+    reader predicts the first ``w.predict_batch`` test samples.
 
     Returns:
         ``train`` (fit figures), ``requests``, ``batches``, ``summary``, ``checks``, ``ok``
-        and the reader's ``predictions`` time series.
+        and the reader's ``predictions`` time series (seconds since the first request).
     """
     store = workdir / "store"
     t_fit = time.perf_counter()
@@ -563,10 +573,11 @@ def run_soak(cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, workdir:
     if n_ids > len(train):
         raise SystemExit(f"the stream deletes {n_ids} ids but the store holds {len(train)}; ingest more data")
     pool = np.random.default_rng(w.seed + 2).choice(train.ids, size=n_ids, replace=False).tolist()
-    batch = test_x[: w.predict_batch]
+    batch, batch_y = test_x[: w.predict_batch], np.asarray(test_y)[: w.predict_batch]
+    accuracy_before = ens.score(batch, batch_y)
     t0 = time.monotonic()
     exchange = workdir / "exchange"
-    proc = start_reader(store, batch, exchange, w, t0)
+    proc = start_reader(store, batch, batch_y, exchange, w, t0)
     try:
         stream_start = time.monotonic() - t0
         requests, batches, deleted = run_stream(ens, events, pool, w, t0)
@@ -578,6 +589,7 @@ def run_soak(cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, workdir:
             proc.kill()
             proc.wait()
     final = final_state(ens, deleted)
+    accuracy_after = ens.score(batch, batch_y)
     ens.close()
     for r in requests:  # the stream's clock starts at its first request
         for k in ("sent_at", "journaled_at", "acked_at"):
@@ -590,6 +602,17 @@ def run_soak(cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, workdir:
     checks = check(requests, batches, reader, final)
     summary = summarize(requests, batches, reader, stream_end - stream_start)
     summary["verify_s"] = final["verify_s"]
+    served = [a for a in reader["accuracy"] if a is not None]
+    summary["accuracy"] = {
+        "full_ensemble_before": accuracy_before,
+        "full_ensemble_after": accuracy_after,
+        "served_mean": float(np.mean(served)) if served else None,
+        "served_min": float(np.min(served)) if served else None,
+        "served_p1": float(np.percentile(served, 1)) if served else None,
+        "served_p50": float(np.median(served)) if served else None,
+    }
+    for r in requests:  # the checks are done: keep the JSON small
+        r["retired"] = len(r["retired"])
     return {
         "train": {"samples": len(train), "fit_s": fit_s, "stage_seconds": report.stage_seconds},
         "final_samples": final["samples"],
@@ -598,7 +621,13 @@ def run_soak(cfg: SisaConfig, train: LabeledArrays, test_x: np.ndarray, workdir:
         "summary": summary,
         "checks": checks,
         "ok": all(c["ok"] for c in checks.values()),
-        "predictions": {k: reader[k] for k in ("start", "end", "status")},
+        "predictions": {
+            "start": [round(t, 5) for t in reader["start"]],
+            "end": [round(t, 5) for t in reader["end"]],
+            "status": reader["status"],
+            "accuracy": reader["accuracy"],
+            "shards": [len(reader["key_sets"][i]) for i in reader["key_set"]],
+        },
     }
 
 
@@ -631,6 +660,12 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  inside apply:        {pct(p['latency_ms_inside_apply'], 'ms')}")
     print(f"  outside apply:       {pct(p['latency_ms_outside_apply'], 'ms')}")
     print(f"  after a model swap:  {pct(p['latency_ms_after_live_set_change'], 'ms')}")
+    a = s["accuracy"]
+    print(
+        f"  served accuracy on the batch: mean {a['served_mean']:.4f}, p1 {a['served_p1']:.4f}, min "
+        f"{a['served_min']:.4f} (full ensemble {a['full_ensemble_before']:.4f} before, "
+        f"{a['full_ensemble_after']:.4f} after); shards in service: mean {p['shards_in_service']['mean']:.2f}"
+    )
     print("checks:")
     for name, c in res["checks"].items():
         detail = {k: v for k, v in c.items() if k not in ("ok", "examples")}
@@ -644,16 +679,19 @@ def plot(res: dict[str, Any], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(12, 10))
+    fig, (ax1, ax4, ax2, ax3) = plt.subplots(4, 1, figsize=(12, 13))
     pred = res["predictions"]
     start, end, status = (np.asarray(pred[k]) for k in ("start", "end", "status"))
     ok = status == 0
     for b in res["batches"]:
+        if b["start"] > b["journal_start"]:  # deferred requests journaled, their shards out of service
+            ax1.axvspan(b["journal_start"], b["start"], color="gray", alpha=0.15, lw=0)
         ax1.axvspan(b["start"], b["end"], color="tab:orange" if b["kind"] == "burst" else "tab:red", alpha=0.15, lw=0)
     ax1.plot(start[ok], (end - start)[ok] * 1e3, ".", ms=2, color="tab:blue", label="prediction (ok)")
     if (~ok).any():
         floor = max(float(((end - start)[ok] * 1e3).min()) if ok.any() else 1.0, 1e-3)
         ax1.plot(start[~ok], np.full((~ok).sum(), floor), "|", color="black", label="unavailable (no shard in service)")
+    ax1.plot([], [], color="gray", alpha=0.3, lw=8, label="burst journaled (delete(defer=True) calls)")
     ax1.plot([], [], color="tab:orange", alpha=0.3, lw=8, label="burst apply()")
     ax1.plot([], [], color="tab:red", alpha=0.3, lw=8, label="immediate delete()")
     ax1.set_yscale("log")
@@ -661,6 +699,18 @@ def plot(res: dict[str, Any], title: str, path: Path) -> None:
     ax1.set_ylabel("predict_proba latency (ms)")
     ax1.set_title("Reader process: prediction latency while deletions are applied")
     ax1.legend(fontsize=7, loc="upper right")
+    shards = np.asarray(pred["shards"])
+    ax4.plot(start, shards, drawstyle="steps-post", color="tab:purple", lw=0.8, label="shards in service")
+    ax4.set_ylabel("shards in service")
+    ax4.set_ylim(-0.3, max(int(shards.max()) if shards.size else 1, 1) + 0.3)
+    acc = np.asarray([np.nan if a is None else a for a in pred["accuracy"]], dtype=float)
+    ax4b = ax4.twinx()
+    ax4b.plot(start, acc, ".", ms=2, color="tab:green", label="served accuracy (fixed batch)")
+    ax4b.set_ylabel("accuracy on the batch")
+    ax4.set_xlabel("seconds since the first request")
+    ax4.set_title("What the reader served: live shard models per prediction (exclude policy), and its accuracy")
+    lines = ax4.get_legend_handles_labels()[0] + ax4b.get_legend_handles_labels()[0]
+    ax4.legend(lines, [str(h.get_label()) for h in lines], fontsize=7, loc="lower right")
     acks = np.sort([r["acked_at"] for r in res["requests"]])
     ax2.step(acks, np.arange(1, len(acks) + 1), where="post", color="tab:green", label="acknowledged requests")
     ax2.set_xlabel("seconds since the first request")
@@ -682,6 +732,8 @@ def plot(res: dict[str, Any], title: str, path: Path) -> None:
     ax3.set_title("Apply latency per event")
     ax3.grid(True, alpha=0.3)
     ax3.legend(fontsize=7)
+    ax2.set_xlim(ax1.get_xlim())
+    ax4.set_xlim(ax1.get_xlim())
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -751,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         orchestrator.connect(None)
-        res = run_soak(cfg, train, test.x, workdir, w)
+        res = run_soak(cfg, train, test.x, test.y, workdir, w)
     finally:
         orchestrator.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)  # only the soak-* folder this run made
@@ -776,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(out, indent=1))
     png = args.out.with_suffix(".png")
     title = (
-        f"soak: {config.name} {' '.join(overrides)} | S={cfg.shards} R={cfg.slices} n={len(train)} | "
+        f"soak: {' '.join([config.name, *overrides])} | S={cfg.shards} R={cfg.slices} n={len(train)} | "
         f"{w.requests} requests | reader {w.predict_rate:g}/s x {w.predict_batch} images | "
         f"{info['nproc']} cores, {info['date']}"
     )

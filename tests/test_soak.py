@@ -73,9 +73,9 @@ def test_checker_catches_a_retired_model_served_after_ack() -> None:
 def test_soak_small_scale(tmp_path: Path) -> None:
     x, y = blobs(600, d=10)
     train = as_arrays(x, y, num_classes=3)
-    test_x, _ = blobs(64, d=10, seed=5)
+    test_x, test_y = blobs(64, d=10, seed=5)
     w = soak.Workload(requests=40, predict_rate=50.0, predict_batch=64, settle=0.5, seed=3)
-    res = soak.run_soak(small_config(), train, test_x, tmp_path, w)
+    res = soak.run_soak(small_config(), train, test_x, test_y, tmp_path, w)
     failed = {name: c for name, c in res["checks"].items() if not c["ok"]}
     assert res["ok"], failed
     checks, summary = res["checks"], res["summary"]
