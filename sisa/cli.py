@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sisa import cli_evaluate
-from sisa.cli_format import progress_bar, table
+from sisa.cli_format import ADDRESS_HELP, progress_bar, table
 from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.data import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common], help="ingest the configured data and train (or resume)")
     train.add_argument("--config", help="YAML config (e.g. configs/fashion_mnist.yaml)")
-    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    train.add_argument("--address", default=None, help=ADDRESS_HELP)
     train.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards=8 train.lr=0.01"
     )
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     ray_opt = argparse.ArgumentParser(add_help=False)
-    ray_opt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray_opt.add_argument("--address", default=None, help=ADDRESS_HELP)
 
     de = sub.add_parser("delete", parents=[common, ray_opt], help="forget samples: retrain, erase, certify")
     de.add_argument("--ids", nargs="+", type=_int_id, help="sample ids to delete")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sisa.cli_format import progress_bar, table
+from sisa.cli_format import ADDRESS_HELP, progress_bar, table
 from sisa.config import load_config
 from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
 from sisa.evaluation_plot import plot_evaluation, require_matplotlib
@@ -117,7 +117,7 @@ def register(sub: Any) -> None:
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (default all)"
     )
     ev.add_argument("--out", default="runs/evaluate", help="output directory (stores, JSON, PNG); replaced")
-    ev.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ev.add_argument("--address", default=None, help=ADDRESS_HELP)
     ev.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")

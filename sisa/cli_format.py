@@ -6,7 +6,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["progress_bar", "table"]
+__all__ = ["ADDRESS_HELP", "progress_bar", "table"]
+
+ADDRESS_HELP = (
+    "Ray cluster address, or `local` to train in this process without Ray (default: RAY_ADDRESS or a local Ray)"
+)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

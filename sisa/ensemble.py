@@ -372,9 +372,7 @@ class Ensemble:
             if progress is not None:
                 progress(result)
 
-        if jobs:
-            orchestrator.connect(self.address)
-            orchestrator.run_jobs(jobs, commit)
+        orchestrator.execute(self.address, jobs, commit)
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
         return report

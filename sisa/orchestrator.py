@@ -18,7 +18,10 @@ import ray
 from sisa.errors import SisaError, TrainingError
 from sisa.trainer import ShardJob, StageResult, train_shard
 
-__all__ = ["connect", "run_jobs", "shutdown"]
+__all__ = ["LOCAL", "connect", "execute", "run_jobs", "shutdown"]
+
+# The address that trains in the calling process, one shard after another, without Ray.
+LOCAL = "local"
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
 
     Args:
         address: Ray address (``auto``, ``ray://host:10001``, ``host:6379``); falls
-            back to ``RAY_ADDRESS`` and then to a new local instance.
+            back to ``RAY_ADDRESS`` and then to a new local instance. (``local``, no
+            Ray at all, is handled by :func:`execute`.)
         num_cpus: CPUs of a new local instance (default: all cores).
     """
     if ray.is_initialized():
@@ -39,6 +43,29 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
     log.info("starting Ray (%s)", address or "local instance")
     ray.init(address=address, **kwargs)
+
+
+def execute(address: str | None, jobs: Sequence[ShardJob], on_stage: Callable[[StageResult], None]) -> None:
+    """Train ``jobs`` on Ray at ``address``, or in this process when ``address`` is ``local``.
+
+    The local mode runs the very same :func:`~sisa.trainer.train_shard`, so its
+    checkpoints are bit-identical to Ray's (tested); it suits debugging, notebooks and
+    tiny data, and it starts in no time because no Ray instance or worker is needed.
+
+    Args:
+        address: Ray address (see :func:`connect`), ``local``, or None.
+        jobs: One job per shard.
+        on_stage: Called for each finished stage (it commits the stage).
+    """
+    if not jobs:
+        return
+    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+        for job in jobs:
+            for result in train_shard(job):
+                on_stage(result)
+        return
+    connect(address)
+    run_jobs(jobs, on_stage)
 
 
 def shutdown() -> None:
@@ -52,6 +79,20 @@ def _shard_task(job: ShardJob) -> Iterator[StageResult]:
     # A plain generator: Ray streams each yield back as its own object, and on a
     # retry it replays the generator, which yields the same bytes (determinism).
     yield from train_shard(job)
+
+
+def _warn_missing_resources(custom: dict[str, float]) -> None:
+    # Not an error: an autoscaler (KubeRay) may add a node that offers it; until then the tasks wait.
+    have = ray.cluster_resources()
+    for name, amount in custom.items():
+        if have.get(name, 0) < amount:
+            log.warning(
+                "no node of this Ray cluster offers resources.custom.%s=%s yet; shard tasks wait until one joins "
+                "(start nodes with ray start --resources='{\"%s\": N}')",
+                name,
+                amount,
+                name,
+            )
 
 
 def run_jobs(
@@ -72,6 +113,7 @@ def run_jobs(
     """
     if not jobs:
         return
+    _warn_missing_resources(jobs[0].config.resources.custom)
     pending: list[Any] = []
     owner: dict[int, int] = {}
     for job in jobs:
@@ -79,6 +121,7 @@ def run_jobs(
         gen: Any = _shard_task.options(
             num_cpus=res.cpus_per_shard,
             num_gpus=res.gpus_per_shard,
+            resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
             max_retries=res.max_retries,
             retry_exceptions=False,  # a bug in training is not fixed by running it again
             name=f"sisa-shard-{job.shard}",

@@ -302,9 +302,7 @@ def verify(
         if progress is not None:
             progress(result)
 
-    if jobs:
-        orchestrator.connect(ens.address)
-        orchestrator.run_jobs(jobs, keep)
+    orchestrator.execute(ens.address, jobs, keep)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:

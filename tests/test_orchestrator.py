@@ -56,3 +56,15 @@ def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
     assert sorted(report.trained) == [0, 1]
     assert [s["live_weights"] for s in got] == [s["live_weights"] for s in expected]
     assert [s["live_checkpoint"] for s in got] == [s["live_checkpoint"] for s in expected]
+
+
+def test_local_address_trains_in_process_with_the_same_bytes_as_ray(tmp_path: Path) -> None:
+    x, y = blobs(600, d=10)
+    states = []
+    for name, address in (("ray", None), ("local", "local")):
+        with Ensemble.create(tmp_path / name, small_config(), address=address) as ens:
+            ens.ingest(x, y)
+            report = ens.fit()
+            assert sorted(report.trained) == [0, 1, 2]
+            states.append([(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]])
+    assert states[0] == states[1]
