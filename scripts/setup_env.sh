@@ -18,6 +18,28 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# Ray's dashboard and job server (what `ray[default]` adds) for `ray job submit` in the real-cluster tests
+# (tests/test_cluster.py). Installed beside the venv, not into it: with them every local ray.init() starts
+# the full dashboard agent, about 4 s more per start on 2 cores, and the test suite starts Ray many times.
+# The cluster test puts this folder on the PYTHONPATH of its own Ray processes only.
+ray_version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('ray'))")
+extras=.venv/ray-dashboard
+if [ ! -f "$extras/.installed-ray-$ray_version" ]; then
+  rm -rf "$extras"
+  mapfile -t reqs < <(.venv/bin/python - <<'PY'
+import importlib.metadata as m
+from packaging.requirements import Requirement
+for text in m.requires("ray") or []:
+    req = Requirement(text)
+    if req.marker and req.marker.evaluate({"extra": "default"}) and not req.marker.evaluate({"extra": ""}):
+        req.marker = None
+        print(req)
+PY
+)
+  .venv/bin/pip install -q --target "$extras" "${reqs[@]}"
+  touch "$extras/.installed-ray-$ray_version"
+fi
+
 # Fashion-MNIST from Debian when possible; otherwise sisa downloads it and checks its sha256.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] \
    && command -v apt-get >/dev/null; then

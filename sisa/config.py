@@ -48,6 +48,8 @@ PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-stale")
+# Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass(frozen=True)
@@ -259,12 +261,16 @@ class ResourcesConfig:
         threads_per_shard: torch intra-op threads; part of the recipe, because
             results differ in the last bits between thread counts.
         max_retries: Ray retries of a shard task after a worker dies.
+        custom: Ray custom resources each shard task requires, e.g. ``{sisa_worker: 1}``
+            to run shards only on nodes started with ``--resources='{"sisa_worker": N}'``
+            (see docs/cluster.md). Placement only: not part of the recipe.
     """
 
     cpus_per_shard: float = 1.0
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1
     max_retries: int = 3
+    custom: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(
@@ -280,6 +286,25 @@ class ResourcesConfig:
             f"resources.threads_per_shard={self.threads_per_shard} must be >= 1",
         )
         _require(self.max_retries >= 0, f"resources.max_retries={self.max_retries} must be >= 0")
+        for name, amount in self.custom.items():
+            where = f"resources.custom.{name}"
+            _require(
+                isinstance(name, str) and name.strip() == name and name != "",
+                f"resources.custom key {name!r} must be a non-empty resource name without surrounding spaces",
+            )
+            _require(
+                name not in RAY_BUILTIN_RESOURCES,
+                f"{where}: {name} is a Ray built-in resource; set it with resources.cpus_per_shard or "
+                f"resources.gpus_per_shard, and use custom only for your own node labels such as sisa_worker",
+            )
+            _require(
+                isinstance(amount, (int, float)) and not isinstance(amount, bool),
+                f"{where}={amount!r} must be a number, e.g. 1",
+            )
+            _require(
+                math.isfinite(amount) and amount > 0 and (amount <= 1 or float(amount).is_integer()),
+                f"{where}={amount} must be a fraction in (0, 1] or a whole number (Ray's rule for resource amounts)",
+            )
 
     @property
     def device(self) -> str:

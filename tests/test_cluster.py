@@ -1,0 +1,604 @@
+"""A real Ray cluster on loopback: ``ray job submit`` trains, deletes and verifies with every shard on a worker node.
+
+The cluster is started and torn down here: a head node (runs the job driver, the only process that
+sees the store; it offers no ``sisa_worker`` resource) and two worker nodes offering ``sisa_worker``.
+The config's ``resources.custom: {sisa_worker: 1}`` pins every shard task to a worker node. Each worker
+node runs in its own mount namespace where the driver's directory (store, data, config) is an empty
+tmpfs, so a shard task that tried to read the store would find nothing: shards get their data and
+return their checkpoints through Ray's object store only. The second test SIGKILLs a worker node in
+the middle of a training job: the shard is retried on the other worker node and the job ends with
+the same bytes as an undisturbed training, which ``verify`` confirms.
+
+Ray rewrites ``--node-ip-address=127.0.0.1`` (and ``localhost``) to the machine's routable address, so
+the nodes take other loopback addresses, which Ray uses literally: 127.0.0.2 (head), 127.0.0.3 and
+127.0.0.4 (workers). Every port is picked free, the dashboard listens on 127.0.0.1 only, and the
+cluster has its own auth token. Only what this module started is stopped: each node is its own
+session (``setsid``) and teardown SIGKILLs the members of those sessions; never ``ray stop``, which
+stops every Ray instance of the user on the machine (other test sessions may run one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sisa.config import load_config
+from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError
+from tests.conftest import ROOT, blobs
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+# Ray's dashboard and job server dependencies (what ray[default] adds), installed beside the venv by
+# scripts/setup_env.sh so that the many local Ray starts of the rest of the suite stay minimal.
+DASHBOARD_DEPS = Path(sys.prefix) / "ray-dashboard"
+HEAD_IP = "127.0.0.2"
+WORKER_IPS = ("127.0.0.3", "127.0.0.4")
+SHARDS, SLICES = 2, 3
+DELETE_IDS = [5, 17, 123, 4000]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit checks of the placement knob (no cluster needed)
+
+
+def test_custom_resources_knob_is_validated() -> None:
+    assert load_config(None, ["resources.custom.sisa_worker=1"]).resources.custom == {"sisa_worker": 1}
+    assert load_config(None, ["resources.custom={a: 0.5, b: 2}"]).resources.custom == {"a": 0.5, "b": 2}
+    assert load_config(None).resources.custom == {}
+    # Placement is not part of the recipe: the same weights wherever a shard runs.
+    assert load_config(None, ["resources.custom.x=1"]).recipe_digest() == load_config(None).recipe_digest()
+    for bad, message in [
+        ("resources.custom.CPU=1", "built-in"),
+        ("resources.custom.GPU=1", "built-in"),
+        ("resources.custom.x=0", "fraction in (0, 1] or a whole number"),
+        ("resources.custom.x=1.5", "fraction in (0, 1] or a whole number"),
+        ("resources.custom.x=-1", "fraction in (0, 1] or a whole number"),
+        ("resources.custom.x=.inf", "fraction in (0, 1] or a whole number"),
+        ("resources.custom.x=true", "must be a number"),
+        ("resources.custom.x=abc", "must be a number"),
+        ("resources.custom=[1]", "must be a mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every node is its own session; only those sessions are ever signalled
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if pytest dies, so no node outlives the test run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is ``sid``, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of session ``sid`` (a node we started); returns how many were signalled.
+
+    A session id cannot be handed to another process while any member of the session lives
+    (Linux keeps the pid reserved), so this never reaches a process that we did not start.
+    """
+    killed = 0
+    for _ in range(20):  # a member may fork while we kill: repeat until the session is empty
+        pids = session_members(sid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    return killed
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def can_hide_directories() -> bool:
+    """Whether ``unshare --mount`` works here (root, or user namespaces), to hide the store from workers."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def dashboard_pythonpath() -> str | None:
+    """PYTHONPATH that gives Ray processes the dashboard's dependencies, '' if they are installed, else None."""
+    if all(importlib.util.find_spec(m) for m in ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")):
+        return ""
+    if any(DASHBOARD_DEPS.glob(".installed-ray-*")):
+        return str(DASHBOARD_DEPS)
+    return None
+
+
+@dataclass
+class Node:
+    name: str
+    ip: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    hidden: Path | None  # the directory this node's processes see as an empty tmpfs
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> int:
+        killed = kill_session(self.proc.pid)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL was sent; should not happen
+            pass
+        return killed
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """A head node and worker nodes started with ``ray start --block``, each in its own session."""
+
+    def __init__(self, base: Path, pythonpath: str, hide: bool) -> None:
+        self.base = base
+        self.driver = base / "driver"  # store, data, config: the driver's side only
+        self.driver.mkdir()
+        self.hide = self.driver if hide else None  # hidden from the worker nodes
+        self.token = secrets.token_hex(32)
+        self.nodes: list[Node] = []
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(
+            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the job entrypoint is ours
+            PYTHONPATH=pythonpath,
+            RAY_AUTH_MODE="token",  # this cluster's own token, never ~/.ray/auth_token
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+            # Notice a dead node within seconds rather than the default half minute.
+            RAY_health_check_initial_delay_ms="1000",
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="3000",
+            RAY_health_check_failure_threshold="5",
+            NO_PROXY="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,localhost",
+            no_proxy="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,localhost",
+        )
+        self.env = env
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        gcs, dash, agent_http, agent_grpc, metrics, runtime_env, client = free_ports(7)
+        self.gcs = f"{HEAD_IP}:{gcs}"
+        self.url = f"http://127.0.0.1:{dash}"
+        self.head = self._start(
+            "head",
+            HEAD_IP,
+            [
+                "--head",
+                f"--port={gcs}",
+                "--num-cpus=1",  # it could run a shard: only resources.custom keeps shards off it
+                "--include-dashboard=true",  # the job server lives in the dashboard
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={client}",
+            ],
+            [agent_http, agent_grpc, metrics, runtime_env],
+            hidden=None,
+        )
+        deadline = time.monotonic() + 120
+        while not self._port_open(HEAD_IP, gcs):
+            self._check_started(self.head, deadline)
+            time.sleep(0.2)
+
+    def _start(self, name: str, ip: str, args: list[str], ports: list[int], hidden: Path | None) -> Node:
+        agent_http, agent_grpc, metrics, runtime_env = ports
+        temp = self.base / name
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--temp-dir={temp}",
+            *args,
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            "--min-worker-port=0",  # random worker ports, never the fixed default range
+            "--max-worker-port=0",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        ]
+        if hidden is not None:
+            # A private mount namespace in which `hidden` is an empty tmpfs: this node cannot read it.
+            cmd = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=1m sisa-hidden "$0" && exec "$@"',
+                str(hidden),
+                *cmd,
+            ]
+        log = self.base / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        node = Node(name, ip, proc, log, hidden)
+        self.nodes.append(node)
+        return node
+
+    def add_worker(self, name: str, ip: str) -> Node:
+        return self._start(
+            name,
+            ip,
+            [f"--address={self.gcs}", "--num-cpus=2", "--resources", json.dumps({"sisa_worker": 4})],
+            free_ports(4),
+            hidden=self.hide,
+        )
+
+    @staticmethod
+    def _port_open(host: str, port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex((host, port)) == 0
+
+    @staticmethod
+    def _check_started(node: Node, deadline: float) -> None:
+        if not node.alive():
+            pytest.fail(f"ray start for the {node.name} node exited:\n{node.log_tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the {node.name} node did not come up in time:\n{node.log_tail()}")
+
+    def api(self, path: str) -> Any:
+        """GET a dashboard REST endpoint (jobs, state API) with this cluster's token."""
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with self.opener.open(req, timeout=20) as resp:
+            return json.load(resp)
+
+    def alive_nodes(self) -> dict[str, dict[str, Any]]:
+        """node_ip -> node record, for nodes the GCS holds alive."""
+        nodes = self.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+        return {n["node_ip"]: n for n in nodes if n["state"] == "ALIVE"}
+
+    def wait_for_nodes(self, ips: list[str], timeout: float = 180) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.nodes:
+                if node.ip in ips:
+                    self._check_started(node, deadline)
+            try:
+                alive = self.alive_nodes()
+                if set(ips) <= set(alive):
+                    return alive
+            except OSError:  # the dashboard is still starting
+                pass
+            time.sleep(0.5)
+
+    def submit(self, workdir: Path, commands: list[list[str]], *, wait: bool, submission_id: str) -> str:
+        """``ray job submit`` the sisa CLI commands (run one after another) with ``workdir`` shipped."""
+        entry = " && ".join(shlex.join(["python", "-m", "sisa.cli", *cmd]) for cmd in commands)
+        argv = [RAY, "job", "submit", "--address", self.url, "--working-dir", str(workdir)]
+        argv += ["--submission-id", submission_id, *(["--no-wait"] if not wait else []), "--", "sh", "-c", entry]
+        out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"ray job submit failed ({out.returncode}):\n{out.stdout[-4000:]}{out.stderr}"
+        return out.stdout
+
+    def job(self, submission_id: str) -> dict[str, Any]:
+        return dict(self.api(f"/api/jobs/{submission_id}"))
+
+    def job_logs(self, submission_id: str) -> str:
+        return str(self.api(f"/api/jobs/{submission_id}/logs")["logs"])
+
+    def wait_job(self, submission_id: str, timeout: float = 400) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(submission_id)
+            if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return job
+            time.sleep(0.5)
+        pytest.fail(f"job {submission_id} did not finish in {timeout} s:\n{self.job_logs(submission_id)[-4000:]}")
+
+    def shard_tasks(self) -> list[dict[str, Any]]:
+        """Every attempt of every ``sisa-shard-*`` task this cluster ran, from Ray's state API.
+
+        (Filtering by job would miss some: each sisa command of a submission is its own Ray job,
+        and the jobs API names only one driver per submission.)
+        """
+        tasks = self.api("/api/v0/tasks?limit=10000&detail=1")["data"]["result"]["result"]
+        return [t for t in tasks if str(t.get("name", "")).startswith("sisa-shard-")]
+
+    def new_shard_tasks(self, known: set[tuple[str, str]], expect: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """Attempts of shard tasks not in ``known``, once ``expect`` of them have ended (events lag a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            tasks = [t for t in self.shard_tasks() if (t["job_id"], t["task_id"]) not in known]
+            ended = all(t["state"] in ("FINISHED", "FAILED") for t in tasks)
+            if (len(task_keys(tasks)) >= expect and ended) or time.monotonic() > deadline:
+                return tasks
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # workers first, the head last
+            node.kill()
+
+
+def task_keys(tasks: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(t["job_id"], t["task_id"]) for t in tasks}
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The one-line JSON objects that ``sisa ... --json`` printed, in order, from a job's log."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+    return found
+
+
+def live_weights(store: Path) -> list[tuple[str | None, str | None]]:
+    with Ensemble.open(store, readonly=True) as ens:
+        return [(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one cluster and one workload for the module
+
+
+@dataclass
+class Workload:
+    driver: Path  # store, data, config: on the driver's side only
+    workdir: Path  # what `ray job submit --working-dir` ships (the sisa package)
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    pythonpath = dashboard_pythonpath()
+    if pythonpath is None:
+        pytest.skip(
+            "Ray's dashboard dependencies (ray[default]) are missing: "
+            f"bash scripts/setup_env.sh puts them in {DASHBOARD_DEPS}"
+        )
+    # Short paths: Ray's unix sockets live under the temp dirs and are limited to 107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="sisa-cl-", dir="/tmp"))
+    c: Cluster | None = None
+    try:
+        c = Cluster(base, pythonpath, hide=can_hide_directories())
+        for i, ip in enumerate(WORKER_IPS):
+            c.add_worker(f"worker{i + 1}", ip)
+        c.wait_for_nodes([HEAD_IP, *WORKER_IPS])
+        yield c
+    finally:
+        if c is not None:
+            c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workload(cluster: Cluster) -> Workload:
+    driver = cluster.driver
+    x, y = blobs(6000, d=10)
+    np.savez(driver / "train.npz", x=x, y=y)
+    xt, yt = blobs(300, d=10, seed=0)
+    np.savez(driver / "test.npz", x=xt, y=yt)
+    config = driver / "cluster.yaml"
+    config.write_text(
+        f"""seed: 0
+shards: {SHARDS}
+slices: {SLICES}
+data: {{dataset: npz, train: {driver / "train.npz"}, test: {driver / "test.npz"}, num_classes: 3}}
+model: {{name: mlp, hidden: [16]}}
+train: {{epochs: 24, batch_size: 32, lr: 0.01}}
+resources: {{cpus_per_shard: 1, threads_per_shard: 1, max_retries: 3, custom: {{sisa_worker: 1}}}}
+"""
+    )
+    workdir = cluster.base / "workdir"  # outside `driver`, which the workers cannot see
+    shutil.copytree(ROOT / "sisa", workdir / "sisa", ignore=shutil.ignore_patterns("__pycache__"))
+    return Workload(driver, workdir, config)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster, workload: Workload) -> dict[str, Any]:
+    """An undisturbed training job; its live checkpoints are what every other run must reproduce."""
+    store = workload.driver / "reference"
+    sid = f"sisa-train-{secrets.token_hex(4)}"
+    known = task_keys(cluster.shard_tasks())
+    out = cluster.submit(
+        workload.workdir,
+        [["train", "--config", str(workload.config), "--store", str(store), "--json"]],
+        wait=True,
+        submission_id=sid,
+    )
+    job = cluster.job(sid)
+    assert job["status"] == "SUCCEEDED", out[-4000:]
+    results = json_lines(cluster.job_logs(sid))
+    assert results and results[-1]["trained"] == {str(k): list(range(1, SLICES + 1)) for k in range(SHARDS)}
+    tasks = cluster.new_shard_tasks(known, SHARDS)
+    return {"store": store, "live": live_weights(store), "train": results[-1], "tasks": tasks}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests
+
+
+@pytest.mark.cluster
+def test_job_submit_runs_every_shard_on_a_worker_node(
+    cluster: Cluster, workload: Workload, reference: dict[str, Any]
+) -> None:
+    store: Path = reference["store"]
+    sid = f"sisa-delete-verify-{secrets.token_hex(4)}"
+    known = task_keys(cluster.shard_tasks())
+    cluster.submit(
+        workload.workdir,
+        [
+            ["delete", "--store", str(store), "--ids", *map(str, DELETE_IDS), "--json"],
+            ["verify", "--store", str(store), "--json"],
+        ],
+        wait=True,
+        submission_id=sid,
+    )
+    job = cluster.job(sid)
+    logs = cluster.job_logs(sid)
+    assert job["status"] == "SUCCEEDED", logs[-4000:]
+    certificate, verified = json_lines(logs)[-2:]
+    assert certificate["deleted"] == len(DELETE_IDS) and certificate["retrained_shards"]
+    assert verified["ok"] is True, verified
+
+    # Where the shard tasks ran, from Ray's state API: every attempt of every shard task of the
+    # three jobs (train, the deletion's retrain, verify's replay) on a worker node, none on the head.
+    alive = cluster.alive_nodes()
+    workers = {alive[ip]["node_id"]: ip for ip in WORKER_IPS if ip in alive}
+    head = alive[HEAD_IP]["node_id"]
+    retrains_and_replays = len(certificate["retrained_shards"]) + SHARDS
+    tasks = reference["tasks"] + cluster.new_shard_tasks(known, retrains_and_replays)
+    assert len(task_keys(tasks)) == SHARDS + retrains_and_replays, tasks
+    assert all(t["state"] == "FINISHED" for t in tasks), [(t["name"], t["state"]) for t in tasks]
+    assert {t["node_id"] for t in tasks} <= set(workers), (tasks, workers, head)
+    assert head not in {t["node_id"] for t in tasks}
+
+    # The workers could not have read the store: in their mount namespace the driver's directory
+    # (store, data, config) is an empty tmpfs. The driver (on the head) sees it as usual.
+    if cluster.hide is None:
+        pytest.skip("unshare --mount is not permitted here: the worker nodes could see the store directory")
+    for node in cluster.nodes[1:]:
+        if node.alive():
+            mounts = Path(f"/proc/{node.proc.pid}/mountinfo").read_text().splitlines()
+            assert any(m.split()[4] == str(cluster.hide) and "tmpfs" in m for m in mounts), node.name
+    assert (store / "data.mdb").exists()
+
+
+@pytest.mark.cluster
+def test_worker_node_killed_mid_training_job_finishes_bit_identical(
+    cluster: Cluster, workload: Workload, reference: dict[str, Any]
+) -> None:
+    store = workload.driver / "killed"
+    sid = f"sisa-train-kill-{secrets.token_hex(4)}"
+    known = task_keys(cluster.shard_tasks())
+    cluster.submit(
+        workload.workdir,
+        [
+            ["train", "--config", str(workload.config), "--store", str(store), "--json"],
+            ["verify", "--store", str(store), "--json"],
+        ],
+        wait=False,
+        submission_id=sid,
+    )
+    # Wait until a shard task runs on a worker node and has committed a stage but not its last:
+    # then SIGKILL that node's whole process tree (raylet, workers, agents).
+    alive = cluster.alive_nodes()
+    by_id = {alive[ip]["node_id"]: ip for ip in WORKER_IPS if ip in alive}
+    victim: Node | None = None
+    killed_shard = -1
+    deadline = time.monotonic() + 240
+    while victim is None:
+        assert time.monotonic() < deadline, f"no shard was ever mid-run:\n{cluster.job_logs(sid)[-4000:]}"
+        job = cluster.job(sid)
+        assert job["status"] in ("PENDING", "RUNNING"), cluster.job_logs(sid)[-4000:]
+        if not (store / "data.mdb").exists():
+            time.sleep(0.3)
+            continue
+        try:
+            with Ensemble.open(store, readonly=True) as ens:
+                done = {s["shard"]: s["stages_done"] for s in ens.status()["per_shard"]}
+        except Exception:  # the store is being created
+            time.sleep(0.3)
+            continue
+        for task in cluster.shard_tasks():
+            if (task["job_id"], task["task_id"]) in known:
+                continue
+            shard = int(task["name"].rsplit("-", 1)[1])
+            if task["state"] == "RUNNING" and task["node_id"] in by_id and 1 <= done.get(shard, 0) < SLICES:
+                victim = next(n for n in cluster.nodes if n.ip == by_id[task["node_id"]])
+                killed_shard = shard
+                break
+        else:
+            time.sleep(0.3)
+    stages_before_kill = done[killed_shard]
+    assert victim.kill() > 0
+
+    job = cluster.wait_job(sid)
+    logs = cluster.job_logs(sid)
+    assert job["status"] == "SUCCEEDED", logs[-6000:]
+    trained, verified = json_lines(logs)[-2:]
+    assert trained["trained"] == {str(k): list(range(1, SLICES + 1)) for k in range(SHARDS)}
+    assert verified["ok"] is True, verified
+    # Same checkpoint bytes and weights as the undisturbed reference training.
+    assert live_weights(store) == reference["live"]
+
+    # The killed attempt ran on the dead node; the retry of the same task finished on the other worker.
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for t in cluster.new_shard_tasks(known, 2 * SHARDS):  # train and verify
+        if t["name"] == f"sisa-shard-{killed_shard}":
+            runs.setdefault(t["task_id"], []).append(t)
+    killed = [
+        sorted(attempts, key=lambda t: t["attempt_number"])
+        for attempts in runs.values()
+        if any(by_id.get(t["node_id"]) == victim.ip for t in attempts)
+    ]
+    assert len(killed) == 1, runs
+    first, last = killed[0][0], killed[0][-1]
+    assert by_id[first["node_id"]] == victim.ip and first["state"] == "FAILED", killed
+    assert last["state"] == "FINISHED" and by_id.get(last["node_id"]) not in (None, victim.ip), killed
+    assert victim.ip not in cluster.alive_nodes()
+    assert 1 <= stages_before_kill < SLICES
