@@ -301,7 +301,7 @@ def reader_main(exchange: Path) -> None:
             if len(errors) < 20:
                 errors.append(f"{type(exc).__name__}: {exc}")
         # After the call the serving cache holds exactly the live set of the snapshot it read.
-        live = tuple(sorted((s, c[0]) for s, c in ens._serving._cache.items())) if code == 0 else ()
+        live = tuple(sorted(ens.provenance().items())) if code == 0 else ()
         starts.append(start - t0)
         ends.append(end - t0)
         status.append(code)

@@ -472,6 +472,15 @@ class Ensemble:
         """
         return self._serving.predict_proba(x, method or self.config.aggregate.method, batch_size)
 
+    def provenance(self) -> dict[int, str]:
+        """Which models answered this handle's last prediction: shard -> checkpoint key.
+
+        Every prediction reads the live set from one store snapshot; this is that set. An
+        auditor can check it against certificates (a retired key must never appear after
+        its deletion was acknowledged). Empty before the first prediction.
+        """
+        return dict(self._serving.last_used)
+
     def predict(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
         """Ensemble labels: argmax of :meth:`predict_proba`."""
         return self.predict_proba(x, method=method, batch_size=batch_size).argmax(axis=1)

@@ -31,6 +31,8 @@ class Serving:
         """Serve ``ens``; nothing is loaded until the first prediction."""
         self._ens = ens
         self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
+        # shard -> checkpoint key of each model the last prediction used (its provenance)
+        self.last_used: dict[int, str] = {}
 
     def clear(self) -> None:
         """Forget every loaded model."""
@@ -94,6 +96,7 @@ class Serving:
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
         """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
         live = self.snapshot()
+        self.last_used = {shard: self._cache[shard][0] for shard in live}
         models = [model for model, _ in live.values()]
         weights = [float(n) for _, n in live.values()] if method == "weighted" else None
         out = aggregate.predict_proba(

@@ -322,7 +322,7 @@ with Ensemble.open(path, readonly=True) as ens, out.open("w") as f:
     while not stop.exists():
         started = time.time()
         ens.predict_proba(x)
-        used = {str(s): key for s, (key, _m, _n) in ens._serving._cache.items()}  # the snapshot just used
+        used = {str(s): key for s, key in ens.provenance().items()}  # the snapshot just used
         samples = ens.status()["samples"]
         f.write(json.dumps({"t": started, "used": used, "samples": samples}) + "\\n")
         f.flush()

@@ -279,3 +279,17 @@ def test_long_lived_reader_follows_compaction_by_another_process(tmp_path: Path,
     assert reader.status()["samples"] == 598  # sees the compacted file, not the old snapshot
     assert len(reader.audit().problems) == 0 and reader.audit().entries == 1
     reader.close()
+
+
+def test_provenance_names_the_models_a_prediction_used(ens: Ensemble) -> None:
+    assert ens.provenance() == {}
+    ens.predict(X[:4])
+    with ens.store.read() as txn:
+        before = {s: r["key"] for s, r in ens.store.live(txn).items()}
+    assert ens.provenance() == before
+    shard, _ = where(ens, 11)
+    ens.delete([11])
+    ens.predict(X[:4])
+    after = ens.provenance()
+    assert after.keys() == before.keys() and after[shard] != before[shard]
+    assert all(after[s] == before[s] for s in before if s != shard)
