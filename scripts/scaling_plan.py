@@ -45,6 +45,7 @@ SLICES = (4, 16, 64)
 KS = (1, 10, 100, 1000)
 WINDOWS = ("immediate", "hourly", "daily")
 AVAILABILITY_KS = (10, 100, 240, 1000, 24000)
+RECOMMENDED = {10**6: (32, 4), 10**8: (128, 4), 10**9: (512, 4)}  # (S, R) per N; see docs/scaling.md
 BEGIN, END = "<!-- scaling_plan:begin -->", "<!-- scaling_plan:end -->"
 
 
@@ -167,7 +168,67 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
         }
         for n in NS
     }
-    return {"settings": settings, "stores": stores}
+    return {"settings": settings, "stores": stores, "recommended": recommended(train, thr, storage)}
+
+
+def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Operating points of the recommended (S, R) per N: apply immediately when one worker keeps up, else continuously.
+
+    Every apply also compacts the whole store (the erasure step), measured speed. Immediate:
+    one request at a time, busy for its retrain plus a compaction; chosen when fewer than one
+    request arrives, on average, during the longest apply. Continuous apply: each ``apply()``
+    takes every request that arrived during the previous one; its duration ``T`` is bounded by the
+    critical path (one shard retrained from slice 1 on one worker) plus the compaction, so a batch
+    holds about ``K = rate * T`` ids; it needs ``E[work(K)] / (thr * T)`` workers on average,
+    usable only up to the shards the batch touches.
+    """
+    compact_speed = storage["samples"]["compact_bytes_per_second"]
+    rows = []
+    for n, (s, r) in RECOMMENDED.items():
+        stage = train.stage_epochs(r)
+        layout = cm.equal_layout(n, s, r)
+        single = cm.expected_work_layout(layout, stage, 1, replacement=False, exclude_deleted=True)
+        scratch = cm.full_sisa_work(layout, stage) / s
+        for rate in RATES:
+            for m in thr:
+                speed = thr[m]["sample_epochs_per_s"]
+                need_immediate = rate * 24 * single / (speed * 86400)
+                store_bytes = (
+                    n * storage["samples"]["bytes_per_sample_marginal"]
+                    + s * r * storage["checkpoints"][m]["bytes_mean"]
+                )
+                compact_s = store_bytes / compact_speed
+                busy = rate / 3600 * (single / speed + compact_s)
+                row: dict[str, Any] = {
+                    "n": n,
+                    "shards": s,
+                    "slices": r,
+                    "rate_per_hour": rate,
+                    "model": m,
+                    "samples_per_shard": n / s,
+                    "single_s": single / speed,
+                    "one_shard_from_scratch_s": scratch / speed,
+                    "storage_bytes": store_bytes,
+                    "compact_s": compact_s,
+                    "immediate_utilisation": busy,
+                }
+                window = scratch / speed + compact_s
+                k = max(1, round(rate * window / 3600))
+                if k == 1:
+                    row.update(mode="immediate", k=1, workers=need_immediate, out_of_service=1 / s, window_s=0.0)
+                else:
+                    work = cm.expected_work_layout(layout, stage, k, replacement=False, exclude_deleted=True)
+                    touched = cm.expected_shards_touched(layout, k, replacement=False)
+                    row.update(
+                        mode="continuous",
+                        k=k,
+                        workers=work / (speed * window),
+                        parallel_tasks=touched,
+                        out_of_service=touched / s,
+                        window_s=window,
+                    )
+                rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- markdown
@@ -188,6 +249,11 @@ def size(nbytes: float) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
     return f"{nbytes / 1e3:.3g} kB"
+
+
+def percent(x: float) -> str:
+    """A fraction as a percentage, one decimal below 10%."""
+    return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
 
 
 def sig(x: float) -> str:
@@ -319,6 +385,36 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(
             f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} | {duration(s['compact_s_samples_only'])} | "
             f"{86400 / s['compact_s_samples_only']:,.0f} |"
+        )
+    # Table 6: recommended operating points.
+    out.append(
+        "\n**Table 6 (model x measured throughput and sizes).** The recommended (S, R) per N (reasons in the "
+        "text), operated *immediately* (each request applied on its own) where one worker keeps up, otherwise "
+        "by *continuous apply* (each `apply()` takes every request that arrived during the previous one; its "
+        "duration T is bounded by the critical path, one shard retrained from slice 1 on one worker, plus the "
+        "compaction of the whole store, so a batch holds K = rate x T ids). Immediate where K rounds to 1; `busy` "
+        "= rate x (expected retrain + compaction), the single writer's load if every request were applied on its "
+        "own (above 1 it cannot keep up). `workers`: average busy "
+        "workers; `out`: shards out of service under `exclude` while a batch waits or retrains; `latency`: "
+        "request to certificate, up to about 2T; `compaction`: one rewrite of the store at the measured speed.\n"
+    )
+    out.append(
+        "| N | S x R | samples/shard | rate | model | busy | mode | K | workers | out | latency | storage | "
+        "compaction |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["plan"]["recommended"]:
+        latency = (
+            f"{duration(r['single_s'] + r['compact_s'])} "
+            f"({duration(r['one_shard_from_scratch_s'] + r['compact_s'])} worst)"
+            if r["mode"] == "immediate"
+            else f"<= {duration(2 * r['window_s'])}"
+        )
+        out.append(
+            f"| 10^{int(math.log10(r['n']))} | {r['shards']} x {r['slices']} | {r['samples_per_shard']:,.0f} | "
+            f"{r['rate_per_hour']}/h | {r['model'].upper()} | {sig(r['immediate_utilisation'])} | {r['mode']} | "
+            f"{r['k']:,} | {sig(r['workers'])} | {percent(r['out_of_service'])} | {latency} | "
+            f"{size(r['storage_bytes'])} | {duration(r['compact_s'])} |"
         )
     # Table 5: simulation check.
     simres = result.get("simulation")

@@ -258,6 +258,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="partition seed and root of the request streams")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON (PNG beside it); full {FULL['out']}")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--plot-only",
+        type=Path,
+        default=None,
+        help="redraw the PNG beside this JSON of an earlier run, simulate nothing",
+    )
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key in ("n_ids", "n_counts", "shards", "slices", "batches", "requests", "out"):
@@ -405,6 +411,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
         labels.append(f"{r['engine'][0]} {r['n']:.0e} {r['shards']}x{r['slices']} K{r['k']}")
     ax.axhline(1.0, color="black", linewidth=1)
+    for k in ks:
+        ax.plot([], [], "s", color=colors[ks.index(k) % len(colors)], label=f"K={k}")
+    for engine in ("ids", "counts"):
+        ax.plot([], [], markers[engine], color="black", fillstyle="none", label=f"{engine} engine")
+    ax.legend(fontsize=7, ncol=len(ks) + 2, loc="upper right")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, rotation=90, fontsize=5)
     ax.set_ylabel("simulated / model (± 2 se)")
@@ -419,6 +430,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every stream, print the table, write the JSON and the PNG; returns the result."""
     args = parse_args(argv)
+    if args.plot_only is not None:
+        earlier: dict[str, Any] = json.loads(args.plot_only.read_text())
+        plot(earlier, args.plot_only.with_suffix(".png"))
+        print(f"wrote {args.plot_only.with_suffix('.png')}")
+        return earlier
     n_ids = parse_list(args.n_ids, "n-ids") if args.n_ids not in ("", "0") else []
     n_counts = parse_list(args.n_counts, "n-counts") if args.n_counts not in ("", "0") else []
     shards_list = parse_list(args.shards, "shards")
