@@ -85,7 +85,7 @@ with Ensemble.open(sys.argv[1], address="local") as ens:
 
 @pytest.mark.faults
 def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env_python: dict) -> None:
-    x, y = blobs(3000, d=16)
+    x, y = blobs(2000, d=16)
     cfg = small_config("shards=2", "slices=4", "train.epochs=12", "model.hidden=[32]")
     template = tmp_path / "template"
     with Ensemble.create(template, cfg) as ens:
