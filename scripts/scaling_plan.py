@@ -45,6 +45,7 @@ SLICES = (4, 16, 64)
 KS = (1, 10, 100, 1000)
 WINDOWS = ("immediate", "hourly", "daily")
 AVAILABILITY_KS = (10, 100, 240, 1000, 24000)
+R_SWEEP = (2, 3, 4, 5, 6, 8, 9, 12, 13, 16, 19, 20, 32, 64)
 RECOMMENDED = {10**6: (32, 4), 10**8: (128, 4), 10**9: (512, 4)}  # (S, R) per N; see docs/scaling.md
 BEGIN, END = "<!-- scaling_plan:begin -->", "<!-- scaling_plan:end -->"
 
@@ -302,6 +303,23 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(f"{pk[str(k)]['fraction_of_monolithic_per_id']:.2e}" for k in KS)
             + f" | {pk['100']['shards_touched']:.1f} |"
         )
+    # Table 1b: the slice count under the rounded recalibration.
+    out.append(
+        f"\n**Table 1b (model).** Slices R under `epoch_schedule: recalibrated` with e={e}: the per-stage epochs "
+        f"e' are rounded (`TrainConfig.stage_epochs`), so training compute and deletion work move with the "
+        f"rounding; the exact recalibration 2e/(R+1) would keep training at e x N and make R buy at most "
+        f"(0.75 - 0.67) / 0.75 = 11% beyond R=4. `S x work` = work of one deletion (K=1, equal shards) x S / "
+        f"(e N), N- and S-free.\n"
+    )
+    out.append("| R | e' | exact 2e/(R+1) | full training / (e N) | S x work, rounded e' | S x work, exact |")
+    out.append("|---|---|---|---|---|---|")
+    for r in R_SWEEP:
+        stage = result["train"].stage_epochs(r)
+        exact = 2 * e / (r + 1)
+        out.append(
+            f"| {r} | {stage} | {exact:.2f} | {stage * (r + 1) / 2 / e:.2f} | "
+            f"{cm.single_request_work(1.0, 1, r, stage) / e:.3f} | {cm.single_request_work(1.0, 1, r, exact) / e:.3f} |"
+        )
     # Table 2: one deletion alone, one worker.
     out.append(
         "\n**Table 2 (model x measured throughput).** Retraining compute of one deletion applied on its own "
@@ -480,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "wall time of retraining only: journal, dispatch, compaction and certificate are extra",
         ],
     }
-    text = markdown(result)
+    text = markdown({**result, "train": train})
     print(text)
     result.pop("simulation")  # already in simulate_requests.json; only its summary is repeated here
     result["simulation_summary"] = simulation["summary"] if simulation else None
