@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -129,6 +130,29 @@ def kill_session(sid: int) -> int:
     return killed
 
 
+def start_reaper(base: Path) -> subprocess.Popen[str]:
+    """A watchdog in its own session: when its stdin closes, it kills the node sessions listed there.
+
+    Normally teardown has killed them already and the reaper finds nothing; if pytest itself is
+    killed, its end of the pipe closes and the reaper stops whatever the nodes left (Ray's agents
+    outlive a SIGKILLed ``ray start``) and removes ``base``.
+    """
+    code = "\n".join(
+        [
+            "import os, shutil, signal, sys, time",
+            "from pathlib import Path",
+            inspect.getsource(session_members),
+            inspect.getsource(kill_session),
+            "sids = [int(line) for line in sys.stdin]",  # blocks until the test process is gone
+            "for sid in sids:",
+            "    kill_session(sid)",
+            "shutil.rmtree(sys.argv[1], ignore_errors=True)",
+        ]
+    )
+    argv = [sys.executable, "-c", code, str(base)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -216,6 +240,7 @@ class Cluster:
         self.env = env
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.gcs = self.url = ""
+        self.reaper = start_reaper(base)
 
     def start_head(self) -> None:
         gcs, dash, agent_http, agent_grpc, metrics, runtime_env, client = free_ports(7)
@@ -286,6 +311,9 @@ class Cluster:
             )
         node = Node(name, ip, proc, log, hidden)
         self.nodes.append(node)
+        assert self.reaper.stdin is not None
+        self.reaper.stdin.write(f"{proc.pid}\n")
+        self.reaper.stdin.flush()
         return node
 
     def add_worker(self, name: str, ip: str) -> Node:
@@ -381,6 +409,9 @@ class Cluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):  # workers first, the head last
             node.kill()
+        assert self.reaper.stdin is not None
+        self.reaper.stdin.close()  # the reaper finds the sessions empty and exits
+        self.reaper.wait(timeout=30)
 
 
 def task_keys(tasks: list[dict[str, Any]]) -> set[tuple[str, str]]:
