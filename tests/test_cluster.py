@@ -14,7 +14,8 @@ the nodes take other loopback addresses, which Ray uses literally: 127.0.0.2 (he
 127.0.0.4 (workers). Every port is picked free, the dashboard listens on 127.0.0.1 only, and the
 cluster has its own auth token. Only what this module started is stopped: each node is its own
 session (``setsid``) and teardown SIGKILLs the members of those sessions; never ``ray stop``, which
-stops every Ray instance of the user on the machine (other test sessions may run one).
+stops every Ray instance of the user on the machine (other test sessions may run one). A watchdog
+does the same if pytest itself dies.
 """
 
 from __future__ import annotations
