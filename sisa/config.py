@@ -44,6 +44,7 @@ __all__ = [
 DATASETS = ("fashion-mnist", "npz", "csv", "idx")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("recalibrated", "constant")
+PRECISIONS = ("fp32", "bf16")
 PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
@@ -140,6 +141,10 @@ class TrainConfig:
         lr: Learning rate.
         weight_decay: L2 penalty.
         momentum: SGD momentum (ignored by Adam).
+        precision: ``fp32`` (default) or ``bf16``: forward and loss under
+            ``torch.autocast(dtype=torch.bfloat16)`` on the shard's device (CPU or CUDA);
+            weights and optimizer state stay fp32. Part of the recipe: bf16 gives other
+            (still bit-reproducible) weights.
     """
 
     epochs: int = 10
@@ -149,6 +154,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -161,6 +167,7 @@ class TrainConfig:
             f"train.weight_decay={self.weight_decay} must be >= 0 and finite",
         )
         _require(0 <= self.momentum < 1, f"train.momentum={self.momentum} must be in [0, 1)")
+        _choice("train.precision", self.precision, PRECISIONS)
 
     def stage_epochs(self, slices: int) -> int:
         """Epochs each of the ``slices`` stages trains for.
@@ -346,10 +353,14 @@ class SisaConfig:
             A JSON-able dict; its digest is part of every checkpoint key, so a
             checkpoint is never reused under another recipe.
         """
+        train = config_to_dict(self.train)
+        if train["precision"] == "fp32":
+            # The default is left out, so recipes (and checkpoint keys) from before the key existed still match.
+            del train["precision"]
         return {
             "seed": self.seed,
             "model": config_to_dict(self.model),
-            "train": config_to_dict(self.train),
+            "train": train,
             "threads": self.resources.threads_per_shard,
             "device": self.resources.device,
         }

@@ -8,9 +8,11 @@ sorted ids, so the same job always yields the same bytes (invariant 2).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,8 +34,10 @@ __all__ = [
     "ShardJob",
     "SliceData",
     "StageResult",
+    "autocast",
     "derive_seed",
     "deterministic",
+    "nondeterministic_op",
     "load_checkpoint",
     "make_optimizer",
     "train_epochs",
@@ -43,6 +47,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+
+# torch's message when use_deterministic_algorithms(True) meets an op without a deterministic kernel:
+# "<op> does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'..."
+_NONDETERMINISTIC = re.compile(r"(\S+) does not have a deterministic implementation")
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,31 @@ def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np
     return ids, x, y, np.argsort(ids, kind="stable")
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The mixed-precision context of a forward pass under ``train.precision``.
+
+    Args:
+        device: Device the forward runs on.
+        precision: ``fp32`` (no autocast) or ``bf16`` (``torch.autocast`` to bfloat16).
+
+    Returns:
+        A context manager to wrap the forward and loss in.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision={precision!r} must be 'fp32' or 'bf16'")
+
+
+def nondeterministic_op(exc: BaseException) -> str | None:
+    """The op named by torch's "does not have a deterministic implementation" error, else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    match = _NONDETERMINISTIC.search(str(exc))
+    return match.group(1) if match else None
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -193,6 +226,8 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    *,
+    precision: str = "fp32",
 ) -> None:
     """Minibatch cross-entropy descent over ``x`` for ``epochs`` epochs, in place.
 
@@ -206,6 +241,8 @@ def train_epochs(
         epochs: Passes over the data.
         batch_size: Rows per step.
         generator: Seeded CPU generator of the permutations.
+        precision: ``fp32``, or ``bf16`` to run forward and loss under bfloat16
+            autocast (gradients and optimizer steps stay fp32).
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -217,7 +254,8 @@ def train_epochs(
         for start in range(0, n, batch_size):
             idx = rows[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
+            with autocast(x.device, precision):
+                loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
 
@@ -255,7 +293,9 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         One :class:`StageResult` per stage ``job.start_stage + 1 .. len(job.slices)``.
 
     Raises:
-        TrainingError: If the parent checkpoint is missing or training fails.
+        TrainingError: If the parent checkpoint is missing, or the model calls an op that
+            has no deterministic implementation on this device (never a silent fallback
+            to nondeterministic kernels: the checkpoints would not be reproducible).
     """
     cfg = job.config
     device = torch.device(cfg.resources.device)
@@ -303,7 +343,21 @@ def _train_stage(
         x = torch.from_numpy(x_np).to(device)
         y = torch.from_numpy(y_np).to(device)
         order_t = torch.from_numpy(order).to(device)
-        train_epochs(model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator)
+        try:
+            train_epochs(
+                model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator, precision=cfg.train.precision
+            )
+        except RuntimeError as exc:
+            op = nondeterministic_op(exc)
+            if op is None:
+                raise
+            cpu_hint = "" if device.type == "cpu" else ", or train on the CPU with resources.gpus_per_shard=0"
+            raise TrainingError(
+                f"shard {job.shard} stage {stage}: model {cfg.model.name!r} calls {op}, which has no deterministic "
+                f"implementation on {device.type}, and SISA needs bit-identical retraining (it never falls back "
+                f"to nondeterministic kernels). Fix: replace the layer that calls {op} (or choose another "
+                f"model){cpu_hint}. torch said: {exc}"
+            ) from exc
     manifest = manifest_digest([s.ids for s in job.slices[:stage]])
     key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
     meta = {
