@@ -16,6 +16,9 @@ made to finish in well under 8 minutes on one H100):
    same device (1 torch thread, like a shard): ``deletion_speedup``.
 4. **verify** of the shard(s) the deletion retrained: retrained from scratch on the
    device and compared bit for bit with the live models.
+5. **bf16**: the monolithic model twice more under ``train.precision=bf16`` (autocast):
+   its time against fp32, whether the two runs are bit-identical (they must be) and
+   whether its weights differ from fp32's (they should).
 
 Without CUDA, or with ``--tiny`` (or ``SISA_GPU_CHECK_TINY=1``), the same steps run as a
 CPU smoke test on tiny settings (``configs/tiny.yaml``: 1,200 samples, small MLP, 4
@@ -29,6 +32,7 @@ Writes ``$OUT/gpu_check.json`` when ``$OUT`` is set, else ``docs/bench/gpu_check
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -53,6 +57,7 @@ from benchlib import head, machine_info, usable_cpus  # noqa: E402
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
+from sisa.digests import weights_digest  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import DataError, SisaError  # noqa: E402
 from sisa.monolithic import train_monolithic  # noqa: E402
@@ -152,6 +157,23 @@ def fit(cfg: SisaConfig, train: LabeledArrays, path: Path, address: str | None) 
     }
 
 
+def precision_check(cfg: SisaConfig, train: LabeledArrays, fp32_weights: str, fp32_s: float) -> dict[str, Any]:
+    """The monolithic model under the other ``train.precision``, twice: reproducible, and not the same weights."""
+    other = "fp32" if cfg.train.precision == "bf16" else "bf16"
+    alt = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=other))
+    runs = [train_monolithic(alt, train, seed=cfg.seed, threads=1) for _ in range(2)]
+    digests = [weights_digest(model.state_dict()) for model, _ in runs]
+    seconds = min(s for _, s in runs)
+    print(f"monolithic under {other}: {seconds:.1f}s, repeat identical {digests[0] == digests[1]}", flush=True)
+    return {
+        "precision": other,
+        "seconds": seconds,
+        "speedup_vs_config_precision": fp32_s / seconds,
+        "repeat_identical": digests[0] == digests[1],
+        "differs_from_config_precision": digests[0] != fp32_weights,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every step; returns the JSON result."""
     tiny = args.tiny or os.environ.get("SISA_GPU_CHECK_TINY", "") not in ("", "0") or not torch.cuda.is_available()
@@ -168,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         *args.overrides,
     ]
     cfg = load_config(config, overrides)
-    info = {**machine_info(), **device_info(cuda)}
+    info = device_info(cuda)
     print(f"mode {'gpu' if cuda else 'cpu-smoke'}: {info['device_name']}, torch {info['torch']}", flush=True)
     print(f"config {config} overrides {overrides}", flush=True)
     train, source = load_train(cfg)
@@ -182,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "gpu" if cuda else "cpu-smoke",
         "note": None if cuda else "CPU smoke run on tiny settings: not GPU numbers",
         "device": info,
+        "machine": machine_info(),
         "config_path": str(config),
         "overrides": overrides,
         "config": config_to_dict(cfg),
@@ -215,9 +238,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["throughput_ratio"] = serial["fit_s"] / packed["fit_s"]
         result["packed_equals_serial"] = packed["weights"] == serial["weights"]
 
-        _, mono_s = train_monolithic(cfg, train, seed=cfg.seed, threads=1)
+        mono, mono_s = train_monolithic(cfg, train, seed=cfg.seed, threads=1)
         result["monolithic"] = {"seconds": mono_s, "device": cfg.resources.device, "threads": 1}
         print(f"monolithic retrain on {cfg.resources.device}: {mono_s:.1f}s", flush=True)
+        result["bf16"] = precision_check(cfg, train, weights_digest(mono.state_dict()), mono_s)
 
         victim = int(np.random.default_rng(args.seed).choice(train.ids))
         t0 = time.perf_counter()
@@ -244,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         orchestrator.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     result["total_s"] = time.perf_counter() - started
-    result["ok"] = bool(result["verify"]["ok"] and result["packed_equals_serial"])
+    checks = (result["verify"]["ok"], result["packed_equals_serial"], result["bf16"]["repeat_identical"])
+    result["ok"] = all(bool(c) for c in checks)
     return result
 
 

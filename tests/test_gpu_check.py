@@ -27,7 +27,7 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
     device = result["device"]
     for key in ("device", "device_name", "torch", "torch_cuda", "cuda_available"):
         assert key in device
-    assert device["device"] == "cpu"
+    assert device["device"] == "cpu" and result["machine"]["ray"]
     assert result["config"]["resources"]["gpus_per_shard"] == 0
     shards = result["config"]["shards"]
     for run in ("packed", "serial"):
@@ -39,4 +39,6 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
     assert result["monolithic"]["seconds"] > 0
     assert result["deletion"]["state"] == "applied" and result["deletion"]["retrained_shards"]
     assert result["verify"]["ok"] is True and result["verify"]["shards"] == result["deletion"]["retrained_shards"]
+    assert result["bf16"]["precision"] == "bf16" and result["bf16"]["repeat_identical"] is True
+    assert result["bf16"]["differs_from_config_precision"] is True
     assert result["ok"] is True and result["total_s"] > 0
