@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,8 @@ def precision_check(cfg: SisaConfig, train: LabeledArrays, fp32_weights: str, fp
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every step; returns the JSON result."""
+def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """Every step, filling ``result`` as it goes (so a failure still leaves what was measured)."""
     tiny = args.tiny or os.environ.get("SISA_GPU_CHECK_TINY", "") not in ("", "0") or not torch.cuda.is_available()
     cuda = not tiny
     config = args.config or (GPU_CONFIG if cuda else TINY_CONFIG)
@@ -200,16 +201,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    result: dict[str, Any] = {
-        "mode": "gpu" if cuda else "cpu-smoke",
-        "note": None if cuda else "CPU smoke run on tiny settings: not GPU numbers",
-        "device": info,
-        "machine": machine_info(),
-        "config_path": str(config),
-        "overrides": overrides,
-        "config": config_to_dict(cfg),
-        "data": {"source": source, "train": len(train), "feature_shape": list(train.feature_shape)},
-    }
+    result.update(
+        {
+            "mode": "gpu" if cuda else "cpu-smoke",
+            "note": None if cuda else "CPU smoke run on tiny settings: not GPU numbers",
+            "device": info,
+            "machine": machine_info(),
+            "config_path": str(config),
+            "overrides": overrides,
+            "config": config_to_dict(cfg),
+            "data": {"source": source, "train": len(train), "feature_shape": list(train.feature_shape)},
+        }
+    )
     try:
         orchestrator.shutdown()
         ray.init(
@@ -274,11 +277,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the check and write the JSON; exit status 1 unless verify and packed == serial hold."""
+    """Run the check and write the JSON; exit status 1 unless verify, packed == serial and the bf16 repeat hold."""
     args = parse_args(argv)
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     out = out or ROOT / "docs" / "bench" / "gpu_check.json"
-    result = run(args)
+    result: dict[str, Any] = {}
+    try:
+        run(args, result)
+    except BaseException as exc:
+        # A device run is one shot: keep whatever was measured, and why it stopped.
+        result.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"FAILED ({result['error']}); partial results in {out}", flush=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
