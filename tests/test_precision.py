@@ -2,9 +2,9 @@
 
 Both run on the CPU: bf16 autocast exists there too, and ``Tensor.put_`` (accumulate=False)
 is an op that torch refuses under ``use_deterministic_algorithms(True)`` on the CPU as well,
-so the determinism error below is torch's own, not a simulation. On CUDA many more ops
-raise (scatter_add_, index_add_, some pooling backwards, ...); the trainer handles them the
-same way, by message.
+so the determinism error below is torch's own, not a simulation. On CUDA more ops raise
+(the backward of MaxPool3d, AdaptiveMaxPool2d, interpolate, ...; histc, bincount); the trainer
+handles them the same way, by torch's message.
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def test_other_runtime_errors_are_not_labelled_as_determinism() -> None:
 
 def test_nondeterministic_op_parses_torchs_cuda_message() -> None:
     cuda = RuntimeError(
-        "scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+        "max_pool3d_with_indices_backward_cuda does not have a deterministic implementation, but you set "
         "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation, ..."
     )
-    assert nondeterministic_op(cuda) == "scatter_add_cuda_kernel"
+    assert nondeterministic_op(cuda) == "max_pool3d_with_indices_backward_cuda"
     assert nondeterministic_op(RuntimeError("CUDA out of memory")) is None
     assert nondeterministic_op(ValueError("x does not have a deterministic implementation")) is None
