@@ -20,7 +20,7 @@ from sisa.arrays import LabeledArrays
 from sisa.config import SisaConfig
 from sisa.evaluation_config import FinetuneConfig, GradientAscentConfig, PruneConfig
 from sisa.models import build_model
-from sisa.trainer import deterministic, make_optimizer, train_epochs
+from sisa.trainer import autocast, deterministic, make_optimizer, train_epochs
 
 __all__ = ["APPROXIMATE_METHODS", "finetune", "gradient_ascent", "prune", "prune_mask"]
 
@@ -80,10 +80,11 @@ def gradient_ascent(
             for start in range(0, len(rows), hp.batch_size):
                 idx = rows[start : start + hp.batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = -loss_fn(out(xf[idx]), yf[idx])
-                if hp.retain_weight > 0 and len(yr):
-                    ridx = torch.randint(len(yr), (hp.batch_size,), generator=generator).to(device)
-                    loss = loss + hp.retain_weight * loss_fn(out(xr[ridx]), yr[ridx])
+                with autocast(device, cfg.train.precision):  # the model's own training precision
+                    loss = -loss_fn(out(xf[idx]), yf[idx])
+                    if hp.retain_weight > 0 and len(yr):
+                        ridx = torch.randint(len(yr), (hp.batch_size,), generator=generator).to(device)
+                        loss = loss + hp.retain_weight * loss_fn(out(xr[ridx]), yr[ridx])
                 loss.backward()
                 optimizer.step()
     return out.eval()
@@ -98,7 +99,7 @@ def _descend(
     if len(y) and epochs:
         optimizer = make_optimizer(cfg, model, lr=lr)
         generator = torch.Generator().manual_seed(seed)
-        train_epochs(model, optimizer, x, y, order, epochs, batch_size, generator)
+        train_epochs(model, optimizer, x, y, order, epochs, batch_size, generator, precision=cfg.train.precision)
 
 
 def finetune(model: nn.Module, retain: LabeledArrays, cfg: SisaConfig, *, seed: int, threads: int = 1) -> nn.Module:
