@@ -42,8 +42,10 @@ class VerificationError(Exception):
 
 
 def _int_id(text: str) -> int:
+    from sisa.unlearn import parse_id
+
     try:
-        return int(text, 10)
+        return parse_id(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from sisa.ensemble import Ensemble
     from sisa.trainer import StageResult
 
-__all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "pending", "read_ids_file", "verify"]
+__all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,21 @@ def normalize_ids(ids: Any) -> list[int]:
     return out
 
 
+_ID_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000" and "١٢"
+
+
+def parse_id(text: str) -> int:
+    """One sample id written in decimal ASCII digits.
+
+    Raises:
+        ValueError: On anything else, including ``1_000``, ``+5``, ``0x10`` and non-ASCII digits.
+    """
+    item = text.strip()
+    if not _ID_TEXT.fullmatch(item):
+        raise ValueError(f"{item[:40]!r} is not an integer id")
+    return int(item)
+
+
 def read_ids_file(path: str | Path) -> list[int]:
     """Read an ids file: one integer per line; blank lines and ``#`` comments are skipped.
 
@@ -72,7 +88,7 @@ def read_ids_file(path: str | Path) -> list[int]:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read ids file {p}: {exc}") from exc
     out: list[int] = []
@@ -81,7 +97,7 @@ def read_ids_file(path: str | Path) -> list[int]:
         if not item:
             continue
         try:
-            out.append(int(item, 10))
+            out.append(parse_id(item))
         except ValueError:
             raise DataError(f"{p} line {n}: {item[:40]!r} is not an integer id; put one integer id per line") from None
     return normalize_ids(out)

@@ -90,6 +90,8 @@ def _write_bad_files(d: Path) -> None:
         "ids_garbage": "3\nx7\n",
         "ids_float": "1.5\n",
         "ids_hex": "0x10\n",
+        "ids_underscore": "1_000\n",
+        "ids_unicode_digits": "\u0661\u0662\n",
         "ids_two_per_line": "1 2\n",
         "ids_comments_only": "# nothing to delete\n\n   \n",
         "ids_empty": "",
@@ -98,7 +100,7 @@ def _write_bad_files(d: Path) -> None:
         "ids_negative": "-4\n",
         "ids_too_big": f"{2**63 - 1}\n",
     }.items():
-        (d / name).write_text(text)
+        (d / name).write_text(text, encoding="utf-8")
     (d / "ids_binary").write_bytes(b"\xff\xfe\x00\x01")
 
     (d / "a_file").write_text("not a directory\n")
@@ -506,6 +508,9 @@ CLI_ON_STORE = [
     pytest.param(["delete", "--ids-file", "{dir}/ids_garbage"], "line 2: 'x7' is not an integer id", id="ids-garbage"),
     pytest.param(["delete", "--ids-file", "{dir}/ids_float"], "line 1: '1.5' is not an integer", id="ids-float"),
     pytest.param(["delete", "--ids-file", "{dir}/ids_hex"], "'0x10' is not an integer id", id="ids-hex"),
+    pytest.param(["delete", "--ids-file", "{dir}/ids_underscore"], "'1_000' is not an integer id", id="ids-underscore"),
+    pytest.param(["delete", "--ids-file", "{dir}/ids_unicode_digits"], "is not an integer id", id="ids-unicode-digits"),
+    pytest.param(["delete", "--ids", "1_000"], "'1_000' is not an integer id", id="delete-underscore-id"),
     pytest.param(
         ["delete", "--ids-file", "{dir}/ids_two_per_line"], "put one integer id per line", id="ids-two-a-line"
     ),
