@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 c = with_params(cfg, method, params)
                 t0 = time.perf_counter()
                 model = APPROXIMATE_METHODS[method](
-                    original, scorer.sets.forget, scorer.sets.retain, c, c.seed, threads
+                    original, scorer.sets.forget, scorer.sets.retain, c, seed=c.seed, threads=threads
                 )
                 seconds = time.perf_counter() - t0
                 row = scorer.row(method, scorer.probas(model_fn(model)), seconds)

@@ -102,11 +102,21 @@ def _descend(
         train_epochs(model, optimizer, x, y, order, epochs, batch_size, generator, precision=cfg.train.precision)
 
 
-def finetune(model: nn.Module, retain: LabeledArrays, cfg: SisaConfig, *, seed: int, threads: int = 1) -> nn.Module:
+def finetune(
+    model: nn.Module,
+    forget: LabeledArrays,
+    retain: LabeledArrays,
+    cfg: SisaConfig,
+    *,
+    seed: int,
+    threads: int = 1,
+) -> nn.Module:
     """Keep training on the retain set only, so the forget set's traces are overwritten.
 
     Args:
         model: The model trained on everything (not modified).
+        forget: Unused (fine-tuning never looks at the forget set); kept so every
+            method has the same signature.
         retain: The training data without the forget set.
         cfg: Ensemble config; ``cfg.evaluate.finetune`` holds the hyperparameters.
         seed: Seed of batch order.
@@ -223,9 +233,9 @@ def _masker(keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda grad: grad * keep
 
 
-# Method name -> how the harness calls it: (model, forget, retain, cfg, seed, threads).
+# Method name -> function; all take (model, forget, retain, cfg, *, seed, threads).
 APPROXIMATE_METHODS: dict[str, Callable[..., nn.Module]] = {
-    "gradient_ascent": lambda m, f, r, c, seed, threads: gradient_ascent(m, f, r, c, seed=seed, threads=threads),
-    "finetune": lambda m, f, r, c, seed, threads: finetune(m, r, c, seed=seed, threads=threads),
-    "prune": lambda m, f, r, c, seed, threads: prune(m, f, r, c, seed=seed, threads=threads),
+    "gradient_ascent": gradient_ascent,
+    "finetune": finetune,
+    "prune": prune,
 }

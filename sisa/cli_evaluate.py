@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sisa.approximate import APPROXIMATE_METHODS
 from sisa.cli_format import ADDRESS_HELP, progress_bar, table
 from sisa.config import load_config
 from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
@@ -51,7 +52,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def _steps(cfg: Any, forgets: int, methods: tuple[str, ...]) -> int:
-    approximate = sum(m in ("gradient_ascent", "finetune", "prune") for m in methods)
+    approximate = sum(m in APPROXIMATE_METHODS for m in methods)
     sisa = "sisa" in methods
     return 1 + sisa + forgets * (cfg.evaluate.retrain_seeds + sisa + approximate)
 

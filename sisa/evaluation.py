@@ -335,16 +335,27 @@ def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
     )
 
 
-def _train_sisa_base(cfg: SisaConfig, train: LabeledArrays, path: Path, address: str | None) -> dict[str, Any]:
+def _train_sisa_base(
+    cfg: SisaConfig, train: LabeledArrays, test: LabeledArrays, path: Path, address: str | None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Train the ensemble every forget set starts from; also its test probabilities before any deletion."""
     if path.exists():
         shutil.rmtree(path)
     with Ensemble.create(path, cfg, address=address) as ens:
         ens.ingest(train)
         report = ens.fit()
-    return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}
+        before_test = ens.predict_proba(test.x)
+    return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}, before_test
 
 
-def _sisa_row(scorer: Scorer, base: Path, workdir: Path, address: str | None, say: Callable[[str], None]) -> MethodRow:
+def _sisa_row(
+    scorer: Scorer,
+    base: Path,
+    before_test: np.ndarray,
+    workdir: Path,
+    address: str | None,
+    say: Callable[[str], None],
+) -> MethodRow:
     sets = scorer.sets
     path = workdir / f"sisa-{re.sub(r'[^a-z0-9.]+', '-', sets.spec.name)}"
     if path.exists():
@@ -352,7 +363,6 @@ def _sisa_row(scorer: Scorer, base: Path, workdir: Path, address: str | None, sa
     # Every forget set starts from the same trained ensemble: a copy of the closed base store.
     shutil.copytree(base, path, ignore=shutil.ignore_patterns("writer.lock", "lock.mdb"))
     with Ensemble.open(path, address=address) as ens:
-        before = scorer.probas(ens.predict_proba)
         say(f"{sets.spec.name}: sisa deletes {len(sets.forget)} samples")
         started = time.perf_counter()
         cert = ens.delete(sets.forget.ids)
@@ -363,11 +373,11 @@ def _sisa_row(scorer: Scorer, base: Path, workdir: Path, address: str | None, sa
         p,
         seconds,
         retrained_shards=cert.get("retrained_shards", []),
-        test_accuracy_before=accuracy(before["test"], sets.test.y),
+        test_accuracy_before=accuracy(before_test, sets.test.y),
         # Ensemble vs monolithic model when both saw the same data: the distance that the
         # model family alone explains, which exact unlearning cannot remove.
         family_gap_kl_test=(
-            float(kl_divergence(scorer.original["test"], before["test"]).mean()) if scorer.original else None
+            float(kl_divergence(scorer.original["test"], before_test).mean()) if scorer.original else None
         ),
         store=str(path),
     )
@@ -428,7 +438,9 @@ def evaluate(
             if name in APPROXIMATE_METHODS:
                 say(f"{sets.spec.name}: {name}")
                 t0 = time.perf_counter()
-                model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, cfg.seed, threads)
+                model = APPROXIMATE_METHODS[name](
+                    original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads
+                )
                 seconds = time.perf_counter() - t0
                 spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds))
         per_spec.append((scorer, retrain, spec_rows))
@@ -439,9 +451,9 @@ def evaluate(
     if "sisa" in methods:
         base = workdir / "sisa-base"
         say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(train)} samples")
-        sisa_base = _train_sisa_base(cfg, train, base, address)
+        sisa_base, before_test = _train_sisa_base(cfg, train, test, base, address)
         for scorer, _, spec_rows in per_spec:
-            spec_rows.append(_sisa_row(scorer, base, workdir, address, say))
+            spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say))
 
     order = {m: i for i, m in enumerate(("retrain", "original", *METHODS[1:]))}
     rows: list[MethodRow] = []
