@@ -22,7 +22,7 @@ import ray
 
 from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
-from tests.conftest import blobs, small_config
+from tests.conftest import blobs, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -378,3 +378,40 @@ def test_readers_during_a_deletion_see_old_or_new_never_a_mix(tmp_path: Path, en
 def live_state_keys(ens: Ensemble) -> dict[int, dict]:
     with ens.store.read() as txn:
         return ens.store.live(txn)
+
+
+CHILD_COMPACT_FULL = """
+import resource, signal, sys
+from sisa.ensemble import Ensemble
+from sisa.errors import StoreFullError
+with Ensemble.open(sys.argv[1], resume=False) as ens:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the compacted copy cannot be written
+    try:
+        ens.store.compact()
+    except StoreFullError as exc:
+        print("STORE FULL:", exc)
+        sys.exit(3)
+"""
+
+
+def test_compaction_that_cannot_write_its_copy_leaves_the_store_as_it_was(tmp_path: Path, env_python: dict) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        before = live_state(ens)
+    digest = store_digest(tmp_path / "st")
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_COMPACT_FULL, str(tmp_path / "st")],
+        env=env_python,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 3, child.stdout + child.stderr
+    assert "compaction could not write its copy" in child.stdout and "sisa resume" in child.stdout
+    assert store_digest(tmp_path / "st") == digest  # data.mdb untouched, no .compact left
+    assert not (tmp_path / "st" / ".compact").exists()
+    with Ensemble.open(tmp_path / "st") as ens:
+        assert live_state(ens) == before and ens.delete([3])["state"] == "applied"
