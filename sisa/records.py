@@ -51,9 +51,11 @@ def shard_key(shard: int) -> bytes:
 DIGEST_SIZE = 16
 
 
-def _sample_digest(sample_id: int, body: bytes) -> bytes:
+def _sample_digest(sample_id: int, body: bytes | memoryview) -> bytes:
     """BLAKE2b-128 over the id key and the record body: binds the bytes to their id."""
-    return hashlib.blake2b(id_key(sample_id) + body, digest_size=DIGEST_SIZE).digest()
+    h = hashlib.blake2b(id_key(sample_id), digest_size=DIGEST_SIZE)
+    h.update(body)  # no concatenated copy of the body: this runs for every sample a fit loads
+    return h.digest()
 
 
 class Records:
@@ -124,8 +126,8 @@ class Records:
             raw = txn.get(id_key(sid), db=db)
             if raw is None:
                 raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
-            raw = bytes(raw)
-            if len(raw) != body_len + DIGEST_SIZE or raw[body_len:] != _sample_digest(sid, raw[:body_len]):
+            view = memoryview(raw)
+            if len(view) != body_len + DIGEST_SIZE or view[body_len:] != _sample_digest(sid, view[:body_len]):
                 raise IntegrityError(
                     f"sample {sid}{at} in store {self.path} was modified: its record does not match its digest; "
                     "restore the store from a backup or re-ingest the data into a new store"
