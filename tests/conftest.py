@@ -59,6 +59,11 @@ def store_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle`` (the erasure checks grep with it)."""
+    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
 @pytest.fixture
 def env_python() -> dict[str, str]:
     """Environment for child Python processes that import sisa."""

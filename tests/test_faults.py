@@ -22,7 +22,7 @@ import ray
 
 from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, files_containing, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -157,10 +157,6 @@ ens = Ensemble.open(path, address="local")
 ens.delete(victims, progress=progress)
 """
 PHASES = ("journal", "retrain", "compact-copy", "compact-swap", "certify", "timer")
-
-
-def files_containing(root: Path, needle: bytes) -> list[str]:
-    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
 
 
 @pytest.mark.faults
@@ -350,7 +346,8 @@ def test_readers_during_a_deletion_see_old_or_new_never_a_mix(tmp_path: Path, en
         with Ensemble.open(tmp_path / "st") as ens:
             ens.delete(victims)
             acked = time.time()
-            after = {str(s): r["key"] for s, r in live_state_keys(ens).items()}
+            with ens.store.read() as txn:
+                after = {str(s): r["key"] for s, r in ens.store.live(txn).items()}
         time.sleep(1.0)
     finally:
         stop.touch()
@@ -373,11 +370,6 @@ def test_readers_during_a_deletion_see_old_or_new_never_a_mix(tmp_path: Path, en
     # Once a read saw the deletion, no later read went back to a model that saw the ids.
     first_new = next(i for i, r in enumerate(reads) if not {s for s in affected if r["used"].get(s) == before[s]})
     assert all(r["used"].get("0") != before["0"] for r in reads[first_new:])
-
-
-def live_state_keys(ens: Ensemble) -> dict[int, dict]:
-    with ens.store.read() as txn:
-        return ens.store.live(txn)
 
 
 CHILD_COMPACT_FULL = """

@@ -13,7 +13,7 @@ import pytest
 
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, files_containing, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -40,10 +40,6 @@ def where(ens: Ensemble, sample_id: int) -> tuple[int, int]:
     with ens.store.read() as txn:
         raw = txn.get(struct.pack(">Q", sample_id), db=ens.store.db("assign"))
     return struct.unpack(">II", bytes(raw))
-
-
-def files_containing(root: Path, needle: bytes) -> list[str]:
-    return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
 
 
 @pytest.fixture
