@@ -65,7 +65,7 @@ import numpy as np
 
 # Let `python scripts/bench_sharding.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, usable_cpus  # noqa: E402
+from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
 
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
@@ -93,10 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     Returns:
         The options; ``overrides`` holds the trailing ``key=value`` strings.
     """
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/fashion_mnist.yaml"), help="YAML config")
     parser.add_argument(
         "--requests",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -41,3 +42,11 @@ def machine_info() -> dict[str, Any]:
 def head(data: LabeledArrays, n: int) -> LabeledArrays:
     """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
     return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
+
+
+def script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose description is the first paragraph of the script's docstring."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0] if doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

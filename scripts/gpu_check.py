@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import head, machine_info, usable_cpus  # noqa: E402
+from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
 
 from sisa import orchestrator  # noqa: E402
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
@@ -74,10 +74,7 @@ WARMUP_SAMPLES = 800
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (trailing ``key=value`` strings are config overrides)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--tiny", action="store_true", help="CPU smoke run on tiny settings (also SISA_GPU_CHECK_TINY=1, or no CUDA)"
     )

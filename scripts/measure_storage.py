@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info  # noqa: E402
+from benchlib import head, machine_info, script_parser  # noqa: E402
 
 from sisa import orchestrator  # noqa: E402
 from sisa.config import load_config  # noqa: E402
@@ -49,10 +49,7 @@ CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cn
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--ckpt-samples", type=int, default=400, help="images in the checkpoint-size stores")
     parser.add_argument("--sizes", default="20000,60000", help="sample counts of the ingest-only stores")
     parser.add_argument("--compact-repeats", type=int, default=3, help="timed compactions of the largest store")

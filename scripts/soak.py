@@ -83,7 +83,7 @@ import numpy as np
 # Let `python scripts/soak.py` find the package (and benchlib) without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
-from benchlib import machine_info  # noqa: E402
+from benchlib import machine_info, script_parser  # noqa: E402
 
 from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data import LabeledArrays, load_split  # noqa: E402
@@ -744,10 +744,7 @@ def plot(res: dict[str, Any], title: str, path: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``overrides`` holds the trailing ``key=value`` strings."""
     d = Workload()
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--config", type=Path, default=None, help=f"YAML config (default {FULL_CONFIG})")
     parser.add_argument("--requests", type=int, default=None, help=f"deletion requests (default {FULL_REQUESTS})")
     parser.add_argument("--single-fraction", type=float, default=d.single_fraction, help="share of immediate deletes")
