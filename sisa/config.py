@@ -271,6 +271,13 @@ class ResourcesConfig:
         custom: Ray custom resources each shard task requires, e.g. ``{sisa_worker: 1}``
             to run shards only on nodes started with ``--resources='{"sisa_worker": N}'``
             (see docs/cluster.md). Placement only: not part of the recipe.
+        stream_slices: Ship each slice to the object store as its own object; the
+            task fetches slice r when stage r starts (and prefetches r+1 while it
+            trains), and the driver holds one slice at a time instead of a whole
+            shard. For large shards; the bytes are the same either way.
+        max_shards_in_flight: At most this many shard tasks submitted at once (0 = all).
+            Bounds what the driver node's object store holds to that many shards'
+            data; 0 lets an autoscaler see the whole demand at once.
     """
 
     cpus_per_shard: float = 1.0
@@ -278,6 +285,8 @@ class ResourcesConfig:
     threads_per_shard: int = 1
     max_retries: int = 3
     custom: dict[str, float] = field(default_factory=dict)
+    stream_slices: bool = False
+    max_shards_in_flight: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -293,6 +302,10 @@ class ResourcesConfig:
             f"resources.threads_per_shard={self.threads_per_shard} must be >= 1",
         )
         _require(self.max_retries >= 0, f"resources.max_retries={self.max_retries} must be >= 0")
+        _require(
+            self.max_shards_in_flight >= 0,
+            f"resources.max_shards_in_flight={self.max_shards_in_flight} must be >= 0 (0 submits every shard at once)",
+        )
         for name, amount in self.custom.items():
             where = f"resources.custom.{name}"
             _require(

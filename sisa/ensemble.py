@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
 from sisa.placement import check_shard_sizes, place
 from sisa.serving import Serving
 from sisa.store import Store
-from sisa.trainer import ShardJob, SliceData, StageResult
+from sisa.stored_slices import StoredSlices
+from sisa.trainer import ShardJob, StageResult
 
 __all__ = ["Ensemble", "FitReport"]
 
@@ -259,8 +260,11 @@ class Ensemble:
     def shard_job(self, txn: Any, shard: int, start_stage: int = 0) -> ShardJob:
         """The job that trains ``shard`` from ``start_stage`` on its current samples.
 
+        The job's slices are lazy (:class:`~sisa.stored_slices.StoredSlices`): each is
+        read from the store when the trainer or the orchestrator asks for it, not here.
+
         Args:
-            txn: Read transaction.
+            txn: Read transaction (for the slice ids and the parent checkpoint).
             shard: Shard index.
             start_stage: Stages to take from the store (0 = from scratch).
 
@@ -269,10 +273,7 @@ class Ensemble:
         """
         shape = self.feature_shape
         assert shape is not None
-        slices = tuple(
-            SliceData(ids, *self.store.load_samples(txn, ids, shape, f"shard {shard} slice {r}"))
-            for r, ids in enumerate(self._shard_slices(txn, shard))
-        )
+        slices = StoredSlices(self.store, shard, self._shard_slices(txn, shard), shape)
         parent = self.store.stage_record(txn, shard, start_stage) if start_stage > 0 else None
         if start_stage > 0 and parent is None:
             raise StoreError(f"shard {shard}: stage {start_stage} has no checkpoint to resume from")
@@ -285,7 +286,26 @@ class Ensemble:
             parent_key=parent["key"] if parent else None,
             input_shape=shape,
             num_classes=self.config.data.num_classes,
+            slice_sizes=slices.sizes,
         )
+
+    def shard_jobs(self, plan: Sequence[tuple[int, int]]) -> Iterator[ShardJob]:
+        """Jobs for ``(shard, start_stage)`` pairs, each built when the consumer asks for it.
+
+        The orchestrator pulls the next job only when it submits it, so the driver
+        holds the parent checkpoint and slice ids of one shard at a time (and, through
+        the lazy slices, its samples only while they are shipped or trained on).
+
+        Args:
+            plan: Shards to train and the stage each starts after.
+
+        Yields:
+            One job per pair, in order.
+        """
+        for shard, start_stage in plan:
+            with self.store.read() as txn:
+                job = self.shard_job(txn, shard, start_stage)
+            yield job  # outside the transaction: the consumer commits stages meanwhile
 
     def _plan(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
         """Last stage whose stored checkpoint is exactly what training now would produce."""
@@ -323,11 +343,10 @@ class Ensemble:
         shape = self.feature_shape
         if shape is None:
             raise NotTrainedError(f"store {self.path} holds no samples; ingest data before fit")
-        jobs: list[ShardJob] = []
+        plan: list[tuple[int, int]] = []
+        total_slices: dict[int, int] = {}
         with self.store.read() as txn:
             live = self.store.live(txn)
-            # Before the first training, a shard smaller than R is a configuration mistake;
-            # after deletions it is a fact to handle (an empty shard simply has no model).
             all_slices = [self._shard_slices(txn, shard) for shard in range(cfg.shards)]
             # Before the first training, a shard smaller than R is a configuration mistake;
             # after deletions it is a fact to handle (an empty shard simply has no model).
@@ -344,8 +363,8 @@ class Ensemble:
                     continue
                 # All stages valid but no live pointer (retired by a deletion that touched
                 # only later data, say): replay the last stage, which re-derives the same bytes.
-                jobs.append(self.shard_job(txn, shard, min(done, len(slice_ids) - 1)))
-        total_slices = {job.shard: len(job.slices) for job in jobs}
+                plan.append((shard, min(done, len(slice_ids) - 1)))
+                total_slices[shard] = len(slice_ids)
 
         def commit(result: StageResult) -> None:
             record = {
@@ -372,7 +391,7 @@ class Ensemble:
             if progress is not None:
                 progress(result)
 
-        orchestrator.execute(self.address, jobs, commit)
+        orchestrator.execute(self.address, self.shard_jobs(plan), commit)
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
         return report

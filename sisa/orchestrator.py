@@ -4,21 +4,28 @@ Each shard is one streaming-generator task that yields a checkpoint per stage, s
 driver commits every finished stage as it arrives and a crash loses at most the stage
 in progress. Data and checkpoints travel through Ray's object store; no worker
 touches the store directory, so no shared filesystem is assumed between nodes.
+
+Jobs are pulled from their iterator only when they are submitted (at most
+``resources.max_shards_in_flight`` at a time), and with ``resources.stream_slices``
+each slice travels as its own object that the task fetches when its stage starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, overload
 
 import ray
 
 from sisa.errors import SisaError, TrainingError
-from sisa.trainer import ShardJob, StageResult, train_shard
+from sisa.trainer import ShardJob, SliceData, StageResult, train_shard
 
-__all__ = ["LOCAL", "connect", "execute", "run_jobs", "shutdown"]
+__all__ = ["LOCAL", "RemoteSlices", "connect", "execute", "run_jobs", "ship", "shutdown"]
 
 # The address that trains in the calling process, one shard after another, without Ray.
 LOCAL = "local"
@@ -45,7 +52,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, **kwargs)
 
 
-def execute(address: str | None, jobs: Sequence[ShardJob], on_stage: Callable[[StageResult], None]) -> None:
+def execute(address: str | None, jobs: Iterable[ShardJob], on_stage: Callable[[StageResult], None]) -> None:
     """Train ``jobs`` on Ray at ``address``, or in this process when ``address`` is ``local``.
 
     The local mode runs the very same :func:`~sisa.trainer.train_shard`, so its
@@ -54,24 +61,95 @@ def execute(address: str | None, jobs: Sequence[ShardJob], on_stage: Callable[[S
 
     Args:
         address: Ray address (see :func:`connect`), ``local``, or None.
-        jobs: One job per shard.
+        jobs: One job per shard; may be a lazy iterator (pulled one job at a time).
         on_stage: Called for each finished stage (it commits the stage).
     """
-    if not jobs:
-        return
     if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
         for job in jobs:
             for result in train_shard(job):
                 on_stage(result)
         return
+    jobs = iter(jobs)
+    first = next(jobs, None)
+    if first is None:
+        return  # nothing to train: no Ray start-up either
     connect(address)
-    run_jobs(jobs, on_stage)
+    run_jobs(itertools.chain([first], jobs), on_stage)
 
 
 def shutdown() -> None:
     """Stop the Ray instance this process started or joined."""
     if ray.is_initialized():
         ray.shutdown()
+
+
+class RemoteSlices(Sequence[SliceData]):
+    """A shard's slices as object refs, fetched in the task one slice at a time.
+
+    Indexing slice r gets it from the object store (pulled to this node if it lives
+    elsewhere) and starts fetching slice r+1 in the background, so the transfer of the
+    next slice overlaps the training of this stage. Only the refs are pickled.
+
+    Args:
+        refs: One object ref per slice, each holding a :class:`~sisa.trainer.SliceData`.
+    """
+
+    def __init__(self, refs: Sequence[Any]) -> None:
+        self.refs = tuple(refs)
+        self._ahead: tuple[int, Future[SliceData]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @overload
+    def __getitem__(self, index: int) -> SliceData: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        index = range(len(self.refs))[index]  # normalises negatives, raises IndexError
+        if self._ahead is not None and self._ahead[0] == index:
+            part = self._ahead[1].result()
+        else:
+            part = ray.get(self.refs[index])
+        self._ahead = None
+        if index + 1 < len(self.refs):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sisa-prefetch")
+            self._ahead = (index + 1, self._pool.submit(ray.get, self.refs[index + 1]))
+        elif self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        return part
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"refs": self.refs}  # never the prefetch thread or its pending result
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["refs"])  # type: ignore[misc]
+
+
+def ship(job: ShardJob) -> ShardJob:
+    """The job as it travels to a task: its slices loaded, or put one by one as refs.
+
+    With ``resources.stream_slices`` each slice is read and put into the object store
+    on its own, so the driver holds one slice at a time and the task fetches slice r
+    when stage r starts; otherwise the whole shard goes as one argument.
+
+    Args:
+        job: A job whose slices may be lazy (read from the store on indexing).
+
+    Returns:
+        A picklable job with the same content.
+    """
+    if job.config.resources.stream_slices:
+        refs = [ray.put(job.slices[r]) for r in range(len(job.slices))]
+        return dataclasses.replace(job, slices=RemoteSlices(refs), slice_sizes=job.sizes())
+    return dataclasses.replace(job, slices=tuple(job.slices[r] for r in range(len(job.slices))))
 
 
 @ray.remote
@@ -96,13 +174,17 @@ def _warn_missing_resources(custom: dict[str, float]) -> None:
 
 
 def run_jobs(
-    jobs: Sequence[ShardJob],
+    jobs: Iterable[ShardJob],
     on_stage: Callable[[StageResult], None],
 ) -> None:
     """Train every job as its own Ray task, calling ``on_stage`` as stages finish.
 
+    Jobs are pulled from ``jobs`` and shipped (:func:`ship`) only when they are
+    submitted: all at once, or ``resources.max_shards_in_flight`` at a time, the next
+    as soon as a task finishes. So the driver loads one shard's data at a time.
+
     Args:
-        jobs: One job per shard to (re)train.
+        jobs: One job per shard to (re)train; may be a lazy iterator. All share one config.
         on_stage: Called in the driver for each finished stage, in completion
             order across shards and stage order within a shard. It commits the
             stage; if it raises, the remaining tasks are cancelled.
@@ -111,31 +193,44 @@ def run_jobs(
         TrainingError: If a task fails after its retries.
         SisaError: Whatever ``on_stage`` raised, or a sisa error from a task.
     """
-    if not jobs:
+    queue = iter(jobs)
+    first = next(queue, None)
+    if first is None:
         return
-    _warn_missing_resources(jobs[0].config.resources.custom)
+    res = first.config.resources
+    _warn_missing_resources(res.custom)
+    limit = res.max_shards_in_flight or None
+    queue = itertools.chain([first], queue)
     pending: list[Any] = []
     owner: dict[int, int] = {}
-    for job in jobs:
-        res = job.config.resources
-        gen: Any = _shard_task.options(
-            num_cpus=res.cpus_per_shard,
-            num_gpus=res.gpus_per_shard,
-            resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
-            max_retries=res.max_retries,
-            retry_exceptions=False,  # a bug in training is not fixed by running it again
-            name=f"sisa-shard-{job.shard}",
-        ).remote(job)
-        owner[id(gen)] = job.shard
-        pending.append(gen)
+
+    def submit_more() -> None:
+        while limit is None or len(pending) < limit:
+            job = next(queue, None)
+            if job is None:
+                return
+            gen: Any = _shard_task.options(
+                num_cpus=res.cpus_per_shard,
+                num_gpus=res.gpus_per_shard,
+                resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
+                max_retries=res.max_retries,
+                retry_exceptions=False,  # a bug in training is not fixed by running it again
+                name=f"sisa-shard-{job.shard}",
+            ).remote(ship(job))
+            owner[id(gen)] = job.shard
+            pending.append(gen)
+
     try:
+        submit_more()
         while pending:
             # ray.wait on streaming generators: ready when their next item (or end) is available.
+            ready: list[Any]
             ready, pending = ray.wait(pending, num_returns=1)
             for gen in ready:
                 try:
                     ref = next(gen)
                 except StopIteration:
+                    submit_more()  # a slot is free
                     continue
                 try:
                     result: StageResult = ray.get(ref)
@@ -146,7 +241,7 @@ def run_jobs(
                     raise TrainingError(f"shard {owner[id(gen)]} failed: {cause}") from exc
                 except ray.exceptions.RayError as exc:
                     raise TrainingError(
-                        f"shard {owner[id(gen)]} failed after {jobs[0].config.resources.max_retries} retries: {exc}"
+                        f"shard {owner[id(gen)]} failed after {res.max_retries} retries: {exc}"
                     ) from exc
                 on_stage(result)
                 pending.append(gen)

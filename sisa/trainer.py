@@ -3,7 +3,9 @@
 No Ray and no store here: the orchestrator ships a :class:`ShardJob` in and gets
 :class:`StageResult` objects back. Stage r trains on slices 1..r; every random
 source is seeded from (seed, shard, stage) and the data order derives from the
-sorted ids, so the same job always yields the same bytes (invariant 2).
+sorted ids, so the same job always yields the same bytes (invariant 2). A job's
+slices may be a lazy sequence: the trainer reads slice r only when stage r starts,
+and each slice once, into one buffer on the training device.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,7 +71,10 @@ class ShardJob:
     Attributes:
         config: The ensemble's config (recipe, seed, resources).
         shard: Shard index.
-        slices: The shard's slices in order; stage r trains on ``slices[:r]``.
+        slices: The shard's slices in order; stage r trains on ``slices[:r]``. A
+            tuple, or a lazy sequence that loads a slice when it is indexed (from
+            the store in the driver, from Ray's object store in a task); the
+            trainer indexes each slice once, slice r when stage r starts.
         start_stage: Number of stages already done; training starts at stage
             ``start_stage + 1``.
         parent: Bytes of the stage ``start_stage`` checkpoint, or ``None`` when
@@ -77,16 +82,25 @@ class ShardJob:
         parent_key: Key of that checkpoint.
         input_shape: Shape of one sample.
         num_classes: Number of classes.
+        slice_sizes: Rows of each slice, so that a lazy ``slices`` need not be
+            loaded to size the training buffer; empty means "ask ``slices``".
     """
 
     config: SisaConfig
     shard: int
-    slices: tuple[SliceData, ...]
+    slices: Sequence[SliceData]
     start_stage: int
     parent: bytes | None
     parent_key: str | None
     input_shape: tuple[int, ...]
     num_classes: int
+    slice_sizes: tuple[int, ...] = field(default=())
+
+    def sizes(self) -> tuple[int, ...]:
+        """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
+        if self.slice_sizes:
+            return self.slice_sizes
+        return tuple(len(s.ids) for s in self.slices)
 
 
 @dataclass(frozen=True)
@@ -179,17 +193,57 @@ def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, 
     return buf.getvalue()
 
 
-def _stage_data(slices: Sequence[SliceData], stage: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Slices 1..stage concatenated, plus the row order that sorts them by id.
+class _ShardRows:
+    """The rows of slices 1..r on the training device, filled one slice at a time.
 
-    Returns ``(ids, x, y, order)``; rows are not moved here: the epoch loop gathers
-    ``order[perm]`` batch by batch, so the features are copied once, not twice.
+    One buffer sized for the whole shard is allocated once and each slice is copied
+    into it once: stage r trains on the prefix ``[:rows of slices 1..r]``, which holds
+    exactly the concatenation of those slices. Concatenating per stage instead would
+    copy the growing prefix R times (and re-upload it to a GPU every stage).
     """
-    used = slices[:stage]
-    ids = np.concatenate([s.ids for s in used])
-    x = np.concatenate([s.x for s in used])
-    y = np.concatenate([s.y for s in used])
-    return ids, x, y, np.argsort(ids, kind="stable")
+
+    def __init__(self, job: ShardJob, device: torch.device) -> None:
+        self.job = job
+        self.device = device
+        self.sizes = job.sizes()
+        if len(self.sizes) != len(job.slices):
+            raise TrainingError(
+                f"shard {job.shard}: job lists {len(self.sizes)} slice sizes for {len(job.slices)} slices"
+            )
+        self.ids: list[np.ndarray] = []
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.rows = 0
+
+    def extend_to(self, stage: int) -> None:
+        """Load slices ``len(self.ids) + 1 .. stage`` into the buffer."""
+        while len(self.ids) < stage:
+            index = len(self.ids)
+            part = self.job.slices[index]
+            if len(part.ids) != self.sizes[index]:
+                raise TrainingError(
+                    f"shard {self.job.shard} slice {index}: {len(part.ids)} rows arrived, {self.sizes[index]} expected"
+                )
+            n = len(part.ids)
+            if n:
+                x = torch.from_numpy(np.ascontiguousarray(part.x))
+                y = torch.from_numpy(np.ascontiguousarray(part.y))
+                if self.x is None or self.y is None:
+                    total = sum(self.sizes)
+                    self.x = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=self.device)
+                    self.y = torch.empty((total, *y.shape[1:]), dtype=y.dtype, device=self.device)
+                self.x[self.rows : self.rows + n].copy_(x)
+                self.y[self.rows : self.rows + n].copy_(y)
+            self.ids.append(np.asarray(part.ids))
+            self.rows += n
+
+    def stage(self, stage: int) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+        """``(ids, x, y)`` of slices 1..stage; x and y are views (None when no row exists)."""
+        ids = np.concatenate(self.ids[:stage])
+        n = ids.size
+        if self.x is None or self.y is None:
+            return ids, None, None
+        return ids, self.x[:n], self.y[:n]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -315,9 +369,11 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
 
+    rows = _ShardRows(job, device)
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
+        rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
         with deterministic(cfg.resources.threads_per_shard, device):
-            result = _train_stage(job, model, optimizer, stage, parent_key, recipe_digest, epochs, device)
+            result = _train_stage(job, model, optimizer, stage, rows, parent_key, recipe_digest, epochs, device)
         yield result
         parent_key = result.key
 
@@ -327,6 +383,7 @@ def _train_stage(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     stage: int,
+    rows: _ShardRows,
     parent_key: str | None,
     recipe_digest: str,
     epochs: int,
@@ -338,11 +395,11 @@ def _train_stage(
     seed = derive_seed(cfg.seed, job.shard, stage)
     torch.manual_seed(seed)  # dropout and any other use of the global RNG
     generator = torch.Generator().manual_seed(seed)
-    ids, x_np, y_np, order = _stage_data(job.slices, stage)
-    if ids.size:
-        x = torch.from_numpy(x_np).to(device)
-        y = torch.from_numpy(y_np).to(device)
-        order_t = torch.from_numpy(order).to(device)
+    ids, x, y = rows.stage(stage)
+    if ids.size and x is not None and y is not None:
+        # Rows stay in slice order; this order sorts them by id, and the epoch loop gathers
+        # order[perm] batch by batch, so the data order depends only on the ids.
+        order_t = torch.from_numpy(np.argsort(ids, kind="stable")).to(device)
         try:
             train_epochs(
                 model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator, precision=cfg.train.precision
@@ -358,7 +415,7 @@ def _train_stage(
                 f"to nondeterministic kernels). Fix: replace the layer that calls {op} (or choose another "
                 f"model){cpu_hint}. torch said: {exc}"
             ) from exc
-    manifest = manifest_digest([s.ids for s in job.slices[:stage]])
+    manifest = manifest_digest(rows.ids[:stage])
     key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
     meta = {
         "shard": job.shard,

@@ -301,7 +301,7 @@ def verify(
     if bad:
         raise DataError(f"shard {bad[0]!r} does not exist; shards are the integers 0..{cfg.shards - 1}")
     out: dict[str, Any] = {}
-    jobs = []
+    plan: list[tuple[int, int]] = []
     with store.read() as txn:
         live = store.live(txn)
         slice_counts = ens.slice_counts(txn)
@@ -310,7 +310,7 @@ def verify(
             rec = live.get(shard)
             out[str(shard)] = {"samples": size, "live_weights": rec["weights"] if rec else None, "replay_weights": None}
             if size and rec:
-                jobs.append(ens.shard_job(txn, shard, 0))
+                plan.append((shard, 0))
     last: dict[int, StageResult] = {}
 
     def keep(result: StageResult) -> None:
@@ -318,7 +318,7 @@ def verify(
         if progress is not None:
             progress(result)
 
-    orchestrator.execute(ens.address, jobs, keep)
+    orchestrator.execute(ens.address, ens.shard_jobs(plan), keep)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:

@@ -1,0 +1,72 @@
+"""A shard's slices as a lazy sequence that reads one slice from the store when indexed.
+
+The driver side of a :class:`~sisa.trainer.ShardJob`: nothing is loaded until the
+trainer (in-process) or the orchestrator (shipping to Ray) asks for a slice, so the
+driver never needs every shard's data in memory at once. It never leaves the driver:
+workers do not open the store, and pickling one is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, overload
+
+import numpy as np
+
+from sisa.trainer import SliceData
+
+if TYPE_CHECKING:
+    from sisa.store import Store
+
+__all__ = ["StoredSlices"]
+
+
+class StoredSlices(Sequence[SliceData]):
+    """Slices of one shard, each read (and digest-checked) in its own short read transaction.
+
+    Args:
+        store: The open store; only the driver holds one.
+        shard: Shard index (for error messages).
+        slice_ids: Sorted ids of each slice, read when the job was planned.
+        feature_shape: Shape of one sample.
+    """
+
+    def __init__(self, store: Store, shard: int, slice_ids: Sequence[np.ndarray], feature_shape: tuple[int, ...]):
+        self._store = store
+        self._shard = shard
+        self._ids = tuple(slice_ids)
+        self._shape = feature_shape
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @overload
+    def __getitem__(self, index: int) -> SliceData: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        ids = self._ids[index]
+        position = index % len(self._ids) if index < 0 else index
+        # A short transaction per slice: a reader never pins an old snapshot for the
+        # length of a training, and the writer's stage commits go on meanwhile. The ids
+        # cannot change underneath: this process holds the writer lock during a fit.
+        with self._store.read() as txn:
+            x, y = self._store.load_samples(txn, ids, self._shape, f"shard {self._shard} slice {position}")
+        return SliceData(ids, x, y)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Rows of each slice, known without loading any."""
+        return tuple(len(ids) for ids in self._ids)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Shipping this to a worker would make it open the store, which only the driver may
+        # do (no shared filesystem is assumed): the orchestrator must load the slices first.
+        raise TypeError(
+            "StoredSlices reads the store and stays in the driver; ship its slices "
+            "(tuple(job.slices)) or object refs to a task instead"
+        )
