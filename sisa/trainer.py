@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,6 +194,18 @@ def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, 
     return buf.getvalue()
 
 
+def _source_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, used only as the source of one copy.
+
+    Arrays from Ray's object store are read-only views of shared memory; torch warns that
+    it cannot protect them, but nothing here writes to them, and copying them first would
+    double a slice's memory for nothing.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 class _ShardRows:
     """The rows of slices 1..r on the training device, filled one slice at a time.
 
@@ -226,8 +239,7 @@ class _ShardRows:
                 )
             n = len(part.ids)
             if n:
-                x = torch.from_numpy(np.ascontiguousarray(part.x))
-                y = torch.from_numpy(np.ascontiguousarray(part.y))
+                x, y = _source_tensor(part.x), _source_tensor(part.y)
                 if self.x is None or self.y is None:
                     total = sum(self.sizes)
                     self.x = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=self.device)

@@ -5,7 +5,9 @@ sees the store; it offers no ``sisa_worker`` resource) and two worker nodes offe
 The config's ``resources.custom: {sisa_worker: 1}`` pins every shard task to a worker node. Each worker
 node runs in its own mount namespace where the driver's directory (store, data, config) is an empty
 tmpfs, so a shard task that tried to read the store would find nothing: shards get their data and
-return their checkpoints through Ray's object store only. The second test SIGKILLs a worker node in
+return their checkpoints through Ray's object store only; the deletion and verify jobs run with
+``resources.stream_slices`` and one shard task in flight, so their slices are fetched one object at a
+time from the head's object store. The second test SIGKILLs a worker node in
 the middle of a training job: the shard is retried on the other worker node and the job ends with
 the same bytes as an undisturbed training, which ``verify`` confirms.
 
@@ -529,6 +531,9 @@ def test_job_submit_runs_every_shard_on_a_worker_node(
     cluster.submit(
         workload.workdir,
         [
+            # From here on the slices travel one object each and one shard task at a time: the
+            # deletion's retrain and verify's replay fetch them across nodes (no shared filesystem).
+            ["train", "--store", str(store), "resources.stream_slices=true", "resources.max_shards_in_flight=1"],
             ["delete", "--store", str(store), "--ids", *map(str, DELETE_IDS), "--json"],
             ["verify", "--store", str(store), "--json"],
         ],

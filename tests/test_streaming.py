@@ -17,7 +17,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from sisa.stored_slices import StoredSlices
 from sisa.trainer import ShardJob, SliceData, StageResult, train_shard
-from tests.conftest import blobs, env_python, small_config
+from tests.conftest import blobs, small_config
 from tests.test_trainer import make_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
