@@ -18,12 +18,12 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, overload
+from typing import Any
 
 import ray
 
 from sisa.errors import SisaError, TrainingError
-from sisa.trainer import ShardJob, SliceData, StageResult, train_shard
+from sisa.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
 __all__ = ["LOCAL", "RemoteSlices", "connect", "execute", "run_jobs", "ship", "shutdown"]
 
@@ -83,7 +83,7 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-class RemoteSlices(Sequence[SliceData]):
+class RemoteSlices(LazySlices):
     """A shard's slices as object refs, fetched in the task one slice at a time.
 
     Indexing slice r gets it from the object store (pulled to this node if it lives
@@ -102,16 +102,8 @@ class RemoteSlices(Sequence[SliceData]):
     def __len__(self) -> int:
         return len(self.refs)
 
-    @overload
-    def __getitem__(self, index: int) -> SliceData: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
-
-    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(len(self))))
-        index = range(len(self.refs))[index]  # normalises negatives, raises IndexError
+    def load(self, index: int) -> SliceData:
+        """Get slice ``index`` (prefetched if it was next) and start fetching the one after."""
         if self._ahead is not None and self._ahead[0] == index:
             part = self._ahead[1].result()
         else:

@@ -9,11 +9,11 @@ workers do not open the store, and pickling one is refused.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sisa.trainer import SliceData
+from sisa.trainer import LazySlices, SliceData
 
 if TYPE_CHECKING:
     from sisa.store import Store
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["StoredSlices"]
 
 
-class StoredSlices(Sequence[SliceData]):
+class StoredSlices(LazySlices):
     """Slices of one shard, each read (and digest-checked) in its own short read transaction.
 
     Args:
@@ -40,22 +40,14 @@ class StoredSlices(Sequence[SliceData]):
     def __len__(self) -> int:
         return len(self._ids)
 
-    @overload
-    def __getitem__(self, index: int) -> SliceData: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
-
-    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(len(self))))
+    def load(self, index: int) -> SliceData:
+        """Read slice ``index`` and check every sample's digest."""
         ids = self._ids[index]
-        position = index % len(self._ids) if index < 0 else index
         # A short transaction per slice: a reader never pins an old snapshot for the
         # length of a training, and the writer's stage commits go on meanwhile. The ids
         # cannot change underneath: this process holds the writer lock during a fit.
         with self._store.read() as txn:
-            x, y = self._store.load_samples(txn, ids, self._shape, f"shard {self._shard} slice {position}")
+            x, y = self._store.load_samples(txn, ids, self._shape, f"shard {self._shard} slice {index}")
         return SliceData(ids, x, y)
 
     @property

@@ -17,10 +17,11 @@ import os
 import re
 import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from sisa.partition import splitmix64
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "LazySlices",
     "ShardJob",
     "SliceData",
     "StageResult",
@@ -63,6 +65,32 @@ class SliceData:
     ids: np.ndarray
     x: np.ndarray
     y: np.ndarray
+
+
+class LazySlices(Sequence[SliceData]):
+    """A shard's slices, each loaded only when indexed; subclasses say from where.
+
+    The driver's side reads the store (:class:`~sisa.stored_slices.StoredSlices`), a
+    task's side Ray's object store (:class:`~sisa.orchestrator.RemoteSlices`).
+    """
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> SliceData:
+        """Load slice ``index`` (``0 <= index < len(self)``)."""
+
+    @overload
+    def __getitem__(self, index: int) -> SliceData: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
+        if isinstance(index, slice):
+            return tuple(self.load(i) for i in range(*index.indices(len(self))))
+        return self.load(range(len(self))[index])  # normalises negatives, raises IndexError
 
 
 @dataclass(frozen=True)
