@@ -1,24 +1,26 @@
-r"""Benchmark distribution-aware sharding (SISA's Algorithm 1) against uniform sharding, side by side.
+r"""Benchmark distribution-aware sharding (SISA's Algorithm 1) and probability-ordered slices, side by side.
 
-One run, one Ray instance with all cores, the same data, prior and deletion requests for both:
+One run, one Ray instance with all cores, the same data, prior and deletion requests for every store:
 
 1. **Prior**: a skewed deletion prior over the training ids: a random ``--hot-fraction``
    of them (5%) holds ``--hot-mass`` (90%) of the probability that a request names them,
    the rest share the remainder uniformly. It is written to a prior file (``.npz``), which
-   the distribution-aware store reads through ``partition.probabilities``.
+   the stores that use a prior read through ``partition.probabilities``.
 2. **Requests**: ``--requests`` ids drawn from the prior (without replacement, seeded);
    then ``--cold-requests`` more drawn from the cold ids alone. Under distribution-aware
    sharding with the default bound the one large shard holds all cold ids and expects 1/S
    of the requests, so a short sequence may never touch it (20 draws at S=8 miss it with
    probability about 0.875^20 = 7%), yet those are its expensive requests: the extra cold
    requests measure them.
-3. **Two stores**, created, ingested and fitted one after the other: ``uniform`` and
-   ``distribution-aware`` (default bound C = total mass / S). Per store: shard sizes and
-   expected deletions per shard, ingest and fit times, test accuracy with ``mean``,
-   ``weighted`` and ``vote`` aggregation, and each shard model's own accuracy.
+3. **Stores**, one per ``--arms`` entry, created, ingested and fitted one after the other:
+   ``uniform``, ``distribution-aware`` (default bound C = total mass / S), and either with
+   ``+ordered`` (``partition.slice_order: probability``: inside each shard the likeliest to
+   be deleted go to the last slice). Per store: shard sizes and expected deletions per
+   shard, ingest and fit times, test accuracy with ``mean``, ``weighted`` and ``vote``
+   aggregation, and each shard model's own accuracy.
 4. **Deletions**: each request is one ``Ensemble.delete([id])``, applied immediately,
-   alternating between the two stores (request i on uniform, then on distribution-aware)
-   so that load on the machine falls on both alike. Per request: samples retrained (the
+   alternating between the stores (request i on every store in turn) so that load on the
+   machine falls on all alike. Per request: samples retrained (the
    sum of ``n_samples`` over the retrained stages, found from the certificate's
    ``new_checkpoints``), sample-epochs, retrain compute, ``delete()`` wall time.
 5. **Expectation under the prior**: the mean samples retrained per request that the
@@ -26,8 +28,8 @@ One run, one Ray instance with all cores, the same data, prior and deletion requ
    from its slice on), a noise-free companion to the few drawn requests. Every measured
    request is checked against the same formula on the layout of its moment (``exact``).
    The expected wall time is ``a + b * E[samples]`` with ``a``, ``b`` fitted (least
-   squares) to the measured requests of that strategy.
-6. **Ratios** distribution-aware / uniform of all of it; then ``verify`` replays the shards
+   squares) to the measured requests of that store.
+6. **Ratios** of every store to the first one; then ``verify`` replays the shards
    of the last request in each store (must be bit-identical).
 
 Wall times share the machine with whatever else runs on it; the two strategies alternate
@@ -43,6 +45,11 @@ requests; about 5 minutes on 2 cores)::
 Quick smoke run (6,000 train / 1,000 test samples, 2 epochs, 6 requests; well under a minute)::
 
     .venv/bin/python scripts/bench_sharding.py --quick
+
+Probability-ordered slices against hashed ones, both strategies (about 10 minutes)::
+
+    .venv/bin/python scripts/bench_sharding.py --out docs/bench/slice_order.json \
+        --arms uniform,distribution-aware,uniform+ordered,distribution-aware+ordered
 
 Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
 """
@@ -74,7 +81,19 @@ from sisa.deletion_prior import write_prior  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.partition import shard_masses  # noqa: E402
 
-STRATEGIES = ("uniform", "distribution-aware")
+# Each arm: the partition overrides of its store ({prior} is the run's prior file). The first arm of
+# a run is the baseline of its ratios.
+ARMS = {
+    "uniform": (),
+    "distribution-aware": ("partition.strategy=distribution-aware", "partition.probabilities={prior}"),
+    "uniform+ordered": ("partition.slice_order=probability", "partition.probabilities={prior}"),
+    "distribution-aware+ordered": (
+        "partition.strategy=distribution-aware",
+        "partition.slice_order=probability",
+        "partition.probabilities={prior}",
+    ),
+}
+DEFAULT_ARMS = "uniform,distribution-aware"
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=1000", "train.epochs=2")
 QUICK_REQUESTS = 6
 FULL_REQUESTS = 20
@@ -112,6 +131,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hot-mass", type=float, default=0.9, help="share of the deletion mass those ids hold")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prior and of the request draw")
     parser.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help=f"comma-separated stores to compare, the first is the baseline (from: {', '.join(ARMS)}; "
+        "'+ordered' adds partition.slice_order: probability)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -134,6 +159,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.hot_fraction < 1 or not 0 < args.hot_mass < 1:
         raise SystemExit("--hot-fraction and --hot-mass must lie strictly between 0 and 1")
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or len(args.arms) < 2 or len(set(args.arms)) != len(args.arms):
+        raise SystemExit(f"--arms={','.join(args.arms)}: give two or more distinct arms from {', '.join(ARMS)}")
     return args
 
 
@@ -237,6 +266,7 @@ def build(
         report = ens.fit()
         row: dict[str, Any] = {
             "strategy": cfg.partition.strategy,
+            "slice_order": cfg.partition.slice_order,
             "ingest_s": ingest_s,
             "fit_s": time.perf_counter() - t0,
             "compute_s": report.stage_seconds,
@@ -342,24 +372,23 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------- report
-def print_report(res: dict[str, dict[str, Any]], ratios: dict[str, Any], n_requests: int) -> None:
-    """The per-strategy table and the ratios."""
+def print_report(res: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]], n_requests: int) -> None:
+    """The per-arm table and the ratios to the first arm."""
     header = (
-        f"{'strategy':<19} {'acc mean':>8} {'acc wtd':>8} {'acc vote':>8} {'fit_s':>6} {'E[samples]':>10} "
+        f"{'arm':<27} {'acc mean':>8} {'acc wtd':>8} {'acc vote':>8} {'fit_s':>6} {'E[samples]':>10} "
         f"{'samples mean':>12} {'median':>8} {'cold':>8} {'E[wall]':>7} {'wall mean':>9} {'median':>7} {'cold':>6}"
         "  shard sizes"
     )
     print(f"\n{n_requests} single-id requests drawn from the prior, each applied at once")
     print(header)
     print("-" * len(header))
-    for name in STRATEGIES:
-        r = res[name]
+    for name, r in res.items():
         s = r["summary"]
         cold_n, cold_w = s["samples"]["mean_cold"], s["wall_s"]["mean_cold"]
         cold_n_text = "n/a" if cold_n is None else f"{cold_n:.0f}"
         cold_w_text = "n/a" if cold_w is None else f"{cold_w:.2f}"
         print(
-            f"{name:<19} {r['acc_mean']:>8.4f} {r['acc_weighted']:>8.4f} {r['acc_vote']:>8.4f} {r['fit_s']:>6.1f} "
+            f"{name:<27} {r['acc_mean']:>8.4f} {r['acc_weighted']:>8.4f} {r['acc_vote']:>8.4f} {r['fit_s']:>6.1f} "
             f"{r['expected']['samples']:>10.0f} {s['samples']['mean']:>12.0f} {s['samples']['median']:>8.0f} "
             f"{cold_n_text:>8} {s['wall_fit']['expected_wall_s']:>7.2f} "
             f"{s['wall_s']['mean']:>9.2f} {s['wall_s']['median']:>7.2f} {cold_w_text:>6}"
@@ -369,9 +398,30 @@ def print_report(res: dict[str, dict[str, Any]], ratios: dict[str, Any], n_reque
         "E[samples]: expectation under the prior, from the layout; E[wall]: fixed + per-sample fit at E[samples];\n"
         "samples/wall mean and median: the drawn requests; cold: mean over every cold request measured"
     )
-    print("ratios distribution-aware / uniform:")
-    for key, value in ratios.items():
-        print(f"  {key:<28} {value:.3f}" if value is not None else f"  {key:<28} n/a")
+    for name, arm_ratios in ratios.items():
+        print(f"ratios {name} / {next(iter(res))}:")
+        for key, value in arm_ratios.items():
+            print(f"  {key:<28} {value:.3f}" if value is not None else f"  {key:<28} n/a")
+
+
+def arm_ratios(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """Every compared quantity of ``arm`` over the same of ``base``."""
+    a, b = arm["summary"], base["summary"]
+    return {
+        "samples_mean": ratio(a["samples"]["mean"], b["samples"]["mean"]),
+        "samples_median": ratio(a["samples"]["median"], b["samples"]["median"]),
+        "samples_cold_mean": ratio(a["samples"]["mean_cold"], b["samples"]["mean_cold"]),
+        "samples_expected_under_prior": ratio(arm["expected"]["samples"], base["expected"]["samples"]),
+        "compute_mean": ratio(a["compute_s"]["mean"], b["compute_s"]["mean"]),
+        "wall_mean": ratio(a["wall_s"]["mean"], b["wall_s"]["mean"]),
+        "wall_median": ratio(a["wall_s"]["median"], b["wall_s"]["median"]),
+        "wall_expected_under_prior": ratio(a["wall_fit"]["expected_wall_s"], b["wall_fit"]["expected_wall_s"]),
+        "wall_cold_mean": ratio(a["wall_s"]["mean_cold"], b["wall_s"]["mean_cold"]),
+        "acc_mean": ratio(arm["acc_mean"], base["acc_mean"]),
+        "acc_weighted": ratio(arm["acc_weighted"], base["acc_weighted"]),
+        "acc_vote": ratio(arm["acc_vote"], base["acc_vote"]),
+        "fit_wall": ratio(arm["fit_s"], base["fit_s"]),
+    }
 
 
 def plot(res: dict[str, dict[str, Any]], title: str, path: Path) -> None:
@@ -382,11 +432,11 @@ def plot(res: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.4))
-    width = 0.4
-    for k, name in enumerate(STRATEGIES):
-        r, color = res[name], f"C{k}"
+    width = 0.8 / len(res)
+    for k, (name, r) in enumerate(res.items()):
+        color = f"C{k}"
         shards = np.arange(len(r["shard_sizes"]))
-        ax1.bar(shards + (k - 0.5) * width, r["shard_sizes"], width, color=color, label=name)
+        ax1.bar(shards + (k - (len(res) - 1) / 2) * width, r["shard_sizes"], width, color=color, label=name)
         rows = [*r["requests"], *r.get("cold_requests", [])]
         reqs = np.arange(1, len(rows) + 1)
         hot = np.array([q["hot"] for q in rows])
@@ -405,7 +455,7 @@ def plot(res: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     ax2.set_title("Samples retrained per request")
     ax3.set_ylabel("seconds")
     ax3.set_title("delete() wall time per request")
-    n_drawn = len(res[STRATEGIES[0]]["requests"])
+    n_drawn = len(next(iter(res.values()))["requests"])
     for ax in (ax2, ax3):
         ax.set_xlabel(f"request (1-{n_drawn}: drawn from the prior; then extra cold ids)")
         ax.axvline(n_drawn + 0.5, color="gray", linestyle="--", linewidth=1)
@@ -458,11 +508,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_sharding-", dir=args.workdir))
     prior_path = write_prior(workdir / "prior.npz", train.ids, p)
     configs = {
-        "uniform": load_config(args.config, overrides),
-        "distribution-aware": load_config(
-            args.config,
-            [*overrides, "partition.strategy=distribution-aware", f"partition.probabilities={prior_path}"],
-        ),
+        name: load_config(args.config, [*overrides, *(o.format(prior=prior_path) for o in ARMS[name])])
+        for name in args.arms
     }
     started = time.perf_counter()
     res: dict[str, dict[str, Any]] = {}
@@ -471,10 +518,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         ray_cpus = start_ray()
         t0 = time.perf_counter()
-        warm, _ = build(configs["uniform"], head(train, WARMUP_SAMPLES), None, workdir / "warmup")
+        warm, _ = build(base, head(train, WARMUP_SAMPLES), None, workdir / "warmup")
         warm.close()
         print(f"Ray: {ray_cpus} CPUs; warm-up fit {time.perf_counter() - t0:.1f}s", flush=True)
-        for name in STRATEGIES:
+        for name in args.arms:
             print(f"[{name}] ingest + fit ...", flush=True)
             ens, row = build(configs[name], train, test, workdir / name)
             stores[name] = ens
@@ -495,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         sequence = [("requests", sid) for sid in requests] + [("cold_requests", sid) for sid in cold_requests]
         for k, (kind, sid) in enumerate(sequence, 1):
-            for name in STRATEGIES:  # alternate, so load on the machine falls on both alike
+            for name in args.arms:  # alternate, so load on the machine falls on every arm alike
                 shard, slice_ = layouts[name][0][sid]
                 sizes_now = layouts[name][1][shard]
                 sizes_now[slice_] -= 1  # the retrain trains on the shard without the deleted id
@@ -507,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"retrained, {q['wall_s']:.2f}s",
                     flush=True,
                 )
-        for name in STRATEGIES:
+        for name in args.arms:
             last = res[name]["cold_requests" if cold_requests else "requests"][-1]["shards"]
             t0 = time.perf_counter()
             ok = bool(stores[name].verify(shards=last)["ok"])
@@ -523,23 +570,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)  # only the bench_sharding-* folder this run made
     total_s = time.perf_counter() - started
 
-    u, d = res["uniform"], res["distribution-aware"]
-    us, ds = u["summary"], d["summary"]
-    ratios = {
-        "samples_mean": ratio(ds["samples"]["mean"], us["samples"]["mean"]),
-        "samples_median": ratio(ds["samples"]["median"], us["samples"]["median"]),
-        "samples_cold_mean": ratio(ds["samples"]["mean_cold"], us["samples"]["mean_cold"]),
-        "samples_expected_under_prior": ratio(d["expected"]["samples"], u["expected"]["samples"]),
-        "compute_mean": ratio(ds["compute_s"]["mean"], us["compute_s"]["mean"]),
-        "wall_mean": ratio(ds["wall_s"]["mean"], us["wall_s"]["mean"]),
-        "wall_median": ratio(ds["wall_s"]["median"], us["wall_s"]["median"]),
-        "wall_expected_under_prior": ratio(ds["wall_fit"]["expected_wall_s"], us["wall_fit"]["expected_wall_s"]),
-        "wall_cold_mean": ratio(ds["wall_s"]["mean_cold"], us["wall_s"]["mean_cold"]),
-        "acc_mean": ratio(d["acc_mean"], u["acc_mean"]),
-        "acc_weighted": ratio(d["acc_weighted"], u["acc_weighted"]),
-        "acc_vote": ratio(d["acc_vote"], u["acc_vote"]),
-        "fit_wall": ratio(d["fit_s"], u["fit_s"]),
-    }
+    baseline = res[args.arms[0]]
+    ratios = {name: arm_ratios(res[name], baseline) for name in args.arms[1:]}
     print_report(res, ratios, n_requests)
     print(f"total {total_s / 60:.1f} min")
 
@@ -565,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": info,
         "total_s": total_s,
         "results": res,
-        "ratios_distribution_aware_over_uniform": ratios,
+        "arms": {name: [o.format(prior="PRIOR") for o in ARMS[name]] for name in args.arms},
+        f"ratios_over_{args.arms[0]}": ratios,
         "notes": {
             "samples": "sum of n_samples over the stages a request retrained (stage j trains on slices 1..j)",
             "work": "samples x epochs of those stages",

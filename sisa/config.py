@@ -46,6 +46,7 @@ OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("recalibrated", "constant")
 PRECISIONS = ("fp32", "bf16")
 PARTITION_STRATEGIES = ("uniform", "distribution-aware")
+SLICE_ORDERS = ("hashed", "probability")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-stale")
@@ -200,24 +201,41 @@ class PartitionConfig:
             (``distribution-aware`` only; > 0). Unset: total mass / shards, and the
             last shard takes the rest. Set: it must cut the data into exactly
             ``shards`` shards, or ingest says how many it yields.
+        slice_order: ``hashed``: each sample's slice is an independent hashed draw.
+            ``probability``: within each shard, an ingest's samples are sorted by
+            deletion probability (rising) and cut into R equal slices, so the samples
+            most likely to be deleted sit in the last slice and their deletion retrains
+            only the last stages (the paper's "partition and order data"). Needs a
+            deletion prior, with either strategy.
     """
 
     strategy: str = "uniform"
     probabilities: str | None = None
     bound: float | None = None
+    slice_order: str = "hashed"
 
     def __post_init__(self) -> None:
         _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
+        _choice("partition.slice_order", self.slice_order, SLICE_ORDERS)
         aware = self.strategy == "distribution-aware"
         _require(
             self.bound is None or (self.bound > 0 and math.isfinite(self.bound)),
             f"partition.bound={self.bound} must be > 0 and finite (an expected number of deletions per shard), or null",
         )
         _require(
-            aware or (self.bound is None and self.probabilities is None),
-            "partition.bound and partition.probabilities only apply to partition.strategy: distribution-aware; "
-            "set that strategy or remove them",
+            aware or self.bound is None,
+            "partition.bound only applies to partition.strategy: distribution-aware; set that strategy or remove it",
         )
+        _require(
+            aware or self.slice_order == "probability" or self.probabilities is None,
+            "partition.probabilities only applies to partition.strategy: distribution-aware or "
+            "partition.slice_order: probability; set one of them or remove it",
+        )
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether placement reads a deletion prior (shards by Algorithm 1, or slices by probability)."""
+        return self.strategy == "distribution-aware" or self.slice_order == "probability"
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,41 @@ def distribution_aware_assignment(
     return shard, hashed_slices(ids, seed, slices)
 
 
+def ordered_slices(ids: np.ndarray, probabilities: np.ndarray, shard: np.ndarray, seed: int, slices: int) -> np.ndarray:
+    """Each sample's slice when slices are cut by deletion probability inside each shard.
+
+    Within every shard the samples are sorted by probability, ascending (ties broken by
+    the hash of (seed, id), as in :func:`distribution_aware_assignment`), and cut into
+    ``slices`` contiguous groups whose sizes differ by at most one. The most likely to be
+    deleted land in the last slice, so deleting one retrains only the last stage, the
+    cheapest (stage r trains on slices 1..r). A pure function of (seed, ids, p, shard):
+    the input order does not matter.
+
+    Args:
+        ids: Non-negative int64 sample ids (unique).
+        probabilities: Each sample's deletion probability, aligned with ``ids``.
+        shard: Each sample's shard, aligned with ``ids``.
+        seed: Partition seed (tie-breaking).
+        slices: Number of slices R per shard.
+
+    Returns:
+        int64 slice indices in ``[0, slices)``.
+
+    Raises:
+        DataError: If the probabilities are not finite and non-negative.
+    """
+    ids, p = _checked(ids, probabilities)
+    shard = np.asarray(shard, dtype=np.int64).reshape(-1)
+    order = np.lexsort((hashed_keys(ids, seed), p, shard))  # shard, then p rising, then key
+    in_order = shard[order]
+    _, first, size = np.unique(in_order, return_index=True, return_counts=True)
+    group = np.searchsorted(in_order[first], in_order)  # index of each sorted sample's shard group
+    rank = np.arange(len(ids), dtype=np.int64) - first[group]
+    out = np.empty(len(ids), dtype=np.int64)
+    out[order] = rank * slices // size[group]
+    return out
+
+
 def shard_masses(shard: np.ndarray, probabilities: np.ndarray, shards: int) -> list[float]:
     """Expected deletions of each shard: the sum of its samples' probabilities.
 

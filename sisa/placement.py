@@ -20,6 +20,7 @@ from sisa.partition import (
     distribution_aware_assignment,
     greedy_shards,
     hashed_slices,
+    ordered_slices,
     shard_masses,
     uniform_assignment,
 )
@@ -32,9 +33,11 @@ def place(
 ) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
     """Shard and slice of each new id, and the shards' expected deletions afterwards.
 
-    Under ``uniform`` this is the hash of (seed, id). Under ``distribution-aware`` the
+    Under ``uniform`` the shard is the hash of (seed, id). Under ``distribution-aware`` the
     first ingest (no stored masses) cuts shards with Algorithm 1; later ones put each new
     sample into the shard expecting the fewest deletions, never moving stored samples.
+    Slices are a hashed draw, or with ``partition.slice_order: probability`` this ingest's
+    samples of each shard cut into R slices by rising deletion probability.
 
     Args:
         cfg: The ensemble's config.
@@ -53,19 +56,27 @@ def place(
     """
     part = cfg.partition
     if part.strategy == "uniform":
-        if probabilities is not None:
+        if probabilities is not None and not part.uses_prior:
             raise DataError(
-                "deletion probabilities were given, but partition.strategy is uniform, which ignores them; "
-                "create the store with partition.strategy: distribution-aware, or drop probabilities="
+                "deletion probabilities were given, but partition.strategy is uniform and partition.slice_order "
+                "is hashed, which ignore them; create the store with partition.strategy: distribution-aware or "
+                "partition.slice_order: probability, or drop probabilities="
             )
         shard, slice_ = uniform_assignment(ids, cfg.seed, cfg.shards, cfg.slices)
-        return shard, slice_, None
-    p = prior_for(cfg, ids, probabilities)
-    if stored_masses is None:  # the first ingest: Algorithm 1 over all of it
-        shard, slice_ = distribution_aware_assignment(ids, p, cfg.seed, cfg.shards, cfg.slices, part.bound)
-        return shard, slice_, shard_masses(shard, p, cfg.shards)
-    shard, masses = greedy_shards(ids, p, cfg.seed, stored_masses)
-    return shard, hashed_slices(ids, cfg.seed, cfg.slices), masses
+        masses = None
+        p = prior_for(cfg, ids, probabilities) if part.uses_prior else None
+    else:
+        p = prior_for(cfg, ids, probabilities)
+        if stored_masses is None:  # the first ingest: Algorithm 1 over all of it
+            shard, slice_ = distribution_aware_assignment(ids, p, cfg.seed, cfg.shards, cfg.slices, part.bound)
+            masses = shard_masses(shard, p, cfg.shards)
+        else:
+            shard, masses = greedy_shards(ids, p, cfg.seed, stored_masses)
+            slice_ = hashed_slices(ids, cfg.seed, cfg.slices)
+    if part.slice_order == "probability" and p is not None:
+        # Per ingest call: stored samples never move, so a later ingest orders only its own samples.
+        slice_ = ordered_slices(ids, p, shard, cfg.seed, cfg.slices)
+    return shard, slice_, masses
 
 
 def prior_for(cfg: SisaConfig, ids: np.ndarray, probabilities: Any) -> np.ndarray:
@@ -86,8 +97,13 @@ def prior_for(cfg: SisaConfig, ids: np.ndarray, probabilities: Any) -> np.ndarra
         return p
     path = cfg.partition.probabilities
     if not path:
+        why = (
+            "partition.strategy is distribution-aware"
+            if cfg.partition.strategy == "distribution-aware"
+            else "partition.slice_order is probability"
+        )
         raise DataError(
-            "partition.strategy is distribution-aware but no deletion prior was given: set "
+            f"{why} but no deletion prior was given: set "
             "partition.probabilities=PATH (.csv id,probability or .npz ids/probability) or pass probabilities="
         )
     return load_prior(path, ids)

@@ -116,8 +116,13 @@ def test_config_keys() -> None:
     ("overrides", "message"),
     [
         (["partition.strategy=aware"], "choose one of uniform, distribution-aware"),
-        (["partition.probabilities=p.csv"], "only apply to partition.strategy: distribution-aware"),
-        (["partition.bound=3"], "only apply to partition.strategy: distribution-aware"),
+        (
+            ["partition.probabilities=p.csv"],
+            "only applies to partition.strategy: distribution-aware or partition.slice_order: probability",
+        ),
+        (["partition.bound=3"], "partition.bound only applies to partition.strategy: distribution-aware"),
+        (["partition.slice_order=random"], "choose one of hashed, probability"),
+        (["partition.slice_order=probability", "partition.bound=3"], "partition.bound only applies"),
         (
             ["partition.strategy=distribution-aware", "partition.probabilities=p.csv", "partition.bound=0"],
             "partition.bound=0.0 must be > 0",
