@@ -136,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 "skipped": report.skipped,
                 "fit_seconds": report.seconds,
                 "train_compute_seconds": report.stage_seconds,
+                "retries": report.retries,
                 "wall_seconds": time.perf_counter() - started,
             }
         )
@@ -146,6 +147,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             f"(skipped {len(report.skipped)} up-to-date), fit {result['fit_seconds']:.1f}s, "
             f"wall {result['wall_seconds']:.1f}s"
         )
+        for retry in report.retries:
+            print(
+                f"shard {retry['shard']} lost its worker ({retry['error']}); "
+                f"resumed after stage {retry['after_stage']} (retry {retry['attempt']})"
+            )
     return result
 
 

@@ -285,7 +285,8 @@ class ResourcesConfig:
             one GPU; 0 trains on the CPU.
         threads_per_shard: torch intra-op threads; part of the recipe, because
             results differ in the last bits between thread counts.
-        max_retries: Ray retries of a shard task after a worker dies.
+        max_retries: Resubmissions of a shard task whose worker or node died; each
+            resumes after the last stage the driver received.
         custom: Ray custom resources each shard task requires, e.g. ``{sisa_worker: 1}``
             to run shards only on nodes started with ``--resources='{"sisa_worker": N}'``
             (see docs/cluster.md). Placement only: not part of the recipe.

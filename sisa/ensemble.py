@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class FitReport:
         empty: Shards with no samples (after deletions), which have no model.
         seconds: Wall time of the call.
         stage_seconds: Sum of per-stage training times (compute spent).
+        retries: Shard tasks that lost their worker or node and were resubmitted from
+            the last stage received (each a dict: shard, after_stage, attempt, error).
     """
 
     trained: dict[int, list[int]] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class FitReport:
     empty: list[int] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: float = 0.0
+    retries: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Ensemble:
@@ -391,7 +394,8 @@ class Ensemble:
             if progress is not None:
                 progress(result)
 
-        orchestrator.execute(self.address, self.shard_jobs(plan), commit)
+        retries = orchestrator.execute(self.address, self.shard_jobs(plan), commit)
+        report.retries = [asdict(r) for r in retries]
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
         return report

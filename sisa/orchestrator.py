@@ -8,6 +8,8 @@ touches the store directory, so no shared filesystem is assumed between nodes.
 Jobs are pulled from their iterator only when they are submitted (at most
 ``resources.max_shards_in_flight`` at a time), and with ``resources.stream_slices``
 each slice travels as its own object that the task fetches when its stage starts.
+When a task's worker or node dies, the driver resubmits the shard from the last stage
+it received (it holds that checkpoint), so a death costs at most the stage in progress.
 """
 
 from __future__ import annotations
@@ -25,12 +27,41 @@ import ray
 from sisa.errors import SisaError, TrainingError
 from sisa.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
-__all__ = ["LOCAL", "RemoteSlices", "connect", "execute", "run_jobs", "ship", "shutdown"]
+__all__ = ["LOCAL", "RemoteSlices", "Retry", "connect", "execute", "run_jobs", "ship", "shutdown"]
 
 # The address that trains in the calling process, one shard after another, without Ray.
 LOCAL = "local"
 
 log = logging.getLogger(__name__)
+
+# Failures of the machinery, not of training: the worker process or its node died, or a stage
+# result died with it. Retrying those on a live node can succeed; an exception raised by the
+# training code (RayTaskError) would only repeat, and LocalRayletDiedError means this driver's own
+# node is gone.
+_LOST = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """A shard task that lost its worker and was resubmitted.
+
+    Attributes:
+        shard: The shard.
+        after_stage: The last stage the driver had received; the new task starts after it
+            (from that stage's checkpoint), so only later stages are trained again.
+        attempt: 1 for the first resubmission of this shard, and so on.
+        error: The Ray error's class name (``WorkerCrashedError``, ``NodeDiedError``, ...).
+    """
+
+    shard: int
+    after_stage: int
+    attempt: int
+    error: str
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -52,7 +83,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, **kwargs)
 
 
-def execute(address: str | None, jobs: Iterable[ShardJob], on_stage: Callable[[StageResult], None]) -> None:
+def execute(address: str | None, jobs: Iterable[ShardJob], on_stage: Callable[[StageResult], None]) -> list[Retry]:
     """Train ``jobs`` on Ray at ``address``, or in this process when ``address`` is ``local``.
 
     The local mode runs the very same :func:`~sisa.trainer.train_shard`, so its
@@ -63,18 +94,21 @@ def execute(address: str | None, jobs: Iterable[ShardJob], on_stage: Callable[[S
         address: Ray address (see :func:`connect`), ``local``, or None.
         jobs: One job per shard; may be a lazy iterator (pulled one job at a time).
         on_stage: Called for each finished stage (it commits the stage).
+
+    Returns:
+        The resubmissions after lost workers (:func:`run_jobs`); none in local mode.
     """
     if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
         for job in jobs:
             for result in train_shard(job):
                 on_stage(result)
-        return
+        return []
     jobs = iter(jobs)
     first = next(jobs, None)
     if first is None:
-        return  # nothing to train: no Ray start-up either
+        return []  # nothing to train: no Ray start-up either
     connect(address)
-    run_jobs(itertools.chain([first], jobs), on_stage)
+    return run_jobs(itertools.chain([first], jobs), on_stage)
 
 
 def shutdown() -> None:
@@ -146,8 +180,8 @@ def ship(job: ShardJob) -> ShardJob:
 
 @ray.remote
 def _shard_task(job: ShardJob) -> Iterator[StageResult]:
-    # A plain generator: Ray streams each yield back as its own object, and on a
-    # retry it replays the generator, which yields the same bytes (determinism).
+    # A plain generator: Ray streams each yield back as its own object. Ray itself never
+    # retries it (max_retries=0): run_jobs resubmits from the last stage it received.
     yield from train_shard(job)
 
 
@@ -168,49 +202,88 @@ def _warn_missing_resources(custom: dict[str, float]) -> None:
 def run_jobs(
     jobs: Iterable[ShardJob],
     on_stage: Callable[[StageResult], None],
-) -> None:
+) -> list[Retry]:
     """Train every job as its own Ray task, calling ``on_stage`` as stages finish.
 
     Jobs are pulled from ``jobs`` and shipped (:func:`ship`) only when they are
     submitted: all at once, or ``resources.max_shards_in_flight`` at a time, the next
     as soon as a task finishes. So the driver loads one shard's data at a time.
 
+    When a task's worker or node dies (or a stage result is lost with it), the shard is
+    resubmitted, up to ``resources.max_retries`` times, as a job that resumes from the
+    last stage this function handed to ``on_stage``: the driver holds that checkpoint,
+    and training from it yields the same bytes as an uninterrupted run (determinism),
+    so a death costs only the stage in progress, not the shard.
+
     Args:
         jobs: One job per shard to (re)train; may be a lazy iterator. All share one config.
         on_stage: Called in the driver for each finished stage, in completion
-            order across shards and stage order within a shard. It commits the
-            stage; if it raises, the remaining tasks are cancelled.
+            order across shards and stage order within a shard, each stage once. It
+            commits the stage; if it raises, the remaining tasks are cancelled.
+
+    Returns:
+        The resubmissions, in order (empty when no worker was lost).
 
     Raises:
-        TrainingError: If a task fails after its retries.
+        TrainingError: If a task fails in training, or loses its worker more than
+            ``resources.max_retries`` times.
         SisaError: Whatever ``on_stage`` raised, or a sisa error from a task.
     """
     queue = iter(jobs)
     first = next(queue, None)
     if first is None:
-        return
+        return []
     res = first.config.resources
     _warn_missing_resources(res.custom)
     limit = res.max_shards_in_flight or None
     queue = itertools.chain([first], queue)
     pending: list[Any] = []
     owner: dict[int, int] = {}
+    # Per running shard: its (lazy) job and the last stage received, to resume from.
+    running: dict[int, ShardJob] = {}
+    received: dict[int, StageResult] = {}
+    retries: list[Retry] = []
+
+    def submit(job: ShardJob) -> None:
+        gen: Any = _shard_task.options(
+            num_cpus=res.cpus_per_shard,
+            num_gpus=res.gpus_per_shard,
+            resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
+            max_retries=0,  # resubmitted here instead, from the last stage received (see above)
+            retry_exceptions=False,  # a bug in training is not fixed by running it again
+            name=f"sisa-shard-{job.shard}",
+        ).remote(ship(job))
+        owner[id(gen)] = job.shard
+        pending.append(gen)
 
     def submit_more() -> None:
         while limit is None or len(pending) < limit:
             job = next(queue, None)
             if job is None:
                 return
-            gen: Any = _shard_task.options(
-                num_cpus=res.cpus_per_shard,
-                num_gpus=res.gpus_per_shard,
-                resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
-                max_retries=res.max_retries,
-                retry_exceptions=False,  # a bug in training is not fixed by running it again
-                name=f"sisa-shard-{job.shard}",
-            ).remote(ship(job))
-            owner[id(gen)] = job.shard
-            pending.append(gen)
+            running[job.shard] = job
+            submit(job)
+
+    def resubmit(shard: int, exc: BaseException) -> None:
+        attempt = 1 + sum(r.shard == shard for r in retries)
+        if attempt > res.max_retries:
+            raise TrainingError(
+                f"shard {shard} lost its worker {attempt} times (resources.max_retries={res.max_retries}); last: {exc}"
+            ) from exc
+        job, last = running[shard], received.get(shard)
+        if last is not None:
+            job = dataclasses.replace(job, start_stage=last.stage, parent=last.checkpoint, parent_key=last.key)
+        retry = Retry(shard=shard, after_stage=job.start_stage, attempt=attempt, error=type(exc).__name__)
+        log.warning(
+            "shard %d lost its worker (%s); resubmitting from stage %d, retry %d of %d",
+            shard,
+            retry.error,
+            retry.after_stage,
+            attempt,
+            res.max_retries,
+        )
+        retries.append(retry)
+        submit(job)
 
     try:
         submit_more()
@@ -219,9 +292,12 @@ def run_jobs(
             ready: list[Any]
             ready, pending = ray.wait(pending, num_returns=1)
             for gen in ready:
+                shard = owner.pop(id(gen))
                 try:
                     ref = next(gen)
                 except StopIteration:
+                    running.pop(shard, None)
+                    received.pop(shard, None)
                     submit_more()  # a slot is free
                     continue
                 try:
@@ -230,13 +306,18 @@ def run_jobs(
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                     if isinstance(cause, SisaError):
                         raise cause from exc
-                    raise TrainingError(f"shard {owner[id(gen)]} failed: {cause}") from exc
+                    raise TrainingError(f"shard {shard} failed: {cause}") from exc
+                except _LOST as exc:
+                    ray.cancel(gen, force=True)  # whatever is left of it
+                    resubmit(shard, exc)
+                    continue
                 except ray.exceptions.RayError as exc:
-                    raise TrainingError(
-                        f"shard {owner[id(gen)]} failed after {res.max_retries} retries: {exc}"
-                    ) from exc
+                    raise TrainingError(f"shard {shard} failed: {exc}") from exc
                 on_stage(result)
+                received[shard] = result
+                owner[id(gen)] = shard
                 pending.append(gen)
     finally:
         for gen in pending:
             ray.cancel(gen, force=True)
+    return retries

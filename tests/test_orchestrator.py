@@ -1,4 +1,4 @@
-"""The Ray layer: a worker killed mid-task is retried and the result is bit-identical."""
+"""The Ray layer: a worker killed mid-task is resubmitted from the last stage received, with identical bytes."""
 
 import os
 import signal
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sisa.ensemble import Ensemble
+from sisa.errors import TrainingError
 from tests.conftest import blobs, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -26,6 +27,19 @@ def descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+def kill_shard_worker() -> int | None:
+    """SIGKILL one running shard worker of this test session's own Ray; its pid, or None."""
+    # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>". Only workers of
+    # this session's Ray (descendants of this process) are candidates: another Ray instance on the
+    # machine must never be touched.
+    pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
+    ours = [int(p) for p in pids if descends_from(int(p), os.getpid())]
+    if not ours:
+        return None
+    os.kill(ours[0], signal.SIGKILL)
+    return ours[0]
+
+
 def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
     x, y = blobs(3000, d=10)
     cfg = small_config("shards=2", "train.epochs=12")  # a few seconds per shard: time to kill mid-task
@@ -37,16 +51,10 @@ def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
     killed: list[int] = []
 
     def kill_a_running_shard(result) -> None:
-        if killed:
-            return
-        # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>". Only
-        # workers of this test session's own Ray (descendants of this process) are candidates:
-        # another Ray instance on the machine must never be touched.
-        pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
-        ours = [int(p) for p in pids if descends_from(int(p), os.getpid())]
-        if ours:
-            os.kill(ours[0], signal.SIGKILL)
-            killed.append(ours[0])
+        if not killed:
+            pid = kill_shard_worker()
+            if pid is not None:
+                killed.append(pid)
 
     with Ensemble.create(tmp_path / "killed", cfg) as ens:
         ens.ingest(x, y)
@@ -54,8 +62,51 @@ def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
         got = ens.status()["per_shard"]
     assert killed, "no shard task was running to kill"
     assert sorted(report.trained) == [0, 1]
+    assert len(report.retries) == 1 and report.retries[0]["error"] == "WorkerCrashedError"
     assert [s["live_weights"] for s in got] == [s["live_weights"] for s in expected]
     assert [s["live_checkpoint"] for s in got] == [s["live_checkpoint"] for s in expected]
+
+
+def test_a_lost_worker_resumes_from_the_last_stage_received(tmp_path: Path) -> None:
+    x, y = blobs(3000, d=10)
+    cfg = small_config("shards=1", "train.epochs=12")  # one shard: the running worker is its own
+    with Ensemble.create(tmp_path / "ref", cfg) as ref:
+        ref.ingest(x, y)
+        ref.fit()
+        expected = ref.status()["per_shard"]
+
+    killed: list[int] = []
+
+    def kill_after_stage_one(result) -> None:
+        if result.stage == 1 and not killed:
+            pid = kill_shard_worker()  # it is training stage 2 now
+            assert pid is not None
+            killed.append(pid)
+
+    with Ensemble.create(tmp_path / "killed", cfg) as ens:
+        ens.ingest(x, y)
+        report = ens.fit(progress=kill_after_stage_one)
+        got = ens.status()["per_shard"]
+    assert killed
+    # Resubmitted from stage 1's checkpoint, which the driver held: only stages 2 and 3 ran again,
+    # every stage was committed once, and the bytes are those of the undisturbed training.
+    assert report.retries == [{"shard": 0, "after_stage": 1, "attempt": 1, "error": "WorkerCrashedError"}]
+    assert report.trained == {0: [1, 2, 3]}
+    assert [(s["live_checkpoint"], s["live_weights"]) for s in got] == [
+        (s["live_checkpoint"], s["live_weights"]) for s in expected
+    ]
+
+
+def test_a_worker_lost_more_often_than_max_retries_fails_and_keeps_what_was_committed(tmp_path: Path) -> None:
+    x, y = blobs(3000, d=10)
+    cfg = small_config("shards=1", "train.epochs=12", "resources.max_retries=0")
+    with Ensemble.create(tmp_path / "st", cfg) as ens:
+        ens.ingest(x, y)
+        with pytest.raises(TrainingError, match=r"shard 0 lost its worker 1 times \(resources.max_retries=0\)"):
+            ens.fit(progress=lambda r: kill_shard_worker() if r.stage == 1 else None)
+        assert ens.status()["per_shard"][0]["stages_done"] == 1  # stage 1 stays committed
+        report = ens.fit()  # and the next fit resumes from it
+        assert report.trained == {0: [2, 3]} and ens.verify()["ok"]
 
 
 def test_local_address_trains_in_process_with_the_same_bytes_as_ray(tmp_path: Path) -> None:
