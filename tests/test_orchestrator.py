@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sisa.ensemble import Ensemble
+from sisa.ensemble import Ensemble, FitReport
 from sisa.errors import TrainingError
+from sisa.trainer import StageResult
 from tests.conftest import blobs, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -40,68 +41,62 @@ def kill_shard_worker() -> int | None:
     return ours[0]
 
 
-def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
-    x, y = blobs(3000, d=10)
-    cfg = small_config("shards=2", "train.epochs=12")  # a few seconds per shard: time to kill mid-task
-    with Ensemble.create(tmp_path / "ref", cfg) as ref:
-        ref.ingest(x, y)
-        ref.fit()
-        expected = ref.status()["per_shard"]
+X3, Y3 = blobs(3000, d=10)
 
+
+def live_state(ens: Ensemble) -> list[tuple[str, str]]:
+    return [(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]]
+
+
+def fit_killing(tmp_path: Path, cfg, kill_when) -> tuple[FitReport, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Train ``cfg`` undisturbed, then again killing one shard worker at the first stage where ``kill_when``.
+
+    Returns:
+        The disturbed fit's report, its live state and the undisturbed live state.
+    """
+    with Ensemble.create(tmp_path / "ref", cfg) as ref:
+        ref.ingest(X3, Y3)
+        ref.fit()
+        expected = live_state(ref)
     killed: list[int] = []
 
-    def kill_a_running_shard(result) -> None:
-        if not killed:
+    def progress(result: StageResult) -> None:
+        if not killed and kill_when(result):
             pid = kill_shard_worker()
             if pid is not None:
                 killed.append(pid)
 
     with Ensemble.create(tmp_path / "killed", cfg) as ens:
-        ens.ingest(x, y)
-        report = ens.fit(progress=kill_a_running_shard)
-        got = ens.status()["per_shard"]
+        ens.ingest(X3, Y3)
+        report = ens.fit(progress=progress)
+        got = live_state(ens)
     assert killed, "no shard task was running to kill"
+    return report, got, expected
+
+
+def test_killed_worker_is_retried_with_identical_bytes(tmp_path: Path) -> None:
+    cfg = small_config("shards=2", "train.epochs=12")  # a few seconds per shard: time to kill mid-task
+    report, got, expected = fit_killing(tmp_path, cfg, lambda _result: True)
     assert sorted(report.trained) == [0, 1]
     assert len(report.retries) == 1 and report.retries[0]["error"] == "WorkerCrashedError"
-    assert [s["live_weights"] for s in got] == [s["live_weights"] for s in expected]
-    assert [s["live_checkpoint"] for s in got] == [s["live_checkpoint"] for s in expected]
+    assert got == expected
 
 
 def test_a_lost_worker_resumes_from_the_last_stage_received(tmp_path: Path) -> None:
-    x, y = blobs(3000, d=10)
     cfg = small_config("shards=1", "train.epochs=12")  # one shard: the running worker is its own
-    with Ensemble.create(tmp_path / "ref", cfg) as ref:
-        ref.ingest(x, y)
-        ref.fit()
-        expected = ref.status()["per_shard"]
-
-    killed: list[int] = []
-
-    def kill_after_stage_one(result) -> None:
-        if result.stage == 1 and not killed:
-            pid = kill_shard_worker()  # it is training stage 2 now
-            assert pid is not None
-            killed.append(pid)
-
-    with Ensemble.create(tmp_path / "killed", cfg) as ens:
-        ens.ingest(x, y)
-        report = ens.fit(progress=kill_after_stage_one)
-        got = ens.status()["per_shard"]
-    assert killed
+    # Killed right after stage 1 arrives, while it trains stage 2.
+    report, got, expected = fit_killing(tmp_path, cfg, lambda result: result.stage == 1)
     # Resubmitted from stage 1's checkpoint, which the driver held: only stages 2 and 3 ran again,
     # every stage was committed once, and the bytes are those of the undisturbed training.
     assert report.retries == [{"shard": 0, "after_stage": 1, "attempt": 1, "error": "WorkerCrashedError"}]
     assert report.trained == {0: [1, 2, 3]}
-    assert [(s["live_checkpoint"], s["live_weights"]) for s in got] == [
-        (s["live_checkpoint"], s["live_weights"]) for s in expected
-    ]
+    assert got == expected
 
 
 def test_a_worker_lost_more_often_than_max_retries_fails_and_keeps_what_was_committed(tmp_path: Path) -> None:
-    x, y = blobs(3000, d=10)
     cfg = small_config("shards=1", "train.epochs=12", "resources.max_retries=0")
     with Ensemble.create(tmp_path / "st", cfg) as ens:
-        ens.ingest(x, y)
+        ens.ingest(X3, Y3)
         with pytest.raises(TrainingError, match=r"shard 0 lost its worker 1 times \(resources.max_retries=0\)"):
             ens.fit(progress=lambda r: kill_shard_worker() if r.stage == 1 else None)
         assert ens.status()["per_shard"][0]["stages_done"] == 1  # stage 1 stays committed
@@ -117,5 +112,5 @@ def test_local_address_trains_in_process_with_the_same_bytes_as_ray(tmp_path: Pa
             ens.ingest(x, y)
             report = ens.fit()
             assert sorted(report.trained) == [0, 1, 2]
-            states.append([(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]])
+            states.append(live_state(ens))
     assert states[0] == states[1]
