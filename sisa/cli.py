@@ -180,11 +180,23 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
                 " ".join(map(str, s["slice_samples"])),
                 s["stages_done"],
                 (s["live_checkpoint"] or "-")[:16],
+                _serving(s),
             ]
             for s in result["per_shard"]
         ]
-        print(table(["shard", "samples", "per slice", "stages", "live checkpoint"], rows))
+        print(table(["shard", "samples", "per slice", "stages", "live checkpoint", "serving"], rows))
     return result
+
+
+def _serving(shard: dict[str, Any]) -> str:
+    """What a shard serves, in a word or two, for the status table."""
+    if not shard["live"]:
+        return "out of service" if shard["stages_done"] else "-"
+    if shard["interim"]:
+        return f"stage {shard['live_stage']} (clean, deletion pending)"
+    if shard["stale"]:
+        return "stale (deletion pending)"
+    return f"stage {shard['live_stage']}"
 
 
 def _writer(args: argparse.Namespace) -> Ensemble:

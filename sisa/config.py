@@ -49,7 +49,7 @@ PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 SLICE_ORDERS = ("hashed", "probability")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
-UNLEARN_POLICIES = ("exclude", "serve-stale")
+UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
 # Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -264,6 +264,10 @@ class UnlearnConfig:
     Attributes:
         policy: ``exclude`` (default): a shard whose live model saw a deleted id leaves
             the ensemble the instant the request is journaled, until it is retrained.
+            ``serve-clean``: it serves, in the same instant, its last stage checkpoint
+            that never saw a deleted id (trained on the slices before the first one
+            holding one), until the retrain finishes; no leak, slightly older model. A
+            shard whose first slice holds a deleted id has no such checkpoint and leaves.
             ``serve-stale``: it keeps serving its old model until the retrain finishes;
             predictions in that window still carry the deleted samples' influence (and
             can leak their membership), so use it only where availability outweighs that.

@@ -546,6 +546,9 @@ class Ensemble:
                         "stages_done": len(stages),
                         "live": rec is not None,
                         "stale": bool(rec and rec.get("stale")),
+                        # serve-clean: serving the last clean stage until a pending deletion is applied
+                        "interim": bool(rec and rec.get("interim")),
+                        "live_stage": rec["stage"] if rec else None,
                         "live_checkpoint": rec["sha256"] if rec else None,
                         "live_weights": rec["weights"] if rec else None,
                         "live_manifest": rec["manifest"] if rec else None,

@@ -143,17 +143,31 @@ def _journal(
         live = json.loads(bytes(live_raw)) if live_raw is not None else None
         keep_live = live is not None and meta["policy"] == "serve-stale"
         removed = []
+        clean: dict[str, Any] | None = None  # the last stage that survives: it never saw a deleted id
         for record in store.stage_records(txn, shard):
             if record["stage"] > slice_:
                 if not (keep_live and live is not None and record["key"] == live["key"]):
                     txn.delete(record["key"].encode(), db=dbs["ckpt"])
                 txn.delete(stage_key(shard, record["stage"]), db=dbs["stages"])
                 removed.append(record["sha256"])
+            else:
+                clean = record
+        interim = None
         if keep_live and live is not None:
             txn.put(shard_key(shard), json.dumps({**live, "stale": True}, sort_keys=True).encode(), db=dbs["live"])
+        elif meta["policy"] == "serve-clean" and live is not None and clean is not None:
+            # Only a shard that was in service keeps serving: one still in its first training
+            # must not start serving a partial model because of a deletion.
+            interim = clean["stage"]
+            txn.put(shard_key(shard), json.dumps({**clean, "interim": True}, sort_keys=True).encode(), db=dbs["live"])
         else:
             txn.delete(shard_key(shard), db=dbs["live"])
-        shards[str(shard)] = {"from_slice": slice_ + 1, "restart_stage": slice_, "removed_checkpoints": removed}
+        shards[str(shard)] = {
+            "from_slice": slice_ + 1,
+            "restart_stage": slice_,
+            "removed_checkpoints": removed,
+            "serving_stage": interim,
+        }
     request = {
         "request_id": request_id,
         "state": "pending",
@@ -307,9 +321,16 @@ def verify(
         slice_counts = ens.slice_counts(txn)
         for shard in chosen:
             size = sum(len(store.slice_ids(txn, shard, r)) for r in range(slice_counts[shard]))
-            rec = live.get(shard)
-            out[str(shard)] = {"samples": size, "live_weights": rec["weights"] if rec else None, "replay_weights": None}
-            if size and rec:
+            rec = live.get(shard) or {}
+            # serve-stale / serve-clean: until a pending deletion is applied the shard serves another model
+            serving = "stale" if rec.get("stale") else "clean interim" if rec.get("interim") else None
+            out[str(shard)] = {
+                "samples": size,
+                "live_weights": rec.get("weights"),
+                "replay_weights": None,
+                "pending": serving,
+            }
+            if size and rec and not serving:  # a shard serving a pending model cannot pass: no replay
                 plan.append((shard, 0))
     last: dict[int, StageResult] = {}
 
@@ -325,6 +346,9 @@ def verify(
             info.update(ok=info["live_weights"] is None, reason="empty shard: no model")
         elif info["live_weights"] is None:
             info.update(ok=False, reason="no live model: pending deletion or never trained; run sisa apply")
+        elif info["pending"]:
+            why = f"serving a {info['pending']} model until a pending deletion is applied; run sisa apply"
+            info.update(ok=False, reason=why)
         elif result is not None:
             info.update(replay_weights=result.weights, replay_manifest=result.manifest)
             info["ok"] = result.weights == info["live_weights"]

@@ -115,3 +115,22 @@ def test_verify_fails_with_exit_1_while_a_stale_model_serves(store: Path, capsys
     assert [k for k, v in result["shards"].items() if not v["ok"]]
     run_json(capsys, "apply", "--store", str(store))
     assert run_json(capsys, "verify", "--store", str(store))["ok"]
+
+
+def test_status_shows_a_clean_interim_model_while_a_deletion_waits(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Ensemble.open(store) as ens:
+        ens.reconfigure(small_config("unlearn.policy=serve-clean"))
+        with ens.store.read() as txn:
+            late = next(int(i) for s in range(3) for i in ens.store.slice_ids(txn, s, 2))  # a last-slice id
+    pending = run_json(capsys, "delete", "--store", str(store), "--ids", str(late), "--defer")
+    (shard,) = [int(k) for k in pending["shards"]]
+    status = run_json(capsys, "status", "--store", str(store))["per_shard"][shard]
+    assert (status["live"], status["interim"], status["live_stage"]) == (True, True, 2)
+    assert main(["status", "--store", str(store)]) == 0
+    assert "stage 2 (clean, deletion pending)" in capsys.readouterr().out
+    verified = run_json(capsys, "verify", "--store", str(store), code=1)
+    assert "clean interim" in verified["shards"][str(shard)]["reason"]
+    run_json(capsys, "apply", "--store", str(store))
+    assert run_json(capsys, "verify", "--store", str(store))["ok"]

@@ -130,6 +130,75 @@ def test_serve_stale_policy_keeps_serving_until_applied(tmp_path: Path) -> None:
     ens.close()
 
 
+def ids_by_place(ens: Ensemble) -> dict[tuple[int, int], list[int]]:
+    """Sample ids of each (shard, slice), 0-based."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(X)):
+        out.setdefault(where(ens, i), []).append(i)
+    return out
+
+
+def serving(ens: Ensemble, shard: int) -> tuple[bool, bool, int | None, str | None]:
+    s = ens.status()["per_shard"][shard]
+    return s["live"], s["interim"], s["live_stage"], s["live_checkpoint"]
+
+
+def test_serve_clean_policy_serves_the_last_clean_stage_until_applied(tmp_path: Path) -> None:
+    ens = make(tmp_path / "clean", "unlearn.policy=serve-clean")
+    ref = make(tmp_path / "exclude")
+    places = ids_by_place(ens)
+    shard, victim = 1, places[(1, 2)][0]  # in the last slice: stages 1 and 2 never saw it
+    with ens.store.read() as txn:
+        stage2 = ens.store.stage_record(txn, shard, 2)
+    pending = ens.delete([victim], defer=True)
+    assert pending["shards"][str(shard)]["serving_stage"] == 2
+    # In the same instant the shard serves its stage-2 checkpoint, which trained on slices 1-2 only.
+    assert serving(ens, shard) == (True, True, 2, stage2["sha256"])
+    assert len(ens.live_models()) == 3
+    ens.predict_proba(X[:5])
+    assert ens.provenance()[shard] == stage2["key"]
+    report = ens.verify()
+    assert not report["ok"] and "clean interim" in report["shards"][str(shard)]["reason"]
+    ens.apply()
+    ref.delete([victim])
+    # The retrain is the same as under `exclude`, bit for bit, and the shard serves it.
+    assert serving(ens, shard)[:3] == (True, False, 3)
+    assert ens.status()["per_shard"] == ref.status()["per_shard"]
+    assert ens.verify()["ok"]
+    ens.close()
+    ref.close()
+
+
+def test_serve_clean_follows_later_requests_to_an_earlier_stage_or_out(tmp_path: Path) -> None:
+    ens = make(tmp_path / "clean", "unlearn.policy=serve-clean")
+    places = ids_by_place(ens)
+    a, b, c = places[(0, 2)][0], places[(0, 1)][0], places[(0, 0)][0]
+    ens.delete([a], defer=True)
+    assert serving(ens, 0)[:3] == (True, True, 2)
+    ens.delete([b], defer=True)  # stage 2 saw b: back to stage 1
+    assert serving(ens, 0)[:3] == (True, True, 1)
+    ens.delete([places[(0, 2)][1]], defer=True)  # a later slice than the one served: stays
+    assert serving(ens, 0)[:3] == (True, True, 1)
+    ens.delete([c], defer=True)  # the first slice: no clean trained stage is left, the shard leaves
+    assert serving(ens, 0) == (False, False, None, None) and sorted(ens.live_models()) == [1, 2]
+    ens.apply()
+    assert serving(ens, 0)[:3] == (True, False, 3) and ens.verify()["ok"]
+    ens.close()
+
+
+def test_serve_clean_never_puts_a_shard_in_service_that_was_not(tmp_path: Path) -> None:
+    ens = make(tmp_path / "clean", "unlearn.policy=serve-clean")
+    places = ids_by_place(ens)
+    ens.reconfigure(small_config())  # exclude: the first request takes shard 2 out
+    ens.delete([places[(2, 2)][0]], defer=True)
+    ens.reconfigure(small_config("unlearn.policy=serve-clean"))
+    ens.delete([places[(2, 2)][1]], defer=True)  # stage 2 is clean, but the shard was not serving
+    assert serving(ens, 2)[0] is False
+    ens.apply()
+    assert ens.verify()["ok"]
+    ens.close()
+
+
 def test_add_then_delete_stays_exact(ens: Ensemble) -> None:
     x2, y2 = blobs(40, d=10, seed=9)
     report = ens.add(x2, y2, ids=np.arange(5000, 5040))
