@@ -266,7 +266,7 @@ class UnlearnConfig:
             the ensemble the instant the request is journaled, until it is retrained.
             ``serve-clean``: it serves, in the same instant, its last stage checkpoint
             that never saw a deleted id (trained on the slices before the first one
-            holding one), until the retrain finishes; no leak, slightly older model. A
+            holding one), until the retrain finishes; no leak, a weaker model of fewer slices. A
             shard whose first slice holds a deleted id has no such checkpoint and leaves.
             ``serve-stale``: it keeps serving its old model until the retrain finishes;
             predictions in that window still carry the deleted samples' influence (and
