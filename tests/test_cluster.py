@@ -157,17 +157,37 @@ def start_reaper(base: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, start_new_session=True)
 
 
+_TAKEN: set[int] = set()  # ports handed out to this module's nodes, which bind them only later
+
+
 def free_ports(n: int) -> list[int]:
-    socks = []
+    """``n`` ports that are free now, never handed out before, and outside the ephemeral range.
+
+    A node binds its fixed ports only once its processes start, while Ray's other components
+    take ephemeral ports (port 0) as they come up. A fixed port drawn from the ephemeral range
+    (as ``bind(("", 0))`` draws) can therefore be taken by another node's component in between:
+    a raylet then posted to a stranger's HTTP server and got "405 Method Not Allowed". Ports
+    below the range are never assigned by the OS, so only another fixed port could clash, and
+    ``_TAKEN`` rules that out.
+    """
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = secrets.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, max(20001, low))
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        ports.append(port)
+    return ports
 
 
 def can_hide_directories() -> bool:
