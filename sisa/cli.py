@@ -50,6 +50,16 @@ def _int_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer id") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
 def _evaluate(ens: Ensemble, method: str | None = None, test: LabeledArrays | None = None) -> dict[str, Any]:
     test = load_split(ens.config.data, "test") if test is None else test
     started = time.perf_counter()
@@ -94,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     store = Path(args.store)
     train: LabeledArrays | None = None
     if (store / "data.mdb").exists():
-        ens = Ensemble.open(store, address=args.address)
+        ens = Ensemble.open(store, address=args.address, lock_timeout=args.wait)
         try:
             cfg = ens.config
             if args.config or args.overrides:
@@ -200,7 +210,7 @@ def _serving(shard: dict[str, Any]) -> str:
 
 
 def _writer(args: argparse.Namespace) -> Ensemble:
-    return Ensemble.open(args.store, address=getattr(args, "address", None), resume=False)
+    return Ensemble.open(args.store, address=getattr(args, "address", None), resume=False, lock_timeout=args.wait)
 
 
 def _stage_bar(args: argparse.Namespace, desc: str) -> tuple[Any, Any]:
@@ -352,10 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
+    writer = argparse.ArgumentParser(add_help=False)
+    writer.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for another writer (a running apply, say) to release the store (default: 0)",
+    )
+
     parser = argparse.ArgumentParser(prog="sisa", description="Exact machine unlearning with SISA training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", parents=[common], help="ingest the configured data and train (or resume)")
+    train = sub.add_parser("train", parents=[common, writer], help="ingest the configured data and train (or resume)")
     train.add_argument("--config", help="YAML config (e.g. configs/fashion_mnist.yaml)")
     train.add_argument("--address", default=None, help=ADDRESS_HELP)
     train.add_argument(
@@ -375,13 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray_opt = argparse.ArgumentParser(add_help=False)
     ray_opt.add_argument("--address", default=None, help=ADDRESS_HELP)
 
-    de = sub.add_parser("delete", parents=[common, ray_opt], help="forget samples: retrain, erase, certify")
+    de = sub.add_parser("delete", parents=[common, ray_opt, writer], help="forget samples: retrain, erase, certify")
     de.add_argument("--ids", nargs="+", type=_int_id, help="sample ids to delete")
     de.add_argument("--ids-file", help="file with one integer id per line")
     de.add_argument("--defer", action="store_true", help="only journal now (ids tombstoned); `sisa apply` later")
     de.set_defaults(func=cmd_delete)
 
-    ap = sub.add_parser("apply", parents=[common, ray_opt], help="apply deferred deletions as one batch")
+    ap = sub.add_parser("apply", parents=[common, ray_opt, writer], help="apply deferred deletions as one batch")
     ap.set_defaults(func=cmd_apply)
 
     pe = sub.add_parser("pending", parents=[common], help="deletion requests not yet applied")
@@ -394,11 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", parents=[common], help="check the audit log's hash chain")
     au.set_defaults(func=cmd_audit)
 
-    ad = sub.add_parser("add", parents=[common, ray_opt], help="add samples (.npz: x, y, ids) and train them")
+    ad = sub.add_parser("add", parents=[common, ray_opt, writer], help="add samples (.npz: x, y, ids) and train them")
     ad.add_argument("--input", required=True, help=".npz file with x, y and optional ids")
     ad.set_defaults(func=cmd_add)
 
-    re_ = sub.add_parser("resume", parents=[common, ray_opt], help="finish interrupted deletions and training")
+    re_ = sub.add_parser("resume", parents=[common, ray_opt, writer], help="finish interrupted deletions and training")
     re_.set_defaults(func=cmd_resume)
 
     cli_evaluate.register(sub)

@@ -109,7 +109,13 @@ class Ensemble:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, readonly: bool = False, address: str | None = None, resume: bool = True
+        cls,
+        path: str | Path,
+        *,
+        readonly: bool = False,
+        address: str | None = None,
+        resume: bool = True,
+        lock_timeout: float = 0.0,
     ) -> Ensemble:
         """Open an existing ensemble.
 
@@ -119,11 +125,13 @@ class Ensemble:
             address: Ray address used by :meth:`fit`.
             resume: When writable, finish a deletion that a crash interrupted (retrain,
                 erase, certify) before returning. Deferred requests stay pending.
+            lock_timeout: Seconds to wait for the writer lock while another process (a
+                running apply, say) holds it; 0 fails at once with ``StoreLockedError``.
 
         Returns:
             The ensemble.
         """
-        ens = cls(Store.open(path, readonly=readonly), address)
+        ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
         if not readonly and resume and any(not r["defer"] for r in ens.pending()):
             log.info("finishing interrupted deletion requests in %s", path)
             try:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,18 +147,32 @@ class Store(Records):
 
     # ----------------------------------------------------------------- lifecycle
     @staticmethod
-    def _lock(path: Path) -> int:
+    def _lock(path: Path, wait: float = 0.0) -> int:
+        """Take the writer lock, polling for up to ``wait`` seconds while another process holds it."""
         fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreLockedError(
-                f"store {path} is locked by pid {holder}: another process is writing it; "
-                "wait for it to finish, or open read-only (sisa status/eval, Ensemble.open(readonly=True))"
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    # Polling rather than a blocking flock: a blocking call cannot time out, and
+                    # a writer (an apply) may hold the lock for minutes.
+                    time.sleep(min(0.1, left))
+                    continue
+                os.lseek(fd, 0, os.SEEK_SET)
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                waited = f" (waited {wait:g}s)" if wait > 0 else ""
+                raise StoreLockedError(
+                    f"store {path} is locked by pid {holder}{waited}: another process is writing it; "
+                    "wait for it to finish (the CLI's --wait SECONDS, Ensemble.open(lock_timeout=...)), "
+                    "or open read-only (sisa status/eval, Ensemble.open(readonly=True))"
+                ) from None
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, str(os.getpid()).encode())
         return fd
 
@@ -214,19 +229,22 @@ class Store(Records):
         return store
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
+    def open(cls, path: str | Path, *, readonly: bool = False, lock_timeout: float = 0.0) -> Store:
         """Open an existing store.
 
         Args:
             path: The store directory.
             readonly: Open for reading only (no writer lock is taken).
+            lock_timeout: Seconds to wait for the writer lock while another process holds
+                it (0: fail at once).
 
         Returns:
             The open store.
 
         Raises:
             StoreError: If ``path`` is not a store.
-            StoreLockedError: If another process is writing and ``readonly`` is False.
+            StoreLockedError: If another process is still writing after ``lock_timeout``
+                seconds and ``readonly`` is False.
         """
         p = Path(path)
         if not (p / "data.mdb").is_file():
@@ -235,7 +253,7 @@ class Store(Records):
             raise StoreError(
                 f"{p} is not a sisa store (its data.mdb is empty); point --store at a store `sisa train` made"
             )
-        fd = None if readonly else cls._lock(p)
+        fd = None if readonly else cls._lock(p, lock_timeout)
         if fd is not None:
             # A crash during compaction leaves a partial copy (of live data only): drop it.
             shutil.rmtree(p / _COMPACT_DIR, ignore_errors=True)

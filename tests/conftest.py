@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,29 @@ def env_python() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@contextmanager
+def writer_in_child(path: Path, seconds: float, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding ``path``'s writer lock for ``seconds``, then releasing it and exiting.
+
+    Yields once the child holds the lock. It prints ``held`` and, after closing the store,
+    ``released``; the caller reads the rest of its output after ``wait()``.
+    """
+    code = (
+        "import time\n"
+        "from sisa.ensemble import Ensemble\n"
+        f"ens = Ensemble.open({str(path)!r})\n"
+        "print('held', flush=True)\n"
+        f"time.sleep({seconds})\n"
+        "ens.close()\n"
+        "print('released', flush=True)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()

@@ -9,7 +9,7 @@ import pytest
 
 from sisa.cli import main
 from sisa.ensemble import Ensemble
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, small_config, store_digest, writer_in_child
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -134,3 +134,17 @@ def test_status_shows_a_clean_interim_model_while_a_deletion_waits(
     assert "clean interim" in verified["shards"][str(shard)]["reason"]
     run_json(capsys, "apply", "--store", str(store))
     assert run_json(capsys, "verify", "--store", str(store))["ok"]
+
+
+def test_wait_lets_a_delete_queue_behind_another_writer(
+    store: Path, capsys: pytest.CaptureFixture[str], env_python: dict[str, str]
+) -> None:
+    with writer_in_child(store, 1.0, env_python) as child:
+        refused = run_json(capsys, "delete", "--store", str(store), "--ids", "8", "--defer", "--wait", "0.2", code=2)
+        assert refused["error"] == "StoreLockedError" and "(waited 0.2s)" in refused["message"]
+        queued = run_json(capsys, "delete", "--store", str(store), "--ids", "8", "--defer", "--wait", "120")
+        assert queued["state"] == "pending" and child.wait(timeout=120) == 0
+    with pytest.raises(SystemExit):
+        main(["apply", "--store", str(store), "--wait", "-1"])
+    assert "must be a finite number of seconds >= 0" in capsys.readouterr().err
+    assert run_json(capsys, "apply", "--store", str(store), "--wait", "5")["applied"][0]["state"] == "applied"

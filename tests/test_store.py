@@ -11,7 +11,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError, StoreError, StoreLockedError
 from sisa.store import Store
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, small_config, store_digest, writer_in_child
 
 
 @pytest.fixture
@@ -66,6 +66,23 @@ def test_second_writer_gets_a_clear_lock_error(ens: Ensemble, env_python: dict) 
     # Readers need no lock.
     with Ensemble.open(ens.path, readonly=True) as reader:
         assert reader.status()["samples"] == 200
+
+
+def test_a_writer_waits_for_the_lock_when_asked(tmp_path: Path, env_python: dict) -> None:
+    with Ensemble.create(tmp_path / "st", small_config()) as made:
+        made.ingest(*blobs(60, d=6))
+    with writer_in_child(tmp_path / "st", 1.0, env_python) as child:
+        with pytest.raises(StoreLockedError, match=r"locked by pid \d+: .*--wait SECONDS"):
+            Ensemble.open(tmp_path / "st")
+        with pytest.raises(StoreLockedError, match=r"\(waited 0.2s\)"):
+            Ensemble.open(tmp_path / "st", lock_timeout=0.2)
+        with Ensemble.open(tmp_path / "st", lock_timeout=120) as ens:  # granted once the child lets go
+            assert child.wait(timeout=120) == 0 and child.stdout is not None
+            assert child.stdout.read().strip() == "released"
+            assert ens.store.writable
+            ens.delete([3], defer=True)
+    with Ensemble.open(tmp_path / "st", readonly=True) as reader:
+        assert len(reader.pending()) == 1
 
 
 def test_not_a_store_and_existing_store(tmp_path: Path, ens: Ensemble) -> None:
