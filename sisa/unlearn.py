@@ -153,6 +153,11 @@ def _journal(
             else:
                 clean = record
         interim = None
+        if live is not None and live.get("stale") and not keep_live:
+            # The policy changed since serve-stale kept this model: it has no stage record, so
+            # nothing else would ever drop its bytes, and it trained on deleted ids (invariant 4).
+            if all(r["key"] != live["key"] for r in store.stage_records(txn, shard)):
+                txn.delete(live["key"].encode(), db=dbs["ckpt"])
         if keep_live and live is not None:
             txn.put(shard_key(shard), json.dumps({**live, "stale": True}, sort_keys=True).encode(), db=dbs["live"])
         elif meta["policy"] == "serve-clean" and live is not None and clean is not None:

@@ -199,6 +199,25 @@ def test_serve_clean_never_puts_a_shard_in_service_that_was_not(tmp_path: Path) 
     ens.close()
 
 
+@pytest.mark.parametrize("then", ["exclude", "serve-clean"])
+def test_a_stale_model_is_erased_when_the_policy_changes_under_it(tmp_path: Path, then: str) -> None:
+    # serve-stale keeps a retired model's bytes without a stage record; if the policy changes
+    # before the apply, the next request must drop them, or a checkpoint that trained on a
+    # deleted id would survive with nothing pointing at it.
+    ens = make(tmp_path / "st", "unlearn.policy=serve-stale")
+    places = ids_by_place(ens)
+    ens.delete([places[(0, 2)][0]], defer=True)
+    ens.reconfigure(small_config(f"unlearn.policy={then}"))
+    ens.delete([places[(0, 1)][0]], defer=True)
+    ens.apply()
+    with ens.store.read() as txn:
+        stored = {bytes(k).decode() for k, _ in txn.cursor(db=ens.store.db("ckpt"))}
+        referenced = {r["key"] for s in range(3) for r in ens.store.stage_records(txn, s)}
+    assert stored == referenced
+    assert ens.verify()["ok"]
+    ens.close()
+
+
 def test_add_then_delete_stays_exact(ens: Ensemble) -> None:
     x2, y2 = blobs(40, d=10, seed=9)
     report = ens.add(x2, y2, ids=np.arange(5000, 5040))
