@@ -13,7 +13,7 @@ A layout is an ``(S, R)`` array: ``counts[s, r]`` samples in 0-based slice r of 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -128,6 +128,21 @@ def binomial_pmf(k: int, p: float) -> np.ndarray:
     return np.exp(log_comb + m * math.log(p) + (k - m) * math.log1p(-p))
 
 
+def _shard_terms(sizes: Sequence[Sequence[int]], epochs: int) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+    """Per non-empty shard: its share ``p`` of the ids, its work from each slice, and ``q``.
+
+    ``q[r-1]`` is the share of the shard's samples in slices r..R (``q[R] = 0``), so an id
+    of the shard lands at or after slice r with probability ``q[r-1]``.
+    """
+    n = float(sum(sum(s) for s in sizes))
+    for shard in sizes:
+        size = float(sum(shard))
+        if size == 0:
+            continue
+        q = np.append(np.cumsum(np.asarray(shard, dtype=np.float64)[::-1])[::-1] / size, 0.0)
+        yield size / n, np.asarray(shard_work(shard, epochs)), q
+
+
 def expected_work(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
     """Expected retraining work of one request of ``k`` uniformly drawn ids (sum over the binomial).
 
@@ -144,15 +159,9 @@ def expected_work(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
         ids landing there (m >= 1), over the first touched slice r with
         ``P(r_min >= r) = q_r^m``, of the work of retraining from r.
     """
-    n = float(sum(sum(s) for s in sizes))
     total = 0.0
-    for shard in sizes:
-        size = float(sum(shard))
-        if size == 0:
-            continue
-        work = np.asarray(shard_work(shard, epochs))
-        q = np.append(np.cumsum(np.asarray(shard, dtype=np.float64)[::-1])[::-1] / size, 0.0)  # q[r-1], q[R] = 0
-        pmf = binomial_pmf(k, size / n)
+    for p, work, q in _shard_terms(sizes, epochs):
+        pmf = binomial_pmf(k, p)
         m = np.arange(1, k + 1, dtype=np.float64)[:, None]
         p_first = q[None, :-1] ** m - q[None, 1:] ** m  # P(r_min = r | m), rows m = 1..k
         total += float(pmf[1:] @ (p_first @ work))
@@ -161,15 +170,8 @@ def expected_work(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
 
 def expected_work_closed_form(sizes: Sequence[Sequence[int]], epochs: int, k: int) -> float:
     """The same expectation via the binomial generating function ``E[q^m] = (1 - p + p q)^k`` (a check)."""
-    n = float(sum(sum(s) for s in sizes))
     total = 0.0
-    for shard in sizes:
-        size = float(sum(shard))
-        if size == 0:
-            continue
-        p = size / n
-        work = np.asarray(shard_work(shard, epochs))
-        q = np.append(np.cumsum(np.asarray(shard, dtype=np.float64)[::-1])[::-1] / size, 0.0)
+    for p, work, q in _shard_terms(sizes, epochs):
         tail = (1.0 - p + p * q) ** k - (1.0 - p) ** k  # P(m >= 1 and r_min >= r)
         total += float((tail[:-1] - tail[1:]) @ work)
     return total
