@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sisa.config import SisaConfig, load_config
+from sisa.ensemble import Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,12 @@ def store_digest(path: Path) -> str:
             h.update(f.relative_to(path).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def live_state(ens: Ensemble) -> dict[int, tuple[str, str]]:
+    """Shard -> (live checkpoint sha256, weights digest): what "the same models" means in the tests."""
+    with ens.store.read() as txn:
+        return {s: (r["sha256"], r["weights"]) for s, r in ens.store.live(txn).items()}
 
 
 def files_containing(root: Path, needle: bytes) -> list[str]:

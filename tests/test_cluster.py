@@ -51,7 +51,7 @@ import pytest
 from sisa.config import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
-from tests.conftest import ROOT, blobs
+from tests.conftest import ROOT, blobs, live_state
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -455,9 +455,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return found
 
 
-def live_weights(store: Path) -> list[tuple[str | None, str | None]]:
+def live_weights(store: Path) -> dict[int, tuple[str, str]]:
     with Ensemble.open(store, readonly=True) as ens:
-        return [(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]]
+        return live_state(ens)
 
 
 # ---------------------------------------------------------------------------------------------

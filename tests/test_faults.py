@@ -22,7 +22,7 @@ import ray
 
 from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
-from tests.conftest import blobs, files_containing, small_config, store_digest
+from tests.conftest import blobs, files_containing, live_state, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -33,12 +33,6 @@ KILLS = 20
 def ray_address(ray_session: None) -> str:
     """The test session's Ray, which the child drivers join (saves a Ray start per trial)."""
     return ray.get_runtime_context().gcs_address
-
-
-def live_state(ens: Ensemble) -> dict[int, tuple[str, str]]:
-    """Shard -> (live checkpoint sha256, weights digest)."""
-    with ens.store.read() as txn:
-        return {s: (r["sha256"], r["weights"]) for s, r in ens.store.live(txn).items()}
 
 
 def assert_consistent(path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from sisa.ensemble import Ensemble, FitReport
 from sisa.errors import TrainingError
 from sisa.trainer import StageResult
-from tests.conftest import blobs, small_config
+from tests.conftest import blobs, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -44,11 +44,10 @@ def kill_shard_worker() -> int | None:
 X3, Y3 = blobs(3000, d=10)
 
 
-def live_state(ens: Ensemble) -> list[tuple[str, str]]:
-    return [(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]]
+Live = dict[int, tuple[str, str]]
 
 
-def fit_killing(tmp_path: Path, cfg, kill_when) -> tuple[FitReport, list[tuple[str, str]], list[tuple[str, str]]]:
+def fit_killing(tmp_path: Path, cfg, kill_when) -> tuple[FitReport, Live, Live]:
     """Train ``cfg`` undisturbed, then again killing one shard worker at the first stage where ``kill_when``.
 
     Returns:

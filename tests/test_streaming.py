@@ -17,17 +17,13 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from sisa.stored_slices import StoredSlices
 from sisa.trainer import ShardJob, SliceData, StageResult, train_shard
-from tests.conftest import blobs, small_config
+from tests.conftest import blobs, live_state, small_config
 from tests.test_trainer import make_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 X, Y = blobs(900, d=10)
 DELETE = [4, 300, 301, 877]
-
-
-def live_state(ens: Ensemble) -> list[tuple[str, str]]:
-    return [(s["live_checkpoint"], s["live_weights"]) for s in ens.status()["per_shard"]]
 
 
 def stage_sha(ens: Ensemble) -> dict[tuple[int, int], str]:
