@@ -210,25 +210,42 @@ class Records:
             live: Whether this stage is the shard's last, making it the live model.
         """
         shard, stage = record["shard"], record["stage"]
-        stages, ckpts, lives = self._dbs["stages"], self._dbs["ckpt"], self._dbs["live"]
+        stages, ckpts = self._dbs["stages"], self._dbs["ckpt"]
         old = self.stage_record(txn, shard, stage)
         if old is not None and old["key"] != record["key"]:
             for later in self.stage_records(txn, shard):
                 if later["stage"] >= stage:
                     txn.delete(later["key"].encode(), db=ckpts)
                     txn.delete(stage_key(shard, later["stage"]), db=stages)
-            txn.delete(shard_key(shard), db=lives)
+            self.set_live(txn, shard, None)
         txn.put(record["key"].encode(), checkpoint, db=ckpts)
         txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
         if live:
-            old_live = txn.get(shard_key(shard), db=lives)
-            if old_live is not None:
-                old_key = json.loads(bytes(old_live))["key"]
-                # A stale model kept serving (serve-stale policy) has no stage record left.
-                if old_key != record["key"] and not self._key_in_stages(txn, shard, old_key):
-                    txn.delete(old_key.encode(), db=ckpts)
-            live_record = {k: record[k] for k in ("stage", "key", "sha256", "weights", "manifest", "n_samples")}
-            txn.put(shard_key(shard), json.dumps(live_record, sort_keys=True).encode(), db=lives)
+            fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples")
+            self.set_live(txn, shard, {k: record[k] for k in fields})
+
+    def set_live(self, txn: lmdb.Transaction, shard: int, record: dict[str, Any] | None) -> None:
+        """Point ``shard``'s live model at ``record`` (None: out of service), in the caller's transaction.
+
+        A live model that no stage record references (one kept by the serve-stale policy
+        after a deletion retired its stage) has nothing else pointing at its bytes: they
+        are deleted with the pointer, since that model trained on deleted ids.
+
+        Args:
+            txn: Open write transaction.
+            shard: Shard index.
+            record: The live record (``stage``, ``key``, ``sha256``, ...), or None.
+        """
+        lives = self._dbs["live"]
+        old_raw = txn.get(shard_key(shard), db=lives)
+        if old_raw is not None:
+            old_key = json.loads(bytes(old_raw))["key"]
+            if (record is None or record["key"] != old_key) and not self._key_in_stages(txn, shard, old_key):
+                txn.delete(old_key.encode(), db=self._dbs["ckpt"])
+        if record is None:
+            txn.delete(shard_key(shard), db=lives)
+        else:
+            txn.put(shard_key(shard), json.dumps(record, sort_keys=True).encode(), db=lives)
 
     def _key_in_stages(self, txn: lmdb.Transaction, shard: int, key: str) -> bool:
         return any(r["key"] == key for r in self.stage_records(txn, shard))

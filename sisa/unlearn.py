@@ -153,20 +153,15 @@ def _journal(
             else:
                 clean = record
         interim = None
-        if live is not None and live.get("stale") and not keep_live:
-            # The policy changed since serve-stale kept this model: it has no stage record, so
-            # nothing else would ever drop its bytes, and it trained on deleted ids (invariant 4).
-            if all(r["key"] != live["key"] for r in store.stage_records(txn, shard)):
-                txn.delete(live["key"].encode(), db=dbs["ckpt"])
         if keep_live and live is not None:
-            txn.put(shard_key(shard), json.dumps({**live, "stale": True}, sort_keys=True).encode(), db=dbs["live"])
+            store.set_live(txn, shard, {**live, "stale": True})
         elif meta["policy"] == "serve-clean" and live is not None and clean is not None:
             # Only a shard that was in service keeps serving: one still in its first training
             # must not start serving a partial model because of a deletion.
             interim = clean["stage"]
-            txn.put(shard_key(shard), json.dumps({**clean, "interim": True}, sort_keys=True).encode(), db=dbs["live"])
+            store.set_live(txn, shard, {**clean, "interim": True})
         else:
-            txn.delete(shard_key(shard), db=dbs["live"])
+            store.set_live(txn, shard, None)  # also drops a stale model's bytes if the policy changed
         shards[str(shard)] = {
             "from_slice": slice_ + 1,
             "restart_stage": slice_,
