@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,7 +268,15 @@ class Ensemble:
     def _shard_slices(self, txn: Any, shard: int) -> list[np.ndarray]:
         return [self.store.slice_ids(txn, shard, r) for r in range(self.slice_counts(txn)[shard])]
 
-    def shard_job(self, txn: Any, shard: int, start_stage: int = 0) -> ShardJob:
+    def shard_job(
+        self,
+        txn: Any,
+        shard: int,
+        start_stage: int = 0,
+        slice_ids: Sequence[np.ndarray] | None = None,
+        *,
+        snapshot: bool = False,
+    ) -> ShardJob:
         """The job that trains ``shard`` from ``start_stage`` on its current samples.
 
         The job's slices are lazy (:class:`~sisa.stored_slices.StoredSlices`): each is
@@ -278,13 +286,19 @@ class Ensemble:
             txn: Read transaction (for the slice ids and the parent checkpoint).
             shard: Shard index.
             start_stage: Stages to take from the store (0 = from scratch).
+            slice_ids: The shard's slice ids when the caller has read them already, in
+                ``txn`` or while holding the writer lock.
+            snapshot: Load the slices from ``txn`` itself (which must then stay open
+                until they are loaded) instead of one short transaction per slice.
 
         Returns:
             The job, with the stage ``start_stage`` checkpoint as parent when > 0.
         """
-        shape = self.feature_shape
-        assert shape is not None
-        slices = StoredSlices(self.store, shard, self._shard_slices(txn, shard), shape)
+        # From txn, not self.feature_shape: that opens a transaction of its own, which in a
+        # reader may reopen a compacted store and so end the snapshot ``txn`` belongs to.
+        shape = tuple(self.store.meta(txn)["feature_shape"])
+        ids = self._shard_slices(txn, shard) if slice_ids is None else slice_ids
+        slices = StoredSlices(self.store, shard, ids, shape, txn if snapshot else None)
         parent = self.store.stage_record(txn, shard, start_stage) if start_stage > 0 else None
         if start_stage > 0 and parent is None:
             raise StoreError(f"shard {shard}: stage {start_stage} has no checkpoint to resume from")
@@ -300,22 +314,35 @@ class Ensemble:
             slice_sizes=slices.sizes,
         )
 
-    def shard_jobs(self, plan: Sequence[tuple[int, int]]) -> Iterator[ShardJob]:
+    def shard_jobs(
+        self,
+        plan: Sequence[tuple[int, int]],
+        slice_ids: Mapping[int, Sequence[np.ndarray]] | None = None,
+        snapshot: Any = None,
+    ) -> Iterator[ShardJob]:
         """Jobs for ``(shard, start_stage)`` pairs, each built when the consumer asks for it.
 
         The orchestrator pulls the next job only when it submits it, so the driver
-        holds the parent checkpoint and slice ids of one shard at a time (and, through
-        the lazy slices, its samples only while they are shipped or trained on).
+        holds the parent checkpoint of one shard at a time (and, through the lazy
+        slices, its samples only while they are shipped or trained on).
 
         Args:
             plan: Shards to train and the stage each starts after.
+            slice_ids: Shard -> its slice ids, where the caller planned with them
+                (saves reading them again); others are read here.
+            snapshot: An open read transaction to build and load every job from (it must
+                stay open until the jobs are consumed); None: short transactions.
 
         Yields:
             One job per pair, in order.
         """
+        known = slice_ids or {}
         for shard, start_stage in plan:
+            if snapshot is not None:
+                yield self.shard_job(snapshot, shard, start_stage, known.get(shard), snapshot=True)
+                continue
             with self.store.read() as txn:
-                job = self.shard_job(txn, shard, start_stage)
+                job = self.shard_job(txn, shard, start_stage, known.get(shard))
             yield job  # outside the transaction: the consumer commits stages meanwhile
 
     def _plan(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
@@ -402,7 +429,7 @@ class Ensemble:
             if progress is not None:
                 progress(result)
 
-        retries = orchestrator.execute(self.address, self.shard_jobs(plan), commit)
+        retries = orchestrator.execute(self.address, self.shard_jobs(plan, dict(enumerate(all_slices))), commit)
         report.retries = [asdict(r) for r in retries]
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)

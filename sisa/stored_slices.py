@@ -9,7 +9,7 @@ workers do not open the store, and pickling one is refused.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,13 +29,24 @@ class StoredSlices(LazySlices):
         shard: Shard index (for error messages).
         slice_ids: Sorted ids of each slice, read when the job was planned.
         feature_shape: Shape of one sample.
+        txn: A read transaction to load every slice from, so that they come from the
+            snapshot the ids were read in (``verify`` on a store another process may be
+            writing); None: a short transaction per slice (``fit``, which holds the lock).
     """
 
-    def __init__(self, store: Store, shard: int, slice_ids: Sequence[np.ndarray], feature_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        store: Store,
+        shard: int,
+        slice_ids: Sequence[np.ndarray],
+        feature_shape: tuple[int, ...],
+        txn: Any = None,
+    ):
         self._store = store
         self._shard = shard
         self._ids = tuple(slice_ids)
         self._shape = feature_shape
+        self._txn = txn
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -43,11 +54,15 @@ class StoredSlices(LazySlices):
     def load(self, index: int) -> SliceData:
         """Read slice ``index`` and check every sample's digest."""
         ids = self._ids[index]
+        where = f"shard {self._shard} slice {index}"
+        if self._txn is not None:
+            x, y = self._store.load_samples(self._txn, ids, self._shape, where)
+            return SliceData(ids, x, y)
         # A short transaction per slice: a reader never pins an old snapshot for the
         # length of a training, and the writer's stage commits go on meanwhile. The ids
         # cannot change underneath: this process holds the writer lock during a fit.
         with self._store.read() as txn:
-            x, y = self._store.load_samples(txn, ids, self._shape, f"shard {self._shard} slice {index}")
+            x, y = self._store.load_samples(txn, ids, self._shape, where)
         return SliceData(ids, x, y)
 
     @property

@@ -316,11 +316,22 @@ def verify(
         raise DataError(f"shard {bad[0]!r} does not exist; shards are the integers 0..{cfg.shards - 1}")
     out: dict[str, Any] = {}
     plan: list[tuple[int, int]] = []
+    ids: dict[int, list[np.ndarray]] = {}
+    last: dict[int, StageResult] = {}
+
+    def keep(result: StageResult) -> None:
+        last[result.shard] = result
+        if progress is not None:
+            progress(result)
+
+    # One snapshot for the plan, the samples and the live records compared against: a
+    # writer in another process (verify needs no lock) cannot mix two states of a shard.
     with store.read() as txn:
         live = store.live(txn)
         slice_counts = ens.slice_counts(txn)
         for shard in chosen:
-            size = sum(len(store.slice_ids(txn, shard, r)) for r in range(slice_counts[shard]))
+            ids[shard] = [store.slice_ids(txn, shard, r) for r in range(slice_counts[shard])]
+            size = sum(len(part) for part in ids[shard])
             rec = live.get(shard) or {}
             # serve-stale / serve-clean: until a pending deletion is applied the shard serves another model
             serving = "stale" if rec.get("stale") else "clean interim" if rec.get("interim") else None
@@ -332,14 +343,7 @@ def verify(
             }
             if size and rec and not serving:  # a shard serving a pending model cannot pass: no replay
                 plan.append((shard, 0))
-    last: dict[int, StageResult] = {}
-
-    def keep(result: StageResult) -> None:
-        last[result.shard] = result
-        if progress is not None:
-            progress(result)
-
-    orchestrator.execute(ens.address, ens.shard_jobs(plan), keep)
+        orchestrator.execute(ens.address, ens.shard_jobs(plan, ids, snapshot=txn), keep)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:

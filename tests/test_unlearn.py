@@ -377,3 +377,31 @@ def test_provenance_names_the_models_a_prediction_used(ens: Ensemble) -> None:
     after = ens.provenance()
     assert after.keys() == before.keys() and after[shard] != before[shard]
     assert all(after[s] == before[s] for s in before if s != shard)
+
+
+def test_verify_reads_one_snapshot_while_another_process_deletes(tmp_path: Path, env_python: dict) -> None:
+    # `sisa verify` takes no lock, so a writer may delete while it replays. Every shard must be
+    # replayed from the snapshot its plan and live records came from: a later shard's samples
+    # are not half gone ("sample ... is missing"), and its replay matches the model it checks.
+    path = tmp_path / "st"
+    with make(path) as writer:
+        victim = ids_by_place(writer)[(2, 0)][0]  # in the last shard that local verify replays
+    code = (
+        "import sys\n"
+        "from sisa.ensemble import Ensemble\n"
+        "with Ensemble.open(sys.argv[1], address='local') as ens:\n"
+        "    ens.delete([int(sys.argv[2])])\n"
+    )
+    deleted: list[int] = []
+
+    def delete_meanwhile(result) -> None:
+        if not deleted:
+            out = subprocess.run([sys.executable, "-c", code, str(path), str(victim)], env=env_python, timeout=300)
+            assert out.returncode == 0
+            deleted.append(victim)
+
+    with Ensemble.open(path, readonly=True, address="local") as reader:
+        report = reader.verify(progress=delete_meanwhile)
+    assert deleted and report["ok"], report
+    with Ensemble.open(path, readonly=True) as after, after.store.read() as txn:  # the deletion took effect
+        assert not after.store.has_sample(txn, victim)
