@@ -6,6 +6,8 @@ from sisa.ensemble import Ensemble, FitReport
 from sisa.errors import (
     ConfigError,
     DataError,
+    DomainMismatchError,
+    DomainUnavailableError,
     IntegrityError,
     ModelError,
     NotTrainedError,
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "DataError",
+    "DomainMismatchError",
+    "DomainUnavailableError",
     "Ensemble",
     "FitReport",
     "IntegrityError",

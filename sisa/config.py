@@ -23,6 +23,7 @@ import yaml
 from sisa.config_rules import choice as _choice
 from sisa.config_rules import load_yaml as _load_yaml
 from sisa.config_rules import require as _require
+from sisa.domain import CPU_ISAS
 from sisa.errors import ConfigError
 from sisa.evaluation_config import EvaluateConfig
 
@@ -50,6 +51,7 @@ SLICE_ORDERS = ("hashed", "probability")
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
+MISSING_DOMAIN_ACTIONS = ("rebind", "refuse")
 # Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -301,6 +303,18 @@ class ResourcesConfig:
         max_shards_in_flight: At most this many shard tasks submitted at once (0 = all).
             Bounds what the driver node's object store holds to that many shards'
             data; 0 lets an autoscaler see the whole demand at once.
+        cpu_isa: CPU kernel level every shard worker is pinned to before torch loads
+            (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``, ``ONEDNN_MAX_CPU_ISA``), so that x86-64
+            nodes of different generations train bit-identical weights: ``avx2`` (default,
+            any x86-64 CPU since 2013-2015), ``baseline`` (no SIMD kernels: slowest, for
+            pre-AVX2 nodes) or ``native`` (each node's best kernels: faster convolutions,
+            but a shard can then be retrained and verified only on nodes like the one that
+            trained it). Part of the recipe. See docs/cluster.md, "What verify proves".
+        on_missing_domain: What a retrain does when no node of the shard's determinism
+            domain is available: ``rebind`` (default) retrains the shard from scratch in an
+            available domain, so a deletion still completes exactly (its certificate says
+            ``rebound``); ``refuse`` stops with an error naming the domain it needs, and the
+            request stays pending until such a node joins. ``verify`` never rebinds.
     """
 
     cpus_per_shard: float = 1.0
@@ -310,6 +324,8 @@ class ResourcesConfig:
     custom: dict[str, float] = field(default_factory=dict)
     stream_slices: bool = False
     max_shards_in_flight: int = 0
+    cpu_isa: str = "avx2"
+    on_missing_domain: str = "rebind"
 
     def __post_init__(self) -> None:
         _require(
@@ -329,6 +345,8 @@ class ResourcesConfig:
             self.max_shards_in_flight >= 0,
             f"resources.max_shards_in_flight={self.max_shards_in_flight} must be >= 0 (0 submits every shard at once)",
         )
+        _choice("resources.cpu_isa", self.cpu_isa, CPU_ISAS)
+        _choice("resources.on_missing_domain", self.on_missing_domain, MISSING_DOMAIN_ACTIONS)
         for name, amount in self.custom.items():
             where = f"resources.custom.{name}"
             _require(
@@ -393,13 +411,17 @@ class SisaConfig:
         if train["precision"] == "fp32":
             # The default is left out, so recipes (and checkpoint keys) from before the key existed still match.
             del train["precision"]
-        return {
+        recipe = {
             "seed": self.seed,
             "model": config_to_dict(self.model),
             "train": train,
             "threads": self.resources.threads_per_shard,
             "device": self.resources.device,
         }
+        if self.resources.cpu_isa != "native":
+            # Stores from before the key existed trained natively; leaving native out keeps their keys.
+            recipe["cpu_isa"] = self.resources.cpu_isa
+        return recipe
 
     def recipe_digest(self) -> str:
         """Hex SHA-256 of the canonical JSON of :meth:`recipe`."""

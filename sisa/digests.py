@@ -1,9 +1,9 @@
 """Content digests: of training manifests, of weights, and the content address of a checkpoint.
 
 These are what make a checkpoint's provenance checkable: its key is a hash of the
-recipe, the shard, the stage, exactly the ids it trained on (slice by slice) and
-its parent checkpoint, so a checkpoint that saw a deleted id can never be mistaken
-for one that did not (invariant 3 of the design).
+recipe, the shard, the stage, exactly the ids it trained on (slice by slice), its
+parent checkpoint and the determinism domain it was trained in, so a checkpoint that
+saw a deleted id can never be mistaken for one that did not (invariant 3 of the design).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def checkpoint_key(recipe_digest: str, shard: int, stage: int, manifest: str, parent: str | None) -> str:
+def checkpoint_key(
+    recipe_digest: str, shard: int, stage: int, manifest: str, parent: str | None, domain: str | None = None
+) -> str:
     """Content address of a stage checkpoint.
 
     Args:
@@ -68,9 +70,15 @@ def checkpoint_key(recipe_digest: str, shard: int, stage: int, manifest: str, pa
         stage: Stage number r (1-based): the checkpoint after training on slices 1..r.
         manifest: :func:`manifest_digest` of slices 1..r.
         parent: Key of the stage r-1 checkpoint it resumed from, or ``None`` at stage 1.
+        domain: Id of the determinism domain it was trained in (:class:`~sisa.domain.Domain`);
+            ``None`` only for stages recorded before domains were.
 
     Returns:
         Hex SHA-256 key.
     """
     text = f"sisa-ckpt-v1|{recipe_digest}|{shard}|{stage}|{manifest}|{parent or '-'}"
+    if domain is not None:
+        # The same recipe and data in another domain give other bytes, so another address: a
+        # checkpoint retrained elsewhere never passes for the one it replaces.
+        text += f"|{domain}"
     return hashlib.sha256(text.encode()).hexdigest()

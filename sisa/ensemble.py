@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from sisa.arrays import check_labels
 from sisa.config import SisaConfig, config_from_dict, config_to_dict
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
-from sisa.errors import ConfigError, DataError, NotTrainedError, StoreError
+from sisa.domain import Domain, domain_id, unavailable_message
+from sisa.errors import ConfigError, DataError, DomainUnavailableError, NotTrainedError, StoreError
 from sisa.placement import check_shard_sizes, place
 from sisa.serving import Serving
 from sisa.store import Store
@@ -34,6 +35,20 @@ log = logging.getLogger(__name__)
 
 # Keys that decide where samples live; changing them on an existing store would move samples.
 _PARTITION_KEYS = ("seed", "shards", "slices", "partition")
+
+
+def _migrate(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config as this version reads it.
+
+    Stores created before ``resources.cpu_isa`` existed trained unpinned, which is
+    ``native``; reading them with today's default (``avx2``) would call every checkpoint
+    stale and retrain (or fail to verify) the lot.
+    """
+    raw = dict(stored)
+    resources = dict(raw.get("resources") or {})
+    resources.setdefault("cpu_isa", "native")
+    raw["resources"] = resources
+    return raw
 
 
 def _require_config(config: Any) -> None:
@@ -56,6 +71,9 @@ class FitReport:
         stage_seconds: Sum of per-stage training times (compute spent).
         retries: Shard tasks that lost their worker or node and were resubmitted from
             the last stage received (each a dict: shard, after_stage, attempt, error).
+        rebound: Shard -> why it was retrained from scratch in another determinism
+            domain (no node of its own was available; ``resources.on_missing_domain``):
+            ``{"from_domain": id, "to_domain": id, "reason": text}``.
     """
 
     trained: dict[int, list[int]] = field(default_factory=dict)
@@ -64,6 +82,7 @@ class FitReport:
     seconds: float = 0.0
     stage_seconds: float = 0.0
     retries: list[dict[str, Any]] = field(default_factory=list)
+    rebound: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 class Ensemble:
@@ -78,7 +97,7 @@ class Ensemble:
         self.store = store
         self.address = address
         meta = store.meta()
-        self.config: SisaConfig = config_from_dict(meta["config"])
+        self.config: SisaConfig = config_from_dict(_migrate(meta["config"]))
         self._serving = Serving(self)
 
     # ----------------------------------------------------------------- lifecycle
@@ -276,6 +295,7 @@ class Ensemble:
         slice_ids: Sequence[np.ndarray] | None = None,
         *,
         snapshot: bool = False,
+        domain: str | None = None,
     ) -> ShardJob:
         """The job that trains ``shard`` from ``start_stage`` on its current samples.
 
@@ -290,6 +310,8 @@ class Ensemble:
                 ``txn`` or while holding the writer lock.
             snapshot: Load the slices from ``txn`` itself (which must then stay open
                 until they are loaded) instead of one short transaction per slice.
+            domain: Determinism domain the job must run in; default: its parent
+                checkpoint's (none from scratch). A replay for ``verify`` names the live model's.
 
         Returns:
             The job, with the stage ``start_stage`` checkpoint as parent when > 0.
@@ -312,6 +334,7 @@ class Ensemble:
             input_shape=shape,
             num_classes=self.config.data.num_classes,
             slice_sizes=slices.sizes,
+            domain=domain if domain is not None else domain_id(parent),
         )
 
     def shard_jobs(
@@ -319,6 +342,7 @@ class Ensemble:
         plan: Sequence[tuple[int, int]],
         slice_ids: Mapping[int, Sequence[np.ndarray]] | None = None,
         snapshot: Any = None,
+        domains: Mapping[int, str] | None = None,
     ) -> Iterator[ShardJob]:
         """Jobs for ``(shard, start_stage)`` pairs, each built when the consumer asks for it.
 
@@ -332,29 +356,42 @@ class Ensemble:
                 (saves reading them again); others are read here.
             snapshot: An open read transaction to build and load every job from (it must
                 stay open until the jobs are consumed); None: short transactions.
+            domains: Shard -> the domain its job must run in, where not its parent's.
 
         Yields:
             One job per pair, in order.
         """
-        known = slice_ids or {}
+        known, bound = slice_ids or {}, domains or {}
         for shard, start_stage in plan:
             if snapshot is not None:
-                yield self.shard_job(snapshot, shard, start_stage, known.get(shard), snapshot=True)
+                yield self.shard_job(
+                    snapshot, shard, start_stage, known.get(shard), snapshot=True, domain=bound.get(shard)
+                )
                 continue
             with self.store.read() as txn:
-                job = self.shard_job(txn, shard, start_stage, known.get(shard))
+                job = self.shard_job(txn, shard, start_stage, known.get(shard), domain=bound.get(shard))
             yield job  # outside the transaction: the consumer commits stages meanwhile
 
     def _plan(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
-        """Last stage whose stored checkpoint is exactly what training now would produce."""
+        """Last stage whose stored checkpoint is exactly what training now would produce.
+
+        A stage counts only in the domain of the stage before it: a chain never mixes domains.
+        """
         recipe = self.config.recipe_digest()
         parent: dict[str, Any] | None = None
         for stage in range(1, len(slice_ids) + 1):
             record = self.store.stage_record(txn, shard, stage)
+            if record is None or (parent is not None and domain_id(record) != domain_id(parent)):
+                return stage - 1, parent
             expected = checkpoint_key(
-                recipe, shard, stage, manifest_digest(slice_ids[:stage]), parent["key"] if parent else None
+                recipe,
+                shard,
+                stage,
+                manifest_digest(slice_ids[:stage]),
+                parent["key"] if parent else None,
+                domain_id(record),
             )
-            if record is None or record["key"] != expected:
+            if record["key"] != expected:
                 return stage - 1, parent
             parent = record
         return len(slice_ids), parent
@@ -416,6 +453,7 @@ class Ensemble:
                 "n_samples": result.n_samples,
                 "epochs": result.epochs,
                 "seconds": round(result.seconds, 4),
+                "domain": result.domain,
             }
             last = result.stage == total_slices[result.shard]
 
@@ -429,7 +467,23 @@ class Ensemble:
             if progress is not None:
                 progress(result)
 
-        retries = orchestrator.execute(self.address, self.shard_jobs(plan, dict(enumerate(all_slices))), commit)
+        def unavailable(job: ShardJob, available: list[Domain]) -> ShardJob:
+            with self.store.read() as txn:
+                needed = (self.store.stage_record(txn, job.shard, job.start_stage) or {}).get("domain")
+            message = unavailable_message(job.shard, needed, job.domain or "?", available)
+            if cfg.resources.on_missing_domain == "refuse":
+                raise DomainUnavailableError(message)
+            # Rebind: from scratch wherever nodes exist; stage 1's key names the new domain, so
+            # committing it drops every stage of the old chain (they descend from another domain).
+            log.warning("rebinding shard %d: %s", job.shard, message)
+            report.rebound[job.shard] = {"from_domain": job.domain, "reason": message}
+            return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
+
+        jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
+        retries = orchestrator.execute(self.address, jobs, commit, unavailable)
+        for shard, info in report.rebound.items():
+            with self.store.read() as txn:
+                info["to_domain"] = domain_id(self.store.stage_record(txn, shard, 1))
         report.retries = [asdict(r) for r in retries]
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
@@ -587,6 +641,8 @@ class Ensemble:
                         "live_checkpoint": rec["sha256"] if rec else None,
                         "live_weights": rec["weights"] if rec else None,
                         "live_manifest": rec["manifest"] if rec else None,
+                        # where the live model was trained: a replay must run there to be bit-identical
+                        "domain": rec.get("domain") if rec else None,
                         # distribution-aware only: prior mass placed here at ingest (deletions keep it)
                         "expected_deletions": masses[shard] if masses else None,
                     }

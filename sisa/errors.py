@@ -45,3 +45,11 @@ class TrainingError(SisaError):
 
 class NotTrainedError(SisaError):
     """Prediction was asked of an ensemble with no live shard models."""
+
+
+class DomainUnavailableError(SisaError):
+    """No node of a shard's determinism domain is available to retrain or replay it."""
+
+
+class DomainMismatchError(TrainingError):
+    """A worker found itself in another determinism domain than its shard needs, and refused to train."""

@@ -10,6 +10,11 @@ Jobs are pulled from their iterator only when they are submitted (at most
 each slice travels as its own object that the task fetches when its stage starts.
 When a task's worker or node dies, the driver resubmits the shard from the last stage
 it received (it holds that checkpoint), so a death costs at most the stage in progress.
+
+Every task's worker is pinned to ``resources.cpu_isa`` before torch loads, and a job
+that continues a checkpoint (or replays a live model) runs only on nodes of that
+checkpoint's determinism domain (:mod:`sisa.routing`); when there is none, the caller's
+``unavailable`` hook decides (rebind from scratch, skip, or refuse).
 """
 
 from __future__ import annotations
@@ -24,10 +29,29 @@ from typing import Any
 
 import ray
 
-from sisa.errors import SisaError, TrainingError
+from sisa import routing
+from sisa.config import ResourcesConfig
+from sisa.domain import Domain, unavailable_message
+from sisa.errors import DomainUnavailableError, SisaError, TrainingError
+from sisa.local_runner import LocalRunner
 from sisa.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
-__all__ = ["LOCAL", "RemoteSlices", "Retry", "connect", "execute", "run_jobs", "ship", "shutdown"]
+__all__ = [
+    "LOCAL",
+    "RemoteSlices",
+    "Retry",
+    "Unavailable",
+    "available_domains",
+    "connect",
+    "execute",
+    "run_jobs",
+    "ship",
+    "shutdown",
+]
+
+# Called for a job whose determinism domain no node offers, with the domains that exist: returns
+# the job to run instead (a rebind from scratch), None to skip it, or raises.
+Unavailable = Callable[[ShardJob, list[Domain]], "ShardJob | None"]
 
 # The address that trains in the calling process, one shard after another, without Ray.
 LOCAL = "local"
@@ -83,32 +107,69 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     ray.init(address=address, **kwargs)
 
 
-def execute(address: str | None, jobs: Iterable[ShardJob], on_stage: Callable[[StageResult], None]) -> list[Retry]:
-    """Train ``jobs`` on Ray at ``address``, or in this process when ``address`` is ``local``.
+def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:
+    raise DomainUnavailableError(unavailable_message(job.shard, None, job.domain or "?", available))
 
-    The local mode runs the very same :func:`~sisa.trainer.train_shard`, so its
-    checkpoints are bit-identical to Ray's (tested); it suits debugging, notebooks and
-    tiny data, and it starts in no time because no Ray instance or worker is needed.
+
+def execute(
+    address: str | None,
+    jobs: Iterable[ShardJob],
+    on_stage: Callable[[StageResult], None],
+    unavailable: Unavailable | None = None,
+) -> list[Retry]:
+    """Train ``jobs`` on Ray at ``address``, or without Ray when ``address`` is ``local``.
+
+    The local mode runs the very same :func:`~sisa.trainer.train_shard` (in this
+    process when it started with the config's pins, else in one pinned child process:
+    :mod:`sisa.local_runner`), so its checkpoints are bit-identical to Ray's in the same
+    domain (tested); it suits debugging, notebooks and tiny data.
 
     Args:
         address: Ray address (see :func:`connect`), ``local``, or None.
         jobs: One job per shard; may be a lazy iterator (pulled one job at a time).
         on_stage: Called for each finished stage (it commits the stage).
+        unavailable: For a job whose ``domain`` no node offers (default: raise
+            :class:`~sisa.errors.DomainUnavailableError`).
 
     Returns:
         The resubmissions after lost workers (:func:`run_jobs`); none in local mode.
     """
-    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
-        for job in jobs:
-            for result in train_shard(job):
-                on_stage(result)
-        return []
+    unavailable = unavailable or _refuse
     jobs = iter(jobs)
     first = next(jobs, None)
     if first is None:
-        return []  # nothing to train: no Ray start-up either
+        return []  # nothing to train: no Ray start-up (or child process) either
+    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+        res = first.config.resources
+        with LocalRunner(res.cpu_isa, res.threads_per_shard, res.device) as runner:
+            for job in itertools.chain([first], jobs):
+                routed: ShardJob | None = job
+                if job.domain is not None and job.domain != runner.domain.id:
+                    routed = unavailable(job, [runner.domain])
+                if routed is None:
+                    continue
+                for result in runner.train(routed):
+                    on_stage(result)
+        return []
     connect(address)
-    return run_jobs(itertools.chain([first], jobs), on_stage)
+    return run_jobs(itertools.chain([first], jobs), on_stage, unavailable)
+
+
+def available_domains(address: str | None, res: ResourcesConfig) -> list[routing.DomainNodes]:
+    """The determinism domains shard tasks can train in at ``address``, with their nodes.
+
+    Args:
+        address: Ray address, ``local`` (this machine without Ray) or None.
+        res: The resources section (pins, threads, device, task shape).
+
+    Returns:
+        One entry per domain; in local mode the one domain local training uses (node ``local``).
+    """
+    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+        with LocalRunner(res.cpu_isa, res.threads_per_shard, res.device) as runner:
+            return [routing.DomainNodes(runner.domain, (LOCAL,))]
+    connect(address)
+    return list(routing.probe_cluster(res).values())
 
 
 def shutdown() -> None:
@@ -202,6 +263,7 @@ def _warn_missing_resources(custom: dict[str, float]) -> None:
 def run_jobs(
     jobs: Iterable[ShardJob],
     on_stage: Callable[[StageResult], None],
+    unavailable: Unavailable | None = None,
 ) -> list[Retry]:
     """Train every job as its own Ray task, calling ``on_stage`` as stages finish.
 
@@ -213,13 +275,18 @@ def run_jobs(
     resubmitted, up to ``resources.max_retries`` times, as a job that resumes from the
     last stage this function handed to ``on_stage``: the driver holds that checkpoint,
     and training from it yields the same bytes as an uninterrupted run (determinism),
-    so a death costs only the stage in progress, not the shard.
+    so a death costs only the stage in progress, not the shard. The resumed job must
+    run in the domain of that stage, like any job with a ``domain``: such jobs go only
+    to nodes of their domain (:func:`sisa.routing.probe_cluster`), and one whose domain
+    has no node goes to ``unavailable``.
 
     Args:
         jobs: One job per shard to (re)train; may be a lazy iterator. All share one config.
         on_stage: Called in the driver for each finished stage, in completion
             order across shards and stage order within a shard, each stage once. It
             commits the stage; if it raises, the remaining tasks are cancelled.
+        unavailable: For a job whose domain no node offers (default: raise
+            :class:`~sisa.errors.DomainUnavailableError`).
 
     Returns:
         The resubmissions, in order (empty when no worker was lost).
@@ -243,25 +310,46 @@ def run_jobs(
     running: dict[int, ShardJob] = {}
     received: dict[int, StageResult] = {}
     retries: list[Retry] = []
+    domain_map: dict[str, routing.DomainNodes] | None = None
+    refuse_or = unavailable or _refuse
 
-    def submit(job: ShardJob) -> None:
+    def route(job: ShardJob) -> tuple[ShardJob | None, routing.DomainNodes | None]:
+        nonlocal domain_map
+        if job.domain is None:
+            return job, None
+        if domain_map is None or job.domain not in domain_map:
+            domain_map = routing.probe_cluster(res)  # only nodes not probed before cost a task
+        where = domain_map.get(job.domain)
+        if where is not None:
+            return job, where
+        replacement = refuse_or(job, [d.domain for d in domain_map.values()])
+        if replacement is None or replacement.domain == job.domain:
+            return None, None
+        return route(replacement)
+
+    def submit(job: ShardJob) -> bool:
+        routed, where = route(job)
+        if routed is None:
+            return False  # the hook skipped it
         gen: Any = _shard_task.options(
             num_cpus=res.cpus_per_shard,
             num_gpus=res.gpus_per_shard,
             resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
             max_retries=0,  # resubmitted here instead, from the last stage received (see above)
             retry_exceptions=False,  # a bug in training is not fixed by running it again
-            name=f"sisa-shard-{job.shard}",
-        ).remote(ship(job))
-        owner[id(gen)] = job.shard
+            name=f"sisa-shard-{routed.shard}",
+            **routing.task_options(res, where),  # pinned worker; only its domain's nodes
+        ).remote(ship(routed))
+        running[routed.shard] = routed
+        owner[id(gen)] = routed.shard
         pending.append(gen)
+        return True
 
     def submit_more() -> None:
         while limit is None or len(pending) < limit:
             job = next(queue, None)
             if job is None:
                 return
-            running[job.shard] = job
             submit(job)
 
     def resubmit(shard: int, exc: BaseException) -> None:
@@ -272,7 +360,13 @@ def run_jobs(
             ) from exc
         job, last = running[shard], received.get(shard)
         if last is not None:
-            job = dataclasses.replace(job, start_stage=last.stage, parent=last.checkpoint, parent_key=last.key)
+            job = dataclasses.replace(
+                job,
+                start_stage=last.stage,
+                parent=last.checkpoint,
+                parent_key=last.key,
+                domain=last.domain.get("id"),  # continue in the domain that trained it
+            )
         retry = Retry(shard=shard, after_stage=job.start_stage, attempt=attempt, error=type(exc).__name__)
         log.warning(
             "shard %d lost its worker (%s); resubmitting from stage %d, retry %d of %d",

@@ -221,8 +221,8 @@ class Records:
         txn.put(record["key"].encode(), checkpoint, db=ckpts)
         txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
         if live:
-            fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples")
-            self.set_live(txn, shard, {k: record[k] for k in fields})
+            fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples", "domain")
+            self.set_live(txn, shard, {k: record[k] for k in fields if k in record})
 
     def set_live(self, txn: lmdb.Transaction, shard: int, record: dict[str, Any] | None) -> None:
         """Point ``shard``'s live model at ``record`` (None: out of service), in the caller's transaction.

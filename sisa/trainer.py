@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from sisa import domain as domains
 from sisa.config import SisaConfig
 from sisa.digests import checkpoint_key, manifest_digest, sha256, weights_digest
-from sisa.errors import IntegrityError, TrainingError
+from sisa.errors import DomainMismatchError, IntegrityError, TrainingError
 from sisa.models import build_model
 from sisa.partition import splitmix64
 
@@ -113,6 +114,9 @@ class ShardJob:
         num_classes: Number of classes.
         slice_sizes: Rows of each slice, so that a lazy ``slices`` need not be
             loaded to size the training buffer; empty means "ask ``slices``".
+        domain: Id of the determinism domain the job must run in (that of its parent
+            checkpoint, or of the live model a replay is compared with); a worker in
+            another domain refuses. ``None``: any domain (training from scratch).
     """
 
     config: SisaConfig
@@ -124,6 +128,7 @@ class ShardJob:
     input_shape: tuple[int, ...]
     num_classes: int
     slice_sizes: tuple[int, ...] = field(default=())
+    domain: str | None = None
 
     def sizes(self) -> tuple[int, ...]:
         """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
@@ -147,6 +152,14 @@ class StageResult:
     n_samples: int
     epochs: int
     seconds: float
+    domain: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Not the checkpoint: its bytes (hundreds of KB) would flood a log or a progress callback.
+        return (
+            f"StageResult(shard={self.shard}, stage={self.stage}, key={self.key[:16]}..., "
+            f"n_samples={self.n_samples}, seconds={self.seconds:.3f}, domain={self.domain.get('id')})"
+        )
 
 
 def derive_seed(seed: int, shard: int, stage: int) -> int:
@@ -387,6 +400,9 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         One :class:`StageResult` per stage ``job.start_stage + 1 .. len(job.slices)``.
 
     Raises:
+        DomainMismatchError: If this process is not in ``job.domain`` (checked before any
+            training: a stage chained onto a checkpoint of another domain, or a replay in
+            one, would differ in the last bits without anything being wrong).
         TrainingError: If the parent checkpoint is missing, or the model calls an op that
             has no deterministic implementation on this device (never a silent fallback
             to nondeterministic kernels: the checkpoints would not be reproducible).
@@ -395,6 +411,14 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
     device = torch.device(cfg.resources.device)
     if device.type == "cuda" and cfg.resources.gpus_per_shard < 1:
         torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus_per_shard, device)
+    here = domains.current(cfg.resources.threads_per_shard, device.type)
+    if job.domain is not None and job.domain != here.id:
+        raise DomainMismatchError(
+            f"shard {job.shard}: this worker is in determinism domain {domains.describe(here)}, but the shard "
+            f"needs domain {job.domain}; it refused to train (the bytes would differ). The worker's node changed "
+            "its environment or software since it was probed: restart the job, or run `sisa domains` to see "
+            "which nodes are in which domain"
+        )
     recipe_digest = cfg.recipe_digest()
     epochs = cfg.train.stage_epochs(cfg.slices)
 
@@ -413,7 +437,7 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
         rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
         with deterministic(cfg.resources.threads_per_shard, device):
-            result = _train_stage(job, model, optimizer, stage, rows, parent_key, recipe_digest, epochs, device)
+            result = _train_stage(job, model, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
         yield result
         parent_key = result.key
 
@@ -427,10 +451,11 @@ def _train_stage(
     parent_key: str | None,
     recipe_digest: str,
     epochs: int,
-    device: torch.device,
+    here: domains.Domain,
 ) -> StageResult:
     """Train one stage in place and encode its checkpoint."""
     cfg = job.config
+    device = torch.device(cfg.resources.device)
     started = time.perf_counter()
     seed = derive_seed(cfg.seed, job.shard, stage)
     torch.manual_seed(seed)  # dropout and any other use of the global RNG
@@ -456,7 +481,7 @@ def _train_stage(
                 f"model){cpu_hint}. torch said: {exc}"
             ) from exc
     manifest = manifest_digest(rows.ids[:stage])
-    key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key)
+    key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key, here.id)
     meta = {
         "shard": job.shard,
         "stage": stage,
@@ -467,6 +492,7 @@ def _train_stage(
         "n_samples": int(ids.size),
         "epochs": epochs,
         "torch": str(torch.__version__),
+        "domain": here.id,
     }
     blob = _encode(model, optimizer, meta)
     seconds = time.perf_counter() - started
@@ -483,4 +509,5 @@ def _train_stage(
         n_samples=int(ids.size),
         epochs=epochs,
         seconds=seconds,
+        domain=here.to_dict(),
     )

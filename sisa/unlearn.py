@@ -23,12 +23,13 @@ import numpy as np
 
 from sisa.arrays import MAX_ID
 from sisa.audit import append_entry, keyed_hash
+from sisa.domain import Domain, domain_id, unavailable_message
 from sisa.errors import DataError
 from sisa.store import Store, id_key, member_key, shard_key, stage_key
 
 if TYPE_CHECKING:
     from sisa.ensemble import Ensemble
-    from sisa.trainer import StageResult
+    from sisa.trainer import ShardJob, StageResult
 
 __all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]
 
@@ -167,6 +168,8 @@ def _journal(
             "restart_stage": slice_,
             "removed_checkpoints": removed,
             "serving_stage": interim,
+            # the domain the retrain continues in: if the live model comes from another, it was rebound
+            "clean_domain": domain_id(clean),
         }
     request = {
         "request_id": request_id,
@@ -250,6 +253,7 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
             shards = {}
             for key, info in request["shards"].items():
                 shard = int(key)
+                info = {**info, **_rebind(info, live.get(shard), report.rebound.get(shard))}
                 new = [r for r in store.stage_records(txn, shard) if r["stage"] > info["restart_stage"]]
                 rec = live.get(shard)
                 shards[key] = {
@@ -259,6 +263,7 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
                     "live_weights": rec["weights"] if rec else None,
                     "manifest": rec["manifest"] if rec else None,
                     "samples": rec["n_samples"] if rec else 0,
+                    "domain": rec.get("domain") if rec else None,
                 }
             applied_at = time.time()
             certificate = {
@@ -291,6 +296,22 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
     return certificates
 
 
+def _rebind(info: dict[str, Any], live: dict[str, Any] | None, rebound: dict[str, Any] | None) -> dict[str, Any]:
+    """The certificate's word on whether a shard was retrained from scratch in another domain.
+
+    Read from the live record, not only from this run's report: an apply that a crash cut
+    short after the retrain is certified by the next one, whose fit retrained nothing.
+    """
+    before, now = info.get("clean_domain"), domain_id(live)
+    if rebound is None and (before is None or now is None or before == now):
+        return {"rebound": False}
+    reason = (rebound or {}).get("reason") or (
+        "no node of the determinism domain of its last clean checkpoint was available, so it was retrained "
+        "from scratch in another (resources.on_missing_domain: rebind)"
+    )
+    return {"rebound": True, "from_slice": 1, "restart_stage": 0, "rebind_reason": reason}
+
+
 def verify(
     ens: Ensemble, shards: Sequence[int] | None = None, progress: Callable[[StageResult], None] | None = None
 ) -> dict[str, Any]:
@@ -302,8 +323,12 @@ def verify(
         progress: Called after each replayed stage.
 
     Returns:
-        ``{"ok": bool, "shards": {k: {...digests, "ok"}}}``; ``ok`` only when every
-        checked shard's replay is bit-identical to its live model.
+        ``{"ok": bool, "shards": {k: {...digests, "domain", "ok"}}}``; ``ok`` only when
+        every checked shard's replay is bit-identical to its live model. A replay runs
+        only in the live model's determinism domain: a shard whose domain no node offers
+        is not replayed and not called a failure (``reason: "domain_unavailable"``, with
+        ``needs`` and ``available``); when that is the only problem, the result's
+        ``reason`` is ``domain_unavailable`` too.
     """
     from sisa import orchestrator
 
@@ -318,6 +343,15 @@ def verify(
     plan: list[tuple[int, int]] = []
     ids: dict[int, list[np.ndarray]] = {}
     last: dict[int, StageResult] = {}
+    needs: dict[int, str] = {}
+    unavailable: dict[int, tuple[str, list[Domain]]] = {}
+
+    def skip(job: ShardJob, available: list[Domain]) -> None:
+        # Never a replay elsewhere (it would differ without anything being wrong), never a rebind.
+        message = unavailable_message(
+            job.shard, (live.get(job.shard) or {}).get("domain"), job.domain or "?", available
+        )
+        unavailable[job.shard] = (message, available)
 
     def keep(result: StageResult) -> None:
         last[result.shard] = result
@@ -340,10 +374,14 @@ def verify(
                 "live_weights": rec.get("weights"),
                 "replay_weights": None,
                 "pending": serving,
+                "domain": rec.get("domain"),
             }
             if size and rec and not serving:  # a shard serving a pending model cannot pass: no replay
                 plan.append((shard, 0))
-        orchestrator.execute(ens.address, ens.shard_jobs(plan, ids, snapshot=txn), keep)
+                if domain_id(rec) is not None:
+                    needs[shard] = str(domain_id(rec))
+        jobs = ens.shard_jobs(plan, ids, snapshot=txn, domains=needs)
+        orchestrator.execute(ens.address, jobs, keep, skip)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:
@@ -353,7 +391,22 @@ def verify(
         elif info["pending"]:
             why = f"serving a {info['pending']} model until a pending deletion is applied; run sisa apply"
             info.update(ok=False, reason=why)
+        elif int(key) in unavailable:
+            message, available = unavailable[int(key)]
+            info.update(
+                ok=False,
+                reason="domain_unavailable",
+                message=message,
+                needs=info["domain"],
+                available=[d.to_dict() for d in available],
+            )
         elif result is not None:
-            info.update(replay_weights=result.weights, replay_manifest=result.manifest)
+            info.update(replay_weights=result.weights, replay_manifest=result.manifest, replay_domain=result.domain)
             info["ok"] = result.weights == info["live_weights"]
-    return {"ok": all(i["ok"] for i in out.values()), "shards": out}
+        else:  # planned but neither replayed nor refused: never silently "ok"
+            info.update(ok=False, reason="no replay came back for this shard")
+    verdict: dict[str, Any] = {"ok": all(i["ok"] for i in out.values()), "shards": out}
+    failed = [i for i in out.values() if not i["ok"]]
+    if failed and all(i.get("reason") == "domain_unavailable" for i in failed):
+        verdict["reason"] = "domain_unavailable"
+    return verdict
