@@ -1,8 +1,11 @@
-"""The ``sisa`` command line: train, eval, status, delete, apply, pending, verify, audit, add, resume, evaluate.
+"""The ``sisa`` command line: train, eval, status, delete, apply, pending, verify, audit, add, resume, domains.
+
+(``sisa evaluate`` lives in :mod:`sisa.cli_evaluate`.)
 
 Every command takes ``--json`` (one JSON object on stdout) and exits 2 with a one-line
-``error:`` message on bad input, 1 when verify or audit finds a problem; progress bars
-go to stderr.
+``error:`` message on bad input (and when verify cannot replay a shard because no node
+of its determinism domain is available), 1 when verify or audit finds a problem;
+progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ EXIT_FAILED_CHECK = 1  # verify or audit ran and found a problem
 
 
 class VerificationError(Exception):
-    """verify or audit completed and failed; carries the JSON result."""
+    """verify or audit completed and failed (or could not check); carries the JSON result and exit code."""
 
-    def __init__(self, result: dict[str, Any]) -> None:
+    def __init__(self, result: dict[str, Any], exit_code: int = EXIT_FAILED_CHECK) -> None:
         super().__init__("check failed")
         self.result = result
+        self.exit_code = exit_code
 
 
 def _int_id(text: str) -> int:
@@ -190,11 +194,12 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
                 " ".join(map(str, s["slice_samples"])),
                 s["stages_done"],
                 (s["live_checkpoint"] or "-")[:16],
+                (s["domain"] or {}).get("id", "-"),
                 _serving(s),
             ]
             for s in result["per_shard"]
         ]
-        print(table(["shard", "samples", "per slice", "stages", "live checkpoint", "serving"], rows))
+        print(table(["shard", "samples", "per slice", "stages", "live checkpoint", "domain", "serving"], rows))
     return result
 
 
@@ -233,7 +238,7 @@ def _print_certificate(cert: dict[str, Any]) -> None:
     rows = [
         [
             k,
-            v["from_slice"],
+            f"{v['from_slice']} (rebound)" if v.get("rebound") else v["from_slice"],
             len(v["removed_checkpoints"]),
             len(v.get("new_checkpoints", [])),
             (v.get("live_checkpoint") or "-")[:16],
@@ -241,6 +246,9 @@ def _print_certificate(cert: dict[str, Any]) -> None:
         for k, v in cert["shards"].items()
     ]
     print(table(["shard", "from slice", "removed ckpts", "new ckpts", "new live checkpoint"], rows))
+    for k, v in cert["shards"].items():
+        if v.get("rebound"):
+            print(f"shard {k} was retrained from scratch in another determinism domain: {v['rebind_reason']}")
     if "seconds" in cert:
         print(f"done in {cert['seconds']:.2f}s; audit entry {cert['audit_seq']}")
 
@@ -299,20 +307,28 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             [
                 k,
                 v["samples"],
+                (v["domain"] or {}).get("id", "-"),
                 (v["live_weights"] or "-")[:16],
                 (v["replay_weights"] or "-")[:16],
-                "ok" if v["ok"] else "FAIL",
-                v.get("reason", ""),
+                "ok" if v["ok"] else "NOT CHECKED" if v.get("reason") == "domain_unavailable" else "FAIL",
+                "no node of its domain" if v.get("reason") == "domain_unavailable" else v.get("reason", ""),
             ]
             for k, v in result["shards"].items()
         ]
-        print(table(["shard", "samples", "live weights", "replay weights", "", ""], rows))
-        print(
-            "verify: "
-            + ("OK, every live model is bit-identical to a retrain from scratch" if result["ok"] else "FAILED")
-        )
+        print(table(["shard", "samples", "domain", "live weights", "replay weights", "", ""], rows))
+        for k, v in result["shards"].items():
+            if v.get("reason") == "domain_unavailable":
+                print(f"shard {k}: {v['message']}", file=sys.stderr)
+        if result["ok"]:
+            print("verify: OK, every live model is bit-identical to a retrain from scratch in its domain")
+        elif result.get("reason") == "domain_unavailable":
+            print("verify: INCOMPLETE, no tampering found, but some shards could not be replayed (see above)")
+        else:
+            print("verify: FAILED")
     if not result["ok"]:
-        raise VerificationError(result)
+        # Not checkable is not a failed check: exit 2 (as for any request that cannot run here), not 1.
+        unavailable = result.get("reason") == "domain_unavailable"
+        raise VerificationError(result, EXIT_ERROR if unavailable else EXIT_FAILED_CHECK)
     return result
 
 
@@ -343,6 +359,54 @@ def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
     result = {"added": len(data), "trained": {str(k): v for k, v in report.trained.items()}, "seconds": report.seconds}
     if not args.json:
         print(f"added {len(data)} samples; trained stages {result['trained']} in {report.seconds:.1f}s")
+    return result
+
+
+def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
+    """Which determinism domains the cluster's nodes offer, and which shards need which."""
+    from sisa import orchestrator
+    from sisa.domain import describe
+
+    if (args.store is None) == (args.config is None):
+        raise DataError("give exactly one of --store STORE (a trained ensemble) or --config FILE (before training)")
+    shards: dict[str, list[int]] = {}  # domain id -> live shards trained in it
+    records: dict[str, dict[str, Any]] = {}  # domain id -> its record
+    if args.store is not None:
+        with Ensemble.open(args.store, readonly=True) as ens:
+            cfg = ens.config
+            for shard in ens.status()["per_shard"]:
+                if shard["domain"] is not None:
+                    shards.setdefault(shard["domain"]["id"], []).append(shard["shard"])
+                    records[shard["domain"]["id"]] = shard["domain"]
+    else:
+        cfg = load_config(args.config)
+    res = cfg.resources
+    found = orchestrator.available_domains(args.address, res)
+    have = {d.domain.id for d in found}
+    missing: list[dict[str, Any]] = [
+        {"domain": records[i], "shards": sorted(ids)} for i, ids in sorted(shards.items()) if i not in have
+    ]
+    result: dict[str, Any] = {
+        "cpu_isa": res.cpu_isa,
+        "threads": res.threads_per_shard,
+        "device": res.device,
+        "available": [
+            {"domain": d.domain.to_dict(), "nodes": list(d.nodes), "shards": shards.get(d.domain.id, [])} for d in found
+        ],
+        "missing": missing,
+    }
+    if not args.json:
+        print(
+            f"determinism domains (resources.cpu_isa={res.cpu_isa}, {res.threads_per_shard} thread(s), {res.device}):"
+        )
+        for d in found:
+            bound = " ".join(map(str, shards.get(d.domain.id, []))) or "-"
+            print(f"  {describe(d.domain)}\n    nodes: {len(d.nodes)}; live shards: {bound}")
+        for m in missing:
+            print(
+                f"  MISSING {describe(m['domain'])}\n    no node; live shards {' '.join(map(str, m['shards']))} "
+                "cannot be verified here, and a deletion in them retrains from scratch (on_missing_domain=rebind)"
+            )
     return result
 
 
@@ -420,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", parents=[common, ray_opt, writer], help="finish interrupted deletions and training")
     re_.set_defaults(func=cmd_resume)
 
+    do = sub.add_parser(
+        "domains", parents=[ray_opt], help="determinism domains of the nodes, and which shards need which"
+    )
+    do.add_argument("--store", default=None, help="a trained ensemble: also list the domain each live shard needs")
+    do.add_argument("--config", default=None, help="a YAML config (before training): its pins, threads and device")
+    do.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    do.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    do.set_defaults(func=cmd_domains)
+
     cli_evaluate.register(sub)
     return parser
 
@@ -444,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VerificationError as failed:
         if args.json:
             print(json.dumps(failed.result, sort_keys=True))
-        return EXIT_FAILED_CHECK
+        return failed.exit_code
     except SisaError as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))

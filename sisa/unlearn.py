@@ -24,7 +24,7 @@ import numpy as np
 from sisa.arrays import MAX_ID
 from sisa.audit import append_entry, keyed_hash
 from sisa.domain import Domain, domain_id, unavailable_message
-from sisa.errors import DataError
+from sisa.errors import DataError, DomainUnavailableError
 from sisa.store import Store, id_key, member_key, shard_key, stage_key
 
 if TYPE_CHECKING:
@@ -242,7 +242,16 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
     requests = pending(store)
     if not requests:
         return []
-    report = ens.fit(progress)
+    try:
+        report = ens.fit(progress)
+    except DomainUnavailableError as exc:
+        # resources.on_missing_domain: refuse. The requests stay journaled (their ids are gone and
+        # their shards out of service); say so, and how they get applied.
+        ids = ", ".join(str(r["request_id"]) for r in requests)
+        raise DomainUnavailableError(
+            f"{exc}. Deletion request(s) {ids} stay pending: their samples are already removed and the shards "
+            "that held them are out of service; `sisa apply` finishes them once such a node is available"
+        ) from exc
     before, after = store.compact()
     secret = store.secret()
 
