@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU check (scripts/gpu_check.py): S=8 CNN shards packed on one GPU vs one after
-# another, one deletion vs a monolithic retrain, verify. Under 8 minutes on one H100.
-# Without CUDA, or with --tiny / SISA_GPU_CHECK_TINY=1, a CPU smoke run on tiny settings.
+# another; the determinism domain they trained in (printed as "domain: ID (...)"); the packed fit
+# repeated (repeat_identical: every stage bit-identical); one deletion vs a monolithic retrain and
+# verify on cuda in the live domain (gpu_store_verify); a small gpus_per_shard=0 store fitted and
+# verified on the CPU (cpu_store_verify); bf16. Estimated well under 8 minutes on one H100/H200;
+# not yet run on a GPU, so no GPU numbers exist until someone does. The Python restarts itself once
+# pinned to resources.cpu_isa. Exit status 1 unless every entry of the JSON's "checks" holds.
+# Without CUDA, or with --tiny / SISA_GPU_CHECK_TINY=1, a CPU smoke run on tiny settings (about a
+# minute; its "GPU" parts run on the CPU, and the JSON's note says they are not GPU numbers).
 # Writes $OUT/gpu_check.json if OUT is set, else docs/bench/gpu_check.json.
 #   bash scripts/gpu_check.sh            # on the GPU machine
-#   bash scripts/gpu_check.sh --tiny     # CPU smoke run (seconds)
+#   bash scripts/gpu_check.sh --tiny     # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"

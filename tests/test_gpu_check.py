@@ -1,17 +1,37 @@
-"""scripts/gpu_check.sh, the prepared GPU check, as a CPU smoke run (about 40 s: Ray start and warm-up)."""
+"""scripts/gpu_check.sh, the prepared GPU check, as a CPU smoke run (about 45 s: Ray start and warm-up)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from sisa import domain as domains
 from tests.conftest import ROOT
 
 
+def pinned_domain_id(env: dict[str, str]) -> str:
+    """The domain a fresh process started with avx2's pins (the default cpu_isa) trains a 1-thread CPU stage in."""
+    code = "from sisa import domain; print(domain.current(1, 'cpu').id)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, **domains.pin_env("avx2")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
 def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in domains.PIN_VARS}
     env.update(OUT=str(tmp_path), SISA_GPU_CHECK_TINY="1")
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--tiny"],
@@ -29,16 +49,68 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
         assert key in device
     assert device["device"] == "cpu" and result["machine"]["ray"]
     assert result["config"]["resources"]["gpus_per_shard"] == 0
-    shards = result["config"]["shards"]
-    for run in ("packed", "serial"):
-        assert result[run]["fit_s"] > 0 and result[run]["stages"] == shards * result["config"]["slices"]
-        assert len(result[run]["weights"]) == shards
-    assert result["packed"]["work_sample_epochs"] == result["serial"]["work_sample_epochs"]
+    # It restarted itself pinned, so serial and monolithic training ran in its own process.
+    assert result["pinned"] == {"cpu_isa": "avx2", "from_start": True}
+    shards, slices = result["config"]["shards"], result["config"]["slices"]
+    for run in ("packed", "serial", "repeat"):
+        fitted = result[run]
+        assert fitted["stages"] == shards * slices and len(fitted["weights"]) == shards
+        assert fitted["sample_epochs_per_s"] == pytest.approx(fitted["work_sample_epochs"] / fitted["fit_s"])
+        assert fitted["work_sample_epochs"] == result["packed"]["work_sample_epochs"]
     assert result["packed_equals_serial"] is True  # Ray, packed, and in-process one by one: same bytes
-    assert result["throughput_ratio"] > 0 and result["deletion_speedup"] > 0
-    assert result["monolithic"]["seconds"] > 0
-    assert result["deletion"]["state"] == "applied" and result["deletion"]["retrained_shards"]
-    assert result["verify"]["ok"] is True and result["verify"]["shards"] == result["deletion"]["retrained_shards"]
-    assert result["bf16"]["precision"] == "bf16" and result["bf16"]["repeat_identical"] is True
-    assert result["bf16"]["differs_from_config_precision"] is True
-    assert result["ok"] is True and result["total_s"] > 0
+    assert result["serial"]["weights"] == result["packed"]["weights"]
+    assert result["throughput_ratio"] == pytest.approx(result["serial"]["fit_s"] / result["packed"]["fit_s"])
+    assert result["deletion_speedup"] == pytest.approx(result["monolithic"]["seconds"] / result["deletion"]["wall_s"])
+    bf16 = result["bf16"]
+    assert bf16["precision"] == "bf16" and bf16["repeat_identical"] is True
+    assert bf16["differs_from_config_precision"] is True
+    assert bf16["speedup_vs_config_precision"] == pytest.approx(result["monolithic"]["seconds"] / bf16["seconds"])
+
+    # The domain it printed is the live shards' domain, every stage's, and the one a pinned process measures.
+    printed = re.findall(r"^domain: ([0-9a-f]{16}) \(", proc.stdout, flags=re.MULTILINE)
+    dom = result["domain"]
+    assert printed == [dom["id"]] and dom["description"].startswith(dom["id"] + " (")
+    assert dom["record"]["id"] == dom["id"] and domains.Domain.from_dict(dom["record"]).id == dom["id"]
+    assert result["packed"]["live_domains"] == [dom["id"]] * shards
+    for run in ("packed", "serial", "repeat"):
+        assert result[run]["stage_domains"] == [dom["id"]]
+    assert dom["id"] == pinned_domain_id(env)
+    assert dom["device"] == "cpu" and dom["on_gpu"] is False and dom["record"]["threads"] == 1
+    assert dom["single"] is True and dom["is_available"] is True and dom["id"] in [d["id"] for d in dom["available"]]
+
+    # Two fits of the same store: every stage the same bits.
+    assert result["repeat_identical"] is True
+    assert result["repeat"]["stage_weights_digest"] == result["packed"]["stage_weights_digest"]
+    assert result["repeat"]["weights"] == result["packed"]["weights"]
+
+    retrained = result["deletion"]["retrained_shards"]
+    assert result["deletion"]["state"] == "applied" and retrained
+    assert result["deletion"]["domains"] == {str(s): dom["id"] for s in retrained}
+    assert result["verify"]["ok"] is True and result["verify"]["shards"] == retrained
+    # The "GPU" store replays on its own device (the CPU here, and it says so) in the live domain.
+    gpu = result["gpu_store_verify"]
+    assert gpu["on_gpu"] is False and gpu["ok"] is True and gpu["shards"] == retrained
+    assert gpu["replay_devices"] == ["cpu"] and gpu["same_domain"] is True
+    assert gpu["replay_domain_ids"] == gpu["live_domain_ids"] == {str(s): dom["id"] for s in retrained}
+    # The gpus_per_shard=0 store replays on the CPU, every shard, in its live models' domain.
+    cpu = result["cpu_store_verify"]
+    assert cpu["ok"] is True and cpu["bit_identical"] is True and cpu["replay_devices"] == ["cpu"]
+    assert cpu["shards"] == [0, 1, 2, 3] and cpu["stages"] == 4 * 2
+    assert cpu["replay_domain_ids"] == cpu["live_domain_ids"] == {str(s): cpu["domain"] for s in range(4)}
+    assert cpu["description"].startswith(f"{cpu['domain']} (")
+    assert cpu["domain"] == dom["id"]  # on the CPU both stores train in one domain; on a GPU they must differ
+
+    assert result["checks"] == dict.fromkeys(
+        (
+            "verify",
+            "packed_equals_serial",
+            "bf16_repeat_identical",
+            "single_domain",
+            "repeat_identical",
+            "gpu_store_verify",
+            "cpu_store_verify",
+        ),
+        True,
+    )
+    assert result["ok"] is True and "all checks hold" in proc.stdout
+    assert result["total_s"] >= result["warmup_s"] + result["packed"]["fit_s"] + result["serial"]["fit_s"]
