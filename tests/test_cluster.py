@@ -12,6 +12,14 @@ the middle of a training job: the driver resubmits the shard from the last stage
 other worker node runs it, and the job ends with
 the same bytes as an undisturbed training, which ``verify`` confirms.
 
+Determinism domains: the second worker node runs with ``ATEN_CPU_CAPABILITY=default`` in its
+environment, another CPU kernel level than the first. Under the default ``resources.cpu_isa: avx2``
+both nodes' workers are pinned alike and form one domain (``sisa domains`` says so). A third test adds
+a worker node of that other level and trains a ``native`` store on it and on the first worker: the two
+shards land in two domains; the deletion's retrain and verify's replay of each shard run on a node of
+its own domain; with that node killed, verify reports the shard as not checkable (exit 2) and a
+deletion in it rebinds it from scratch onto the remaining domain, after which verify passes.
+
 Ray rewrites ``--node-ip-address=127.0.0.1`` (and ``localhost``) to the machine's routable address, so
 the nodes take other loopback addresses, which Ray uses literally: 127.0.0.2 (head), 127.0.0.3 and
 127.0.0.4 (workers). Every port is picked free, the dashboard listens on 127.0.0.1 only, and the
@@ -60,6 +68,8 @@ RAY = str(VENV_BIN / "ray")
 DASHBOARD_DEPS = Path(sys.prefix) / "ray-dashboard"
 HEAD_IP = "127.0.0.2"
 WORKER_IPS = ("127.0.0.3", "127.0.0.4")
+MIXED_IP = "127.0.0.5"  # the node of another kernel level that the domain test adds
+OTHER_LEVEL = {"ATEN_CPU_CAPABILITY": "default"}  # never the native level of an x86-64 machine
 SHARDS, SLICES = 2, 3
 DELETE_IDS = [5, 17, 123, 4000]
 
@@ -258,8 +268,8 @@ class Cluster:
             RAY_health_check_period_ms="1000",
             RAY_health_check_timeout_ms="3000",
             RAY_health_check_failure_threshold="5",
-            NO_PROXY="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,localhost",
-            no_proxy="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,localhost",
+            NO_PROXY="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,localhost",
+            no_proxy="127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,localhost",
         )
         self.env = env
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -290,7 +300,15 @@ class Cluster:
             self._check_started(head, deadline)
             time.sleep(0.2)
 
-    def _start(self, name: str, ip: str, args: list[str], ports: list[int], hidden: Path | None) -> Node:
+    def _start(
+        self,
+        name: str,
+        ip: str,
+        args: list[str],
+        ports: list[int],
+        hidden: Path | None,
+        env: dict[str, str] | None = None,
+    ) -> Node:
         agent_http, agent_grpc, metrics, runtime_env = ports
         temp = self.base / name
         cmd = [
@@ -326,7 +344,7 @@ class Cluster:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -340,13 +358,18 @@ class Cluster:
         self.reaper.stdin.flush()
         return node
 
-    def add_worker(self, name: str, ip: str) -> Node:
+    def add_worker(
+        self, name: str, ip: str, resources: dict[str, float] | None = None, env: dict[str, str] | None = None
+    ) -> Node:
+        """A worker node with 2 CPUs; ``env`` is added to its processes' environment (its workers inherit it)."""
+        offers = resources if resources is not None else {"sisa_worker": 4}
         return self._start(
             name,
             ip,
-            [f"--address={self.gcs}", "--num-cpus=2", "--resources", json.dumps({"sisa_worker": 4})],
+            [f"--address={self.gcs}", "--num-cpus=2", "--resources", json.dumps(offers)],
             free_ports(4),
             hidden=self.hide,
+            env=env,
         )
 
     @staticmethod
@@ -387,9 +410,16 @@ class Cluster:
                 pass
             time.sleep(0.5)
 
-    def submit(self, workdir: Path, commands: list[list[str]], *, wait: bool, submission_id: str) -> str:
-        """``ray job submit`` the sisa CLI commands (run one after another) with ``workdir`` shipped."""
-        entry = " && ".join(shlex.join(["python", "-m", "sisa.cli", *cmd]) for cmd in commands)
+    def submit(
+        self, workdir: Path, commands: list[list[str]], *, wait: bool, submission_id: str, exit_codes: bool = False
+    ) -> str:
+        """``ray job submit`` the sisa CLI commands (run one after another) with ``workdir`` shipped.
+
+        With ``exit_codes`` every command runs whatever the one before returned, and prints
+        ``sisa-exit=N`` after itself, for commands expected to fail.
+        """
+        lines = [shlex.join(["python", "-m", "sisa.cli", *cmd]) for cmd in commands]
+        entry = "; ".join(f"{line}; echo sisa-exit=$?" for line in lines) if exit_codes else " && ".join(lines)
         argv = [RAY, "job", "submit", "--address", self.url, "--working-dir", str(workdir)]
         argv += ["--submission-id", submission_id, *(["--no-wait"] if not wait else []), "--", "sh", "-c", entry]
         out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=600)
@@ -485,8 +515,9 @@ def cluster() -> Iterator[Cluster]:
     try:
         c = Cluster(base, pythonpath, hide=can_hide_directories())
         c.start_head()
-        for i, ip in enumerate(WORKER_IPS):
-            c.add_worker(f"worker{i + 1}", ip)
+        # worker1 also offers sisa_mixed, for the domain test; worker2 runs at another kernel level.
+        c.add_worker("worker1", WORKER_IPS[0], {"sisa_worker": 4, "sisa_mixed": 4})
+        c.add_worker("worker2", WORKER_IPS[1], env=OTHER_LEVEL)
         c.wait_for_nodes([HEAD_IP, *WORKER_IPS])
         yield c
     finally:
@@ -557,6 +588,7 @@ def test_job_submit_runs_every_shard_on_a_worker_node(
             ["train", "--store", str(store), "resources.stream_slices=true", "resources.max_shards_in_flight=1"],
             ["delete", "--store", str(store), "--ids", *map(str, DELETE_IDS), "--json"],
             ["verify", "--store", str(store), "--json"],
+            ["domains", "--store", str(store), "--json"],
         ],
         wait=True,
         submission_id=sid,
@@ -564,13 +596,21 @@ def test_job_submit_runs_every_shard_on_a_worker_node(
     job = cluster.job(sid)
     logs = cluster.job_logs(sid)
     assert job["status"] == "SUCCEEDED", logs[-4000:]
-    certificate, verified = json_lines(logs)[-2:]
+    certificate, verified, found = json_lines(logs)[-3:]
     assert certificate["deleted"] == len(DELETE_IDS) and certificate["retrained_shards"]
     assert verified["ok"] is True, verified
 
+    # Pinned by default: worker2 runs at another kernel level (OTHER_LEVEL in its environment), yet
+    # under resources.cpu_isa: avx2 both worker nodes' shard workers are in one determinism domain,
+    # the one every shard was trained in.
+    alive = cluster.alive_nodes()
+    (domain,) = found["available"]
+    assert sorted(domain["nodes"]) == sorted(alive[ip]["node_id"] for ip in WORKER_IPS), found
+    assert domain["domain"]["cpu_kernels"] == "AVX2" and domain["domain"]["mkl_cbwr"] == "AVX2,STRICT"
+    assert domain["shards"] == list(range(SHARDS)) and found["missing"] == []
+
     # Where the shard tasks ran, from Ray's state API: every attempt of every shard task of the
     # three jobs (train, the deletion's retrain, verify's replay) on a worker node, none on the head.
-    alive = cluster.alive_nodes()
     workers = {alive[ip]["node_id"]: ip for ip in WORKER_IPS if ip in alive}
     head = alive[HEAD_IP]["node_id"]
     retrains_and_replays = len(certificate["retrained_shards"]) + SHARDS
@@ -590,6 +630,121 @@ def test_job_submit_runs_every_shard_on_a_worker_node(
             mounts = Path(f"/proc/{node.proc.pid}/mountinfo").read_text().splitlines()
             assert any(m.split()[4] == str(cluster.hide) and "tmpfs" in m for m in mounts), node.name
     assert (store / "data.mdb").exists()
+
+
+def shard_nodes(tasks: list[dict[str, Any]]) -> dict[int, set[str]]:
+    """Shard -> the node ids its (finished) task attempts ran on."""
+    out: dict[int, set[str]] = {}
+    for t in tasks:
+        if t["state"] == "FINISHED":
+            out.setdefault(int(t["name"].rsplit("-", 1)[1]), set()).add(t["node_id"])
+    return out
+
+
+@pytest.mark.cluster
+def test_mixed_domains_route_each_shard_home_then_verify_refuses_and_deletion_rebinds(
+    cluster: Cluster, workload: Workload
+) -> None:
+    # A node of another kernel level joins; a native store's two shards train one on each node (a
+    # shard needs both CPUs of a node, so two at once cannot share one), hence in two domains.
+    mixed = cluster.add_worker("mixed", MIXED_IP, {"sisa_mixed": 4}, env=OTHER_LEVEL)
+    alive = cluster.wait_for_nodes([MIXED_IP, WORKER_IPS[0]])
+    home = {alive[WORKER_IPS[0]]["node_id"]: "worker1", alive[MIXED_IP]["node_id"]: "mixed"}
+    store = workload.driver / "mixed"
+    config = workload.driver / "mixed.yaml"
+    config.write_text(
+        workload.config.read_text().replace(
+            "resources: {cpus_per_shard: 1, threads_per_shard: 1, max_retries: 3, custom: {sisa_worker: 1}}",
+            "resources: {cpus_per_shard: 2, threads_per_shard: 1, cpu_isa: native, custom: {sisa_mixed: 1}}",
+        )
+    )
+    assert "cpu_isa: native" in config.read_text()
+    known = task_keys(cluster.shard_tasks())
+    sid = f"sisa-mixed-train-{secrets.token_hex(4)}"
+    cluster.submit(
+        workload.workdir,
+        [
+            ["train", "--config", str(config), "--store", str(store), "--json"],
+            ["domains", "--store", str(store), "--json"],
+        ],
+        wait=True,
+        submission_id=sid,
+    )
+    logs = cluster.job_logs(sid)
+    assert cluster.job(sid)["status"] == "SUCCEEDED", logs[-4000:]
+    found = json_lines(logs)[-1]
+    trained_on = shard_nodes(cluster.new_shard_tasks(known, SHARDS))
+    assert {home[next(iter(n))] for n in trained_on.values()} == {"worker1", "mixed"}, trained_on
+    nodes_of = {d["domain"]["id"]: set(d["nodes"]) for d in found["available"]}
+    assert len(nodes_of) == 2 and found["missing"] == [], found
+    with Ensemble.open(store, readonly=True) as ens:
+        domain_of = {s["shard"]: s["domain"]["id"] for s in ens.status()["per_shard"]}
+        with ens.store.read() as txn:  # a sample of each shard's second slice: a retrain from stage 1
+            victims = [int(ens.store.slice_ids(txn, s, 1)[0]) for s in range(SHARDS)]
+    for shard, nodes in trained_on.items():
+        assert nodes <= nodes_of[domain_of[shard]]  # each shard records the domain of the node it ran on
+
+    # A deletion in both shards: each retrain continues its own chain, on a node of its domain; so
+    # does each replay of verify.
+    known = task_keys(cluster.shard_tasks())
+    sid = f"sisa-mixed-delete-{secrets.token_hex(4)}"
+    cluster.submit(
+        workload.workdir,
+        [
+            ["delete", "--store", str(store), "--ids", *map(str, victims), "--json"],
+            ["verify", "--store", str(store), "--json"],
+        ],
+        wait=True,
+        submission_id=sid,
+    )
+    logs = cluster.job_logs(sid)
+    assert cluster.job(sid)["status"] == "SUCCEEDED", logs[-4000:]
+    certificate, verified = json_lines(logs)[-2:]
+    assert verified["ok"] is True, verified
+    for shard in range(SHARDS):
+        info = certificate["shards"][str(shard)]
+        assert info["rebound"] is False and info["from_slice"] == 2, info
+        assert info["domain"]["id"] == domain_of[shard]
+        assert verified["shards"][str(shard)]["replay_domain"]["id"] == domain_of[shard]
+    tasks = cluster.new_shard_tasks(known, 2 * SHARDS)  # the retrains and the replays
+    for shard, nodes in shard_nodes(tasks).items():
+        assert nodes <= nodes_of[domain_of[shard]], (shard, nodes)
+
+    # The node of one domain goes away: verify cannot replay its shard (exit 2, not FAIL); a deletion
+    # in that shard rebinds it from scratch onto the remaining domain, after which verify passes.
+    lost = next(s for s in range(SHARDS) if nodes_of[domain_of[s]] == {alive[MIXED_IP]["node_id"]})
+    kept = 1 - lost
+    assert mixed.kill() > 0
+    deadline = time.monotonic() + 60
+    while MIXED_IP in cluster.alive_nodes():
+        assert time.monotonic() < deadline, "the killed node stayed alive in the GCS"
+        time.sleep(0.5)
+    with Ensemble.open(store, readonly=True) as ens, ens.store.read() as txn:
+        again = int(ens.store.slice_ids(txn, lost, 2)[0])  # third slice: without a rebind, stage 2 on
+    sid = f"sisa-mixed-lost-{secrets.token_hex(4)}"
+    cluster.submit(
+        workload.workdir,
+        [
+            ["verify", "--store", str(store), "--json"],
+            ["delete", "--store", str(store), "--ids", str(again), "--json"],
+            ["verify", "--store", str(store), "--json"],
+        ],
+        wait=True,
+        submission_id=sid,
+        exit_codes=True,
+    )
+    logs = cluster.job_logs(sid)
+    assert re.findall(r"sisa-exit=(\d+)", logs) == ["2", "0", "0"], logs[-4000:]
+    refused, certificate, verified = json_lines(logs)[-3:]
+    assert refused["ok"] is False and refused["reason"] == "domain_unavailable", refused
+    assert refused["shards"][str(lost)]["reason"] == "domain_unavailable"
+    assert refused["shards"][str(lost)]["needs"]["id"] == domain_of[lost]
+    assert refused["shards"][str(kept)]["ok"] is True
+    info = certificate["shards"][str(lost)]
+    assert info["rebound"] is True and info["from_slice"] == 1 and info["restart_stage"] == 0, info
+    assert info["domain"]["id"] == domain_of[kept] and domain_of[lost] in info["rebind_reason"]
+    assert verified["ok"] is True, verified
+    assert {v["replay_domain"]["id"] for v in verified["shards"].values()} == {domain_of[kept]}
 
 
 @pytest.mark.cluster
