@@ -5,11 +5,14 @@ that did not start with ``resources.cpu_isa``'s pins cannot train in that domain
 the jobs go to one child Python process started with the pins, which trains them one
 after another and streams each stage back over a pipe (length-prefixed pickles between
 two processes of this package). A process that did start pinned, or a ``native``
-config, trains in place, as fast as before.
+config, trains in place, as fast as before. The child (a torch import: seconds) is
+started once per process and settings and kept for later calls (:func:`shared`), so a
+notebook that fits, deletes and verifies pays for it once.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -23,7 +26,7 @@ from sisa import domain as domains
 from sisa.errors import SisaError, TrainingError
 from sisa.trainer import ShardJob, StageResult, train_shard
 
-__all__ = ["LocalRunner", "materialise"]
+__all__ = ["LocalRunner", "materialise", "shared"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,33 @@ class LocalRunner:
         except (OSError, subprocess.TimeoutExpired):
             child.kill()
             child.wait()
+
+
+_runners: dict[tuple[str, int, str], LocalRunner] = {}
+
+
+def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
+    """This process's runner for these settings, created on first use and closed at exit.
+
+    Args:
+        cpu_isa: ``resources.cpu_isa``.
+        threads: ``resources.threads_per_shard``.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        A runner whose child process (if it needs one) outlives the call.
+    """
+    key = (cpu_isa, threads, device)
+    if key not in _runners:
+        if not _runners:
+            atexit.register(_close_all)
+        _runners[key] = LocalRunner(cpu_isa, threads, device)
+    return _runners[key]
+
+
+def _close_all() -> None:
+    for runner in _runners.values():
+        runner.close()
 
 
 def _serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:

@@ -29,11 +29,10 @@ from typing import Any
 
 import ray
 
-from sisa import routing
+from sisa import local_runner, routing
 from sisa.config import ResourcesConfig
 from sisa.domain import Domain, unavailable_message
 from sisa.errors import DomainUnavailableError, SisaError, TrainingError
-from sisa.local_runner import LocalRunner
 from sisa.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
 __all__ = [
@@ -141,15 +140,15 @@ def execute(
         return []  # nothing to train: no Ray start-up (or child process) either
     if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
         res = first.config.resources
-        with LocalRunner(res.cpu_isa, res.threads_per_shard, res.device) as runner:
-            for job in itertools.chain([first], jobs):
-                routed: ShardJob | None = job
-                if job.domain is not None and job.domain != runner.domain.id:
-                    routed = unavailable(job, [runner.domain])
-                if routed is None:
-                    continue
-                for result in runner.train(routed):
-                    on_stage(result)
+        runner = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
+        for job in itertools.chain([first], jobs):
+            routed: ShardJob | None = job
+            if job.domain is not None and job.domain != runner.domain.id:
+                routed = unavailable(job, [runner.domain])
+            if routed is None:
+                continue
+            for result in runner.train(routed):
+                on_stage(result)
         return []
     connect(address)
     return run_jobs(itertools.chain([first], jobs), on_stage, unavailable)
@@ -166,8 +165,8 @@ def available_domains(address: str | None, res: ResourcesConfig) -> list[routing
         One entry per domain; in local mode the one domain local training uses (node ``local``).
     """
     if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
-        with LocalRunner(res.cpu_isa, res.threads_per_shard, res.device) as runner:
-            return [routing.DomainNodes(runner.domain, (LOCAL,))]
+        runner = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
+        return [routing.DomainNodes(runner.domain, (LOCAL,))]
     connect(address)
     return list(routing.probe_cluster(res).values())
 
