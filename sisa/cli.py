@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 "fit_seconds": report.seconds,
                 "train_compute_seconds": report.stage_seconds,
                 "retries": report.retries,
+                "rebound": {str(k): v for k, v in report.rebound.items()},
                 "wall_seconds": time.perf_counter() - started,
             }
         )
@@ -166,6 +167,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 f"shard {retry['shard']} lost its worker ({retry['error']}); "
                 f"resumed after stage {retry['after_stage']} (retry {retry['attempt']})"
             )
+        for shard, info in report.rebound.items():
+            print(f"shard {shard} was retrained from scratch in another determinism domain: {info['reason']}")
     return result
 
 

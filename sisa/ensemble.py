@@ -541,7 +541,11 @@ class Ensemble:
         """Finish whatever a crash interrupted: pending deletions, then any unfinished training."""
         certificates = self.apply(progress)
         report = self.fit(progress)
-        return {"applied": certificates, "trained": {str(k): v for k, v in report.trained.items()}}
+        return {
+            "applied": certificates,
+            "trained": {str(k): v for k, v in report.trained.items()},
+            "rebound": {str(k): v for k, v in report.rebound.items()},
+        }
 
     def verify(
         self, shards: Sequence[int] | None = None, progress: Callable[[StageResult], None] | None = None
