@@ -2,7 +2,9 @@
 
 The tiny problem: Gaussian blobs where 40 samples carry wrong labels. Only memorisation
 fits those labels, so a model trained on everything gets them right and a model that
-forgot them gets them wrong.
+forgot them gets them wrong. Trained numbers move with the CPU kernel level, so each bound
+compares with a reference trained in the same run: the original, and a retrain on the
+retain set alone (what exact unlearning gives).
 """
 
 import dataclasses
@@ -48,6 +50,14 @@ def problem() -> tuple[SisaConfig, nn.Module, LabeledArrays, LabeledArrays]:
     return cfg, model, forget, retain
 
 
+@pytest.fixture(scope="module")
+def retrain_scores(problem: tuple) -> tuple[float, float, float]:
+    """Forget accuracy, forget loss and retain accuracy of a model trained on the retain set only."""
+    cfg, _, forget, retain = problem
+    model, _ = train_monolithic(cfg, retain, seed=0, threads=1)
+    return _scores(model, forget, retain)
+
+
 def _scores(model: nn.Module, forget: LabeledArrays, retain: LabeledArrays) -> tuple[float, float, float]:
     pf = predict_proba(model, forget.x)
     return (
@@ -65,25 +75,41 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_original_memorised_the_forget_set(problem: tuple) -> None:
+@pytest.mark.kernels
+def test_the_original_memorised_the_forget_set(problem: tuple, retrain_scores: tuple) -> None:
     _, model, forget, retain = problem
     f_acc, f_loss, r_acc = _scores(model, forget, retain)
-    assert f_acc == 1.0 and f_loss < 0.1 and r_acc == 1.0
+    rt_f_acc, rt_f_loss, rt_r_acc = retrain_scores
+    # Measured on every kernel level: original 1.0 / 0.03-0.04 / 1.0, retrain 0.0 / 17.6 / 1.0.
+    assert f_acc > rt_f_acc + 0.9, (f_acc, rt_f_acc)  # it predicts the wrong labels, the retrain cannot
+    assert f_loss < rt_f_loss / 100, (f_loss, rt_f_loss)
+    assert r_acc >= rt_r_acc - 0.02, (r_acc, rt_r_acc)  # memorising cost nothing on the rest
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("method", sorted(APPROXIMATE_METHODS))
-def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(problem: tuple, method: str) -> None:
+def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(
+    problem: tuple, retrain_scores: tuple, method: str
+) -> None:
     cfg, model, forget, retain = problem
+    o_f_acc, o_f_loss, _ = _scores(model, forget, retain)
+    rt_f_acc, rt_f_loss, rt_r_acc = retrain_scores
     before = _state(model)
     out = APPROXIMATE_METHODS[method](model, forget, retain, cfg, seed=0, threads=1)
     f_acc, f_loss, r_acc = _scores(out, forget, retain)
-    assert f_acc < 0.2, f"{method} still predicts the memorised labels ({f_acc:.2f})"
-    assert f_loss > 2.0
-    assert r_acc > 0.97, f"{method} damaged the retain set ({r_acc:.3f})"
+    assert o_f_acc > rt_f_acc and o_f_loss < rt_f_loss  # the premise (the test above)
+    # The share of the way from the original to the retrain each method went (measured: forget
+    # accuracy >= 0.97 of it, forget loss >= 0.65 of it, retain accuracy equal to the retrain's).
+    gone_acc = (o_f_acc - f_acc) / (o_f_acc - rt_f_acc)
+    gone_loss = (f_loss - o_f_loss) / (rt_f_loss - o_f_loss)
+    assert gone_acc >= 0.8, f"{method} still predicts the memorised labels ({f_acc:.2f}, retrain {rt_f_acc:.2f})"
+    assert gone_loss >= 0.25, f"{method} forget loss {f_loss:.2f}: original {o_f_loss:.2f}, retrain {rt_f_loss:.2f}"
+    assert r_acc >= rt_r_acc - 0.03, f"{method} damaged the retain set ({r_acc:.3f}, retrain {rt_r_acc:.3f})"
     assert _same(before, _state(model)), f"{method} modified the model it was given"
     assert not out.training
 
 
+@pytest.mark.kernels
 def test_methods_are_deterministic_and_seeded(problem: tuple) -> None:
     cfg, model, forget, retain = problem
     a = _state(gradient_ascent(model, forget, retain, cfg, seed=3))
@@ -94,6 +120,7 @@ def test_methods_are_deterministic_and_seeded(problem: tuple) -> None:
     )
 
 
+@pytest.mark.kernels
 def test_the_retain_descent_term_protects_the_retain_set() -> None:
     # Correctly labelled forget samples: ascending their loss drags similar retain samples
     # along, unless the retain term pulls back.
@@ -116,8 +143,11 @@ def test_the_retain_descent_term_protects_the_retain_set() -> None:
         )
         return accuracy(predict_proba(out, retain.x), retain.y)
 
-    assert accuracy(predict_proba(model, retain.x), retain.y) == 1.0
-    assert ascended(0.0) < 0.6 < 0.75 < ascended(1.0)
+    # Relative to the model before the ascent and to the ascent without the term (measured on
+    # every kernel level: 1.0, then 0.40 without the term and 0.79 with it).
+    original, unprotected, protected = accuracy(predict_proba(model, retain.x), retain.y), ascended(0.0), ascended(1.0)
+    assert original - unprotected > 0.3, (original, unprotected)  # ascending alone drags the retain set along
+    assert protected - unprotected > 0.2, (unprotected, protected)
 
 
 def test_prune_mask_takes_the_globally_most_salient_entries() -> None:

@@ -35,6 +35,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, ray_session: None):
     ens.close()
 
 
+@pytest.mark.kernels
 def test_fit_trains_every_stage_and_learns(fitted: Ensemble) -> None:
     status = fitted.status()
     assert status["trained_shards"] == 3
@@ -80,6 +81,7 @@ def test_crash_mid_fit_resumes_from_last_finished_stage(fitted: Ensemble, tmp_pa
     ens.close()
 
 
+@pytest.mark.kernels
 def test_predictions_and_aggregation_methods(fitted: Ensemble) -> None:
     proba = fitted.predict_proba(X[:50])
     assert proba.shape == (50, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)

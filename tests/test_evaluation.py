@@ -65,6 +65,7 @@ def blob_config(tmp_path_factory: pytest.TempPathFactory) -> SisaConfig:
     )
 
 
+@pytest.mark.kernels
 def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfig, tmp_path: Path) -> None:
     result = evaluate(blob_config, [ForgetSpec("random", 0.1), ForgetSpec("class", 1)], METHODS, tmp_path)
     rows = {(r["forget"], r["method"]): r for r in result["rows"]}

@@ -81,8 +81,13 @@ def _memorise(x: np.ndarray, y: np.ndarray, epochs: int) -> object:
     return model
 
 
+@pytest.mark.kernels
 def test_attack_on_a_model_that_memorised_and_one_that_never_saw_the_data() -> None:
     # Random labels: nothing to generalise, so low loss on a sample means it was trained on.
+    # Every bound compares with a reference from this run: trained numbers move with the CPU
+    # kernel level (the memoriser's AUC: 0.892 under ATEN_CPU_CAPABILITY=default, 0.878 under
+    # avx2 and AVX-512), and a third of the non-members get their random label right by chance,
+    # which caps the AUC near 0.9: a fixed bound there is a coin toss.
     rng = np.random.default_rng(2)
     x, _ = blobs(n=600, d=12, classes=3, seed=2)
     y = rng.integers(0, 3, size=600)
@@ -91,11 +96,21 @@ def test_attack_on_a_model_that_memorised_and_one_that_never_saw_the_data() -> N
     p = predict_proba(memoriser, x)
     loss = per_sample_loss(p, y)
     hit = membership_inference(loss[members], loss[others], seed=0)
-    assert accuracy(p[members], y[members]) > 0.9
-    assert hit.auc > 0.9 and hit.accuracy > 0.8
+    # It memorised: right on its own random labels far more often than on the others' (chance, 1/3).
+    assert accuracy(p[members], y[members]) > accuracy(p[others], y[others]) + 0.5
+    # The attack gets what ranking by loss gets on the same losses (the attack's own ceiling)...
+    is_member = np.r_[np.ones(300), np.zeros(300)]
+    assert abs(hit.auc - roc_auc(-loss, is_member)) < 0.03, hit
+    # ...and nothing on the same losses split at random (the membership labels shuffled).
+    split = np.random.default_rng(0).permutation(600)
+    shuffled = membership_inference(loss[split[:300]], loss[split[300:]], seed=0)
     # A model trained on other samples only: both sets are unseen, the attack is at chance.
     x2, _ = blobs(n=300, d=12, classes=3, seed=3)
     outsider = _memorise(x2, rng.integers(0, 3, size=300), epochs=150)
     loss2 = per_sample_loss(predict_proba(outsider, x), y)
     miss = membership_inference(loss2[members], loss2[others], seed=0)
-    assert abs(miss.auc - 0.5) < 0.1
+    # 0.5 is chance by construction (balanced sides), not a trained number; 0.1 is 4 standard errors.
+    assert abs(miss.auc - 0.5) < 0.1 and abs(shuffled.auc - 0.5) < 0.1, (miss, shuffled)
+    # Membership is what the attack sees: far above both controls (measured: >= 0.35 above each).
+    for control in (miss, shuffled):
+        assert hit.auc > control.auc + 0.25 and hit.accuracy > control.accuracy + 0.2, (hit, control)

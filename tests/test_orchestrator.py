@@ -103,6 +103,7 @@ def test_a_worker_lost_more_often_than_max_retries_fails_and_keeps_what_was_comm
         assert report.trained == {0: [2, 3]} and ens.verify()["ok"]
 
 
+@pytest.mark.kernels
 def test_local_address_trains_in_process_with_the_same_bytes_as_ray(tmp_path: Path) -> None:
     x, y = blobs(600, d=10)
     states = []

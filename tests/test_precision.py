@@ -75,6 +75,7 @@ def test_precision_is_part_of_the_recipe_and_fp32_keeps_old_digests() -> None:
     assert small_config("train.precision=fp32").recipe_digest() == fp32.recipe_digest()
 
 
+@pytest.mark.kernels
 def test_bf16_and_fp32_differ_and_each_is_bit_reproducible() -> None:
     fp32 = [list(train_shard(make_job())) for _ in range(2)]
     bf16 = [list(train_shard(make_job(small_config("train.precision=bf16")))) for _ in range(2)]

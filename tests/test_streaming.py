@@ -46,6 +46,7 @@ class Recording(Sequence[SliceData]):
         return self.slices[index]
 
 
+@pytest.mark.kernels
 def test_trainer_reads_each_slice_once_when_its_stage_starts() -> None:
     loads: list[int] = []
     base = make_job()
@@ -109,7 +110,11 @@ def test_remote_slices_fetch_by_index_and_pickle_only_refs() -> None:
     assert pickle.loads(pickle.dumps(remote)).refs == remote.refs
 
 
-@pytest.mark.parametrize("mode", ["inline", "streamed", "streamed-one-at-a-time"])
+# The modes differ only in how Ray ships slices, which the driver's kernel level cannot touch:
+# one of them is enough for the `kernels` re-run.
+@pytest.mark.parametrize(
+    "mode", [pytest.param("inline", marks=pytest.mark.kernels), "streamed", "streamed-one-at-a-time"]
+)
 def test_streamed_and_limited_training_and_deletion_give_the_bytes_of_local(tmp_path: Path, mode: str) -> None:
     overrides = {
         "inline": (),

@@ -25,6 +25,7 @@ def make_job(cfg=None, start_stage=0, parent=None, parent_key=None, drop=()):
     return ShardJob(cfg, 1, slices, start_stage, parent, parent_key, (8,), 3)
 
 
+@pytest.mark.kernels
 def test_two_trainings_give_identical_bytes() -> None:
     a = list(train_shard(make_job()))
     b = list(train_shard(make_job()))
@@ -34,6 +35,7 @@ def test_two_trainings_give_identical_bytes() -> None:
         assert ra.weights == rb.weights and ra.key == rb.key and ra.sha256 == rb.sha256
 
 
+@pytest.mark.kernels
 def test_resume_from_a_stage_equals_uninterrupted() -> None:
     full = list(train_shard(make_job()))
     resumed = list(train_shard(make_job(start_stage=1, parent=full[0].checkpoint, parent_key=full[0].key)))
