@@ -372,6 +372,8 @@ def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
 
     if (args.store is None) == (args.config is None):
         raise DataError("give exactly one of --store STORE (a trained ensemble) or --config FILE (before training)")
+    if args.store is not None and args.overrides:
+        raise DataError("key=value overrides go with --config; a store's settings are its stored config")
     shards: dict[str, list[int]] = {}  # domain id -> live shards trained in it
     records: dict[str, dict[str, Any]] = {}  # domain id -> its record
     if args.store is not None:
@@ -382,7 +384,7 @@ def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
                     shards.setdefault(shard["domain"]["id"], []).append(shard["shard"])
                     records[shard["domain"]["id"]] = shard["domain"]
     else:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     res = cfg.resources
     found = orchestrator.available_domains(args.address, res)
     have = {d.domain.id for d in found}
@@ -492,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     do.add_argument("--store", default=None, help="a trained ensemble: also list the domain each live shard needs")
     do.add_argument("--config", default=None, help="a YAML config (before training): its pins, threads and device")
+    do.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="with --config: overrides, e.g. resources.cpu_isa=native"
+    )
     do.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     do.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     do.set_defaults(func=cmd_domains)

@@ -22,7 +22,7 @@ from sisa.config import load_config
 from sisa.digests import checkpoint_key
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
-from tests.conftest import blobs, live_state, small_config, store_digest
+from tests.conftest import ROOT, blobs, live_state, small_config, store_digest
 
 X, Y = blobs()
 
@@ -171,6 +171,20 @@ def test_a_default_store_verifies_from_a_process_of_another_kernel_level(default
     assert store_digest(default_store) == before
 
 
+def test_sisa_domains_lists_where_each_shard_can_be_replayed(default_store: Path) -> None:
+    rc, found, err = cli("domains", "--store", str(default_store), "--address", "local", ATEN_CPU_CAPABILITY="default")
+    assert rc == 0, err
+    (available,) = found["available"]
+    assert available["shards"] == [0, 1, 2] and available["nodes"] == ["local"] and found["missing"] == []
+    assert available["domain"]["cpu_kernels"] == "AVX2" and found["cpu_isa"] == "avx2"
+    rc, found, err = cli(
+        "domains", "--config", str(ROOT / "configs" / "tiny.yaml"), "resources.cpu_isa=baseline", "--address", "local"
+    )
+    assert rc == 0 and found["available"][0]["domain"]["cpu_kernels"] == "DEFAULT", err
+    rc, found, err = cli("domains", "--store", str(default_store), "resources.cpu_isa=native")
+    assert rc == 2 and "overrides go with --config" in found["message"]
+
+
 def test_a_default_store_verifies_on_ray_started_under_another_kernel_level(default_store: Path) -> None:
     rc, result, err = cli("verify", "--store", str(default_store), "--shard", "0", ATEN_CPU_CAPABILITY="avx2")
     assert rc == 0 and result["ok"] is True, err
@@ -221,6 +235,9 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     assert text.returncode == 2 and "NOT CHECKED" in text.stdout and "FAIL" not in text.stdout
     assert "verify: INCOMPLETE, no tampering found" in text.stdout
     assert "shard 1 was trained in determinism domain" in text.stderr
+    rc, found, err = cli("domains", "--store", str(path), "--address", "local", **elsewhere)
+    assert rc == 0 and [m["shards"] for m in found["missing"]] == [[0, 1, 2]], (found, err)
+    assert found["missing"][0]["domain"]["id"] == here.id and found["available"][0]["shards"] == []
     assert store_digest(path) == before
 
     # refuse: the request is journaled (its sample is gone), the retrain refused, the request pending
