@@ -57,6 +57,7 @@ import numpy as np
 import pytest
 
 from sisa.config import load_config
+from sisa.domain import PIN_VARS
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from tests.conftest import ROOT, blobs, live_state
@@ -256,7 +257,8 @@ class Cluster:
         self.hide = self.driver if hide else None  # hidden from the worker nodes
         self.token = secrets.token_hex(32)
         self.nodes: list[Node] = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # No RAY_ settings and no kernel pins of the test process: each node's level is its own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in PIN_VARS}
         env.update(
             PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the job entrypoint is ours
             PYTHONPATH=pythonpath,

@@ -214,7 +214,9 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
         assert {s["domain"]["id"] for s in ens.status()["per_shard"]} == {here.id}
         victim = id_in_second_slice(ens, 2)
         ens.reconfigure(small_config("resources.cpu_isa=native", "resources.on_missing_domain=refuse"))
-    elsewhere = {"ATEN_CPU_CAPABILITY": "default"}  # a node of another kernel level, native pins: another domain
+    # A process at another kernel level than this one (native: no pins), so in another domain.
+    other = "avx2" if here.cpu_kernels == "DEFAULT" else "default"
+    elsewhere = {"ATEN_CPU_CAPABILITY": other}
 
     # verify: not FAIL but "cannot check here", exit 2, naming the shard, the domain and what exists
     before = store_digest(path)
@@ -222,7 +224,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     assert rc == 2 and result["ok"] is False and result["reason"] == "domain_unavailable", (result, err)
     for key, shard in result["shards"].items():
         assert shard["reason"] == "domain_unavailable" and shard["replay_weights"] is None
-        assert shard["needs"]["id"] == here.id and [d["cpu_kernels"] for d in shard["available"]] == ["DEFAULT"]
+        assert shard["needs"]["id"] == here.id and [d["cpu_kernels"] for d in shard["available"]] == [other.upper()]
         assert f"shard {key} was trained in determinism domain {here.id}" in shard["message"]
         assert "add a node in that domain" in shard["message"]
     text = subprocess.run(
@@ -258,7 +260,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     (cert,) = result["applied"]
     info = cert["shards"]["2"]
     assert info["rebound"] is True and info["from_slice"] == 1 and info["restart_stage"] == 0
-    assert here.id in info["rebind_reason"] and info["domain"]["cpu_kernels"] == "DEFAULT"
+    assert here.id in info["rebind_reason"] and info["domain"]["cpu_kernels"] == other.upper()
     assert len(info["new_checkpoints"]) == 3  # every stage of the new chain
     with Ensemble.open(path, readonly=True) as ens:
         records = {r["stage"]: r["domain"]["id"] for r in stage_records(ens) if r["shard"] == 2}
