@@ -93,22 +93,29 @@ class LocalRunner:
     def _call(self, message: Any) -> Iterator[Any]:
         child = self._start()
         assert child.stdin is not None and child.stdout is not None
+        answered = False
         try:
             _send(child.stdin, message)
             while True:
                 kind, payload = _receive(child.stdout)
                 if kind == "error":
+                    answered = True
                     raise payload
                 if kind == "done":
+                    answered = True
                     return
                 yield payload
         except (EOFError, BrokenPipeError) as exc:
             code = child.poll()
-            self._child = None
             raise TrainingError(
                 f"the local training process (pinned to cpu_isa={self.cpu_isa}) died (exit code {code}); "
                 "its stderr above says why. Re-run the command: committed stages are kept"
             ) from exc
+        finally:
+            if not answered:
+                # Abandoned mid-answer (a commit that raised, Ctrl-C, a dead child): the rest of the
+                # answer would be read by the next call, so this child is done for.
+                self.close(kill=True)
 
     @property
     def domain(self) -> domains.Domain:
@@ -128,13 +135,19 @@ class LocalRunner:
         else:
             yield from self._call(("train", materialise(job)))
 
-    def close(self) -> None:
-        """End the child process, if one was started."""
+    def close(self, *, kill: bool = False) -> None:
+        """End the child process, if one was started.
+
+        Args:
+            kill: Kill it at once instead of letting it finish the job in hand.
+        """
         child, self._child = self._child, None
         if child is None:
             return
         assert child.stdin is not None
         try:
+            if kill:
+                child.kill()
             child.stdin.close()  # EOF: the child's loop ends
             child.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):

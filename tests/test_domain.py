@@ -8,6 +8,7 @@ deletion pending, and ``rebind`` retrains the shard from scratch where it can, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,9 @@ from sisa import domain as domains
 from sisa.config import load_config
 from sisa.digests import checkpoint_key
 from sisa.ensemble import Ensemble
-from sisa.errors import ConfigError
+from sisa.errors import ConfigError, DomainMismatchError
+from sisa.local_runner import LocalRunner
+from sisa.trainer import train_shard
 from tests.conftest import ROOT, blobs, live_state, small_config, store_digest
 
 X, Y = blobs()
@@ -112,6 +115,40 @@ def test_the_domain_is_what_the_process_runs_and_pins_set_at_start_count() -> No
     fields = {k: v for k, v in pinned.items() if k not in ("id", "pinned")}
     assert domains.Domain(**fields).id == pinned["id"]
     assert domains.Domain(**{**fields, "threads": 2}).id != pinned["id"]
+
+
+def test_a_worker_in_another_domain_refuses_before_training() -> None:
+    from tests.test_trainer import make_job
+
+    here = domains.current(1)
+    job = dataclasses.replace(make_job(), domain="0123456789abcdef")
+    stages = train_shard(job)
+    with pytest.raises(DomainMismatchError, match=f"shard 1: this worker is in determinism domain {here.id}"):
+        next(stages)  # the first stage is never trained
+    result = next(train_shard(dataclasses.replace(job, domain=here.id)))
+    assert result.domain == here.to_dict() and result.stage == 1
+    assert "checkpoint=" not in repr(result) and len(repr(result)) < 300  # no bytes in logs or progress
+
+
+def test_local_child_survives_an_abandoned_job() -> None:
+    # A commit that raises (or Ctrl-C) abandons a job mid-stream: the next job on the same runner
+    # must not read the rest of the old answer.
+    from tests.test_trainer import make_job
+
+    runner = LocalRunner("avx2", 1, "cpu")
+    try:
+        if runner.in_process:
+            pytest.skip("this test process started with the avx2 pins: it trains in place, no child to test")
+        job = make_job()
+        first = runner.train(job)
+        abandoned = next(first)
+        first.close()
+        again = [r.stage for r in runner.train(job)]
+        assert again == [1, 2, 3] and runner.domain.cpu_kernels == "AVX2"
+        replay = list(runner.train(job))
+        assert replay[0].key == abandoned.key and [r.key for r in replay] == [r.key for r in runner.train(job)]
+    finally:
+        runner.close()
 
 
 # ------------------------------------------------------------------ a store trained with the defaults
