@@ -17,7 +17,7 @@ from sisa.config import load_config
 from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
 from sisa.evaluation_plot import plot_evaluation, require_matplotlib
 
-__all__ = ["cmd_evaluate", "register"]
+__all__ = ["cmd_evaluate", "format_rows", "format_targets", "register"]
 
 _COLUMNS = (
     ("forget", "forget"),
@@ -44,11 +44,53 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     """
 
     def cell(value: Any, key: str) -> str:
+        if value is None:
+            return "n/a"
         if isinstance(value, float):
             return f"{value:.2f}" if key == "seconds" else f"{value:.4f}"
         return str(value)
 
     return table([title for _, title in _COLUMNS], [[cell(r[k], k) for k, _ in _COLUMNS] for r in rows])
+
+
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``n/a`` when the evaluation could not compute it (``None``)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def _times(ratio: float | None) -> str:
+    """A ratio as ``3.00x``, or ``n/a times`` when its denominator was zero (``None``)."""
+    return "n/a times" if ratio is None else f"{ratio:.2f}x"
+
+
+def format_targets(targets: dict[str, Any]) -> list[str]:
+    """One line per forget set comparing SISA with the retrain references.
+
+    A ratio whose denominator was zero (a retrain floor of exactly 0, no ensemble-vs-monolith gap) is
+    ``None`` in ``evaluation.json`` and prints as ``n/a``.
+
+    Args:
+        targets: ``evaluate(...)["targets"]``: forget-set name -> the facts of ``evaluation._targets``
+            (empty when ``sisa`` was not among the methods).
+
+    Returns:
+        The lines, without newlines.
+    """
+    lines = []
+    for name, t in targets.items():
+        if not t:
+            continue
+        lo, hi = t["retrain_mia_auc_spread"]
+        gap = t["sisa_test_accuracy_gap"]
+        lines.append(
+            f"{name}: sisa MIA AUC {_num(t['sisa_mia_auc'], '.4f')} vs retrain seed spread "
+            f"[{_num(lo, '.4f')}, {_num(hi, '.4f')}] "
+            f"({'inside' if t['sisa_mia_within_retrain_spread'] else 'outside'}); "
+            f"KL(test) {_times(t['sisa_kl_test_over_floor'])} the retrain floor, "
+            f"{_times(t['sisa_kl_test_over_family_gap'])} the ensemble-vs-monolith gap; "
+            f"test accuracy gap {_num(None if gap is None else 100 * gap, '+.2f')} pp"
+        )
+    return lines
 
 
 def _steps(cfg: Any, forgets: int, methods: tuple[str, ...]) -> int:
@@ -83,16 +125,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         result["plot"] = str(plot_evaluation(result, out / "evaluation.png"))
     if not args.json:
         print(format_rows(result["rows"]))
-        for name, t in result["targets"].items():
-            if t:
-                lo, hi = t["retrain_mia_auc_spread"]
-                print(
-                    f"{name}: sisa MIA AUC {t['sisa_mia_auc']:.4f} vs retrain seed spread [{lo:.4f}, {hi:.4f}] "
-                    f"({'inside' if t['sisa_mia_within_retrain_spread'] else 'outside'}); "
-                    f"KL(test) {t['sisa_kl_test_over_floor']:.2f}x the retrain floor, "
-                    f"{t['sisa_kl_test_over_family_gap']:.2f}x the ensemble-vs-monolith gap; "
-                    f"test accuracy gap {100 * t['sisa_test_accuracy_gap']:+.2f} pp"
-                )
+        for line in format_targets(result["targets"]):
+            print(line)
         print(f"wrote {result['json']}" + (f" and {result['plot']}" if "plot" in result else ""))
     return result
 
