@@ -79,7 +79,6 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
     for r in result["rows"]:
         for key in ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_accuracy", "mia_auc"):
             assert 0.0 <= r[key] <= 1.0, (r["method"], key)
-        assert r["kl_forget"] >= 0 and r["kl_test"] >= 0
     # Retraining without class 1 can never predict class 1: forget accuracy is exactly 0.
     assert rows["class:1", "retrain"]["forget_accuracy"] == 0.0
     assert rows["class:1", "sisa"]["forget_accuracy"] == 0.0
@@ -90,12 +89,9 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
     assert rows["class:1", "original"]["kl_forget"] > 10 * rows["class:1", "sisa"]["kl_forget"]
     spread = rows["random:0.1", "retrain"]["extra"]["mia_auc_spread"]
     assert len(rows["random:0.1", "retrain"]["extra"]["mia_auc_per_seed"]) == 3 and spread[0] <= spread[1]
-    t = result["targets"]["class:1"]
-    lo, hi = t["retrain_mia_auc_spread"]
-    assert t["sisa_mia_within_retrain_spread"] is bool(lo <= t["sisa_mia_auc"] <= hi)
-    assert t["sisa_kl_forget_over_floor"] == pytest.approx(rows["class:1", "sisa"]["kl_forget"] / floor)
-    gap = rows["class:1", "sisa"]["extra"]["family_gap_kl_test"]
-    assert gap > 0 and t["sisa_kl_test_over_family_gap"] == pytest.approx(rows["class:1", "sisa"]["kl_test"] / gap)
+    # The targets' arithmetic is checked on known values in test_evaluation_targets.py; here, that
+    # they are computed from this run's rows.
+    assert result["targets"]["class:1"]["sisa_mia_auc"] == rows["class:1", "sisa"]["mia_auc"]
     # SISA really deleted: its store no longer holds the forget set, and verify passes.
     store = Path(rows["class:1", "sisa"]["extra"]["store"])
     with Ensemble.open(store, readonly=True) as ens:
