@@ -4,13 +4,16 @@
 retraining (see ``docs/metrics.md`` for sources). None of them gives a guarantee: the
 evaluation harness measures how close each gets to a model retrained without the forget
 set. Every method copies its input model, is deterministic for a given seed and leaves
-the caller's torch settings as they were.
+the caller's torch settings as they were: threads, deterministic mode and torch's global
+random number generators (saved before and restored after, so the caller's next draw is
+the one it would have been).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -23,6 +26,23 @@ from sisa.models import build_model
 from sisa.trainer import autocast, deterministic, make_optimizer, train_epochs
 
 __all__ = ["APPROXIMATE_METHODS", "finetune", "gradient_ascent", "prune", "prune_mask"]
+
+
+@contextmanager
+def _own_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators with ``seed`` for a block, restoring the caller's states after.
+
+    Dropout and re-initialisation draw from the global generators; forking them keeps each
+    method deterministic for its seed without moving the caller's random stream.
+
+    Args:
+        seed: Seed of the block's draws.
+        device: The device computed on (its CUDA generators are saved too).
+    """
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _tensors(data: LabeledArrays, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +89,7 @@ def gradient_ascent(
     out = copy.deepcopy(model)
     device = _device(out)
     loss_fn = nn.CrossEntropyLoss()
-    with deterministic(threads, device):
+    with _own_rng(seed, device), deterministic(threads, device):
         xf, yf, order = _tensors(forget, device)
         xr, yr, _ = _tensors(retain, device)
         optimizer = make_optimizer(cfg, out, lr=hp.lr)
@@ -127,7 +147,7 @@ def finetune(
     """
     hp: FinetuneConfig = cfg.evaluate.finetune
     out = copy.deepcopy(model)
-    with deterministic(threads, _device(out)):
+    with _own_rng(seed, _device(out)), deterministic(threads, _device(out)):
         _descend(out, retain, cfg, epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
     return out.eval()
 
@@ -204,7 +224,7 @@ def prune(
     hp: PruneConfig = cfg.evaluate.prune
     out = copy.deepcopy(model)
     device = _device(out)
-    with deterministic(threads, device):
+    with _own_rng(seed, device), deterministic(threads, device):
         masks = prune_mask(out, forget, hp.fraction)
         params = dict(out.named_parameters())
         fresh: dict[str, torch.Tensor] = {}

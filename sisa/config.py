@@ -105,12 +105,13 @@ class ModelConfig:
 
     Attributes:
         name: ``mlp``, ``cnn``, or ``"package.module:callable"`` returning an
-            ``nn.Module``; the callable receives ``input_shape``, ``num_classes``
-            and ``options`` as keyword arguments.
+            ``nn.Module``; the callable is called as
+            ``f(input_shape=..., num_classes=..., **options)``: each entry of ``options``
+            is a keyword argument of its own.
         hidden: Hidden layer widths of the MLP, or the fully connected width(s) of the CNN.
         channels: Convolution channels of the CNN.
         dropout: Dropout probability before the output layer.
-        options: Extra keyword arguments for a custom callable.
+        options: Extra keyword arguments for a custom callable, spread into its call.
     """
 
     name: str = "mlp"

@@ -7,6 +7,7 @@ split carved from the training data, never on the test set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from sisa.config_rules import choice, require
@@ -18,7 +19,7 @@ PRUNE_MODES = ("zero", "reinit")
 
 def _check_steps(section: str, epochs: int, lr: float, batch_size: int) -> None:
     require(epochs >= 0, f"evaluate.{section}.epochs={epochs} must be >= 0")
-    require(lr > 0, f"evaluate.{section}.lr={lr} must be > 0")
+    require(lr > 0 and math.isfinite(lr), f"evaluate.{section}.lr={lr} must be > 0 and finite")
     require(batch_size >= 1, f"evaluate.{section}.batch_size={batch_size} must be >= 1")
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "greedy_shards",
     "hashed_keys",
     "hashed_slices",
+    "ordered_slices",
     "shard_masses",
     "splitmix64",
     "uniform_assignment",

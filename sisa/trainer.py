@@ -375,11 +375,12 @@ def deterministic(threads: int, device: torch.device) -> Iterator[None]:
         threads: Torch intra-op threads inside the block.
         device: Device the block computes on (CUDA needs extra switches).
     """
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     # Thread count changes float summation order, so it is part of the recipe.
     torch.set_num_threads(threads)
     if device.type == "cuda":
-        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call.
+        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call,
+        # so it stays set after the block (a process environment variable, not a torch setting).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
@@ -388,6 +389,7 @@ def deterministic(threads: int, device: torch.device) -> Iterator[None]:
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
 
 
 def train_shard(job: ShardJob) -> Iterator[StageResult]:

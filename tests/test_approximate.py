@@ -182,3 +182,35 @@ def test_zero_pruning_keeps_pruned_weights_at_zero_through_the_repair(problem: t
     )
     re = dict(prune(model, forget, retain, reinit_cfg, seed=0).named_parameters())
     assert any((re[name][mask] != 0).any() for name, mask in masks.items())
+
+
+def test_methods_leave_the_callers_random_stream_alone() -> None:
+    """Each method draws from its own seeded stream: the caller's next draw is the one it would have been.
+
+    Regression: ``prune`` (reinit) reseeded torch's global generator, and dropout drew from it.
+    """
+    cfg = small_config(
+        "model.dropout=0.5",
+        "evaluate.gradient_ascent.epochs=1",
+        "evaluate.finetune.epochs=1",
+        "evaluate.prune.mode=reinit",
+        "evaluate.prune.repair_epochs=1",
+    )
+    x, y = blobs(n=60, d=12, classes=3, seed=1)
+    ids = np.arange(60)
+    forget = LabeledArrays(x=x[:10], y=y[:10], ids=ids[:10])
+    retain = LabeledArrays(x=x[10:], y=y[10:], ids=ids[10:])
+    model, _ = train_monolithic(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), retain, seed=0, threads=1
+    )
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    for method in (gradient_ascent, finetune, prune):
+        torch.manual_seed(1234)
+        first = method(model, forget, retain, cfg, seed=7, threads=1)
+        assert torch.equal(torch.rand(4), expected), method.__name__
+        # Deterministic for its seed, whatever state the caller's generator is in.
+        torch.manual_seed(99)
+        again = method(model, forget, retain, cfg, seed=7, threads=1)
+        for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+            assert torch.equal(a, b), method.__name__

@@ -153,6 +153,10 @@ CONFIG_OVERRIDES = [
     pytest.param(["train.lr=-0.1"], "train.lr=-0.1 must be > 0", id="negative-lr"),
     pytest.param(["train.lr=.inf"], "train.lr=inf must be > 0 and finite", id="infinite-lr"),
     pytest.param(["train.lr=.nan"], "train.lr=nan must be > 0", id="nan-lr"),
+    pytest.param(
+        ["evaluate.finetune.lr=.inf"], "evaluate.finetune.lr=inf must be > 0 and finite", id="evaluate-infinite-lr"
+    ),
+    pytest.param(["evaluate.prune.lr=.nan"], "evaluate.prune.lr=nan must be > 0 and finite", id="evaluate-nan-lr"),
     pytest.param(["train.weight_decay=-1"], "train.weight_decay=-1.0 must be >= 0", id="negative-weight-decay"),
     pytest.param(["resources.cpus_per_shard=.inf"], "cpus_per_shard=inf must be > 0 and finite", id="infinite-cpus"),
     pytest.param(["shards=eight"], "shards must be an integer, got 'eight'", id="string-for-int"),

@@ -10,7 +10,7 @@ import torch
 
 from sisa.digests import manifest_digest
 from sisa.errors import IntegrityError
-from sisa.trainer import ShardJob, SliceData, derive_seed, load_checkpoint, train_shard
+from sisa.trainer import ShardJob, SliceData, derive_seed, deterministic, load_checkpoint, train_shard
 from tests.conftest import blobs, small_config
 
 
@@ -108,3 +108,18 @@ def test_training_restores_the_callers_torch_settings() -> None:
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_deterministic_block_restores_cudnn_benchmark() -> None:
+    """A CUDA block turns cuDNN autotuning off inside and gives the caller's choice back after.
+
+    (Only flags are set for a CUDA device, so this runs on a CPU machine too.)
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        with deterministic(1, torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
