@@ -253,7 +253,11 @@ def _print_certificate(cert: dict[str, Any]) -> None:
         if v.get("rebound"):
             print(f"shard {k} was retrained from scratch in another determinism domain: {v['rebind_reason']}")
     if "seconds" in cert:
-        print(f"done in {cert['seconds']:.2f}s; audit entry {cert['audit_seq']}")
+        applied = f"applied in {cert['apply_seconds']:.2f}s, " if "apply_seconds" in cert else ""
+        print(f"done: {applied}{cert['seconds']:.2f}s since the request was journaled; audit entry {cert['audit_seq']}")
+    for other in cert.get("also_applied", []):
+        print(f"also finished pending request {other['request_id']}:")
+        _print_certificate(other)
 
 
 def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:

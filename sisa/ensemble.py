@@ -142,8 +142,12 @@ class Ensemble:
             path: The store directory.
             readonly: Read without taking the writer lock (predict, status, eval).
             address: Ray address used by :meth:`fit`.
-            resume: When writable, finish a deletion that a crash interrupted (retrain,
-                erase, certify) before returning. Deferred requests stay pending.
+            resume: When writable, finish the deletions that a crash interrupted (retrain,
+                erase, certify) before returning: exactly those requests are certified and
+                only their shards retrained (see :func:`sisa.unlearn.apply` with
+                ``requests``). Deferred requests stay pending; a shard one of them shares
+                with an interrupted request is retrained without its ids too (the journal
+                removed them), and the next :meth:`apply` certifies it.
             lock_timeout: Seconds to wait for the writer lock while another process (a
                 running apply, say) holds it; 0 fails at once with ``StoreLockedError``.
 
@@ -151,10 +155,11 @@ class Ensemble:
             The ensemble.
         """
         ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
-        if not readonly and resume and any(not r["defer"] for r in ens.pending()):
-            log.info("finishing interrupted deletion requests in %s", path)
+        interrupted = [r["request_id"] for r in ens.pending() if not r["defer"]] if not readonly and resume else []
+        if interrupted:
+            log.info("finishing interrupted deletion request(s) %s in %s", interrupted, path)
             try:
-                ens.apply()
+                ens.apply(requests=interrupted)
             except BaseException:
                 ens.close()
                 raise
@@ -396,7 +401,9 @@ class Ensemble:
             parent = record
         return len(slice_ids), parent
 
-    def fit(self, progress: Callable[[StageResult], None] | None = None) -> FitReport:
+    def fit(
+        self, progress: Callable[[StageResult], None] | None = None, *, shards: Sequence[int] | None = None
+    ) -> FitReport:
         """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray.
 
         Resumes each shard from its last valid stage, so re-running after a crash
@@ -404,6 +411,7 @@ class Ensemble:
 
         Args:
             progress: Called after each stage is committed (e.g. to advance a progress bar).
+            shards: Train only these shards (an apply of chosen requests); default: all.
 
         Returns:
             What was trained.
@@ -428,6 +436,8 @@ class Ensemble:
             if not self.store.meta(txn).get("trained"):
                 check_shard_sizes(cfg, [sum(len(s) for s in slice_ids) for slice_ids in all_slices])
             for shard, slice_ids in enumerate(all_slices):
+                if shards is not None and shard not in shards:
+                    continue
                 size = sum(len(s) for s in slice_ids)
                 if size == 0:
                     report.empty.append(shard)
@@ -525,11 +535,19 @@ class Ensemble:
 
         return unlearn.delete(self, ids, defer=defer, progress=progress)
 
-    def apply(self, progress: Callable[[StageResult], None] | None = None) -> list[dict[str, Any]]:
-        """Apply all pending (deferred or interrupted) requests as one batch; returns their certificates."""
+    def apply(
+        self, progress: Callable[[StageResult], None] | None = None, *, requests: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Apply pending (deferred or interrupted) requests as one batch; returns their certificates.
+
+        Args:
+            progress: Called after each retrained stage is committed.
+            requests: Request ids to apply (only their shards are retrained); default: every
+                pending request. See :func:`sisa.unlearn.apply`.
+        """
         from sisa import unlearn
 
-        return unlearn.apply(self, progress)
+        return unlearn.apply(self, progress, requests=requests)
 
     def pending(self) -> list[dict[str, Any]]:
         """Requests journaled but not yet applied."""

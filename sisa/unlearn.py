@@ -31,7 +31,17 @@ if TYPE_CHECKING:
     from sisa.ensemble import Ensemble
     from sisa.trainer import ShardJob, StageResult
 
-__all__ = ["apply", "delete", "deleted_ids", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]
+__all__ = [
+    "apply",
+    "delete",
+    "deleted_ids",
+    "deleting_requests",
+    "normalize_ids",
+    "parse_id",
+    "pending",
+    "read_ids_file",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,22 @@ def deleted_ids(store: Store, ids: Iterable[int]) -> list[int]:
     secret = store.secret()
     with store.read() as txn:
         return [int(i) for i in ids if txn.get(keyed_hash(secret, int(i)).encode(), db=store.db("deleted")) is not None]
+
+
+def deleting_requests(store: Store, ids: Iterable[int]) -> dict[int, int]:
+    """Which request deleted each of ``ids`` (looked up by keyed hash); ids never deleted are left out.
+
+    Returns:
+        Id -> the ``request_id`` of the request that deleted it.
+    """
+    secret = store.secret()
+    out: dict[int, int] = {}
+    with store.read() as txn:
+        for i in ids:
+            value = txn.get(keyed_hash(secret, int(i)).encode(), db=store.db("deleted"))
+            if value is not None:
+                out[int(i)] = int(bytes(value))
+    return out
 
 
 def _requests(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
@@ -189,6 +215,15 @@ def delete(
 ) -> dict[str, Any]:
     """Delete samples: journal durably, then (unless deferred) retrain, erase and certify.
 
+    Re-running a request is how a client retries (after a crash, a kill, a lost Ray
+    connection): an id whose deleting request is still pending is not "already deleted";
+    that request is finished here and its certificate returned. Only a request whose ids
+    were all deleted by applied requests is a no-op.
+
+    Besides this call's own request, applying finishes the pending requests that its ids
+    name and every interrupted (not deferred) pending request; their certificates come
+    back under ``also_applied``. Other deferred requests stay pending (see :func:`apply`).
+
     Args:
         ens: A writable ensemble.
         ids: The sample ids to forget.
@@ -196,9 +231,11 @@ def delete(
         progress: Called after each retrained stage is committed.
 
     Returns:
-        The certificate (``state`` ``applied``), the pending request (``state``
-        ``pending``), or for ids that were all deleted before a no-op report (``state``
-        ``noop``); ``already_deleted`` counts ids deleted by earlier requests.
+        The certificate (``state`` ``applied``; of this call's new request, else of the
+        newest pending request its ids named), the pending request (``state`` ``pending``,
+        with ``defer``), or, when every id was deleted by an already applied request, a
+        no-op report (``state`` ``noop``); ``already_deleted`` counts ids deleted by
+        earlier requests.
 
     Raises:
         DataError: On malformed ids or ids the store never held; nothing is changed.
@@ -209,45 +246,90 @@ def delete(
     with store.read() as txn:
         present = [i for i in wanted if store.has_sample(txn, i)]
     present_set = set(present)
-    gone = deleted_ids(store, [i for i in wanted if i not in present_set])
+    gone = deleting_requests(store, [i for i in wanted if i not in present_set])
     unknown = sorted(set(wanted) - present_set - set(gone))
     if unknown:
         raise DataError(
             f"{len(unknown)} id(s) are not in the store and were never deleted (first: {unknown[:5]}); "
             "the whole request was rejected and nothing changed: check the ids"
         )
-    if not present:
+    waiting = {r["request_id"]: r for r in pending(store)}
+    named = sorted({rid for rid in gone.values() if rid in waiting})  # journaled, never applied: a retry
+    if not present and not named:
         return {"state": "noop", "request_id": None, "deleted": 0, "already_deleted": len(gone), "retrained_shards": []}
-    meta = {"already_deleted": len(gone), "defer": defer, "policy": ens.config.unlearn.policy}
-    request = store.write(lambda txn: _journal(store, txn, present, secret, meta))
-    ens.forget_cached_models()
-    log.info("journaled request %d: %d ids, shards %s", request["request_id"], len(present), list(request["shards"]))
-    if defer:
+    own: int | None = None
+    if present:
+        meta = {"already_deleted": len(gone), "defer": defer, "policy": ens.config.unlearn.policy}
+        request = store.write(lambda txn: _journal(store, txn, present, secret, meta))
+        ens.forget_cached_models()
+        own = request["request_id"]
+        log.info("journaled request %d: %d ids, shards %s", own, len(present), list(request["shards"]))
+        if defer:
+            return {**request, "retrained_shards": [int(s) for s in request["shards"]]}
+    elif defer:
+        request = waiting[named[-1]]
+        log.info("ids already journaled by pending request %d; it stays deferred", named[-1])
         return {**request, "retrained_shards": [int(s) for s in request["shards"]]}
-    certificates = apply(ens, progress)
-    return next(c for c in certificates if c["request_id"] == request["request_id"])
+    else:
+        log.info("finishing pending request(s) %s named by a repeated deletion", named)
+    interrupted = [rid for rid, r in waiting.items() if not r["defer"]]
+    chosen = sorted({*named, *interrupted, *([own] if own is not None else [])})
+    certificates = apply(ens, progress, requests=chosen)
+    main_id = own if own is not None else named[-1]
+    main = next(c for c in certificates if c["request_id"] == main_id)
+    others = [c for c in certificates if c["request_id"] != main_id]
+    return {**main, "also_applied": others} if others else main
 
 
-def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) -> list[dict[str, Any]]:
-    """Apply every pending request as one batch: one retrain per affected shard.
+def apply(
+    ens: Ensemble, progress: Callable[[StageResult], None] | None = None, *, requests: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """Apply pending requests as one batch: one retrain per affected shard.
+
+    With ``requests`` (request ids), exactly those requests are applied and certified,
+    and only the shards they touched are retrained. This is how an interrupted request is
+    finished without applying deferred ones (:meth:`Ensemble.open`, a repeated
+    :func:`delete`). A shard that a deferred request shares with a chosen one is
+    retrained without the deferred request's ids too, since its journal entry already
+    removed them; that deferred request stays pending, and the apply that later takes it
+    finds its shards retrained (nothing to train) and certifies it. Shards touched only by
+    requests left pending stay as their journal left them (out of service under
+    ``exclude``). The compaction erases every freed page, so the bytes of every journaled
+    id are gone from the file after any apply.
 
     Args:
         ens: A writable ensemble.
         progress: Called after each retrained stage is committed.
+        requests: Ids of pending requests to apply; ``None`` applies every pending request
+            (and trains every stale stage, as :meth:`Ensemble.fit` does).
 
     Returns:
         One certificate per applied request, oldest first.
+
+    Raises:
+        DataError: If a requested id is not a pending request (nothing is changed).
     """
     store = ens.store
-    requests = pending(store)
-    if not requests:
+    chosen = pending(store)
+    if requests is not None:
+        wanted = {int(r) for r in requests}
+        chosen = [r for r in chosen if r["request_id"] in wanted]
+        missing = sorted(wanted - {r["request_id"] for r in chosen})
+        if missing:
+            raise DataError(
+                f"request(s) {missing} are not pending (unknown, or applied already); "
+                "pending() lists the requests that can be applied"
+            )
+    if not chosen:
         return []
+    started = time.time()
+    shards = None if requests is None else sorted({int(s) for r in chosen for s in r["shards"]})
     try:
-        report = ens.fit(progress)
+        report = ens.fit(progress, shards=shards)
     except DomainUnavailableError as exc:
         # resources.on_missing_domain: refuse. The requests stay journaled (their ids are gone and
         # their shards out of service); say so, and how they get applied.
-        ids = ", ".join(str(r["request_id"]) for r in requests)
+        ids = ", ".join(str(r["request_id"]) for r in chosen)
         raise DomainUnavailableError(
             f"{exc}. Deletion request(s) {ids} stay pending: their samples are already removed and the shards "
             "that held them are out of service; `sisa apply` finishes them once such a node is available"
@@ -258,7 +340,7 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
     def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         live = store.live(txn)
         certificates = []
-        for request in requests:
+        for request in chosen:
             shards = {}
             for key, info in request["shards"].items():
                 shard = int(key)
@@ -281,13 +363,14 @@ def apply(ens: Ensemble, progress: Callable[[StageResult], None] | None = None) 
                 "requested_at": request["requested_at"],
                 "applied_at": applied_at,
                 "seconds": applied_at - request["requested_at"],
+                "apply_seconds": applied_at - started,
                 "id_hashes": request["id_hashes"],
                 "deleted": request["deleted"],
                 "already_deleted": request["already_deleted"],
                 "policy": request["policy"],
                 "retrained_shards": sorted(int(s) for s in shards),
                 "shards": shards,
-                "batch": {"requests": len(requests), "retrain_seconds": report.seconds, "file_bytes": [before, after]},
+                "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "file_bytes": [before, after]},
             }
             record = append_entry(store, txn, secret, certificate)
             certificate["audit_seq"] = record["seq"]

@@ -148,3 +148,42 @@ def test_wait_lets_a_delete_queue_behind_another_writer(
         main(["apply", "--store", str(store), "--wait", "-1"])
     assert "must be a finite number of seconds >= 0" in capsys.readouterr().err
     assert run_json(capsys, "apply", "--store", str(store), "--wait", "5")["applied"][0]["state"] == "applied"
+
+
+def journal_interrupted(path: Path, ids: list[int]) -> None:
+    """Journal an immediate request and stop, as `sisa delete` killed after its journal (or cut off Ray) leaves it."""
+    from sisa import unlearn
+
+    with Ensemble.open(path, resume=False) as ens:
+        store = ens.store
+        meta = {"already_deleted": 0, "defer": False, "policy": "exclude"}
+        store.write(lambda txn: unlearn._journal(store, txn, ids, store.secret(), meta))
+
+
+def test_repeating_an_interrupted_delete_finishes_it_and_returns_its_certificate(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    journal_interrupted(store, [17])
+    assert [r["request_id"] for r in run_json(capsys, "pending", "--store", str(store))["pending"]] == [1]
+    cert = run_json(capsys, "delete", "--store", str(store), "--ids", "17")  # the client's retry
+    assert cert["state"] == "applied" and cert["request_id"] == 1 and cert["deleted"] == 1
+    assert cert["apply_seconds"] <= cert["seconds"]
+    assert run_json(capsys, "pending", "--store", str(store))["pending"] == []
+    assert all(s["live"] for s in run_json(capsys, "status", "--store", str(store))["per_shard"])
+    again = run_json(capsys, "delete", "--store", str(store), "--ids", "17")  # now it really is done
+    assert again["state"] == "noop" and again["already_deleted"] == 1
+
+    # A deferred request is finished by repeating it without --defer, and reported as itself.
+    assert run_json(capsys, "delete", "--store", str(store), "--ids", "5", "--defer")["request_id"] == 2
+    assert run_json(capsys, "delete", "--store", str(store), "--ids", "5", "--defer")["state"] == "pending"
+    assert run_json(capsys, "delete", "--store", str(store), "--ids", "5")["request_id"] == 2
+
+    # Another deletion finishes an interrupted request and says so, in JSON and in text.
+    journal_interrupted(store, [42])
+    assert main(["delete", "--store", str(store), "--ids", "99"]) == 0
+    out = capsys.readouterr().out
+    assert "request 4 applied" in out and "also finished pending request 3" in out and "request 3 applied" in out
+    assert "since the request was journaled" in out
+    assert run_json(capsys, "pending", "--store", str(store))["pending"] == []
+    audit = run_json(capsys, "audit", "--store", str(store))
+    assert audit["ok"] and audit["entries"] == 4

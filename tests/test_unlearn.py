@@ -405,3 +405,48 @@ def test_verify_reads_one_snapshot_while_another_process_deletes(tmp_path: Path,
     assert deleted and report["ok"], report
     with Ensemble.open(path, readonly=True) as after, after.store.read() as txn:  # the deletion took effect
         assert not after.store.has_sample(txn, victim)
+
+
+def journal_interrupted(ens: Ensemble, ids: list[int]) -> int:
+    """Journal an immediate (not deferred) request and stop, as a delete killed after its journal leaves it."""
+    from sisa import unlearn
+
+    store = ens.store
+    meta = {"already_deleted": 0, "defer": False, "policy": ens.config.unlearn.policy}
+    return int(store.write(lambda txn: unlearn._journal(store, txn, ids, store.secret(), meta))["request_id"])
+
+
+def test_open_finishes_exactly_the_interrupted_request_and_leaves_deferred_ones_pending(tmp_path: Path) -> None:
+    ens = make(tmp_path / "st")
+    with ens.store.read() as txn:
+        in_shard = {s: [int(i) for i in ens.store.slice_ids(txn, s, 1)] for s in (0, 1)}
+    shared, only_deferred, interrupted = in_shard[0][0], in_shard[1][0], in_shard[0][1]
+    first = ens.delete([shared], defer=True)["request_id"]  # shares shard 0 with the interrupted request
+    second = ens.delete([only_deferred], defer=True)["request_id"]  # shard 1 only
+    killed = journal_interrupted(ens, [interrupted])
+    ens.close()
+
+    with Ensemble.open(tmp_path / "st") as ens:
+        # Exactly the interrupted request was certified; the deferred ones stay pending.
+        assert [r["request_id"] for r in ens.pending()] == [first, second]
+        assert ens.audit().entries == 1
+        status = {s["shard"]: s for s in ens.status()["per_shard"]}
+        # Shard 0 was retrained, necessarily without the deferred id too (its journal removed it) ...
+        assert status[0]["live"] and ens.verify(shards=[0])["ok"]
+        # ... while shard 1, touched only by a deferred request, stays out of service, untrained.
+        assert not status[1]["live"] and status[1]["stages_done"] == 1
+        shard0 = status[0]["live_checkpoint"]
+        trained: list[int] = []
+        certs = ens.apply(progress=lambda r: trained.append(r.shard))
+        assert [c["request_id"] for c in certs] == [first, second] and killed not in (first, second)
+        assert set(trained) == {1}  # shard 0 needed nothing more: the deferred request is only certified
+        assert certs[0]["shards"]["0"]["live_checkpoint"] == shard0
+        assert ens.pending() == [] and ens.audit().entries == 3 and ens.verify()["ok"]
+
+
+def test_apply_of_requests_that_are_not_pending_is_refused(ens: Ensemble) -> None:
+    ens.delete([3], defer=True)
+    before = store_digest(ens.path)
+    with pytest.raises(DataError, match=r"request\(s\) \[7\] are not pending"):
+        ens.apply(requests=[1, 7])
+    assert store_digest(ens.path) == before and len(ens.pending()) == 1
