@@ -304,6 +304,10 @@ def run_jobs(
     limit = res.max_shards_in_flight or None
     queue = itertools.chain([first], queue)
     pending: list[Any] = []
+    # Every task submitted and not yet finished or cancelled, by id of its generator. ray.wait
+    # takes a ready generator out of ``pending`` while its stage is committed; if the commit
+    # raises, this is what still knows the task, so the cleanup below cancels it too.
+    started: dict[int, Any] = {}
     owner: dict[int, int] = {}
     # Per running shard: its (lazy) job and the last stage received, to resume from.
     running: dict[int, ShardJob] = {}
@@ -341,6 +345,7 @@ def run_jobs(
         ).remote(ship(routed))
         running[routed.shard] = routed
         owner[id(gen)] = routed.shard
+        started[id(gen)] = gen
         pending.append(gen)
         return True
 
@@ -389,6 +394,7 @@ def run_jobs(
                 try:
                     ref = next(gen)
                 except StopIteration:
+                    started.pop(id(gen), None)
                     running.pop(shard, None)
                     received.pop(shard, None)
                     submit_more()  # a slot is free
@@ -402,6 +408,7 @@ def run_jobs(
                     raise TrainingError(f"shard {shard} failed: {cause}") from exc
                 except _LOST as exc:
                     ray.cancel(gen, force=True)  # whatever is left of it
+                    started.pop(id(gen), None)
                     resubmit(shard, exc)
                     continue
                 except ray.exceptions.RayError as exc:
@@ -411,6 +418,8 @@ def run_jobs(
                 owner[id(gen)] = shard
                 pending.append(gen)
     finally:
-        for gen in pending:
+        # Normally empty here; after an error (a commit that raised, a failed task) it holds the
+        # tasks still running, including the one whose stage was being committed.
+        for gen in started.values():
             ray.cancel(gen, force=True)
     return retries

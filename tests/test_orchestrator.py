@@ -3,13 +3,16 @@
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sisa.ensemble import Ensemble, FitReport
-from sisa.errors import TrainingError
-from sisa.trainer import StageResult
+from sisa.errors import StoreFullError, TrainingError
+from sisa.orchestrator import run_jobs
+from sisa.trainer import ShardJob, SliceData, StageResult
 from tests.conftest import blobs, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -28,13 +31,18 @@ def descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+def shard_workers() -> list[int]:
+    """Pids of this test session's Ray workers running a shard task (titled ``ray::sisa-shard-<k>``)."""
+    # Only workers of this session's Ray (descendants of this process): another Ray instance on
+    # the machine must never be touched.
+    pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in pids if descends_from(int(p), os.getpid())]
+
+
 def kill_shard_worker() -> int | None:
     """SIGKILL one running shard worker of this test session's own Ray; its pid, or None."""
-    # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>". Only workers of
-    # this session's Ray (descendants of this process) are candidates: another Ray instance on the
-    # machine must never be touched.
-    pids = subprocess.run(["pgrep", "-f", "ray::sisa-shard"], capture_output=True, text=True).stdout.split()
-    ours = [int(p) for p in pids if descends_from(int(p), os.getpid())]
+    # Ray titles a worker process after the task it runs: "ray::sisa-shard-<k>".
+    ours = shard_workers()
     if not ours:
         return None
     os.kill(ours[0], signal.SIGKILL)
@@ -101,6 +109,43 @@ def test_a_worker_lost_more_often_than_max_retries_fails_and_keeps_what_was_comm
         assert ens.status()["per_shard"][0]["stages_done"] == 1  # stage 1 stays committed
         report = ens.fit()  # and the next fit resumes from it
         assert report.trained == {0: [2, 3]} and ens.verify()["ok"]
+
+
+def test_a_commit_that_raises_cancels_the_task_whose_stage_it_was_committing() -> None:
+    # Stage 1 trains on 32 rows, stage 2 on 60,000 for 1,000 epochs (a quarter of an hour): when the commit of
+    # stage 1 fails, the task is busy with stage 2 and only a cancel stops it.
+    rng = np.random.default_rng(0)
+    sizes = (32, 60_000)
+    starts = np.cumsum((0, *sizes))
+    slices = tuple(
+        SliceData(
+            ids=np.arange(starts[i], starts[i + 1], dtype=np.int64),
+            x=rng.normal(size=(n, 10)).astype(np.float32),
+            y=rng.integers(0, 3, size=n).astype(np.int64),
+        )
+        for i, n in enumerate(sizes)
+    )
+    cfg = small_config("shards=1", "slices=2", "train.epochs=1000", "train.epoch_schedule=constant")
+    job = ShardJob(cfg, 0, slices, 0, None, None, (10,), 3)
+    committed: list[int] = []
+
+    def commit(result: StageResult) -> None:
+        committed.append(result.stage)
+        raise StoreFullError("the disk is full")
+
+    try:
+        with pytest.raises(StoreFullError, match="the disk is full"):
+            run_jobs([job], commit)
+        assert committed == [1]
+        # Cancelled (force: its worker process is killed), so no shard worker is left. Waiting only
+        # for Ray to deliver the kill; an uncancelled task would run stage 2 for many minutes.
+        deadline = time.monotonic() + 30
+        while shard_workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shard_workers() == [], "the task whose commit failed is still running"
+    finally:
+        for pid in shard_workers():  # leave no busy worker behind for the next test
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.kernels
