@@ -19,13 +19,33 @@ import lmdb
 
 from sisa.store import Store
 
-__all__ = ["AuditReport", "append_entry", "check_chain", "keyed_hash", "read_entries"]
+__all__ = [
+    "AuditReport",
+    "append_entry",
+    "certificates",
+    "check_chain",
+    "keyed_hash",
+    "lookup_ids",
+    "read_entries",
+]
 
 GENESIS = "0" * 64
 
 
 def keyed_hash(secret: bytes, sample_id: int) -> str:
-    """HMAC-SHA256 of a sample id under the store's secret: names a sample without revealing it."""
+    """HMAC-SHA256 of a sample id under the store's secret: names a sample without revealing it.
+
+    The exact input, so that an auditor holding the secret can recompute it: key = the 32 bytes of
+    the store's ``hmac.key``; message = the ASCII bytes ``sisa-id|`` followed by the id as an 8-byte
+    big-endian unsigned integer; result = the lowercase hex digest (64 characters).
+
+    Args:
+        secret: The store's HMAC secret.
+        sample_id: The id, in ``[0, 2**63 - 2]``.
+
+    Returns:
+        The hex digest.
+    """
     return hmac.new(secret, b"sisa-id|" + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()
 
 
@@ -120,3 +140,82 @@ def _applied_requests(store: Store, txn: lmdb.Transaction) -> Any:
     for _, value in txn.cursor(db=store.db("requests")):
         if json.loads(bytes(value)).get("state") == "applied":
             yield value
+
+
+def certificates(store: Store) -> list[dict[str, Any]]:
+    """The certificates in the audit log, oldest first, each with its ``audit_seq`` (raw, unchecked).
+
+    Args:
+        store: The store.
+
+    Returns:
+        One certificate per applied request; run :func:`check_chain` to know they are untouched.
+    """
+    with store.read() as txn:
+        records = read_entries(store, txn)
+    return [
+        {**rec["entry"], "audit_seq": rec.get("seq")}
+        for rec in records
+        if not rec.get("corrupt") and isinstance(rec.get("entry"), dict)
+    ]
+
+
+def lookup_ids(store: Store, secret: bytes, ids: list[int]) -> list[dict[str, Any]]:
+    """Was each id deleted, when, and by which request?
+
+    Each id is named by :func:`keyed_hash` under the store's secret and looked up in the store's
+    record of deleted ids (keyed hash -> request id), never stored in the clear.
+
+    Args:
+        store: The store.
+        secret: The store's HMAC secret.
+        ids: Validated sample ids (see :func:`sisa.unlearn.normalize_ids`).
+
+    Returns:
+        One dict per id: ``id``, ``id_hash``, ``deleted`` (bool); for a deleted id also
+        ``request_id``, ``state`` (``applied`` or ``pending``), ``requested_at``, ``applied_at``
+        (Unix seconds, ``None`` while pending) and ``audit_seq`` (the audit entry of its
+        certificate, ``None`` while pending); for an id never deleted, ``in_store`` (whether the
+        store holds a sample with that id) and a ``message`` saying so.
+    """
+    out: list[dict[str, Any]] = []
+    with store.read() as txn:
+        by_request = {
+            rec["entry"].get("request_id"): rec
+            for rec in read_entries(store, txn)
+            if not rec.get("corrupt") and isinstance(rec.get("entry"), dict)
+        }
+        for sample_id in ids:
+            digest = keyed_hash(secret, sample_id)
+            value = txn.get(digest.encode(), db=store.db("deleted"))
+            if value is None:
+                held = store.has_sample(txn, sample_id)
+                out.append(
+                    {
+                        "id": sample_id,
+                        "id_hash": digest,
+                        "deleted": False,
+                        "in_store": held,
+                        "message": f"id {sample_id} was never deleted"
+                        + (" (the store holds it)" if held else " (and the store holds no sample with this id)"),
+                    }
+                )
+                continue
+            request_id = int(bytes(value))
+            raw = txn.get(struct.pack(">Q", request_id), db=store.db("requests"))
+            request = json.loads(bytes(raw)) if raw is not None else {}
+            record = by_request.get(request_id)
+            out.append(
+                {
+                    "id": sample_id,
+                    "id_hash": digest,
+                    "deleted": True,
+                    "request_id": request_id,
+                    "state": request.get("state", "unknown"),
+                    "requested_at": request.get("requested_at"),
+                    "applied_at": request.get("applied_at"),
+                    "audit_seq": record["seq"] if record is not None else None,
+                    "certificate_names_it": bool(record and digest in record["entry"].get("id_hashes", [])),
+                }
+            )
+    return out

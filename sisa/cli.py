@@ -11,6 +11,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import sys
@@ -339,12 +340,52 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _utc(seconds: float | None) -> str:
+    """Unix seconds as an ISO 8601 UTC time, or ``-``."""
+    if seconds is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _print_lookup(found: dict[str, Any]) -> None:
+    if not found["deleted"]:
+        print(f"{found['message']}; keyed hash {found['id_hash']}")
+    elif found["state"] == "applied":
+        print(
+            f"id {found['id']}: deleted by request {found['request_id']}, requested {_utc(found['requested_at'])}, "
+            f"applied {_utc(found['applied_at'])}, certificate in audit entry {found['audit_seq']}; "
+            f"keyed hash {found['id_hash']}"
+        )
+    else:
+        print(
+            f"id {found['id']}: deletion requested by request {found['request_id']} at "
+            f"{_utc(found['requested_at'])}, still {found['state']} (no certificate yet; `sisa apply` or "
+            f"`sisa resume` finishes it); keyed hash {found['id_hash']}"
+        )
+
+
 def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
-    """Recompute the audit log's hash chain."""
+    """Recompute the audit log's hash chain; with ``--show`` list the certificates, with ``--id`` look ids up."""
     with Ensemble.open(args.store, readonly=True) as ens:
         report = ens.audit()
-    result = {"ok": report.ok, "entries": report.entries, "problems": report.problems}
+        certificates = ens.certificates() if args.show else None
+        lookups = ens.lookup(args.lookup_ids) if args.lookup_ids else None
+    result: dict[str, Any] = {"ok": report.ok, "entries": report.entries, "problems": report.problems}
+    if certificates is not None:
+        result["certificates"] = certificates
+    if lookups is not None:
+        result["lookups"] = lookups
     if not args.json:
+        for cert in certificates or []:
+            print(
+                f"audit entry {cert['audit_seq']}: request {cert['request_id']}, requested "
+                f"{_utc(cert.get('requested_at'))}, applied {_utc(cert.get('applied_at'))}, "
+                f"{len(cert.get('id_hashes', []))} id hash(es), policy {cert.get('policy')}"
+            )
+            _print_certificate(cert)
+            print()
+        for found in lookups or []:
+            _print_lookup(found)
         print(f"audit: {report.entries} entries, " + ("chain OK" if report.ok else "CHAIN BROKEN"))
         for problem in report.problems:
             print(f"  {problem}")
@@ -483,7 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--shard", type=int, action="append", help="shard to verify (repeatable; default all)")
     ve.set_defaults(func=cmd_verify)
 
-    au = sub.add_parser("audit", parents=[common], help="check the audit log's hash chain")
+    au = sub.add_parser(
+        "audit", parents=[common], help="check the audit log's hash chain; show certificates; look ids up"
+    )
+    au.add_argument("--show", action="store_true", help="also print every certificate in the log (all with --json)")
+    au.add_argument(
+        "--id",
+        dest="lookup_ids",
+        nargs="+",
+        type=_int_id,
+        metavar="ID",
+        help="was this id deleted, when, by which request? (named by its keyed hash under the store's key)",
+    )
     au.set_defaults(func=cmd_audit)
 
     ad = sub.add_parser("add", parents=[common, ray_opt, writer], help="add samples (.npz: x, y, ids) and train them")

@@ -579,6 +579,37 @@ class Ensemble:
 
         return check_chain(self.store, self.store.secret())
 
+    def certificates(self) -> list[dict[str, Any]]:
+        """Every deletion certificate in the audit log, oldest first, each with its ``audit_seq``.
+
+        These are the stored entries as read; :meth:`audit` checks that none was edited.
+        """
+        from sisa.audit import certificates
+
+        return certificates(self.store)
+
+    def lookup(self, ids: Any) -> list[dict[str, Any]]:
+        """Was each id deleted, when, and by which request? The question an auditor asks.
+
+        The ids are named by their keyed hash under the store's secret
+        (:func:`sisa.audit.keyed_hash` documents the exact input), as the store records them.
+
+        Args:
+            ids: An id or a sequence of ids (the rule of :meth:`delete`).
+
+        Returns:
+            One dict per distinct id (see :func:`sisa.audit.lookup_ids`): ``deleted``, and the
+            ``request_id``, ``state``, ``requested_at``, ``applied_at`` and ``audit_seq`` of the
+            request that deleted it, or ``in_store`` and a message for an id never deleted.
+
+        Raises:
+            DataError: On an empty list, non-integers or ids outside ``[0, 2**63 - 2]``.
+        """
+        from sisa.audit import lookup_ids
+        from sisa.unlearn import normalize_ids
+
+        return lookup_ids(self.store, self.store.secret(), normalize_ids(ids))
+
     # ------------------------------------------------------------------ predict
     def live_models(self) -> dict[int, nn.Module]:
         """The live model of every shard in service, loaded (and cached) from the store.

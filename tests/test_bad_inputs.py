@@ -506,6 +506,8 @@ CLI_ON_STORE = [
     pytest.param(["delete", "--ids", "-5"], "id -5 is outside", id="delete-negative-id"),
     pytest.param(["delete", "--ids", str(2**63)], "id 9223372036854775808 is outside", id="delete-huge-id"),
     pytest.param(["delete", "--ids", "12", "abc"], "'abc' is not an integer id", id="delete-non-integer"),
+    pytest.param(["audit", "--id", "x17"], "'x17' is not an integer id", id="audit-id-non-integer"),
+    pytest.param(["audit", "--id", "-3"], "id -3 is outside", id="audit-id-negative"),
     pytest.param(["delete"], "exactly one of --ids", id="delete-no-ids"),
     pytest.param(["delete", "--ids", "1", "--ids-file", "{dir}/ids_garbage"], "exactly one of", id="delete-both"),
     # delete --ids-file
