@@ -28,6 +28,10 @@ from sisa.errors import ConfigError
 from sisa.evaluation_config import EvaluateConfig
 
 __all__ = [
+    "FIELD_ROLES",
+    "FIXED",
+    "FREE",
+    "RECIPE",
     "AggregateConfig",
     "DataConfig",
     "EvaluateConfig",
@@ -37,8 +41,10 @@ __all__ = [
     "SisaConfig",
     "TrainConfig",
     "UnlearnConfig",
+    "config_fields",
     "config_from_dict",
     "config_to_dict",
+    "fixed_changes",
     "load_config",
 ]
 
@@ -428,6 +434,105 @@ class SisaConfig:
         """Hex SHA-256 of the canonical JSON of :meth:`recipe`."""
         blob = json.dumps(self.recipe(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+# How each config field bears on an existing store. Every leaf field of SisaConfig is listed
+# (tests/test_config.py walks the dataclasses and fails on one that is not), so a new field
+# must be placed here, in the recipe or in the fixed set, before it can ship.
+RECIPE = "recipe"  # changes the trained bytes: part of SisaConfig.recipe(), so every checkpoint key covers it
+FIXED = "fixed"  # decided when the store is created; Ensemble.reconfigure (and `sisa train k=v`) refuses a change
+FREE = "free"  # neither: changing it on an existing store retrains nothing and moves nothing
+FIELD_ROLES: dict[str, str] = {
+    # where samples live (the partition is persisted at ingest); seed also seeds every stage
+    "seed": FIXED,
+    "shards": FIXED,
+    "slices": FIXED,
+    "partition.strategy": FIXED,
+    "partition.bound": FIXED,
+    "partition.slice_order": FIXED,
+    # read only at ingest; every placement is persisted, so another file (one covering data to add) moves nothing
+    "partition.probabilities": FREE,
+    # the labels stored were checked against it, and it sizes every model's output layer: another value
+    # is another task (a new store); refusing it also keeps it out of the recipe, so no stored key changes
+    "data.num_classes": FIXED,
+    # where data is read from; what is stored is the samples themselves
+    "data.dataset": FREE,
+    "data.train": FREE,
+    "data.test": FREE,
+    "data.train_labels": FREE,
+    "data.test_labels": FREE,
+    "data.root": FREE,
+    "data.label_column": FREE,
+    "data.id_column": FREE,
+    "data.train_limit": FREE,
+    "data.test_limit": FREE,
+    "model.name": RECIPE,
+    "model.hidden": RECIPE,
+    "model.channels": RECIPE,
+    "model.dropout": RECIPE,
+    "model.options": RECIPE,
+    "train.epochs": RECIPE,
+    "train.epoch_schedule": RECIPE,
+    "train.batch_size": RECIPE,
+    "train.optimizer": RECIPE,
+    "train.lr": RECIPE,
+    "train.weight_decay": RECIPE,
+    "train.momentum": RECIPE,
+    "train.precision": RECIPE,
+    "aggregate.method": FREE,
+    "aggregate.backend": FREE,
+    "unlearn.policy": FREE,
+    "resources.cpus_per_shard": FREE,
+    "resources.gpus_per_shard": RECIPE,  # through the device: 0 trains on the CPU, > 0 on CUDA
+    "resources.threads_per_shard": RECIPE,
+    "resources.max_retries": FREE,
+    "resources.custom": FREE,
+    "resources.stream_slices": FREE,
+    "resources.max_shards_in_flight": FREE,
+    "resources.cpu_isa": RECIPE,
+    "resources.on_missing_domain": FREE,
+    # read only by `sisa evaluate`, which trains its own models and never a store's
+    "evaluate.retrain_seeds": FREE,
+    "evaluate.mia_folds": FREE,
+    "evaluate.mia_samples": FREE,
+    "evaluate.threads": FREE,
+    "evaluate.gradient_ascent.epochs": FREE,
+    "evaluate.gradient_ascent.lr": FREE,
+    "evaluate.gradient_ascent.retain_weight": FREE,
+    "evaluate.gradient_ascent.batch_size": FREE,
+    "evaluate.finetune.epochs": FREE,
+    "evaluate.finetune.lr": FREE,
+    "evaluate.finetune.batch_size": FREE,
+    "evaluate.prune.fraction": FREE,
+    "evaluate.prune.mode": FREE,
+    "evaluate.prune.repair_epochs": FREE,
+    "evaluate.prune.lr": FREE,
+    "evaluate.prune.batch_size": FREE,
+}
+
+
+def config_fields(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of a config dataclass by dotted name (``train.lr``), with its value.
+
+    Mappings (``model.options``, ``resources.custom``) are leaves, not walked into.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(config_fields(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def fixed_changes(old: SisaConfig, new: SisaConfig) -> list[str]:
+    """The fields fixed at a store's creation (:data:`FIELD_ROLES`) that differ between two configs.
+
+    A field missing from :data:`FIELD_ROLES` counts as fixed, so an unclassified field is refused, never let slip.
+    """
+    before, after = config_fields(old), config_fields(new)
+    return [name for name in before if FIELD_ROLES.get(name, FIXED) == FIXED and before[name] != after[name]]
 
 
 T = TypeVar("T")

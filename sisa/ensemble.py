@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from sisa.arrays import check_labels
-from sisa.config import SisaConfig, config_from_dict, config_to_dict
+from sisa.config import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
 from sisa.domain import Domain, domain_id, unavailable_message
@@ -32,9 +32,6 @@ from sisa.trainer import ShardJob, StageResult
 __all__ = ["Ensemble", "FitReport"]
 
 log = logging.getLogger(__name__)
-
-# Keys that decide where samples live; changing them on an existing store would move samples.
-_PARTITION_KEYS = ("seed", "shards", "slices", "partition")
 
 
 def _migrate(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,26 +186,33 @@ class Ensemble:
         return tuple(shape) if shape is not None else None
 
     def reconfigure(self, config: SisaConfig) -> None:
-        """Replace the stored config (recipe, resources, aggregation).
+        """Replace the stored config (recipe, resources, aggregation); how to change it from Python.
 
-        A changed recipe makes :meth:`fit` retrain every shard (checkpoint keys cover
-        the recipe); seed, shards, slices and partition cannot change, since they
-        decide where samples live.
+        Every field is classified in :data:`sisa.config.FIELD_ROLES`. A changed recipe field
+        (model, train, threads, device, CPU kernel level) makes :meth:`fit` retrain every
+        shard (checkpoint keys cover the recipe); fixed fields (seed, shards, slices,
+        partition strategy / bound / slice order, ``data.num_classes``) cannot change,
+        since they decide where samples live and what the stored labels mean; the rest
+        (aggregation, policy, resources that only place tasks, data paths) takes effect
+        without retraining.
+
+        Args:
+            config: The new config, e.g. ``sisa.load_config(path, overrides)`` or
+                ``config_from_dict(config_to_dict(ens.config), ["train.lr=0.01"])``.
 
         Raises:
-            ConfigError: If ``config`` is not a SisaConfig, or a partition-defining key differs.
+            ConfigError: If ``config`` is not a SisaConfig, or a fixed field differs (nothing is written).
         """
         _require_config(config)
-        old, new = config_to_dict(self.config), config_to_dict(config)
-        # The prior file is read only at ingest and every placement is persisted, so pointing
-        # partition.probabilities at another file (say, one covering data to add) moves nothing.
-        same_prior = {**new, "partition": {**new["partition"], "probabilities": old["partition"]["probabilities"]}}
-        changed = [k for k in _PARTITION_KEYS if old[k] != same_prior[k]]
+        changed = fixed_changes(self.config, config)
         if changed:
+            stored = config_fields(self.config)
             raise ConfigError(
                 f"{', '.join(changed)} of store {self.path} cannot change after creation "
-                f"(stored: {', '.join(f'{k}={old[k]}' for k in changed)}); use a new --store"
+                f"(stored: {', '.join(f'{k}={stored[k]}' for k in changed)}); they decide where samples live "
+                "and what a label means: keep the stored values, or train a new --store"
             )
+        new = config_to_dict(config)
         self.store.write(lambda txn: self.store.put_meta(txn, config=new))
         self.config = config
 

@@ -550,6 +550,10 @@ CLI_ON_STORE = [
     pytest.param(["train", "train.lr=.inf"], "train.lr=inf must be > 0 and finite", id="train-infinite-lr"),
     pytest.param(["train", "train.batch_size=-1"], "train.batch_size=-1 must be >= 1", id="train-negative-batch"),
     pytest.param(["train", "shards=4"], "shards of store", id="train-change-shards"),
+    pytest.param(["train", "data.num_classes=5"], "data.num_classes of store", id="train-change-num-classes"),
+    pytest.param(
+        ["train", "partition.slice_order=probability"], "partition.slice_order of store", id="train-change-slice-order"
+    ),
     pytest.param(["train", "bogus=1"], "unknown config key(s) bogus", id="train-unknown-key"),
     pytest.param(["train", "--config", "{dir}/not_yaml.yaml"], "is not valid YAML", id="train-config-not-yaml"),
     pytest.param(["train", "data.test={dir}/missing.npz"], "does not exist", id="train-missing-test-file"),

@@ -1,9 +1,22 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from sisa.config import config_from_dict, config_to_dict, load_config
+from sisa.config import (
+    FIELD_ROLES,
+    FIXED,
+    FREE,
+    RECIPE,
+    SisaConfig,
+    config_fields,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
+from tests.conftest import store_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +112,103 @@ def test_evaluate_section_does_not_change_the_recipe() -> None:
     base = load_config(None)
     tuned = load_config(None, ["evaluate.finetune.epochs=7", "evaluate.retrain_seeds=4"])
     assert tuned.evaluate.finetune.epochs == 7 and tuned.recipe_digest() == base.recipe_digest()
+
+
+# For every config field: (overrides of the base, overrides giving the field another value). A field
+# added to the config needs a line here as well as its role in sisa.config.FIELD_ROLES.
+OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
+    "seed": ([], ["seed=1"]),
+    "shards": ([], ["shards=4"]),
+    "slices": ([], ["slices=2"]),
+    "partition.strategy": ([], ["partition.strategy=distribution-aware"]),
+    "partition.bound": (["partition.strategy=distribution-aware"], ["partition.bound=2"]),
+    "partition.slice_order": ([], ["partition.slice_order=probability"]),
+    "partition.probabilities": (
+        ["partition.slice_order=probability", "partition.probabilities=a.csv"],
+        ["partition.probabilities=b.csv"],
+    ),
+    "data.num_classes": ([], ["data.num_classes=5"]),
+    "data.dataset": ([], ["data.dataset=npz", "data.train=t.npz"]),
+    "data.train": ([], ["data.train=t.npz"]),
+    "data.test": ([], ["data.test=t.npz"]),
+    "data.train_labels": ([], ["data.train_labels=l.idx"]),
+    "data.test_labels": ([], ["data.test_labels=l.idx"]),
+    "data.root": ([], ["data.root=/elsewhere"]),
+    "data.label_column": ([], ["data.label_column=y"]),
+    "data.id_column": ([], ["data.id_column=id"]),
+    "data.train_limit": ([], ["data.train_limit=100"]),
+    "data.test_limit": ([], ["data.test_limit=100"]),
+    "model.name": ([], ["model.name=cnn"]),
+    "model.hidden": ([], ["model.hidden=[64]"]),
+    "model.channels": ([], ["model.channels=[8]"]),
+    "model.dropout": ([], ["model.dropout=0.5"]),
+    "model.options": ([], ["model.options={width: 3}"]),
+    "train.epochs": ([], ["train.epochs=3"]),
+    "train.epoch_schedule": ([], ["train.epoch_schedule=constant"]),
+    "train.batch_size": ([], ["train.batch_size=16"]),
+    "train.optimizer": ([], ["train.optimizer=sgd"]),
+    "train.lr": ([], ["train.lr=0.5"]),
+    "train.weight_decay": ([], ["train.weight_decay=0.1"]),
+    "train.momentum": ([], ["train.momentum=0.5"]),
+    "train.precision": ([], ["train.precision=bf16"]),
+    "aggregate.method": ([], ["aggregate.method=vote"]),
+    "aggregate.backend": ([], ["aggregate.backend=loop"]),
+    "unlearn.policy": ([], ["unlearn.policy=serve-clean"]),
+    "resources.cpus_per_shard": ([], ["resources.cpus_per_shard=2"]),
+    "resources.gpus_per_shard": ([], ["resources.gpus_per_shard=0.5"]),
+    "resources.threads_per_shard": ([], ["resources.threads_per_shard=2"]),
+    "resources.max_retries": ([], ["resources.max_retries=0"]),
+    "resources.custom": ([], ["resources.custom={sisa_worker: 1}"]),
+    "resources.stream_slices": ([], ["resources.stream_slices=true"]),
+    "resources.max_shards_in_flight": ([], ["resources.max_shards_in_flight=1"]),
+    "resources.cpu_isa": ([], ["resources.cpu_isa=baseline"]),
+    "resources.on_missing_domain": ([], ["resources.on_missing_domain=refuse"]),
+    "evaluate.retrain_seeds": ([], ["evaluate.retrain_seeds=3"]),
+    "evaluate.mia_folds": ([], ["evaluate.mia_folds=3"]),
+    "evaluate.mia_samples": ([], ["evaluate.mia_samples=100"]),
+    "evaluate.threads": ([], ["evaluate.threads=1"]),
+    "evaluate.gradient_ascent.epochs": ([], ["evaluate.gradient_ascent.epochs=2"]),
+    "evaluate.gradient_ascent.lr": ([], ["evaluate.gradient_ascent.lr=0.1"]),
+    "evaluate.gradient_ascent.retain_weight": ([], ["evaluate.gradient_ascent.retain_weight=0"]),
+    "evaluate.gradient_ascent.batch_size": ([], ["evaluate.gradient_ascent.batch_size=8"]),
+    "evaluate.finetune.epochs": ([], ["evaluate.finetune.epochs=3"]),
+    "evaluate.finetune.lr": ([], ["evaluate.finetune.lr=0.1"]),
+    "evaluate.finetune.batch_size": ([], ["evaluate.finetune.batch_size=8"]),
+    "evaluate.prune.fraction": ([], ["evaluate.prune.fraction=0.5"]),
+    "evaluate.prune.mode": ([], ["evaluate.prune.mode=zero"]),
+    "evaluate.prune.repair_epochs": ([], ["evaluate.prune.repair_epochs=2"]),
+    "evaluate.prune.lr": ([], ["evaluate.prune.lr=0.1"]),
+    "evaluate.prune.batch_size": ([], ["evaluate.prune.batch_size=8"]),
+}
+
+
+def test_every_config_field_is_classified() -> None:
+    fields = set(config_fields(SisaConfig()))
+    unclassified = sorted(fields - set(FIELD_ROLES))
+    assert not unclassified, f"add these fields to sisa.config.FIELD_ROLES (recipe, fixed or free): {unclassified}"
+    assert not set(FIELD_ROLES) - fields, "FIELD_ROLES names fields that no longer exist"
+    assert set(FIELD_ROLES.values()) <= {RECIPE, FIXED, FREE}
+    assert not fields - set(OTHER_VALUE), (
+        f"give these fields another value in OTHER_VALUE: {sorted(fields - set(OTHER_VALUE))}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_VALUE))
+def test_each_field_behaves_as_classified_on_an_existing_store(name: str, tmp_path: Path) -> None:
+    """Recipe fields change the checkpoint keys; fixed ones are refused on a store; free ones change neither."""
+    base_overrides, other = OTHER_VALUE[name]
+    base = load_config(None, base_overrides)
+    changed = load_config(None, [*base_overrides, *other])
+    assert config_fields(changed)[name] != config_fields(base)[name]
+    with Ensemble.create(tmp_path / "st", base) as ens:
+        before = store_digest(ens.path)
+        if FIELD_ROLES[name] == FIXED:
+            with pytest.raises(ConfigError, match=rf"{re.escape(name)}.*cannot change after creation"):
+                ens.reconfigure(changed)
+            assert store_digest(ens.path) == before and ens.config == base
+            return
+        ens.reconfigure(changed)
+    with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
+        assert reopened.config == changed
+    moved = changed.recipe_digest() != base.recipe_digest()
+    assert moved == (FIELD_ROLES[name] == RECIPE)
