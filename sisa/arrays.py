@@ -15,7 +15,16 @@ import numpy as np
 
 from sisa.errors import DataError
 
-__all__ = ["MAX_ID", "LabeledArrays", "as_arrays", "check_labels", "to_numpy", "validated"]
+__all__ = [
+    "ID_RULE",
+    "MAX_ID",
+    "LabeledArrays",
+    "as_arrays",
+    "check_id_values",
+    "check_labels",
+    "to_numpy",
+    "validated",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +133,89 @@ def _int_vector(a: np.ndarray, n: int, name: str, hi: int, rule: str, fix: str) 
     return np.array(a, dtype=np.int64, copy=True)
 
 
+ID_RULE = "ids must be integers in [0, 2**63 - 2]"
+_ID_FIX = "give each sample a non-negative integer id (as integers, e.g. np.int64, not floats)"
+
+
+def _id_problem(value: Any, exact_below: int | None) -> str | None:
+    """Why ``value`` is not a valid id, or ``None`` if it is (one value, Python or numpy scalar).
+
+    Args:
+        value: The candidate id.
+        exact_below: For floats, ``2**bits`` of the float type the value came in (a float above it
+            cannot hold every integer, so its id may already have been rounded); ``None`` takes
+            the value's own type.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return f"a {type(value).__name__}, not an integer"
+    if isinstance(value, (float, np.floating)):
+        kind = np.dtype(type(value)) if isinstance(value, np.floating) else np.dtype(np.float64)
+        limit = exact_below if exact_below is not None else 2 ** (np.finfo(kind).nmant + 1)
+        if not math.isfinite(value) or not float(value).is_integer():
+            return "not a whole number"
+        if abs(value) > limit:
+            return (
+                f"a {kind.name} above 2**{limit.bit_length() - 1}, where {kind.name} cannot hold every integer, "
+                "so this id may already have been rounded (and two ids may have become one)"
+            )
+        value = int(value)
+    elif not isinstance(value, (int, np.integer)):
+        return f"a {type(value).__name__}, not an integer"
+    if not 0 <= int(value) <= MAX_ID:
+        return f"id {int(value)} is outside [0, {MAX_ID}]"
+    return None
+
+
+def check_id_values(ids: Any) -> np.ndarray:
+    """The one rule for sample ids, wherever they come from (ingest, CSV, delete, lookup).
+
+    An id is an integer in ``[0, MAX_ID]``; a float is accepted only if it is a whole number
+    that its float type holds exactly (at most ``2**53`` for float64, ``2**24`` for float32:
+    above that neighbouring integers share one float, so the id may already have been rounded).
+    Bools, strings and other types are refused. Uniqueness is the caller's to check.
+
+    Args:
+        ids: A list or tuple (checked value by value: numpy would read ``True`` as 1 and round
+            big ints mixed with floats), or a 1-D array or tensor (checked by dtype).
+
+    Returns:
+        A fresh 1-D int64 array.
+
+    Raises:
+        DataError: Naming the first bad value, its position and why.
+    """
+    if isinstance(ids, (list, tuple)):
+        for p, v in enumerate(ids):
+            why = _id_problem(v, None)
+            if why is not None:
+                raise DataError(f"{ID_RULE}; found {v!r} at position {p}: {why}; {_ID_FIX}")
+        return np.array([int(v) for v in ids], dtype=np.int64).reshape(len(ids))
+    a = to_numpy(ids)
+    if a.ndim != 1:
+        raise DataError(f"ids must be 1-D of shape (n,), not {a.shape}; try ids.ravel()")
+    if a.dtype.kind not in "iuf":  # bool, str, object (mixed types) have no safe integer reading
+        raise DataError(f"{ID_RULE}; got dtype {a.dtype}; {_ID_FIX}")
+    if a.dtype.kind == "f":
+        limit = 2 ** (np.finfo(a.dtype).nmant + 1)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(a) | (a != np.floor(a)) | (np.abs(a) > limit) | (a < 0)
+    else:
+        bad = (a < 0) | (a > MAX_ID)
+    if bad.any():
+        p = int(np.flatnonzero(bad)[0])
+        v = a[p]
+        why = _id_problem(v, 2 ** (np.finfo(a.dtype).nmant + 1) if a.dtype.kind == "f" else None)
+        raise DataError(f"{ID_RULE}; found {v.item()!r} at position {p}: {why}; {_ID_FIX}")
+    return np.array(a, dtype=np.int64, copy=True)
+
+
 def _check_ids(ids: Any, n: int) -> np.ndarray:
-    """Unique int64 ids in ``[0, MAX_ID]``; ``None`` gives ``0..n-1``."""
+    """Unique int64 ids in ``[0, MAX_ID]`` under :func:`check_id_values`; ``None`` gives ``0..n-1``."""
     if ids is None:
         return np.arange(n, dtype=np.int64)
-    rule, fix = "ids must be integers in [0, 2**63 - 2]", "give each sample a non-negative integer id"
-    if isinstance(ids, (list, tuple)):
-        # Check the Python values one by one: numpy would read True as 1, keep too-big ints
-        # as objects, and round big ints that share a list with floats.
-        clean: list[int] = []
-        for p, v in enumerate(ids):
-            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-            if ok and isinstance(v, (float, np.floating)):
-                ok = math.isfinite(v) and float(v).is_integer()
-            if not ok or not 0 <= int(v) <= MAX_ID:
-                raise DataError(f"{rule}; found {v!r} at position {p}; {fix}")
-            clean.append(int(v))
-        ids = np.array(clean, dtype=np.int64)
-    out = _int_vector(to_numpy(ids), n, "ids", MAX_ID, rule, fix)
+    out = check_id_values(ids)
+    if len(out) != n:
+        raise DataError(f"len(ids)={len(out)} != len(x)={n}; give one per sample")
     order = np.argsort(out, kind="stable")
     dup = out[order[1:]] == out[order[:-1]]
     if dup.any():

@@ -7,6 +7,7 @@ Validation itself lives in :mod:`sisa.arrays` (re-exported here); every bad inpu
 from __future__ import annotations
 
 import csv
+import decimal
 import gzip
 import hashlib
 import logging
@@ -59,6 +60,8 @@ FASHION_SHA256 = {
 _FASHION_HINT = "install it with `apt-get install -y dataset-fashion-mnist` or pass data.root"
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _NPZ_FIX = "save it with np.savez(path, x=..., y=..., ids=...)"
+# CSV column names taken for ids: refused as features unless data.id_column says which is which.
+_ID_NAMES = frozenset({"id", "ids", "sample_id", "sample id"})
 
 
 # eq=False: the generated __eq__ would compare arrays elementwise and raise.
@@ -175,7 +178,9 @@ def load_csv(
         path: The CSV file.
         num_classes: Labels must lie in ``[0, num_classes)``.
         label_column: Column of integer labels.
-        id_column: Column of integer sample ids; ``None`` numbers the rows ``0..n-1``.
+        id_column: Column of integer sample ids (whole numbers, read exactly: ``17.0`` is 17,
+            ``17.5`` is refused); ``None`` numbers the rows ``0..n-1``, and then a column
+            named ``id``, ``ids`` or ``sample_id`` is refused rather than read as a feature.
 
     Returns:
         Arrays with ``x`` of shape ``(n, d)``.
@@ -209,6 +214,15 @@ def load_csv(
         raise DataError(f"{p} is not a readable CSV text file ({exc}); save it as UTF-8 CSV with a header row") from exc
     if not rows:
         raise DataError(f"{p} has a header but no data rows; give at least one sample")
+    if id_column is None:
+        named = [h for h in header if h.lower() in _ID_NAMES and h != label_column]
+        if named:
+            # Read as a feature, ids near 1e12 swamp the others and the model trains to chance.
+            raise DataError(
+                f"{p} has a column named {named[0]!r} but data.id_column is not set, so it would be "
+                f"read as a feature and the rows numbered 0..n-1: set data.id_column={named[0]} to use "
+                "it as the sample ids, or rename the column if it really is a feature"
+            )
     feats = [i for i, h in enumerate(header) if h not in (label_column, id_column)]
     if not feats:
         raise DataError(f"{p} has no feature columns besides the label/id columns")
@@ -231,8 +245,35 @@ def load_csv(
 
     x = column(feats, float, np.float64)
     y = column([header.index(label_column)], float, np.float64)[:, 0]
-    ids = None if id_column is None else column([header.index(id_column)], int, np.int64)[:, 0]
+    ids = None if id_column is None else _csv_ids(p, rows, header.index(id_column), id_column)
     return validated(x, y, ids, num_classes, copy=False)
+
+
+def _csv_ids(path: Path, rows: Sequence[tuple[int, list[str]]], col: int, name: str) -> list[int]:
+    """The id column read exactly: ``1000000006891``, ``1000000006891.0`` and ``1.000000006891e12`` are one id.
+
+    Cells are parsed as decimals, never through a float, so an id above 2**53 is kept digit for
+    digit; a cell that is not a whole number is refused with its line. The range is then checked
+    by the one id rule (:func:`sisa.arrays.check_id_values`) when the arrays are validated.
+    """
+    ids: list[int] = []
+    for line, row in rows:
+        cell = row[col].strip()
+        try:
+            value = decimal.Decimal(cell)
+        except decimal.InvalidOperation:
+            value = None
+        if value is not None and value.is_finite() and value.adjusted() >= 19:  # >= 1e19: no int64 id
+            raise DataError(
+                f"{path} line {line}, column {name!r}: {cell!r} is outside [0, 2**63 - 2]; fix or drop that row"
+            )
+        if value is None or not value.is_finite() or value != value.to_integral_value():
+            raise DataError(
+                f"{path} line {line}, column {name!r}: {cell!r} is not an integer id "
+                "(ids are whole numbers such as 17 or 17.0); fix or drop that row"
+            )
+        ids.append(int(value))
+    return ids
 
 
 def _download(name: str, dest: Path, mirrors: Sequence[str] = FASHION_MIRRORS) -> list[str]:

@@ -642,11 +642,12 @@ class Ensemble:
         return self._serving.predict_proba(x, method or self.config.aggregate.method, batch_size)
 
     def provenance(self) -> dict[int, str]:
-        """Which models answered this handle's last prediction: shard -> checkpoint key.
+        """Which models answered the calling thread's last prediction with this handle: shard -> checkpoint key.
 
         Every prediction reads the live set from one store snapshot; this is that set. An
         auditor can check it against certificates (a retired key must never appear after
-        its deletion was acknowledged). Empty before the first prediction.
+        its deletion was acknowledged). Per thread, so threads serving from one handle
+        each see their own. Empty before the thread's first prediction.
         """
         return dict(self._serving.last_used)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from sisa.arrays import MAX_ID
+from sisa.arrays import check_id_values, to_numpy
 from sisa.audit import append_entry, keyed_hash
 from sisa.domain import Domain, domain_id, unavailable_message
 from sisa.errors import DataError, DomainUnavailableError
@@ -56,24 +56,22 @@ def normalize_ids(ids: Any) -> list[int]:
         The distinct ids, in first-seen order.
 
     Raises:
-        DataError: On an empty request, non-integers (bools, floats, strings, mixed types)
-            or ids outside ``[0, 2**63 - 2]``.
+        DataError: On an empty request, values that are not integers (bools, strings,
+            fractional floats, floats too large for their type to hold exactly: the rule of
+            :func:`sisa.arrays.check_id_values`) or ids outside ``[0, 2**63 - 2]``.
     """
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         ids = [ids]
     if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
         raise DataError(f"ids must be a list of integers, got {type(ids).__name__}")
-    raw = list(np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else ids)
-    if not raw:
+    if isinstance(ids, np.ndarray) or hasattr(ids, "__array__"):
+        ids = to_numpy(ids).reshape(-1)  # arrays and tensors keep their dtype: the rule for floats needs it
+    else:
+        ids = list(ids)
+    if len(ids) == 0:
         raise DataError("the deletion request is empty: pass at least one id")
-    kinds = {type(i).__name__ for i in raw if isinstance(i, bool) or not isinstance(i, (int, np.integer))}
-    if kinds:
-        raise DataError(f"ids must all be integers; found {', '.join(sorted(kinds))} values: pass integer sample ids")
-    out = list(dict.fromkeys(int(i) for i in raw))
-    bad = [i for i in out if not 0 <= i <= MAX_ID]
-    if bad:
-        raise DataError(f"id {bad[0]} is outside [0, {MAX_ID}]; sample ids are non-negative 63-bit integers")
-    return out
+    # The same rule as at ingest (sisa.arrays.check_id_values): a deletion names exactly what was stored.
+    return list(dict.fromkeys(check_id_values(ids).tolist()))
 
 
 _ID_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000" and "١٢"

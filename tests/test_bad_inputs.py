@@ -250,8 +250,13 @@ DATA_FILES = [
     pytest.param(lambda d: load_csv(d / "nan_cell.csv", num_classes=3), "NaN/inf value(s)", id="csv-nan-cell"),
     pytest.param(
         lambda d: load_csv(d / "fraction_id.csv", num_classes=3, id_column="id"),
-        "'1.5' is not a whole number",
+        "line 2, column 'id': '1.5' is not an integer id",
         id="csv-fractional-id",
+    ),
+    pytest.param(
+        lambda d: load_csv(d / "fraction_id.csv", num_classes=3),
+        "has a column named 'id' but data.id_column is not set",
+        id="csv-id-column-unset",
     ),
 ]
 
@@ -333,6 +338,18 @@ API_CALLS = [
     pytest.param(lambda e: e.ingest(X2, [0, 1], ids=[-1, 9001]), DataError, "found -1 at position 0", id="id-negative"),
     pytest.param(lambda e: e.ingest(X2, [0, 1], ids=[True, 9001]), DataError, "found True", id="id-bool"),
     pytest.param(lambda e: e.ingest(X2, [0, 1], ids=[1.5, 9001]), DataError, "found 1.5", id="id-fractional"),
+    pytest.param(
+        lambda e: e.ingest(X2, [0, 1], ids=np.array([1152921504606846976, 9001], np.float64)),
+        DataError,
+        "a float64 above 2**53, where float64 cannot hold every integer",
+        id="id-float64-above-2^53",
+    ),
+    pytest.param(
+        lambda e: e.ingest(X2, [0, 1], ids=np.array([2**24 + 1, 2**24 + 2], np.float32)),
+        DataError,
+        "a float32 above 2**24",
+        id="id-float32-above-2^24",
+    ),
     pytest.param(lambda e: e.ingest(X2, [0, 1], ids=["a", "b"]), DataError, "found 'a'", id="id-string"),
     pytest.param(
         lambda e: e.ingest(X2, [0, 1], ids=[9000, 9000]),
@@ -370,9 +387,14 @@ API_CALLS = [
     pytest.param(lambda e: e.delete("17"), DataError, "ids must be a list of integers, got str", id="delete-string"),
     pytest.param(lambda e: e.delete({1: 2}), DataError, "got dict", id="delete-dict"),
     pytest.param(lambda e: e.delete(None), DataError, "got NoneType", id="delete-none"),
-    pytest.param(lambda e: e.delete([1, 2.5]), DataError, "found float values", id="delete-float"),
-    pytest.param(lambda e: e.delete([True]), DataError, "found bool values", id="delete-bool"),
-    pytest.param(lambda e: e.delete([1, "2"]), DataError, "found str values", id="delete-mixed"),
+    pytest.param(
+        lambda e: e.delete([1, 2.5]), DataError, "found 2.5 at position 1: not a whole number", id="delete-float"
+    ),
+    pytest.param(lambda e: e.delete([True]), DataError, "found True at position 0: a bool", id="delete-bool"),
+    pytest.param(lambda e: e.delete([1, "2"]), DataError, "found '2' at position 1: a str", id="delete-mixed"),
+    pytest.param(
+        lambda e: e.delete(np.array([2.0**60])), DataError, "a float64 above 2**53", id="delete-float64-above-2^53"
+    ),
     pytest.param(lambda e: e.delete([-3]), DataError, "id -3 is outside [0, 9223372036854775806]", id="delete-neg"),
     pytest.param(lambda e: e.delete([2**63 - 1]), DataError, "id 9223372036854775807 is outside", id="delete-huge"),
     # verify

@@ -16,6 +16,7 @@ from sisa import data as sd
 from sisa.config import DataConfig
 from sisa.data import MAX_ID, LabeledArrays, as_arrays, load_csv, load_fashion_mnist, load_idx, load_npz, load_split
 from sisa.errors import DataError
+from sisa.unlearn import normalize_ids
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -142,11 +143,45 @@ def test_nan_and_inf_reported_with_count_and_position() -> None:
         (np.zeros((4, 1), dtype=np.int64), r"ids must be 1-D"),
         ([4, 7, 4, 7], r"ids must be unique; id 4 appears at positions 0 and 2"),
         (np.array([9, 3, 5, 3]), r"id 3 appears at positions 1 and 3"),
+        # Floats above the exact range of their type may already be rounded: refused, saying why.
+        (
+            np.array([0, 1, 2, 1152921504606846976], np.float64),
+            r"found 1\.15\d*e\+18 at position 3: a float64 above 2\*\*53",
+        ),
+        ([0, 1, 2, float(2**53 + 2)], r"at position 3: a float64 above 2\*\*53"),
+        (np.array([0, 1, 2**24 + 2, 3], np.float32), r"found 16777218\.0 at position 2: a float32 above 2\*\*24"),
     ],
 )
 def test_bad_ids(ids: object, match: str) -> None:
     with pytest.raises(DataError, match=match):
         as_arrays(np.zeros((4, 2)), [0, 1, 0, 1], ids, num_classes=2)
+
+
+def test_float_ids_are_taken_only_when_exact() -> None:
+    """One rule for ids from every source: integers, or floats that are whole numbers held exactly.
+
+    Regression: float64 ids above 2**53 were stored rounded (1152921504606847976 as
+    1152921504606848000, which a deletion could then not name), and float32 ids above 2**24
+    collided under a message that did not say why.
+    """
+    x = np.zeros((3, 2))
+    exact = as_arrays(x, [0, 1, 0], np.array([2.0**53, 17.0, 0.0]), num_classes=2)
+    assert exact.ids.tolist() == [2**53, 17, 0] and exact.ids.dtype == np.int64
+    assert as_arrays(x, [0, 1, 0], np.array([2.0**24, 3, 4], np.float32), num_classes=2).ids[0] == 2**24
+    assert as_arrays(x, [0, 1, 0], [1e12, 5.0, 6], num_classes=2).ids.tolist() == [10**12, 5, 6]
+    big = 1152921504606847976
+    assert as_arrays(x, [0, 1, 0], np.array([big, 1, 2]), num_classes=2).ids[0] == big  # int64: kept as is
+    with pytest.raises(DataError, match=r"a float64 above 2\*\*53.*may already have been rounded"):
+        as_arrays(x, [0, 1, 0], np.array([big, 1, 2], np.float64), num_classes=2)
+    with pytest.raises(DataError, match=r"a float32 above 2\*\*24.*two ids may have become one"):
+        as_arrays(x, [0, 1, 0], np.array([2**24 + 1, 2**24 + 2, 5], np.float32), num_classes=2)
+    # Deletion requests and lookups follow the same rule.
+    assert normalize_ids([17.0, 17, np.float32(3.0)]) == [17, 3]
+    assert normalize_ids(np.array([2.0**53])) == [2**53]
+    with pytest.raises(DataError, match=r"a float64 above 2\*\*53"):
+        normalize_ids(np.array([float(big)]))
+    with pytest.raises(DataError, match=r"found 2\.5 at position 1: not a whole number"):
+        normalize_ids([1, 2.5])
 
 
 def test_bad_dataset_inputs() -> None:
@@ -258,9 +293,42 @@ def test_csv_round_trip_with_id_column(tmp_path: Path) -> None:
     np.testing.assert_array_equal(d.x, np.array([[0.5, 2.0], [-1.25, 300.0]], dtype=np.float32))
     np.testing.assert_array_equal(d.y, [1, 0])
     np.testing.assert_array_equal(d.ids, [100, 7])
-    no_ids = load_csv(path, num_classes=2)  # the id column is then just another feature
-    assert no_ids.feature_shape == (3,)
-    np.testing.assert_array_equal(no_ids.ids, [0, 1])
+    with pytest.raises(DataError, match=r"column named 'sample_id' but data.id_column is not set"):
+        load_csv(path, num_classes=2)  # it would be read as a feature and the rows numbered 0..n-1
+
+
+def test_csv_id_column_is_read_exactly(tmp_path: Path) -> None:
+    """Ids above 2**53 written as floats (``1000000006891.0``) keep every digit; one rule for every source.
+
+    Regression: ``1000000006891.0`` was "not a whole number", and float ids above 2**53 were rounded.
+    """
+    big = 2**60 + 1  # float64 would read it as 2**60
+    path = tmp_path / "d.csv"
+    path.write_text(f"id,a,label\n1000000006891.0,1,0\n{big},2,1\n{big + 2}.00,3,0\n1.2e3,4,1\n")
+    d = load_csv(path, num_classes=2, id_column="id")
+    assert d.ids.tolist() == [1000000006891, big, big + 2, 1200]
+    path.write_text("id,a,label\n1,1,0\n99999999999999999999,2,1\n")
+    with pytest.raises(DataError, match=r"line 3, column 'id': '99999999999999999999' is outside \[0, 2\*\*63 - 2\]"):
+        load_csv(path, num_classes=2, id_column="id")
+    for cell in ("nan", "inf", "12.5", "1e-3", "x"):
+        path.write_text(f"id,a,label\n{cell},1,0\n")
+        with pytest.raises(DataError, match=rf"line 2, column 'id': '{cell}' is not an integer id"):
+            load_csv(path, num_classes=2, id_column="id")
+
+
+def test_csv_with_an_id_column_needs_data_id_column(tmp_path: Path) -> None:
+    """Regression: an ``id`` column became a feature (values near 1e12) and the model trained to chance."""
+    path = tmp_path / "d.csv"
+    for name in ("id", "ID", "ids", "sample_id"):
+        path.write_text(f"{name},a,label\n1000000000001,1,0\n1000000000002,2,1\n")
+        with pytest.raises(
+            DataError, match=rf"column named '{name}' but data.id_column is not set.*data.id_column={name}"
+        ):
+            load_csv(path, num_classes=2)
+    assert load_csv(path, num_classes=2, id_column="sample_id").ids.tolist() == [1000000000001, 1000000000002]
+    path.write_text("id,a\n1,5\n0,6\n")  # a label column that happens to be named id is fine
+    labelled = load_csv(path, num_classes=2, label_column="id")
+    assert labelled.y.tolist() == [1, 0] and labelled.x[:, 0].tolist() == [5.0, 6.0]
 
 
 def test_csv_errors(tmp_path: Path) -> None:
@@ -272,7 +340,7 @@ def test_csv_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no column 'label'; its columns are \['a', 'b', 'target'\]"):
         load_csv(path, num_classes=2)
     path.write_text("a,label,id\n1,0,1.5\n")
-    with pytest.raises(DataError, match=r"column 'id': '1\.5' is not a whole number"):
+    with pytest.raises(DataError, match=r"line 2, column 'id': '1\.5' is not an integer id"):
         load_csv(path, num_classes=2, id_column="id")
     path.write_text("a,label\n1,0\n2\n")
     with pytest.raises(DataError, match=r"line 3 has 1 cells"):
