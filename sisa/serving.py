@@ -2,10 +2,13 @@
 
 Every prediction reads the live set from one store snapshot, so it uses the old
 ensemble or the new one, never a mix, and never a shard a deletion took out of service.
+One handle may serve several threads at once (a server's request threads, while another
+thread deletes); each thread's provenance is that of its own last prediction.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 from sisa import aggregate
-from sisa.arrays import check_labels, to_numpy
+from sisa.arrays import LabeledArrays, check_labels, to_numpy
 from sisa.errors import DataError, NotTrainedError
 from sisa.models import build_model
 from sisa.trainer import load_checkpoint
@@ -21,7 +24,40 @@ from sisa.trainer import load_checkpoint
 if TYPE_CHECKING:
     from sisa.ensemble import Ensemble
 
-__all__ = ["Serving"]
+__all__ = ["Serving", "dataset_features"]
+
+
+def _is_dataset(x: Any) -> bool:
+    return isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor)
+
+
+def dataset_features(ds: Any) -> np.ndarray:
+    """The features of a map-style ``torch.utils.data.Dataset``, stacked: what predictions are made on.
+
+    Each item is a ``(features, label)`` pair (the label is ignored), a ``(features,)`` tuple
+    (a one-tensor ``TensorDataset``), or bare features.
+
+    Raises:
+        DataError: If the Dataset has no ``len()``, is empty, or its items' feature shapes differ.
+    """
+    if not hasattr(ds, "__len__"):
+        raise DataError(
+            "a Dataset to predict on needs len(); use a map-style Dataset, or pass the features as an array"
+        )
+    rows: list[np.ndarray] = []
+    for i in range(len(ds)):
+        item = ds[i]
+        # (features, label) or (features,) as TensorDataset gives them; a list of numbers is bare features
+        paired = isinstance(item, (tuple, list)) and len(item) in (1, 2) and not np.isscalar(item[0])
+        rows.append(to_numpy(item[0] if paired else item))
+        if rows[-1].shape != rows[0].shape:
+            raise DataError(
+                f"Dataset items have inconsistent feature shapes: item 0 is {rows[0].shape}, item {i} is "
+                f"{rows[-1].shape}; pad or resize the features to one shape"
+            )
+    if not rows:
+        raise DataError("the Dataset to predict on is empty; give at least one sample")
+    return np.stack(rows)
 
 
 class Serving:
@@ -31,12 +67,19 @@ class Serving:
         """Serve ``ens``; nothing is loaded until the first prediction."""
         self._ens = ens
         self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
-        # shard -> checkpoint key of each model the last prediction used (its provenance)
-        self.last_used: dict[int, str] = {}
+        self._cache_lock = threading.Lock()  # the cache is shared by the threads predicting with this handle
+        self._last = threading.local()  # per thread: shard -> checkpoint key of its last prediction's models
+
+    @property
+    def last_used(self) -> dict[int, str]:
+        """Shard -> checkpoint key of each model the calling thread's last prediction used."""
+        used: dict[int, str] = getattr(self._last, "used", {})
+        return used
 
     def clear(self) -> None:
         """Forget every loaded model."""
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
     def snapshot(self) -> dict[int, tuple[nn.Module, int]]:
         """Every shard in service: its model and its training-set size, from one read snapshot.
@@ -45,6 +88,14 @@ class Serving:
             NotTrainedError: If no shard is in service.
             IntegrityError: If a live checkpoint was modified.
         """
+        return {shard: (model, n) for shard, (_, model, n) in self._snapshot().items()}
+
+    def _snapshot(self) -> dict[int, tuple[str, nn.Module, int]]:
+        """:meth:`snapshot` with each model's checkpoint key."""
+        with self._cache_lock:
+            return self._load_live()
+
+    def _load_live(self) -> dict[int, tuple[str, nn.Module, int]]:
         ens, store = self._ens, self._ens.store
         shape = ens.feature_shape
         with store.read() as txn:
@@ -68,16 +119,19 @@ class Serving:
                 self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
         for gone in set(self._cache) - set(live):
             del self._cache[gone]
-        return {shard: (self._cache[shard][1], self._cache[shard][2]) for shard in sorted(live)}
+        return {shard: self._cache[shard] for shard in sorted(live)}
 
     def as_tensor(self, x: Any) -> torch.Tensor:
         """Inputs as a float32 tensor, checked against the stored sample shape.
+
+        ``x`` is an array or tensor of features, a :class:`~sisa.arrays.LabeledArrays`, or a
+        map-style Dataset of ``(features, label)`` items or bare features (labels are ignored).
 
         Raises:
             DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
         """
         shape = self._ens.feature_shape
-        xa = to_numpy(x)  # DataError on ragged rows
+        xa = x.x if isinstance(x, LabeledArrays) else dataset_features(x) if _is_dataset(x) else to_numpy(x)
         if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
             raise DataError(
                 f"inputs must be numeric features, not {xa.dtype}; convert them (e.g. x.astype(np.float32))"
@@ -95,10 +149,10 @@ class Serving:
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
         """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
-        live = self.snapshot()
-        self.last_used = {shard: self._cache[shard][0] for shard in live}
-        models = [model for model, _ in live.values()]
-        weights = [float(n) for _, n in live.values()] if method == "weighted" else None
+        live = self._snapshot()
+        self._last.used = {shard: key for shard, (key, _, _) in live.items()}
+        models = [model for _, model, _ in live.values()]
+        weights = [float(n) for _, _, n in live.values()] if method == "weighted" else None
         out = aggregate.predict_proba(
             models,
             self.as_tensor(x),

@@ -2,7 +2,10 @@
 
 One directory per ensemble. Every logical change is one write transaction, so a crash
 leaves the old or the new state (invariant 5). A writer holds an exclusive ``flock``
-on ``writer.lock``; readers use LMDB's MVCC snapshots and need no lock.
+on ``writer.lock``; readers use LMDB's MVCC snapshots and need no lock. Within one
+process, every handle on a directory shares one environment, guarded by a readers-writer
+lock: transactions share it, and swapping, closing or resizing the environment takes it
+alone, so a serving thread and a deleting thread can use one store at the same time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,16 +43,99 @@ _COMPACT_DIR = ".compact"  # where a compacted copy is built before it replaces 
 T = TypeVar("T")
 
 
+class _EnvLock:
+    """Readers-writer lock of one shared environment, between the threads of this process.
+
+    Every transaction holds it shared; closing, swapping (compaction, following another
+    process's compaction) and resizing the environment hold it exclusively, because LMDB
+    forbids those while any transaction of the process is open, and a closed environment
+    fails every handle that still uses it. Shared holds are reentrant per thread (reads
+    nest: a read inside a read or a write), and a thread that holds it exclusively may
+    also take it shared. A waiting exclusive holder goes before new readers, so a stream
+    of predictions cannot starve a compaction. Other processes are not involved: each has
+    its own environment, and follows a swap on its next read.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0  # threads holding it shared
+        self._owner: int | None = None  # the thread holding it exclusively
+        self._waiting = 0  # threads waiting to hold it exclusively
+        self._local = threading.local()
+
+    def held_shared(self) -> bool:
+        """True when the calling thread holds the lock shared (inside a transaction)."""
+        return getattr(self._local, "depth", 0) > 0
+
+    def held_exclusive(self) -> bool:
+        """True when the calling thread holds the lock exclusively."""
+        return self._owner == threading.get_ident()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the lock shared for the block (reentrant in one thread)."""
+        depth = getattr(self._local, "depth", 0)
+        outer = depth == 0 and not self.held_exclusive()
+        if outer:
+            with self._cond:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if outer:
+                with self._cond:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the lock alone for the block: no transaction of this process is open meanwhile.
+
+        Raises:
+            StoreError: If the calling thread is inside a transaction of this store (it
+                would wait for itself).
+        """
+        if self.held_exclusive():
+            yield
+            return
+        if self.held_shared():
+            raise StoreError(
+                "cannot close, swap or resize a store's environment inside one of its own transactions; "
+                "finish the transaction first"
+            )
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._owner is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._owner = None
+                self._cond.notify_all()
+
+
 class _SharedEnv:
     """One LMDB environment per directory and process, shared by every Store handle on it.
 
     py-lmdb refuses to open an environment twice in a process, and compaction swaps the
-    environment under all handles, so handles hold this object rather than the env.
+    environment under all handles, so handles hold this object rather than the env, and
+    use ``env`` and ``dbs`` only while holding ``lock`` (see :class:`_EnvLock`).
     """
 
     def __init__(self, path: Path, readonly: bool, create: bool = False) -> None:
         self.path = path
-        self.count = 0
+        self.count = 0  # open Store handles on it (changed under _ENVS_LOCK)
+        self.lock = _EnvLock()
         self.env_readonly = readonly
         # Only a new store creates its tables: opening an LMDB directory that is not a sisa
         # store must fail without writing tables into it.
@@ -69,23 +156,47 @@ class _SharedEnv:
         return env, dbs
 
     def reopen(self) -> None:
-        """Open the directory's data.mdb again (after compaction replaced it)."""
+        """Open the directory's data.mdb again (after compaction replaced it); hold ``lock`` exclusively."""
         self.env, self.dbs = self._open()
 
     def follow_swap(self) -> None:
         """Reopen if another process's compaction replaced data.mdb since we opened it.
 
         Without this a long-lived reader would keep the old file's frozen snapshot and
-        never see later deletions take shards out of service.
+        never see later deletions take shards out of service. Checked again under the
+        exclusive lock: a compaction by this process's own writer (another thread) also
+        changes the file, and reopens the environment itself.
         """
-        if _file_ident(self.path / "data.mdb") != self.ident:
-            log.info("data.mdb of %s was compacted by another process; reopening", self.path)
+        if _file_ident(self.path / "data.mdb") == self.ident:
+            return
+        with self.lock.exclusive():
+            if _file_ident(self.path / "data.mdb") != self.ident:
+                log.info("data.mdb of %s was compacted by another process; reopening", self.path)
+                self.env.close()
+                self.reopen()
+
+    def adopt_size(self, size: int) -> None:
+        """Set the map size (0: adopt the size another process grew it to), with no transaction open.
+
+        LMDB allows a resize only while the process has no open transaction. A thread that
+        is inside a transaction of this store (a write nested in a read) cannot wait for
+        the others; it resizes at once, as before this lock existed.
+        """
+        if self.lock.held_shared() and not self.lock.held_exclusive():
+            self.env.set_mapsize(size)
+            return
+        with self.lock.exclusive():
+            self.env.set_mapsize(size)
+
+    def close(self) -> None:
+        """Close the environment once no thread is inside one of its transactions."""
+        with self.lock.exclusive():
             self.env.close()
-            self.reopen()
 
 
 # realpath -> the shared environment of that directory in this process
 _ENVS: dict[str, _SharedEnv] = {}
+_ENVS_LOCK = threading.Lock()  # guards _ENVS and every _SharedEnv.count
 
 
 def _file_ident(path: Path) -> tuple[int, int]:
@@ -179,20 +290,24 @@ class Store(Records):
     @classmethod
     def _open_env(cls, path: Path, readonly: bool, create: bool = False) -> _SharedEnv:
         real = os.path.realpath(path)
-        shared = _ENVS.get(real)
-        if shared is None:
-            # Opened writable whenever the files allow it, so a reader opened first does not
-            # stop a later writer in this process; the writer lock decides who writes.
-            shared = _SharedEnv(path, readonly and not os.access(path / "data.mdb", os.W_OK), create)
-            _ENVS[real] = shared
-        shared.count += 1
-        return shared
+        with _ENVS_LOCK:
+            shared = _ENVS.get(real)
+            if shared is None:
+                # Opened writable whenever the files allow it, so a reader opened first does not
+                # stop a later writer in this process; the writer lock decides who writes.
+                shared = _SharedEnv(path, readonly and not os.access(path / "data.mdb", os.W_OK), create)
+                _ENVS[real] = shared
+            shared.count += 1
+            return shared
 
     def _release_env(self) -> None:
-        self._shared.count -= 1
-        if self._shared.count <= 0:
-            _ENVS.pop(os.path.realpath(self.path), None)
-            self._shared.env.close()
+        with _ENVS_LOCK:
+            self._shared.count -= 1
+            last = self._shared.count <= 0
+            if last:
+                _ENVS.pop(os.path.realpath(self.path), None)
+        if last:
+            self._shared.close()
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any]) -> Store:
@@ -328,12 +443,12 @@ class Store(Records):
             raise StoreError(f"store {self.path} is open read-only; open it for writing to change it")
         while True:
             try:
-                with self._env.begin(write=True) as txn:
+                with self._shared.lock.shared(), self._env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
                 new_size = self._env.info()["map_size"] * 2
                 log.info("store map full; growing to %d MiB", new_size >> 20)
-                self._env.set_mapsize(new_size)
+                self._shared.adopt_size(new_size)  # outside the transaction: no other may be open
             except lmdb.Error as exc:
                 # LMDB reports a short write at commit as EIO; a size limit as EFBIG.
                 if isinstance(exc, lmdb.DiskError) or any(m in str(exc) for m in _WRITE_FAILURES):
@@ -352,18 +467,29 @@ class Store(Records):
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction: one consistent snapshot of the whole store."""
-        if not self.writable:
+        """A short read transaction: one consistent snapshot of the whole store.
+
+        Safe to use from several threads at once, also while another thread of this
+        process writes or compacts the store (it waits for a swap to finish).
+        """
+        lock = self._shared.lock
+        if not self.writable and not lock.held_shared():
+            # Not inside another read: following a swap there would end the outer snapshot.
             self._shared.follow_swap()
-        try:
-            txn = self._env.begin()
-        except lmdb.MapResizedError:
-            self._env.set_mapsize(0)  # adopt the size another process grew the map to
-            txn = self._env.begin()
-        try:
-            yield txn
-        finally:
-            txn.abort()
+        for attempt in (1, 2):
+            with lock.shared():
+                try:
+                    txn = self._env.begin()
+                except lmdb.MapResizedError:
+                    if attempt == 2:
+                        raise
+                else:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._shared.adopt_size(0)  # adopt the size another process grew the map to
 
     def compact(self) -> tuple[int, int]:
         """Rewrite ``data.mdb`` without its free pages, then atomically swap it in.
@@ -381,6 +507,12 @@ class Store(Records):
         """
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only; open it for writing to compact it")
+        # Alone on the environment from the copy to the reopen: no other thread of this process
+        # may start a transaction on the old environment while it is closed and swapped.
+        with self._shared.lock.exclusive():
+            return self._compact()
+
+    def _compact(self) -> tuple[int, int]:
         data, tmp = self.path / "data.mdb", self.path / _COMPACT_DIR
         before = data.stat().st_size
         shutil.rmtree(tmp, ignore_errors=True)
