@@ -187,9 +187,11 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     with Ensemble.open(args.store, readonly=True) as ens:
         result = ens.status()
     if not args.json:
+        low, high = min(result["shard_slices"]), max(result["shard_slices"])
+        slices = f"{low}" if low == high else f"{low}-{high}"  # add() gives touched shards one more slice each
         print(
             f"store {result['store']}: {result['samples']} samples, {result['shards']} shards x "
-            f"{result['slices']} slices, model {result['model']}, {result['trained_shards']} shards live"
+            f"{slices} slices, model {result['model']}, {result['trained_shards']} shards live"
         )
         rows = [
             [

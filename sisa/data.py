@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import decimal
+import difflib
 import gzip
 import hashlib
 import logging
@@ -199,7 +200,7 @@ def load_csv(
                 raise DataError(f"{p} is empty; a header row naming the columns is required")
             for col, key in ((label_column, "label_column"), (id_column, "id_column")):
                 if col is not None and col not in header:
-                    raise DataError(f"{p} has no column {col!r}; its columns are {header}; set data.{key}")
+                    raise DataError(f"{p} has no column {col!r}; {_columns_hint(col, header)}; set data.{key}")
             if len(set(header)) != len(header):
                 raise DataError(f"{p} repeats a column name in its header {header}; make names unique")
             rows: list[tuple[int, list[str]]] = []
@@ -245,6 +246,7 @@ def load_csv(
 
     x = column(feats, float, np.float64)
     y = column([header.index(label_column)], float, np.float64)[:, 0]
+    _check_csv_rows(p, rows, header, feats, x, y, label_column, num_classes)
     ids = None if id_column is None else _csv_ids(p, rows, header.index(id_column), id_column)
     return validated(x, y, ids, num_classes, copy=False)
 
@@ -274,6 +276,51 @@ def _csv_ids(path: Path, rows: Sequence[tuple[int, list[str]]], col: int, name: 
             )
         ids.append(int(value))
     return ids
+
+
+def _columns_hint(wanted: str, header: Sequence[str]) -> str:
+    """The header in a few words: the closest names to ``wanted``, and a short sample of a wide header."""
+    close = difflib.get_close_matches(wanted, header, n=3, cutoff=0.6)
+    close += [h for h in header if h.lower() == wanted.lower() and h not in close]
+    near = f"did you mean {', '.join(repr(h) for h in close)}? " if close else ""
+    if len(header) <= 8:
+        return f"{near}its columns are {list(header)}"
+    shown = ", ".join(repr(h) for h in [*header[:4], "...", *header[-2:]]).replace("'...'", "...")
+    return f"{near}its {len(header)} columns are {shown}"
+
+
+def _check_csv_rows(
+    path: Path,
+    rows: Sequence[tuple[int, list[str]]],
+    header: Sequence[str],
+    feats: Sequence[int],
+    x: np.ndarray,
+    y: np.ndarray,
+    label_column: str,
+    num_classes: int,
+) -> None:
+    """Name the file line of the first NaN/inf feature or bad label (the array checks know only row numbers).
+
+    Raises:
+        DataError: On a NaN/inf feature or a label that is not an integer in ``[0, num_classes)``.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(x.astype(np.float32))
+    if not finite.all():
+        r, c = (int(v) for v in np.argwhere(~finite)[0])
+        raise DataError(
+            f"{path} line {rows[r][0]}, column {header[feats[c]]!r}: {rows[r][1][feats[c]]!r} is NaN/inf "
+            f"(after float32 conversion; {int((~finite).sum())} NaN/inf value(s) in all); clean or impute them"
+        )
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(y) | (y != np.floor(y)) | (y < 0) | (y >= num_classes)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path} line {rows[r][0]}, column {label_column!r}: labels must be integers in [0, {num_classes}); "
+            f"found {rows[r][1][header.index(label_column)].strip()} ({int(bad.sum())} bad label(s) in all); "
+            "fix the labels or data.num_classes"
+        )
 
 
 def _download(name: str, dest: Path, mirrors: Sequence[str] = FASHION_MIRRORS) -> list[str]:

@@ -127,6 +127,7 @@ class Ensemble:
     def open(
         cls,
         path: str | Path,
+        config: object = None,
         *,
         readonly: bool = False,
         address: str | None = None,
@@ -137,6 +138,8 @@ class Ensemble:
 
         Args:
             path: The store directory.
+            config: Not accepted: a store keeps its own config. Passing one raises a
+                ``ConfigError`` that says to call :meth:`reconfigure` on the open ensemble.
             readonly: Read without taking the writer lock (predict, status, eval).
             address: Ray address used by :meth:`fit`.
             resume: When writable, finish the deletions that a crash interrupted (retrain,
@@ -150,7 +153,16 @@ class Ensemble:
 
         Returns:
             The ensemble.
+
+        Raises:
+            ConfigError: If a ``config`` is passed.
         """
+        if config is not None:
+            raise ConfigError(
+                "Ensemble.open takes no config: a store keeps the config it was created with. To change it, "
+                "open the store and call ens.reconfigure(config) (recipe changes retrain at the next fit; "
+                "seed, shards, slices, partition and data.num_classes cannot change)"
+            )
         ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
         interrupted = [r["request_id"] for r in ens.pending() if not r["defer"]] if not readonly and resume else []
         if interrupted:
@@ -632,7 +644,9 @@ class Ensemble:
         """Ensemble class probabilities.
 
         Args:
-            x: Features ``(n, ...)`` (numpy or torch).
+            x: Features ``(n, ...)`` (numpy or torch), a :class:`~sisa.data.LabeledArrays`,
+                or a map-style ``torch.utils.data.Dataset`` of ``(features, label)`` items or
+                bare features (labels are ignored; :meth:`score` takes them separately).
             method: ``mean`` (default from config), ``vote`` or ``weighted`` (by shard size).
             batch_size: Rows per forward pass.
 
@@ -710,6 +724,8 @@ class Ensemble:
             "store": str(self.path),
             "shards": cfg.shards,
             "slices": cfg.slices,
+            # slices per shard now: R, plus one per add() that touched the shard
+            "shard_slices": slice_counts,
             "samples": n,
             "feature_shape": list(self.feature_shape or []),
             "num_classes": cfg.data.num_classes,

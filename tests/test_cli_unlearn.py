@@ -187,3 +187,16 @@ def test_repeating_an_interrupted_delete_finishes_it_and_returns_its_certificate
     assert run_json(capsys, "pending", "--store", str(store))["pending"] == []
     audit = run_json(capsys, "audit", "--store", str(store))
     assert audit["ok"] and audit["entries"] == 4
+
+
+def test_status_counts_the_slices_that_adds_made(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = blobs(30, d=10, seed=5)
+    np.savez(tmp_path / "new.npz", x=x, y=y, ids=np.arange(1000, 1030))
+    run_json(capsys, "add", "--store", str(store), "--input", str(tmp_path / "new.npz"))
+    status = run_json(capsys, "status", "--store", str(store))
+    assert status["slices"] == 3 and status["shard_slices"] == [4, 4, 4]
+    assert [len(s["slice_samples"]) for s in status["per_shard"]] == [4, 4, 4]
+    assert main(["status", "--store", str(store)]) == 0
+    assert "3 shards x 4 slices" in capsys.readouterr().out

@@ -428,3 +428,30 @@ def test_load_split_idx_csv_and_fashion(tmp_path: Path) -> None:
     if FASHION.is_dir():
         d = load_split(DataConfig(test_limit=50), "test")
         assert len(d) == 50 and d.feature_shape == (1, 28, 28)
+
+
+def test_csv_errors_name_the_file_line_and_keep_a_wide_header_short(tmp_path: Path) -> None:
+    names = [f"pixel{i}" for i in range(100)]
+    rows = ["1.0"] * 100
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join([*names, "Label", "row"]) + "\n" + ",".join([*rows, "1", "5"]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_csv(wide, num_classes=3)
+    message = str(err.value)
+    assert "has no column 'label'; did you mean 'Label'?" in message and "its 102 columns are" in message
+    assert "pixel0" in message and "pixel50" not in message and len(message) < 300
+
+    # A blank line and a quoted multi-line cell make row numbers and file lines differ.
+    text = "a,b,label\n1,2,0\n\n3,4,1\n" + '"5\n",6,1\n' + "7,8,2\n"
+    (tmp_path / "nan.csv").write_text(text.replace("7,8,2", "7,nan,2"))
+    with pytest.raises(DataError, match=r"nan\.csv line 7, column 'b': 'nan' is NaN/inf"):
+        load_csv(tmp_path / "nan.csv", num_classes=3)
+    (tmp_path / "label.csv").write_text(text.replace("7,8,2", "7,8,3"))
+    with pytest.raises(
+        DataError, match=r"label\.csv line 7, column 'label': labels must be integers in \[0, 3\); found 3"
+    ):
+        load_csv(tmp_path / "label.csv", num_classes=3)
+    (tmp_path / "half.csv").write_text(text.replace("3,4,1", "3,4,0.5"))
+    with pytest.raises(DataError, match=r"half\.csv line 4, column 'label'.*found 0\.5"):
+        load_csv(tmp_path / "half.csv", num_classes=3)
+    assert len(load_csv(tmp_path / "label.csv", num_classes=4)) == 4  # the same file is fine with 4 classes

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from sisa.data import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, NotTrainedError
 from tests.conftest import blobs, small_config
@@ -138,3 +140,17 @@ def test_errors_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fewer than slices"):
         ens.fit()
     ens.close()
+
+
+def test_predict_takes_a_dataset_and_open_says_how_to_change_the_config(fitted: Ensemble) -> None:
+    from torch.utils.data import TensorDataset
+
+    expected = fitted.predict_proba(X[:50])
+    pairs = TensorDataset(torch.from_numpy(X[:50]), torch.from_numpy(Y[:50]))
+    assert np.array_equal(fitted.predict_proba(pairs), expected)
+    assert np.array_equal(fitted.predict_proba(TensorDataset(torch.from_numpy(X[:50]))), expected)
+    assert np.array_equal(fitted.predict(LabeledArrays(X[:50], Y[:50], np.arange(50))), expected.argmax(axis=1))
+    with pytest.raises(DataError, match="Dataset to predict on is empty"):
+        fitted.predict(TensorDataset(torch.from_numpy(X[:0])))
+    with pytest.raises(ConfigError, match=r"takes no config.*ens\.reconfigure\(config\)"):
+        Ensemble.open(fitted.path, small_config(), readonly=True)
