@@ -40,11 +40,14 @@ class LabeledArrays:
         x: float32, C-contiguous, shape ``(n, *feature_shape)``, ``n >= 1``.
         y: int64 labels, shape ``(n,)``.
         ids: int64 ids, shape ``(n,)``, unique, each in ``[0, MAX_ID]``.
+        numbered: True when no ids were given and ``ids`` is the placeholder ``0..n-1``: a store
+            that already holds samples numbers them after the largest id it has held instead.
     """
 
     x: np.ndarray
     y: np.ndarray
     ids: np.ndarray
+    numbered: bool = False
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -265,7 +268,7 @@ def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> Labeled
     else:
         xa, ya = to_numpy(x), to_numpy(y)
     xf = _check_x(xa, copy)
-    return LabeledArrays(xf, check_labels(ya, len(xf), num_classes), _check_ids(ids, len(xf)))
+    return LabeledArrays(xf, check_labels(ya, len(xf), num_classes), _check_ids(ids, len(xf)), numbered=ids is None)
 
 
 def as_arrays(x: Any, y: Any = None, ids: Any = None, *, num_classes: int) -> LabeledArrays:
@@ -276,7 +279,8 @@ def as_arrays(x: Any, y: Any = None, ids: Any = None, *, num_classes: int) -> La
             to float32, never rescaled), or a map-style torch Dataset of
             ``(features, label)`` items with ``y=None``.
         y: Integer labels of shape ``(n,)``; integral floats such as ``3.0`` are accepted.
-        ids: Unique sample ids in ``[0, MAX_ID]``; ``None`` means ``0..n-1``.
+        ids: Unique sample ids in ``[0, MAX_ID]``; ``None`` means ``0..n-1`` (marked
+            ``numbered``: ingesting into a store that holds samples continues after its largest id).
         num_classes: Labels must lie in ``[0, num_classes)``.
 
     Returns:

@@ -11,6 +11,7 @@ progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -27,7 +28,7 @@ from sisa.cli_format import ADDRESS_HELP, progress_bar, table
 from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.data import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
-from sisa.errors import DataError, SisaError
+from sisa.errors import ConfigError, DataError, SisaError
 from sisa.models import build_model
 from sisa.placement import check_shard_sizes, place
 
@@ -123,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             if shape is None:  # created, never ingested
                 train = load_split(cfg.data, "train")
                 shape = train.feature_shape
+            else:
+                _refuse_new_train_data(store, ens.config, cfg)
             test = load_split(cfg.data, "test")
             _preflight(cfg, shape, train)
             if cfg is not ens.config:
@@ -171,6 +174,32 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         for shard, info in report.rebound.items():
             print(f"shard {shard} was retrained from scratch in another determinism domain: {info['reason']}")
     return result
+
+
+# The data fields that decide what `train` ingests; on a store that holds samples they are not read again.
+_TRAIN_DATA_FIELDS = ("dataset", "train", "train_labels", "root", "label_column", "id_column", "train_limit")
+
+
+def _refuse_new_train_data(store: Path, stored: SisaConfig, cfg: SisaConfig) -> None:
+    """Refuse a ``train`` that points an ingested store at other training data.
+
+    ``train`` ingests only into a store that holds no samples yet; silently training the old
+    samples while the user believes the new file was read is the trap this closes.
+
+    Raises:
+        ConfigError: If a field in :data:`_TRAIN_DATA_FIELDS` differs from the stored config.
+    """
+    changed = [
+        f"data.{name}: {getattr(stored.data, name)!r} -> {getattr(cfg.data, name)!r}"
+        for name in _TRAIN_DATA_FIELDS
+        if getattr(stored.data, name) != getattr(cfg.data, name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"store {store} already holds its training data, so `sisa train` would not read the new setting "
+            f"({'; '.join(changed)}): add new samples with `sisa add --store {store} --input FILE` (npz, CSV or "
+            "IDX; they train as new slices), or train the new data into another --store"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -396,19 +425,67 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
-    """Add samples from an .npz file as new slices and train only those."""
-    from sisa.data import load_npz
+_FORMATS = ("npz", "csv", "idx")
 
+
+def _input_format(args: argparse.Namespace, cfg: SisaConfig) -> str:
+    """The format of ``sisa add --input``: ``--format``, else the file's suffix, else the store's dataset."""
+    if args.format:
+        return str(args.format)
+    name = Path(args.input).name.lower()
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".csv"):
+        return "csv"
+    if args.labels is not None or "ubyte" in name or "idx" in name:
+        return "idx"
+    if cfg.data.dataset in _FORMATS:
+        return cfg.data.dataset
+    raise DataError(f"cannot tell the format of {args.input}: pass --format {'|'.join(_FORMATS)}")
+
+
+def load_input(args: argparse.Namespace, cfg: SisaConfig) -> LabeledArrays:
+    """The samples ``sisa add --input`` names, in any format ``train`` reads (npz, CSV, IDX).
+
+    CSV files are read with the store's ``data.label_column`` and ``data.id_column``; an IDX
+    images file needs ``--labels``. Without ids in the file, the samples are numbered after the
+    largest id the store has held (see :meth:`Ensemble.ingest`).
+    """
+    fmt = _input_format(args, cfg)
+    if fmt == "idx" and args.labels is None:
+        raise DataError(f"{args.input} is read as IDX images: give its labels file with --labels FILE")
+    if fmt != "idx" and args.labels is not None:
+        raise DataError(f"--labels goes with IDX images only; {args.input} is read as {fmt}")
+    data_cfg = dataclasses.replace(
+        cfg.data, dataset=fmt, train=str(args.input), train_labels=args.labels, train_limit=None
+    )
+    return load_split(data_cfg, "train")
+
+
+def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
+    """Add samples from a file (npz, CSV or IDX) as new slices and train only those."""
     with _writer(args) as ens:
-        data = load_npz(args.input, num_classes=ens.config.data.num_classes)
+        data = load_input(args, ens.config)
+        numbered = data.numbered
+        if numbered:
+            data = ens.number_after_stored(data)
         bar, tick = _stage_bar(args, "training")
         report = ens.add(data, progress=tick)
         if bar is not None:
             bar.close()
-    result = {"added": len(data), "trained": {str(k): v for k, v in report.trained.items()}, "seconds": report.seconds}
+    result: dict[str, Any] = {
+        "added": len(data),
+        "ids": [int(data.ids.min()), int(data.ids.max())],
+        "numbered": numbered,
+        "trained": {str(k): v for k, v in report.trained.items()},
+        "seconds": report.seconds,
+    }
     if not args.json:
-        print(f"added {len(data)} samples; trained stages {result['trained']} in {report.seconds:.1f}s")
+        how = " (the file has no ids: numbered after the store's largest id)" if numbered else ""
+        print(
+            f"added {len(data)} samples, ids {result['ids'][0]}..{result['ids'][1]}{how}; "
+            f"trained stages {result['trained']} in {report.seconds:.1f}s"
+        )
     return result
 
 
@@ -540,8 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     au.set_defaults(func=cmd_audit)
 
-    ad = sub.add_parser("add", parents=[common, ray_opt, writer], help="add samples (.npz: x, y, ids) and train them")
-    ad.add_argument("--input", required=True, help=".npz file with x, y and optional ids")
+    ad = sub.add_parser(
+        "add", parents=[common, ray_opt, writer], help="add samples (npz, CSV or IDX) as new slices and train them"
+    )
+    ad.add_argument(
+        "--input",
+        required=True,
+        help="samples in any format train reads: .npz (x, y, optional ids), .csv (the store's data.label_column "
+        "and data.id_column) or IDX images (with --labels); without ids they continue after the store's largest id",
+    )
+    ad.add_argument("--format", choices=_FORMATS, help="the input's format (default: from its name)")
+    ad.add_argument("--labels", help="IDX labels file for IDX images")
     ad.set_defaults(func=cmd_add)
 
     re_ = sub.add_parser("resume", parents=[common, ray_opt, writer], help="finish interrupted deletions and training")

@@ -70,7 +70,7 @@ def _head(data: LabeledArrays, limit: int | None) -> LabeledArrays:
     """The first ``limit`` samples, copied so that the full arrays can be freed."""
     if limit is None or limit >= len(data):
         return data
-    return LabeledArrays(data.x[:limit].copy(), data.y[:limit].copy(), data.ids[:limit].copy())
+    return LabeledArrays(data.x[:limit].copy(), data.y[:limit].copy(), data.ids[:limit].copy(), data.numbered)
 
 
 def load_npz(path: str | os.PathLike[str], *, num_classes: int) -> LabeledArrays:

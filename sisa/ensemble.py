@@ -8,6 +8,7 @@ training or aggregation logic of its own.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sisa.arrays import check_labels
+from sisa.arrays import MAX_ID, check_labels
 from sisa.config import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
@@ -248,7 +249,9 @@ class Ensemble:
                 of ``(features, label)`` pairs (then ``y`` is None), or a
                 :class:`~sisa.data.LabeledArrays`.
             y: Integer labels in ``[0, num_classes)``.
-            ids: Unique non-negative int ids; default ``0..n-1``.
+            ids: Unique non-negative int ids; default ``0..n-1`` for a store's first samples,
+                and after the largest id the store has ever held for later ones (also for a
+                :class:`~sisa.data.LabeledArrays` loaded from a file without ids).
             new_slice: Append a slice per touched shard instead of the hashed slice.
             probabilities: Deletion probabilities aligned with the samples, for the
                 ``distribution-aware`` strategy; overrides the ``partition.probabilities`` file.
@@ -262,6 +265,8 @@ class Ensemble:
             ConfigError: If ``partition.bound`` cuts the data into another number of shards.
         """
         data = x if isinstance(x, LabeledArrays) else as_arrays(x, y, ids, num_classes=self.config.data.num_classes)
+        if data.numbered:
+            data = self.number_after_stored(data)
         shape = self.feature_shape
         if shape is not None and data.feature_shape != shape:
             raise DataError(
@@ -292,12 +297,49 @@ class Ensemble:
                 for s in np.unique(shard).tolist():
                     counts[s] += 1
             self.store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
-            extra = {} if masses is None else {"shard_mass": masses}
+            extra: dict[str, Any] = {} if masses is None else {"shard_mass": masses}
+            # The largest id ever stored, so that unnumbered data added later (even after that id
+            # was deleted, when no record of it is left in the clear) never reuses an id.
+            extra["next_id"] = max(int(self.store.meta(txn).get("next_id", 0)), int(data.ids.max()) + 1)
             self.store.put_meta(txn, feature_shape=list(data.feature_shape), shard_slices=counts, **extra)
 
         self.store.write(change)
         log.info("ingested %d samples into %s", len(data), self.path)
         return len(data)
+
+    def number_after_stored(self, data: LabeledArrays) -> LabeledArrays:
+        """``data`` whose ids were not given, numbered after the largest id this store has held.
+
+        The first ingest keeps ``0..n-1``; later ones (``add`` without ids) continue from the
+        store's ``next_id`` (for stores written before it was kept: the largest stored id + 1).
+        :meth:`ingest` calls it for data marked ``numbered``; call it first to learn the ids.
+
+        Args:
+            data: Validated samples; returned unchanged unless ``data.numbered``.
+
+        Returns:
+            The same samples with their ids (no longer marked ``numbered``).
+
+        Raises:
+            DataError: If the numbers would pass ``2**63 - 2``.
+        """
+        if not data.numbered:
+            return data
+        with self.store.read() as txn:
+            start = self.store.meta(txn).get("next_id")
+            if start is None:
+                cursor = txn.cursor(db=self.store.db("samples"))
+                start = struct.unpack(">Q", bytes(cursor.key()))[0] + 1 if cursor.last() else 0
+        start = int(start)
+        if start == 0:
+            return data
+        if start + len(data) - 1 > MAX_ID:
+            raise DataError(
+                f"numbering {len(data)} new samples after the store's largest id {start - 1} would pass "
+                f"{MAX_ID}; give them ids"
+            )
+        log.info("no ids given: numbering %d samples %d..%d", len(data), start, start + len(data) - 1)
+        return LabeledArrays(data.x, data.y, np.arange(start, start + len(data), dtype=np.int64))
 
     # -------------------------------------------------------------------- train
     def slice_counts(self, txn: Any) -> list[int]:

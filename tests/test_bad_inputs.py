@@ -567,6 +567,14 @@ CLI_ON_STORE = [
     pytest.param(["add", "--input", "{dir}/stored_ids.npz"], "already in the store (first: 1)", id="add-stored-ids"),
     pytest.param(["add", "--input", "{dir}/nan.npz"], "NaN/inf value(s)", id="add-nan"),
     pytest.param(["add", "--input", "{dir}/bad_label.npz"], "in [0, 3); found 7", id="add-label-out-of-range"),
+    pytest.param(["add", "--input", "{dir}/images.idx"], "give its labels file with --labels", id="add-idx-no-labels"),
+    pytest.param(
+        ["add", "--input", "{dir}/nan.npz", "--labels", "{dir}/nan.npz"], "--labels goes with IDX", id="add-labels-npz"
+    ),
+    pytest.param(
+        ["add", "--input", "{dir}/ids_float"], "ids_float is not an .npz archive", id="add-read-as-store-format"
+    ),
+    pytest.param(["train", "data.train={dir}/nan.npz"], "already holds its training data", id="train-other-data"),
     # train on the existing store
     pytest.param(["train", "train.epochs=0"], "train.epochs=0 must be >= 1", id="train-zero-epochs"),
     pytest.param(["train", "train.lr=.inf"], "train.lr=inf must be > 0 and finite", id="train-infinite-lr"),
