@@ -36,6 +36,7 @@ __all__ = ["main"]
 
 EXIT_ERROR = 2
 EXIT_FAILED_CHECK = 1  # verify or audit ran and found a problem
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class VerificationError(Exception):
@@ -649,6 +650,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind, and the command that finishes it."""
+    store = getattr(args, "store", None)
+    if store is None or args.command not in ("train", "delete", "apply", "add", "resume"):
+        return "interrupted"
+    again = " (or the same `sisa train` command)" if args.command == "train" else ""
+    return (
+        f"interrupted: every stage committed so far is kept in {store}, and a journaled deletion stays pending; "
+        f"`sisa resume --store {store}`{again} finishes the training and any interrupted deletion"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sisa`` command line.
 
@@ -666,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = args.func(args)
+    except KeyboardInterrupt:
+        print(_interrupted_message(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except VerificationError as failed:
         if args.json:
             print(json.dumps(failed.result, sort_keys=True))

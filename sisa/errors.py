@@ -47,6 +47,10 @@ class NotTrainedError(SisaError):
     """Prediction was asked of an ensemble with no live shard models."""
 
 
+class ClusterConnectionError(SisaError):
+    """The Ray cluster at the given address cannot be reached or joined (wrong address, no token)."""
+
+
 class DomainUnavailableError(SisaError):
     """No node of a shard's determinism domain is available to retrain or replay it."""
 

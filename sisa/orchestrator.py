@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -32,7 +33,7 @@ import ray
 from sisa import local_runner, routing
 from sisa.config import ResourcesConfig
 from sisa.domain import Domain, unavailable_message
-from sisa.errors import DomainUnavailableError, SisaError, TrainingError
+from sisa.errors import ClusterConnectionError, DomainUnavailableError, SisaError, TrainingError
 from sisa.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Unavailable",
     "available_domains",
     "connect",
+    "connect_unless_local",
     "execute",
     "run_jobs",
     "ship",
@@ -87,23 +89,104 @@ class Retry:
     error: str
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join a Ray cluster, or start a local instance, unless Ray is already up.
+# Seconds to wait for the cluster's port to answer before giving up (a wrong host or port).
+CONNECT_TIMEOUT = 10.0
+
+_TOKEN_ADVICE = (
+    "if the cluster uses token authentication (Ray 2.60 clusters do by default), set RAY_AUTH_MODE=token "
+    "and give the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+    "(a token alone is not used for an explicit address)"
+)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a Ray address (``host:port``, ``ray://host[:port]``), or None if it names none."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep:  # ray://host: the Ray Client's default port
+        return (rest, 10001) if address.startswith("ray://") and rest else None
+    if not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raise ClusterConnectionError unless ``address``'s port accepts a connection within ``timeout`` s.
+
+    ``ray.init`` itself retries an address that does not answer for many minutes; this
+    pre-check bounds that to ``timeout``.
+    """
+    if address == "auto":
+        from ray._private import services
+
+        try:
+            address = services.canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            raise ClusterConnectionError(
+                f"--address auto found no running Ray cluster on this machine ({exc}); start one with "
+                "`ray start --head`, or give its address (host:6379, printed by `ray start`)"
+            ) from None
+    where = _host_port(address)
+    if where is None:
+        return  # let ray.init judge the form
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterConnectionError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}, waited up to {timeout:g}s): check the "
+            "address (the GCS address host:6379 that `ray start --head` prints, or ray://host:10001 for Ray Client; "
+            "not the dashboard's http://host:8265) and that the cluster is running"
+        ) from None
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Join a Ray cluster, or start a new local instance, unless Ray is already up.
+
+    Without an address (nor ``RAY_ADDRESS``) this always starts a new local instance,
+    also when a cluster was started on this machine with ``ray start`` (which a plain
+    ``ray.init()`` would join): a cluster is joined only when it is named.
 
     Args:
         address: Ray address (``auto``, ``ray://host:10001``, ``host:6379``); falls
             back to ``RAY_ADDRESS`` and then to a new local instance. (``local``, no
             Ray at all, is handled by :func:`execute`.)
         num_cpus: CPUs of a new local instance (default: all cores).
+        timeout: Seconds to wait for the cluster's port to answer.
+
+    Raises:
+        ClusterConnectionError: If the cluster does not answer within ``timeout`` seconds,
+            or refuses to be joined (a missing auth token, say); the message names the
+            address and the token settings.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if address is None:
-        kwargs["num_cpus"] = num_cpus
-    log.info("starting Ray (%s)", address or "local instance")
-    ray.init(address=address, **kwargs)
+        log.info("starting a local Ray instance")
+        # Ray's own "local": a new instance, never a cluster `ray start` left on this machine.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        return
+    _check_reachable(address, timeout)
+    log.info("joining the Ray cluster at %s", address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise ClusterConnectionError(f"could not join the Ray cluster at {address} ({exc}); {_TOKEN_ADVICE}") from exc
+
+
+def connect_unless_local(address: str | None) -> None:
+    """Connect as :func:`connect` does, unless ``address`` (or ``RAY_ADDRESS``) is ``local``.
+
+    Called before a change that will need Ray (a deletion is journaled only once its
+    retrain can start), so a wrong address fails before anything is written.
+
+    Raises:
+        ClusterConnectionError: As :func:`connect`.
+    """
+    if (address or os.environ.get("RAY_ADDRESS")) != LOCAL:
+        connect(address)
 
 
 def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:

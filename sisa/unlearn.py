@@ -237,6 +237,8 @@ def delete(
 
     Raises:
         DataError: On malformed ids or ids the store never held; nothing is changed.
+        ClusterConnectionError: If the Ray cluster cannot be joined (unless ``defer``);
+            checked before journaling, so nothing is changed.
     """
     wanted = normalize_ids(ids)
     store = ens.store
@@ -255,6 +257,12 @@ def delete(
     named = sorted({rid for rid in gone.values() if rid in waiting})  # journaled, never applied: a retry
     if not present and not named:
         return {"state": "noop", "request_id": None, "deleted": 0, "already_deleted": len(gone), "retrained_shards": []}
+    if not defer:
+        # The retrain needs Ray: join the cluster before journaling, so a wrong address or a
+        # missing token fails with nothing written (no request pending, no shard out of service).
+        from sisa import orchestrator  # the one Ray import; deferred deletions stay Ray-free
+
+        orchestrator.connect_unless_local(ens.address)
     own: int | None = None
     if present:
         meta = {"already_deleted": len(gone), "defer": defer, "policy": ens.config.unlearn.policy}

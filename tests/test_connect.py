@@ -1,0 +1,87 @@
+"""Joining Ray from the CLI: a wrong address fails fast with nothing changed; Ctrl-C says how to resume.
+
+Each command runs in its own process: this test process has no Ray (stores train with
+``address="local"``), so the child's connection is really attempted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, small_config, store_digest
+
+
+def sisa(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sisa.cli ARGS`` (a hang fails by ``timeout``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sisa.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_delete_with_an_unreachable_address_fails_fast_and_changes_nothing(
+    tmp_path: Path, env_python: dict[str, str]
+) -> None:
+    x, y = blobs(300, d=6)
+    with Ensemble.create(tmp_path / "st", small_config(), address="local") as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    before = store_digest(tmp_path / "st")
+    env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
+    # Port 1 refuses at once: before the fix Ray retried it for ten minutes and more, holding the
+    # writer lock, with the request already journaled and its shard out of service.
+    out = sisa(["delete", "--store", str(tmp_path / "st"), "--ids", "17", "--address", "127.0.0.1:1"], env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: cannot reach a Ray cluster at 127.0.0.1:1"), out.stderr
+    assert "Traceback" not in out.stderr
+    assert store_digest(tmp_path / "st") == before
+    with Ensemble.open(tmp_path / "st", readonly=True) as ens:
+        assert ens.pending() == []
+    # The lock was released: a writer opens it at once, and the id is still there to delete.
+    with Ensemble.open(tmp_path / "st", address="local") as ens:
+        assert ens.delete([17])["state"] == "applied"
+
+
+def test_ctrl_c_during_train_says_how_to_resume(tmp_path: Path, env_python: dict[str, str]) -> None:
+    x, y = blobs(4200, d=10)
+    np.savez(tmp_path / "train.npz", x=x[:4000], y=y[:4000])
+    np.savez(tmp_path / "test.npz", x=x[4000:], y=y[4000:])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "shards: 2\nslices: 2\n"
+        f"data: {{dataset: npz, train: {tmp_path / 'train.npz'}, test: {tmp_path / 'test.npz'}, num_classes: 3}}\n"
+        "model: {hidden: [16]}\ntrain: {epochs: 200, batch_size: 32, lr: 0.01}\n"
+    )
+    store = tmp_path / "st"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sisa.cli", "train", "--config", str(config), "--store", str(store)]
+        + ["--address", "local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_python,
+    )
+    try:
+        # The store exists once the samples are ingested; training (minutes of it) follows.
+        while not (store / "data.mdb").exists() and child.poll() is None:
+            time.sleep(0.1)
+        time.sleep(1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"interrupted: every stage committed so far is kept in {store}" in err
+    assert f"`sisa resume --store {store}` (or the same `sisa train` command)" in err
+    with Ensemble.open(store, readonly=True) as ens:  # what was written is a consistent store
+        assert ens.status()["samples"] == 4000
