@@ -127,3 +127,15 @@ def test_add_reads_idx_and_says_what_it_needs(tmp_path: Path, capsys: pytest.Cap
         capsys, "add", "--store", str(store), "--input", images_b, "--labels", str(tmp_path / "b-labels-idx1-ubyte.gz")
     )
     assert added["added"] == 30 and added["ids"] == [90, 119]
+
+
+def test_ingest_without_ids_continues_after_the_largest_id(tmp_path: Path) -> None:
+    """The Python API follows the same rule as `sisa add`: only a store's first samples get 0..n-1."""
+    x, y = blobs(100, d=6, seed=2)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x[:40], y[:40])
+        ens.ingest(x[40:70], y[40:70], ids=np.arange(30) + 500)
+        ens.ingest(x[70:], y[70:])  # used to collide with 0..29
+        assert ens.status()["samples"] == 100
+        assert [r["in_store"] for r in ens.lookup([0, 39, 500, 529, 530, 559])] == [True] * 6
+        assert ens.lookup([560])[0]["in_store"] is False
