@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from sisa import domain as domains
 from tests.conftest import ROOT
 
@@ -52,19 +50,17 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
     # It restarted itself pinned, so serial and monolithic training ran in its own process.
     assert result["pinned"] == {"cpu_isa": "avx2", "from_start": True}
     shards, slices = result["config"]["shards"], result["config"]["slices"]
+    # (The timing ratios, e.g. throughput_ratio and deletion_speedup, are the script's own divisions
+    # of wall times: a test can only restate them, so it does not.)
     for run in ("packed", "serial", "repeat"):
         fitted = result[run]
         assert fitted["stages"] == shards * slices and len(fitted["weights"]) == shards
-        assert fitted["sample_epochs_per_s"] == pytest.approx(fitted["work_sample_epochs"] / fitted["fit_s"])
         assert fitted["work_sample_epochs"] == result["packed"]["work_sample_epochs"]
     assert result["packed_equals_serial"] is True  # Ray, packed, and in-process one by one: same bytes
     assert result["serial"]["weights"] == result["packed"]["weights"]
-    assert result["throughput_ratio"] == pytest.approx(result["serial"]["fit_s"] / result["packed"]["fit_s"])
-    assert result["deletion_speedup"] == pytest.approx(result["monolithic"]["seconds"] / result["deletion"]["wall_s"])
     bf16 = result["bf16"]
     assert bf16["precision"] == "bf16" and bf16["repeat_identical"] is True
     assert bf16["differs_from_config_precision"] is True
-    assert bf16["speedup_vs_config_precision"] == pytest.approx(result["monolithic"]["seconds"] / bf16["seconds"])
 
     # The domain it printed is the live shards' domain, every stage's, and the one a pinned process measures.
     printed = re.findall(r"^domain: ([0-9a-f]{16}) \(", proc.stdout, flags=re.MULTILINE)
@@ -113,4 +109,3 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
         True,
     )
     assert result["ok"] is True and "all checks hold" in proc.stdout
-    assert result["total_s"] >= result["warmup_s"] + result["packed"]["fit_s"] + result["serial"]["fit_s"]
