@@ -91,7 +91,7 @@ def test_add_from_npz_then_resume(store: Path, tmp_path: Path, capsys: pytest.Ca
     added = run_json(capsys, "add", "--store", str(store), "--input", str(tmp_path / "new.npz"))
     assert added["added"] == 20 and all(v == [4] for v in added["trained"].values())
     resumed = run_json(capsys, "resume", "--store", str(store))
-    assert resumed == {"applied": [], "trained": {}}
+    assert resumed == {"applied": [], "trained": {}, "rebound": {}}
     assert run_json(capsys, "verify", "--store", str(store))["ok"]
 
 
