@@ -5,8 +5,10 @@ Every bad input raises a :class:`~sisa.errors.DataError` that names the problem 
 
 from __future__ import annotations
 
+import decimal
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     "as_arrays",
     "check_id_values",
     "check_labels",
+    "parse_id_text",
     "to_numpy",
     "validated",
 ]
@@ -210,6 +213,31 @@ def check_id_values(ids: Any) -> np.ndarray:
         why = _id_problem(v, 2 ** (np.finfo(a.dtype).nmant + 1) if a.dtype.kind == "f" else None)
         raise DataError(f"{ID_RULE}; found {v.item()!r} at position {p}: {why}; {_ID_FIX}")
     return np.array(a, dtype=np.int64, copy=True)
+
+
+# ASCII decimal only: int() and Decimal() would also take "1_000", "+5" spelled oddly and "١٢".
+_ID_TEXT = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
+
+
+def parse_id_text(text: str) -> int:
+    """One sample id written as text (CLI ``--ids``, ids files, CSV cells): the id rule for text.
+
+    Read exactly, as a decimal, never through a float: ``17``, ``17.0`` and ``1.7e1`` are 17,
+    and an id above ``2**53`` keeps every digit. The range is checked by :func:`check_id_values`.
+
+    Raises:
+        ValueError: On anything else (``17.5``, ``0x10``, ``1_000``, ``nan``, non-ASCII digits),
+            or a number of 19 digits or more (outside ``[0, 2**63 - 2]`` in any case).
+    """
+    item = text.strip()
+    if not _ID_TEXT.fullmatch(item):
+        raise ValueError(f"{item[:40]!r} is not an integer id")
+    value = decimal.Decimal(item)
+    if value.adjusted() >= 19:  # checked before int(): "1e999999999" would build a huge integer
+        raise ValueError(f"{item[:40]!r} is outside [0, 2**63 - 2]")
+    if value != value.to_integral_value():
+        raise ValueError(f"{item[:40]!r} is not an integer id (it has a fractional part)")
+    return int(value)
 
 
 def _check_ids(ids: Any, n: int) -> np.ndarray:

@@ -7,7 +7,6 @@ Validation itself lives in :mod:`sisa.arrays` (re-exported here); every bad inpu
 from __future__ import annotations
 
 import csv
-import decimal
 import difflib
 import gzip
 import hashlib
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sisa.arrays import MAX_ID, LabeledArrays, as_arrays, validated
+from sisa.arrays import MAX_ID, LabeledArrays, as_arrays, parse_id_text, validated
 from sisa.config import DataConfig
 from sisa.errors import DataError
 
@@ -254,27 +253,20 @@ def load_csv(
 def _csv_ids(path: Path, rows: Sequence[tuple[int, list[str]]], col: int, name: str) -> list[int]:
     """The id column read exactly: ``1000000006891``, ``1000000006891.0`` and ``1.000000006891e12`` are one id.
 
-    Cells are parsed as decimals, never through a float, so an id above 2**53 is kept digit for
-    digit; a cell that is not a whole number is refused with its line. The range is then checked
-    by the one id rule (:func:`sisa.arrays.check_id_values`) when the arrays are validated.
+    Cells follow the one rule for ids written as text (:func:`sisa.arrays.parse_id_text`, as for
+    ``sisa delete --ids``): decimals, never parsed through a float, so an id above 2**53 keeps
+    every digit; a cell that is not a whole number is refused with its line. The range is then
+    checked by :func:`sisa.arrays.check_id_values` when the arrays are validated.
     """
     ids: list[int] = []
     for line, row in rows:
-        cell = row[col].strip()
         try:
-            value = decimal.Decimal(cell)
-        except decimal.InvalidOperation:
-            value = None
-        if value is not None and value.is_finite() and value.adjusted() >= 19:  # >= 1e19: no int64 id
+            ids.append(parse_id_text(row[col]))
+        except ValueError as exc:
             raise DataError(
-                f"{path} line {line}, column {name!r}: {cell!r} is outside [0, 2**63 - 2]; fix or drop that row"
-            )
-        if value is None or not value.is_finite() or value != value.to_integral_value():
-            raise DataError(
-                f"{path} line {line}, column {name!r}: {cell!r} is not an integer id "
-                "(ids are whole numbers such as 17 or 17.0); fix or drop that row"
-            )
-        ids.append(int(value))
+                f"{path} line {line}, column {name!r}: {exc} (ids are whole numbers such as 17 or 17.0); "
+                "fix or drop that row"
+            ) from None
     return ids
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from sisa.arrays import check_id_values, to_numpy
+from sisa.arrays import check_id_values, parse_id_text, to_numpy
 from sisa.audit import append_entry, keyed_hash
 from sisa.domain import Domain, domain_id, unavailable_message
 from sisa.errors import DataError, DomainUnavailableError
@@ -74,19 +73,14 @@ def normalize_ids(ids: Any) -> list[int]:
     return list(dict.fromkeys(check_id_values(ids).tolist()))
 
 
-_ID_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_000" and "١٢"
-
-
 def parse_id(text: str) -> int:
-    """One sample id written in decimal ASCII digits.
+    """One sample id written as text: the rule of :func:`sisa.arrays.parse_id_text`, as for CSV cells.
 
     Raises:
-        ValueError: On anything else, including ``1_000``, ``+5``, ``0x10`` and non-ASCII digits.
+        ValueError: On anything but an ASCII decimal whole number (``17``, ``17.0``, ``1.7e1``),
+            including ``17.5``, ``1_000``, ``+5``, ``0x10`` and non-ASCII digits.
     """
-    item = text.strip()
-    if not _ID_TEXT.fullmatch(item):
-        raise ValueError(f"{item[:40]!r} is not an integer id")
-    return int(item)
+    return parse_id_text(text)
 
 
 def read_ids_file(path: str | Path) -> list[int]:

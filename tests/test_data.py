@@ -316,6 +316,19 @@ def test_csv_id_column_is_read_exactly(tmp_path: Path) -> None:
             load_csv(path, num_classes=2, id_column="id")
 
 
+def test_ids_written_as_text_follow_one_rule() -> None:
+    """CSV cells, ``sisa delete --ids`` and ids files read ids alike: exact decimals, whole numbers only."""
+    from sisa.arrays import parse_id_text
+    from sisa.unlearn import parse_id
+
+    for text, value in (("17", 17), (" 17.0 ", 17), ("1.7e1", 17), ("1152921504606846977", 2**60 + 1), ("-3", -3)):
+        assert parse_id_text(text) == parse_id(text) == value
+    assert parse_id("1152921504606846977.00") == 2**60 + 1  # through a float it would be 2**60
+    for bad in ("17.5", "1e-3", "0x10", "1_000", "+5", "nan", "inf", "\u0661\u0662", "", "1e999999999"):
+        with pytest.raises(ValueError):
+            parse_id(bad)
+
+
 def test_csv_with_an_id_column_needs_data_id_column(tmp_path: Path) -> None:
     """Regression: an ``id`` column became a feature (values near 1e12) and the model trained to chance."""
     path = tmp_path / "d.csv"
