@@ -27,6 +27,7 @@ from sisa import cli_evaluate
 from sisa.cli_format import ADDRESS_HELP, progress_bar, table
 from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.data import LabeledArrays, load_split
+from sisa.domain import DOMAIN_FIX, missing_reason
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, SisaError
 from sisa.models import build_model
@@ -173,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 f"resumed after stage {retry['after_stage']} (retry {retry['attempt']})"
             )
         for shard, info in report.rebound.items():
-            print(f"shard {shard} was retrained from scratch in another determinism domain: {info['reason']}")
+            print(f"shard {shard} was retrained from scratch (rebound): {info['reason']}")
     return result
 
 
@@ -284,7 +285,7 @@ def _print_certificate(cert: dict[str, Any]) -> None:
     print(table(["shard", "from slice", "removed ckpts", "new ckpts", "new live checkpoint"], rows))
     for k, v in cert["shards"].items():
         if v.get("rebound"):
-            print(f"shard {k} was retrained from scratch in another determinism domain: {v['rebind_reason']}")
+            print(f"shard {k} was retrained from scratch (rebound): {v['rebind_reason']}")
     if "seconds" in cert:
         applied = f"applied in {cert['apply_seconds']:.2f}s, " if "apply_seconds" in cert else ""
         print(f"done: {applied}{cert['seconds']:.2f}s since the request was journaled; audit entry {cert['audit_seq']}")
@@ -356,9 +357,11 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in result["shards"].items()
         ]
         print(table(["shard", "samples", "domain", "live weights", "replay weights", "", ""], rows))
-        for k, v in result["shards"].items():
-            if v.get("reason") == "domain_unavailable":
-                print(f"shard {k}: {v['message']}", file=sys.stderr)
+        missing = {k: v for k, v in result["shards"].items() if v.get("reason") == "domain_unavailable"}
+        for k, v in missing.items():
+            print(f"shard {k}: {missing_reason(v['needs'], '?', v['available'])}", file=sys.stderr)
+        if missing:
+            print(DOMAIN_FIX, file=sys.stderr)
         if result["ok"]:
             print("verify: OK, every live model is bit-identical to a retrain from scratch in its domain")
         elif result.get("reason") == "domain_unavailable":

@@ -31,7 +31,9 @@ __all__ = [
     "Domain",
     "current",
     "describe",
+    "DOMAIN_FIX",
     "domain_id",
+    "missing_reason",
     "pin_env",
     "pinned_from_start",
     "unavailable_message",
@@ -266,6 +268,34 @@ def domain_id(record: Mapping[str, Any] | None) -> str | None:
     return str(domain["id"]) if isinstance(domain, Mapping) and "id" in domain else None
 
 
+def missing_reason(
+    needed: Mapping[str, Any] | None, needed_id: str, available: Sequence[Domain | Mapping[str, Any]]
+) -> str:
+    """Why a shard cannot be retrained or replayed here, in one clause: its domain, and what exists.
+
+    Args:
+        needed: The domain record the shard was trained in (None when only the id is known).
+        needed_id: That domain's id.
+        available: The domains that are available.
+
+    Returns:
+        ``no node here trains in its determinism domain ... (available: ...)``.
+    """
+    have = "; ".join(describe(d) for d in available) or "none"
+    what = describe(needed) if needed else needed_id
+    return f"no node here trains in its determinism domain {what} (available: {have})"
+
+
+# The explanation and the fix, said once after the shard-by-shard reasons.
+DOMAIN_FIX = (
+    "A retrain or replay in another domain differs in the last bits without anything being wrong, so sisa "
+    "does not run it there. Fix: add a node in that domain (same CPU vendor and kernel level, torch build and "
+    "threads; `sisa domains --store STORE` lists the domain of each node and shard, docs/cluster.md 'What "
+    "verify proves, and where' says how), or let a deletion rebind the shard (resources.on_missing_domain: "
+    "rebind retrains it from scratch where nodes exist)"
+)
+
+
 def unavailable_message(
     shard: int, needed: Mapping[str, Any] | None, needed_id: str, available: Sequence[Domain | Mapping[str, Any]]
 ) -> str:
@@ -280,13 +310,4 @@ def unavailable_message(
     Returns:
         The message.
     """
-    have = "; ".join(describe(d) for d in available) or "none"
-    what = describe(needed) if needed else needed_id
-    return (
-        f"shard {shard} was trained in determinism domain {what}, and no node here trains in it "
-        f"(available: {have}). A retrain or replay in another domain differs in the last bits without anything "
-        "being wrong, so sisa does not run it there. Fix: add a node in that domain (same CPU vendor and kernel "
-        "level, torch build and threads; `sisa domains --store STORE` lists the domain of each node and shard, "
-        "docs/cluster.md 'What verify proves, and where' says how), or let a deletion rebind the shard "
-        "(resources.on_missing_domain: rebind retrains it from scratch where nodes exist)"
-    )
+    return f"shard {shard}: {missing_reason(needed, needed_id, available)}. {DOMAIN_FIX}"

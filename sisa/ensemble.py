@@ -22,7 +22,7 @@ from sisa.arrays import MAX_ID, check_labels
 from sisa.config import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
 from sisa.data import LabeledArrays, as_arrays
 from sisa.digests import checkpoint_key, manifest_digest
-from sisa.domain import Domain, domain_id, unavailable_message
+from sisa.domain import Domain, domain_id, missing_reason, unavailable_message
 from sisa.errors import ConfigError, DataError, DomainUnavailableError, NotTrainedError, StoreError
 from sisa.placement import check_shard_sizes, place
 from sisa.serving import Serving
@@ -538,13 +538,13 @@ class Ensemble:
         def unavailable(job: ShardJob, available: list[Domain]) -> ShardJob:
             with self.store.read() as txn:
                 needed = (self.store.stage_record(txn, job.shard, job.start_stage) or {}).get("domain")
-            message = unavailable_message(job.shard, needed, job.domain or "?", available)
             if cfg.resources.on_missing_domain == "refuse":
-                raise DomainUnavailableError(message)
+                raise DomainUnavailableError(unavailable_message(job.shard, needed, job.domain or "?", available))
             # Rebind: from scratch wherever nodes exist; stage 1's key names the new domain, so
             # committing it drops every stage of the old chain (they descend from another domain).
-            log.warning("rebinding shard %d: %s", job.shard, message)
-            report.rebound[job.shard] = {"from_domain": job.domain, "reason": message}
+            reason = missing_reason(needed, job.domain or "?", available)
+            log.info("rebinding shard %d (retraining it from scratch): %s", job.shard, reason)
+            report.rebound[job.shard] = {"from_domain": job.domain, "reason": reason}
             return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
 
         jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))

@@ -397,10 +397,7 @@ def _rebind(info: dict[str, Any], live: dict[str, Any] | None, rebound: dict[str
     before, now = info.get("clean_domain"), domain_id(live)
     if rebound is None and (before is None or now is None or before == now):
         return {"rebound": False}
-    reason = (rebound or {}).get("reason") or (
-        "no node of the determinism domain of its last clean checkpoint was available, so it was retrained "
-        "from scratch in another (resources.on_missing_domain: rebind)"
-    )
+    reason = (rebound or {}).get("reason") or f"no node here trained in its determinism domain {before}"
     return {"rebound": True, "from_slice": 1, "restart_stage": 0, "rebind_reason": reason}
 
 

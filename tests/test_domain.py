@@ -262,7 +262,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     for key, shard in result["shards"].items():
         assert shard["reason"] == "domain_unavailable" and shard["replay_weights"] is None
         assert shard["needs"]["id"] == here.id and [d["cpu_kernels"] for d in shard["available"]] == [other.upper()]
-        assert f"shard {key} was trained in determinism domain {here.id}" in shard["message"]
+        assert f"shard {key}: no node here trains in its determinism domain {here.id}" in shard["message"]
         assert "add a node in that domain" in shard["message"]
     text = subprocess.run(
         [sys.executable, "-m", "sisa.cli", "verify", "--store", str(path), "--address", "local", "--shard", "1"],
@@ -273,7 +273,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     )
     assert text.returncode == 2 and "NOT CHECKED" in text.stdout and "FAIL" not in text.stdout
     assert "verify: INCOMPLETE, no tampering found" in text.stdout
-    assert "shard 1 was trained in determinism domain" in text.stderr
+    assert "shard 1: no node here trains in its determinism domain" in text.stderr
     rc, found, err = cli("domains", "--store", str(path), "--address", "local", **elsewhere)
     assert rc == 0 and [m["shards"] for m in found["missing"]] == [[0, 1, 2]], (found, err)
     assert found["missing"][0]["domain"]["id"] == here.id and found["available"][0]["shards"] == []
@@ -282,7 +282,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     # refuse: the request is journaled (its sample is gone), the retrain refused, the request pending
     rc, result, err = cli("delete", "--store", str(path), "--ids", str(victim), "--address", "local", **elsewhere)
     assert rc == 2 and result["error"] == "DomainUnavailableError", (result, err)
-    assert f"shard 2 was trained in determinism domain {here.id}" in result["message"]
+    assert f"shard 2: no node here trains in its determinism domain {here.id}" in result["message"]
     assert "stay pending" in result["message"]
     with Ensemble.open(path, readonly=True) as ens:
         assert [r["shards"] for r in ens.pending()] == [{"2": ens.pending()[0]["shards"]["2"]}]
