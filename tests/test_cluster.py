@@ -634,6 +634,91 @@ def test_job_submit_runs_every_shard_on_a_worker_node(
     assert (store / "data.mdb").exists()
 
 
+DOCS = ROOT / "docs" / "cluster.md"
+CUSTOM_MODEL = """
+from torch import nn
+
+
+def build(input_shape, num_classes, **options):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 8), nn.ReLU(), nn.Linear(8, num_classes))
+"""
+
+
+def documented_job_commands() -> str:
+    """The bash block of docs/cluster.md's ``ray job submit`` section, as written there."""
+    text = DOCS.read_text()
+    section = text[text.index("### `ray job submit` (recommended)") :]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.cluster
+def test_documented_job_submit_commands_work_verbatim(cluster: Cluster, workload: Workload) -> None:
+    # The docs' lines, with their placeholders filled: the cluster's dashboard, its token, a config
+    # and a store on the driver's side. Only the `pip install` line is left out (this venv already
+    # has what `.[cluster]` adds, on the PYTHONPATH of cluster.env).
+    block = documented_job_commands()
+    store = workload.driver / "documented"
+    filled = {
+        "http://HEAD:8265": cluster.url,
+        "RAY_AUTH_TOKEN=TOKEN": f"RAY_AUTH_TOKEN={cluster.token}",
+        "configs/fashion_mnist.yaml": str(workload.driver / "documented.yaml"),
+        "/data/sisa/fm": str(store),
+    }
+    for placeholder, value in filled.items():
+        assert placeholder in block, placeholder
+        block = block.replace(placeholder, value)
+    script = "set -e\n" + "\n".join(line for line in block.splitlines() if not line.startswith("pip install"))
+    # Data with the ids the docs delete; a custom model that the workers can only get from the
+    # shipped working directory (the worker nodes cannot see the driver's directory either).
+    x, y = blobs(400, d=10)
+    ids = np.arange(400, dtype=np.int64)
+    ids[:3] = [17, 4242, 9001]
+    ids[3:] = np.arange(10_000, 10_397)
+    np.savez(workload.driver / "documented.npz", x=x, y=y, ids=ids)
+    (workload.driver / "documented.yaml").write_text(
+        workload.config.read_text()
+        .replace(str(workload.driver / "train.npz"), str(workload.driver / "documented.npz"))
+        .replace("model: {name: mlp, hidden: [16]}", "model: {name: 'mymodels:build'}")
+        .replace("train: {epochs: 24,", "train: {epochs: 2,")
+    )
+    repo = cluster.base / "repo"  # "a checkout of this repository": sisa/ and the custom model
+    shutil.copytree(workload.workdir, repo)
+    (repo / "mymodels.py").write_text(CUSTOM_MODEL)
+    # The docs' `export` is what authenticates: the environment has no RAY_ settings of its own.
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    out = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert out.stdout.count("succeeded") >= 3, out.stdout[-4000:]
+    with Ensemble.open(store, readonly=True) as ens:
+        assert ens.config.model.name == "mymodels:build"
+        assert ens.status()["samples"] == 397
+        assert [c["deleted"] for c in ens.certificates()] == [3]
+        assert ens.audit().ok
+
+
+@pytest.mark.cluster
+def test_an_unset_address_starts_a_new_local_instance_beside_a_cluster_on_the_machine(
+    cluster: Cluster, workload: Workload, env_python: dict[str, str]
+) -> None:
+    # Where Ray looks for "the cluster started on this machine" (what `ray start` writes): a bare
+    # ray.init() would join it. sisa without an address must start its own instance instead.
+    tmp = cluster.base / "t"
+    (tmp / "ray").mkdir(parents=True)
+    (tmp / "ray" / "ray_current_cluster").write_text(cluster.gcs)
+    config = workload.driver / "local.yaml"
+    config.write_text(
+        workload.config.read_text().replace(", custom: {sisa_worker: 1}", "").replace("epochs: 24", "epochs: 2")
+    )
+    env = {k: v for k, v in env_python.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
+    store = workload.driver / "local"
+    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", str(config), "--store", str(store), "--json"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Started a local Ray instance" in out.stderr, out.stderr[-4000:]
+    assert "Connecting to existing Ray cluster" not in out.stderr
+
+
 def shard_nodes(tasks: list[dict[str, Any]]) -> dict[int, set[str]]:
     """Shard -> the node ids its (finished) task attempts ran on."""
     out: dict[int, set[str]] = {}
