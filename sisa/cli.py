@@ -139,6 +139,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(args.config, args.overrides)
         train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
         _preflight(cfg, train.feature_shape, train)
+        # Join the cluster before the store exists: a wrong address or token leaves nothing behind.
+        from sisa import orchestrator  # Ray is imported only by commands that train
+
+        orchestrator.connect_unless_local(args.address)
         ens = Ensemble.create(store, cfg, address=args.address)
     with ens:
         ingested = ens.ingest(train) if train is not None else 0

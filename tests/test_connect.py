@@ -49,6 +49,21 @@ def test_delete_with_an_unreachable_address_fails_fast_and_changes_nothing(
         assert ens.delete([17])["state"] == "applied"
 
 
+def test_train_with_an_unreachable_address_creates_no_store(tmp_path: Path, env_python: dict[str, str]) -> None:
+    x, y = blobs(300, d=6)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "shards: 2\nslices: 2\n"
+        f"data: {{dataset: npz, train: {tmp_path / 'train.npz'}, test: {tmp_path / 'train.npz'}, num_classes: 3}}\n"
+        "model: {hidden: [8]}\n"
+    )
+    env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
+    out = sisa(["train", "--config", str(config), "--store", str(tmp_path / "st"), "--address", "127.0.0.1:1"], env)
+    assert out.returncode == 2 and out.stderr.startswith("error: cannot reach a Ray cluster at 127.0.0.1:1")
+    assert not (tmp_path / "st").exists()  # a run refused before any work leaves no store behind
+
+
 def test_ctrl_c_during_train_says_how_to_resume(tmp_path: Path, env_python: dict[str, str]) -> None:
     x, y = blobs(4200, d=10)
     np.savez(tmp_path / "train.npz", x=x[:4000], y=y[:4000])
