@@ -172,7 +172,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
     log.info("joining the Ray cluster at %s", address)
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+    # ray.exceptions.RayError covers AuthenticationError: token mode without a token anywhere.
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as exc:
         raise ClusterConnectionError(f"could not join the Ray cluster at {address} ({exc}); {_TOKEN_ADVICE}") from exc
 
 

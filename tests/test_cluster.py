@@ -60,7 +60,7 @@ from sisa.config import load_config
 from sisa.domain import PIN_VARS
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
-from tests.conftest import ROOT, blobs, live_state
+from tests.conftest import ROOT, blobs, live_state, store_digest
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -717,6 +717,25 @@ def test_an_unset_address_starts_a_new_local_instance_beside_a_cluster_on_the_ma
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Started a local Ray instance" in out.stderr, out.stderr[-4000:]
     assert "Connecting to existing Ray cluster" not in out.stderr
+
+
+@pytest.mark.cluster
+def test_the_right_address_without_the_token_fails_with_a_clear_error_and_changes_nothing(
+    cluster: Cluster, workload: Workload, reference: dict[str, Any], env_python: dict[str, str]
+) -> None:
+    store: Path = reference["store"]
+    before = store_digest(store)
+    env = {k: v for k, v in env_python.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token")  # token mode, but no token anywhere Ray looks
+    env.update(HOME=str(cluster.base / "nohome"))  # so no ~/.ray/auth_token either
+    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(store), "--ids", "7", "--address", cluster.gcs]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-4000:]
+    assert f"error: could not join the Ray cluster at {cluster.gcs}" in out.stderr, out.stderr[-4000:]
+    assert "RAY_AUTH_TOKEN" in out.stderr and "Traceback" not in out.stderr
+    assert store_digest(store) == before  # joined before journaling: nothing written
+    with Ensemble.open(store, readonly=True) as ens:
+        assert ens.pending() == []
 
 
 def shard_nodes(tasks: list[dict[str, Any]]) -> dict[int, set[str]]:
