@@ -1,0 +1,356 @@
+"""A scikit-learn classifier backed by a SISA ensemble: ``fit``/``predict`` plus exact ``delete`` and ``verify``.
+
+Needs the optional extra (``pip install .[sklearn]``); the rest of sisa never imports scikit-learn.
+
+Behaviour worth knowing:
+
+* **Store.** ``store=None`` trains into a temporary store directory that is removed by
+  :meth:`SISAClassifier.close`, when the estimator is garbage collected, or at interpreter
+  exit. A path keeps the store there (use it with ``sisa status``/``sisa audit``); fit refuses a
+  path that already holds a store, except the one this estimator created at its previous fit,
+  which a refit replaces. While fitted, the estimator holds that store's writer lock; ``close()``
+  releases it.
+* **Ids.** Each training row gets an id: its row position ``0..n-1``, or ``fit(..., sample_ids=ids)``.
+  :meth:`SISAClassifier.delete` takes those ids.
+* **Labels.** Any labels (strings, non-contiguous ints) are mapped to ``0..K-1`` in sorted order
+  (``classes_``); ``predict`` returns the original labels. At least 2 classes are needed.
+* **Small data.** sisa refuses a first training in which a shard holds fewer samples than slices.
+  Under the default uniform partition the estimator instead lowers the shard count until no shard
+  is empty, then the slice count to the smallest shard, with a ``UserWarning``; the values used
+  are ``n_shards_`` and ``n_slices_``.
+* **Determinism.** The same parameters and data give bit-identical predictions (sisa trains
+  deterministically), also across refits, clones and pickles.
+* **Pickling** a fitted estimator with a temporary store carries the store's bytes; with a
+  ``store`` path it carries the path, and the copy opens that store when it is used
+  (read-only to predict, writable to delete or verify).
+
+``sklearn.utils.estimator_checks.check_estimator`` (scikit-learn 1.9) passes every check it runs
+on ``SISAClassifier(shards=2, slices=1, epochs=10, lr=0.01)``, with no expected failures. Checks
+scikit-learn itself skips here: ``check_array_api_input`` (only with ``SCIPY_ARRAY_API=1``; the
+estimator takes numpy-convertible input, not other array namespaces) and
+``check_classifier_data_not_an_array`` when pandas is not installed. ``fit`` takes no
+``sample_weight``, so the sample-weight checks are not generated. ``check_classifiers_train``
+asks for 0.83 training accuracy on blobs, which the configuration above reaches; a much shorter
+training may not (a statement about the model, not the estimator contract). Needs scikit-learn
+>= 1.6 (``validate_data`` and ``__sklearn_tags__``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
+from sisa.ensemble import Ensemble
+from sisa.partition import uniform_assignment
+
+__all__ = ["SISAClassifier"]
+
+log = logging.getLogger(__name__)
+
+# Files of a store that only coordinate processes; a pickled store leaves them out.
+_LOCK_FILES = ("lock.mdb", "writer.lock")
+
+
+def _release(ens: Ensemble | None, tmpdir: str | None) -> None:
+    """Close an ensemble and remove its temporary directory (a finalizer: must not reference the estimator)."""
+    if ens is not None:
+        try:
+            ens.close()
+        except Exception:  # noqa: BLE001 - best effort at gc/exit; the lock goes with the process anyway
+            log.debug("closing the ensemble failed", exc_info=True)
+    if tmpdir is not None:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class _Handle:
+    """The open ensemble of a fitted estimator and what to release with it."""
+
+    def __init__(self, ens: Ensemble | None, path: Path, tmpdir: str | None) -> None:
+        self.ens = ens
+        self.path = path
+        self.tmpdir = tmpdir
+        self.finalizer: weakref.finalize | None = None
+
+    def arm(self, owner: object) -> None:
+        if self.finalizer is not None:
+            self.finalizer.detach()
+        self.finalizer = weakref.finalize(owner, _release, self.ens, self.tmpdir)
+
+    def release(self) -> None:
+        if self.finalizer is not None:
+            self.finalizer()
+            self.finalizer = None
+        else:
+            _release(self.ens, self.tmpdir)
+        self.ens = None
+
+
+class SISAClassifier(ClassifierMixin, BaseEstimator):
+    """A SISA ensemble (S shards x R slices) as a scikit-learn classifier, with exact unlearning.
+
+    Constructor arguments are stored as given and checked at :meth:`fit` (scikit-learn's rule).
+
+    Args:
+        shards: Number of shards S.
+        slices: Number of slices R per shard.
+        model: ``"mlp"``, ``"cnn"`` (needs ``sample_shape`` of an image, e.g. ``(1, 28, 28)``) or
+            ``"package.module:callable"`` (see :class:`sisa.config.ModelConfig`).
+        hidden: Hidden layer widths of the MLP (fully connected width(s) of the CNN).
+        epochs: Epochs an unsliced model would train for (``train.epochs``).
+        batch_size: Mini-batch size.
+        lr: Learning rate.
+        seed: Root seed of the partition and of training.
+        aggregate: ``"mean"`` of probabilities, label ``"vote"`` or ``"weighted"`` by shard size.
+        address: Where shards train: ``"local"`` (default: this machine, no Ray start), a Ray
+            address, or None (``RAY_ADDRESS`` or a new local Ray instance).
+        store: Store directory to keep, or None for a temporary one.
+        config: Anything else: a YAML config path, or a list of ``key=value`` overrides such as
+            ``["train.optimizer=sgd", "model.dropout=0.1"]``. The arguments above take precedence.
+        sample_shape: Shape each row is reshaped to before training (e.g. ``(1, 28, 28)`` for
+            ``cnn``); None keeps rows flat.
+    """
+
+    def __init__(
+        self,
+        shards: int = 8,
+        slices: int = 4,
+        model: str = "mlp",
+        hidden: Sequence[int] = (128,),
+        epochs: int = 10,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        seed: int = 0,
+        aggregate: str = "mean",
+        address: str | None = "local",
+        store: str | Path | None = None,
+        config: str | Path | Sequence[str] | None = None,
+        sample_shape: Sequence[int] | None = None,
+    ) -> None:
+        self.shards = shards
+        self.slices = slices
+        self.model = model
+        self.hidden = hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+        self.aggregate = aggregate
+        self.address = address
+        self.store = store
+        self.config = config
+        self.sample_shape = sample_shape
+
+    # ------------------------------------------------------------------ config
+    def _sisa_config(self, num_classes: int, shards: int, slices: int) -> SisaConfig:
+        """The sisa config of these parameters (``config`` first, the named arguments on top)."""
+        path: str | Path | None = None
+        overrides: list[str] = []
+        if isinstance(self.config, (str, Path)):
+            path = self.config
+        elif self.config is not None:
+            overrides = [str(o) for o in self.config]
+        tree = config_to_dict(load_config(path, overrides))
+        tree.update(seed=int(self.seed), shards=int(shards), slices=int(slices))
+        tree["data"]["num_classes"] = int(num_classes)
+        tree["model"].update(name=str(self.model), hidden=[int(h) for h in self.hidden])
+        tree["train"].update(epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr))
+        tree["aggregate"]["method"] = str(self.aggregate)
+        return config_from_dict(tree)
+
+    def _fit_layout(self, ids: np.ndarray) -> tuple[int, int]:
+        """Shards and slices the data can fill: lowered (with a warning) where tiny data leaves a shard short."""
+        shards, slices = int(self.shards), int(self.slices)
+        probe = self._sisa_config(2, max(shards, 1), max(slices, 1))  # validates the parameters
+        if probe.partition.strategy != "uniform" or shards < 1 or slices < 1:
+            return shards, slices  # sisa's own check explains a distribution-aware shortfall
+        used = min(shards, len(ids))
+        while True:
+            sizes = np.bincount(uniform_assignment(ids, probe.seed, used, 1)[0], minlength=used)
+            if used == 1 or sizes.min() >= 1:
+                break
+            used -= 1
+        used_slices = min(slices, int(sizes.min()))
+        if (used, used_slices) != (shards, slices):
+            warnings.warn(
+                f"{len(ids)} samples cannot fill shards={shards} x slices={slices} (sisa needs every shard to "
+                f"hold at least `slices` samples); training shards={used}, slices={used_slices}. "
+                "Pass more data or lower shards/slices to silence this.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return used, used_slices
+
+    # ------------------------------------------------------------------- store
+    def _open(self, *, write: bool) -> Ensemble:
+        """The fitted store's ensemble, opened now if this estimator was unpickled with a store path."""
+        check_is_fitted(self, "classes_")
+        handle: _Handle = self._handle
+        if handle.ens is not None and (handle.ens.store.writable or not write):
+            return handle.ens
+        if handle.ens is not None:
+            handle.ens.close()  # a reader that must become a writer; the finalizer is re-armed below
+        # A temporary store has no other user: open it writable at once.
+        readonly = not write and handle.tmpdir is None
+        handle.ens = Ensemble.open(handle.path, readonly=readonly, address=self.address)
+        handle.arm(self)
+        return handle.ens
+
+    def close(self) -> None:
+        """Release the store (its writer lock) and remove it if it is temporary; the estimator is unfitted after."""
+        handle = self.__dict__.pop("_handle", None)
+        if handle is not None:
+            handle.release()
+        for name in ("classes_", "n_features_in_", "feature_names_in_", "n_shards_", "n_slices_", "store_path_"):
+            self.__dict__.pop(name, None)
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, X: Any, y: Any, sample_ids: Any = None) -> SISAClassifier:
+        """Train a new SISA ensemble on ``(X, y)``, replacing any previous one.
+
+        Args:
+            X: Features, ``(n_samples, n_features)``.
+            y: Labels of any type scikit-learn accepts for classification; at least 2 classes.
+            sample_ids: One unique non-negative integer id per row (what :meth:`delete` takes);
+                default: the row positions ``0..n-1``.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: On bad data or parameters (sisa's ``DataError``/``ConfigError`` are ValueErrors),
+                a single class, or a ``store`` path that already holds another store.
+        """
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        classes, encoded = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"SISAClassifier needs samples of at least 2 classes; got 1 class ({classes[0]!r}); "
+                "add samples of another class"
+            )
+        ids = np.arange(len(y), dtype=np.int64) if sample_ids is None else np.asarray(sample_ids)
+        if ids.shape != (len(y),) or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"sample_ids must be {len(y)} integers, one per row of X; got shape {ids.shape} dtype {ids.dtype}"
+            )
+        if ids.size and ids.min() < 0:
+            raise ValueError("sample_ids must be non-negative integers; renumber the negative ones")
+        ids = ids.astype(np.int64)
+        shards, slices = self._fit_layout(ids)
+        cfg = self._sisa_config(len(classes), shards, slices)
+        features = X if self.sample_shape is None else X.reshape(len(X), *[int(d) for d in self.sample_shape])
+
+        previous = self.__dict__.pop("_handle", None)
+        if previous is not None:
+            previous.release()
+        tmpdir: str | None = None
+        if self.store is None:
+            tmpdir = tempfile.mkdtemp(prefix="sisa-sklearn-")
+            path = Path(tmpdir) / "store"
+        else:
+            path = Path(self.store)
+            if previous is not None and previous.tmpdir is None and previous.path.resolve() == path.resolve():
+                shutil.rmtree(path)  # the store this estimator created at its previous fit: a refit replaces it
+        handle = _Handle(None, path, tmpdir)
+        try:
+            handle.ens = Ensemble.create(path, cfg, address=self.address)
+        except BaseException:
+            handle.release()  # a refused path (say, another store) is left as it was
+            raise
+        try:
+            handle.arm(self)
+            handle.ens.ingest(features, encoded.astype(np.int64), ids)
+            handle.ens.fit()
+        except BaseException:
+            handle.release()
+            if tmpdir is None:
+                shutil.rmtree(path, ignore_errors=True)  # the half-built store this call created
+            raise
+        self._handle = handle
+        self.classes_ = classes
+        self.n_shards_ = shards
+        self.n_slices_ = slices
+        self.store_path_ = path
+        log.info("fitted %d samples, %d classes into %s", len(y), len(classes), path)
+        return self
+
+    # ----------------------------------------------------------------- predict
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Ensemble class probabilities, columns in the order of ``classes_``.
+
+        Args:
+            X: Features with the ``n_features_in_`` columns seen at fit.
+
+        Returns:
+            ``(n_samples, n_classes)`` float64 array; rows sum to 1.
+        """
+        ens = self._open(write=False)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        if self.sample_shape is not None:
+            X = X.reshape(len(X), *[int(d) for d in self.sample_shape])
+        return np.asarray(ens.predict_proba(X), dtype=np.float64)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted labels (values of ``classes_``): the argmax of :meth:`predict_proba`."""
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
+        return self.classes_[proba.argmax(axis=1)]
+
+    # ---------------------------------------------------------------- unlearn
+    def delete(self, ids: Any) -> dict[str, Any]:
+        """Forget training samples exactly: retrain only their shards from the last clean slice.
+
+        Args:
+            ids: Ids of training rows (row positions at fit, or the ``sample_ids`` given to fit).
+
+        Returns:
+            The deletion certificate (see :meth:`sisa.Ensemble.delete`).
+        """
+        return self._open(write=True).delete(ids)
+
+    def verify(self) -> dict[str, Any]:
+        """Retrain every shard from scratch and compare; ``result["ok"]`` only if all are bit-identical."""
+        return self._open(write=True).verify()
+
+    # ----------------------------------------------------------------- pickle
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k != "_handle"}
+        handle: _Handle | None = self.__dict__.get("_handle")
+        if handle is not None:
+            if handle.tmpdir is None:
+                state["_store_at"] = str(handle.path)
+            else:
+                state["_store_files"] = {
+                    f.relative_to(handle.path).as_posix(): f.read_bytes()
+                    for f in sorted(handle.path.rglob("*"))
+                    if f.is_file() and f.name not in _LOCK_FILES
+                }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        at, files = state.pop("_store_at", None), state.pop("_store_files", None)
+        self.__dict__.update(state)
+        if files is not None:
+            tmpdir = tempfile.mkdtemp(prefix="sisa-sklearn-")
+            path = Path(tmpdir) / "store"
+            path.mkdir(mode=0o700)
+            for name, blob in files.items():
+                (path / name).parent.mkdir(parents=True, exist_ok=True)
+                (path / name).write_bytes(blob)
+            self._handle = _Handle(None, path, tmpdir)
+            self._handle.arm(self)
+            self.store_path_ = path
+        elif at is not None:
+            self._handle = _Handle(None, Path(at), None)

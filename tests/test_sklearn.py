@@ -1,0 +1,139 @@
+"""sisa.sklearn.SISAClassifier: scikit-learn's estimator checks, meta-estimators, labels, exact deletion, stores."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from sisa.errors import StoreError  # noqa: E402
+from sisa.sklearn import SISAClassifier  # noqa: E402
+from tests.conftest import ROOT, blobs  # noqa: E402
+
+# Small and quick, yet enough training for check_classifiers_train's 0.83 accuracy bar on its blobs.
+QUICK = {"shards": 2, "slices": 1, "epochs": 10, "lr": 0.01, "hidden": (32,)}
+
+
+def quick(**params: object) -> SISAClassifier:
+    return SISAClassifier(**{**QUICK, **params})  # type: ignore[arg-type]
+
+
+# Every generated check is expected to pass: no expected_failed_checks. scikit-learn itself skips
+# check_array_api_input (unless SCIPY_ARRAY_API=1) and, without pandas, check_classifier_data_not_an_array;
+# fit takes no sample_weight, so no sample-weight checks are generated.
+@parametrize_with_checks([quick()])
+def test_sklearn_estimator_checks(estimator: SISAClassifier, check: object) -> None:
+    check(estimator)  # type: ignore[operator]
+
+
+def test_pipeline_with_scaler_string_labels_and_grid_search() -> None:
+    x, y = blobs(n=240, d=6, classes=3, seed=1)
+    names = np.array(["cat", "dog", "eel"])[y]
+    pipe = make_pipeline(StandardScaler(), quick(shards=3, slices=2))
+    pipe.fit(x, names)
+    predicted = pipe.predict(x)
+    assert set(predicted.tolist()) <= {"cat", "dog", "eel"}
+    assert list(pipe[-1].classes_) == ["cat", "dog", "eel"]
+    # The pipeline's score is the accuracy of its predictions, in the original labels.
+    assert pipe.score(x, names) == pytest.approx(float((predicted == names).mean()))
+
+    search = GridSearchCV(quick(), {"lr": [0.001, 0.01]}, cv=3, n_jobs=1).fit(x, names)
+    assert search.best_params_["lr"] in (0.001, 0.01)
+    assert search.best_estimator_.predict(x[:5]).shape == (5,)
+
+    scores = cross_val_score(quick(), x, names, cv=3)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_non_contiguous_int_labels_round_trip() -> None:
+    x, y = blobs(n=120, d=4, classes=2, seed=2)
+    labels = np.where(y == 0, -7, 40)
+    clf = quick().fit(x, labels)
+    assert clf.classes_.tolist() == [-7, 40]
+    assert set(clf.predict(x).tolist()) <= {-7, 40}
+    assert clf.predict_proba(x).shape == (120, 2)
+
+
+def test_delete_is_exact_against_a_fresh_fit_on_the_rest() -> None:
+    x, y = blobs(n=300, d=6, classes=3, seed=3)
+    ids = np.arange(1000, 1300)
+    clf = quick(shards=3, slices=3).fit(x, y, sample_ids=ids)
+    gone = [1004, 1100, 1299]
+    cert = clf.delete(gone)
+    assert cert["deleted"] == 3
+    assert clf.verify()["ok"]
+
+    keep = ~np.isin(ids, gone)
+    reference = quick(shards=3, slices=3).fit(x[keep], y[keep], sample_ids=ids[keep])
+    assert np.array_equal(clf.predict_proba(x), reference.predict_proba(x))
+
+
+def test_same_params_same_data_bit_identical_and_pickle_round_trip() -> None:
+    x, y = blobs(n=150, d=5, classes=3, seed=4)
+    first, second = quick().fit(x, y), quick().fit(x, y)
+    assert np.array_equal(first.predict_proba(x), second.predict_proba(x))
+    copy = pickle.loads(pickle.dumps(first))
+    assert copy.store_path_ != first.store_path_
+    assert np.array_equal(copy.predict_proba(x), first.predict_proba(x))
+    copy.close()
+
+
+def test_temporary_store_removed_on_close_and_on_garbage_collection() -> None:
+    x, y = blobs(n=100, d=4, classes=2, seed=5)
+    clf = quick().fit(x, y)
+    path = clf.store_path_
+    assert (path / "data.mdb").exists()
+    clf.close()
+    assert not path.parent.exists()
+
+    clf = quick().fit(x, y)
+    path = clf.store_path_
+    refit_path = quick().fit(x, y).store_path_  # an unreferenced estimator: collected at once
+    gc.collect()
+    assert not refit_path.parent.exists()
+    clf.fit(x, y)  # a refit replaces the temporary store
+    assert not path.parent.exists() and clf.store_path_.exists()
+    del clf
+    gc.collect()
+
+
+def test_store_path_is_kept_and_not_overwritten(tmp_path: Path) -> None:
+    x, y = blobs(n=100, d=4, classes=2, seed=6)
+    store = tmp_path / "kept"
+    clf = quick(store=store).fit(x, y)
+    expected = clf.predict_proba(x)
+    clf.fit(x, y)  # its own store: a refit replaces it
+    assert np.array_equal(clf.predict_proba(x), expected)
+    clf.close()
+    assert (store / "data.mdb").exists()
+
+    with pytest.raises(StoreError, match="already holds a store"):
+        quick(store=store).fit(x, y)
+    assert (store / "data.mdb").exists()
+
+
+def test_tiny_data_lowers_shards_and_slices_with_a_warning() -> None:
+    x, y = blobs(n=6, d=3, classes=2, seed=7)
+    with pytest.warns(UserWarning, match="cannot fill shards=4 x slices=3"):
+        clf = quick(shards=4, slices=3).fit(x, y)
+    assert clf.n_shards_ * clf.n_slices_ <= 6
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        quick().fit(x, np.zeros(6, dtype=int))
+
+
+def test_core_does_not_import_sklearn() -> None:
+    code = "import sys, sisa, sisa.ensemble, sisa.cli; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
