@@ -5,7 +5,8 @@
 Every command takes ``--json`` (one JSON object on stdout) and exits 2 with a one-line
 ``error:`` message on bad input (and when verify cannot replay a shard because no node
 of its determinism domain is available), 1 when verify or audit finds a problem;
-progress bars go to stderr.
+progress bars go to stderr. Ray's own log lines go to a file (:mod:`sisa.cli_logging`), to
+stderr with ``-v``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from sisa import cli_evaluate
-from sisa.cli_format import ADDRESS_HELP, progress_bar, table
+from sisa.cli_format import ADDRESS_HELP, VERBOSE_HELP, progress_bar, table
+from sisa.cli_logging import RayLog
 from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.data import LabeledArrays, load_split
 from sisa.domain import DOMAIN_FIX, missing_reason
@@ -561,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", required=True, help="store directory of the ensemble")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    common.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     writer = argparse.ArgumentParser(add_help=False)
     writer.add_argument(
@@ -650,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="with --config: overrides, e.g. resources.cpu_isa=native"
     )
     do.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    do.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    do.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     do.set_defaults(func=cmd_domains)
 
     cli_evaluate.register(sub)
@@ -684,8 +686,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    ray_log: RayLog | None = None
+    ray_logged = False
     try:
-        result = args.func(args)
+        try:
+            ray_log = RayLog.start(args.command, args.verbose)
+            result = args.func(args)
+        finally:
+            ray_logged = ray_log is not None and ray_log.stop()
     except KeyboardInterrupt:
         print(_interrupted_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -697,6 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
         print(f"error: {exc}", file=sys.stderr)
+        if ray_log is not None and ray_logged:
+            print(f"(Ray's own log lines of this run: {ray_log.path}; -v prints them here)", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(result, sort_keys=True))

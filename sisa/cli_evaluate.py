@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sisa.approximate import APPROXIMATE_METHODS
-from sisa.cli_format import ADDRESS_HELP, progress_bar, table
+from sisa.cli_format import ADDRESS_HELP, VERBOSE_HELP, progress_bar, table
 from sisa.config import load_config
 from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
 from sisa.evaluation_plot import plot_evaluation, require_matplotlib
@@ -155,7 +155,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--address", default=None, help=ADDRESS_HELP)
     ev.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    ev.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    ev.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     ev.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. evaluate.prune.fraction=0.1"
     )

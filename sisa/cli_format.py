@@ -6,11 +6,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ADDRESS_HELP", "progress_bar", "table"]
+__all__ = ["ADDRESS_HELP", "VERBOSE_HELP", "progress_bar", "table"]
 
 ADDRESS_HELP = (
     "Ray cluster address, or `local` to train in this process without Ray (default: RAY_ADDRESS or a local Ray)"
 )
+VERBOSE_HELP = "log progress, and Ray's own lines, to stderr (default: Ray's go to $TMPDIR/sisa-UID/ray-COMMAND.log)"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

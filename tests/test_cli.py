@@ -104,6 +104,7 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, env_python: dict)
         "--address",
         address,
         "--json",
+        "-v",  # Ray's own lines on stderr: they say which instance it joined
         "shards=2",
         "data.train_limit=300",
         "data.test_limit=100",
@@ -111,4 +112,5 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, env_python: dict)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env_python, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["trained"] == {"0": [1, 2], "1": [1, 2]}
+    assert f"Connecting to existing Ray cluster at address: {address}" in out.stderr, out.stderr
     assert "Started a local Ray instance" not in out.stderr

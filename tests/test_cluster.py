@@ -712,7 +712,8 @@ def test_an_unset_address_starts_a_new_local_instance_beside_a_cluster_on_the_ma
     env = {k: v for k, v in env_python.items() if not k.startswith("RAY_")}
     env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
     store = workload.driver / "local"
-    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", str(config), "--store", str(store), "--json"]
+    # -v: Ray's own lines on stderr (by default they go to a log file), which say which instance it used.
+    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", str(config), "--store", str(store), "--json", "-v"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Started a local Ray instance" in out.stderr, out.stderr[-4000:]

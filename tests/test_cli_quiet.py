@@ -1,0 +1,81 @@
+"""The CLI is quiet by default: Ray's own log lines go to a file, ``-v`` shows them, errors still print.
+
+Each command runs in its own process with no Ray up, so its local Ray instance really starts
+(and logs ``Started a local Ray instance``), with ``SISA_LOG_DIR`` pointing at the test's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sisa.cli import main
+from tests.conftest import blobs
+
+# A line as Ray's driver logger writes it: "2026-01-01 12:00:00,123\tINFO worker.py:2038 -- ...".
+RAY_LINE = re.compile(r"^\S+ \S+\t[A-Z]+ \S+\.py:\d+ -- ", re.MULTILINE)
+STARTED = "Started a local Ray instance"
+
+
+def sisa(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sisa.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_ray_lines_go_to_the_log_file_unless_verbose_and_errors_still_print(
+    tmp_path: Path, env_python: dict[str, str]
+) -> None:
+    x, y = blobs(300, d=6)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "shards: 2\nslices: 2\n"
+        f"data: {{dataset: npz, train: {tmp_path / 'train.npz'}, test: {tmp_path / 'train.npz'}, num_classes: 3}}\n"
+        "model: {hidden: [8]}\ntrain: {epochs: 2}\n"
+    )
+    logs = tmp_path / "logs"
+    env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
+    env["SISA_LOG_DIR"] = str(logs)
+    store = tmp_path / "st"
+
+    # Default: only sisa's own output; Ray's start-up lines are in the log file.
+    out = sisa(["train", "--config", str(config), "--store", str(store), "--json"], env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["trained"] == {"0": [1, 2], "1": [1, 2]}
+    assert not RAY_LINE.search(out.stderr) and "worker.py:" not in out.stderr, out.stderr
+    assert STARTED in (logs / "ray-train.log").read_text()
+    assert not (store / "logs").exists()  # the store holds no log files
+
+    # -v: Ray's lines on stderr as Ray writes them, none into the file; an error still prints, exit 2.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("not a store")
+    (logs / "ray-train.log").unlink()
+    out = sisa(["train", "--config", str(config), "--store", str(taken), "-v"], env)
+    assert out.returncode == 2, out.stderr
+    assert STARTED in out.stderr and RAY_LINE.search(out.stderr), out.stderr
+    assert re.search(r"^error: .*exists and is not empty", out.stderr, re.MULTILINE), out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (logs / "ray-train.log").exists()
+
+    # An error before Ray is needed: the message alone, and no log file.
+    out = sisa(["delete", "--store", str(store), "--ids", "999999"], env)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: 1 id(s) are not in the store") and len(out.stderr.splitlines()) == 1
+    assert not (logs / "ray-delete.log").exists()
+
+
+def test_the_cli_in_process_gives_ray_its_logging_back(tmp_path: Path) -> None:
+    import ray  # noqa: F401  # installs Ray's own handler on the "ray" logger
+
+    ray_logger = logging.getLogger("ray")
+    before = (list(ray_logger.handlers), ray_logger.propagate, ray_logger.level)
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--store", str(tmp_path / "st")]) == 2
+    assert (list(ray_logger.handlers), ray_logger.propagate, ray_logger.level) == before
