@@ -53,6 +53,21 @@ def small_config(*overrides: str) -> SisaConfig:
     return load_config(None, [*base, *overrides])
 
 
+def npz_config(folder: Path, train: str = "") -> Path:
+    """A 300-sample blobs dataset in ``folder``/train.npz and a config training on it (S=2, R=2, MLP [8]).
+
+    Args:
+        folder: Where to write ``train.npz`` (also the test split) and ``config.yaml``.
+        train: Extra YAML flow entries for the ``train`` section, e.g. ``"epochs: 2"``.
+    """
+    x, y = blobs(300, d=6)
+    np.savez(folder / "train.npz", x=x, y=y)
+    config = folder / "config.yaml"
+    data = f"{{dataset: npz, train: {folder / 'train.npz'}, test: {folder / 'train.npz'}, num_classes: 3}}"
+    config.write_text(f"shards: 2\nslices: 2\ndata: {data}\nmodel: {{hidden: [8]}}\ntrain: {{{train}}}\n")
+    return config
+
+
 def store_digest(path: Path) -> str:
     """SHA-256 over every file of a store directory except lock files (readers touch those)."""
     h = hashlib.sha256()

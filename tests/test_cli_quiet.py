@@ -13,10 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from sisa.cli import main
-from tests.conftest import blobs
+from tests.conftest import npz_config
 
 # A line as Ray's driver logger writes it: "2026-01-01 12:00:00,123\tINFO worker.py:2038 -- ...".
 RAY_LINE = re.compile(r"^\S+ \S+\t[A-Z]+ \S+\.py:\d+ -- ", re.MULTILINE)
@@ -32,14 +30,7 @@ def sisa(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 def test_ray_lines_go_to_the_log_file_unless_verbose_and_errors_still_print(
     tmp_path: Path, env_python: dict[str, str]
 ) -> None:
-    x, y = blobs(300, d=6)
-    np.savez(tmp_path / "train.npz", x=x, y=y)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "shards: 2\nslices: 2\n"
-        f"data: {{dataset: npz, train: {tmp_path / 'train.npz'}, test: {tmp_path / 'train.npz'}, num_classes: 3}}\n"
-        "model: {hidden: [8]}\ntrain: {epochs: 2}\n"
-    )
+    config = npz_config(tmp_path, "epochs: 2")
     logs = tmp_path / "logs"
     env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
     env["SISA_LOG_DIR"] = str(logs)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sisa.ensemble import Ensemble
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, npz_config, small_config, store_digest
 
 
 def sisa(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -50,14 +50,7 @@ def test_delete_with_an_unreachable_address_fails_fast_and_changes_nothing(
 
 
 def test_train_with_an_unreachable_address_creates_no_store(tmp_path: Path, env_python: dict[str, str]) -> None:
-    x, y = blobs(300, d=6)
-    np.savez(tmp_path / "train.npz", x=x, y=y)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "shards: 2\nslices: 2\n"
-        f"data: {{dataset: npz, train: {tmp_path / 'train.npz'}, test: {tmp_path / 'train.npz'}, num_classes: 3}}\n"
-        "model: {hidden: [8]}\n"
-    )
+    config = npz_config(tmp_path)
     env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
     out = sisa(["train", "--config", str(config), "--store", str(tmp_path / "st"), "--address", "127.0.0.1:1"], env)
     assert out.returncode == 2 and out.stderr.startswith("error: cannot reach a Ray cluster at 127.0.0.1:1")
