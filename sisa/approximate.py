@@ -1,7 +1,8 @@
 """Approximate unlearning baselines applied to a model trained on everything.
 
-``gradient_ascent``, ``finetune`` and ``prune`` are the usual cheap alternatives to
-retraining (see ``docs/metrics.md`` for sources). None of them gives a guarantee: the
+``gradient_ascent``, ``finetune``, ``prune`` and ``newton`` are the usual cheap alternatives
+to retraining (see ``docs/metrics.md`` for sources). None of them gives a guarantee for a
+network (``newton`` on the last layer alone is the convex case of Guo et al.): the
 evaluation harness measures how close each gets to a model retrained without the forget
 set. Every method copies its input model, is deterministic for a given seed and leaves
 the caller's torch settings as they were: threads, deterministic mode and torch's global
@@ -12,6 +13,8 @@ the one it would have been).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,11 +24,18 @@ from torch import nn
 
 from sisa.arrays import LabeledArrays
 from sisa.config import SisaConfig
-from sisa.evaluation_config import FinetuneConfig, GradientAscentConfig, PruneConfig
+from sisa.evaluation_config import FinetuneConfig, GradientAscentConfig, NewtonConfig, PruneConfig
 from sisa.models import build_model
+from sisa.newton import full_step, head_features, head_step, last_linear
 from sisa.trainer import autocast, deterministic, make_optimizer, train_epochs
 
-__all__ = ["APPROXIMATE_METHODS", "finetune", "gradient_ascent", "prune", "prune_mask"]
+__all__ = ["APPROXIMATE_METHODS", "REPORT_ATTRIBUTE", "finetune", "gradient_ascent", "newton", "prune", "prune_mask"]
+
+log = logging.getLogger(__name__)
+
+# A method may leave details of its step on the returned model under this attribute (a
+# JSON-able dict); the harness copies them into the row's ``extra``.
+REPORT_ATTRIBUTE = "unlearning_report"
 
 
 @contextmanager
@@ -253,9 +263,86 @@ def _masker(keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda grad: grad * keep
 
 
+def newton(
+    model: nn.Module,
+    forget: LabeledArrays,
+    retain: LabeledArrays,
+    cfg: SisaConfig,
+    *,
+    seed: int,
+    threads: int = 1,
+) -> nn.Module:
+    """One Newton step from the model towards the L2-regularised optimum without the forget set.
+
+    The certified-removal update of Guo et al. (ICML 2020), ``w + H_retain^-1 Delta``, where
+    ``Delta`` is the forget set's share of the gradient of ``mean CE + l2/2 ||w||^2`` and
+    ``H_retain`` the Hessian of that loss on the retain set. ``scope: head`` moves only the
+    last ``nn.Linear`` on frozen features (convex: exact Hessian in float64, Cholesky);
+    ``scope: full`` moves every parameter, solving with Hessian-vector products and
+    conjugate gradient plus ``damping`` (influence functions; not certified). No noise is
+    added. The step's :class:`~sisa.newton.NewtonReport` (gradient residual norms before
+    and after) is logged and left on the returned model as ``unlearning_report``.
+
+    Args:
+        model: The model trained on everything (not modified).
+        forget: Samples to forget.
+        retain: The rest of the training data.
+        cfg: Ensemble config; ``cfg.evaluate.newton`` holds the settings.
+        seed: Seed of torch's generators during the step (the step itself draws nothing).
+        threads: Torch threads.
+
+    Returns:
+        The updated copy, in eval mode.
+
+    Raises:
+        ConfigError: If ``scope: head`` is asked of a model whose output is not its last
+            ``nn.Linear``'s.
+        TrainingError: If the head's Hessian is not positive definite.
+    """
+    hp: NewtonConfig = cfg.evaluate.newton
+    out = copy.deepcopy(model).eval()  # the deployed function: no dropout noise in the Hessian
+    device = _device(out)
+    with _own_rng(seed, device), deterministic(threads, device):
+        xf, yf, forder = _tensors(forget, device)
+        xr, yr, rorder = _tensors(retain, device)
+        # Id order: the sums' float rounding does not depend on how the caller ordered rows.
+        dtype = next(out.parameters()).dtype
+        xf, yf, xr, yr = xf[forder].to(dtype), yf[forder], xr[rorder].to(dtype), yr[rorder]
+        if hp.scope == "head":
+            head = last_linear(out)
+            zf = head_features(out, xf, hp.batch_size).double()
+            zr = head_features(out, xr, hp.batch_size).double()
+            has_bias = head.bias is not None
+            with torch.no_grad():
+                parts = [head.weight, head.bias[:, None]] if head.bias is not None else [head.weight]
+                wb = torch.cat(parts, dim=1).double()
+            new, report = head_step(wb, zf, yf, zr, yr, hp.l2, hp.batch_size, bias=has_bias)
+            with torch.no_grad():
+                head.weight.copy_(new[:, : head.in_features])
+                if head.bias is not None:
+                    head.bias.copy_(new[:, -1])
+        else:
+            report = full_step(
+                out,
+                xf,
+                yf,
+                xr,
+                yr,
+                l2=hp.l2,
+                damping=hp.damping,
+                cg_iters=hp.cg_iters,
+                batch_size=hp.batch_size,
+            )
+    details = dataclasses.asdict(report)
+    log.info("newton: %s", details)
+    setattr(out, REPORT_ATTRIBUTE, details)
+    return out.eval()
+
+
 # Method name -> function; all take (model, forget, retain, cfg, *, seed, threads).
 APPROXIMATE_METHODS: dict[str, Callable[..., nn.Module]] = {
     "gradient_ascent": gradient_ascent,
     "finetune": finetune,
     "prune": prune,
+    "newton": newton,
 }

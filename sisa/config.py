@@ -508,6 +508,11 @@ FIELD_ROLES: dict[str, str] = {
     "evaluate.prune.repair_epochs": FREE,
     "evaluate.prune.lr": FREE,
     "evaluate.prune.batch_size": FREE,
+    "evaluate.newton.scope": FREE,
+    "evaluate.newton.l2": FREE,
+    "evaluate.newton.damping": FREE,
+    "evaluate.newton.cg_iters": FREE,
+    "evaluate.newton.batch_size": FREE,
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sisa.approximate import APPROXIMATE_METHODS
+from sisa.approximate import APPROXIMATE_METHODS, REPORT_ATTRIBUTE
 from sisa.arrays import LabeledArrays
 from sisa.config import SisaConfig, config_to_dict
 from sisa.data import load_split
@@ -46,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("retrain", "sisa", "gradient_ascent", "finetune", "prune")
+METHODS = ("retrain", "sisa", "gradient_ascent", "finetune", "prune", "newton")
 # Retain-set accuracy is estimated on at most this many retain samples: it moves little
 # and a full pass costs as much as the rest of the scoring together.
 RETAIN_EVAL_SAMPLES = 10_000
@@ -442,7 +442,8 @@ def evaluate(
                     original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads
                 )
                 seconds = time.perf_counter() - t0
-                spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds))
+                details = getattr(model, REPORT_ATTRIBUTE, {})
+                spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds, **details))
         per_spec.append((scorer, retrain, spec_rows))
 
     # SISA runs last: Ray's worker processes would otherwise share the cores with the

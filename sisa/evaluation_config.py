@@ -12,9 +12,18 @@ from dataclasses import dataclass, field
 
 from sisa.config_rules import choice, require
 
-__all__ = ["EvaluateConfig", "FinetuneConfig", "GradientAscentConfig", "PRUNE_MODES", "PruneConfig"]
+__all__ = [
+    "NEWTON_SCOPES",
+    "PRUNE_MODES",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "GradientAscentConfig",
+    "NewtonConfig",
+    "PruneConfig",
+]
 
 PRUNE_MODES = ("zero", "reinit")
+NEWTON_SCOPES = ("head", "full")
 
 
 def _check_steps(section: str, epochs: int, lr: float, batch_size: int) -> None:
@@ -90,6 +99,44 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class NewtonConfig:
+    """One Newton step on the L2-regularised retain loss (Guo et al. 2020; influence functions).
+
+    The defaults are untuned (see ``docs/metrics.md``).
+
+    Attributes:
+        scope: ``head`` (the last ``nn.Linear`` on frozen features: a convex problem, the
+            exact Hessian solved by Cholesky) or ``full`` (every parameter: Hessian-vector
+            products solved by conjugate gradient, with ``damping``; not certified).
+        l2: Strength ``lambda`` of the L2 term ``lambda/2 * ||w||^2`` added to the mean
+            cross-entropy; > 0 makes the head's loss strongly convex.
+        damping: Added to the Hessian's diagonal in ``full`` scope (the network's Hessian
+            can be indefinite); ignored by ``head``.
+        cg_iters: Most conjugate-gradient iterations in ``full`` scope.
+        batch_size: Rows per forward/backward pass when summing gradients and Hessians.
+    """
+
+    scope: str = "head"
+    l2: float = 1e-3
+    damping: float = 1e-2
+    cg_iters: int = 50
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        choice("evaluate.newton.scope", self.scope, NEWTON_SCOPES)
+        require(
+            self.l2 > 0 and math.isfinite(self.l2),
+            f"evaluate.newton.l2={self.l2} must be > 0 and finite (it makes the loss strongly convex), e.g. 1e-3",
+        )
+        require(
+            self.damping >= 0 and math.isfinite(self.damping),
+            f"evaluate.newton.damping={self.damping} must be >= 0 and finite, e.g. 1e-2",
+        )
+        require(self.cg_iters >= 1, f"evaluate.newton.cg_iters={self.cg_iters} must be >= 1, e.g. 50")
+        require(self.batch_size >= 1, f"evaluate.newton.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Settings of ``sisa evaluate`` (they never change how an ensemble trains).
 
@@ -103,6 +150,7 @@ class EvaluateConfig:
         gradient_ascent: See :class:`GradientAscentConfig`.
         finetune: See :class:`FinetuneConfig`.
         prune: See :class:`PruneConfig`.
+        newton: See :class:`NewtonConfig`.
     """
 
     retrain_seeds: int = 2
@@ -112,6 +160,7 @@ class EvaluateConfig:
     gradient_ascent: GradientAscentConfig = field(default_factory=GradientAscentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    newton: NewtonConfig = field(default_factory=NewtonConfig)
 
     def __post_init__(self) -> None:
         require(

@@ -20,6 +20,7 @@ _COLOURS = {
     "gradient_ascent": "#d62728",
     "finetune": "#2ca02c",
     "prune": "#ff7f0e",
+    "newton": "#9467bd",
 }
 
 

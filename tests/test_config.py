@@ -179,6 +179,11 @@ OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "evaluate.prune.repair_epochs": ([], ["evaluate.prune.repair_epochs=2"]),
     "evaluate.prune.lr": ([], ["evaluate.prune.lr=0.1"]),
     "evaluate.prune.batch_size": ([], ["evaluate.prune.batch_size=8"]),
+    "evaluate.newton.scope": ([], ["evaluate.newton.scope=full"]),
+    "evaluate.newton.l2": ([], ["evaluate.newton.l2=0.1"]),
+    "evaluate.newton.damping": ([], ["evaluate.newton.damping=0.1"]),
+    "evaluate.newton.cg_iters": ([], ["evaluate.newton.cg_iters=5"]),
+    "evaluate.newton.batch_size": ([], ["evaluate.newton.batch_size=8"]),
 }
 
 

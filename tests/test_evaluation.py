@@ -69,7 +69,7 @@ def blob_config(tmp_path_factory: pytest.TempPathFactory) -> SisaConfig:
 def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfig, tmp_path: Path) -> None:
     result = evaluate(blob_config, [ForgetSpec("random", 0.1), ForgetSpec("class", 1)], METHODS, tmp_path)
     rows = {(r["forget"], r["method"]): r for r in result["rows"]}
-    names = ("retrain", "original", "sisa", "gradient_ascent", "finetune", "prune")
+    names = ("retrain", "original", "sisa", "gradient_ascent", "finetune", "prune", "newton")
     assert [r["method"] for r in result["rows"]] == [*names, *names]
     n_class = int((np.load(blob_config.data.train)["y"] == 1).sum())
     assert result["forget_sets"] == {
@@ -87,6 +87,9 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
     floor = rows["class:1", "retrain"]["extra"]["kl_floor_forget"]
     assert rows["class:1", "retrain"]["kl_forget"] == floor
     assert rows["class:1", "original"]["kl_forget"] > 10 * rows["class:1", "sisa"]["kl_forget"]
+    # newton's step report reaches the row: how close to the retain optimum the step landed.
+    step = rows["random:0.1", "newton"]["extra"]
+    assert step["scope"] == "head" and step["grad_norm_retain_after"] >= 0 and step["step_norm"] > 0
     spread = rows["random:0.1", "retrain"]["extra"]["mia_auc_spread"]
     assert len(rows["random:0.1", "retrain"]["extra"]["mia_auc_per_seed"]) == 3 and spread[0] <= spread[1]
     # The targets' arithmetic is checked on known values in test_evaluation_targets.py; here, that
