@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from sisa.placement import check_shard_sizes, place
 __all__ = ["main"]
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader, as after SIGPIPE
 EXIT_FAILED_CHECK = 1  # verify or audit ran and found a problem
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
@@ -697,6 +699,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`sisa ... | head`): whatever the command did is done;
+        # point stdout at /dev/null so the interpreter's final flush does not fail again, and
+        # exit as a process killed by SIGPIPE would (128 + 13), as git and coreutils do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except VerificationError as failed:
         if args.json:
             print(json.dumps(failed.result, sort_keys=True))

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from sisa.cli import main
-from tests.conftest import npz_config
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, npz_config, small_config
 
 # A line as Ray's driver logger writes it: "2026-01-01 12:00:00,123\tINFO worker.py:2038 -- ...".
 RAY_LINE = re.compile(r"^\S+ \S+\t[A-Z]+ \S+\.py:\d+ -- ", re.MULTILINE)
@@ -70,3 +71,19 @@ def test_the_cli_in_process_gives_ray_its_logging_back(tmp_path: Path) -> None:
     before = (list(ray_logger.handlers), ray_logger.propagate, ray_logger.level)
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--store", str(tmp_path / "st")]) == 2
     assert (list(ray_logger.handlers), ray_logger.propagate, ray_logger.level) == before
+
+
+def test_a_reader_that_closes_stdout_gets_no_traceback(tmp_path: Path, env_python: dict[str, str]) -> None:
+    # `sisa status | head -1` on a long table: the pipe closes before sisa is done writing.
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(*blobs())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sisa.cli", "status", "--store", str(tmp_path / "st")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_python,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # every write now fails with EPIPE
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == ""  # as a process killed by SIGPIPE, silently
