@@ -29,7 +29,7 @@ from benchlib import machine_info  # noqa: E402
 from sisa import orchestrator  # noqa: E402
 from sisa.cli_evaluate import format_rows  # noqa: E402
 from sisa.config import load_config  # noqa: E402
-from sisa.evaluation import METHODS, evaluate, parse_forget  # noqa: E402
+from sisa.evaluation import METHODS, evaluate, parse_forget, split_forgets  # noqa: E402
 from sisa.evaluation_plot import plot_evaluation  # noqa: E402
 
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         overrides = [*QUICK_OVERRIDES, *overrides]
     cfg = load_config(args.config, overrides)
-    forgets = [parse_forget(s) for s in args.forget.split(",")]
+    forgets = [parse_forget(s) for s in split_forgets(args.forget)]
     info = machine_info()
     started = time.perf_counter()
     try:

@@ -14,7 +14,7 @@ from typing import Any
 from sisa.approximate import APPROXIMATE_METHODS
 from sisa.cli_format import ADDRESS_HELP, VERBOSE_HELP, progress_bar, table
 from sisa.config import load_config
-from sisa.evaluation import METHODS, evaluate, parse_forget, parse_methods
+from sisa.evaluation import METHODS, ForgetSpec, evaluate, parse_forget, parse_methods, split_forgets
 from sisa.evaluation_plot import plot_evaluation, require_matplotlib
 
 __all__ = ["cmd_evaluate", "format_rows", "format_targets", "register"]
@@ -31,6 +31,8 @@ _COLUMNS = (
     ("kl_test", "KL test"),
     ("seconds", "seconds"),
 )
+# Shown only when some row has it (a poisoning scenario): the attack-success rate.
+_ATTACK_COLUMN = ("attack_success", "ASR")
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -50,7 +52,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             return f"{value:.2f}" if key == "seconds" else f"{value:.4f}"
         return str(value)
 
-    return table([title for _, title in _COLUMNS], [[cell(r[k], k) for k, _ in _COLUMNS] for r in rows])
+    columns = list(_COLUMNS)
+    if any(r.get("attack_success") is not None for r in rows):
+        columns.insert(columns.index(("mia_accuracy", "MIA acc")), _ATTACK_COLUMN)
+    return table([title for _, title in columns], [[cell(r.get(k), k) for k, _ in columns] for r in rows])
 
 
 def _num(value: Any, spec: str) -> str:
@@ -78,7 +83,13 @@ def format_targets(targets: dict[str, Any]) -> list[str]:
     """
     lines = []
     for name, t in targets.items():
-        if not t:
+        if "attack_success" in t:
+            asr = ", ".join(f"{m} {_num(v, '.4f')}" for m, v in t["attack_success"].items())
+            lines.append(
+                f"{name}: attack success {asr}; never-poisoned model {_num(t['attack_success_unpoisoned'], '.4f')}, "
+                f"retrain {_num(t['attack_success_retrain'], '.4f')}"
+            )
+        if "sisa_mia_auc" not in t:
             continue
         lo, hi = t["retrain_mia_auc_spread"]
         gap = t["sisa_test_accuracy_gap"]
@@ -93,21 +104,25 @@ def format_targets(targets: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _steps(cfg: Any, forgets: int, methods: tuple[str, ...]) -> int:
+def _steps(cfg: Any, forgets: list[ForgetSpec], methods: tuple[str, ...]) -> int:
+    """Progress steps: per training group an original (and a SISA base); per spec its retrains and methods."""
     approximate = sum(m in APPROXIMATE_METHODS for m in methods)
     sisa = "sisa" in methods
-    return 1 + sisa + forgets * (cfg.evaluate.retrain_seeds + sisa + approximate)
+    scenarios = [f.scenario for f in forgets if f.scenario is not None]
+    groups = len(scenarios) + (len(scenarios) < len(forgets))
+    unpoisoned = sum(sc["found"] < 1 for sc in scenarios)  # found=1 reuses the first retrain
+    return groups * (1 + sisa) + unpoisoned + len(forgets) * (cfg.evaluate.retrain_seeds + sisa + approximate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation grid; print the table and write the JSON and PNG."""
     cfg = load_config(args.config, args.overrides)
-    forgets = [parse_forget(part) for text in (args.forget or ["random:0.01"]) for part in text.split(",")]
+    forgets = [parse_forget(part) for text in (args.forget or ["random:0.01"]) for part in split_forgets(text)]
     methods = parse_methods(args.methods)
     if not args.no_plot:
         require_matplotlib()
     out = Path(args.out)
-    bar = progress_bar(_steps(cfg, len(forgets), methods), "evaluating", unit="step") if not args.json else None
+    bar = progress_bar(_steps(cfg, forgets, methods), "evaluating", unit="step") if not args.json else None
 
     def progress(message: str) -> None:
         if bar is not None:
@@ -146,7 +161,11 @@ def register(sub: Any) -> None:
         "--forget",
         action="append",
         metavar="SPEC",
-        help="forget set: random:FRACTION or class:LABEL; repeat or comma-separate (default random:0.01)",
+        help=(
+            "forget set: random:FRACTION, class:LABEL, or a poisoning scenario "
+            "backdoor:rate=R,target=T[,found=F][,patch=P] or flip:rate=R,from=A,to=B[,found=F]; "
+            "repeat or comma-separate (default random:0.01)"
+        ),
     )
     ev.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (default all)"

@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.metrics import accuracy, kl_divergence, membership_inference, per_sample_loss
 from sisa.monolithic import predict_proba, train_monolithic, usable_threads
+from sisa.scenarios import SCENARIO_KINDS, Scenario, attack_set, parse_scenario, poison
 
 __all__ = [
     "METHODS",
@@ -42,6 +43,7 @@ __all__ = [
     "parse_forget",
     "parse_methods",
     "retrain_reference",
+    "split_forgets",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,26 +61,46 @@ class ForgetSpec:
     """Which training samples to forget.
 
     Attributes:
-        kind: ``random`` (a uniform random fraction) or ``class`` (every sample of one label).
-        value: The fraction for ``random``, the label for ``class``.
+        kind: ``random`` (a uniform random fraction), ``class`` (every sample of one label), or a
+            poisoning scenario (``backdoor``, ``flip``: the training data is poisoned first and the
+            forget set is the named share of the poisoned ids; see :mod:`sisa.scenarios`).
+        value: The fraction for ``random``, the label for ``class``, the poisoning rate for a scenario.
+        scenario: The scenario's parameters (``None`` for ``random`` and ``class``).
     """
 
     kind: str
     value: float
+    scenario: Scenario | None = None
 
     @property
     def name(self) -> str:
         """The spec as written on the command line, e.g. ``random:0.01`` or ``class:3``."""
+        if self.scenario is not None:
+            return self.scenario.name
         return f"{self.kind}:{int(self.value)}" if self.kind == "class" else f"{self.kind}:{self.value:g}"
 
 
+def split_forgets(text: str) -> list[str]:
+    """Split a comma-separated list of forget specs; commas inside a scenario's ``key=value`` list stay.
+
+    ``"random:0.01,backdoor:rate=0.01,target=0"`` gives ``["random:0.01", "backdoor:rate=0.01,target=0"]``.
+    """
+    return [part for part in re.split(r",\s*(?=[A-Za-z_]+\s*:)", text) if part.strip()]
+
+
 def parse_forget(text: str) -> ForgetSpec:
-    """Parse ``random:FRACTION`` or ``class:LABEL``.
+    """Parse ``random:FRACTION``, ``class:LABEL``, ``backdoor:KEY=VALUE,...`` or ``flip:KEY=VALUE,...``.
 
     Raises:
         ConfigError: Naming the bad spec and the accepted forms.
     """
-    hint = "use random:FRACTION (0 < FRACTION < 1, e.g. random:0.01) or class:LABEL (e.g. class:3)"
+    if text.strip().split(":", 1)[0] in SCENARIO_KINDS:
+        scenario = parse_scenario(text)
+        return ForgetSpec(scenario.kind, scenario["rate"], scenario)
+    hint = (
+        "use random:FRACTION (0 < FRACTION < 1, e.g. random:0.01), class:LABEL (e.g. class:3), "
+        "backdoor:rate=R,target=T[,found=F][,patch=P] or flip:rate=R,from=A,to=B[,found=F]"
+    )
     m = re.fullmatch(r"\s*(random|class):\s*([0-9.eE+-]+)\s*", text)
     if not m:
         raise ConfigError(f"forget set {text!r} is not understood; {hint}")
@@ -123,6 +145,8 @@ def forget_ids(spec: ForgetSpec, train: LabeledArrays, num_classes: int, seed: i
     Raises:
         DataError: If the set would be empty or hold every sample.
     """
+    if spec.scenario is not None:
+        return poison(spec.scenario, train, num_classes, seed).named_ids
     if spec.kind == "class":
         label = int(spec.value)
         if label >= num_classes:
@@ -161,6 +185,8 @@ class MethodRow:
         kl_test: The same on the test split.
         seconds: Wall time of the unlearning step (training time for ``retrain``).
         extra: Method-specific details (seed spreads, certificates, ...).
+        attack_success: For a poisoning scenario, the attack-success rate on the test split
+            (:func:`sisa.scenarios.attack_set`); ``None`` otherwise.
     """
 
     forget: str
@@ -174,6 +200,7 @@ class MethodRow:
     kl_test: float
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    attack_success: float | None = None
 
 
 @dataclass
@@ -186,14 +213,20 @@ class EvalSets:
     retain_eval: LabeledArrays
     test: LabeledArrays
     heldout: LabeledArrays  # non-members for the attack, same label mix as the forget set
+    train: LabeledArrays  # what every model of this spec trains on (poisoned for a scenario)
+    attack: LabeledArrays | None = None  # a scenario's attack set: accuracy on it is the ASR
+    poisoned_ids: np.ndarray | None = None  # every id a scenario poisoned (the forget set names a share)
 
 
 def build_sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg: SisaConfig) -> EvalSets:
     """Split ``train`` into forget and retain sets and pick the attack's held-out set.
 
+    For a poisoning scenario, ``train`` is poisoned first (:func:`sisa.scenarios.poison`); the
+    forget set is the named share of the poisoned ids, and ``attack`` the scenario's attack set.
+
     Args:
         spec: Forget-set spec.
-        train: Training data.
+        train: Clean training data.
         test: Test data (the attack's non-members; for ``class:K`` only its class-K samples).
         cfg: Config (seed, number of classes).
 
@@ -203,7 +236,15 @@ def build_sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg:
     Raises:
         DataError: On an empty or all-covering forget set, or no held-out samples.
     """
-    ids = forget_ids(spec, train, cfg.data.num_classes, cfg.seed)
+    attack = poisoned_ids = None
+    if spec.scenario is not None:
+        poisoned = poison(spec.scenario, train, cfg.data.num_classes, cfg.seed)
+        train, ids, poisoned_ids = poisoned.train, poisoned.named_ids, poisoned.poisoned_ids
+        attack = attack_set(spec.scenario, test, poisoned.trigger_value)
+        if len(attack) == 0:
+            raise DataError(f"forget set {spec.name}: the test split has no samples to score the attack on")
+    else:
+        ids = forget_ids(spec, train, cfg.data.num_classes, cfg.seed)
     in_forget = np.isin(train.ids, ids)
     retain = _subset(train, ~in_forget)
     rng = np.random.default_rng([cfg.seed, 0xE7A1])
@@ -214,7 +255,9 @@ def build_sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg:
     heldout = _subset(test, test.y == int(spec.value)) if spec.kind == "class" else test
     if len(heldout) == 0:
         raise DataError(f"forget set {spec.name}: the test split has no samples of that class to compare with")
-    return EvalSets(spec, _subset(train, in_forget), retain, _subset(retain, keep), test, heldout)
+    return EvalSets(
+        spec, _subset(train, in_forget), retain, _subset(retain, keep), test, heldout, train, attack, poisoned_ids
+    )
 
 
 class Scorer:
@@ -238,6 +281,8 @@ class Scorer:
         s = self.sets
         out = {"forget": fn(s.forget.x), "retain": fn(s.retain_eval.x), "test": fn(s.test.x)}
         out["heldout"] = out["test"] if s.heldout is s.test else fn(s.heldout.x)
+        if s.attack is not None:
+            out["attack"] = fn(s.attack.x)
         return out
 
     def row(self, method: str, p: dict[str, np.ndarray], seconds: float, **extra: Any) -> MethodRow:
@@ -273,6 +318,7 @@ class Scorer:
             kl_test=float(kl_divergence(self.ref_test, p["test"]).mean()),
             seconds=seconds,
             extra=extra,
+            attack_success=accuracy(p["attack"], s.attack.y) if s.attack is not None else None,
         )
 
 
@@ -312,6 +358,7 @@ def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
         return float(np.mean([getattr(r, attr) for r in of]))
 
     aucs = [r.mia_auc for r in rows]
+    asr = [r.attack_success for r in rows if r.attack_success is not None]
     return MethodRow(
         forget=rows[0].forget,
         method="retrain",
@@ -331,7 +378,9 @@ def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
             "test_accuracy_per_seed": [r.test_accuracy for r in rows],
             "kl_floor_forget": mean("kl_forget", others),
             "kl_floor_test": mean("kl_test", others),
+            **({"attack_success_per_seed": asr} if asr else {}),
         },
+        attack_success=float(np.mean(asr)) if asr else None,
     )
 
 
@@ -357,7 +406,7 @@ def _sisa_row(
     say: Callable[[str], None],
 ) -> MethodRow:
     sets = scorer.sets
-    path = workdir / f"sisa-{re.sub(r'[^a-z0-9.]+', '-', sets.spec.name)}"
+    path = workdir / f"sisa-{_slug(sets.spec.name)}"
     if path.exists():
         shutil.rmtree(path)
     # Every forget set starts from the same trained ensemble: a copy of the closed base store.
@@ -409,7 +458,10 @@ def evaluate(
         progress: Called with a short description before each long step.
 
     Returns:
-        ``{"rows": [...], "targets": {...}, "config": {...}, ...}``, JSON-able.
+        ``{"rows": [...], "targets": {...}, "config": {...}, ...}``, JSON-able. A poisoning
+        scenario trains its own original model and SISA base on its poisoned data; its
+        ``forget_sets`` entry holds their times, and the top-level ``original_train_seconds``
+        and ``sisa_base`` are those of the first group (the clean data's when a clean spec is given).
 
     Raises:
         ConfigError: On unknown methods or no forget set.
@@ -420,43 +472,42 @@ def evaluate(
         raise ConfigError("no forget set given; pass e.g. random:0.01, random:0.1 or class:3")
     say = progress or (lambda msg: log.info("%s", msg))
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     threads = usable_threads(cfg.evaluate.threads)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     all_sets = [build_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
+    workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    say(f"original: monolithic model on all {len(train)} samples")
-    original, original_seconds = train_monolithic(cfg, train, seed=cfg.seed, threads=threads)
-    per_spec: list[tuple[Scorer, MethodRow, list[MethodRow]]] = []
+    # Specs that train on the same data share the original model and the SISA base: the clean
+    # specs form one group, each poisoning scenario its own (its training data is poisoned).
+    groups: dict[int, list[EvalSets]] = {}
     for sets in all_sets:
-        scorer = Scorer(sets, cfg)
-        retrain = retrain_reference(scorer, cfg, threads, say)
-        scorer.original = scorer.probas(model_fn(original))
-        spec_rows = [scorer.row("original", scorer.original, 0.0, train_seconds=original_seconds)]
-        for name in methods:
-            if name in APPROXIMATE_METHODS:
-                say(f"{sets.spec.name}: {name}")
-                t0 = time.perf_counter()
-                model = APPROXIMATE_METHODS[name](
-                    original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads
-                )
-                seconds = time.perf_counter() - t0
-                details = getattr(model, REPORT_ATTRIBUTE, {})
-                spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds, **details))
-        per_spec.append((scorer, retrain, spec_rows))
+        groups.setdefault(id(sets.train), []).append(sets)
+    per_spec: list[tuple[Scorer, MethodRow, list[MethodRow]]] = []
+    group_info: list[dict[str, Any]] = []
+    for members in groups.values():
+        data = members[0].train
+        label = "original" if data is train else f"original ({members[0].spec.name})"
+        say(f"{label}: monolithic model on all {len(data)} samples")
+        original, original_seconds = train_monolithic(cfg, data, seed=cfg.seed, threads=threads)
+        group_info.append({"original_train_seconds": original_seconds})
+        for sets in members:
+            per_spec.append(_monolithic_rows(sets, original, original_seconds, cfg, methods, threads, say))
 
     # SISA runs last: Ray's worker processes would otherwise share the cores with the
     # monolithic timings above.
-    sisa_base: dict[str, Any] = {}
     if "sisa" in methods:
-        base = workdir / "sisa-base"
-        say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(train)} samples")
-        sisa_base, before_test = _train_sisa_base(cfg, train, test, base, address)
-        for scorer, _, spec_rows in per_spec:
-            spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say))
+        by_spec = {id(scorer.sets): (scorer, spec_rows) for scorer, _, spec_rows in per_spec}
+        for info, members in zip(group_info, groups.values(), strict=True):
+            data = members[0].train
+            base = workdir / ("sisa-base" if data is train else f"sisa-base-{_slug(members[0].spec.name)}")
+            say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(data)} samples")
+            info["sisa_base"], before_test = _train_sisa_base(cfg, data, test, base, address)
+            for sets in members:
+                scorer, spec_rows = by_spec[id(sets)]
+                spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say))
 
-    order = {m: i for i, m in enumerate(("retrain", "original", *METHODS[1:]))}
+    order = {m: i for i, m in enumerate(("retrain", "unpoisoned", "original", *METHODS[1:]))}
     rows: list[MethodRow] = []
     targets: dict[str, Any] = {}
     for scorer, retrain, spec_rows in per_spec:
@@ -466,24 +517,91 @@ def evaluate(
         rows.extend(shown)
         targets[scorer.sets.spec.name] = _targets(retrain, spec_rows)
 
+    forget_sets: dict[str, Any] = {}
+    for info, members in zip(group_info, groups.values(), strict=True):
+        for s in members:
+            forget_sets[s.spec.name] = {"forget": len(s.forget), "retain": len(s.retain)}
+            if s.poisoned_ids is not None:
+                assert s.attack is not None
+                forget_sets[s.spec.name].update(poisoned=len(s.poisoned_ids), attack_set=len(s.attack), **info)
+    first = group_info[0]  # the clean group when there is one (groups keep the order of the specs)
     return {
-        "forget_sets": {s.spec.name: {"forget": len(s.forget), "retain": len(s.retain)} for s in all_sets},
+        "forget_sets": forget_sets,
         "methods": list(methods),
         "rows": [asdict(r) for r in rows],
         "targets": targets,
-        "original_train_seconds": original_seconds,
-        "sisa_base": sisa_base,
+        "original_train_seconds": first["original_train_seconds"],
+        "sisa_base": first.get("sisa_base", {}),
         "threads": threads,
         "wall_seconds": time.perf_counter() - started,
         "config": config_to_dict(cfg),
     }
 
 
+def _slug(name: str) -> str:
+    """A spec name as a directory name: ``backdoor:rate=0.01,...`` -> ``backdoor-rate-0.01-...``."""
+    return re.sub(r"[^a-z0-9.]+", "-", name)
+
+
+def _monolithic_rows(
+    sets: EvalSets,
+    original: nn.Module,
+    original_seconds: float,
+    cfg: SisaConfig,
+    methods: Sequence[str],
+    threads: int,
+    say: Callable[[str], None],
+) -> tuple[Scorer, MethodRow, list[MethodRow]]:
+    """The retrains, the original, the never-poisoned model (scenarios) and the approximate methods."""
+    scorer = Scorer(sets, cfg)
+    seeds = _retrain_rows(scorer, cfg, threads, say)
+    retrain = _summarise_retrains(seeds)
+    scorer.original = scorer.probas(model_fn(original))
+    spec_rows = [scorer.row("original", scorer.original, 0.0, train_seconds=original_seconds)]
+    if sets.poisoned_ids is not None:
+        spec_rows.append(_unpoisoned_row(scorer, seeds[0], cfg, threads, say))
+    for name in methods:
+        if name in APPROXIMATE_METHODS:
+            say(f"{sets.spec.name}: {name}")
+            t0 = time.perf_counter()
+            model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads)
+            seconds = time.perf_counter() - t0
+            details = getattr(model, REPORT_ATTRIBUTE, {})
+            spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds, **details))
+    return scorer, retrain, spec_rows
+
+
+def _unpoisoned_row(
+    scorer: Scorer, first_retrain: MethodRow, cfg: SisaConfig, threads: int, say: Callable[[str], None]
+) -> MethodRow:
+    """A model never trained on poison: monolithic, seed ``cfg.seed``, on the training data minus every poisoned id.
+
+    When the forget set names every poisoned id (``found=1``) that is exactly the first retrain,
+    which is reused instead of trained again.
+    """
+    sets = scorer.sets
+    assert sets.poisoned_ids is not None
+    if len(sets.poisoned_ids) == len(sets.forget):
+        return replace(first_retrain, method="unpoisoned", extra={**first_retrain.extra, "same_as_retrain": True})
+    clean = _subset(sets.train, ~np.isin(sets.train.ids, sets.poisoned_ids))
+    say(f"{sets.spec.name}: unpoisoned model on {len(clean)} samples")
+    model, seconds = train_monolithic(cfg, clean, seed=cfg.seed, threads=threads)
+    return scorer.row("unpoisoned", scorer.probas(model_fn(model)), seconds, seed=cfg.seed, same_as_retrain=False)
+
+
 def _targets(retrain: MethodRow, rows: Sequence[MethodRow]) -> dict[str, Any]:
     """The issue's targets for SISA, stated as measured facts (never pass/fail by fiat)."""
     sisa = next((r for r in rows if r.method == "sisa"), None)
+    attack: dict[str, Any] = {}
+    if retrain.attack_success is not None:
+        unpoisoned = next(r for r in rows if r.method == "unpoisoned")
+        attack = {
+            "attack_success_retrain": retrain.attack_success,
+            "attack_success_unpoisoned": unpoisoned.attack_success,
+            "attack_success": {r.method: r.attack_success for r in rows},
+        }
     if sisa is None:
-        return {}
+        return attack
     lo, hi = retrain.extra["mia_auc_spread"]
     floor_f, floor_t = retrain.extra["kl_floor_forget"], retrain.extra["kl_floor_test"]
     gap = sisa.extra.get("family_gap_kl_test")
@@ -497,4 +615,5 @@ def _targets(retrain: MethodRow, rows: Sequence[MethodRow]) -> dict[str, Any]:
         "sisa_test_accuracy_gap": retrain.test_accuracy - sisa.test_accuracy,
         "sisa_family_gap_kl_test": gap,
         "sisa_kl_test_over_family_gap": sisa.kl_test / gap if gap else None,
+        **attack,
     }

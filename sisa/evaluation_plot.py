@@ -70,8 +70,10 @@ def plot_evaluation(result: dict[str, Any], path: str | Path) -> Path:
         for r in rows:
             colour = _COLOURS.get(r["method"], "#7f7f7f")
             top.scatter(r["mia_auc"], r["test_accuracy"], color=colour, s=50, zorder=3)
+            asr = r.get("attack_success")
+            text = r["method"] if asr is None else f"{r['method']} (ASR {asr:.2f})"
             top.annotate(
-                r["method"], (r["mia_auc"], r["test_accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+                text, (r["mia_auc"], r["test_accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
             )
         top.set_title(f"forget {name}")
         top.set_xlabel("membership-inference AUC (forget vs held-out)")
