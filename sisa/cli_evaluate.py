@@ -88,6 +88,13 @@ def format_targets(targets: dict[str, Any]) -> list[str]:
             lines.append(
                 f"{name}: attack success {asr}; never-poisoned model {_num(t['attack_success_unpoisoned'], '.4f')}, "
                 f"retrain {_num(t['attack_success_retrain'], '.4f')}"
+                + (
+                    f"; sisa before the deletion {_num(t['attack_success_before'], '.4f')}, after it "
+                    f"{'bit-identical' if t['verified_equal_to_retrain'] else 'NOT bit-identical'} "
+                    "to its shards retrained from scratch"
+                    if "verified_equal_to_retrain" in t
+                    else ""
+                )
             )
         if "sisa_mia_auc" not in t:
             continue
@@ -111,7 +118,8 @@ def _steps(cfg: Any, forgets: list[ForgetSpec], methods: tuple[str, ...]) -> int
     scenarios = [f.scenario for f in forgets if f.scenario is not None]
     groups = len(scenarios) + (len(scenarios) < len(forgets))
     unpoisoned = sum(sc["found"] < 1 for sc in scenarios)  # found=1 reuses the first retrain
-    return groups * (1 + sisa) + unpoisoned + len(forgets) * (cfg.evaluate.retrain_seeds + sisa + approximate)
+    verify = sisa * len(scenarios)
+    return groups * (1 + sisa) + unpoisoned + verify + len(forgets) * (cfg.evaluate.retrain_seeds + sisa + approximate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -385,16 +385,22 @@ def _summarise_retrains(rows: list[MethodRow]) -> MethodRow:
 
 
 def _train_sisa_base(
-    cfg: SisaConfig, train: LabeledArrays, test: LabeledArrays, path: Path, address: str | None
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Train the ensemble every forget set starts from; also its test probabilities before any deletion."""
+    cfg: SisaConfig,
+    train: LabeledArrays,
+    test: LabeledArrays,
+    path: Path,
+    address: str | None,
+    attack: LabeledArrays | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """Train the ensemble every forget set starts from; its test and attack-set probabilities before any deletion."""
     if path.exists():
         shutil.rmtree(path)
     with Ensemble.create(path, cfg, address=address) as ens:
         ens.ingest(train)
         report = ens.fit()
         before_test = ens.predict_proba(test.x)
-    return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}, before_test
+        before_attack = ens.predict_proba(attack.x) if attack is not None else None
+    return {"fit_seconds": report.seconds, "train_compute_seconds": report.stage_seconds}, before_test, before_attack
 
 
 def _sisa_row(
@@ -404,6 +410,7 @@ def _sisa_row(
     workdir: Path,
     address: str | None,
     say: Callable[[str], None],
+    before_attack: np.ndarray | None = None,
 ) -> MethodRow:
     sets = scorer.sets
     path = workdir / f"sisa-{_slug(sets.spec.name)}"
@@ -417,6 +424,17 @@ def _sisa_row(
         cert = ens.delete(sets.forget.ids)
         seconds = time.perf_counter() - started
         p = scorer.probas(ens.predict_proba)
+        scenario: dict[str, Any] = {}
+        if sets.attack is not None and before_attack is not None:
+            # The ASR claim rests on exactness: retrain every shard from scratch on what it holds
+            # now (never the named ids) and compare bit for bit. Not part of the deletion's time.
+            say(f"{sets.spec.name}: sisa verify (every shard retrained from scratch)")
+            t0 = time.perf_counter()
+            scenario = {
+                "attack_success_before": accuracy(before_attack, sets.attack.y),
+                "verified_equal_to_retrain": bool(ens.verify()["ok"]),
+                "verify_seconds": time.perf_counter() - t0,
+            }
     return scorer.row(
         "sisa",
         p,
@@ -429,6 +447,7 @@ def _sisa_row(
             float(kl_divergence(scorer.original["test"], before_test).mean()) if scorer.original else None
         ),
         store=str(path),
+        **scenario,
     )
 
 
@@ -502,10 +521,11 @@ def evaluate(
             data = members[0].train
             base = workdir / ("sisa-base" if data is train else f"sisa-base-{_slug(members[0].spec.name)}")
             say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(data)} samples")
-            info["sisa_base"], before_test = _train_sisa_base(cfg, data, test, base, address)
+            attack = members[0].attack if data is not train else None  # a scenario's group holds one spec
+            info["sisa_base"], before_test, before_attack = _train_sisa_base(cfg, data, test, base, address, attack)
             for sets in members:
                 scorer, spec_rows = by_spec[id(sets)]
-                spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say))
+                spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say, before_attack))
 
     order = {m: i for i, m in enumerate(("retrain", "unpoisoned", "original", *METHODS[1:]))}
     rows: list[MethodRow] = []
@@ -616,4 +636,5 @@ def _targets(retrain: MethodRow, rows: Sequence[MethodRow]) -> dict[str, Any]:
         "sisa_family_gap_kl_test": gap,
         "sisa_kl_test_over_family_gap": sisa.kl_test / gap if gap else None,
         **attack,
+        **{k: sisa.extra[k] for k in ("attack_success_before", "verified_equal_to_retrain") if k in sisa.extra},
     }

@@ -174,7 +174,7 @@ def test_cli_reports_attack_success_per_method(
     argv = ["evaluate", "--config", str(cfg_file), "--forget", f"random:0.05,{spec}", "--forget", flip]
     assert main([*argv, "--methods", "retrain,finetune,sisa", "--out", str(out), "--no-plot"]) == 0
     text = capsys.readouterr().out
-    assert "ASR" in text and "attack success" in text
+    assert "ASR" in text and "attack success" in text and "bit-identical to its shards retrained" in text
     saved = json.loads((out / "evaluation.json").read_text())
     name = parse_forget(spec).name
     rows = {(r["forget"], r["method"]): r for r in saved["rows"]}
@@ -195,6 +195,10 @@ def test_cli_reports_attack_success_per_method(
     t = saved["targets"][name]
     assert t["attack_success_unpoisoned"] == rows[name, "unpoisoned"]["attack_success"]
     assert t["attack_success"]["sisa"] == rows[name, "sisa"]["attack_success"]
+    # The harness checks SISA's exactness itself: after the deletion every shard equals its retrain from scratch.
+    sisa = rows[name, "sisa"]["extra"]
+    assert sisa["verified_equal_to_retrain"] is True and sisa["verify_seconds"] > 0
+    assert 0.0 <= sisa["attack_success_before"] <= 1.0
     # found=1 names every flipped id: the retrain never saw poison and is the never-poisoned model.
     flipped = parse_forget(flip).name
     assert rows[flipped, "unpoisoned"]["extra"]["same_as_retrain"] is True
