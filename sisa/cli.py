@@ -513,12 +513,13 @@ def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
     shards: dict[str, list[int]] = {}  # domain id -> live shards trained in it
     records: dict[str, dict[str, Any]] = {}  # domain id -> its record
     if args.store is not None:
-        with Ensemble.open(args.store, readonly=True) as ens:
+        # The live records alone: status() would also count every slice's members.
+        with Ensemble.open(args.store, readonly=True) as ens, ens.store.read() as txn:
             cfg = ens.config
-            for shard in ens.status()["per_shard"]:
-                if shard["domain"] is not None:
-                    shards.setdefault(shard["domain"]["id"], []).append(shard["shard"])
-                    records[shard["domain"]["id"]] = shard["domain"]
+            for shard, live in sorted(ens.store.live(txn).items()):
+                if live.get("domain") is not None:
+                    shards.setdefault(live["domain"]["id"], []).append(shard)
+                    records[live["domain"]["id"]] = live["domain"]
     else:
         cfg = load_config(args.config, args.overrides)
     res = cfg.resources
