@@ -68,6 +68,16 @@ def npz_config(folder: Path, train: str = "") -> Path:
     return config
 
 
+def write_config(cfg: SisaConfig, path: Path) -> Path:
+    """Write ``cfg`` as the YAML file ``path`` (for CLI tests that take ``--config``)."""
+    import yaml
+
+    from sisa.config import config_to_dict
+
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return path
+
+
 def store_digest(path: Path) -> str:
     """SHA-256 over every file of a store directory except lock files (readers touch those)."""
     h = hashlib.sha256()

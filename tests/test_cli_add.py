@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from sisa.cli import main
-from sisa.config import config_to_dict
 from sisa.data import load_split
 from sisa.ensemble import Ensemble
-from tests.conftest import blobs, small_config, store_digest
+from tests.conftest import blobs, small_config, store_digest, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -50,8 +48,7 @@ def npz_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path,
     np.savez(files["other"], x=x[240:300], y=y[240:300])
     write_csv(files["csv"], x[300:330], y[300:330])
     cfg = small_config("data.dataset=npz", f"data.train={files['train']}", f"data.test={files['test']}")
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    config = write_config(cfg, tmp_path / "cfg.yaml")
     store = tmp_path / "st"
     run_json(capsys, "train", "--config", str(config), "--store", str(store))
     return store, config, files

@@ -12,7 +12,7 @@ from sisa.config import SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.evaluation import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
-from tests.conftest import blobs, small_config
+from tests.conftest import blobs, small_config, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -106,12 +106,7 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
 def test_cli_writes_table_json_and_png(
     blob_config: SisaConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg_file = tmp_path / "cfg.yaml"
-    import yaml
-
-    from sisa.config import config_to_dict
-
-    cfg_file.write_text(yaml.safe_dump(config_to_dict(blob_config)))
+    cfg_file = write_config(blob_config, tmp_path / "cfg.yaml")
     out = tmp_path / "out"
     argv = [
         "evaluate",

@@ -5,17 +5,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from sisa.arrays import LabeledArrays
 from sisa.cli import main
-from sisa.config import SisaConfig, config_to_dict
+from sisa.config import SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.evaluation import build_sets, parse_forget, split_forgets
 from sisa.metrics import accuracy
 from sisa.scenarios import attack_set, parse_scenario, poison, stamp
-from tests.conftest import blobs, live_state, small_config
+from tests.conftest import blobs, live_state, small_config, write_config
 
 
 def images(n: int, seed: int) -> LabeledArrays:
@@ -166,8 +165,7 @@ def test_sisa_deleting_the_poison_equals_retraining_without_it(image_config: Sis
 def test_cli_reports_attack_success_per_method(
     image_config: SisaConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(config_to_dict(image_config)))
+    cfg_file = write_config(image_config, tmp_path / "cfg.yaml")
     out = tmp_path / "out"
     spec = "backdoor:rate=0.2,target=0,found=0.5"
     flip = "flip:rate=0.3,from=1,to=2"  # found=1 by default
@@ -212,8 +210,7 @@ def test_cli_reports_attack_success_per_method(
 def test_cli_rejects_bad_scenarios_before_any_work(
     image_config: SisaConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(config_to_dict(image_config)))
+    cfg_file = write_config(image_config, tmp_path / "cfg.yaml")
     flat_root = tmp_path / "flat"
     flat_root.mkdir()
     x, y = blobs(n=60, d=12, classes=3, seed=0)
