@@ -310,3 +310,39 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
         report = ens.verify()
     assert report["reason"] == "domain_unavailable"
     assert [k for k, v in report["shards"].items() if not v["ok"]] == ["2"]
+
+
+def test_a_rebind_is_certified_even_when_the_retrain_and_the_certificate_are_two_runs(tmp_path: Path) -> None:
+    # A crash after the rebinding retrain but before the certificate: the next apply retrains
+    # nothing, and must still say the shard was rebound (read from the live record, not the run).
+    path = tmp_path / "native"
+    here = domains.current(1)
+    with Ensemble.create(path, small_config("resources.cpu_isa=native"), address="local") as ens:
+        ens.ingest(X, Y)
+        ens.fit()
+        victim = id_in_second_slice(ens, 1)
+    other = "avx2" if here.cpu_kernels == "DEFAULT" else "default"
+    code = (
+        "import json, sys\n"
+        "from sisa.ensemble import Ensemble\n"
+        "with Ensemble.open(sys.argv[1], address='local', resume=False) as ens:\n"
+        "    ens.delete([int(sys.argv[2])], defer=True)\n"
+        "    rebound = sorted(ens.fit().rebound)\n"  # the retrain of the apply that 'crashed'
+        "with Ensemble.open(sys.argv[1], address='local') as ens:\n"
+        "    (cert,) = ens.apply()\n"
+        "print(json.dumps({'rebound': rebound, 'cert': cert}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(victim)],
+        env=child_env(ATEN_CPU_CAPABILITY=other),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["rebound"] == [1]
+    info = result["cert"]["shards"]["1"]
+    assert info["rebound"] is True and info["from_slice"] == 1 and info["restart_stage"] == 0
+    assert here.id in info["rebind_reason"] and len(info["new_checkpoints"]) == 3  # the new chain, all stages
+    assert info["domain"]["cpu_kernels"] == other.upper()
