@@ -135,8 +135,7 @@ def test_local_child_survives_an_abandoned_job() -> None:
     # must not read the rest of the old answer.
     from tests.test_trainer import make_job
 
-    runner = LocalRunner("avx2", 1, "cpu")
-    try:
+    with LocalRunner("avx2", 1, "cpu") as runner:  # the child is ended on leaving the block
         if runner.in_process:
             pytest.skip("this test process started with the avx2 pins: it trains in place, no child to test")
         job = make_job()
@@ -147,8 +146,7 @@ def test_local_child_survives_an_abandoned_job() -> None:
         assert again == [1, 2, 3] and runner.domain.cpu_kernels == "AVX2"
         replay = list(runner.train(job))
         assert replay[0].key == abandoned.key and [r.key for r in replay] == [r.key for r in runner.train(job)]
-    finally:
-        runner.close()
+    assert runner._child is None
 
 
 # ------------------------------------------------------------------ a store trained with the defaults
