@@ -1,4 +1,4 @@
-"""Benchmark sisa.aggregate: vmap vs loop shard forwards on CPU.
+"""Benchmark sisa.serve.aggregate: vmap vs loop shard forwards on CPU.
 
 Times ``shard_logits`` for S=16 MLP and CNN ensembles over several batch sizes and
 writes a table, a JSON file and a PNG plot; used to set ``CPU_VMAP_MAX_BATCH``.
@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.func import functional_call, stack_module_state, vmap  # noqa: E402
 
-from sisa.aggregate import CPU_VMAP_MAX_BATCH, shard_logits  # noqa: E402
+from sisa.serve.aggregate import CPU_VMAP_MAX_BATCH, shard_logits  # noqa: E402
 
 logger = logging.getLogger("bench_aggregate")
 
@@ -111,7 +111,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("loop time / vmap time (>1: vmap faster)")
-    ax.set_title("sisa.aggregate, S=16, CPU")
+    ax.set_title("sisa.serve.aggregate, S=16, CPU")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,13 +1,13 @@
 r"""Benchmark what pinning the CPU kernel levels costs: sisa training at each ``resources.cpu_isa``.
 
 Every shard worker is pinned to ``resources.cpu_isa`` before torch loads
-(``sisa.domain.pin_env``): ``native`` pins nothing, ``avx2`` (the default) sets
+(``sisa.train.domain.pin_env``): ``native`` pins nothing, ``avx2`` (the default) sets
 ``ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2``, ``baseline``
 sets ATen's default kernels, MKL's COMPATIBLE branch and oneDNN's SSE4.1. The libraries
 read these variables once per process, so every measurement runs in a child process
 started with its level's environment (this same script in ``--child`` mode).
 
-A child trains one shard of Fashion-MNIST per model with ``sisa.trainer.train_shard``:
+A child trains one shard of Fashion-MNIST per model with ``sisa.train.trainer.train_shard``:
 the first N training images in R contiguous slices (R and the recipe from the model's
 config; ``resources.threads_per_shard=1`` and the level's ``resources.cpu_isa``),
 after one untimed warm-up stage on a few samples (model build, kernel JIT). It reports
@@ -54,10 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchlib import machine_info, script_parser  # noqa: E402
 
-from sisa import domain as domains  # noqa: E402
-from sisa.config import load_config  # noqa: E402
-from sisa.data import load_split  # noqa: E402
-from sisa.trainer import ShardJob, SliceData, train_shard  # noqa: E402
+from sisa.config.settings import load_config  # noqa: E402
+from sisa.data.loaders import load_split  # noqa: E402
+from sisa.train import domain as domains  # noqa: E402
+from sisa.train.trainer import ShardJob, SliceData, train_shard  # noqa: E402
 
 LEVELS = domains.CPU_ISAS
 # The kernel level torch must report under each pinned level.
@@ -120,7 +120,7 @@ def shard_job(config: str, level: str, x: np.ndarray, y: np.ndarray, n: int) -> 
         n: Samples in the shard.
 
     Returns:
-        The job for :func:`sisa.trainer.train_shard`.
+        The job for :func:`sisa.train.trainer.train_shard`.
     """
     cfg = load_config(config, overrides=[f"resources.cpu_isa={level}", "resources.threads_per_shard=1"])
     ids = np.arange(n, dtype=np.int64)

@@ -38,10 +38,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info, script_parser  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.config import load_config  # noqa: E402
-from sisa.data import load_split  # noqa: E402
+from sisa.config.settings import load_config  # noqa: E402
+from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
 
 POLICIES = ("exclude", "serve-clean", "serve-stale")
 

@@ -1,6 +1,6 @@
 r"""Unlearning quality benchmark: every method on every forget set of Fashion-MNIST, one run.
 
-Runs :func:`sisa.evaluation.evaluate` (what ``sisa evaluate`` runs) on the full grid:
+Runs :func:`sisa.evaluate.harness.evaluate` (what ``sisa evaluate`` runs) on the full grid:
 forget sets ``random:0.01``, ``random:0.1`` and ``class:3``; methods retrain, sisa,
 gradient_ascent, finetune and prune, with the defaults chosen by
 ``scripts/sweep_baselines.py``. Writes ``docs/bench/quality.json``, ``docs/bench/quality.png``
@@ -26,11 +26,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.cli_evaluate import format_rows  # noqa: E402
-from sisa.config import load_config  # noqa: E402
-from sisa.evaluation import METHODS, evaluate, parse_forget, split_forgets  # noqa: E402
-from sisa.evaluation_plot import plot_evaluation  # noqa: E402
+from sisa.cli.evaluate import format_rows  # noqa: E402
+from sisa.config.settings import load_config  # noqa: E402
+from sisa.evaluate.harness import METHODS, evaluate, parse_forget, split_forgets  # noqa: E402
+from sisa.evaluate.plot import plot_evaluation  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
 
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=1000", "train.epochs=2")

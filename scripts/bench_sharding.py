@@ -74,12 +74,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.data import LabeledArrays, load_split  # noqa: E402
-from sisa.deletion_prior import write_prior  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.partition import shard_masses  # noqa: E402
+from sisa.partition.assign import shard_masses  # noqa: E402
+from sisa.partition.prior import write_prior  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
 
 # Each arm: the partition overrides of its store ({prior} is the run's prior file). The first arm of
 # a run is the baseline of its ratios.

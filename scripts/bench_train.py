@@ -11,7 +11,7 @@ Measures, with the same architecture and recipe throughout:
 3. **Parallel speedup**: the SISA fit at S=8 (or the largest S <= 8 listed) on a Ray
    instance limited to 1 CPU vs 2 CPUs; each timed fit follows a tiny warm-up fit on
    the same fresh instance, so Ray worker start-up and the torch import are excluded.
-4. **Trainer overhead**: samples/s of ``sisa.trainer.train_shard`` on all training
+4. **Trainer overhead**: samples/s of ``sisa.train.trainer.train_shard`` on all training
    data as one stage vs a plain hand-written torch loop (same model, seed, optimizer,
    batch size, 1 epoch, 1 thread), run alternately, in-process, 3 repeats each.
 
@@ -51,13 +51,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, machine_info, script_parser  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.data import LabeledArrays, load_split  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.models import build_model  # noqa: E402
-from sisa.monolithic import single_stage_job  # noqa: E402
-from sisa.trainer import derive_seed, train_shard  # noqa: E402
+from sisa.evaluate.monolithic import single_stage_job  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
+from sisa.train.models import build_model  # noqa: E402
+from sisa.train.trainer import derive_seed, train_shard  # noqa: E402
 
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=2000", "train.epochs=2")
 QUICK_SHARDS = (1, 2, 4)
@@ -199,7 +199,7 @@ def restart_ray(num_cpus: int | None) -> None:
 
     Args:
         num_cpus: CPUs of the new instance; ``None`` starts it through
-            ``sisa.orchestrator.connect()`` with all cores.
+            ``sisa.train.orchestrator.connect()`` with all cores.
     """
     import ray
 
@@ -249,7 +249,7 @@ def plain_loop(cfg: SisaConfig, x_np: np.ndarray, y_np: np.ndarray, epochs: int)
 
 
 def trainer_run(cfg: SisaConfig, train: LabeledArrays) -> tuple[float, float]:
-    """Train all of ``train`` as one stage with ``sisa.trainer.train_shard``.
+    """Train all of ``train`` as one stage with ``sisa.train.trainer.train_shard``.
 
     Args:
         cfg: Config with ``shards=1 slices=1`` so there is exactly one stage.

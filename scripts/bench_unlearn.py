@@ -75,16 +75,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.cost_model import (  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
+from sisa.ensemble import Ensemble  # noqa: E402
+from sisa.partition.assign import uniform_assignment  # noqa: E402
+from sisa.partition.cost_model import (  # noqa: E402
     drawn_work,
     expected_work,
     expected_work_closed_form,
 )
-from sisa.data import LabeledArrays, load_split  # noqa: E402
-from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.partition import uniform_assignment  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
 
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=1000", "train.epochs=2", "model.name=mlp")
 QUICK_SETTINGS = "4x4"

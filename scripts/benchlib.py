@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sisa.data import LabeledArrays
-from sisa.monolithic import usable_threads
+from sisa.data.loaders import LabeledArrays
+from sisa.evaluate.monolithic import usable_threads
 
 
 def usable_cpus() -> int:

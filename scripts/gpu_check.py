@@ -7,7 +7,7 @@ result, the domain, repeat and CPU-vs-GPU verify steps included, is unmeasured u
 someone runs it on a GPU machine; only the CPU smoke run below has been run.
 
 The script restarts itself once with ``resources.cpu_isa``'s pins in its environment
-(:func:`sisa.domain.pin_env`), so that the serial run and the monolithic model train in
+(:func:`sisa.train.domain.pin_env`), so that the serial run and the monolithic model train in
 this very process in the shard workers' domain, not in a pinned child started per fit.
 
 1. **Packed**: ``configs/fashion_mnist_cnn.yaml`` with ``shards=8`` and
@@ -16,9 +16,9 @@ this very process in the shard workers' domain, not in a pinned child started pe
    so worker start and CUDA initialisation are not timed.
 2. **Domain**: the determinism domain the shards trained in, read from the live shard
    records (``Ensemble.status()``), printed as ``domain: ID (...)`` with
-   :func:`sisa.domain.describe` (GPU model, compute capability, SM count, CUDA / cuDNN /
+   :func:`sisa.train.domain.describe` (GPU model, compute capability, SM count, CUDA / cuDNN /
    cuBLAS) and written to the JSON with every stage record's domain id and the domains
-   :func:`sisa.orchestrator.available_domains` probes; all shards must share one.
+   :func:`sisa.train.orchestrator.available_domains` probes; all shards must share one.
 3. **Serial**: the very same config and data with ``address=local``: the eight shards
    train one after another in this process on the same GPU.
    ``throughput_ratio = serial wall / packed wall`` (same work, sample-epochs, in both);
@@ -26,7 +26,7 @@ this very process in the shard workers' domain, not in a pinned child started pe
 4. **Repeat**: the packed fit once more, into a new store: ``repeat_identical`` when
    every stage of every shard has the same weight digest, in the same domain, both times.
 5. **One deletion** on the packed store (one seeded random id), wall seconds of
-   ``Ensemble.delete`` vs ``sisa.monolithic.train_monolithic`` on all the data on the
+   ``Ensemble.delete`` vs ``sisa.evaluate.monolithic.train_monolithic`` on all the data on the
    same device (1 torch thread, like a shard): ``deletion_speedup``.
 6. **verify** of the shard(s) the deletion retrained: retrained from scratch on the
    device and compared bit for bit with the live models; ``gpu_store_verify`` records
@@ -77,14 +77,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
 
-from sisa import domain as domains  # noqa: E402
-from sisa import orchestrator  # noqa: E402
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.data import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
-from sisa.digests import weights_digest  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import DataError, SisaError  # noqa: E402
-from sisa.monolithic import train_monolithic  # noqa: E402
+from sisa.evaluate.monolithic import train_monolithic  # noqa: E402
+from sisa.store.digests import weights_digest  # noqa: E402
+from sisa.train import domain as domains  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "configs" / "fashion_mnist_cnn.yaml"

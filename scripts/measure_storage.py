@@ -38,11 +38,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, machine_info, script_parser  # noqa: E402
 
-from sisa import orchestrator  # noqa: E402
-from sisa.config import load_config  # noqa: E402
-from sisa.data import load_split  # noqa: E402
+from sisa.config.settings import load_config  # noqa: E402
+from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.models import build_model  # noqa: E402
+from sisa.train import orchestrator  # noqa: E402
+from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
 

@@ -2,7 +2,7 @@ r"""Scale plan for SISA deletion: the cost model's retrain work per request and 
 
 Everything here is arithmetic on three kinds of inputs, kept apart in the output:
 
-* **model**: ``sisa.cost_model.expected_work_layout`` on the uniform partitioner's expected
+* **model**: ``sisa.partition.cost_model.expected_work_layout`` on the uniform partitioner's expected
   layout (``N / (S R)`` per slice), exact for K distinct ids, work counted after the
   deletion; per-stage epochs from ``TrainConfig.stage_epochs`` (``--epochs`` recalibrated).
 * **measured**: per-worker training throughput (sample-epochs per second of retraining
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sisa import cost_model as cm  # noqa: E402
-from sisa.config import TrainConfig  # noqa: E402
+from sisa.config.settings import TrainConfig  # noqa: E402
+from sisa.partition import cost_model as cm  # noqa: E402
 
 NS = (10**6, 10**8, 10**9)
 RATES = (10, 1000)  # deletion requests per hour

@@ -8,12 +8,12 @@ last clean checkpoint is stage ``r``), and stages ``r+1..R`` retrain, stage j on
 samples slices 1..j still hold, for ``e' = TrainConfig.stage_epochs(R)`` epochs each
 (recalibrated from ``--epochs``). Work is in sample-epochs, as ``n_samples x epochs`` of
 the retrained stage records of a real store. The mean work per request is compared with
-``sisa.cost_model.expected_work_layout`` evaluated on the layout just before each request.
+``sisa.partition.cost_model.expected_work_layout`` evaluated on the layout just before each request.
 
 Layouts (``engine``):
 
 * ``ids``: N real ids ``0..N-1`` placed by the real partitioner
-  (``sisa.partition.uniform_assignment``, seed ``--seed``); a request draws K distinct live
+  (``sisa.partition.assign.uniform_assignment``, seed ``--seed``); a request draws K distinct live
   ids uniformly (rejection sampling on an alive mask) and looks up their (shard, slice).
 * ``counts``: for N too large to hold ids (10^9), the layout is a multinomial draw of N
   samples over the S x R cells with equal probabilities, which is the exact distribution of
@@ -63,9 +63,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sisa import cost_model as cm  # noqa: E402
-from sisa.config import TrainConfig  # noqa: E402
-from sisa.partition import uniform_assignment  # noqa: E402
+from sisa.config.settings import TrainConfig  # noqa: E402
+from sisa.partition import cost_model as cm  # noqa: E402
+from sisa.partition.assign import uniform_assignment  # noqa: E402
 
 FULL = {
     "n_ids": "1e6",
@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model_curves": model_curves(max([*n_ids, *n_counts]), ks, slices_list, train, max(shards_list)),
         "notes": {
             "work": "sample-epochs: sum over retrained stages of (samples in slices 1..j after the deletion) x e'",
-            "model": "sisa.cost_model.expected_work_layout(layout before the request, e', K, replacement=False, "
+            "model": "cost_model.expected_work_layout(layout before the request, e', K, replacement=False, "
             "exclude_deleted=True), averaged over the stream's requests",
             "model_initial": "expected_work_layout(initial layout, e', K) (binomial, before deletion; bench_unlearn's)",
             "model_equal": "expected_work_layout(equal layout N/(S R), e', K, replacement=False)",

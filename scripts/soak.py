@@ -85,8 +85,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from benchlib import machine_info, script_parser  # noqa: E402
 
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.data import LabeledArrays, load_split  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import NotTrainedError  # noqa: E402
 
@@ -458,8 +458,8 @@ def check(
 
 def final_state(ens: Ensemble, deleted: Sequence[int]) -> dict[str, Any]:
     """Pending requests, audit chain and log, verify, and the deleted ids in the final store."""
-    from sisa.audit import read_entries
-    from sisa.unlearn import deleted_ids
+    from sisa.unlearn.audit import read_entries
+    from sisa.unlearn.requests import deleted_ids
 
     audit = ens.audit()
     with ens.store.read() as txn:
@@ -555,7 +555,7 @@ def run_soak(
 ) -> dict[str, Any]:
     """Train a store, run the request stream against it with a reader process, check everything.
 
-    Ray must be up (or :func:`sisa.orchestrator.connect` starts a local instance). The
+    Ray must be up (or :func:`sisa.train.orchestrator.connect` starts a local instance). The
     reader predicts the first ``w.predict_batch`` test samples.
 
     Returns:
@@ -771,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reader is not None:
         reader_main(args.reader)
         return 0
-    from sisa import orchestrator
+    from sisa.train import orchestrator
 
     config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
     overrides = [*(() if args.quick or args.config else FULL_OVERRIDES), *args.overrides]

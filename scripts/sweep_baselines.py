@@ -32,11 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
-from sisa.approximate import APPROXIMATE_METHODS  # noqa: E402
-from sisa.config import SisaConfig, config_to_dict, load_config  # noqa: E402
-from sisa.data import LabeledArrays, load_split  # noqa: E402
-from sisa.evaluation import MethodRow, Scorer, build_sets, model_fn, parse_forget, retrain_reference  # noqa: E402
-from sisa.monolithic import train_monolithic, usable_threads  # noqa: E402
+from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
+from sisa.evaluate.approximate import APPROXIMATE_METHODS  # noqa: E402
+from sisa.evaluate.harness import MethodRow, Scorer, build_sets, model_fn, parse_forget, retrain_reference  # noqa: E402
+from sisa.evaluate.monolithic import train_monolithic, usable_threads  # noqa: E402
 
 GRID: dict[str, dict[str, Sequence[Any]]] = {
     "gradient_ascent": {"lr": (1e-5, 1e-4, 1e-3), "epochs": (1, 3), "retain_weight": (0.0, 1.0)},

@@ -1,7 +1,26 @@
-"""sisa: exact machine unlearning with SISA training (sharded, isolated, sliced, aggregated) on Ray."""
+"""sisa: exact machine unlearning with SISA training (sharded, isolated, sliced, aggregated) on Ray.
 
-from sisa.config import SisaConfig, load_config
-from sisa.data import LabeledArrays, as_arrays, load_split
+The package tree is the data flow. Layers, lowest first; a module imports only from its own
+package and from layers listed before its own, never from one listed after it; and no modules
+import each other, directly or in a cycle (local and ``TYPE_CHECKING`` imports included;
+``tests/test_layers.py`` reads this list and enforces it):
+
+    errors      SisaError hierarchy, picklable across Ray processes
+    config      frozen dataclasses loaded from YAML, validated on load
+    data        validated sample arrays; Fashion-MNIST, IDX, npz, CSV loaders
+    partition   sample id -> (shard, slice); deletion priors; the deletion cost model
+    store       the LMDB environment, stage and live records, content addresses
+    train       determinism domain, models, trainer, Ray orchestration, the planner
+    unlearn     deletion ids, journal, apply (retrain, erase, certify), verify, audit log
+    serve       live shard models and their aggregation
+    ensemble    the public facade: one object per store, delegating to the layers above
+    evaluate    the evaluation harness: SISA against retraining and approximate unlearning
+    sklearn     scikit-learn estimator on top of the facade
+    cli         the ``sisa`` command line
+"""
+
+from sisa.config.settings import SisaConfig, load_config
+from sisa.data.loaders import LabeledArrays, as_arrays, load_split
 from sisa.ensemble import Ensemble, FitReport
 from sisa.errors import (
     ConfigError,

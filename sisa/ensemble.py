@@ -18,17 +18,17 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sisa.arrays import MAX_ID, check_labels
-from sisa.config import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
-from sisa.data import LabeledArrays, as_arrays
-from sisa.digests import checkpoint_key, manifest_digest
-from sisa.domain import Domain, domain_id, missing_reason, unavailable_message
+from sisa.config.settings import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
+from sisa.data.arrays import MAX_ID, check_labels
+from sisa.data.loaders import LabeledArrays, as_arrays
 from sisa.errors import ConfigError, DataError, DomainUnavailableError, NotTrainedError, StoreError
-from sisa.placement import check_shard_sizes, place
-from sisa.serving import Serving
-from sisa.store import Store
-from sisa.stored_slices import StoredSlices
-from sisa.trainer import ShardJob, StageResult
+from sisa.partition.placement import check_shard_sizes, place
+from sisa.serve.serving import Serving
+from sisa.store.database import Store
+from sisa.store.digests import checkpoint_key, manifest_digest
+from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
+from sisa.train.slices import StoredSlices
+from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = ["Ensemble", "FitReport"]
 
@@ -112,7 +112,7 @@ class Ensemble:
             The ensemble, open for writing.
 
         Raises:
-            ConfigError: If ``config`` is not a :class:`~sisa.config.SisaConfig`.
+            ConfigError: If ``config`` is not a :class:`~sisa.config.settings.SisaConfig`.
             StoreError: If ``path`` is a file, a store, or a non-empty directory.
         """
         _require_config(config)
@@ -145,7 +145,7 @@ class Ensemble:
             address: Ray address used by :meth:`fit`.
             resume: When writable, finish the deletions that a crash interrupted (retrain,
                 erase, certify) before returning: exactly those requests are certified and
-                only their shards retrained (see :func:`sisa.unlearn.apply` with
+                only their shards retrained (see :func:`sisa.unlearn.requests.apply` with
                 ``requests``). Deferred requests stay pending; a shard one of them shares
                 with an interrupted request is retrained without its ids too (the journal
                 removed them), and the next :meth:`apply` certifies it.
@@ -201,7 +201,7 @@ class Ensemble:
     def reconfigure(self, config: SisaConfig) -> None:
         """Replace the stored config (recipe, resources, aggregation); how to change it from Python.
 
-        Every field is classified in :data:`sisa.config.FIELD_ROLES`. A changed recipe field
+        Every field is classified in :data:`sisa.config.settings.FIELD_ROLES`. A changed recipe field
         (model, train, threads, device, CPU kernel level) makes :meth:`fit` retrain every
         shard (checkpoint keys cover the recipe); fixed fields (seed, shards, slices,
         partition strategy / bound / slice order, ``data.num_classes``) cannot change,
@@ -241,17 +241,17 @@ class Ensemble:
 
         Under ``partition.strategy: distribution-aware`` the first ingest cuts shards with
         SISA's Algorithm 1 and later ones place each new sample in the shard expecting the
-        fewest deletions (see :mod:`sisa.partition`); each shard's expected deletions are
+        fewest deletions (see :mod:`sisa.partition.assign`); each shard's expected deletions are
         kept in the store so those later placements know them.
 
         Args:
             x: Features as an array ``(n, ...)``, or a ``torch.utils.data.Dataset``
                 of ``(features, label)`` pairs (then ``y`` is None), or a
-                :class:`~sisa.data.LabeledArrays`.
+                :class:`~sisa.data.loaders.LabeledArrays`.
             y: Integer labels in ``[0, num_classes)``.
             ids: Unique non-negative int ids; default ``0..n-1`` for a store's first samples,
                 and after the largest id the store has ever held for later ones (also for a
-                :class:`~sisa.data.LabeledArrays` loaded from a file without ids).
+                :class:`~sisa.data.loaders.LabeledArrays` loaded from a file without ids).
             new_slice: Append a slice per touched shard instead of the hashed slice.
             probabilities: Deletion probabilities aligned with the samples, for the
                 ``distribution-aware`` strategy; overrides the ``partition.probabilities`` file.
@@ -277,7 +277,7 @@ class Ensemble:
             clash = [i for i in data.ids.tolist() if self.store.has_sample(txn, i)]
         if clash:
             raise DataError(f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids")
-        from sisa.unlearn import deleted_ids  # local: unlearn builds on this module
+        from sisa.unlearn.requests import deleted_ids  # local: unlearn builds on this module
 
         gone = deleted_ids(self.store, data.ids.tolist())
         if gone:
@@ -362,7 +362,7 @@ class Ensemble:
     ) -> ShardJob:
         """The job that trains ``shard`` from ``start_stage`` on its current samples.
 
-        The job's slices are lazy (:class:`~sisa.stored_slices.StoredSlices`): each is
+        The job's slices are lazy (:class:`~sisa.train.slices.StoredSlices`): each is
         read from the store when the trainer or the orchestrator asks for it, not here.
 
         Args:
@@ -477,7 +477,7 @@ class Ensemble:
         Raises:
             ConfigError: At the first fit, if a shard holds fewer samples than slices (or none).
         """
-        from sisa import orchestrator  # the one Ray import; keeps predict/status Ray-free
+        from sisa.train import orchestrator  # the one Ray import; keeps predict/status Ray-free
 
         started = time.perf_counter()
         cfg, report = self.config, FitReport()
@@ -587,9 +587,9 @@ class Ensemble:
     ) -> dict[str, Any]:
         """Forget samples; returns when the request is durable and (unless ``defer``) the model is clean.
 
-        See :func:`sisa.unlearn.delete` for the steps and the returned certificate.
+        See :func:`sisa.unlearn.requests.delete` for the steps and the returned certificate.
         """
-        from sisa import unlearn
+        from sisa.unlearn import requests as unlearn
 
         return unlearn.delete(self, ids, defer=defer, progress=progress)
 
@@ -601,15 +601,15 @@ class Ensemble:
         Args:
             progress: Called after each retrained stage is committed.
             requests: Request ids to apply (only their shards are retrained); default: every
-                pending request. See :func:`sisa.unlearn.apply`.
+                pending request. See :func:`sisa.unlearn.requests.apply`.
         """
-        from sisa import unlearn
+        from sisa.unlearn import requests as unlearn
 
         return unlearn.apply(self, progress, requests=requests)
 
     def pending(self) -> list[dict[str, Any]]:
         """Requests journaled but not yet applied."""
-        from sisa import unlearn
+        from sisa.unlearn import requests as unlearn
 
         return unlearn.pending(self.store)
 
@@ -627,13 +627,13 @@ class Ensemble:
         self, shards: Sequence[int] | None = None, progress: Callable[[StageResult], None] | None = None
     ) -> dict[str, Any]:
         """Retrain shards from scratch and compare with the live models; ``ok`` only if bit-identical."""
-        from sisa import unlearn
+        from sisa.unlearn import requests as unlearn
 
         return unlearn.verify(self, shards, progress)
 
     def audit(self) -> Any:
-        """Recompute the audit log's hash chain; returns an :class:`~sisa.audit.AuditReport`."""
-        from sisa.audit import check_chain
+        """Recompute the audit log's hash chain; returns an :class:`~sisa.unlearn.audit.AuditReport`."""
+        from sisa.unlearn.audit import check_chain
 
         return check_chain(self.store, self.store.secret())
 
@@ -642,7 +642,7 @@ class Ensemble:
 
         These are the stored entries as read; :meth:`audit` checks that none was edited.
         """
-        from sisa.audit import certificates
+        from sisa.unlearn.audit import certificates
 
         return certificates(self.store)
 
@@ -650,21 +650,21 @@ class Ensemble:
         """Was each id deleted, when, and by which request? The question an auditor asks.
 
         The ids are named by their keyed hash under the store's secret
-        (:func:`sisa.audit.keyed_hash` documents the exact input), as the store records them.
+        (:func:`sisa.unlearn.audit.keyed_hash` documents the exact input), as the store records them.
 
         Args:
             ids: An id or a sequence of ids (the rule of :meth:`delete`).
 
         Returns:
-            One dict per distinct id (see :func:`sisa.audit.lookup_ids`): ``deleted``, and the
+            One dict per distinct id (see :func:`sisa.unlearn.audit.lookup_ids`): ``deleted``, and the
             ``request_id``, ``state``, ``requested_at``, ``applied_at`` and ``audit_seq`` of the
             request that deleted it, or ``in_store`` and a message for an id never deleted.
 
         Raises:
             DataError: On an empty list, non-integers or ids outside ``[0, 2**63 - 2]``.
         """
-        from sisa.audit import lookup_ids
-        from sisa.unlearn import normalize_ids
+        from sisa.unlearn.audit import lookup_ids
+        from sisa.unlearn.requests import normalize_ids
 
         return lookup_ids(self.store, self.store.secret(), normalize_ids(ids))
 
@@ -686,7 +686,7 @@ class Ensemble:
         """Ensemble class probabilities.
 
         Args:
-            x: Features ``(n, ...)`` (numpy or torch), a :class:`~sisa.data.LabeledArrays`,
+            x: Features ``(n, ...)`` (numpy or torch), a :class:`~sisa.data.loaders.LabeledArrays`,
                 or a map-style ``torch.utils.data.Dataset`` of ``(features, label)`` items or
                 bare features (labels are ignored; :meth:`score` takes them separately).
             method: ``mean`` (default from config), ``vote`` or ``weighted`` (by shard size).

@@ -51,9 +51,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from sisa.config import SisaConfig, config_from_dict, config_to_dict, load_config
+from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.ensemble import Ensemble
-from sisa.partition import uniform_assignment
+from sisa.partition.assign import uniform_assignment
 
 __all__ = ["SISAClassifier"]
 
@@ -106,7 +106,7 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         shards: Number of shards S.
         slices: Number of slices R per shard.
         model: ``"mlp"``, ``"cnn"`` (needs ``sample_shape`` of an image, e.g. ``(1, 28, 28)``) or
-            ``"package.module:callable"`` (see :class:`sisa.config.ModelConfig`).
+            ``"package.module:callable"`` (see :class:`sisa.config.settings.ModelConfig`).
         hidden: Hidden layer widths of the MLP (fully connected width(s) of the CNN).
         epochs: Epochs an unsliced model would train for (``train.epochs``).
         batch_size: Mini-batch size.

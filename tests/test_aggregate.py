@@ -1,4 +1,4 @@
-"""Tests of sisa.aggregate on tiny real ensembles (vmap vs loop, combine semantics, errors)."""
+"""Tests of sisa.serve.aggregate on tiny real ensembles (vmap vs loop, combine semantics, errors)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sisa.aggregate import (
+from sisa.errors import ConfigError, NotTrainedError
+from sisa.serve.aggregate import (
     BACKENDS,
     CPU_VMAP_MAX_BATCH,
     METHODS,
@@ -18,7 +19,6 @@ from sisa.aggregate import (
     shard_logits,
     shard_probas,
 )
-from sisa.errors import ConfigError, NotTrainedError
 
 S = 5
 

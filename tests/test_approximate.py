@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from sisa.approximate import APPROXIMATE_METHODS, finetune, gradient_ascent, prune, prune_mask
-from sisa.arrays import LabeledArrays
-from sisa.config import SisaConfig
-from sisa.metrics import accuracy, per_sample_loss
-from sisa.monolithic import predict_proba, train_monolithic
+from sisa.config.settings import SisaConfig
+from sisa.data.arrays import LabeledArrays
+from sisa.evaluate.approximate import APPROXIMATE_METHODS, finetune, gradient_ascent, prune, prune_mask
+from sisa.evaluate.metrics import accuracy, per_sample_loss
+from sisa.evaluate.monolithic import predict_proba, train_monolithic
 from tests.conftest import blobs, small_config
 
 

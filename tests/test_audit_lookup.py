@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sisa.cli import main
+from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
 from tests.conftest import blobs, small_config, store_digest

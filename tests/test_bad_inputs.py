@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from sisa.cli import main
-from sisa.config import config_from_dict, load_config
-from sisa.data import load_csv, load_idx, load_npz
+from sisa.cli.main import main
+from sisa.config.settings import config_from_dict, load_config
+from sisa.data.loaders import load_csv, load_idx, load_npz
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, ModelError, SisaError, StoreError
 from tests.conftest import blobs, small_config, store_digest

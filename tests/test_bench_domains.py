@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sisa.data import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR
-from sisa.domain import CPU_ISAS
+from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR
+from sisa.train.domain import CPU_ISAS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sisa.cli import main
+from sisa.cli.main import main
 from tests.conftest import ROOT, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

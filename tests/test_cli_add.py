@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.cli import main
-from sisa.data import load_split
+from sisa.cli.main import main
+from sisa.data.loaders import load_split
 from sisa.ensemble import Ensemble
 from tests.conftest import blobs, small_config, store_digest, write_config
 

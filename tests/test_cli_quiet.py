@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sisa.cli import main
+from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from tests.conftest import blobs, npz_config, small_config
 

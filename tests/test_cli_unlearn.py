@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.cli import main
+from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from tests.conftest import blobs, small_config, store_digest, writer_in_child
 
@@ -152,7 +152,7 @@ def test_wait_lets_a_delete_queue_behind_another_writer(
 
 def journal_interrupted(path: Path, ids: list[int]) -> None:
     """Journal an immediate request and stop, as `sisa delete` killed after its journal (or cut off Ray) leaves it."""
-    from sisa import unlearn
+    from sisa.unlearn import requests as unlearn
 
     with Ensemble.open(path, resume=False) as ens:
         store = ens.store

@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sisa.config import load_config
-from sisa.domain import PIN_VARS
+from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
+from sisa.train.domain import PIN_VARS
 from tests.conftest import ROOT, blobs, live_state, store_digest
 
 VENV_BIN = Path(sys.executable).parent
@@ -713,7 +713,18 @@ def test_an_unset_address_starts_a_new_local_instance_beside_a_cluster_on_the_ma
     env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
     store = workload.driver / "local"
     # -v: Ray's own lines on stderr (by default they go to a log file), which say which instance it used.
-    cmd = [sys.executable, "-m", "sisa.cli", "train", "--config", str(config), "--store", str(store), "--json", "-v"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sisa.cli",
+        "train",
+        "--config",
+        str(config),
+        "--store",
+        str(store),
+        "--json",
+        "-v",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Started a local Ray instance" in out.stderr, out.stderr[-4000:]
@@ -729,7 +740,18 @@ def test_the_right_address_without_the_token_fails_with_a_clear_error_and_change
     env = {k: v for k, v in env_python.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token")  # token mode, but no token anywhere Ray looks
     env.update(HOME=str(cluster.base / "nohome"))  # so no ~/.ray/auth_token either
-    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(store), "--ids", "7", "--address", cluster.gcs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sisa.cli",
+        "delete",
+        "--store",
+        str(store),
+        "--ids",
+        "7",
+        "--address",
+        cluster.gcs,
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-4000:]
     assert f"error: could not join the Ray cluster at {cluster.gcs}" in out.stderr, out.stderr[-4000:]

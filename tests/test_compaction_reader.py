@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sisa.store import Store
+from sisa.store.database import Store
 
 READER = """
 import sys
-from sisa.store import Store
+from sisa.store.database import Store
 store = Store.open(sys.argv[1], readonly=True)
 for line in sys.stdin:
     with store.read() as txn:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sisa.config import (
+from sisa.config.settings import (
     FIELD_ROLES,
     FIXED,
     FREE,
@@ -115,7 +115,7 @@ def test_evaluate_section_does_not_change_the_recipe() -> None:
 
 
 # For every config field: (overrides of the base, overrides giving the field another value). A field
-# added to the config needs a line here as well as its role in sisa.config.FIELD_ROLES.
+# added to the config needs a line here as well as its role in sisa.config.settings.FIELD_ROLES.
 OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "seed": ([], ["seed=1"]),
     "shards": ([], ["shards=4"]),

@@ -1,4 +1,4 @@
-"""Tests of sisa.data: validation in as_arrays and the npz/IDX/CSV/Fashion-MNIST loaders."""
+"""Tests of sisa.data.loaders: validation in as_arrays and the npz/IDX/CSV/Fashion-MNIST loaders."""
 
 from __future__ import annotations
 
@@ -12,11 +12,20 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from sisa import data as sd
-from sisa.config import DataConfig
-from sisa.data import MAX_ID, LabeledArrays, as_arrays, load_csv, load_fashion_mnist, load_idx, load_npz, load_split
+from sisa.config.settings import DataConfig
+from sisa.data import loaders as sd
+from sisa.data.loaders import (
+    MAX_ID,
+    LabeledArrays,
+    as_arrays,
+    load_csv,
+    load_fashion_mnist,
+    load_idx,
+    load_npz,
+    load_split,
+)
 from sisa.errors import DataError
-from sisa.unlearn import normalize_ids
+from sisa.unlearn.requests import normalize_ids
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -318,8 +327,8 @@ def test_csv_id_column_is_read_exactly(tmp_path: Path) -> None:
 
 def test_ids_written_as_text_follow_one_rule() -> None:
     """CSV cells, ``sisa delete --ids`` and ids files read ids alike: exact decimals, whole numbers only."""
-    from sisa.arrays import parse_id_text
-    from sisa.unlearn import parse_id
+    from sisa.data.arrays import parse_id_text
+    from sisa.unlearn.requests import parse_id
 
     for text, value in (("17", 17), (" 17.0 ", 17), ("1.7e1", 17), ("1152921504606846977", 2**60 + 1), ("-3", -3)):
         assert parse_id_text(text) == parse_id(text) == value

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from sisa import domain as domains
-from sisa.config import load_config
-from sisa.digests import checkpoint_key
+from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DomainMismatchError
-from sisa.local_runner import LocalRunner
-from sisa.trainer import train_shard
+from sisa.store.digests import checkpoint_key
+from sisa.train import domain as domains
+from sisa.train.local_runner import LocalRunner
+from sisa.train.trainer import train_shard
 from tests.conftest import ROOT, blobs, live_state, small_config, store_digest
 
 X, Y = blobs()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sisa.data import LabeledArrays
+from sisa.data.loaders import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, NotTrainedError
 from tests.conftest import blobs, small_config

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.arrays import LabeledArrays
-from sisa.cli import main
-from sisa.config import SisaConfig
+from sisa.cli.main import main
+from sisa.config.settings import SisaConfig
+from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.evaluation import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
+from sisa.evaluate.harness import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
 from tests.conftest import blobs, small_config, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

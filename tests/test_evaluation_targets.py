@@ -2,8 +2,8 @@
 
 import pytest
 
-from sisa.cli_evaluate import format_rows, format_targets
-from sisa.evaluation import MethodRow, _targets
+from sisa.cli.evaluate import format_rows, format_targets
+from sisa.evaluate.harness import MethodRow, _targets
 
 
 def row(method: str, **fields: object) -> MethodRow:

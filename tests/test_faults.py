@@ -113,7 +113,7 @@ def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env
 
 CHILD_DELETE = """
 import os, signal, sys, threading
-import sisa.store, sisa.unlearn
+import sisa.store.database, sisa.unlearn.requests
 from sisa.ensemble import Ensemble
 
 path, address, phase, arg = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -133,12 +133,12 @@ if phase == "timer":
 elif phase == "journal":  # the request is durable; the retrain has not started
     Ensemble.fit = die
 elif phase == "compact-copy":  # retrained; the compacted copy is written but not swapped in
-    real_fsync = sisa.store._fsync
+    real_fsync = sisa.store.database._fsync
     def fsync_then_die(p):
         real_fsync(p)
         if p.name == "data.mdb":
             die()
-    sisa.store._fsync = fsync_then_die
+    sisa.store.database._fsync = fsync_then_die
 elif phase == "compact-swap":  # the copy replaced data.mdb; directory not fsync'd, copy dir not removed
     real_replace = os.replace
     def replace_then_die(a, b):
@@ -146,7 +146,7 @@ elif phase == "compact-swap":  # the copy replaced data.mdb; directory not fsync
         die()
     os.replace = replace_then_die
 elif phase == "certify":  # retrained and erased; the certificate is not written
-    sisa.unlearn.append_entry = die
+    sisa.unlearn.requests.append_entry = die
 ens = Ensemble.open(path, address="local")
 ens.delete(victims, progress=progress)
 """

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sisa import domain as domains
+from sisa.train import domain as domains
 from tests.conftest import ROOT
 
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from sisa.arrays import LabeledArrays
-from sisa.metrics import (
+from sisa.data.arrays import LabeledArrays
+from sisa.evaluate.metrics import (
     accuracy,
     fit_logistic,
     kl_divergence,
@@ -14,7 +14,7 @@ from sisa.metrics import (
     per_sample_loss,
     roc_auc,
 )
-from sisa.monolithic import predict_proba, train_monolithic
+from sisa.evaluate.monolithic import predict_proba, train_monolithic
 from tests.conftest import blobs, small_config
 
 

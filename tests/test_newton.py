@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from sisa.approximate import newton
-from sisa.arrays import LabeledArrays
-from sisa.config import SisaConfig
+from sisa.config.settings import SisaConfig
+from sisa.data.arrays import LabeledArrays
 from sisa.errors import ConfigError
-from sisa.metrics import accuracy, per_sample_loss
-from sisa.monolithic import predict_proba, train_monolithic
+from sisa.evaluate.approximate import newton
+from sisa.evaluate.metrics import accuracy, per_sample_loss
+from sisa.evaluate.monolithic import predict_proba, train_monolithic
 from tests.conftest import blobs, small_config
 
 L2 = 1e-2

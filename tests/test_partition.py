@@ -1,6 +1,6 @@
 import numpy as np
 
-from sisa.partition import uniform_assignment
+from sisa.partition.assign import uniform_assignment
 
 
 def test_pure_function_of_seed_and_id() -> None:

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from sisa import orchestrator
-from sisa.config import TrainConfig
+from sisa.config.settings import TrainConfig
 from sisa.errors import ConfigError, TrainingError
-from sisa.trainer import load_checkpoint, nondeterministic_op, train_epochs, train_shard
+from sisa.train import orchestrator
+from sisa.train.trainer import load_checkpoint, nondeterministic_op, train_epochs, train_shard
 from tests.conftest import small_config
 from tests.test_trainer import make_job
 

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.arrays import LabeledArrays
-from sisa.cli import main
-from sisa.config import SisaConfig
+from sisa.cli.main import main
+from sisa.config.settings import SisaConfig
+from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.evaluation import build_sets, parse_forget, split_forgets
-from sisa.metrics import accuracy
-from sisa.scenarios import attack_set, parse_scenario, poison, stamp
+from sisa.evaluate.harness import build_sets, parse_forget, split_forgets
+from sisa.evaluate.metrics import accuracy
+from sisa.evaluate.scenarios import attack_set, parse_scenario, poison, stamp
 from tests.conftest import blobs, live_state, small_config, write_config
 
 
@@ -132,7 +132,7 @@ def image_config(tmp_path_factory: pytest.TempPathFactory) -> SisaConfig:
 @pytest.mark.kernels
 @pytest.mark.usefixtures("ray_session")
 def test_sisa_deleting_the_poison_equals_retraining_without_it(image_config: SisaConfig, tmp_path: Path) -> None:
-    from sisa.data import load_split
+    from sisa.data.loaders import load_split
 
     clean, test = load_split(image_config.data, "train"), load_split(image_config.data, "test")
     sets = build_sets(parse_forget("backdoor:rate=0.2,target=0,found=1.0"), clean, test, image_config)

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config import load_config
-from sisa.deletion_prior import load_prior, read_prior, write_prior
+from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.partition import distribution_aware_assignment, greedy_shards, hashed_slices, shard_masses
+from sisa.partition.assign import distribution_aware_assignment, greedy_shards, hashed_slices, shard_masses
+from sisa.partition.prior import load_prior, read_prior, write_prior
 from tests.conftest import blobs, small_config, store_digest
 
 # A hand-checkable prior: sorted ascending it is 105 .02, 101 .05, 106 .08, 103 .10, 107 .11,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import cost_model as cm
-from sisa.config import TrainConfig
+from sisa.config.settings import TrainConfig
 from sisa.ensemble import Ensemble
-from sisa.partition import uniform_assignment
+from sisa.partition import cost_model as cm
+from sisa.partition.assign import uniform_assignment
 from tests.conftest import blobs, small_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -134,6 +134,6 @@ def test_tiny_data_lowers_shards_and_slices_with_a_warning() -> None:
 
 
 def test_core_does_not_import_sklearn() -> None:
-    code = "import sys, sisa, sisa.ensemble, sisa.cli; print('sklearn' in sys.modules)"
+    code = "import sys, sisa, sisa.ensemble, sisa.cli.main; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config import load_config
-from sisa.deletion_prior import write_prior
+from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.partition import hashed_slices, ordered_slices, uniform_assignment
+from sisa.partition.assign import hashed_slices, ordered_slices, uniform_assignment
+from sisa.partition.prior import write_prior
 from tests.conftest import blobs, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

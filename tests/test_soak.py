@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sisa.data import as_arrays
+from sisa.data.loaders import as_arrays
 from tests.conftest import blobs, small_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

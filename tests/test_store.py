@@ -10,7 +10,7 @@ import pytest
 
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError, StoreError, StoreLockedError
-from sisa.store import Store
+from sisa.store.database import Store
 from tests.conftest import blobs, small_config, store_digest, writer_in_child
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa import orchestrator
-from sisa.config import load_config
+from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
-from sisa.stored_slices import StoredSlices
-from sisa.trainer import ShardJob, SliceData, StageResult, train_shard
+from sisa.train import orchestrator
+from sisa.train.slices import StoredSlices
+from sisa.train.trainer import ShardJob, SliceData, StageResult, train_shard
 from tests.conftest import blobs, live_state, small_config
 from tests.test_trainer import make_job
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sisa.digests import manifest_digest
 from sisa.errors import IntegrityError
-from sisa.trainer import ShardJob, SliceData, derive_seed, deterministic, load_checkpoint, train_shard
+from sisa.store.digests import manifest_digest
+from sisa.train.trainer import ShardJob, SliceData, derive_seed, deterministic, load_checkpoint, train_shard
 from tests.conftest import blobs, small_config
 
 
@@ -94,7 +94,7 @@ def test_derive_seed_is_stable_and_distinct() -> None:
 
 
 def test_trainer_does_not_import_ray() -> None:
-    code = "import sys, sisa.trainer; print('ray' in sys.modules)"
+    code = "import sys, sisa.train.trainer; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

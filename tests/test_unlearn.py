@@ -306,7 +306,7 @@ def test_audit_detects_tampering(ens: Ensemble) -> None:
 CRASH_CHILD = """
 import os, signal, sys
 from sisa.ensemble import Ensemble
-from sisa import unlearn
+from sisa.unlearn import requests as unlearn
 ens = Ensemble.open(sys.argv[1])
 point = sys.argv[2]
 if point == "after-journal":
@@ -409,7 +409,7 @@ def test_verify_reads_one_snapshot_while_another_process_deletes(tmp_path: Path,
 
 def journal_interrupted(ens: Ensemble, ids: list[int]) -> int:
     """Journal an immediate (not deferred) request and stop, as a delete killed after its journal leaves it."""
-    from sisa import unlearn
+    from sisa.unlearn import requests as unlearn
 
     store = ens.store
     meta = {"already_deleted": 0, "defer": False, "policy": ens.config.unlearn.policy}

@@ -1,0 +1,179 @@
+"""Serving: load each shard's live model from the store (cached by checkpoint key) and predict.
+
+Every prediction reads the live set from one store snapshot, so it uses the old
+ensemble or the new one, never a mix, and never a shard a deletion took out of service.
+One handle may serve several threads at once (a server's request threads, while another
+thread deletes); each thread's provenance is that of its own last prediction.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
+from sisa.errors import DataError, NotTrainedError
+from sisa.serve import aggregate
+from sisa.train.models import build_model
+from sisa.train.trainer import load_checkpoint
+
+if TYPE_CHECKING:
+    from sisa.ensemble import Ensemble
+
+__all__ = ["Serving", "dataset_features"]
+
+
+def _is_dataset(x: Any) -> bool:
+    return isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor)
+
+
+def dataset_features(ds: Any) -> np.ndarray:
+    """The features of a map-style ``torch.utils.data.Dataset``, stacked: what predictions are made on.
+
+    Each item is a ``(features, label)`` pair (the label is ignored), a ``(features,)`` tuple
+    (a one-tensor ``TensorDataset``), or bare features.
+
+    Raises:
+        DataError: If the Dataset has no ``len()``, is empty, or its items' feature shapes differ.
+    """
+    if not hasattr(ds, "__len__"):
+        raise DataError(
+            "a Dataset to predict on needs len(); use a map-style Dataset, or pass the features as an array"
+        )
+    rows: list[np.ndarray] = []
+    for i in range(len(ds)):
+        item = ds[i]
+        # (features, label) or (features,) as TensorDataset gives them; a list of numbers is bare features
+        paired = isinstance(item, (tuple, list)) and len(item) in (1, 2) and not np.isscalar(item[0])
+        rows.append(to_numpy(item[0] if paired else item))
+        if rows[-1].shape != rows[0].shape:
+            raise DataError(
+                f"Dataset items have inconsistent feature shapes: item 0 is {rows[0].shape}, item {i} is "
+                f"{rows[-1].shape}; pad or resize the features to one shape"
+            )
+    if not rows:
+        raise DataError("the Dataset to predict on is empty; give at least one sample")
+    return np.stack(rows)
+
+
+class Serving:
+    """Live shard models of one ensemble, and predictions from them."""
+
+    def __init__(self, ens: Ensemble) -> None:
+        """Serve ``ens``; nothing is loaded until the first prediction."""
+        self._ens = ens
+        self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
+        self._cache_lock = threading.Lock()  # the cache is shared by the threads predicting with this handle
+        self._last = threading.local()  # per thread: shard -> checkpoint key of its last prediction's models
+
+    @property
+    def last_used(self) -> dict[int, str]:
+        """Shard -> checkpoint key of each model the calling thread's last prediction used."""
+        used: dict[int, str] = getattr(self._last, "used", {})
+        return used
+
+    def clear(self) -> None:
+        """Forget every loaded model."""
+        with self._cache_lock:
+            self._cache.clear()
+
+    def snapshot(self) -> dict[int, tuple[nn.Module, int]]:
+        """Every shard in service: its model and its training-set size, from one read snapshot.
+
+        Raises:
+            NotTrainedError: If no shard is in service.
+            IntegrityError: If a live checkpoint was modified.
+        """
+        return {shard: (model, n) for shard, (_, model, n) in self._snapshot().items()}
+
+    def _snapshot(self) -> dict[int, tuple[str, nn.Module, int]]:
+        """:meth:`snapshot` with each model's checkpoint key."""
+        with self._cache_lock:
+            return self._load_live()
+
+    def _load_live(self) -> dict[int, tuple[str, nn.Module, int]]:
+        ens, store = self._ens, self._ens.store
+        shape = ens.feature_shape
+        with store.read() as txn:
+            live = store.live(txn)
+            if not live or shape is None:
+                if store.stage_records(txn, 0) or ens.pending():
+                    raise NotTrainedError(
+                        f"every shard of {ens.path} is out of service until pending deletions are applied; "
+                        "run `sisa apply` (or Ensemble.apply())"
+                    )
+                raise NotTrainedError(f"store {ens.path} has no trained shards; run fit (sisa train) first")
+            for shard, record in live.items():
+                cached = self._cache.get(shard)
+                if cached is not None and cached[0] == record["key"]:
+                    continue
+                # A stale model kept by the serve-stale policy has only its live record.
+                full = store.stage_record(txn, shard, record["stage"]) or record
+                ckpt = load_checkpoint(store.checkpoint(txn, {**full, "shard": shard}))
+                model = build_model(ens.config.model, shape, ens.config.data.num_classes)
+                model.load_state_dict(ckpt["model"])
+                self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
+        for gone in set(self._cache) - set(live):
+            del self._cache[gone]
+        return {shard: self._cache[shard] for shard in sorted(live)}
+
+    def as_tensor(self, x: Any) -> torch.Tensor:
+        """Inputs as a float32 tensor, checked against the stored sample shape.
+
+        ``x`` is an array or tensor of features, a :class:`~sisa.data.arrays.LabeledArrays`, or a
+        map-style Dataset of ``(features, label)`` items or bare features (labels are ignored).
+
+        Raises:
+            DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
+        """
+        shape = self._ens.feature_shape
+        xa = x.x if isinstance(x, LabeledArrays) else dataset_features(x) if _is_dataset(x) else to_numpy(x)
+        if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
+            raise DataError(
+                f"inputs must be numeric features, not {xa.dtype}; convert them (e.g. x.astype(np.float32))"
+            )
+        if shape is not None and tuple(xa.shape[1:]) != shape:
+            raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
+        with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
+            xf = np.ascontiguousarray(xa, dtype=np.float32)
+        bad = int((~np.isfinite(xf)).sum())
+        if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
+            raise DataError(
+                f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first"
+            )
+        return torch.from_numpy(xf)
+
+    def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
+        """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
+        live = self._snapshot()
+        self._last.used = {shard: key for shard, (key, _, _) in live.items()}
+        models = [model for _, model, _ in live.values()]
+        weights = [float(n) for _, _, n in live.values()] if method == "weighted" else None
+        out = aggregate.predict_proba(
+            models,
+            self.as_tensor(x),
+            method=method,
+            weights=weights,
+            backend=self._ens.config.aggregate.backend,
+            batch_size=batch_size,
+        )
+        return out.cpu().numpy()
+
+    def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
+        """Accuracy of each live shard model on ``(x, y)``.
+
+        Raises:
+            DataError: On bad inputs, or labels that are not ``len(x)`` integers in ``[0, num_classes)``.
+        """
+        live = self.snapshot()
+        xt = self.as_tensor(x)
+        y_np = check_labels(y, xt.shape[0], self._ens.config.data.num_classes)
+        probas = aggregate.shard_probas(
+            [model for model, _ in live.values()], xt, backend=self._ens.config.aggregate.backend
+        )
+        labels = probas.argmax(dim=2).cpu().numpy()
+        return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}

@@ -1,0 +1,251 @@
+"""Record layout of the store: the named databases, their keys, and record-level reads and writes.
+
+Keys are big-endian so LMDB's byte order is numeric order: a prefix scan of
+``members`` lists one slice of one shard in id order, and of ``stages`` one shard's
+stages in order. Every write here runs inside a caller's transaction, so a logical
+change composed of several of them stays atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from sisa.errors import IntegrityError, StoreError
+from sisa.store.digests import sha256
+
+__all__ = ["DBS", "Records", "id_key", "member_key", "shard_key", "stage_key"]
+
+# samples: id -> label + features; assign: id -> (shard, slice); members: (shard, slice, id) -> "";
+# ckpt: key -> checkpoint bytes; stages: (shard, stage) -> record; live: shard -> live record;
+# requests: request id -> deletion request; deleted: keyed hash of an id -> request id; audit: seq -> entry.
+DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
+
+
+def id_key(sample_id: int) -> bytes:
+    """Big-endian key of a sample id, so LMDB's byte order is numeric order."""
+    return struct.pack(">Q", sample_id)
+
+
+def member_key(shard: int, slice_: int, sample_id: int) -> bytes:
+    """Key of the (shard, slice, id) membership index; a prefix scan lists a slice in id order."""
+    return struct.pack(">IIQ", shard, slice_, sample_id)
+
+
+def stage_key(shard: int, stage: int) -> bytes:
+    """Key of a stage record."""
+    return struct.pack(">II", shard, stage)
+
+
+def shard_key(shard: int) -> bytes:
+    """Key of a shard's live-model record."""
+    return struct.pack(">I", shard)
+
+
+DIGEST_SIZE = 16
+
+
+def _sample_digest(sample_id: int, body: bytes | memoryview) -> bytes:
+    """BLAKE2b-128 over the id key and the record body: binds the bytes to their id."""
+    h = hashlib.blake2b(id_key(sample_id), digest_size=DIGEST_SIZE)
+    h.update(body)  # no concatenated copy of the body: this runs for every sample a fit loads
+    return h.digest()
+
+
+class Records:
+    """Record-level operations, mixed into :class:`~sisa.store.database.Store`."""
+
+    path: Path
+
+    def db(self, name: str) -> Any:  # pragma: no cover - provided by Store
+        """Handle of a named database."""
+        raise NotImplementedError
+
+    @property
+    def _dbs(self) -> dict[str, Any]:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ samples
+    @staticmethod
+    def encode_sample(sample_id: int, label: int, features: np.ndarray) -> bytes:
+        """Record bytes of one sample: int64 label, float32 features, then a 16-byte digest.
+
+        The digest (BLAKE2b over the id key, label and features) makes a flipped byte
+        or a record moved to another id detectable on load.
+        """
+        body = struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
+        return body + _sample_digest(sample_id, body)
+
+    def count_samples(self, txn: lmdb.Transaction) -> int:
+        """Number of stored samples."""
+        return int(txn.stat(self._dbs["samples"])["entries"])
+
+    def has_sample(self, txn: lmdb.Transaction, sample_id: int) -> bool:
+        """Whether ``sample_id`` is stored."""
+        return txn.get(id_key(sample_id), db=self._dbs["samples"]) is not None
+
+    def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
+        """Sorted ids of one slice of one shard."""
+        prefix = struct.pack(">II", shard, slice_)
+        out: list[int] = []
+        cur = txn.cursor(db=self._dbs["members"])
+        if cur.set_range(prefix):
+            for key in cur.iternext(keys=True, values=False):
+                if key[:8] != prefix:
+                    break
+                out.append(struct.unpack(">Q", key[8:])[0])
+        return np.asarray(out, dtype=np.int64)
+
+    def load_samples(
+        self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...], where: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of ``ids``, in the given order, each checked against its digest.
+
+        Args:
+            txn: Read transaction.
+            ids: Sample ids.
+            feature_shape: Shape of one sample.
+            where: Where the ids live (e.g. ``shard 2 slice 1``), named in errors.
+
+        Raises:
+            IntegrityError: If an id has no record, or its record was modified.
+        """
+        width = int(np.prod(feature_shape))
+        body_len = 8 + 4 * width
+        x = np.empty((len(ids), width), dtype=np.float32)
+        y = np.empty(len(ids), dtype=np.int64)
+        db = self._dbs["samples"]
+        at = f" ({where})" if where else ""
+        for i, sid in enumerate(ids.tolist()):
+            raw = txn.get(id_key(sid), db=db)
+            if raw is None:
+                raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
+            view = memoryview(raw)
+            if len(view) != body_len + DIGEST_SIZE or view[body_len:] != _sample_digest(sid, view[:body_len]):
+                raise IntegrityError(
+                    f"sample {sid}{at} in store {self.path} was modified: its record does not match its digest; "
+                    "restore the store from a backup or re-ingest the data into a new store"
+                )
+            y[i] = struct.unpack_from("<q", raw)[0]
+            x[i] = np.frombuffer(raw, dtype="<f4", offset=8, count=width)
+        return x.reshape((len(ids), *feature_shape)), y
+
+    # -------------------------------------------------------------- checkpoints
+    def stage_record(self, txn: lmdb.Transaction, shard: int, stage: int) -> dict[str, Any] | None:
+        """The committed record of a stage checkpoint, or None."""
+        raw = txn.get(stage_key(shard, stage), db=self._dbs["stages"])
+        return json.loads(bytes(raw)) if raw is not None else None
+
+    def stage_records(self, txn: lmdb.Transaction, shard: int) -> list[dict[str, Any]]:
+        """All stage records of a shard, in stage order."""
+        out = []
+        cur = txn.cursor(db=self._dbs["stages"])
+        prefix = struct.pack(">I", shard)
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if key[:4] != prefix:
+                    break
+                out.append(json.loads(bytes(value)))
+        return out
+
+    def checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any]) -> bytes:
+        """Checkpoint bytes of a stage record, checked against the recorded sha256.
+
+        Raises:
+            IntegrityError: If the bytes are missing or altered.
+        """
+        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
+        where = f"shard {record['shard']} stage {record['stage']} (trained on slices 0..{record['stage'] - 1})"
+        if raw is None:
+            raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
+        blob = bytes(raw)
+        if sha256(blob) != record["sha256"]:
+            raise IntegrityError(
+                f"checkpoint of {where} was modified: its sha256 does not match the record; "
+                "`sisa resume` after removing it, or restore the store from a backup"
+            )
+        return blob
+
+    def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
+        """Live-model record of every shard that has one."""
+        return {struct.unpack(">I", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["live"])}
+
+    # ------------------------------------------------------------------ writes
+    def put_samples(
+        self,
+        txn: lmdb.Transaction,
+        ids: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        shard: np.ndarray,
+        slice_: np.ndarray,
+    ) -> None:
+        """Write samples with their assignment, inside the caller's write transaction."""
+        samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
+        flat = x.reshape(len(ids), -1)
+        for i, sid in enumerate(ids.tolist()):
+            k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
+            if not txn.put(k, self.encode_sample(sid, int(y[i]), flat[i]), db=samples, overwrite=False):
+                raise StoreError(f"sample id {sid} is already in the store")
+            txn.put(k, struct.pack(">II", s, r), db=assign)
+            txn.put(member_key(s, r, sid), b"", db=members)
+
+    def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], checkpoint: bytes, live: bool) -> None:
+        """Store a finished stage checkpoint, inside the caller's write transaction.
+
+        A stage whose key changed invalidates every later stage of the shard (they
+        descend from the old checkpoint): their records and bytes go in the same
+        transaction, and so does a live pointer to one of them.
+
+        Args:
+            txn: Open write transaction.
+            record: JSON-able stage record (``shard``, ``stage``, ``key``, ``sha256``, ...).
+            checkpoint: The checkpoint bytes.
+            live: Whether this stage is the shard's last, making it the live model.
+        """
+        shard, stage = record["shard"], record["stage"]
+        stages, ckpts = self._dbs["stages"], self._dbs["ckpt"]
+        old = self.stage_record(txn, shard, stage)
+        if old is not None and old["key"] != record["key"]:
+            for later in self.stage_records(txn, shard):
+                if later["stage"] >= stage:
+                    txn.delete(later["key"].encode(), db=ckpts)
+                    txn.delete(stage_key(shard, later["stage"]), db=stages)
+            self.set_live(txn, shard, None)
+        txn.put(record["key"].encode(), checkpoint, db=ckpts)
+        txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
+        if live:
+            fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples", "domain")
+            self.set_live(txn, shard, {k: record[k] for k in fields if k in record})
+
+    def set_live(self, txn: lmdb.Transaction, shard: int, record: dict[str, Any] | None) -> None:
+        """Point ``shard``'s live model at ``record`` (None: out of service), in the caller's transaction.
+
+        A live model that no stage record references (one kept by the serve-stale policy
+        after a deletion retired its stage) has nothing else pointing at its bytes: they
+        are deleted with the pointer, since that model trained on deleted ids.
+
+        Args:
+            txn: Open write transaction.
+            shard: Shard index.
+            record: The live record (``stage``, ``key``, ``sha256``, ...), or None.
+        """
+        lives = self._dbs["live"]
+        old_raw = txn.get(shard_key(shard), db=lives)
+        if old_raw is not None:
+            old_key = json.loads(bytes(old_raw))["key"]
+            if (record is None or record["key"] != old_key) and not self._key_in_stages(txn, shard, old_key):
+                txn.delete(old_key.encode(), db=self._dbs["ckpt"])
+        if record is None:
+            txn.delete(shard_key(shard), db=lives)
+        else:
+            txn.put(shard_key(shard), json.dumps(record, sort_keys=True).encode(), db=lives)
+
+    def _key_in_stages(self, txn: lmdb.Transaction, shard: int, key: str) -> bool:
+        return any(r["key"] == key for r in self.stage_records(txn, shard))

@@ -1,0 +1,213 @@
+"""``--address local``: train shard jobs without Ray, in this process or in one pinned child.
+
+torch, MKL and oneDNN read their kernel-level switches once per process, so a process
+that did not start with ``resources.cpu_isa``'s pins cannot train in that domain. Then
+the jobs go to one child Python process started with the pins, which trains them one
+after another and streams each stage back over a pipe (length-prefixed pickles between
+two processes of this package). A process that did start pinned, or a ``native``
+config, trains in place, as fast as before. The child (a torch import: seconds) is
+started once per process and settings and kept for later calls (:func:`shared`), so a
+notebook that fits, deletes and verifies pays for it once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+from sisa.errors import SisaError, TrainingError
+from sisa.train import domain as domains
+from sisa.train.trainer import ShardJob, StageResult, train_shard
+
+__all__ = ["LocalRunner", "materialise", "shared"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">Q")
+
+
+def materialise(job: ShardJob) -> ShardJob:
+    """The job with every slice loaded, so it can be pickled to another process."""
+    import dataclasses
+
+    return dataclasses.replace(job, slices=tuple(job.slices[r] for r in range(len(job.slices))))
+
+
+def _send(stream: IO[bytes], message: Any) -> None:
+    blob = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(blob)))
+    stream.write(blob)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    blob = stream.read(size)
+    if len(blob) < size:
+        raise EOFError
+    return pickle.loads(blob)  # noqa: S301 - our own child process, over a private pipe
+
+
+class LocalRunner:
+    """Runs jobs in this process when it is in the pinned domain, else in one pinned child.
+
+    Args:
+        cpu_isa: ``resources.cpu_isa`` of the jobs.
+        threads: ``resources.threads_per_shard``.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, cpu_isa: str, threads: int, device: str) -> None:
+        self.cpu_isa = cpu_isa
+        self.threads = threads
+        self.device = device
+        self.in_process = domains.pinned_from_start(cpu_isa)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._domain: domains.Domain | None = None
+
+    def __enter__(self) -> LocalRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._child is None:
+            env = {**os.environ, **domains.pin_env(self.cpu_isa)}
+            log.info("local training in a child process pinned to cpu_isa=%s", self.cpu_isa)
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "sisa.train.local_runner"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+        return self._child
+
+    def _call(self, message: Any) -> Iterator[Any]:
+        child = self._start()
+        assert child.stdin is not None and child.stdout is not None
+        answered = False
+        try:
+            _send(child.stdin, message)
+            while True:
+                kind, payload = _receive(child.stdout)
+                if kind == "error":
+                    answered = True
+                    raise payload
+                if kind == "done":
+                    answered = True
+                    return
+                yield payload
+        except (EOFError, BrokenPipeError) as exc:
+            code = child.poll()
+            raise TrainingError(
+                f"the local training process (pinned to cpu_isa={self.cpu_isa}) died (exit code {code}); "
+                "its stderr above says why. Re-run the command: committed stages are kept"
+            ) from exc
+        finally:
+            if not answered:
+                # Abandoned mid-answer (a commit that raised, Ctrl-C, a dead child): the rest of the
+                # answer would be read by the next call, so this child is done for.
+                self.close(kill=True)
+
+    @property
+    def domain(self) -> domains.Domain:
+        """The domain the jobs train in."""
+        if self._domain is None:
+            if self.in_process:
+                self._domain = domains.current(self.threads, self.device)
+            else:
+                # Drain the whole answer (item, then done), or the next call would read its tail.
+                (self._domain,) = list(self._call(("domain", self.threads, self.device)))
+        return self._domain
+
+    def train(self, job: ShardJob) -> Iterator[StageResult]:
+        """Train ``job``, yielding each stage as it finishes."""
+        if self.in_process:
+            yield from train_shard(job)
+        else:
+            yield from self._call(("train", materialise(job)))
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the child process, if one was started.
+
+        Args:
+            kill: Kill it at once instead of letting it finish the job in hand.
+        """
+        child, self._child = self._child, None
+        if child is None:
+            return
+        assert child.stdin is not None
+        try:
+            if kill:
+                child.kill()
+            child.stdin.close()  # EOF: the child's loop ends
+            child.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            child.kill()
+            child.wait()
+
+
+_runners: dict[tuple[str, int, str], LocalRunner] = {}
+
+
+def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
+    """This process's runner for these settings, created on first use and closed at exit.
+
+    Args:
+        cpu_isa: ``resources.cpu_isa``.
+        threads: ``resources.threads_per_shard``.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        A runner whose child process (if it needs one) outlives the call.
+    """
+    key = (cpu_isa, threads, device)
+    if key not in _runners:
+        if not _runners:
+            atexit.register(_close_all)
+        _runners[key] = LocalRunner(cpu_isa, threads, device)
+    return _runners[key]
+
+
+def _close_all() -> None:
+    for runner in _runners.values():
+        runner.close()
+
+
+def _serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
+    """The child's loop: answer domain probes and train jobs until the parent closes the pipe."""
+    while True:
+        try:
+            message = _receive(inbox)
+        except EOFError:
+            return
+        try:
+            if message[0] == "domain":
+                _send(outbox, ("item", domains.current(message[1], message[2])))
+            else:
+                for result in train_shard(message[1]):
+                    _send(outbox, ("item", result))
+            _send(outbox, ("done", None))
+        except BrokenPipeError:
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the parent
+            error = exc if isinstance(exc, SisaError) else TrainingError(f"{type(exc).__name__}: {exc}")
+            _send(outbox, ("error", error))
+
+
+if __name__ == "__main__":
+    # Our protocol owns the real stdout; anything a library prints goes to stderr instead.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _serve(sys.stdin.buffer, out)

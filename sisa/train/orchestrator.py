@@ -1,0 +1,509 @@
+"""The one Ray module: fan shard jobs out as Ray tasks and stream stage checkpoints back.
+
+Each shard is one streaming-generator task that yields a checkpoint per stage, so the
+driver commits every finished stage as it arrives and a crash loses at most the stage
+in progress. Data and checkpoints travel through Ray's object store; no worker
+touches the store directory, so no shared filesystem is assumed between nodes.
+
+Jobs are pulled from their iterator only when they are submitted (at most
+``resources.max_shards_in_flight`` at a time), and with ``resources.stream_slices``
+each slice travels as its own object that the task fetches when its stage starts.
+When a task's worker or node dies, the driver resubmits the shard from the last stage
+it received (it holds that checkpoint), so a death costs at most the stage in progress.
+
+Every task's worker is pinned to ``resources.cpu_isa`` before torch loads, and a job
+that continues a checkpoint (or replays a live model) runs only on nodes of that
+checkpoint's determinism domain (:mod:`sisa.train.routing`); when there is none, the caller's
+``unavailable`` hook decides (rebind from scratch, skip, or refuse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from sisa.config.settings import ResourcesConfig
+from sisa.errors import ClusterConnectionError, DomainUnavailableError, SisaError, TrainingError
+from sisa.train import local_runner, routing
+from sisa.train.domain import Domain, unavailable_message
+from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
+
+__all__ = [
+    "LOCAL",
+    "RemoteSlices",
+    "Retry",
+    "Unavailable",
+    "available_domains",
+    "connect",
+    "connect_unless_local",
+    "execute",
+    "run_jobs",
+    "ship",
+    "shutdown",
+]
+
+# Called for a job whose determinism domain no node offers, with the domains that exist: returns
+# the job to run instead (a rebind from scratch), None to skip it, or raises.
+Unavailable = Callable[[ShardJob, list[Domain]], "ShardJob | None"]
+
+# The address that trains in the calling process, one shard after another, without Ray.
+LOCAL = "local"
+
+log = logging.getLogger(__name__)
+
+# Failures of the machinery, not of training: the worker process or its node died, or a stage
+# result died with it. Retrying those on a live node can succeed; an exception raised by the
+# training code (RayTaskError) would only repeat, and LocalRayletDiedError means this driver's own
+# node is gone.
+_LOST = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """A shard task that lost its worker and was resubmitted.
+
+    Attributes:
+        shard: The shard.
+        after_stage: The last stage the driver had received; the new task starts after it
+            (from that stage's checkpoint), so only later stages are trained again.
+        attempt: 1 for the first resubmission of this shard, and so on.
+        error: The Ray error's class name (``WorkerCrashedError``, ``NodeDiedError``, ...).
+    """
+
+    shard: int
+    after_stage: int
+    attempt: int
+    error: str
+
+
+# Seconds to wait for the cluster's port to answer before giving up (a wrong host or port).
+CONNECT_TIMEOUT = 10.0
+
+_TOKEN_ADVICE = (
+    "if the cluster uses token authentication (Ray 2.60 clusters do by default), set RAY_AUTH_MODE=token "
+    "and give the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+    "(a token alone is not used for an explicit address)"
+)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a Ray address (``host:port``, ``ray://host[:port]``), or None if it names none."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep:  # ray://host: the Ray Client's default port
+        return (rest, 10001) if address.startswith("ray://") and rest else None
+    if not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raise ClusterConnectionError unless ``address``'s port accepts a connection within ``timeout`` s.
+
+    ``ray.init`` itself retries an address that does not answer for many minutes; this
+    pre-check bounds that to ``timeout``.
+    """
+    if address == "auto":
+        from ray._private import services
+
+        try:
+            address = services.canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            raise ClusterConnectionError(
+                f"--address auto found no running Ray cluster on this machine ({exc}); start one with "
+                "`ray start --head`, or give its address (host:6379, printed by `ray start`)"
+            ) from None
+    where = _host_port(address)
+    if where is None:
+        return  # let ray.init judge the form
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterConnectionError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}, waited up to {timeout:g}s): check the "
+            "address (the GCS address host:6379 that `ray start --head` prints, or ray://host:10001 for Ray Client; "
+            "not the dashboard's http://host:8265) and that the cluster is running"
+        ) from None
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Join a Ray cluster, or start a new local instance, unless Ray is already up.
+
+    Without an address (nor ``RAY_ADDRESS``) this always starts a new local instance,
+    also when a cluster was started on this machine with ``ray start`` (which a plain
+    ``ray.init()`` would join): a cluster is joined only when it is named.
+
+    Args:
+        address: Ray address (``auto``, ``ray://host:10001``, ``host:6379``); falls
+            back to ``RAY_ADDRESS`` and then to a new local instance. (``local``, no
+            Ray at all, is handled by :func:`execute`.)
+        num_cpus: CPUs of a new local instance (default: all cores).
+        timeout: Seconds to wait for the cluster's port to answer.
+
+    Raises:
+        ClusterConnectionError: If the cluster does not answer within ``timeout`` seconds,
+            or refuses to be joined (a missing auth token, say); the message names the
+            address and the token settings.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address is None:
+        log.info("starting a local Ray instance")
+        # Ray's own "local": a new instance, never a cluster `ray start` left on this machine.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        return
+    _check_reachable(address, timeout)
+    log.info("joining the Ray cluster at %s", address)
+    try:
+        ray.init(address=address, **kwargs)
+    # ray.exceptions.RayError covers AuthenticationError: token mode without a token anywhere.
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as exc:
+        raise ClusterConnectionError(f"could not join the Ray cluster at {address} ({exc}); {_TOKEN_ADVICE}") from exc
+
+
+def connect_unless_local(address: str | None) -> None:
+    """Connect as :func:`connect` does, unless ``address`` (or ``RAY_ADDRESS``) is ``local``.
+
+    Called before a change that will need Ray (a deletion is journaled only once its
+    retrain can start), so a wrong address fails before anything is written.
+
+    Raises:
+        ClusterConnectionError: As :func:`connect`.
+    """
+    if (address or os.environ.get("RAY_ADDRESS")) != LOCAL:
+        connect(address)
+
+
+def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:
+    raise DomainUnavailableError(unavailable_message(job.shard, None, job.domain or "?", available))
+
+
+def execute(
+    address: str | None,
+    jobs: Iterable[ShardJob],
+    on_stage: Callable[[StageResult], None],
+    unavailable: Unavailable | None = None,
+) -> list[Retry]:
+    """Train ``jobs`` on Ray at ``address``, or without Ray when ``address`` is ``local``.
+
+    The local mode runs the very same :func:`~sisa.train.trainer.train_shard` (in this
+    process when it started with the config's pins, else in one pinned child process:
+    :mod:`sisa.train.local_runner`), so its checkpoints are bit-identical to Ray's in the same
+    domain (tested); it suits debugging, notebooks and tiny data.
+
+    Args:
+        address: Ray address (see :func:`connect`), ``local``, or None.
+        jobs: One job per shard; may be a lazy iterator (pulled one job at a time).
+        on_stage: Called for each finished stage (it commits the stage).
+        unavailable: For a job whose ``domain`` no node offers (default: raise
+            :class:`~sisa.errors.DomainUnavailableError`).
+
+    Returns:
+        The resubmissions after lost workers (:func:`run_jobs`); none in local mode.
+    """
+    unavailable = unavailable or _refuse
+    jobs = iter(jobs)
+    first = next(jobs, None)
+    if first is None:
+        return []  # nothing to train: no Ray start-up (or child process) either
+    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+        res = first.config.resources
+        runner = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
+        for job in itertools.chain([first], jobs):
+            routed: ShardJob | None = job
+            if job.domain is not None and job.domain != runner.domain.id:
+                routed = unavailable(job, [runner.domain])
+            if routed is None:
+                continue
+            for result in runner.train(routed):
+                on_stage(result)
+        return []
+    connect(address)
+    return run_jobs(itertools.chain([first], jobs), on_stage, unavailable)
+
+
+def available_domains(address: str | None, res: ResourcesConfig) -> list[routing.DomainNodes]:
+    """The determinism domains shard tasks can train in at ``address``, with their nodes.
+
+    Args:
+        address: Ray address, ``local`` (this machine without Ray) or None.
+        res: The resources section (pins, threads, device, task shape).
+
+    Returns:
+        One entry per domain; in local mode the one domain local training uses (node ``local``).
+    """
+    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+        runner = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
+        return [routing.DomainNodes(runner.domain, (LOCAL,))]
+    connect(address)
+    return list(routing.probe_cluster(res).values())
+
+
+def shutdown() -> None:
+    """Stop the Ray instance this process started or joined."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class RemoteSlices(LazySlices):
+    """A shard's slices as object refs, fetched in the task one slice at a time.
+
+    Indexing slice r gets it from the object store (pulled to this node if it lives
+    elsewhere) and starts fetching slice r+1 in the background, so the transfer of the
+    next slice overlaps the training of this stage. Only the refs are pickled.
+
+    Args:
+        refs: One object ref per slice, each holding a :class:`~sisa.train.trainer.SliceData`.
+    """
+
+    def __init__(self, refs: Sequence[Any]) -> None:
+        self.refs = tuple(refs)
+        self._ahead: tuple[int, Future[SliceData]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def load(self, index: int) -> SliceData:
+        """Get slice ``index`` (prefetched if it was next) and start fetching the one after."""
+        if self._ahead is not None and self._ahead[0] == index:
+            part = self._ahead[1].result()
+        else:
+            part = ray.get(self.refs[index])
+        self._ahead = None
+        if index + 1 < len(self.refs):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sisa-prefetch")
+            self._ahead = (index + 1, self._pool.submit(ray.get, self.refs[index + 1]))
+        elif self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        return part
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"refs": self.refs}  # never the prefetch thread or its pending result
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["refs"])  # type: ignore[misc]
+
+
+def ship(job: ShardJob) -> ShardJob:
+    """The job as it travels to a task: its slices loaded, or put one by one as refs.
+
+    With ``resources.stream_slices`` each slice is read and put into the object store
+    on its own, so the driver holds one slice at a time and the task fetches slice r
+    when stage r starts; otherwise the whole shard goes as one argument.
+
+    Args:
+        job: A job whose slices may be lazy (read from the store on indexing).
+
+    Returns:
+        A picklable job with the same content.
+    """
+    if job.config.resources.stream_slices:
+        refs = [ray.put(job.slices[r]) for r in range(len(job.slices))]
+        return dataclasses.replace(job, slices=RemoteSlices(refs), slice_sizes=job.sizes())
+    return dataclasses.replace(job, slices=tuple(job.slices[r] for r in range(len(job.slices))))
+
+
+@ray.remote
+def _shard_task(job: ShardJob) -> Iterator[StageResult]:
+    # A plain generator: Ray streams each yield back as its own object. Ray itself never
+    # retries it (max_retries=0): run_jobs resubmits from the last stage it received.
+    yield from train_shard(job)
+
+
+def _warn_missing_resources(custom: dict[str, float]) -> None:
+    # Not an error: an autoscaler (KubeRay) may add a node that offers it; until then the tasks wait.
+    have = ray.cluster_resources()
+    for name, amount in custom.items():
+        if have.get(name, 0) < amount:
+            log.warning(
+                "no node of this Ray cluster offers resources.custom.%s=%s yet; shard tasks wait until one joins "
+                "(start nodes with ray start --resources='{\"%s\": N}')",
+                name,
+                amount,
+                name,
+            )
+
+
+def run_jobs(
+    jobs: Iterable[ShardJob],
+    on_stage: Callable[[StageResult], None],
+    unavailable: Unavailable | None = None,
+) -> list[Retry]:
+    """Train every job as its own Ray task, calling ``on_stage`` as stages finish.
+
+    Jobs are pulled from ``jobs`` and shipped (:func:`ship`) only when they are
+    submitted: all at once, or ``resources.max_shards_in_flight`` at a time, the next
+    as soon as a task finishes. So the driver loads one shard's data at a time.
+
+    When a task's worker or node dies (or a stage result is lost with it), the shard is
+    resubmitted, up to ``resources.max_retries`` times, as a job that resumes from the
+    last stage this function handed to ``on_stage``: the driver holds that checkpoint,
+    and training from it yields the same bytes as an uninterrupted run (determinism),
+    so a death costs only the stage in progress, not the shard. The resumed job must
+    run in the domain of that stage, like any job with a ``domain``: such jobs go only
+    to nodes of their domain (:func:`sisa.train.routing.probe_cluster`), and one whose domain
+    has no node goes to ``unavailable``.
+
+    Args:
+        jobs: One job per shard to (re)train; may be a lazy iterator. All share one config.
+        on_stage: Called in the driver for each finished stage, in completion
+            order across shards and stage order within a shard, each stage once. It
+            commits the stage; if it raises, the remaining tasks are cancelled.
+        unavailable: For a job whose domain no node offers (default: raise
+            :class:`~sisa.errors.DomainUnavailableError`).
+
+    Returns:
+        The resubmissions, in order (empty when no worker was lost).
+
+    Raises:
+        TrainingError: If a task fails in training, or loses its worker more than
+            ``resources.max_retries`` times.
+        SisaError: Whatever ``on_stage`` raised, or a sisa error from a task.
+    """
+    queue = iter(jobs)
+    first = next(queue, None)
+    if first is None:
+        return []
+    res = first.config.resources
+    _warn_missing_resources(res.custom)
+    limit = res.max_shards_in_flight or None
+    queue = itertools.chain([first], queue)
+    pending: list[Any] = []
+    # Every task submitted and not yet finished or cancelled, by id of its generator. ray.wait
+    # takes a ready generator out of ``pending`` while its stage is committed; if the commit
+    # raises, this is what still knows the task, so the cleanup below cancels it too.
+    started: dict[int, Any] = {}
+    owner: dict[int, int] = {}
+    # Per running shard: its (lazy) job and the last stage received, to resume from.
+    running: dict[int, ShardJob] = {}
+    received: dict[int, StageResult] = {}
+    retries: list[Retry] = []
+    domain_map: dict[str, routing.DomainNodes] | None = None
+    refuse_or = unavailable or _refuse
+
+    def route(job: ShardJob) -> tuple[ShardJob | None, routing.DomainNodes | None]:
+        nonlocal domain_map
+        if job.domain is None:
+            return job, None
+        if domain_map is None or job.domain not in domain_map:
+            domain_map = routing.probe_cluster(res)  # only nodes not probed before cost a task
+        where = domain_map.get(job.domain)
+        if where is not None:
+            return job, where
+        replacement = refuse_or(job, [d.domain for d in domain_map.values()])
+        if replacement is None or replacement.domain == job.domain:
+            return None, None
+        return route(replacement)
+
+    def submit(job: ShardJob) -> bool:
+        routed, where = route(job)
+        if routed is None:
+            return False  # the hook skipped it
+        gen: Any = _shard_task.options(
+            num_cpus=res.cpus_per_shard,
+            num_gpus=res.gpus_per_shard,
+            resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
+            max_retries=0,  # resubmitted here instead, from the last stage received (see above)
+            retry_exceptions=False,  # a bug in training is not fixed by running it again
+            name=f"sisa-shard-{routed.shard}",
+            **routing.task_options(res, where),  # pinned worker; only its domain's nodes
+        ).remote(ship(routed))
+        running[routed.shard] = routed
+        owner[id(gen)] = routed.shard
+        started[id(gen)] = gen
+        pending.append(gen)
+        return True
+
+    def submit_more() -> None:
+        while limit is None or len(pending) < limit:
+            job = next(queue, None)
+            if job is None:
+                return
+            submit(job)
+
+    def resubmit(shard: int, exc: BaseException) -> None:
+        attempt = 1 + sum(r.shard == shard for r in retries)
+        if attempt > res.max_retries:
+            raise TrainingError(
+                f"shard {shard} lost its worker {attempt} times (resources.max_retries={res.max_retries}); last: {exc}"
+            ) from exc
+        job, last = running[shard], received.get(shard)
+        if last is not None:
+            job = dataclasses.replace(
+                job,
+                start_stage=last.stage,
+                parent=last.checkpoint,
+                parent_key=last.key,
+                domain=last.domain.get("id"),  # continue in the domain that trained it
+            )
+        retry = Retry(shard=shard, after_stage=job.start_stage, attempt=attempt, error=type(exc).__name__)
+        log.warning(
+            "shard %d lost its worker (%s); resubmitting from stage %d, retry %d of %d",
+            shard,
+            retry.error,
+            retry.after_stage,
+            attempt,
+            res.max_retries,
+        )
+        retries.append(retry)
+        submit(job)
+
+    try:
+        submit_more()
+        while pending:
+            # ray.wait on streaming generators: ready when their next item (or end) is available.
+            ready: list[Any]
+            ready, pending = ray.wait(pending, num_returns=1)
+            for gen in ready:
+                shard = owner.pop(id(gen))
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    started.pop(id(gen), None)
+                    running.pop(shard, None)
+                    received.pop(shard, None)
+                    submit_more()  # a slot is free
+                    continue
+                try:
+                    result: StageResult = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    if isinstance(cause, SisaError):
+                        raise cause from exc
+                    raise TrainingError(f"shard {shard} failed: {cause}") from exc
+                except _LOST as exc:
+                    ray.cancel(gen, force=True)  # whatever is left of it
+                    started.pop(id(gen), None)
+                    resubmit(shard, exc)
+                    continue
+                except ray.exceptions.RayError as exc:
+                    raise TrainingError(f"shard {shard} failed: {exc}") from exc
+                on_stage(result)
+                received[shard] = result
+                owner[id(gen)] = shard
+                pending.append(gen)
+    finally:
+        # Normally empty here; after an error (a commit that raised, a failed task) it holds the
+        # tasks still running, including the one whose stage was being committed.
+        for gen in started.values():
+            ray.cancel(gen, force=True)
+    return retries

@@ -1,0 +1,515 @@
+"""Pure-torch training of one shard, slice by slice, with a checkpoint after every stage.
+
+No Ray and no store here: the orchestrator ships a :class:`ShardJob` in and gets
+:class:`StageResult` objects back. Stage r trains on slices 1..r; every random
+source is seeded from (seed, shard, stage) and the data order derives from the
+sorted ids, so the same job always yields the same bytes (invariant 2). A job's
+slices may be a lazy sequence: the trainer reads slice r only when stage r starts,
+and each slice once, into one buffer on the training device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+import warnings
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.config.settings import SisaConfig
+from sisa.errors import DomainMismatchError, IntegrityError, TrainingError
+from sisa.partition.assign import splitmix64
+from sisa.store.digests import checkpoint_key, manifest_digest, sha256, weights_digest
+from sisa.train import domain as domains
+from sisa.train.models import build_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LazySlices",
+    "ShardJob",
+    "SliceData",
+    "StageResult",
+    "autocast",
+    "derive_seed",
+    "deterministic",
+    "nondeterministic_op",
+    "load_checkpoint",
+    "make_optimizer",
+    "train_epochs",
+    "train_shard",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+# torch's message when use_deterministic_algorithms(True) meets an op without a deterministic kernel:
+# "<op> does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'..."
+_NONDETERMINISTIC = re.compile(r"(\S+) does not have a deterministic implementation")
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """One slice of a shard: its sorted ids, features and labels."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+class LazySlices(Sequence[SliceData]):
+    """A shard's slices, each loaded only when indexed; subclasses say from where.
+
+    The driver's side reads the store (:class:`~sisa.train.slices.StoredSlices`), a
+    task's side Ray's object store (:class:`~sisa.train.orchestrator.RemoteSlices`).
+    """
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> SliceData:
+        """Load slice ``index`` (``0 <= index < len(self)``)."""
+
+    @overload
+    def __getitem__(self, index: int) -> SliceData: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
+        if isinstance(index, slice):
+            return tuple(self.load(i) for i in range(*index.indices(len(self))))
+        return self.load(range(len(self))[index])  # normalises negatives, raises IndexError
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything needed to (re)train one shard from a given stage onwards.
+
+    Attributes:
+        config: The ensemble's config (recipe, seed, resources).
+        shard: Shard index.
+        slices: The shard's slices in order; stage r trains on ``slices[:r]``. A
+            tuple, or a lazy sequence that loads a slice when it is indexed (from
+            the store in the driver, from Ray's object store in a task); the
+            trainer indexes each slice once, slice r when stage r starts.
+        start_stage: Number of stages already done; training starts at stage
+            ``start_stage + 1``.
+        parent: Bytes of the stage ``start_stage`` checkpoint, or ``None`` when
+            ``start_stage == 0``.
+        parent_key: Key of that checkpoint.
+        input_shape: Shape of one sample.
+        num_classes: Number of classes.
+        slice_sizes: Rows of each slice, so that a lazy ``slices`` need not be
+            loaded to size the training buffer; empty means "ask ``slices``".
+        domain: Id of the determinism domain the job must run in (that of its parent
+            checkpoint, or of the live model a replay is compared with); a worker in
+            another domain refuses. ``None``: any domain (training from scratch).
+    """
+
+    config: SisaConfig
+    shard: int
+    slices: Sequence[SliceData]
+    start_stage: int
+    parent: bytes | None
+    parent_key: str | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+    slice_sizes: tuple[int, ...] = field(default=())
+    domain: str | None = None
+
+    def sizes(self) -> tuple[int, ...]:
+        """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
+        if self.slice_sizes:
+            return self.slice_sizes
+        return tuple(len(s.ids) for s in self.slices)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A finished stage: the checkpoint bytes and what they are provably made of."""
+
+    shard: int
+    stage: int
+    key: str
+    checkpoint: bytes
+    sha256: str
+    manifest: str
+    weights: str
+    parent: str | None
+    n_samples: int
+    epochs: int
+    seconds: float
+    domain: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Not the checkpoint: its bytes (hundreds of KB) would flood a log or a progress callback.
+        return (
+            f"StageResult(shard={self.shard}, stage={self.stage}, key={self.key[:16]}..., "
+            f"n_samples={self.n_samples}, seconds={self.seconds:.3f}, domain={self.domain.get('id')})"
+        )
+
+
+def derive_seed(seed: int, shard: int, stage: int) -> int:
+    """A 63-bit seed that depends only on (seed, shard, stage).
+
+    Args:
+        seed: Root seed from the config.
+        shard: Shard index.
+        stage: Stage number (0 is model initialisation).
+
+    Returns:
+        A non-negative int usable by ``torch.manual_seed``.
+    """
+    mixed = splitmix64(np.asarray([seed, shard, stage], dtype=np.uint64))
+    value = splitmix64(np.asarray(mixed[0] ^ splitmix64(mixed[1] ^ splitmix64(mixed[2]))))
+    return int(value) >> 1
+
+
+def make_optimizer(cfg: SisaConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The train section's optimizer over ``model``'s parameters.
+
+    Args:
+        cfg: Config whose ``train`` section names the optimizer and its settings.
+        model: The model to optimise.
+        lr: Learning rate to use instead of ``cfg.train.lr`` (the unlearning baselines
+            keep the optimizer kind but tune their own rate).
+
+    Returns:
+        A fresh optimizer.
+    """
+    t = cfg.train
+    rate = t.lr if lr is None else lr
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=rate, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=rate, weight_decay=t.weight_decay)
+
+
+def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Decode checkpoint bytes without executing any pickled code.
+
+    Args:
+        blob: Bytes written by the trainer.
+        expected_sha256: Digest recorded in the store; checked first when given.
+
+    Returns:
+        The checkpoint dict (``model``, ``optimizer``, ``rng``, ``meta``).
+
+    Raises:
+        IntegrityError: If the digest differs or the bytes are not a checkpoint.
+    """
+    if expected_sha256 is not None and sha256(blob) != expected_sha256:
+        raise IntegrityError("checkpoint bytes do not match their recorded sha256: the store was modified")
+    try:
+        # weights_only=True: a crafted pickle cannot run code on load.
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IntegrityError(f"checkpoint cannot be decoded safely: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise IntegrityError("checkpoint has an unknown format")
+    return ckpt
+
+
+def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "meta": meta,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _source_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, used only as the source of one copy.
+
+    Arrays from Ray's object store are read-only views of shared memory; torch warns that
+    it cannot protect them, but nothing here writes to them, and copying them first would
+    double a slice's memory for nothing.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class _ShardRows:
+    """The rows of slices 1..r on the training device, filled one slice at a time.
+
+    One buffer sized for the whole shard is allocated once and each slice is copied
+    into it once: stage r trains on the prefix ``[:rows of slices 1..r]``, which holds
+    exactly the concatenation of those slices. Concatenating per stage instead would
+    copy the growing prefix R times (and re-upload it to a GPU every stage).
+    """
+
+    def __init__(self, job: ShardJob, device: torch.device) -> None:
+        self.job = job
+        self.device = device
+        self.sizes = job.sizes()
+        if len(self.sizes) != len(job.slices):
+            raise TrainingError(
+                f"shard {job.shard}: job lists {len(self.sizes)} slice sizes for {len(job.slices)} slices"
+            )
+        self.ids: list[np.ndarray] = []
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.rows = 0
+
+    def extend_to(self, stage: int) -> None:
+        """Load slices ``len(self.ids) + 1 .. stage`` into the buffer."""
+        while len(self.ids) < stage:
+            index = len(self.ids)
+            part = self.job.slices[index]
+            if len(part.ids) != self.sizes[index]:
+                raise TrainingError(
+                    f"shard {self.job.shard} slice {index}: {len(part.ids)} rows arrived, {self.sizes[index]} expected"
+                )
+            n = len(part.ids)
+            if n:
+                x, y = _source_tensor(part.x), _source_tensor(part.y)
+                if self.x is None or self.y is None:
+                    total = sum(self.sizes)
+                    self.x = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=self.device)
+                    self.y = torch.empty((total, *y.shape[1:]), dtype=y.dtype, device=self.device)
+                self.x[self.rows : self.rows + n].copy_(x)
+                self.y[self.rows : self.rows + n].copy_(y)
+            self.ids.append(np.asarray(part.ids))
+            self.rows += n
+
+    def stage(self, stage: int) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+        """``(ids, x, y)`` of slices 1..stage; x and y are views (None when no row exists)."""
+        ids = np.concatenate(self.ids[:stage])
+        n = ids.size
+        if self.x is None or self.y is None:
+            return ids, None, None
+        return ids, self.x[:n], self.y[:n]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The mixed-precision context of a forward pass under ``train.precision``.
+
+    Args:
+        device: Device the forward runs on.
+        precision: ``fp32`` (no autocast) or ``bf16`` (``torch.autocast`` to bfloat16).
+
+    Returns:
+        A context manager to wrap the forward and loss in.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision={precision!r} must be 'fp32' or 'bf16'")
+
+
+def nondeterministic_op(exc: BaseException) -> str | None:
+    """The op named by torch's "does not have a deterministic implementation" error, else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    match = _NONDETERMINISTIC.search(str(exc))
+    return match.group(1) if match else None
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    precision: str = "fp32",
+) -> None:
+    """Minibatch cross-entropy descent over ``x`` for ``epochs`` epochs, in place.
+
+    Args:
+        model: Model to train.
+        optimizer: Its optimizer.
+        x: Features on the model's device.
+        y: Labels on the model's device.
+        order: Row order that sorts the rows by sample id; each epoch permutes this
+            order with ``generator``, so batches depend on the ids, not on row layout.
+        epochs: Passes over the data.
+        batch_size: Rows per step.
+        generator: Seeded CPU generator of the permutations.
+        precision: ``fp32``, or ``bf16`` to run forward and loss under bfloat16
+            autocast (gradients and optimizer steps stay fp32).
+    """
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    n = x.shape[0]
+    for _ in range(epochs):
+        # The permutation comes from a generator seeded per stage and is applied to the
+        # rows in sorted-id order, so the data order depends only on the ids.
+        rows = order[torch.randperm(n, generator=generator).to(order.device)]
+        for start in range(0, n, batch_size):
+            idx = rows[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(x.device, precision):
+                loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+
+
+@contextmanager
+def deterministic(threads: int, device: torch.device) -> Iterator[None]:
+    """Fix threads and deterministic kernels for a block, restoring the caller's settings after.
+
+    Args:
+        threads: Torch intra-op threads inside the block.
+        device: Device the block computes on (CUDA needs extra switches).
+    """
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    # Thread count changes float summation order, so it is part of the recipe.
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call,
+        # so it stays set after the block (a process environment variable, not a torch setting).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+
+
+def train_shard(job: ShardJob) -> Iterator[StageResult]:
+    """Train a shard's remaining stages, yielding each stage's checkpoint as it finishes.
+
+    Args:
+        job: What to train and from where.
+
+    Yields:
+        One :class:`StageResult` per stage ``job.start_stage + 1 .. len(job.slices)``.
+
+    Raises:
+        DomainMismatchError: If this process is not in ``job.domain`` (checked before any
+            training: a stage chained onto a checkpoint of another domain, or a replay in
+            one, would differ in the last bits without anything being wrong).
+        TrainingError: If the parent checkpoint is missing, or the model calls an op that
+            has no deterministic implementation on this device (never a silent fallback
+            to nondeterministic kernels: the checkpoints would not be reproducible).
+    """
+    cfg = job.config
+    device = torch.device(cfg.resources.device)
+    if device.type == "cuda" and cfg.resources.gpus_per_shard < 1:
+        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus_per_shard, device)
+    here = domains.current(cfg.resources.threads_per_shard, device.type)
+    if job.domain is not None and job.domain != here.id:
+        raise DomainMismatchError(
+            f"shard {job.shard}: this worker is in determinism domain {domains.describe(here)}, but the shard "
+            f"needs domain {job.domain}; it refused to train (the bytes would differ). The worker's node changed "
+            "its environment or software since it was probed: restart the job, or run `sisa domains` to see "
+            "which nodes are in which domain"
+        )
+    recipe_digest = cfg.recipe_digest()
+    epochs = cfg.train.stage_epochs(cfg.slices)
+
+    torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
+    model = build_model(cfg.model, job.input_shape, job.num_classes).to(device)
+    optimizer = make_optimizer(cfg, model)
+    parent_key = job.parent_key
+    if job.start_stage > 0:
+        if job.parent is None or parent_key is None:
+            raise TrainingError(f"shard {job.shard}: resuming at stage {job.start_stage} needs its checkpoint")
+        ckpt = load_checkpoint(job.parent)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+    rows = _ShardRows(job, device)
+    for stage in range(job.start_stage + 1, len(job.slices) + 1):
+        rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
+        with deterministic(cfg.resources.threads_per_shard, device):
+            result = _train_stage(job, model, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
+        yield result
+        parent_key = result.key
+
+
+def _train_stage(
+    job: ShardJob,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: int,
+    rows: _ShardRows,
+    parent_key: str | None,
+    recipe_digest: str,
+    epochs: int,
+    here: domains.Domain,
+) -> StageResult:
+    """Train one stage in place and encode its checkpoint."""
+    cfg = job.config
+    device = torch.device(cfg.resources.device)
+    started = time.perf_counter()
+    seed = derive_seed(cfg.seed, job.shard, stage)
+    torch.manual_seed(seed)  # dropout and any other use of the global RNG
+    generator = torch.Generator().manual_seed(seed)
+    ids, x, y = rows.stage(stage)
+    if ids.size and x is not None and y is not None:
+        # Rows stay in slice order; this order sorts them by id, and the epoch loop gathers
+        # order[perm] batch by batch, so the data order depends only on the ids.
+        order_t = torch.from_numpy(np.argsort(ids, kind="stable")).to(device)
+        try:
+            train_epochs(
+                model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator, precision=cfg.train.precision
+            )
+        except RuntimeError as exc:
+            op = nondeterministic_op(exc)
+            if op is None:
+                raise
+            cpu_hint = "" if device.type == "cpu" else ", or train on the CPU with resources.gpus_per_shard=0"
+            raise TrainingError(
+                f"shard {job.shard} stage {stage}: model {cfg.model.name!r} calls {op}, which has no deterministic "
+                f"implementation on {device.type}, and SISA needs bit-identical retraining (it never falls back "
+                f"to nondeterministic kernels). Fix: replace the layer that calls {op} (or choose another "
+                f"model){cpu_hint}. torch said: {exc}"
+            ) from exc
+    manifest = manifest_digest(rows.ids[:stage])
+    key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key, here.id)
+    meta = {
+        "shard": job.shard,
+        "stage": stage,
+        "key": key,
+        "parent": parent_key or "",
+        "manifest": manifest,
+        "recipe": recipe_digest,
+        "n_samples": int(ids.size),
+        "epochs": epochs,
+        "torch": str(torch.__version__),
+        "domain": here.id,
+    }
+    blob = _encode(model, optimizer, meta)
+    seconds = time.perf_counter() - started
+    log.debug("shard %d stage %d: %d samples, %.2fs", job.shard, stage, ids.size, seconds)
+    return StageResult(
+        shard=job.shard,
+        stage=stage,
+        key=key,
+        checkpoint=blob,
+        sha256=sha256(blob),
+        manifest=manifest,
+        weights=weights_digest(model.state_dict()),
+        parent=parent_key,
+        n_samples=int(ids.size),
+        epochs=epochs,
+        seconds=seconds,
+        domain=here.to_dict(),
+    )
