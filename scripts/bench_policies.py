@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -73,10 +72,8 @@ def served(ens: Ensemble, waiting_shards: set[int]) -> dict[str, Any]:
 def places(ens: Ensemble, ids: list[int]) -> dict[int, int]:
     """Shard -> the first (0-based) slice holding one of ``ids``, read before they are deleted."""
     first: dict[int, int] = {}
-    with ens.store.read() as txn:
-        for i in ids:
-            shard, slice_ = struct.unpack(">II", bytes(txn.get(struct.pack(">Q", i), db=ens.store.db("assign"))))
-            first[shard] = min(first.get(shard, slice_), slice_)
+    for shard, slice_ in ens.locate(ids).values():
+        first[shard] = min(first.get(shard, slice_), slice_)
     return first
 
 

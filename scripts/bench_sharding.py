@@ -216,7 +216,7 @@ def layout(ens: Ensemble) -> tuple[dict[int, tuple[int, int]], list[list[int]]]:
     where: dict[int, tuple[int, int]] = {}
     sizes: list[list[int]] = []
     with ens.store.read() as txn:
-        counts = ens.slice_counts(txn)
+        counts = ens.planner.slice_counts(txn)
         for shard in range(ens.config.shards):
             sizes.append([])
             for r in range(counts[shard]):

@@ -76,7 +76,7 @@ def mode_config(cfg: SisaConfig, mode: str, cores: int) -> SisaConfig:
 
 def mode_jobs(ens: Ensemble, cfg: SisaConfig, mode: str) -> Iterable[ShardJob]:
     """The jobs of a from-scratch training of every shard, as ``mode`` hands them over."""
-    jobs = (dataclasses.replace(job, config=cfg) for job in ens.shard_jobs([(s, 0) for s in range(cfg.shards)]))
+    jobs = (dataclasses.replace(job, config=cfg) for job in ens.planner.shard_jobs([(s, 0) for s in range(cfg.shards)]))
     if mode == "eager":
         # Load every slice of every shard before the first submission (the old fit).
         return [dataclasses.replace(j, slices=tuple(j.slices[r] for r in range(len(j.slices)))) for j in jobs]
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ens = Ensemble.create(workdir / "store", cfg)
         ens.ingest(train)
         with ens.store.read() as txn:
-            sizes = [ens.shard_job(txn, s).sizes() for s in range(cfg.shards)]
+            sizes = [ens.planner.shard_job(txn, s).sizes() for s in range(cfg.shards)]
         sample_bytes = int(train.x[0].nbytes + 8 + 8)  # float32 features + int64 label + int64 id
         orchestrator.connect(None, num_cpus=cores)
         print(f"{len(train)} samples, S={cfg.shards} R={cfg.slices}, {cores} cores; warm-up ...", flush=True)

@@ -2,7 +2,7 @@ r"""Check SISA's deletion cost model against a simulation of the retrain plan (n
 
 For each ``S x R`` in the grid and each request size K, a stream of deletion requests is
 drawn against a synthetic store layout, and for every request the script computes exactly
-what the planner retrains (``unlearn._journal`` then ``Ensemble.fit``): every shard holding
+what the planner retrains (``sisa.unlearn.journal.record_request`` then the planner's ``fit``): every shard holding
 one of the request's ids restarts from the earliest slice holding one (0-based ``r``, the
 last clean checkpoint is stage ``r``), and stages ``r+1..R`` retrain, stage j on the
 samples slices 1..j still hold, for ``e' = TrainConfig.stage_epochs(R)`` epochs each
@@ -163,7 +163,7 @@ def plan_request(counts_after: np.ndarray, shards: np.ndarray, slices: np.ndarra
     """
     n_slices = counts_after.shape[1]
     first = np.full(counts_after.shape[0], n_slices, dtype=np.int64)
-    np.minimum.at(first, shards, slices)  # _journal: restart at the earliest touched slice
+    np.minimum.at(first, shards, slices)  # record_request: restart at the earliest touched slice
     return cm.planned_work(counts_after, first, epochs), int((first < n_slices).sum())
 
 

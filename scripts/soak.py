@@ -458,8 +458,8 @@ def check(
 
 def final_state(ens: Ensemble, deleted: Sequence[int]) -> dict[str, Any]:
     """Pending requests, audit chain and log, verify, and the deleted ids in the final store."""
+    from sisa.store.tombstones import deleted_ids
     from sisa.unlearn.audit import read_entries
-    from sisa.unlearn.requests import deleted_ids
 
     audit = ens.audit()
     with ens.store.read() as txn:

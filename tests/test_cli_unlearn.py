@@ -152,12 +152,12 @@ def test_wait_lets_a_delete_queue_behind_another_writer(
 
 def journal_interrupted(path: Path, ids: list[int]) -> None:
     """Journal an immediate request and stop, as `sisa delete` killed after its journal (or cut off Ray) leaves it."""
-    from sisa.unlearn import requests as unlearn
+    from sisa.unlearn import journal
 
     with Ensemble.open(path, resume=False) as ens:
         store = ens.store
         meta = {"already_deleted": 0, "defer": False, "policy": "exclude"}
-        store.write(lambda txn: unlearn._journal(store, txn, ids, store.secret(), meta))
+        store.write(lambda txn: journal.record_request(store, txn, ids, store.secret(), meta))
 
 
 def test_repeating_an_interrupted_delete_finishes_it_and_returns_its_certificate(

@@ -25,7 +25,7 @@ from sisa.data.loaders import (
     load_split,
 )
 from sisa.errors import DataError
-from sisa.unlearn.requests import normalize_ids
+from sisa.unlearn.ids import normalize_ids
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -328,7 +328,7 @@ def test_csv_id_column_is_read_exactly(tmp_path: Path) -> None:
 def test_ids_written_as_text_follow_one_rule() -> None:
     """CSV cells, ``sisa delete --ids`` and ids files read ids alike: exact decimals, whole numbers only."""
     from sisa.data.arrays import parse_id_text
-    from sisa.unlearn.requests import parse_id
+    from sisa.unlearn.ids import parse_id
 
     for text, value in (("17", 17), (" 17.0 ", 17), ("1.7e1", 17), ("1152921504606846977", 2**60 + 1), ("-3", -3)):
         assert parse_id_text(text) == parse_id(text) == value

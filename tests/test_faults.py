@@ -113,7 +113,7 @@ def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env
 
 CHILD_DELETE = """
 import os, signal, sys, threading
-import sisa.store.database, sisa.unlearn.requests
+import sisa.store.database, sisa.unlearn.deletion
 from sisa.ensemble import Ensemble
 
 path, address, phase, arg = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -146,7 +146,7 @@ elif phase == "compact-swap":  # the copy replaced data.mdb; directory not fsync
         die()
     os.replace = replace_then_die
 elif phase == "certify":  # retrained and erased; the certificate is not written
-    sisa.unlearn.requests.append_entry = die
+    sisa.unlearn.deletion.append_entry = die
 ens = Ensemble.open(path, address="local")
 ens.delete(victims, progress=progress)
 """

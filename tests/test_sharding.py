@@ -1,7 +1,6 @@
 """Distribution-aware sharding (SISA's Algorithm 1): the pure functions, the prior file, the store."""
 
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -155,12 +154,8 @@ def aware_config(prior: Path, *overrides: str):
     return small_config("partition.strategy=distribution-aware", f"partition.probabilities={prior}", *overrides)
 
 
-def placements(ens: Ensemble) -> dict[int, tuple[int, int]]:
-    with ens.store.read() as txn:
-        return {
-            struct.unpack(">Q", bytes(k))[0]: struct.unpack(">II", bytes(v))
-            for k, v in txn.cursor(db=ens.store.db("assign"))
-        }
+def placements(ens: Ensemble, ids: list[int]) -> dict[int, tuple[int, int]]:
+    return ens.locate(ids)
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -169,7 +164,7 @@ def test_placements_survive_deletion_and_add_places_greedily(tmp_path: Path) -> 
     ens = Ensemble.create(tmp_path / "st", aware_config(prior))
     ens.ingest(X, Y)
     expected, _ = distribution_aware_assignment(IDS, P, 0, 3, 3)
-    before = placements(ens)
+    before = placements(ens, IDS.tolist())
     assert [before[i][0] for i in IDS.tolist()] == expected.tolist()
     sizes = [s["samples"] for s in ens.status()["per_shard"]]
     assert sizes[0] > 400 and max(sizes[1:]) < 60  # cold data in one big shard, hot data in small ones
@@ -186,7 +181,7 @@ def test_placements_survive_deletion_and_add_places_greedily(tmp_path: Path) -> 
         ens.delete([sid], defer=True)
     certificates = ens.apply()
     assert sorted({s for c in certificates for s in c["retrained_shards"]}) == [0, 1, 2]
-    after = placements(ens)
+    after = placements(ens, [i for i in IDS.tolist() if i not in victims])
     assert after == {i: where for i, where in before.items() if i not in victims}  # nothing else moved
     assert ens.verify()["ok"]
 
@@ -196,7 +191,7 @@ def test_placements_survive_deletion_and_add_places_greedily(tmp_path: Path) -> 
     predicted, new_masses = greedy_shards(new_ids, new_p, 0, masses)
     x2, y2 = blobs(6, d=10, seed=9)
     report = ens.add(x2, y2, new_ids, probabilities=new_p)
-    now = placements(ens)
+    now = placements(ens, [*after, *new_ids.tolist()])
     assert [now[i] for i in new_ids.tolist()] == [(s, 3) for s in predicted.tolist()]
     assert {i: now[i] for i in after} == after
     assert ens.store.meta()["shard_mass"] == new_masses

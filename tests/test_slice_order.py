@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,7 @@ P = np.where(IDS % 30 == 7, 0.02 + IDS * 1e-6, 0.0005)
 
 
 def where(ens: Ensemble, sample_id: int) -> tuple[int, int]:
-    with ens.store.read() as txn:
-        raw = txn.get(struct.pack(">Q", sample_id), db=ens.store.db("assign"))
-    return struct.unpack(">II", bytes(raw))
+    return ens.locate([sample_id])[sample_id]
 
 
 # --------------------------------------------------------------------------- the pure function

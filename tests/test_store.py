@@ -103,7 +103,7 @@ def test_read_only_handle_refuses_writes(ens: Ensemble) -> None:
 
 def test_map_grows_on_demand(tmp_path: Path) -> None:
     store = Store.create(tmp_path / "grow", {"config": {}})
-    size0 = store._env.info()["map_size"]
+    size0 = store.map_size
     blob = b"\x01" * (1 << 20)
 
     def fill(txn):
@@ -111,7 +111,7 @@ def test_map_grows_on_demand(tmp_path: Path) -> None:
             txn.put(f"k{i}".encode(), blob, db=store.db("ckpt"))
 
     store.write(fill)
-    assert store._env.info()["map_size"] > size0
+    assert store.map_size > size0
     with store.read() as txn:
         assert txn.stat(store.db("ckpt"))["entries"] == 2 * (size0 >> 20)
     store.close()

@@ -79,7 +79,7 @@ def test_stored_slices_stay_in_the_driver(tmp_path: Path) -> None:
     with Ensemble.create(tmp_path / "st", small_config(), address="local") as ens:
         ens.ingest(X, Y)
         with ens.store.read() as txn:
-            job = ens.shard_job(txn, 1)
+            job = ens.planner.shard_job(txn, 1)
         assert isinstance(job.slices, StoredSlices)
         assert job.sizes() == tuple(len(job.slices[r].ids) for r in range(len(job.slices)))
         assert sum(job.sizes()) == len(job.slices[0].ids) + sum(len(s.ids) for s in job.slices[1:])

@@ -13,6 +13,7 @@ import pytest
 
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
+from sisa.unlearn.audit import read_entries
 from tests.conftest import blobs, files_containing, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -37,9 +38,7 @@ def checkpoints(ens: Ensemble) -> dict[tuple[int, int], bytes]:
 
 
 def where(ens: Ensemble, sample_id: int) -> tuple[int, int]:
-    with ens.store.read() as txn:
-        raw = txn.get(struct.pack(">Q", sample_id), db=ens.store.db("assign"))
-    return struct.unpack(">II", bytes(raw))
+    return ens.locate([sample_id])[sample_id]
 
 
 @pytest.fixture
@@ -76,8 +75,8 @@ def test_certificate_and_audit_never_hold_raw_ids(ens: Ensemble) -> None:
     text = json.dumps(cert)
     assert len(cert["id_hashes"]) == 2 and all(len(h) == 64 for h in cert["id_hashes"])
     with ens.store.read() as txn:
-        logged = [bytes(v) for _, v in txn.cursor(db=ens.store.db("audit"))]
-    assert '"ids"' not in text and b'"ids"' not in logged[0]
+        logged = [json.dumps(entry) for entry in read_entries(ens.store, txn)]
+    assert '"ids"' not in text and '"ids"' not in logged[0]
     assert ens.audit().ok and ens.audit().entries == 1
 
 
@@ -211,7 +210,7 @@ def test_a_stale_model_is_erased_when_the_policy_changes_under_it(tmp_path: Path
     ens.delete([places[(0, 1)][0]], defer=True)
     ens.apply()
     with ens.store.read() as txn:
-        stored = {bytes(k).decode() for k, _ in txn.cursor(db=ens.store.db("ckpt"))}
+        stored = set(ens.store.checkpoint_keys(txn))
         referenced = {r["key"] for s in range(3) for r in ens.store.stage_records(txn, s)}
     assert stored == referenced
     assert ens.verify()["ok"]
@@ -306,13 +305,13 @@ def test_audit_detects_tampering(ens: Ensemble) -> None:
 CRASH_CHILD = """
 import os, signal, sys
 from sisa.ensemble import Ensemble
-from sisa.unlearn import requests as unlearn
+from sisa.unlearn import journal
 ens = Ensemble.open(sys.argv[1])
 point = sys.argv[2]
 if point == "after-journal":
     store = ens.store
     meta = {"already_deleted": 0, "defer": False, "policy": "exclude"}
-    store.write(lambda txn: unlearn._journal(store, txn, [int(sys.argv[3])], store.secret(), meta))
+    store.write(lambda txn: journal.record_request(store, txn, [int(sys.argv[3])], store.secret(), meta))
     os.kill(os.getpid(), signal.SIGKILL)
 elif point == "mid-retrain":
     ens.delete([int(sys.argv[3])], progress=lambda r: os.kill(os.getpid(), signal.SIGKILL))
@@ -409,11 +408,11 @@ def test_verify_reads_one_snapshot_while_another_process_deletes(tmp_path: Path,
 
 def journal_interrupted(ens: Ensemble, ids: list[int]) -> int:
     """Journal an immediate (not deferred) request and stop, as a delete killed after its journal leaves it."""
-    from sisa.unlearn import requests as unlearn
+    from sisa.unlearn import journal
 
     store = ens.store
     meta = {"already_deleted": 0, "defer": False, "policy": ens.config.unlearn.policy}
-    return int(store.write(lambda txn: unlearn._journal(store, txn, ids, store.secret(), meta))["request_id"])
+    return int(store.write(lambda txn: journal.record_request(store, txn, ids, store.secret(), meta))["request_id"])
 
 
 def test_open_finishes_exactly_the_interrupted_request_and_leaves_deferred_ones_pending(tmp_path: Path) -> None:

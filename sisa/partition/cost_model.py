@@ -1,6 +1,6 @@
 """SISA's cost model: the retraining work (sample-epochs) a deletion request causes, drawn and expected.
 
-Work is counted the way the planner retrains (``unlearn._journal`` then ``Ensemble.fit``): a
+Work is counted the way the planner retrains (``sisa.unlearn.journal.record_request`` then the planner's ``fit``): a
 request retrains every shard holding one of its ids from the earliest slice that holds one;
 stage j trains ``e'`` epochs (``TrainConfig.stage_epochs``) on slices 1..j, so restarting at
 1-based slice r costs ``e' * sum_{j=r..R} |slices 1..j|`` sample-epochs, counted over the

@@ -9,20 +9,21 @@ thread deletes); each thread's provenance is that of its own last prediction.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
 from sisa.errors import DataError, NotTrainedError
 from sisa.serve import aggregate
+from sisa.store.database import Store
 from sisa.train.models import build_model
 from sisa.train.trainer import load_checkpoint
-
-if TYPE_CHECKING:
-    from sisa.ensemble import Ensemble
+from sisa.unlearn.journal import requests
 
 __all__ = ["Serving", "dataset_features"]
 
@@ -63,9 +64,15 @@ def dataset_features(ds: Any) -> np.ndarray:
 class Serving:
     """Live shard models of one ensemble, and predictions from them."""
 
-    def __init__(self, ens: Ensemble) -> None:
-        """Serve ``ens``; nothing is loaded until the first prediction."""
-        self._ens = ens
+    def __init__(self, store: Store, config: Callable[[], SisaConfig]) -> None:
+        """Serve the live models of ``store``; nothing is loaded until the first prediction.
+
+        Args:
+            store: The store.
+            config: Returns the store's config now (a reconfigure may change the aggregation).
+        """
+        self._store = store
+        self._config = config
         self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
         self._cache_lock = threading.Lock()  # the cache is shared by the threads predicting with this handle
         self._last = threading.local()  # per thread: shard -> checkpoint key of its last prediction's models
@@ -96,17 +103,18 @@ class Serving:
             return self._load_live()
 
     def _load_live(self) -> dict[int, tuple[str, nn.Module, int]]:
-        ens, store = self._ens, self._ens.store
-        shape = ens.feature_shape
+        store, cfg = self._store, self._config()
         with store.read() as txn:
+            stored_shape = store.meta(txn).get("feature_shape")
+            shape = tuple(stored_shape) if stored_shape is not None else None
             live = store.live(txn)
             if not live or shape is None:
-                if store.stage_records(txn, 0) or ens.pending():
+                if store.stage_records(txn, 0) or any(r["state"] == "pending" for r in requests(store, txn)):
                     raise NotTrainedError(
-                        f"every shard of {ens.path} is out of service until pending deletions are applied; "
+                        f"every shard of {store.path} is out of service until pending deletions are applied; "
                         "run `sisa apply` (or Ensemble.apply())"
                     )
-                raise NotTrainedError(f"store {ens.path} has no trained shards; run fit (sisa train) first")
+                raise NotTrainedError(f"store {store.path} has no trained shards; run fit (sisa train) first")
             for shard, record in live.items():
                 cached = self._cache.get(shard)
                 if cached is not None and cached[0] == record["key"]:
@@ -114,7 +122,7 @@ class Serving:
                 # A stale model kept by the serve-stale policy has only its live record.
                 full = store.stage_record(txn, shard, record["stage"]) or record
                 ckpt = load_checkpoint(store.checkpoint(txn, {**full, "shard": shard}))
-                model = build_model(ens.config.model, shape, ens.config.data.num_classes)
+                model = build_model(cfg.model, shape, cfg.data.num_classes)
                 model.load_state_dict(ckpt["model"])
                 self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
         for gone in set(self._cache) - set(live):
@@ -130,7 +138,8 @@ class Serving:
         Raises:
             DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
         """
-        shape = self._ens.feature_shape
+        stored = self._store.meta().get("feature_shape")
+        shape = tuple(stored) if stored is not None else None
         xa = x.x if isinstance(x, LabeledArrays) else dataset_features(x) if _is_dataset(x) else to_numpy(x)
         if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
             raise DataError(
@@ -158,7 +167,7 @@ class Serving:
             self.as_tensor(x),
             method=method,
             weights=weights,
-            backend=self._ens.config.aggregate.backend,
+            backend=self._config().aggregate.backend,
             batch_size=batch_size,
         )
         return out.cpu().numpy()
@@ -171,9 +180,9 @@ class Serving:
         """
         live = self.snapshot()
         xt = self.as_tensor(x)
-        y_np = check_labels(y, xt.shape[0], self._ens.config.data.num_classes)
+        y_np = check_labels(y, xt.shape[0], self._config().data.num_classes)
         probas = aggregate.shard_probas(
-            [model for model, _ in live.values()], xt, backend=self._ens.config.aggregate.backend
+            [model for model, _ in live.values()], xt, backend=self._config().aggregate.backend
         )
         labels = probas.argmax(dim=2).cpu().numpy()
         return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}

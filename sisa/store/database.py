@@ -422,6 +422,11 @@ class Store(Records):
         return self._lock_fd is not None
 
     # -------------------------------------------------------------- transactions
+    @property
+    def map_size(self) -> int:
+        """Bytes the LMDB map may grow to now (doubled on demand by :meth:`write`)."""
+        return int(self._env.info()["map_size"])
+
     def db(self, name: str) -> Any:
         """Handle of a named database."""
         return self._dbs[name]

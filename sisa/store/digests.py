@@ -1,4 +1,4 @@
-"""Content digests: of training manifests, of weights, and the content address of a checkpoint.
+"""Content digests: of training manifests, of weights, the content address of a checkpoint, keyed id hashes.
 
 These are what make a checkpoint's provenance checkable: its key is a hash of the
 recipe, the shard, the stage, exactly the ids it trained on (slice by slice), its
@@ -9,13 +9,14 @@ saw a deleted id can never be mistaken for one that did not (invariant 3 of the 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["checkpoint_key", "manifest_digest", "sha256", "weights_digest"]
+__all__ = ["checkpoint_key", "keyed_hash", "manifest_digest", "sha256", "weights_digest"]
 
 
 def sha256(data: bytes) -> str:
@@ -82,3 +83,20 @@ def checkpoint_key(
         # checkpoint retrained elsewhere never passes for the one it replaces.
         text += f"|{domain}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def keyed_hash(secret: bytes, sample_id: int) -> str:
+    """HMAC-SHA256 of a sample id under the store's secret: names a sample without revealing it.
+
+    The exact input, so that an auditor holding the secret can recompute it: key = the 32 bytes of
+    the store's ``hmac.key``; message = the ASCII bytes ``sisa-id|`` followed by the id as an 8-byte
+    big-endian unsigned integer; result = the lowercase hex digest (64 characters).
+
+    Args:
+        secret: The store's HMAC secret.
+        sample_id: The id, in ``[0, 2**63 - 2]``.
+
+    Returns:
+        The hex digest.
+    """
+    return hmac.new(secret, b"sisa-id|" + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ class Records:
 
     @property
     def _dbs(self) -> dict[str, Any]:  # pragma: no cover - provided by Store
+        raise NotImplementedError
+
+    def meta(self, txn: lmdb.Transaction | None = None) -> dict[str, Any]:  # pragma: no cover - provided by Store
+        """The store's metadata."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ samples
@@ -175,6 +180,37 @@ class Records:
     def live(self, txn: lmdb.Transaction) -> dict[int, dict[str, Any]]:
         """Live-model record of every shard that has one."""
         return {struct.unpack(">I", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["live"])}
+
+    def slice_counts(self, txn: lmdb.Transaction, shards: int, slices: int) -> list[int]:
+        """Number of slices of each shard: ``slices`` (R), plus one per ``add`` that touched it.
+
+        Args:
+            txn: Read transaction.
+            shards: S, for a store whose meta does not hold the counts.
+            slices: R, likewise.
+        """
+        counts = self.meta(txn).get("shard_slices")
+        return list(counts) if counts else [slices] * shards
+
+    def locate(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """Where each stored id lives: id -> (shard, slice), both counted from 0; absent ids are left out."""
+        assign = self._dbs["assign"]
+        out: dict[int, tuple[int, int]] = {}
+        for sid in ids:
+            raw = txn.get(id_key(int(sid)), db=assign)
+            if raw is not None:
+                shard, slice_ = struct.unpack(">II", bytes(raw))
+                out[int(sid)] = (shard, slice_)
+        return out
+
+    def checkpoint_keys(self, txn: lmdb.Transaction) -> list[str]:
+        """Key of every checkpoint stored (live, stage or retained stale), sorted."""
+        return [bytes(k).decode() for k, _ in txn.cursor(db=self._dbs["ckpt"])]
+
+    def largest_id(self, txn: lmdb.Transaction) -> int | None:
+        """The largest sample id stored now (None for an empty store)."""
+        cursor = txn.cursor(db=self._dbs["samples"])
+        return struct.unpack(">Q", bytes(cursor.key()))[0] if cursor.last() else None
 
     # ------------------------------------------------------------------ writes
     def put_samples(

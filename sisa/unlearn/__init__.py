@@ -1,4 +1,14 @@
 """Layer 6, unlearning: deletion requests, their journal, the retrain, erasure, certificates, verify.
 
-Works on the store and the training layer; never on the :class:`~sisa.ensemble.Ensemble` facade.
+``ids`` validates what a request names, ``journal`` records it durably, ``deletion``
+applies it (the planner's retrain, compaction, a certificate in the ``audit`` log), and
+``replay`` verifies live models against a retrain from scratch. Works on the store and
+the training layer's planner; never on the :class:`~sisa.ensemble.Ensemble` facade.
 """
+
+from sisa.unlearn.deletion import apply, delete
+from sisa.unlearn.ids import normalize_ids, parse_id, read_ids_file
+from sisa.unlearn.journal import pending
+from sisa.unlearn.replay import verify
+
+__all__ = ["apply", "delete", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]

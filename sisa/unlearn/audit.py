@@ -18,6 +18,7 @@ from typing import Any
 import lmdb
 
 from sisa.store.database import Store
+from sisa.store.digests import keyed_hash
 
 __all__ = [
     "AuditReport",
@@ -30,23 +31,6 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64
-
-
-def keyed_hash(secret: bytes, sample_id: int) -> str:
-    """HMAC-SHA256 of a sample id under the store's secret: names a sample without revealing it.
-
-    The exact input, so that an auditor holding the secret can recompute it: key = the 32 bytes of
-    the store's ``hmac.key``; message = the ASCII bytes ``sisa-id|`` followed by the id as an 8-byte
-    big-endian unsigned integer; result = the lowercase hex digest (64 characters).
-
-    Args:
-        secret: The store's HMAC secret.
-        sample_id: The id, in ``[0, 2**63 - 2]``.
-
-    Returns:
-        The hex digest.
-    """
-    return hmac.new(secret, b"sisa-id|" + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()
 
 
 def _mac(secret: bytes, seq: int, prev: str, entry: dict[str, Any]) -> str:
@@ -169,7 +153,7 @@ def lookup_ids(store: Store, secret: bytes, ids: list[int]) -> list[dict[str, An
     Args:
         store: The store.
         secret: The store's HMAC secret.
-        ids: Validated sample ids (see :func:`sisa.unlearn.requests.normalize_ids`).
+        ids: Validated sample ids (see :func:`sisa.unlearn.ids.normalize_ids`).
 
     Returns:
         One dict per id: ``id``, ``id_hash``, ``deleted`` (bool); for a deleted id also

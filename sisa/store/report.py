@@ -1,0 +1,66 @@
+"""The status report of a store: shards, slices, sample counts and the live checkpoint of each shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sisa.config.settings import SisaConfig
+from sisa.store.database import Store
+
+__all__ = ["status"]
+
+
+def status(store: Store, config: SisaConfig) -> dict[str, Any]:
+    """Shards, slices, sample counts per shard and slice, and live checkpoint digests, from one snapshot.
+
+    Args:
+        store: The store (read-only is enough).
+        config: Its config.
+
+    Returns:
+        A JSON-able dict.
+    """
+    with store.read() as txn:
+        live = store.live(txn)
+        slice_counts = store.slice_counts(txn, config.shards, config.slices)
+        meta = store.meta(txn)
+        masses = meta.get("shard_mass")
+        shards = []
+        for shard in range(config.shards):
+            counts = [int(len(store.slice_ids(txn, shard, r))) for r in range(slice_counts[shard])]
+            rec = live.get(shard)
+            shards.append(
+                {
+                    "shard": shard,
+                    "samples": sum(counts),
+                    "slice_samples": counts,
+                    "stages_done": len(store.stage_records(txn, shard)),
+                    "live": rec is not None,
+                    "stale": bool(rec and rec.get("stale")),
+                    # serve-clean: serving the last clean stage until a pending deletion is applied
+                    "interim": bool(rec and rec.get("interim")),
+                    "live_stage": rec["stage"] if rec else None,
+                    "live_checkpoint": rec["sha256"] if rec else None,
+                    "live_weights": rec["weights"] if rec else None,
+                    "live_manifest": rec["manifest"] if rec else None,
+                    # where the live model was trained: a replay must run there to be bit-identical
+                    "domain": rec.get("domain") if rec else None,
+                    # distribution-aware only: prior mass placed here at ingest (deletions keep it)
+                    "expected_deletions": masses[shard] if masses else None,
+                }
+            )
+        n = store.count_samples(txn)
+    return {
+        "store": str(store.path),
+        "shards": config.shards,
+        "slices": config.slices,
+        # slices per shard now: R, plus one per add() that touched the shard
+        "shard_slices": slice_counts,
+        "samples": n,
+        "feature_shape": list(meta.get("feature_shape") or []),
+        "num_classes": config.data.num_classes,
+        "model": config.model.name,
+        "recipe": config.recipe_digest(),
+        "trained_shards": len(live),
+        "per_shard": shards,
+    }

@@ -1,0 +1,120 @@
+"""The deletion journal: requests, durably recorded before anything else happens.
+
+A request is one fsync'd LMDB transaction that removes the samples, tombstones their
+keyed hashes, drops every checkpoint whose manifest holds them and takes the affected
+shards out of service (per ``unlearn.policy``). Everything after it is idempotent, so a
+crash anywhere is finished by the next apply.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lmdb
+
+from sisa.store.database import Store
+from sisa.store.digests import keyed_hash
+from sisa.store.records import id_key, member_key, shard_key, stage_key
+from sisa.train.domain import domain_id
+
+__all__ = ["mark_applied", "pending", "record_request", "requests"]
+
+
+def requests(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
+    """Every journaled request (pending and applied), oldest first, as read in ``txn``."""
+    return [json.loads(bytes(v)) for _, v in txn.cursor(db=store.db("requests"))]
+
+
+def pending(store: Store) -> list[dict[str, Any]]:
+    """Requests journaled but not yet applied, oldest first."""
+    with store.read() as txn:
+        return [r for r in requests(store, txn) if r["state"] == "pending"]
+
+
+def record_request(
+    store: Store, txn: lmdb.Transaction, ids: Sequence[int], secret: bytes, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Tombstone ``ids`` and retire every checkpoint that saw them, in the caller's transaction.
+
+    The durable first step of a deletion: once this transaction commits, the samples are
+    gone from the store's records, every stage that trained on them is dropped, and their
+    shards are out of service (or serve per ``meta["policy"]``) until the request is applied.
+
+    Args:
+        store: A writable store.
+        txn: The caller's write transaction.
+        ids: Stored sample ids, distinct.
+        secret: The store's HMAC secret (ids are named by keyed hash only).
+        meta: Fields copied into the request (``already_deleted``, ``defer``, ``policy``).
+
+    Returns:
+        The pending request as journaled.
+    """
+    dbs = {name: store.db(name) for name in ("samples", "assign", "members", "deleted", "ckpt", "stages", "live")}
+    last = txn.cursor(db=store.db("requests"))
+    request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
+    first_slice: dict[int, int] = {}
+    for sid in ids:
+        shard, slice_ = struct.unpack(">II", bytes(txn.get(id_key(sid), db=dbs["assign"]) or b""))
+        txn.delete(id_key(sid), db=dbs["samples"])
+        txn.delete(id_key(sid), db=dbs["assign"])
+        txn.delete(member_key(shard, slice_, sid), db=dbs["members"])
+        txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
+        first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
+    shards: dict[str, Any] = {}
+    for shard, slice_ in sorted(first_slice.items()):
+        # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
+        # stage slice_ (0 = the initial model) is the last clean checkpoint.
+        live_raw = txn.get(shard_key(shard), db=dbs["live"])
+        live = json.loads(bytes(live_raw)) if live_raw is not None else None
+        keep_live = live is not None and meta["policy"] == "serve-stale"
+        removed = []
+        clean: dict[str, Any] | None = None  # the last stage that survives: it never saw a deleted id
+        for record in store.stage_records(txn, shard):
+            if record["stage"] > slice_:
+                if not (keep_live and live is not None and record["key"] == live["key"]):
+                    txn.delete(record["key"].encode(), db=dbs["ckpt"])
+                txn.delete(stage_key(shard, record["stage"]), db=dbs["stages"])
+                removed.append(record["sha256"])
+            else:
+                clean = record
+        interim = None
+        if keep_live and live is not None:
+            store.set_live(txn, shard, {**live, "stale": True})
+        elif meta["policy"] == "serve-clean" and live is not None and clean is not None:
+            # Only a shard that was in service keeps serving: one still in its first training
+            # must not start serving a partial model because of a deletion.
+            interim = clean["stage"]
+            store.set_live(txn, shard, {**clean, "interim": True})
+        else:
+            store.set_live(txn, shard, None)  # also drops a stale model's bytes if the policy changed
+        shards[str(shard)] = {
+            "from_slice": slice_ + 1,
+            "restart_stage": slice_,
+            "removed_checkpoints": removed,
+            "serving_stage": interim,
+            # the domain the retrain continues in: if the live model comes from another, it was rebound
+            "clean_domain": domain_id(clean),
+        }
+    request = {
+        "request_id": request_id,
+        "state": "pending",
+        "requested_at": time.time(),
+        "id_hashes": sorted(keyed_hash(secret, sid) for sid in ids),
+        "deleted": len(ids),
+        "shards": shards,
+        **meta,
+    }
+    txn.put(struct.pack(">Q", request_id), json.dumps(request, sort_keys=True).encode(), db=store.db("requests"))
+    return request
+
+
+def mark_applied(store: Store, txn: lmdb.Transaction, request: dict[str, Any], applied_at: float) -> None:
+    """Record in the journal that ``request`` was applied (in the caller's write transaction)."""
+    updated = {**request, "state": "applied", "applied_at": applied_at}
+    value = json.dumps(updated, sort_keys=True).encode()
+    txn.put(struct.pack(">Q", request["request_id"]), value, db=store.db("requests"))
