@@ -7,8 +7,7 @@ is :class:`~sisa.serve.serving.Serving`, the status report is :mod:`sisa.store.r
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,39 +15,18 @@ import numpy as np
 from torch import nn
 
 from sisa import unlearn
-from sisa.config.settings import SisaConfig, config_fields, config_from_dict, config_to_dict, fixed_changes
-from sisa.data.arrays import LabeledArrays, check_labels
-from sisa.errors import ConfigError, DataError
+from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.stored import config_from_stored, require_config, require_same_fixed
+from sisa.data.arrays import check_labels
+from sisa.errors import ConfigError
 from sisa.serve.serving import Serving
 from sisa.store import ingest as ingesting
 from sisa.store.database import Store
-from sisa.store.report import status
+from sisa.store.report import locate, status
 from sisa.train.planner import FitReport, Planner, Progress
 from sisa.unlearn import audit
 
 __all__ = ["Ensemble", "FitReport"]
-
-log = logging.getLogger(__name__)
-
-
-def _migrate(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored config as this version reads it.
-
-    Stores created before ``resources.cpu_isa`` existed trained unpinned, which is
-    ``native``; reading them with today's default (``avx2``) would call every checkpoint
-    stale and retrain (or fail to verify) the lot.
-    """
-    raw = dict(stored)
-    raw["resources"] = {"cpu_isa": "native", **(raw.get("resources") or {})}
-    return raw
-
-
-def _require_config(config: Any) -> None:
-    if not isinstance(config, SisaConfig):
-        raise ConfigError(
-            f"config must be a SisaConfig, not {type(config).__name__}; "
-            "build one with sisa.load_config(path, overrides)"
-        )
 
 
 class Ensemble:
@@ -62,7 +40,7 @@ class Ensemble:
     def __init__(self, store: Store, address: str | None = None) -> None:
         """Wrap an open store; use :meth:`create` or :meth:`open` instead."""
         self.store = store
-        self.planner = Planner(store, config_from_dict(_migrate(store.meta()["config"])), address)
+        self.planner = Planner(store, config_from_stored(store.meta()["config"]), address)
         self._serving = Serving(store, lambda: self.planner.config)
 
     @classmethod
@@ -73,13 +51,9 @@ class Ensemble:
             ConfigError: If ``config`` is not a :class:`~sisa.config.SisaConfig`.
             StoreError: If ``path`` is a file, a store, or a non-empty directory.
         """
-        _require_config(config)
-        meta = {
-            "config": config_to_dict(config),
-            "feature_shape": None,
-            "shard_slices": [config.slices] * config.shards,
-        }
-        return cls(Store.create(path, meta), address)
+        require_config(config)
+        layout = {"feature_shape": None, "shard_slices": [config.slices] * config.shards}
+        return cls(Store.create(path, {"config": config_to_dict(config), **layout}), address)
 
     @classmethod
     def open(
@@ -114,14 +88,12 @@ class Ensemble:
                 "seed, shards, slices, partition and data.num_classes cannot change)"
             )
         ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
-        interrupted = [r["request_id"] for r in ens.pending() if not r["defer"]] if not readonly and resume else []
-        if interrupted:
-            log.info("finishing interrupted deletion request(s) %s in %s", interrupted, path)
-            try:
-                ens.apply(requests=interrupted)
-            except BaseException:
-                ens.close()
-                raise
+        try:
+            if resume and not readonly:
+                unlearn.finish_interrupted(ens.planner)
+        except BaseException:
+            ens.close()
+            raise
         return ens
 
     def close(self) -> None:
@@ -167,15 +139,7 @@ class Ensemble:
         Raises:
             ConfigError: If ``config`` is not a SisaConfig, or a fixed field differs (nothing is written).
         """
-        _require_config(config)
-        changed = fixed_changes(self.config, config)
-        if changed:
-            stored = config_fields(self.config)
-            raise ConfigError(
-                f"{', '.join(changed)} of store {self.path} cannot change after creation "
-                f"(stored: {', '.join(f'{k}={stored[k]}' for k in changed)}); they decide where samples live "
-                "and what a label means: keep the stored values, or train a new --store"
-            )
+        require_same_fixed(self.config, require_config(config), self.path)
         new = config_to_dict(config)
         self.store.write(lambda txn: self.store.put_meta(txn, config=new))
         self.planner.config = config
@@ -189,10 +153,6 @@ class Ensemble:
             Number of samples written.
         """
         return ingesting.ingest(self.store, self.config, x, y, ids, new_slice=new_slice, probabilities=probabilities)
-
-    def number_after_stored(self, data: LabeledArrays) -> LabeledArrays:
-        """``data`` numbered after the largest id the store has held; see :mod:`sisa.store.ingest`."""
-        return ingesting.number_after_stored(self.store, data)
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
         """Train every missing or stale stage, in parallel on Ray; see :meth:`sisa.train.planner.Planner.fit`."""
@@ -227,14 +187,9 @@ class Ensemble:
 
     def resume(self, progress: Progress | None = None) -> dict[str, Any]:
         """Finish whatever a crash interrupted: pending deletions, then any unfinished training."""
-        certificates = self.apply(progress)
-        report = self.fit(progress)
-        trained, rebound = report.trained, report.rebound
-        return {
-            "applied": certificates,
-            "trained": {str(k): v for k, v in trained.items()},
-            "rebound": {str(k): v for k, v in rebound.items()},
-        }
+        applied, report = self.apply(progress), self.fit(progress)
+        trained = {str(k): v for k, v in report.trained.items()}
+        return {"applied": applied, "trained": trained, "rebound": {str(k): v for k, v in report.rebound.items()}}
 
     def verify(self, shards: Sequence[int] | None = None, progress: Progress | None = None) -> dict[str, Any]:
         """Retrain shards from scratch and compare with the live models; ``ok`` only if bit-identical."""
@@ -258,13 +213,7 @@ class Ensemble:
         Raises:
             DataError: On malformed ids, or ids not in the store (deleted or never ingested).
         """
-        wanted = unlearn.normalize_ids(ids)
-        with self.store.read() as txn:
-            found = self.store.locate(txn, wanted)
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise DataError(f"{len(missing)} id(s) are not in the store (first: {missing[:5]}); check the ids")
-        return found
+        return locate(self.store, unlearn.normalize_ids(ids))
 
     def live_models(self) -> dict[int, nn.Module]:
         """The live model of every shard in service, loaded (and cached) from the store."""

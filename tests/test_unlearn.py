@@ -70,6 +70,36 @@ def test_delete_retrains_from_last_clean_slice_and_verifies(ens: Ensemble) -> No
     assert ens.status()["samples"] == 599
 
 
+def test_certificate_counts_the_retrain_work(ens: Ensemble) -> None:
+    """Each retrained shard's entry says what the retrain cost: stage j trains on slices 1..j for its epochs."""
+    victim = 17
+    shard, slice_ = where(ens, victim)
+    cert = ens.delete([victim])
+    info = cert["shards"][str(shard)]
+    sizes = next(s for s in ens.status()["per_shard"] if s["shard"] == shard)["slice_samples"]
+    with ens.store.read() as txn:
+        new = [r for r in ens.store.stage_records(txn, shard) if r["stage"] > slice_]
+    assert [r["sha256"] for r in new] == info["new_checkpoints"] and new
+    assert [r["n_samples"] for r in new] == [sum(sizes[:j]) for j in range(slice_ + 1, len(sizes) + 1)]
+    assert info["sample_epochs"] == sum(r["n_samples"] * r["epochs"] for r in new) > 0
+    assert info["compute_seconds"] == round(sum(r["seconds"] for r in new), 4) > 0
+
+
+def test_locate_names_shard_and_slice_of_stored_ids_only(ens: Ensemble) -> None:
+    places = ens.locate(list(range(len(X))))
+    counts: dict[tuple[int, int], int] = {}
+    for place in places.values():
+        counts[place] = counts.get(place, 0) + 1
+    for info in ens.status()["per_shard"]:
+        assert [counts.get((info["shard"], r), 0) for r in range(3)] == info["slice_samples"]
+    ens.delete([5])
+    with pytest.raises(DataError, match="not in the store"):
+        ens.locate([4, 5])
+    with pytest.raises(DataError):
+        ens.locate(["x"])
+    assert ens.locate(4) == {4: places[4]}
+
+
 def test_certificate_and_audit_never_hold_raw_ids(ens: Ensemble) -> None:
     cert = ens.delete([4242 % 600, 17])
     text = json.dumps(cert)

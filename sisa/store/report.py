@@ -1,13 +1,15 @@
-"""The status report of a store: shards, slices, sample counts and the live checkpoint of each shard."""
+"""What a store holds, for a reader: the status report (shards, slices, counts, live checkpoints) and where ids live."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sisa.config.settings import SisaConfig
+from sisa.errors import DataError
 from sisa.store.database import Store
 
-__all__ = ["status"]
+__all__ = ["locate", "status"]
 
 
 def status(store: Store, config: SisaConfig) -> dict[str, Any]:
@@ -64,3 +66,21 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         "trained_shards": len(live),
         "per_shard": shards,
     }
+
+
+def locate(store: Store, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Where each id lives now: id -> (shard, slice), both counted from 0, from one snapshot.
+
+    Args:
+        store: The store.
+        ids: Validated ids (:func:`sisa.unlearn.ids.normalize_ids`).
+
+    Raises:
+        DataError: If an id is not in the store (deleted, or never ingested); it names the first few.
+    """
+    with store.read() as txn:
+        found = store.locate(txn, ids)
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DataError(f"{len(missing)} id(s) are not in the store (first: {missing[:5]}); check the ids")
+    return found

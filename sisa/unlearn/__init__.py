@@ -6,9 +6,9 @@ applies it (the planner's retrain, compaction, a certificate in the ``audit`` lo
 the training layer's planner; never on the :class:`~sisa.ensemble.Ensemble` facade.
 """
 
-from sisa.unlearn.deletion import apply, delete
+from sisa.unlearn.deletion import apply, delete, finish_interrupted
 from sisa.unlearn.ids import normalize_ids, parse_id, read_ids_file
 from sisa.unlearn.journal import pending
 from sisa.unlearn.replay import verify
 
-__all__ = ["apply", "delete", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]
+__all__ = ["apply", "delete", "finish_interrupted", "normalize_ids", "parse_id", "pending", "read_ids_file", "verify"]

@@ -22,7 +22,7 @@ from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
 from sisa.unlearn.journal import mark_applied, pending, record_request
 
-__all__ = ["apply", "delete"]
+__all__ = ["apply", "delete", "finish_interrupted"]
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +231,16 @@ def _rebind(info: dict[str, Any], live: dict[str, Any] | None, rebound: dict[str
         return {"rebound": False}
     reason = (rebound or {}).get("reason") or f"no node here trained in its determinism domain {before}"
     return {"rebound": True, "from_slice": 1, "restart_stage": 0, "rebind_reason": reason}
+
+
+def finish_interrupted(planner: Planner) -> list[dict[str, Any]]:
+    """Apply exactly the requests a crash interrupted (pending, not deferred); what opening a store does.
+
+    Returns:
+        Their certificates (none when nothing was interrupted).
+    """
+    interrupted = [r["request_id"] for r in pending(planner.store) if not r["defer"]]
+    if not interrupted:
+        return []
+    log.info("finishing interrupted deletion request(s) %s in %s", interrupted, planner.store.path)
+    return apply(planner, requests=interrupted)
