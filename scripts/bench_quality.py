@@ -30,6 +30,7 @@ from sisa.cli.evaluate import format_rows  # noqa: E402
 from sisa.config.settings import load_config  # noqa: E402
 from sisa.evaluate.harness import METHODS, evaluate, parse_forget, split_forgets  # noqa: E402
 from sisa.evaluate.plot import plot_evaluation  # noqa: E402
+from sisa.evaluate.settings import load_evaluate_config  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402
 
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
@@ -112,12 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         overrides = [*QUICK_OVERRIDES, *overrides]
     cfg = load_config(args.config, overrides)
+    settings = load_evaluate_config(args.config, overrides)
     forgets = [parse_forget(s) for s in split_forgets(args.forget)]
     info = machine_info()
     started = time.perf_counter()
     try:
         result = evaluate(
-            cfg, forgets, args.methods.split(","), args.workdir, progress=lambda msg: print(msg, flush=True)
+            cfg,
+            forgets,
+            args.methods.split(","),
+            args.workdir,
+            progress=lambda msg: print(msg, flush=True),
+            settings=settings,
         )
     finally:
         orchestrator.shutdown()

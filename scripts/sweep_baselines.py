@@ -32,11 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import config_to_dict, load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.evaluate.approximate import APPROXIMATE_METHODS  # noqa: E402
 from sisa.evaluate.harness import MethodRow, Scorer, build_sets, model_fn, parse_forget, retrain_reference  # noqa: E402
 from sisa.evaluate.monolithic import train_monolithic, usable_threads  # noqa: E402
+from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config  # noqa: E402
 
 GRID: dict[str, dict[str, Sequence[Any]]] = {
     "gradient_ascent": {"lr": (1e-5, 1e-4, 1e-3), "epochs": (1, 3), "retain_weight": (0.0, 1.0)},
@@ -70,10 +71,10 @@ def split(train: LabeledArrays, n_val: int, seed: int) -> tuple[LabeledArrays, L
     return take(~val), take(val)
 
 
-def with_params(cfg: SisaConfig, method: str, params: dict[str, Any]) -> SisaConfig:
-    """``cfg`` with ``evaluate.<method>`` fields replaced."""
-    section = dataclasses.replace(getattr(cfg.evaluate, method), **params)
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, **{method: section}))
+def with_params(settings: EvaluateConfig, method: str, params: dict[str, Any]) -> EvaluateConfig:
+    """``settings`` with ``<method>`` fields replaced (``evaluate.<method>`` in the config file)."""
+    section = dataclasses.replace(getattr(settings, method), **params)
+    return dataclasses.replace(settings, **{method: section})
 
 
 def objective(row: MethodRow, retrain: MethodRow) -> float:
@@ -91,24 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         overrides += ["data.train_limit=6000", "train.epochs=2"]
     cfg = load_config(args.config, overrides)
+    settings = load_evaluate_config(args.config, overrides)
     grid = QUICK_GRID if args.quick else GRID
     n_val = min(args.validation, 1000) if args.quick else args.validation
-    threads = usable_threads(cfg.evaluate.threads)
+    threads = usable_threads(settings.threads)
     started = time.perf_counter()
     train, val = split(load_split(cfg.data, "train"), n_val, cfg.seed)
     print(f"sweep: {len(train)} train, {len(val)} validation samples; forget {args.forget}", flush=True)
     original, _ = train_monolithic(cfg, train, seed=cfg.seed, threads=threads)
     points: list[dict[str, Any]] = []
     for spec in (parse_forget(s) for s in args.forget.split(",")):
-        scorer = Scorer(build_sets(spec, train, val, cfg), cfg)
+        scorer = Scorer(build_sets(spec, train, val, cfg), cfg, settings)
         retrain = retrain_reference(scorer, cfg, threads, lambda m: print(m, flush=True))
         for method, axes in grid.items():
             for values in itertools.product(*axes.values()):
                 params = dict(zip(axes, values, strict=True))
-                c = with_params(cfg, method, params)
+                tuned = with_params(settings, method, params)
                 t0 = time.perf_counter()
+                sets = scorer.sets
                 model = APPROXIMATE_METHODS[method](
-                    original, scorer.sets.forget, scorer.sets.retain, c, seed=c.seed, threads=threads
+                    original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads, settings=tuned
                 )
                 seconds = time.perf_counter() - t0
                 row = scorer.row(method, scorer.probas(model_fn(model)), seconds)
@@ -141,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "command": " ".join(["python", "scripts/sweep_baselines.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),
-        "config": config_to_dict(cfg),
+        "config": {**config_to_dict(cfg), "evaluate": config_to_dict(settings)},
         "validation_samples": len(val),
         "grid": {m: {k: list(v) for k, v in axes.items()} for m, axes in grid.items()},
         "points": points,

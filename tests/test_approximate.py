@@ -19,7 +19,23 @@ from sisa.data.arrays import LabeledArrays
 from sisa.evaluate.approximate import APPROXIMATE_METHODS, finetune, gradient_ascent, prune, prune_mask
 from sisa.evaluate.metrics import accuracy, per_sample_loss
 from sisa.evaluate.monolithic import predict_proba, train_monolithic
+from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 from tests.conftest import blobs, small_config
+
+# The harness's settings of every test on the memorising problem (the config file's `evaluate:` section).
+SETTINGS = load_evaluate_config(
+    None,
+    [
+        "evaluate.gradient_ascent.epochs=5",
+        "evaluate.gradient_ascent.lr=0.01",
+        "evaluate.finetune.epochs=20",
+        "evaluate.finetune.lr=0.01",
+        "evaluate.prune.fraction=0.1",
+        "evaluate.prune.mode=zero",
+        "evaluate.prune.repair_epochs=5",
+        "evaluate.prune.lr=0.01",
+    ],
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +49,7 @@ def problem() -> tuple[SisaConfig, nn.Module, LabeledArrays, LabeledArrays]:
     ids = np.arange(600)
     forget = LabeledArrays(x=x[in_forget], y=y[in_forget], ids=ids[in_forget])
     retain = LabeledArrays(x=x[~in_forget], y=y[~in_forget], ids=ids[~in_forget])
-    cfg = small_config(
-        "model.hidden=[64]",
-        "train.epochs=100",
-        "train.lr=0.01",
-        "evaluate.gradient_ascent.epochs=5",
-        "evaluate.gradient_ascent.lr=0.01",
-        "evaluate.finetune.epochs=20",
-        "evaluate.finetune.lr=0.01",
-        "evaluate.prune.fraction=0.1",
-        "evaluate.prune.mode=zero",
-        "evaluate.prune.repair_epochs=5",
-        "evaluate.prune.lr=0.01",
-    )
+    cfg = small_config("model.hidden=[64]", "train.epochs=100", "train.lr=0.01")
     model, _ = train_monolithic(cfg, LabeledArrays(x=x, y=y, ids=ids), seed=0, threads=1)
     return cfg, model, forget, retain
 
@@ -98,7 +102,7 @@ def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(
     o_f_acc, o_f_loss, _ = _scores(model, forget, retain)
     rt_f_acc, rt_f_loss, rt_r_acc = retrain_scores
     before = _state(model)
-    out = APPROXIMATE_METHODS[method](model, forget, retain, cfg, seed=0, threads=1)
+    out = APPROXIMATE_METHODS[method](model, forget, retain, cfg, seed=0, threads=1, settings=SETTINGS)
     f_acc, f_loss, r_acc = _scores(out, forget, retain)
     assert o_f_acc > rt_f_acc and o_f_loss < rt_f_loss  # the premise (the test above)
     # The share of the way from the original to the retrain each method went (measured: forget
@@ -115,11 +119,12 @@ def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(
 @pytest.mark.kernels
 def test_methods_are_deterministic_and_seeded(problem: tuple) -> None:
     cfg, model, forget, retain = problem
-    a = _state(gradient_ascent(model, forget, retain, cfg, seed=3))
-    assert _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=3)))
-    assert not _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=4)))
+    a = _state(gradient_ascent(model, forget, retain, cfg, seed=3, settings=SETTINGS))
+    assert _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=3, settings=SETTINGS)))
+    assert not _same(a, _state(gradient_ascent(model, forget, retain, cfg, seed=4, settings=SETTINGS)))
     assert _same(
-        _state(finetune(model, forget, retain, cfg, seed=1)), _state(finetune(model, forget, retain, cfg, seed=1))
+        _state(finetune(model, forget, retain, cfg, seed=1, settings=SETTINGS)),
+        _state(finetune(model, forget, retain, cfg, seed=1, settings=SETTINGS)),
     )
 
 
@@ -136,13 +141,10 @@ def test_the_retain_descent_term_protects_the_retain_set() -> None:
     model, _ = train_monolithic(cfg, LabeledArrays(x=x, y=y, ids=ids), seed=0, threads=1)
 
     def ascended(retain_weight: float) -> float:
-        hp = dataclasses.replace(cfg.evaluate.gradient_ascent, epochs=20, lr=0.01, retain_weight=retain_weight)
+        defaults = EvaluateConfig()
+        hp = dataclasses.replace(defaults.gradient_ascent, epochs=20, lr=0.01, retain_weight=retain_weight)
         out = gradient_ascent(
-            model,
-            forget,
-            retain,
-            dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, gradient_ascent=hp)),
-            seed=0,
+            model, forget, retain, cfg, seed=0, settings=dataclasses.replace(defaults, gradient_ascent=hp)
         )
         return accuracy(predict_proba(out, retain.x), retain.y)
 
@@ -174,16 +176,14 @@ def test_prune_mask_takes_the_globally_most_salient_entries() -> None:
 
 def test_zero_pruning_keeps_pruned_weights_at_zero_through_the_repair(problem: tuple) -> None:
     cfg, model, forget, retain = problem
-    masks = prune_mask(model, forget, cfg.evaluate.prune.fraction)
-    out = prune(model, forget, retain, cfg, seed=0)
+    masks = prune_mask(model, forget, SETTINGS.prune.fraction)
+    out = prune(model, forget, retain, cfg, seed=0, settings=SETTINGS)
     params = dict(out.named_parameters())
     for name, mask in masks.items():
         assert (params[name][mask] == 0).all()
         assert (params[name][~mask] != 0).any()
-    reinit_cfg = dataclasses.replace(
-        cfg, evaluate=dataclasses.replace(cfg.evaluate, prune=dataclasses.replace(cfg.evaluate.prune, mode="reinit"))
-    )
-    re = dict(prune(model, forget, retain, reinit_cfg, seed=0).named_parameters())
+    reinit = dataclasses.replace(SETTINGS, prune=dataclasses.replace(SETTINGS.prune, mode="reinit"))
+    re = dict(prune(model, forget, retain, cfg, seed=0, settings=reinit).named_parameters())
     assert any((re[name][mask] != 0).any() for name, mask in masks.items())
 
 
@@ -192,12 +192,15 @@ def test_methods_leave_the_callers_random_stream_alone() -> None:
 
     Regression: ``prune`` (reinit) reseeded torch's global generator, and dropout drew from it.
     """
-    cfg = small_config(
-        "model.dropout=0.5",
-        "evaluate.gradient_ascent.epochs=1",
-        "evaluate.finetune.epochs=1",
-        "evaluate.prune.mode=reinit",
-        "evaluate.prune.repair_epochs=1",
+    cfg = small_config("model.dropout=0.5")
+    settings = load_evaluate_config(
+        None,
+        [
+            "evaluate.gradient_ascent.epochs=1",
+            "evaluate.finetune.epochs=1",
+            "evaluate.prune.mode=reinit",
+            "evaluate.prune.repair_epochs=1",
+        ],
     )
     x, y = blobs(n=60, d=12, classes=3, seed=1)
     ids = np.arange(60)
@@ -210,10 +213,10 @@ def test_methods_leave_the_callers_random_stream_alone() -> None:
     expected = torch.rand(4)
     for method in (gradient_ascent, finetune, prune):
         torch.manual_seed(1234)
-        first = method(model, forget, retain, cfg, seed=7, threads=1)
+        first = method(model, forget, retain, cfg, seed=7, threads=1, settings=settings)
         assert torch.equal(torch.rand(4), expected), method.__name__
         # Deterministic for its seed, whatever state the caller's generator is in.
         torch.manual_seed(99)
-        again = method(model, forget, retain, cfg, seed=7, threads=1)
+        again = method(model, forget, retain, cfg, seed=7, threads=1, settings=settings)
         for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
             assert torch.equal(a, b), method.__name__

@@ -28,6 +28,7 @@ from sisa.config.settings import config_from_dict, load_config
 from sisa.data.loaders import load_csv, load_idx, load_npz
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, ModelError, SisaError, StoreError
+from sisa.evaluate.settings import load_evaluate_config
 from tests.conftest import blobs, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -153,10 +154,6 @@ CONFIG_OVERRIDES = [
     pytest.param(["train.lr=-0.1"], "train.lr=-0.1 must be > 0", id="negative-lr"),
     pytest.param(["train.lr=.inf"], "train.lr=inf must be > 0 and finite", id="infinite-lr"),
     pytest.param(["train.lr=.nan"], "train.lr=nan must be > 0", id="nan-lr"),
-    pytest.param(
-        ["evaluate.finetune.lr=.inf"], "evaluate.finetune.lr=inf must be > 0 and finite", id="evaluate-infinite-lr"
-    ),
-    pytest.param(["evaluate.prune.lr=.nan"], "evaluate.prune.lr=nan must be > 0 and finite", id="evaluate-nan-lr"),
     pytest.param(["train.weight_decay=-1"], "train.weight_decay=-1.0 must be >= 0", id="negative-weight-decay"),
     pytest.param(["resources.cpus_per_shard=.inf"], "cpus_per_shard=inf must be > 0 and finite", id="infinite-cpus"),
     pytest.param(["shards=eight"], "shards must be an integer, got 'eight'", id="string-for-int"),
@@ -177,6 +174,22 @@ CONFIG_OVERRIDES = [
 def test_bad_config_value(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+# The `evaluate:` section belongs to the harness: sisa.evaluate.settings loads and checks it.
+EVALUATE_OVERRIDES = [
+    pytest.param(
+        ["evaluate.finetune.lr=.inf"], "evaluate.finetune.lr=inf must be > 0 and finite", id="evaluate-infinite-lr"
+    ),
+    pytest.param(["evaluate.prune.lr=.nan"], "evaluate.prune.lr=nan must be > 0 and finite", id="evaluate-nan-lr"),
+    pytest.param(["evaluate.mia_folds=three"], "evaluate.mia_folds must be an integer", id="evaluate-string-for-int"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), EVALUATE_OVERRIDES)
+def test_bad_evaluate_value(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_evaluate_config(None, overrides)
 
 
 CONFIG_FILES = [

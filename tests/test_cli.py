@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sisa.cli.main import main
 from tests.conftest import ROOT, store_digest
@@ -84,6 +85,57 @@ def test_errors_exit_non_zero_with_a_message(tmp_path: Path, capsys: pytest.Capt
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--store", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "overrides", "message"),
+    [
+        ({"mia_fold": 3}, [], "unknown config key(s) evaluate.mia_fold; allowed here: evaluate.retrain_seeds"),
+        ({"prune": {"mode": "melt"}}, [], "evaluate.prune.mode='melt' is not allowed"),
+        ({}, ["evaluate.newton.scop=full"], "unknown config key(s) evaluate.newton.scop"),
+    ],
+)
+def test_a_bad_evaluate_section_fails_train_and_evaluate_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], section: dict, overrides: list[str], message: str
+) -> None:
+    """`sisa.load_config` ignores the `evaluate:` section; the CLI checks it on every command reading the file."""
+    raw = yaml.safe_load(Path(TINY).read_text())
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**raw, "evaluate": section}))
+    store, out = tmp_path / "store", tmp_path / "out"
+    assert main(["train", "--config", str(path), "--store", str(store), *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not store.exists()
+    assert main(["evaluate", "--config", str(path), "--out", str(out), "--no-plot", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_takes_its_settings_from_the_file_and_dotted_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parse level only: the harness is replaced by a stub that records what it was given."""
+    from sisa.config.settings import load_config
+    from sisa.evaluate.settings import load_evaluate_config
+
+    seen: dict = {}
+
+    def stub(cfg, forgets, methods, out, *, address, progress, settings):  # noqa: ANN001, ANN202
+        seen.update(cfg=cfg, settings=settings)
+        Path(out).mkdir(parents=True)
+        return {"rows": [], "targets": {}}
+
+    monkeypatch.setattr("sisa.cli.evaluate.evaluate", stub)
+    fashion = ROOT / "configs" / "fashion_mnist.yaml"
+    argv = ["evaluate", "--config", str(fashion), "--out", str(tmp_path / "out"), "--no-plot", "--json"]
+    assert main([*argv, "evaluate.mia_folds=3", "evaluate.newton={scope: full}", "shards=2"]) == 0
+    capsys.readouterr()
+    assert seen["settings"].mia_folds == 3 and seen["settings"].newton.scope == "full"
+    # The rest of the file's evaluate: section, and the ensemble settings apart from it.
+    file_settings = load_evaluate_config(fashion)
+    assert seen["settings"].retrain_seeds == file_settings.retrain_seeds
+    assert seen["settings"].prune == file_settings.prune
+    assert seen["cfg"] == load_config(fashion, ["shards=2"])
 
 
 @needs_fashion

@@ -16,6 +16,7 @@ from sisa.config.settings import (
 )
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
+from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 from tests.conftest import store_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,16 +103,64 @@ def test_recipe_digest_tracks_training_settings_only() -> None:
         ("evaluate.unknown=1", "unknown config key(s) evaluate.unknown"),
     ],
 )
-def test_evaluate_section_is_validated(override: str, message: str) -> None:
+def test_evaluate_section_is_validated_by_the_evaluate_layer(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_evaluate_config(None, [override])
     assert message in str(err.value)
+    # sisa.load_config sets the section aside unread (the CLI checks it: tests/test_cli.py).
+    assert load_config(None, [override]) == SisaConfig()
 
 
-def test_evaluate_section_does_not_change_the_recipe() -> None:
-    base = load_config(None)
-    tuned = load_config(None, ["evaluate.finetune.epochs=7", "evaluate.retrain_seeds=4"])
-    assert tuned.evaluate.finetune.epochs == 7 and tuned.recipe_digest() == base.recipe_digest()
+def test_evaluate_section_is_not_part_of_the_ensemble_config() -> None:
+    """The harness's settings stay out of SisaConfig: out of a store's meta, of every Ray task, of the recipe."""
+    path = ROOT / "configs/fashion_mnist.yaml"
+    cfg = load_config(path, ["evaluate.finetune.epochs=7", "evaluate.retrain_seeds=4"])
+    assert not hasattr(cfg, "evaluate") and "evaluate" not in config_to_dict(cfg)
+    assert not any(name.startswith("evaluate.") for name in FIELD_ROLES)
+    assert cfg == load_config(path)
+    # The same file and overrides give the harness its settings.
+    settings = load_evaluate_config(path, ["evaluate.finetune.epochs=7", "evaluate.retrain_seeds=4"])
+    assert (settings.finetune.epochs, settings.retrain_seeds) == (7, 4)
+    assert settings.mia_folds == load_evaluate_config(path).mia_folds
+
+
+def test_recipe_digest_is_unchanged_by_moving_the_evaluate_section() -> None:
+    """Computed with the code before `evaluate` left SisaConfig: every stored checkpoint key still matches."""
+    cfg = load_config(ROOT / "configs/fashion_mnist.yaml")
+    assert cfg.recipe_digest() == "cc2f3fcc5e8743ea5f04a265da9a6eeb6a792ca55c571af21ccb6484319b9d25"
+
+
+def test_a_typo_at_the_top_level_is_still_refused_beside_an_evaluate_section() -> None:
+    raw = {**config_to_dict(SisaConfig()), "evaluate": {"mia_folds": 3}, "evaluat": {"mia_folds": 3}}
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) evaluat; allowed here: seed"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) evaluate\.mia_fold; allowed here"):
+        load_evaluate_config({"evaluate": {"mia_fold": 3}})
+    with pytest.raises(ConfigError, match="evaluate must be a mapping of keys, got 3"):
+        load_evaluate_config(None, ["evaluate=3"])
+
+
+def test_every_override_spelling_reaches_the_evaluate_section() -> None:
+    assert load_evaluate_config(None, ["evaluate.mia_folds=3"]).mia_folds == 3
+    assert load_evaluate_config(None, ["evaluate={mia_folds: 3, newton: {scope: full}}"]).newton.scope == "full"
+    assert load_evaluate_config(None, ["evaluate.newton={l2: 0.5}"]).newton.l2 == 0.5
+    assert load_evaluate_config({"evaluate": {"threads": 2}}, ["shards=2"]) == EvaluateConfig(threads=2)
+    assert load_evaluate_config(None) == EvaluateConfig()
+
+
+def test_a_store_whose_stored_config_holds_an_evaluate_section_still_opens(tmp_path: Path) -> None:
+    """Stores written while SisaConfig had an `evaluate` field keep it in their meta; they open as before."""
+    cfg = load_config(None, ["shards=2", "slices=2"])
+    with Ensemble.create(tmp_path / "st", cfg) as ens:
+        old = {**config_to_dict(cfg), "evaluate": {**config_to_dict(EvaluateConfig()), "mia_folds": 3}}
+        ens.store.write(lambda txn: ens.store.put_meta(txn, config=old))
+    with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
+        assert reopened.store.meta()["config"]["evaluate"]["mia_folds"] == 3  # the old meta, as written
+        assert reopened.config == cfg and reopened.config.recipe_digest() == cfg.recipe_digest()
+    with Ensemble.open(tmp_path / "st") as ens:
+        ens.reconfigure(load_config(None, ["shards=2", "slices=2", "train.lr=0.01"]))
+    with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
+        assert "evaluate" not in reopened.store.meta()["config"]  # a rewrite drops it
 
 
 # For every config field: (overrides of the base, overrides giving the field another value). A field
@@ -163,27 +212,6 @@ OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "resources.max_shards_in_flight": ([], ["resources.max_shards_in_flight=1"]),
     "resources.cpu_isa": ([], ["resources.cpu_isa=baseline"]),
     "resources.on_missing_domain": ([], ["resources.on_missing_domain=refuse"]),
-    "evaluate.retrain_seeds": ([], ["evaluate.retrain_seeds=3"]),
-    "evaluate.mia_folds": ([], ["evaluate.mia_folds=3"]),
-    "evaluate.mia_samples": ([], ["evaluate.mia_samples=100"]),
-    "evaluate.threads": ([], ["evaluate.threads=1"]),
-    "evaluate.gradient_ascent.epochs": ([], ["evaluate.gradient_ascent.epochs=2"]),
-    "evaluate.gradient_ascent.lr": ([], ["evaluate.gradient_ascent.lr=0.1"]),
-    "evaluate.gradient_ascent.retain_weight": ([], ["evaluate.gradient_ascent.retain_weight=0"]),
-    "evaluate.gradient_ascent.batch_size": ([], ["evaluate.gradient_ascent.batch_size=8"]),
-    "evaluate.finetune.epochs": ([], ["evaluate.finetune.epochs=3"]),
-    "evaluate.finetune.lr": ([], ["evaluate.finetune.lr=0.1"]),
-    "evaluate.finetune.batch_size": ([], ["evaluate.finetune.batch_size=8"]),
-    "evaluate.prune.fraction": ([], ["evaluate.prune.fraction=0.5"]),
-    "evaluate.prune.mode": ([], ["evaluate.prune.mode=zero"]),
-    "evaluate.prune.repair_epochs": ([], ["evaluate.prune.repair_epochs=2"]),
-    "evaluate.prune.lr": ([], ["evaluate.prune.lr=0.1"]),
-    "evaluate.prune.batch_size": ([], ["evaluate.prune.batch_size=8"]),
-    "evaluate.newton.scope": ([], ["evaluate.newton.scope=full"]),
-    "evaluate.newton.l2": ([], ["evaluate.newton.l2=0.1"]),
-    "evaluate.newton.damping": ([], ["evaluate.newton.damping=0.1"]),
-    "evaluate.newton.cg_iters": ([], ["evaluate.newton.cg_iters=5"]),
-    "evaluate.newton.batch_size": ([], ["evaluate.newton.batch_size=8"]),
 }
 
 

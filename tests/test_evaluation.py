@@ -5,14 +5,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from sisa.cli.main import main
-from sisa.config.settings import SisaConfig
+from sisa.config.settings import SisaConfig, config_to_dict
 from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.evaluate.harness import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
-from tests.conftest import blobs, small_config, write_config
+from sisa.evaluate.settings import load_evaluate_config
+from tests.conftest import blobs, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -60,14 +62,19 @@ def blob_config(tmp_path_factory: pytest.TempPathFactory) -> SisaConfig:
         "data.dataset=npz",
         f"data.train={root / 'train.npz'}",
         f"data.test={root / 'test.npz'}",
-        "evaluate.retrain_seeds=3",
-        "evaluate.threads=1",
     )
+
+
+# The harness's settings on the blobs (the `evaluate:` section of the config file).
+BLOB_EVALUATE = {"retrain_seeds": 3, "threads": 1}
 
 
 @pytest.mark.kernels
 def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfig, tmp_path: Path) -> None:
-    result = evaluate(blob_config, [ForgetSpec("random", 0.1), ForgetSpec("class", 1)], METHODS, tmp_path)
+    settings = load_evaluate_config({"evaluate": BLOB_EVALUATE})
+    result = evaluate(
+        blob_config, [ForgetSpec("random", 0.1), ForgetSpec("class", 1)], METHODS, tmp_path, settings=settings
+    )
     rows = {(r["forget"], r["method"]): r for r in result["rows"]}
     names = ("retrain", "original", "sisa", "gradient_ascent", "finetune", "prune", "newton")
     assert [r["method"] for r in result["rows"]] == [*names, *names]
@@ -106,7 +113,9 @@ def test_evaluate_scores_every_method_against_the_retrain(blob_config: SisaConfi
 def test_cli_writes_table_json_and_png(
     blob_config: SisaConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg_file = write_config(blob_config, tmp_path / "cfg.yaml")
+    # One file, as users write it: the ensemble's settings and the harness's `evaluate:` section.
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({**config_to_dict(blob_config), "evaluate": BLOB_EVALUATE}))
     out = tmp_path / "out"
     argv = [
         "evaluate",
@@ -124,10 +133,12 @@ def test_cli_writes_table_json_and_png(
     assert "MIA AUC" in text and "finetune" in text and "sisa" not in text.split("wrote")[0]
     saved = json.loads((out / "evaluation.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["retrain", "original", "finetune"]
+    assert len(saved["rows"][0]["extra"]["seeds"]) == 3  # the file's evaluate.retrain_seeds
     assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*argv, "--json", "--no-plot", "evaluate.finetune.epochs=2"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["config"]["evaluate"]["finetune"]["epochs"] == 2 and "plot" not in again
+    assert again["config"]["evaluate"]["retrain_seeds"] == 3 and again["config"]["shards"] == blob_config.shards
 
 
 def test_cli_rejects_bad_requests_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

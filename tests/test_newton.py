@@ -21,14 +21,16 @@ from sisa.errors import ConfigError
 from sisa.evaluate.approximate import newton
 from sisa.evaluate.metrics import accuracy, per_sample_loss
 from sisa.evaluate.monolithic import predict_proba, train_monolithic
+from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 from tests.conftest import blobs, small_config
 
 L2 = 1e-2
 
 
-def _with_newton(cfg: SisaConfig, **settings: object) -> SisaConfig:
-    hp = dataclasses.replace(cfg.evaluate.newton, **settings)
-    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, newton=hp))
+def _with_newton(**settings: object) -> EvaluateConfig:
+    """The harness's default settings with ``newton`` fields replaced."""
+    defaults = EvaluateConfig()
+    return dataclasses.replace(defaults, newton=dataclasses.replace(defaults.newton, **settings))
 
 
 def _split(x: np.ndarray, y: np.ndarray, forget_rows: np.ndarray) -> tuple[LabeledArrays, LabeledArrays]:
@@ -74,8 +76,7 @@ def test_newton_on_a_convex_model_lands_on_the_retrained_optimum() -> None:
     everything = LabeledArrays(x=x, y=y, ids=np.arange(300))
     original = nn.Sequential(_optimum(everything, 3))
     retrained = _flat(_optimum(retain, 3))
-    cfg = _with_newton(small_config(), scope="head", l2=L2)
-    out = newton(original, forget, retain, cfg, seed=0)
+    out = newton(original, forget, retain, small_config(), seed=0, settings=_with_newton(scope="head", l2=L2))
     before = float((_flat(original) - retrained).norm())
     after = float((_flat(out) - retrained).norm())
     report = out.unlearning_report
@@ -107,7 +108,7 @@ def memorised() -> tuple[SisaConfig, nn.Module, LabeledArrays, LabeledArrays]:
 def test_newton_moves_a_network_towards_forgetting(memorised: tuple, scope: str) -> None:
     cfg, model, forget, retain = memorised
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = newton(model, forget, retain, _with_newton(cfg, scope=scope), seed=0)
+    out = newton(model, forget, retain, cfg, seed=0, settings=_with_newton(scope=scope))
 
     def scores(m: nn.Module) -> tuple[float, float]:
         return (
@@ -140,7 +141,7 @@ def test_newton_moves_a_network_towards_forgetting(memorised: tuple, scope: str)
 )
 def test_bad_newton_settings_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        small_config(override)
+        load_evaluate_config(None, [override])
     assert message in str(err.value)
 
 
@@ -154,7 +155,8 @@ def test_head_scope_refuses_a_model_whose_output_is_not_its_last_linear() -> Non
 
 @pytest.mark.parametrize("scope", ["head", "full"])
 def test_newton_leaves_the_callers_random_stream_alone(scope: str) -> None:
-    cfg = _with_newton(small_config("model.dropout=0.5"), scope=scope, cg_iters=3)
+    cfg = small_config("model.dropout=0.5")
+    settings = _with_newton(scope=scope, cg_iters=3)
     x, y = blobs(n=60, d=12, classes=3, seed=1)
     forget, retain = _split(x, y, np.arange(10))
     model, _ = train_monolithic(
@@ -163,9 +165,9 @@ def test_newton_leaves_the_callers_random_stream_alone(scope: str) -> None:
     torch.manual_seed(1234)
     expected = torch.rand(4)
     torch.manual_seed(1234)
-    first = newton(model, forget, retain, cfg, seed=7, threads=1)
+    first = newton(model, forget, retain, cfg, seed=7, threads=1, settings=settings)
     assert torch.equal(torch.rand(4), expected)
     torch.manual_seed(99)
-    again = newton(model, forget, retain, cfg, seed=7, threads=1)
+    again = newton(model, forget, retain, cfg, seed=7, threads=1, settings=settings)
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)

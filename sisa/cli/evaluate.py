@@ -16,6 +16,7 @@ from sisa.config.settings import load_config
 from sisa.evaluate.approximate import APPROXIMATE_METHODS
 from sisa.evaluate.harness import METHODS, ForgetSpec, evaluate, parse_forget, parse_methods, split_forgets
 from sisa.evaluate.plot import plot_evaluation, require_matplotlib
+from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 
 __all__ = ["cmd_evaluate", "format_rows", "format_targets", "register"]
 
@@ -111,7 +112,7 @@ def format_targets(targets: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _steps(cfg: Any, forgets: list[ForgetSpec], methods: tuple[str, ...]) -> int:
+def _steps(settings: EvaluateConfig, forgets: list[ForgetSpec], methods: tuple[str, ...]) -> int:
     """Progress steps: per training group an original (and a SISA base); per spec its retrains and methods."""
     approximate = sum(m in APPROXIMATE_METHODS for m in methods)
     sisa = "sisa" in methods
@@ -119,18 +120,20 @@ def _steps(cfg: Any, forgets: list[ForgetSpec], methods: tuple[str, ...]) -> int
     groups = len(scenarios) + (len(scenarios) < len(forgets))
     unpoisoned = sum(sc["found"] < 1 for sc in scenarios)  # found=1 reuses the first retrain
     verify = sisa * len(scenarios)
-    return groups * (1 + sisa) + unpoisoned + verify + len(forgets) * (cfg.evaluate.retrain_seeds + sisa + approximate)
+    return groups * (1 + sisa) + unpoisoned + verify + len(forgets) * (settings.retrain_seeds + sisa + approximate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation grid; print the table and write the JSON and PNG."""
+    # One file, two layers: the ensemble's settings, and the harness's own `evaluate:` section.
     cfg = load_config(args.config, args.overrides)
+    settings = load_evaluate_config(args.config, args.overrides)
     forgets = [parse_forget(part) for text in (args.forget or ["random:0.01"]) for part in split_forgets(text)]
     methods = parse_methods(args.methods)
     if not args.no_plot:
         require_matplotlib()
     out = Path(args.out)
-    bar = progress_bar(_steps(cfg, forgets, methods), "evaluating", unit="step") if not args.json else None
+    bar = progress_bar(_steps(settings, forgets, methods), "evaluating", unit="step") if not args.json else None
 
     def progress(message: str) -> None:
         if bar is not None:
@@ -138,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
 
     try:
-        result = evaluate(cfg, forgets, methods, out, address=args.address, progress=progress)
+        result = evaluate(cfg, forgets, methods, out, address=args.address, progress=progress, settings=settings)
     finally:
         if bar is not None:
             bar.close()

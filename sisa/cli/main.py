@@ -32,7 +32,9 @@ from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, l
 from sisa.data.loaders import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, SisaError
+from sisa.evaluate.settings import load_evaluate_config
 from sisa.partition.placement import check_shard_sizes, place
+from sisa.store.ingest import number_after_stored
 from sisa.train.domain import DOMAIN_FIX, missing_reason
 from sisa.train.models import build_model
 
@@ -54,7 +56,7 @@ class VerificationError(Exception):
 
 
 def _int_id(text: str) -> int:
-    from sisa.unlearn.requests import parse_id
+    from sisa.unlearn.ids import parse_id
 
     try:
         return parse_id(text)
@@ -92,6 +94,21 @@ def _print_eval(result: dict[str, Any]) -> None:
     print(table(["model", "test accuracy"], rows))
 
 
+def _load_config(path: str | None, overrides: Sequence[str], stored: SisaConfig | None = None) -> SisaConfig:
+    """The config of ``path`` (or else of ``stored``) with ``overrides``, checking the ``evaluate:`` section too.
+
+    ``load_config`` ignores that section (only ``sisa evaluate`` reads it); checking it here makes a
+    typo in it, or in an ``evaluate.*`` override, fail every command at once rather than at the next evaluate.
+    """
+    if not path and stored is not None:
+        cfg = config_from_dict(config_to_dict(stored), overrides)
+        load_evaluate_config(None, overrides)
+    else:
+        cfg = load_config(path, overrides)
+        load_evaluate_config(path, overrides)
+    return cfg
+
+
 def _preflight(cfg: SisaConfig, shape: tuple[int, ...], train: LabeledArrays | None) -> None:
     """Refuse, before anything is written, what training would refuse later.
 
@@ -121,11 +138,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             cfg = ens.config
             if args.config or args.overrides:
                 # Overrides apply on top of the given file, or else on top of the stored config.
-                cfg = (
-                    load_config(args.config, args.overrides)
-                    if args.config
-                    else config_from_dict(config_to_dict(ens.config), args.overrides)
-                )
+                cfg = _load_config(args.config, args.overrides, ens.config)
             shape = ens.feature_shape
             if shape is None:  # created, never ingested
                 train = load_split(cfg.data, "train")
@@ -140,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             ens.close()
             raise
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load_config(args.config, args.overrides)
         train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
         _preflight(cfg, train.feature_shape, train)
         # Join the cluster before the store exists: a wrong address or token leaves nothing behind.
@@ -304,7 +317,7 @@ def _print_certificate(cert: dict[str, Any]) -> None:
 
 def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
     """Forget samples by id: journal, retrain affected shards, erase, certify."""
-    from sisa.unlearn.requests import read_ids_file
+    from sisa.unlearn.ids import read_ids_file
 
     if (args.ids is None) == (args.ids_file is None):
         raise DataError("give the ids to delete with exactly one of --ids ID [ID ...] or --ids-file FILE")
@@ -480,7 +493,7 @@ def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
         data = load_input(args, ens.config)
         numbered = data.numbered
         if numbered:
-            data = ens.number_after_stored(data)
+            data = number_after_stored(ens.store, data)
         bar, tick = _stage_bar(args, "training")
         report = ens.add(data, progress=tick)
         if bar is not None:
@@ -521,7 +534,7 @@ def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
                     shards.setdefault(live["domain"]["id"], []).append(shard)
                     records[live["domain"]["id"]] = live["domain"]
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load_config(args.config, args.overrides)
     res = cfg.resources
     found = orchestrator.available_domains(args.address, res)
     have = {d.domain.id for d in found}

@@ -2,7 +2,10 @@
 
 Every section validates itself in ``__post_init__`` and says how to fix a bad value;
 unknown keys are rejected with the list of allowed ones, so a typo never silently
-falls back to a default.
+falls back to a default. A config file may also hold sections of higher layers
+(:data:`OTHER_SECTIONS`: ``evaluate``), which :func:`config_from_dict` sets aside for
+them; :func:`build_config`, :func:`config_tree` and :func:`read_config_file` are the
+pieces those layers load their own sections with.
 """
 
 from __future__ import annotations
@@ -24,27 +27,29 @@ from sisa.config.rules import choice as _choice
 from sisa.config.rules import load_yaml as _load_yaml
 from sisa.config.rules import require as _require
 from sisa.errors import ConfigError
-from sisa.evaluate.settings import EvaluateConfig
 
 __all__ = [
     "FIELD_ROLES",
     "FIXED",
     "FREE",
+    "OTHER_SECTIONS",
     "RECIPE",
     "AggregateConfig",
     "DataConfig",
-    "EvaluateConfig",
     "ModelConfig",
     "PartitionConfig",
     "ResourcesConfig",
     "SisaConfig",
     "TrainConfig",
     "UnlearnConfig",
+    "build_config",
     "config_fields",
     "config_from_dict",
     "config_to_dict",
+    "config_tree",
     "fixed_changes",
     "load_config",
+    "read_config_file",
 ]
 
 DATASETS = ("fashion-mnist", "npz", "csv", "idx")
@@ -62,6 +67,10 @@ MISSING_DOMAIN_ACTIONS = ("rebind", "refuse")
 # kernels); the others pin ATen, MKL and oneDNN (sisa.train.domain holds the switches).
 CPU_ISAS = ("native", "avx2", "baseline")
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+# Top-level sections of a config file that belong to a higher layer, not to SisaConfig: the loader sets
+# them aside unread (that layer loads and validates them), so they never reach a store or a shard task.
+# `evaluate`: the harness's settings, sisa.evaluate.settings.load_evaluate_config.
+OTHER_SECTIONS = ("evaluate",)
 
 
 @dataclass(frozen=True)
@@ -402,7 +411,6 @@ class SisaConfig:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
@@ -493,28 +501,6 @@ FIELD_ROLES: dict[str, str] = {
     "resources.max_shards_in_flight": FREE,
     "resources.cpu_isa": RECIPE,
     "resources.on_missing_domain": FREE,
-    # read only by `sisa evaluate`, which trains its own models and never a store's
-    "evaluate.retrain_seeds": FREE,
-    "evaluate.mia_folds": FREE,
-    "evaluate.mia_samples": FREE,
-    "evaluate.threads": FREE,
-    "evaluate.gradient_ascent.epochs": FREE,
-    "evaluate.gradient_ascent.lr": FREE,
-    "evaluate.gradient_ascent.retain_weight": FREE,
-    "evaluate.gradient_ascent.batch_size": FREE,
-    "evaluate.finetune.epochs": FREE,
-    "evaluate.finetune.lr": FREE,
-    "evaluate.finetune.batch_size": FREE,
-    "evaluate.prune.fraction": FREE,
-    "evaluate.prune.mode": FREE,
-    "evaluate.prune.repair_epochs": FREE,
-    "evaluate.prune.lr": FREE,
-    "evaluate.prune.batch_size": FREE,
-    "evaluate.newton.scope": FREE,
-    "evaluate.newton.l2": FREE,
-    "evaluate.newton.damping": FREE,
-    "evaluate.newton.cg_iters": FREE,
-    "evaluate.newton.batch_size": FREE,
 }
 
 
@@ -557,7 +543,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
-        return _build(hint, value, where + ".")  # type: ignore[arg-type]
+        return build_config(hint, value, where + ".")  # type: ignore[arg-type]
     if origin is tuple:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
@@ -587,7 +573,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[T], raw: Mapping[str, Any], prefix: str = "") -> T:
+def build_config(cls: type[T], raw: Mapping[str, Any], prefix: str = "") -> T:
+    """Build and validate a config dataclass (sections nested) from a mapping of plain data.
+
+    Other layers build their own sections with it (``sisa.evaluate.settings``), so every
+    config is checked the same way.
+
+    Args:
+        cls: The frozen dataclass.
+        raw: Its keys, as found in a YAML file; missing keys take the defaults.
+        prefix: Dotted path of ``raw`` in the file (``"evaluate."``), for the messages.
+
+    Returns:
+        The validated instance.
+
+    Raises:
+        ConfigError: On unknown keys (with the allowed ones), wrong types, or values out of range.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(names))
@@ -623,18 +625,18 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> SisaConfig:
-    """Build a validated :class:`SisaConfig` from a nested mapping.
+def config_tree(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A deep copy of a whole config mapping as plain data, with dotted overrides applied; nothing validated.
 
     Args:
         raw: Nested mapping as found in a YAML file.
         overrides: Dotted ``key=value`` strings applied on top, values parsed as YAML.
 
     Returns:
-        The frozen config.
+        The new tree (``raw`` is not changed).
 
     Raises:
-        ConfigError: On unknown keys, wrong types, or values out of range.
+        ConfigError: If ``raw`` is not a mapping of plain data, or an override is malformed.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of keys (as in a YAML file), got {type(raw).__name__}")
@@ -646,7 +648,30 @@ def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> S
         ) from exc
     for override in overrides:
         _apply_override(tree, override)
-    return _build(SisaConfig, tree)
+    return tree
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> SisaConfig:
+    """Build a validated :class:`SisaConfig` from a nested mapping.
+
+    A top-level key of :data:`OTHER_SECTIONS` (``evaluate``) is set aside unread and unchecked:
+    it belongs to a higher layer, which validates it itself. Any other unknown key is refused.
+    So a stored config from before ``evaluate`` left :class:`SisaConfig` still loads.
+
+    Args:
+        raw: Nested mapping as found in a YAML file.
+        overrides: Dotted ``key=value`` strings applied on top, values parsed as YAML.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        ConfigError: On unknown keys, wrong types, or values out of range.
+    """
+    tree = config_tree(raw, overrides)
+    for name in OTHER_SECTIONS:
+        tree.pop(name, None)
+    return build_config(SisaConfig, tree)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -655,8 +680,36 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return typing.cast(dict[str, Any], json.loads(json.dumps(out)))
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file, unvalidated (``{}`` for ``None`` or an empty file).
+
+    Raises:
+        ConfigError: If the file is missing, not UTF-8, not YAML, or not a mapping at the top level.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"config file {p} {what}; pass an existing YAML file")
+    try:
+        raw = _load_yaml(p.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({exc}); pass a YAML file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return dict(raw)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SisaConfig:
     """Load a YAML config file and apply dotted overrides.
+
+    The file's ``evaluate:`` section (and an ``evaluate.*`` override) is not part of
+    :class:`SisaConfig` and is ignored here, unchecked: only ``sisa evaluate`` reads it, through
+    :func:`sisa.evaluate.settings.load_evaluate_config`. (The ``sisa`` command line checks it on
+    every command that reads a config file, so a typo there still fails fast.)
 
     Args:
         path: YAML file; ``None`` starts from the defaults.
@@ -668,18 +721,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: If the file is missing, not YAML, or holds bad keys or values.
     """
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            what = "is a directory, not a file" if p.is_dir() else "does not exist"
-            raise ConfigError(f"config file {p} {what}; pass an existing YAML file")
-        try:
-            raw = _load_yaml(p.read_text()) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {p} is not UTF-8 text ({exc}); pass a YAML file") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return config_from_dict(raw, overrides)
+    return config_from_dict(read_config_file(path), overrides)

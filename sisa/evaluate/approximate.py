@@ -25,7 +25,7 @@ from torch import nn
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.evaluate.newton import full_step, head_features, head_step, last_linear
-from sisa.evaluate.settings import FinetuneConfig, GradientAscentConfig, NewtonConfig, PruneConfig
+from sisa.evaluate.settings import EvaluateConfig, FinetuneConfig, GradientAscentConfig, NewtonConfig, PruneConfig
 from sisa.train.models import build_model
 from sisa.train.trainer import autocast, deterministic, make_optimizer, train_epochs
 
@@ -69,6 +69,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _settings(settings: EvaluateConfig | None) -> EvaluateConfig:
+    """The harness's settings, or the defaults."""
+    return settings if settings is not None else EvaluateConfig()
+
+
 def gradient_ascent(
     model: nn.Module,
     forget: LabeledArrays,
@@ -77,6 +82,7 @@ def gradient_ascent(
     *,
     seed: int,
     threads: int = 1,
+    settings: EvaluateConfig | None = None,
 ) -> nn.Module:
     """Ascend the cross-entropy on the forget set, optionally descending it on retain batches.
 
@@ -87,15 +93,16 @@ def gradient_ascent(
         model: The model trained on everything (not modified).
         forget: Samples to forget.
         retain: The rest of the training data.
-        cfg: Ensemble config; ``cfg.evaluate.gradient_ascent`` holds the hyperparameters
-            and ``cfg.train`` the optimizer kind.
+        cfg: Ensemble config; ``cfg.train`` gives the optimizer kind and precision.
         seed: Seed of batch order and retain draws.
         threads: Torch threads.
+        settings: The harness's settings; their ``gradient_ascent`` section holds the
+            hyperparameters (``None``: the defaults).
 
     Returns:
         The unlearned copy, in eval mode.
     """
-    hp: GradientAscentConfig = cfg.evaluate.gradient_ascent
+    hp: GradientAscentConfig = _settings(settings).gradient_ascent
     out = copy.deepcopy(model)
     device = _device(out)
     loss_fn = nn.CrossEntropyLoss()
@@ -140,6 +147,7 @@ def finetune(
     *,
     seed: int,
     threads: int = 1,
+    settings: EvaluateConfig | None = None,
 ) -> nn.Module:
     """Keep training on the retain set only, so the forget set's traces are overwritten.
 
@@ -148,14 +156,16 @@ def finetune(
         forget: Unused (fine-tuning never looks at the forget set); kept so every
             method has the same signature.
         retain: The training data without the forget set.
-        cfg: Ensemble config; ``cfg.evaluate.finetune`` holds the hyperparameters.
+        cfg: Ensemble config; ``cfg.train`` gives the optimizer kind and precision.
         seed: Seed of batch order.
         threads: Torch threads.
+        settings: The harness's settings; their ``finetune`` section holds the
+            hyperparameters (``None``: the defaults).
 
     Returns:
         The fine-tuned copy, in eval mode.
     """
-    hp: FinetuneConfig = cfg.evaluate.finetune
+    hp: FinetuneConfig = _settings(settings).finetune
     out = copy.deepcopy(model)
     with _own_rng(seed, _device(out)), deterministic(threads, _device(out)):
         _descend(out, retain, cfg, epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
@@ -212,6 +222,7 @@ def prune(
     *,
     seed: int,
     threads: int = 1,
+    settings: EvaluateConfig | None = None,
 ) -> nn.Module:
     """Prune the forget set's most salient weights, then repair on the retain set.
 
@@ -224,14 +235,17 @@ def prune(
         model: The model trained on everything (not modified).
         forget: Samples to forget.
         retain: The rest of the training data.
-        cfg: Ensemble config; ``cfg.evaluate.prune`` holds the hyperparameters.
+        cfg: Ensemble config; ``cfg.model`` builds the fresh weights, ``cfg.train`` gives
+            the repair's optimizer kind and precision.
         seed: Seed of the re-initialisation and the repair's batch order.
         threads: Torch threads.
+        settings: The harness's settings; their ``prune`` section holds the
+            hyperparameters (``None``: the defaults).
 
     Returns:
         The pruned and repaired copy, in eval mode.
     """
-    hp: PruneConfig = cfg.evaluate.prune
+    hp: PruneConfig = _settings(settings).prune
     out = copy.deepcopy(model)
     device = _device(out)
     with _own_rng(seed, device), deterministic(threads, device):
@@ -271,6 +285,7 @@ def newton(
     *,
     seed: int,
     threads: int = 1,
+    settings: EvaluateConfig | None = None,
 ) -> nn.Module:
     """One Newton step from the model towards the L2-regularised optimum without the forget set.
 
@@ -287,9 +302,11 @@ def newton(
         model: The model trained on everything (not modified).
         forget: Samples to forget.
         retain: The rest of the training data.
-        cfg: Ensemble config; ``cfg.evaluate.newton`` holds the settings.
+        cfg: Ensemble config (unused by the step; kept so every method has the same signature).
         seed: Seed of torch's generators during the step (the step itself draws nothing).
         threads: Torch threads.
+        settings: The harness's settings; their ``newton`` section holds the step's
+            settings (``None``: the defaults).
 
     Returns:
         The updated copy, in eval mode.
@@ -299,7 +316,7 @@ def newton(
             ``nn.Linear``'s.
         TrainingError: If the head's Hessian is not positive definite.
     """
-    hp: NewtonConfig = cfg.evaluate.newton
+    hp: NewtonConfig = _settings(settings).newton
     out = copy.deepcopy(model).eval()  # the deployed function: no dropout noise in the Hessian
     device = _device(out)
     with _own_rng(seed, device), deterministic(threads, device):
@@ -339,7 +356,7 @@ def newton(
     return out.eval()
 
 
-# Method name -> function; all take (model, forget, retain, cfg, *, seed, threads).
+# Method name -> function; all take (model, forget, retain, cfg, *, seed, threads, settings).
 APPROXIMATE_METHODS: dict[str, Callable[..., nn.Module]] = {
     "gradient_ascent": gradient_ascent,
     "finetune": finetune,

@@ -29,6 +29,7 @@ from sisa.evaluate.approximate import APPROXIMATE_METHODS, REPORT_ATTRIBUTE
 from sisa.evaluate.metrics import accuracy, kl_divergence, membership_inference, per_sample_loss
 from sisa.evaluate.monolithic import predict_proba, train_monolithic, usable_threads
 from sisa.evaluate.scenarios import SCENARIO_KINDS, Scenario, attack_set, parse_scenario, poison
+from sisa.evaluate.settings import EvaluateConfig
 
 __all__ = [
     "METHODS",
@@ -267,10 +268,11 @@ class Scorer:
     :meth:`row` measures KL against them.
     """
 
-    def __init__(self, sets: EvalSets, cfg: SisaConfig) -> None:
-        """Score on ``sets`` with ``cfg.evaluate``'s attack settings."""
+    def __init__(self, sets: EvalSets, cfg: SisaConfig, settings: EvaluateConfig | None = None) -> None:
+        """Score on ``sets`` with the attack settings of ``settings`` (default: :class:`EvaluateConfig`'s)."""
         self.sets = sets
         self.cfg = cfg
+        self.settings = settings if settings is not None else EvaluateConfig()
         self.ref_forget: np.ndarray | None = None
         self.ref_test: np.ndarray | None = None
         # The monolithic model trained on everything, for SISA's family-gap reference.
@@ -297,7 +299,7 @@ class Scorer:
         Returns:
             The row.
         """
-        s, ev = self.sets, self.cfg.evaluate
+        s, ev = self.sets, self.settings
         mia = membership_inference(
             per_sample_loss(p["forget"], s.forget.y),
             per_sample_loss(p["heldout"], s.heldout.y),
@@ -330,6 +332,8 @@ def model_fn(model: nn.Module) -> ProbaFn:
 def retrain_reference(scorer: Scorer, cfg: SisaConfig, threads: int, say: Callable[[str], None]) -> MethodRow:
     """Train the retrains of ``scorer``'s forget set and set the first as its KL reference.
 
+    ``scorer.settings.retrain_seeds`` retrains, seeds ``cfg.seed`` on.
+
     Returns:
         The summary ``retrain`` row (means over seeds, KL = seed-to-seed floor).
     """
@@ -340,7 +344,7 @@ def _retrain_rows(scorer: Scorer, cfg: SisaConfig, threads: int, say: Callable[[
     """Train the retrains (first = reference), returning one row per seed."""
     rows = []
     sets = scorer.sets
-    for k in range(cfg.evaluate.retrain_seeds):
+    for k in range(scorer.settings.retrain_seeds):
         say(f"{sets.spec.name}: retrain seed {cfg.seed + k} on {len(sets.retain)} samples")
         model, seconds = train_monolithic(cfg, sets.retain, seed=cfg.seed + k, threads=threads)
         p = scorer.probas(model_fn(model))
@@ -459,6 +463,7 @@ def evaluate(
     *,
     address: str | None = None,
     progress: Callable[[str], None] | None = None,
+    settings: EvaluateConfig | None = None,
 ) -> dict[str, Any]:
     """Run every method on every forget set and score them.
 
@@ -467,17 +472,19 @@ def evaluate(
     trained on everything is reported as ``original``.
 
     Args:
-        cfg: Ensemble config: data, model and training recipe for every method, and
-            the ``evaluate`` section's hyperparameters.
+        cfg: Ensemble config: data, model and training recipe for every method.
         forgets: Forget-set specs.
         methods: Subset of :data:`METHODS`.
         workdir: Directory for the SISA stores (``sisa-base``, ``sisa-<forget>``), replaced
             on every run.
         address: Ray address for SISA training.
         progress: Called with a short description before each long step.
+        settings: The harness's own settings, the config file's ``evaluate:`` section
+            (:func:`sisa.evaluate.settings.load_evaluate_config`); ``None`` takes the defaults.
 
     Returns:
-        ``{"rows": [...], "targets": {...}, "config": {...}, ...}``, JSON-able. A poisoning
+        ``{"rows": [...], "targets": {...}, "config": {...}, ...}``, JSON-able; ``config`` is
+        ``cfg`` with ``settings`` as its ``evaluate`` section, the shape of the YAML file. A poisoning
         scenario trains its own original model and SISA base on its poisoned data; its
         ``forget_sets`` entry holds their times, and the top-level ``original_train_seconds``
         and ``sisa_base`` are those of the first group (the clean data's when a clean spec is given).
@@ -491,7 +498,8 @@ def evaluate(
         raise ConfigError("no forget set given; pass e.g. random:0.01, random:0.1 or class:3")
     say = progress or (lambda msg: log.info("%s", msg))
     workdir = Path(workdir)
-    threads = usable_threads(cfg.evaluate.threads)
+    settings = settings if settings is not None else EvaluateConfig()
+    threads = usable_threads(settings.threads)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
     all_sets = [build_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
     workdir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +519,7 @@ def evaluate(
         original, original_seconds = train_monolithic(cfg, data, seed=cfg.seed, threads=threads)
         group_info.append({"original_train_seconds": original_seconds})
         for sets in members:
-            per_spec.append(_monolithic_rows(sets, original, original_seconds, cfg, methods, threads, say))
+            per_spec.append(_monolithic_rows(sets, original, original_seconds, cfg, settings, methods, threads, say))
 
     # SISA runs last: Ray's worker processes would otherwise share the cores with the
     # monolithic timings above.
@@ -554,7 +562,7 @@ def evaluate(
         "sisa_base": first.get("sisa_base", {}),
         "threads": threads,
         "wall_seconds": time.perf_counter() - started,
-        "config": config_to_dict(cfg),
+        "config": {**config_to_dict(cfg), "evaluate": config_to_dict(settings)},
     }
 
 
@@ -568,12 +576,13 @@ def _monolithic_rows(
     original: nn.Module,
     original_seconds: float,
     cfg: SisaConfig,
+    settings: EvaluateConfig,
     methods: Sequence[str],
     threads: int,
     say: Callable[[str], None],
 ) -> tuple[Scorer, MethodRow, list[MethodRow]]:
     """The retrains, the original, the never-poisoned model (scenarios) and the approximate methods."""
-    scorer = Scorer(sets, cfg)
+    scorer = Scorer(sets, cfg, settings)
     seeds = _retrain_rows(scorer, cfg, threads, say)
     retrain = _summarise_retrains(seeds)
     scorer.original = scorer.probas(model_fn(original))
@@ -584,7 +593,9 @@ def _monolithic_rows(
         if name in APPROXIMATE_METHODS:
             say(f"{sets.spec.name}: {name}")
             t0 = time.perf_counter()
-            model = APPROXIMATE_METHODS[name](original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads)
+            model = APPROXIMATE_METHODS[name](
+                original, sets.forget, sets.retain, cfg, seed=cfg.seed, threads=threads, settings=settings
+            )
             seconds = time.perf_counter() - t0
             details = getattr(model, REPORT_ATTRIBUTE, {})
             spec_rows.append(scorer.row(name, scorer.probas(model_fn(model)), seconds, **details))

@@ -1,5 +1,10 @@
 """The ``evaluate:`` config section: hyperparameters of the unlearning-evaluation harness.
 
+The section sits in the same YAML file as the ensemble's settings, but it is not part of
+:class:`~sisa.config.settings.SisaConfig`: ``sisa.load_config`` sets it aside, so it never
+reaches a store's meta or a shard's Ray task. :func:`load_evaluate_config` reads it from the
+file (or a whole config mapping), with the same dotted overrides (``evaluate.mia_folds=3``).
+
 The defaults of the approximate methods come from the sweep documented in
 ``docs/metrics.md`` (``scripts/sweep_baselines.py``), which selects on a validation
 split carved from the training data, never on the test set.
@@ -8,9 +13,14 @@ split carved from the training data, never on the test set.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from sisa.config.rules import choice, require
+from sisa.config.settings import build_config, config_tree, read_config_file
+from sisa.errors import ConfigError
 
 __all__ = [
     "NEWTON_SCOPES",
@@ -20,6 +30,8 @@ __all__ = [
     "GradientAscentConfig",
     "NewtonConfig",
     "PruneConfig",
+    "evaluate_config_from_dict",
+    "load_evaluate_config",
 ]
 
 PRUNE_MODES = ("zero", "reinit")
@@ -170,3 +182,49 @@ class EvaluateConfig:
         require(2 <= self.mia_folds <= 20, f"evaluate.mia_folds={self.mia_folds} must be in [2, 20]")
         require(self.mia_samples >= 10, f"evaluate.mia_samples={self.mia_samples} must be >= 10")
         require(self.threads >= 0, f"evaluate.threads={self.threads} must be >= 0 (0 = every usable core)")
+
+
+SECTION = "evaluate"
+
+
+def evaluate_config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> EvaluateConfig:
+    """The validated ``evaluate`` section of a whole config mapping.
+
+    Args:
+        raw: The whole config as found in a YAML file (``seed``, ``data``, ..., ``evaluate``);
+            only its ``evaluate`` key is read, and a missing one gives the defaults.
+        overrides: Dotted ``key=value`` strings, as for :func:`sisa.load_config`; those under
+            ``evaluate.`` (or ``evaluate={...}``) apply, the others are left to ``load_config``.
+
+    Returns:
+        The frozen section.
+
+    Raises:
+        ConfigError: On an unknown key under ``evaluate`` (naming it and the allowed ones), a
+            wrong type, or a value out of range.
+    """
+    tree = config_tree(raw, overrides)
+    section = tree.get(SECTION, {})
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{SECTION} must be a mapping of keys, got {section!r}")
+    return build_config(EvaluateConfig, section, SECTION + ".")
+
+
+def load_evaluate_config(
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> EvaluateConfig:
+    """Load the ``evaluate:`` section of a YAML config file (the one ``sisa.load_config`` reads).
+
+    Args:
+        source: The YAML file, or the whole config as a mapping; ``None`` starts from the defaults.
+        overrides: Dotted ``key=value`` strings such as ``evaluate.mia_folds=3``; overrides of
+            other sections are ignored here.
+
+    Returns:
+        The validated, frozen section.
+
+    Raises:
+        ConfigError: If the file is missing or not YAML, or the section holds bad keys or values.
+    """
+    raw = source if isinstance(source, Mapping) else read_config_file(source)
+    return evaluate_config_from_dict(raw, overrides)
