@@ -37,6 +37,7 @@ training may not (a statement about the model, not the estimator contract). Need
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -97,6 +98,7 @@ class _Handle:
         self.ens = None
 
 
+@dataclasses.dataclass(repr=False, eq=False)
 class SISAClassifier(ClassifierMixin, BaseEstimator):
     """A SISA ensemble (S shards x R slices) as a scikit-learn classifier, with exact unlearning.
 
@@ -122,35 +124,21 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
             ``cnn``); None keeps rows flat.
     """
 
-    def __init__(
-        self,
-        shards: int = 8,
-        slices: int = 4,
-        model: str = "mlp",
-        hidden: Sequence[int] = (128,),
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 1e-3,
-        seed: int = 0,
-        aggregate: str = "mean",
-        address: str | None = "local",
-        store: str | Path | None = None,
-        config: str | Path | Sequence[str] | None = None,
-        sample_shape: Sequence[int] | None = None,
-    ) -> None:
-        self.shards = shards
-        self.slices = slices
-        self.model = model
-        self.hidden = hidden
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.seed = seed
-        self.aggregate = aggregate
-        self.address = address
-        self.store = store
-        self.config = config
-        self.sample_shape = sample_shape
+    # The constructor parameters: the dataclass writes the ``__init__`` scikit-learn expects,
+    # storing each one as given (no validation until ``fit``).
+    shards: int = 8
+    slices: int = 4
+    model: str = "mlp"
+    hidden: Sequence[int] = (128,)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    aggregate: str = "mean"
+    address: str | None = "local"
+    store: str | Path | None = None
+    config: str | Path | Sequence[str] | None = None
+    sample_shape: Sequence[int] | None = None
 
     # ------------------------------------------------------------------ config
     def _sisa_config(self, num_classes: int, shards: int, slices: int) -> SisaConfig:

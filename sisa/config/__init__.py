@@ -4,42 +4,6 @@
 ``rules`` the small validation helpers they share. Imports only :mod:`sisa.errors`.
 """
 
-from sisa.config.settings import (
-    FIELD_ROLES,
-    FIXED,
-    FREE,
-    RECIPE,
-    AggregateConfig,
-    DataConfig,
-    ModelConfig,
-    PartitionConfig,
-    ResourcesConfig,
-    SisaConfig,
-    TrainConfig,
-    UnlearnConfig,
-    config_fields,
-    config_from_dict,
-    config_to_dict,
-    fixed_changes,
-    load_config,
-)
-
-__all__ = [
-    "FIELD_ROLES",
-    "FIXED",
-    "FREE",
-    "RECIPE",
-    "AggregateConfig",
-    "DataConfig",
-    "ModelConfig",
-    "PartitionConfig",
-    "ResourcesConfig",
-    "SisaConfig",
-    "TrainConfig",
-    "UnlearnConfig",
-    "config_fields",
-    "config_from_dict",
-    "config_to_dict",
-    "fixed_changes",
-    "load_config",
-]
+# The public names are those of ``sisa.config.settings.__all__``: listed once, there.
+from sisa.config.settings import *  # noqa: F403
+from sisa.config.settings import __all__ as __all__

@@ -16,7 +16,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -530,6 +530,15 @@ def fixed_changes(old: SisaConfig, new: SisaConfig) -> list[str]:
 
 T = TypeVar("T")
 
+# Scalar annotation -> (whether a YAML value is one, what the message calls it, the conversion).
+# A bool is never taken for a number.
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", lambda v: v),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
+}
+
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise a ConfigError naming ``where``."""
@@ -554,22 +563,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
+    scalar = _SCALARS.get(hint) if isinstance(hint, type) else None
+    if scalar is not None:
+        accepts, kind, convert = scalar
+        if not accepts(value):
+            raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        return convert(value)
     return value
 
 

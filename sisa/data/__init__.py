@@ -4,16 +4,6 @@
 Fashion-MNIST, IDX, ``.npz`` and CSV files. Nothing here knows about shards or stores.
 """
 
-from sisa.data.arrays import MAX_ID, LabeledArrays, as_arrays
-from sisa.data.loaders import load_csv, load_fashion_mnist, load_idx, load_npz, load_split
-
-__all__ = [
-    "MAX_ID",
-    "LabeledArrays",
-    "as_arrays",
-    "load_csv",
-    "load_fashion_mnist",
-    "load_idx",
-    "load_npz",
-    "load_split",
-]
+# The public names are those of ``sisa.data.loaders.__all__``: listed once, there.
+from sisa.data.loaders import *  # noqa: F403
+from sisa.data.loaders import __all__ as __all__

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,62 +70,101 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _settings(settings: EvaluateConfig | None) -> EvaluateConfig:
-    """The harness's settings, or the defaults."""
-    return settings if settings is not None else EvaluateConfig()
+# One method's work on the copy ``out``, in place, inside the method's own random state and
+# determinism: (out, forget, retain, cfg, settings, seed) -> details for the report, or None.
+_Step = Callable[[nn.Module, LabeledArrays, LabeledArrays, SisaConfig, EvaluateConfig, int], "dict[str, Any] | None"]
 
 
-def gradient_ascent(
-    model: nn.Module,
-    forget: LabeledArrays,
-    retain: LabeledArrays,
-    cfg: SisaConfig,
-    *,
-    seed: int,
-    threads: int = 1,
-    settings: EvaluateConfig | None = None,
-) -> nn.Module:
+class _ApproximateMethod:
+    """The frame every approximate method shares around its own step.
+
+    Calling it copies the model, runs the step under :func:`_own_rng` and
+    :func:`~sisa.train.trainer.deterministic`, logs the step's details (if any) and leaves
+    them on the copy as ``unlearning_report``, and returns the copy in eval mode. The
+    method's name and docstring are its step's.
+    """
+
+    def __init__(self, step: _Step) -> None:
+        self._step = step
+        self.__name__ = self.__qualname__ = step.__name__.lstrip("_")
+        self.__module__ = step.__module__
+        self.__doc__ = step.__doc__
+
+    def __repr__(self) -> str:
+        return f"<approximate unlearning method {self.__name__}>"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        forget: LabeledArrays,
+        retain: LabeledArrays,
+        cfg: SisaConfig,
+        *,
+        seed: int,
+        threads: int = 1,
+        settings: EvaluateConfig | None = None,
+    ) -> nn.Module:
+        """Unlearn ``forget`` from a copy of ``model``.
+
+        Args:
+            model: The model trained on everything (not modified).
+            forget: Samples to forget.
+            retain: The rest of the training data.
+            cfg: Ensemble config; what the method takes from it is in its docstring.
+            seed: Seed of the method's draws (and of torch's generators while it runs).
+            threads: Torch threads.
+            settings: The harness's settings; the section named after the method holds its
+                hyperparameters (``None``: the defaults).
+
+        Returns:
+            The unlearned copy, in eval mode.
+        """
+        out = copy.deepcopy(model)
+        device = _device(out)
+        hp = settings if settings is not None else EvaluateConfig()
+        with _own_rng(seed, device), deterministic(threads, device):
+            details = self._step(out, forget, retain, cfg, hp, seed)
+        if details is not None:
+            log.info("%s: %s", self.__name__, details)
+            setattr(out, REPORT_ATTRIBUTE, details)
+        return out.eval()
+
+
+def _gradient_ascent(
+    out: nn.Module, forget: LabeledArrays, retain: LabeledArrays, cfg: SisaConfig, settings: EvaluateConfig, seed: int
+) -> None:
     """Ascend the cross-entropy on the forget set, optionally descending it on retain batches.
 
     Each step takes one forget batch and, when ``retain_weight > 0``, one retain batch
     drawn with replacement; the loss is ``-CE(forget) + retain_weight * CE(retain)``.
-
-    Args:
-        model: The model trained on everything (not modified).
-        forget: Samples to forget.
-        retain: The rest of the training data.
-        cfg: Ensemble config; ``cfg.train`` gives the optimizer kind and precision.
-        seed: Seed of batch order and retain draws.
-        threads: Torch threads.
-        settings: The harness's settings; their ``gradient_ascent`` section holds the
-            hyperparameters (``None``: the defaults).
-
-    Returns:
-        The unlearned copy, in eval mode.
+    Called as ``gradient_ascent(model, forget, retain, cfg, *, seed, threads=1, settings=None)``
+    (see :meth:`_ApproximateMethod.__call__`): ``cfg.train`` gives the optimizer kind and
+    precision, ``seed`` the batch order and retain draws, ``settings.gradient_ascent`` the
+    hyperparameters. Returns the unlearned copy, in eval mode.
     """
-    hp: GradientAscentConfig = _settings(settings).gradient_ascent
-    out = copy.deepcopy(model)
+    hp: GradientAscentConfig = settings.gradient_ascent
     device = _device(out)
     loss_fn = nn.CrossEntropyLoss()
-    with _own_rng(seed, device), deterministic(threads, device):
-        xf, yf, order = _tensors(forget, device)
-        xr, yr, _ = _tensors(retain, device)
-        optimizer = make_optimizer(cfg, out, lr=hp.lr)
-        generator = torch.Generator().manual_seed(seed)
-        out.train()
-        for _ in range(hp.epochs):
-            rows = order[torch.randperm(len(order), generator=generator).to(device)]
-            for start in range(0, len(rows), hp.batch_size):
-                idx = rows[start : start + hp.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, cfg.train.precision):  # the model's own training precision
-                    loss = -loss_fn(out(xf[idx]), yf[idx])
-                    if hp.retain_weight > 0 and len(yr):
-                        ridx = torch.randint(len(yr), (hp.batch_size,), generator=generator).to(device)
-                        loss = loss + hp.retain_weight * loss_fn(out(xr[ridx]), yr[ridx])
-                loss.backward()
-                optimizer.step()
-    return out.eval()
+    xf, yf, order = _tensors(forget, device)
+    xr, yr, _ = _tensors(retain, device)
+    optimizer = make_optimizer(cfg, out, lr=hp.lr)
+    generator = torch.Generator().manual_seed(seed)
+    out.train()
+    for _ in range(hp.epochs):
+        rows = order[torch.randperm(len(order), generator=generator).to(device)]
+        for start in range(0, len(rows), hp.batch_size):
+            idx = rows[start : start + hp.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, cfg.train.precision):  # the model's own training precision
+                loss = -loss_fn(out(xf[idx]), yf[idx])
+                if hp.retain_weight > 0 and len(yr):
+                    ridx = torch.randint(len(yr), (hp.batch_size,), generator=generator).to(device)
+                    loss = loss + hp.retain_weight * loss_fn(out(xr[ridx]), yr[ridx])
+            loss.backward()
+            optimizer.step()
+
+
+gradient_ascent = _ApproximateMethod(_gradient_ascent)
 
 
 def _descend(
@@ -139,37 +179,22 @@ def _descend(
         train_epochs(model, optimizer, x, y, order, epochs, batch_size, generator, precision=cfg.train.precision)
 
 
-def finetune(
-    model: nn.Module,
-    forget: LabeledArrays,
-    retain: LabeledArrays,
-    cfg: SisaConfig,
-    *,
-    seed: int,
-    threads: int = 1,
-    settings: EvaluateConfig | None = None,
-) -> nn.Module:
+def _finetune(
+    out: nn.Module, forget: LabeledArrays, retain: LabeledArrays, cfg: SisaConfig, settings: EvaluateConfig, seed: int
+) -> None:
     """Keep training on the retain set only, so the forget set's traces are overwritten.
 
-    Args:
-        model: The model trained on everything (not modified).
-        forget: Unused (fine-tuning never looks at the forget set); kept so every
-            method has the same signature.
-        retain: The training data without the forget set.
-        cfg: Ensemble config; ``cfg.train`` gives the optimizer kind and precision.
-        seed: Seed of batch order.
-        threads: Torch threads.
-        settings: The harness's settings; their ``finetune`` section holds the
-            hyperparameters (``None``: the defaults).
-
-    Returns:
-        The fine-tuned copy, in eval mode.
+    Called as ``finetune(model, forget, retain, cfg, *, seed, threads=1, settings=None)``
+    (see :meth:`_ApproximateMethod.__call__`). ``forget`` is unused (fine-tuning never
+    looks at the forget set; it is kept so every method has the same signature);
+    ``cfg.train`` gives the optimizer kind and precision, ``seed`` the batch order,
+    ``settings.finetune`` the hyperparameters. Returns the fine-tuned copy, in eval mode.
     """
-    hp: FinetuneConfig = _settings(settings).finetune
-    out = copy.deepcopy(model)
-    with _own_rng(seed, _device(out)), deterministic(threads, _device(out)):
-        _descend(out, retain, cfg, epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
-    return out.eval()
+    hp: FinetuneConfig = settings.finetune
+    _descend(out, retain, cfg, epochs=hp.epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
+
+
+finetune = _ApproximateMethod(_finetune)
 
 
 def prune_mask(
@@ -214,16 +239,9 @@ def prune_mask(
     return masks
 
 
-def prune(
-    model: nn.Module,
-    forget: LabeledArrays,
-    retain: LabeledArrays,
-    cfg: SisaConfig,
-    *,
-    seed: int,
-    threads: int = 1,
-    settings: EvaluateConfig | None = None,
-) -> nn.Module:
+def _prune(
+    out: nn.Module, forget: LabeledArrays, retain: LabeledArrays, cfg: SisaConfig, settings: EvaluateConfig, seed: int
+) -> None:
     """Prune the forget set's most salient weights, then repair on the retain set.
 
     With ``mode: zero`` the pruned entries are set to 0 and kept there during the repair
@@ -231,45 +249,37 @@ def prune(
     moves them); with ``mode: reinit`` they take the values of a freshly initialised
     model and the repair trains them like the rest.
 
-    Args:
-        model: The model trained on everything (not modified).
-        forget: Samples to forget.
-        retain: The rest of the training data.
-        cfg: Ensemble config; ``cfg.model`` builds the fresh weights, ``cfg.train`` gives
-            the repair's optimizer kind and precision.
-        seed: Seed of the re-initialisation and the repair's batch order.
-        threads: Torch threads.
-        settings: The harness's settings; their ``prune`` section holds the
-            hyperparameters (``None``: the defaults).
-
-    Returns:
-        The pruned and repaired copy, in eval mode.
+    Called as ``prune(model, forget, retain, cfg, *, seed, threads=1, settings=None)``
+    (see :meth:`_ApproximateMethod.__call__`): ``cfg.model`` builds the fresh weights,
+    ``cfg.train`` gives the repair's optimizer kind and precision, ``seed`` seeds the
+    re-initialisation and the repair's batch order, ``settings.prune`` holds the
+    hyperparameters. Returns the pruned and repaired copy, in eval mode.
     """
-    hp: PruneConfig = _settings(settings).prune
-    out = copy.deepcopy(model)
+    hp: PruneConfig = settings.prune
     device = _device(out)
-    with _own_rng(seed, device), deterministic(threads, device):
-        masks = prune_mask(out, forget, hp.fraction)
-        params = dict(out.named_parameters())
-        fresh: dict[str, torch.Tensor] = {}
-        if hp.mode == "reinit":
-            torch.manual_seed(seed)
-            fresh_model = build_model(cfg.model, forget.feature_shape, cfg.data.num_classes).to(device)
-            fresh = dict(fresh_model.named_parameters())
-        hooks = []
-        with torch.no_grad():
-            for name, mask in masks.items():
-                p = params[name]
-                p[mask] = fresh[name][mask] if hp.mode == "reinit" else 0.0
-                if hp.mode == "zero":
-                    keep = (~mask).to(p.dtype)
-                    hooks.append(p.register_hook(_masker(keep)))
-        try:
-            _descend(out, retain, cfg, epochs=hp.repair_epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
-        finally:
-            for h in hooks:
-                h.remove()
-    return out.eval()
+    masks = prune_mask(out, forget, hp.fraction)
+    params = dict(out.named_parameters())
+    fresh: dict[str, torch.Tensor] = {}
+    if hp.mode == "reinit":
+        torch.manual_seed(seed)
+        fresh_model = build_model(cfg.model, forget.feature_shape, cfg.data.num_classes).to(device)
+        fresh = dict(fresh_model.named_parameters())
+    hooks = []
+    with torch.no_grad():
+        for name, mask in masks.items():
+            p = params[name]
+            p[mask] = fresh[name][mask] if hp.mode == "reinit" else 0.0
+            if hp.mode == "zero":
+                keep = (~mask).to(p.dtype)
+                hooks.append(p.register_hook(_masker(keep)))
+    try:
+        _descend(out, retain, cfg, epochs=hp.repair_epochs, lr=hp.lr, batch_size=hp.batch_size, seed=seed)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+prune = _ApproximateMethod(_prune)
 
 
 def _masker(keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -277,16 +287,9 @@ def _masker(keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda grad: grad * keep
 
 
-def newton(
-    model: nn.Module,
-    forget: LabeledArrays,
-    retain: LabeledArrays,
-    cfg: SisaConfig,
-    *,
-    seed: int,
-    threads: int = 1,
-    settings: EvaluateConfig | None = None,
-) -> nn.Module:
+def _newton(
+    out: nn.Module, forget: LabeledArrays, retain: LabeledArrays, cfg: SisaConfig, settings: EvaluateConfig, seed: int
+) -> dict[str, Any]:
     """One Newton step from the model towards the L2-regularised optimum without the forget set.
 
     The certified-removal update of Guo et al. (ICML 2020), ``w + H_retain^-1 Delta``, where
@@ -298,65 +301,57 @@ def newton(
     added. The step's :class:`~sisa.evaluate.newton.NewtonReport` (gradient residual norms before
     and after) is logged and left on the returned model as ``unlearning_report``.
 
-    Args:
-        model: The model trained on everything (not modified).
-        forget: Samples to forget.
-        retain: The rest of the training data.
-        cfg: Ensemble config (unused by the step; kept so every method has the same signature).
-        seed: Seed of torch's generators during the step (the step itself draws nothing).
-        threads: Torch threads.
-        settings: The harness's settings; their ``newton`` section holds the step's
-            settings (``None``: the defaults).
-
-    Returns:
-        The updated copy, in eval mode.
+    Called as ``newton(model, forget, retain, cfg, *, seed, threads=1, settings=None)``
+    (see :meth:`_ApproximateMethod.__call__`): ``cfg`` is unused by the step (kept so every
+    method has the same signature), ``seed`` seeds torch's generators during the step (the
+    step itself draws nothing), ``settings.newton`` holds the step's settings. Returns the
+    updated copy, in eval mode.
 
     Raises:
         ConfigError: If ``scope: head`` is asked of a model whose output is not its last
             ``nn.Linear``'s.
         TrainingError: If the head's Hessian is not positive definite.
     """
-    hp: NewtonConfig = _settings(settings).newton
-    out = copy.deepcopy(model).eval()  # the deployed function: no dropout noise in the Hessian
+    hp: NewtonConfig = settings.newton
+    out.eval()  # the deployed function: no dropout noise in the Hessian
     device = _device(out)
-    with _own_rng(seed, device), deterministic(threads, device):
-        xf, yf, forder = _tensors(forget, device)
-        xr, yr, rorder = _tensors(retain, device)
-        # Id order: the sums' float rounding does not depend on how the caller ordered rows.
-        dtype = next(out.parameters()).dtype
-        xf, yf, xr, yr = xf[forder].to(dtype), yf[forder], xr[rorder].to(dtype), yr[rorder]
-        if hp.scope == "head":
-            head = last_linear(out)
-            zf = head_features(out, xf, hp.batch_size).double()
-            zr = head_features(out, xr, hp.batch_size).double()
-            has_bias = head.bias is not None
-            with torch.no_grad():
-                parts = [head.weight, head.bias[:, None]] if head.bias is not None else [head.weight]
-                wb = torch.cat(parts, dim=1).double()
-            new, report = head_step(wb, zf, yf, zr, yr, hp.l2, hp.batch_size, bias=has_bias)
-            with torch.no_grad():
-                head.weight.copy_(new[:, : head.in_features])
-                if head.bias is not None:
-                    head.bias.copy_(new[:, -1])
-        else:
-            report = full_step(
-                out,
-                xf,
-                yf,
-                xr,
-                yr,
-                l2=hp.l2,
-                damping=hp.damping,
-                cg_iters=hp.cg_iters,
-                batch_size=hp.batch_size,
-            )
-    details = dataclasses.asdict(report)
-    log.info("newton: %s", details)
-    setattr(out, REPORT_ATTRIBUTE, details)
-    return out.eval()
+    xf, yf, forder = _tensors(forget, device)
+    xr, yr, rorder = _tensors(retain, device)
+    # Id order: the sums' float rounding does not depend on how the caller ordered rows.
+    dtype = next(out.parameters()).dtype
+    xf, yf, xr, yr = xf[forder].to(dtype), yf[forder], xr[rorder].to(dtype), yr[rorder]
+    if hp.scope == "head":
+        head = last_linear(out)
+        zf = head_features(out, xf, hp.batch_size).double()
+        zr = head_features(out, xr, hp.batch_size).double()
+        has_bias = head.bias is not None
+        with torch.no_grad():
+            parts = [head.weight, head.bias[:, None]] if head.bias is not None else [head.weight]
+            wb = torch.cat(parts, dim=1).double()
+        new, report = head_step(wb, zf, yf, zr, yr, hp.l2, hp.batch_size, bias=has_bias)
+        with torch.no_grad():
+            head.weight.copy_(new[:, : head.in_features])
+            if head.bias is not None:
+                head.bias.copy_(new[:, -1])
+    else:
+        report = full_step(
+            out,
+            xf,
+            yf,
+            xr,
+            yr,
+            l2=hp.l2,
+            damping=hp.damping,
+            cg_iters=hp.cg_iters,
+            batch_size=hp.batch_size,
+        )
+    return dataclasses.asdict(report)
 
 
-# Method name -> function; all take (model, forget, retain, cfg, *, seed, threads, settings).
+newton = _ApproximateMethod(_newton)
+
+
+# Method name -> method; all take (model, forget, retain, cfg, *, seed, threads, settings).
 APPROXIMATE_METHODS: dict[str, Callable[..., nn.Module]] = {
     "gradient_ascent": gradient_ascent,
     "finetune": finetune,

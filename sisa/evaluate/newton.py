@@ -8,6 +8,7 @@ certified and what is not. Pure torch; :func:`sisa.evaluate.approximate.newton` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -198,16 +199,32 @@ def head_step(
     step = torch.cholesky_solve(g_forget.reshape(-1, 1), chol).reshape(wb.shape)
     new = wb + step
     after = _head_grad_sum(new, zr, y_retain, batch_size) + l2 * n_r * new
-    report = NewtonReport(
-        scope="head",
-        parameters=wb.numel(),
+    report = _report("head", step, g_forget, g_retain, after, m, n_r)
+    return new, dataclasses.replace(report, max_feature_norm=float(zr.norm(dim=1).max()) if n_r else 0.0)
+
+
+def _report(
+    scope: str,
+    step: torch.Tensor,
+    g_forget: torch.Tensor,
+    g_retain: torch.Tensor,
+    after: torch.Tensor,
+    m: int,
+    n_r: int,
+) -> NewtonReport:
+    """The report fields both scopes share, from the step, the gradient sums and the set sizes.
+
+    ``g_forget`` and ``g_retain`` are the regularised gradient sums at the input model,
+    ``after`` the retain one at the new parameters; the step moved ``step.numel()`` of them.
+    """
+    return NewtonReport(
+        scope=scope,
+        parameters=step.numel(),
         step_norm=float(step.norm()),
         grad_norm_full_before=float((g_forget + g_retain).norm()) / (m + n_r),
         grad_norm_retain_before=float(g_retain.norm()) / n_r,
         grad_norm_retain_after=float(after.norm()) / n_r,
-        max_feature_norm=float(zr.norm(dim=1).max()) if n_r else 0.0,
     )
-    return new, report
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -322,14 +339,5 @@ def full_step(
             offset += p.numel()
     theta_new = _flat([p.detach() for p in params])
     after = _loss_grad_sum(model, params, x_retain, y_retain, batch_size) + l2 * n_r * theta_new
-    return NewtonReport(
-        scope="full",
-        parameters=theta.numel(),
-        step_norm=float(step.norm()),
-        grad_norm_full_before=float((g_forget + g_retain).norm()) / (m + n_r),
-        grad_norm_retain_before=float(g_retain.norm()) / n_r,
-        grad_norm_retain_after=float(after.norm()) / n_r,
-        cg_iterations=iters,
-        cg_relative_residual=residual,
-        negative_curvature=negative,
-    )
+    report = _report("full", step, g_forget, g_retain, after, m, n_r)
+    return dataclasses.replace(report, cg_iterations=iters, cg_relative_residual=residual, negative_curvature=negative)

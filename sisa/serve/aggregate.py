@@ -7,9 +7,11 @@ and aggregates their outputs by mean, majority vote or weighted mean.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ParamSpec
 
 import torch
 from torch import nn
@@ -18,6 +20,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from sisa.errors import ConfigError, DataError, ModelError, NotTrainedError
 
 logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
 
 METHODS = ("mean", "vote", "weighted")
 BACKENDS = ("auto", "vmap", "loop")
@@ -290,19 +294,20 @@ def predict_proba(
     return combine(shard_probas(models, x, backend=backend, batch_size=batch_size), method, weights)
 
 
-def predict(
-    models: Sequence[nn.Module],
-    x: torch.Tensor,
-    *,
-    method: str = "mean",
-    weights: Sequence[float] | torch.Tensor | None = None,
-    backend: str = "auto",
-    batch_size: int = 1024,
-) -> torch.Tensor:
-    """Ensemble labels for ``x``: argmax of :func:`predict_proba` (same arguments).
+def _labels_of(proba_fn: Callable[_P, torch.Tensor]) -> Callable[_P, torch.Tensor]:
+    """A function taking ``proba_fn``'s arguments and returning the argmax of its probabilities."""
+
+    @functools.wraps(proba_fn)
+    def labels(*args: _P.args, **kwargs: _P.kwargs) -> torch.Tensor:
+        return proba_fn(*args, **kwargs).argmax(dim=-1)
+
+    return labels
+
+
+predict = _labels_of(predict_proba)
+predict.__name__ = predict.__qualname__ = "predict"
+predict.__doc__ = """Ensemble labels for ``x``: argmax of :func:`predict_proba` (same arguments).
 
     Returns:
         int64 labels of shape (n,); ties go to the lowest label index.
     """
-    proba = predict_proba(models, x, method=method, weights=weights, backend=backend, batch_size=batch_size)
-    return proba.argmax(dim=-1)

@@ -14,6 +14,23 @@ from sisa.errors import ModelError
 __all__ = ["build_model", "cnn", "mlp"]
 
 
+def _dense_head(
+    layers: list[nn.Module], width: int, num_classes: int, hidden: Sequence[int], dropout: float
+) -> nn.Module:
+    """Append ``(Linear -> ReLU)* -> Dropout -> Linear`` to ``layers`` and wrap them.
+
+    The layers are created in order, after whatever ``layers`` already holds, so the
+    global RNG draws (and so the initial weights) follow the network's layout.
+    """
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
 def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int], dropout: float = 0.0) -> nn.Module:
     """Build a multi-layer perceptron over flattened inputs.
 
@@ -26,15 +43,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int], dro
     Returns:
         ``Flatten -> (Linear -> ReLU)* -> Dropout -> Linear``.
     """
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = math.prod(input_shape)
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    if dropout > 0:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return _dense_head([nn.Flatten()], math.prod(input_shape), num_classes, hidden, dropout)
 
 
 def cnn(
@@ -73,14 +82,7 @@ def cnn(
         layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         c, h, w = out, h // 2, w // 2
     layers.append(nn.Flatten())
-    width = c * h * w
-    for hdim in hidden:
-        layers += [nn.Linear(width, hdim), nn.ReLU()]
-        width = hdim
-    if dropout > 0:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return _dense_head(layers, c * h * w, num_classes, hidden, dropout)
 
 
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
