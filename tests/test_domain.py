@@ -31,7 +31,7 @@ X, Y = blobs()
 
 DOMAIN_OF_CHILD = (
     "import json, sys\n"
-    "from sisa import domain\n"
+    "from sisa.train import domain\n"
     "d = domain.current(1)\n"
     "print(json.dumps({**d.to_dict(), 'pinned': domain.pinned_from_start('avx2')}))\n"
 )

@@ -115,6 +115,7 @@ CHILD_DELETE = """
 import os, signal, sys, threading
 import sisa.store.database, sisa.unlearn.deletion
 from sisa.ensemble import Ensemble
+from sisa.train.planner import Planner
 
 path, address, phase, arg = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 victims = [int(v) for v in sys.argv[5].split(",")]
@@ -131,7 +132,7 @@ def progress(_result):
 if phase == "timer":
     threading.Timer(arg, die).start()
 elif phase == "journal":  # the request is durable; the retrain has not started
-    Ensemble.fit = die
+    Planner.fit = die
 elif phase == "compact-copy":  # retrained; the compacted copy is written but not swapped in
     real_fsync = sisa.store.database._fsync
     def fsync_then_die(p):

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 def pinned_domain_id(env: dict[str, str]) -> str:
     """The domain a fresh process started with avx2's pins (the default cpu_isa) trains a 1-thread CPU stage in."""
-    code = "from sisa import domain; print(domain.current(1, 'cpu').id)"
+    code = "from sisa.train import domain; print(domain.current(1, 'cpu').id)"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

@@ -178,7 +178,7 @@ def test_an_empty_plan_starts_no_ray(env_python: dict[str, str]) -> None:
     # when its jobs come from a lazy iterator that turns out empty.
     code = (
         "import ray\n"
-        "from sisa import orchestrator\n"
+        "from sisa.train import orchestrator\n"
         "orchestrator.execute(None, iter(()), print)\n"
         "assert not ray.is_initialized(), 'ray was started'\n"
         "print('ok')\n"
