@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # Ray's dashboard and job server (what `ray[default]` adds) for `ray job submit` in the real-cluster tests
-# (tests/test_cluster.py). Installed beside the venv, not into it: with them every local ray.init() starts
+# (tests/behaviour/test_cluster.py). Installed beside the venv, not into it: with them every local ray.init() starts
 # the full dashboard agent, about 4 s more per start on 2 cores, and the test suite starts Ray many times.
 # The cluster test puts this folder on the PYTHONPATH of its own Ray processes only.
 ray_version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('ray'))")

@@ -6,6 +6,22 @@ subclass keeps the plain ``Exception(message)`` constructor signature.
 
 from __future__ import annotations
 
+__all__ = [
+    "ClusterConnectionError",
+    "ConfigError",
+    "DataError",
+    "DomainMismatchError",
+    "DomainUnavailableError",
+    "IntegrityError",
+    "ModelError",
+    "NotTrainedError",
+    "SisaError",
+    "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
+    "TrainingError",
+]
+
 
 class SisaError(Exception):
     """Base class of every error raised by sisa."""

@@ -8,8 +8,13 @@ import pytest
 
 import sisa
 
-# The CLI module exports only ``main``; its command functions are wired by its own parser.
-MODULES = sorted(m.name for m in pkgutil.iter_modules(sisa.__path__) if m.name != "cli")
+# Every module of every package, walked recursively. The CLI's main module exports only ``main``
+# (its command functions are wired by its own parser); ``python -m sisa.cli`` runs on import.
+MODULES = sorted(
+    m.name.removeprefix("sisa.")
+    for m in pkgutil.walk_packages(sisa.__path__, prefix="sisa.")
+    if m.name not in ("sisa.cli.main", "sisa.cli.__main__")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -447,7 +447,7 @@ class SisaConfig:
 
 
 # How each config field bears on an existing store. Every leaf field of SisaConfig is listed
-# (tests/test_config.py walks the dataclasses and fails on one that is not), so a new field
+# (tests/config/test_config.py walks the dataclasses and fails on one that is not), so a new field
 # must be placed here, in the recipe or in the fixed set, before it can ship.
 RECIPE = "recipe"  # changes the trained bytes: part of SisaConfig.recipe(), so every checkpoint key covers it
 FIXED = "fixed"  # decided when the store is created; Ensemble.reconfigure (and `sisa train k=v`) refuses a change

@@ -19,6 +19,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from sisa.errors import ConfigError, DataError, ModelError, NotTrainedError
 
+__all__ = ["can_vmap", "choose_backend", "combine", "predict", "predict_proba", "shard_logits", "shard_probas"]
+
 logger = logging.getLogger(__name__)
 
 _P = ParamSpec("_P")

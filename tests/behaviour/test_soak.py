@@ -14,8 +14,10 @@ import pytest
 from sisa.data.loaders import as_arrays
 from tests.conftest import blobs, small_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import soak  # noqa: E402
+
+pytestmark = pytest.mark.soak
 
 
 def test_plan_stream_is_seeded_and_exact() -> None:

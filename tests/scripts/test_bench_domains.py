@@ -18,7 +18,7 @@ import pytest
 from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR
 from sisa.train.domain import CPU_ISAS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 
 

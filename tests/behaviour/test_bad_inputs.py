@@ -31,7 +31,7 @@ from sisa.errors import ConfigError, DataError, ModelError, SisaError, StoreErro
 from sisa.evaluate.settings import load_evaluate_config
 from tests.conftest import blobs, small_config, store_digest
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.bad_inputs]
 
 D = 6  # features per sample of the module's store
 N = 300  # samples in it (ids 0..299), 3 classes, shards=3, slices=3

@@ -18,7 +18,7 @@ from sisa.train import orchestrator
 from sisa.train.slices import StoredSlices
 from sisa.train.trainer import ShardJob, SliceData, StageResult, train_shard
 from tests.conftest import blobs, live_state, small_config
-from tests.test_trainer import make_job
+from tests.train.test_trainer import make_job
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -21,7 +21,7 @@ from sisa.errors import ConfigError, TrainingError
 from sisa.train import orchestrator
 from sisa.train.trainer import load_checkpoint, nondeterministic_op, train_epochs, train_shard
 from tests.conftest import small_config
-from tests.test_trainer import make_job
+from tests.train.test_trainer import make_job
 
 
 class _PutLogits(nn.Module):
@@ -49,12 +49,12 @@ class _Raises(nn.Module):
 
 
 def put_model(input_shape: Sequence[int], num_classes: int, **options: Any) -> nn.Module:
-    """``model.name=tests.test_precision:put_model``."""
+    """``model.name=tests.train.test_precision:put_model``."""
     return _PutLogits(int(torch.Size(input_shape).numel()), num_classes)
 
 
 def raising_model(input_shape: Sequence[int], num_classes: int, **options: Any) -> nn.Module:
-    """``model.name=tests.test_precision:raising_model``."""
+    """``model.name=tests.train.test_precision:raising_model``."""
     return _Raises(int(torch.Size(input_shape).numel()), num_classes)
 
 
@@ -102,7 +102,7 @@ def test_train_epochs_keeps_its_positional_signature() -> None:
 
 # ----------------------------------------------------------------------------- determinism errors
 def test_op_without_deterministic_implementation_raises_training_error() -> None:
-    job = make_job(small_config("model.name=tests.test_precision:put_model"))
+    job = make_job(small_config("model.name=tests.train.test_precision:put_model"))
     with pytest.raises(TrainingError) as err:
         list(train_shard(job))
     message = str(err.value)
@@ -114,13 +114,13 @@ def test_op_without_deterministic_implementation_raises_training_error() -> None
 
 
 def test_the_error_travels_through_the_orchestrator_as_training_error() -> None:
-    job = make_job(small_config("model.name=tests.test_precision:put_model"))
+    job = make_job(small_config("model.name=tests.train.test_precision:put_model"))
     with pytest.raises(TrainingError, match="put_"):
         orchestrator.execute(orchestrator.LOCAL, [job], lambda _: None)
 
 
 def test_other_runtime_errors_are_not_labelled_as_determinism() -> None:
-    job = make_job(small_config("model.name=tests.test_precision:raising_model"))
+    job = make_job(small_config("model.name=tests.train.test_precision:raising_model"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as err:
         list(train_shard(job))
     assert not isinstance(err.value, TrainingError)

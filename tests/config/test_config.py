@@ -19,7 +19,7 @@ from sisa.errors import ConfigError
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 from tests.conftest import store_digest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist.yaml", "fashion_mnist_cnn.yaml", "tiny.yaml"])
@@ -107,7 +107,7 @@ def test_evaluate_section_is_validated_by_the_evaluate_layer(override: str, mess
     with pytest.raises(ConfigError) as err:
         load_evaluate_config(None, [override])
     assert message in str(err.value)
-    # sisa.load_config sets the section aside unread (the CLI checks it: tests/test_cli.py).
+    # sisa.load_config sets the section aside unread (the CLI checks it: tests/cli/test_cli.py).
     assert load_config(None, [override]) == SisaConfig()
 
 

@@ -92,7 +92,7 @@ def test_the_original_memorised_the_forget_set(problem: tuple, retrain_scores: t
 
 # newton is one local step from a model that is not at the regularised optimum: on this
 # memorising network it goes part of the way only (measured: 40% of the forget accuracy drop);
-# tests/test_newton.py checks it against its own, weaker promise.
+# tests/evaluate/test_newton.py checks it against its own, weaker promise.
 @pytest.mark.kernels
 @pytest.mark.parametrize("method", sorted(set(APPROXIMATE_METHODS) - {"newton"}))
 def test_each_method_forgets_keeps_the_rest_and_leaves_its_input_alone(

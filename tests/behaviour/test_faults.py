@@ -24,7 +24,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
 from tests.conftest import blobs, files_containing, live_state, small_config, store_digest
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.faults]
 
 KILLS = 20
 

@@ -62,6 +62,8 @@ from sisa.errors import ConfigError
 from sisa.train.domain import PIN_VARS
 from tests.conftest import ROOT, blobs, live_state, store_digest
 
+pytestmark = pytest.mark.cluster
+
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 # Ray's dashboard and job server dependencies (what ray[default] adds), installed beside the venv by

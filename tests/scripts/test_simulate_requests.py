@@ -20,7 +20,7 @@ from sisa.partition import cost_model as cm
 from sisa.partition.assign import uniform_assignment
 from tests.conftest import blobs, small_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import simulate_requests as sim  # noqa: E402
 
 # A stream's ratio sim/model has a standard error se estimated from its own draws; 4 se

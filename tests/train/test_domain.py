@@ -118,7 +118,7 @@ def test_the_domain_is_what_the_process_runs_and_pins_set_at_start_count() -> No
 
 
 def test_a_worker_in_another_domain_refuses_before_training() -> None:
-    from tests.test_trainer import make_job
+    from tests.train.test_trainer import make_job
 
     here = domains.current(1)
     job = dataclasses.replace(make_job(), domain="0123456789abcdef")
@@ -133,7 +133,7 @@ def test_a_worker_in_another_domain_refuses_before_training() -> None:
 def test_local_child_survives_an_abandoned_job() -> None:
     # A commit that raises (or Ctrl-C) abandons a job mid-stream: the next job on the same runner
     # must not read the rest of the old answer.
-    from tests.test_trainer import make_job
+    from tests.train.test_trainer import make_job
 
     with LocalRunner("avx2", 1, "cpu") as runner:  # the child is ended on leaving the block
         if runner.in_process:
