@@ -52,7 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchlib import machine_info, script_parser  # noqa: E402
+from benchlib import machine_info, pyplot, save_figure, script_parser  # noqa: E402
 
 from sisa.config.settings import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
@@ -322,10 +322,7 @@ def plot(summary: dict[str, dict[str, Any]], title: str, path: Path) -> None:
         title: Figure title.
         path: PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(summary)
     width = 0.8 / len(LEVELS)
@@ -348,10 +345,7 @@ def plot(summary: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     ax.set_ylabel("samples/s relative to native (median; dots: runs)")
     ax.set_ylim(0, max(1.3, ax.get_ylim()[1]))
     ax.legend(fontsize=8, title="resources.cpu_isa", title_fontsize=8, loc="upper center", ncol=len(LEVELS))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,12 +34,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import machine_info, script_parser  # noqa: E402
+from benchlib import machine_info, pyplot, run_folder, save_figure, script_parser  # noqa: E402
 
 from sisa.config.settings import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.train import orchestrator  # noqa: E402
 
 POLICIES = ("exclude", "serve-clean", "serve-stale")
 
@@ -90,12 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = [int(k) for k in args.waiting.split(",")]
     cfg = load_config(args.config, args.overrides)
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-policies-"))
     info = machine_info()
     rows: list[dict[str, Any]] = []
     finals: dict[str, list[Any]] = {}
     ok = True
-    try:
+    with run_folder(args.workdir, "bench-policies-") as workdir:
         base = workdir / "base"
         with Ensemble.create(base, cfg) as ens:
             ens.ingest(train)
@@ -139,9 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
                 ok &= row["leaks"] == (policy == "serve-stale")
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
     same = all(all(f == v[0] for f in v) for v in finals.values())
     ok &= same
     result = {
@@ -168,10 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Accuracy and shards in service against the number of waiting ids, per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (acc, svc) = plt.subplots(1, 2, figsize=(10, 4))
     for k, policy in enumerate(POLICIES):
@@ -189,10 +180,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("waiting ids")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['config']} S={result['shards']} R={result['slices']} n={result['train']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['config']} S={result['shards']} R={result['slices']} n={result['train']}")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,14 +69,13 @@ import numpy as np
 
 # Let `python scripts/bench_sharding.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
+import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import SisaConfig, load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.partition.assign import shard_masses  # noqa: E402
 from sisa.partition.prior import write_prior  # noqa: E402
-from sisa.train import orchestrator  # noqa: E402
 
 # Each arm: the partition overrides of its store ({prior} is the run's prior file). The first arm of
 # a run is the baseline of its ratios.
@@ -99,33 +95,22 @@ QUICK_REQUESTS = 6
 FULL_REQUESTS = 20
 QUICK_COLD_REQUESTS = 2
 FULL_COLD_REQUESTS = 6
-WARMUP_SAMPLES = 400
 
 
 # --------------------------------------------------------------------------- options
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns:
-        The options; ``overrides`` holds the trailing ``key=value`` strings.
-    """
-    parser = script_parser(__doc__)
-    parser.add_argument("--config", type=Path, default=Path("configs/fashion_mnist.yaml"), help="YAML config")
-    parser.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help=f"single-id deletion requests (default {FULL_REQUESTS}; {QUICK_REQUESTS} with --quick)",
+    """Parse ``argv`` (default ``sys.argv[1:]``): the prior, requests and arms, run options, trailing ``overrides``."""
+    parser = benchlib.script_parser(__doc__, config=Path("configs/fashion_mnist.yaml"))
+    benchlib.add_mode_option(
+        parser, "--requests", kind=int, what="single-id deletion requests", full=FULL_REQUESTS, quick=QUICK_REQUESTS
     )
-    parser.add_argument(
+    benchlib.add_mode_option(
+        parser,
         "--cold-requests",
-        type=int,
-        default=None,
-        help=f"extra requests drawn from the cold ids only (default {FULL_COLD_REQUESTS}; "
-        f"{QUICK_COLD_REQUESTS} with --quick)",
+        kind=int,
+        what="extra requests drawn from the cold ids only",
+        full=FULL_COLD_REQUESTS,
+        quick=QUICK_COLD_REQUESTS,
     )
     parser.add_argument("--hot-fraction", type=float, default=0.05, help="fraction of ids that are often deleted")
     parser.add_argument("--hot-mass", type=float, default=0.9, help="share of the deletion mass those ids hold")
@@ -136,26 +121,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated stores to compare, the first is the baseline (from: {', '.join(ARMS)}; "
         "'+ordered' adds partition.slice_order: probability)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON output; the PNG goes beside it (default docs/bench/sharding.json; "
+    benchlib.add_run_options(
+        parser,
+        out=None,
+        out_help="JSON output; the PNG goes beside it (default docs/bench/sharding.json; "
         "results/bench_sharding_quick.json with --quick)",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="folder for the temporary stores and prior (default: the system tempdir); they are removed",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"smoke run: adds {' '.join(QUICK_OVERRIDES)}, {QUICK_REQUESTS} requests"
+        workdir_help="folder for the temporary stores and prior (default: the system tempdir); they are removed",
+        quick_help=f"smoke run: adds {' '.join(QUICK_OVERRIDES)}, {QUICK_REQUESTS} requests",
     )
     parser.add_argument(
         "--plot-only", type=Path, default=None, help="redraw the PNG beside this earlier JSON output, run nothing"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=5")
     args = parser.parse_args(argv)
     if not 0 < args.hot_fraction < 1 or not 0 < args.hot_mass < 1:
         raise SystemExit("--hot-fraction and --hot-mass must lie strictly between 0 and 1")
@@ -201,16 +177,6 @@ def draw_cold(ids: np.ndarray, hot: np.ndarray, k: int, taken: Sequence[int], se
 
 
 # --------------------------------------------------------------------------- stores
-def start_ray() -> float | None:
-    """Start a fresh local Ray instance with all cores; returns its CPU count."""
-    import ray
-
-    orchestrator.shutdown()
-    # address="local": a new local instance even when RAY_ADDRESS names a cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return ray.cluster_resources().get("CPU")
-
-
 def layout(ens: Ensemble) -> tuple[dict[int, tuple[int, int]], list[list[int]]]:
     """Where every sample lives now: id -> (shard, slice), and the samples per slice of each shard."""
     where: dict[int, tuple[int, int]] = {}
@@ -257,18 +223,12 @@ def build(
     Returns:
         The open ensemble and its row: times, accuracies, per-shard sizes and accuracies.
     """
-    ens = Ensemble.create(path, cfg)
+    ens, report, times = benchlib.build_and_fit(cfg, train, path)
     try:
-        t0 = time.perf_counter()
-        ens.ingest(train)
-        ingest_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report = ens.fit()
         row: dict[str, Any] = {
             "strategy": cfg.partition.strategy,
             "slice_order": cfg.partition.slice_order,
-            "ingest_s": ingest_s,
-            "fit_s": time.perf_counter() - t0,
+            **times,
             "compute_s": report.stage_seconds,
         }
         if test is not None:
@@ -279,26 +239,6 @@ def build(
         ens.close()
         raise
     return ens, row
-
-
-def samples_retrained(ens: Ensemble, cert: dict[str, Any]) -> dict[str, Any]:
-    """What one applied request retrained: the stage records named by its certificate.
-
-    Returns:
-        ``samples`` (sum of ``n_samples`` of the retrained stages), ``work`` (samples x
-        epochs), ``compute_s`` (their training seconds), ``stages`` and ``matches`` (the
-        records' sha256 are exactly the certificate's ``new_checkpoints``).
-    """
-    out = {"samples": 0, "work": 0, "compute_s": 0.0, "stages": 0, "matches": True}
-    with ens.store.read() as txn:
-        for key, info in cert["shards"].items():
-            new = [r for r in ens.store.stage_records(txn, int(key)) if r["stage"] > info["restart_stage"]]
-            out["matches"] = out["matches"] and [r["sha256"] for r in new] == list(info["new_checkpoints"])
-            out["samples"] += sum(int(r["n_samples"]) for r in new)
-            out["work"] += sum(int(r["n_samples"]) * int(r["epochs"]) for r in new)
-            out["compute_s"] += sum(float(r["seconds"]) for r in new)
-            out["stages"] += len(new)
-    return out
 
 
 def stages_cost(sizes: Sequence[int], slice_: int) -> int:
@@ -320,7 +260,10 @@ def timed_delete(ens: Ensemble, sample_id: int, hot: bool, predicted: int) -> di
     wall = time.perf_counter() - t0
     if cert.get("state") != "applied":
         raise RuntimeError(f"deletion of id {sample_id} was not applied: {cert.get('state')}")
-    got = samples_retrained(ens, cert)
+    cost = benchlib.retrain_cost(ens, cert)
+    # the work and compute from the certificate; samples and the checkpoint match from the store's records
+    got = {key: cost[key] for key in ("samples", "work", "compute_s", "stages")}
+    got["matches"] = cost["new_checkpoints_match"]
     return {
         "id": sample_id,
         "hot": hot,
@@ -426,10 +369,7 @@ def arm_ratios(arm: dict[str, Any], base: dict[str, Any]) -> dict[str, float | N
 
 def plot(res: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     """Three panels: shard sizes; samples retrained per request; delete() wall time per request."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = benchlib.pyplot()
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.4))
     width = 0.8 / len(res)
@@ -462,10 +402,7 @@ def plot(res: dict[str, dict[str, Any]], title: str, path: Path) -> None:
     for ax in (ax1, ax2, ax3):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------- main
@@ -478,18 +415,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot(old["results"], title, args.plot_only.with_suffix(".png"))
         print(f"wrote {args.plot_only.with_suffix('.png')}")
         return
-    n_requests = args.requests if args.requests is not None else (QUICK_REQUESTS if args.quick else FULL_REQUESTS)
-    n_cold = args.cold_requests
-    if n_cold is None:
-        n_cold = QUICK_COLD_REQUESTS if args.quick else FULL_COLD_REQUESTS
+    n_requests = benchlib.by_mode(args.requests, args.quick, QUICK_REQUESTS, FULL_REQUESTS)
+    n_cold = benchlib.by_mode(args.cold_requests, args.quick, QUICK_COLD_REQUESTS, FULL_COLD_REQUESTS)
     if n_requests < 1 or n_cold < 0:
         raise SystemExit(f"--requests={n_requests} must be >= 1 and --cold-requests={n_cold} >= 0")
     out = args.out or Path("results/bench_sharding_quick.json" if args.quick else "docs/bench/sharding.json")
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     base = load_config(args.config, overrides)
-    info = machine_info()
+    info = benchlib.machine_info()
     print(f"config {args.config} overrides {overrides or '(none)'}; {n_requests} requests", flush=True)
-    print(f"machine: {info['nproc']} cores ({usable_cpus()} usable), torch {info['torch']}, ray {info['ray']}")
+    print(f"machine: {info['nproc']} cores ({benchlib.usable_cpus()} usable), torch {info['torch']}, ray {info['ray']}")
     train, test = load_split(base.data, "train"), load_split(base.data, "test")
     print(f"data: {len(train)} train, {len(test)} test samples of shape {train.feature_shape}", flush=True)
     p, hot = skewed_prior(train.ids, args.hot_fraction, args.hot_mass, args.seed)
@@ -503,71 +438,66 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
 
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_sharding-", dir=args.workdir))
-    prior_path = write_prior(workdir / "prior.npz", train.ids, p)
-    configs = {
-        name: load_config(args.config, [*overrides, *(o.format(prior=prior_path) for o in ARMS[name])])
-        for name in args.arms
-    }
     started = time.perf_counter()
     res: dict[str, dict[str, Any]] = {}
     stores: dict[str, Ensemble] = {}
     layouts: dict[str, tuple[dict[int, tuple[int, int]], list[list[int]]]] = {}
-    try:
-        ray_cpus = start_ray()
-        t0 = time.perf_counter()
-        warm, _ = build(base, head(train, WARMUP_SAMPLES), None, workdir / "warmup")
-        warm.close()
-        print(f"Ray: {ray_cpus} CPUs; warm-up fit {time.perf_counter() - t0:.1f}s", flush=True)
-        for name in args.arms:
-            print(f"[{name}] ingest + fit ...", flush=True)
-            ens, row = build(configs[name], train, test, workdir / name)
-            stores[name] = ens
-            where, sizes = layout(ens)
-            layouts[name] = (where, [list(s) for s in sizes])
-            shard_of = np.array([where[i][0] for i in train.ids.tolist()])
-            row["shard_sizes"] = [sum(s) for s in sizes]
-            row["slice_sizes"] = sizes
-            row["expected_deletions_per_shard"] = shard_masses(shard_of, p, base.shards)
-            row["expected"] = expected_retrain(where, sizes, train.ids, p)
-            row["requests"] = []
-            row["cold_requests"] = []
-            res[name] = row
-            print(
-                f"  ingest {row['ingest_s']:.1f}s, fit {row['fit_s']:.1f}s; acc mean {row['acc_mean']:.4f} "
-                f"weighted {row['acc_weighted']:.4f}; shard sizes {row['shard_sizes']}",
-                flush=True,
-            )
-        sequence = [("requests", sid) for sid in requests] + [("cold_requests", sid) for sid in cold_requests]
-        for k, (kind, sid) in enumerate(sequence, 1):
-            for name in args.arms:  # alternate, so load on the machine falls on every arm alike
-                shard, slice_ = layouts[name][0][sid]
-                sizes_now = layouts[name][1][shard]
-                sizes_now[slice_] -= 1  # the retrain trains on the shard without the deleted id
-                q = timed_delete(stores[name], sid, hot_of[sid], stages_cost(sizes_now, slice_))
-                res[name][kind].append(q)
+    with benchlib.run_folder(args.workdir, "bench_sharding-") as workdir:
+        prior_path = write_prior(workdir / "prior.npz", train.ids, p)
+        configs = {
+            name: load_config(args.config, [*overrides, *(o.format(prior=prior_path) for o in ARMS[name])])
+            for name in args.arms
+        }
+        try:
+            ray_cpus = benchlib.start_ray()
+            warm = benchlib.warm_up(base, train, workdir / "warmup", per_stage=0)
+            print(f"Ray: {ray_cpus} CPUs; warm-up fit {warm:.1f}s", flush=True)
+            for name in args.arms:
+                print(f"[{name}] ingest + fit ...", flush=True)
+                ens, row = build(configs[name], train, test, workdir / name)
+                stores[name] = ens
+                where, sizes = layout(ens)
+                layouts[name] = (where, [list(s) for s in sizes])
+                shard_of = np.array([where[i][0] for i in train.ids.tolist()])
+                row["shard_sizes"] = [sum(s) for s in sizes]
+                row["slice_sizes"] = sizes
+                row["expected_deletions_per_shard"] = shard_masses(shard_of, p, base.shards)
+                row["expected"] = expected_retrain(where, sizes, train.ids, p)
+                row["requests"] = []
+                row["cold_requests"] = []
+                res[name] = row
                 print(
-                    f"  {kind[:-1].replace('_', ' ')} {k}/{len(sequence)} id {sid} ({'hot' if q['hot'] else 'cold'}) "
-                    f"{name}: shard {q['shards']} from slice {q['from_slice']}, {q['samples']} samples "
-                    f"retrained, {q['wall_s']:.2f}s",
+                    f"  ingest {row['ingest_s']:.1f}s, fit {row['fit_s']:.1f}s; acc mean {row['acc_mean']:.4f} "
+                    f"weighted {row['acc_weighted']:.4f}; shard sizes {row['shard_sizes']}",
                     flush=True,
                 )
-        for name in args.arms:
-            last = res[name]["cold_requests" if cold_requests else "requests"][-1]["shards"]
-            t0 = time.perf_counter()
-            ok = bool(stores[name].verify(shards=last)["ok"])
-            res[name]["verify"] = {"shards": last, "ok": ok, "seconds": time.perf_counter() - t0}
-            res[name]["summary"] = summarize(
-                res[name]["requests"], res[name]["cold_requests"], res[name]["expected"]["samples"]
-            )
-            print(f"[{name}] verify shards {last}: ok={ok}", flush=True)
-    finally:
-        for ens in stores.values():
-            ens.close()
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)  # only the bench_sharding-* folder this run made
+            sequence = [("requests", sid) for sid in requests] + [("cold_requests", sid) for sid in cold_requests]
+            for k, (kind, sid) in enumerate(sequence, 1):
+                for name in args.arms:  # alternate, so load on the machine falls on every arm alike
+                    shard, slice_ = layouts[name][0][sid]
+                    sizes_now = layouts[name][1][shard]
+                    sizes_now[slice_] -= 1  # the retrain trains on the shard without the deleted id
+                    q = timed_delete(stores[name], sid, hot_of[sid], stages_cost(sizes_now, slice_))
+                    res[name][kind].append(q)
+                    print(
+                        f"  {kind[:-1].replace('_', ' ')} {k}/{len(sequence)} id {sid} "
+                        f"({'hot' if q['hot'] else 'cold'}) {name}: shard {q['shards']} from slice {q['from_slice']}, "
+                        f"{q['samples']} samples "
+                        f"retrained, {q['wall_s']:.2f}s",
+                        flush=True,
+                    )
+            for name in args.arms:
+                last = res[name]["cold_requests" if cold_requests else "requests"][-1]["shards"]
+                t0 = time.perf_counter()
+                ok = bool(stores[name].verify(shards=last)["ok"])
+                res[name]["verify"] = {"shards": last, "ok": ok, "seconds": time.perf_counter() - t0}
+                res[name]["summary"] = summarize(
+                    res[name]["requests"], res[name]["cold_requests"], res[name]["expected"]["samples"]
+                )
+                print(f"[{name}] verify shards {last}: ok={ok}", flush=True)
+        finally:
+            for ens in stores.values():
+                ens.close()
     total_s = time.perf_counter() - started
 
     baseline = res[args.arms[0]]
@@ -575,13 +505,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_report(res, ratios, n_requests)
     print(f"total {total_s / 60:.1f} min")
 
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = benchlib.loadavg()
     info["ray_cpus"] = ray_cpus
     result = {
-        "config_path": str(args.config),
-        "overrides": overrides,
-        "quick": args.quick,
-        "config": config_to_dict(base),
+        **benchlib.run_header(args.config, overrides, args.quick, base),
         "prior": {
             "hot_fraction": args.hot_fraction,
             "hot_mass": args.hot_mass,
@@ -601,8 +528,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"ratios_over_{args.arms[0]}": ratios,
         "notes": {
             "samples": "sum of n_samples over the stages a request retrained (stage j trains on slices 1..j)",
-            "work": "samples x epochs of those stages",
-            "compute_s": "sum of those stage records' training seconds",
+            "work": "samples x epochs of those stages (the certificate's sample_epochs)",
+            "compute_s": "sum of those stages' training seconds (the certificate's compute_seconds)",
             "wall_s": "perf_counter around Ensemble.delete([id]): journal, retrain on Ray, compaction, certificate",
             "expected": "mean samples retrained per request under the prior, from the layout before any deletion",
             "exact": "measured samples == the layout's prediction for that id (and records == certificate)",
@@ -615,11 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{int(hot.sum())} hot ids hold {args.hot_mass:.0%} | {info['nproc']} cores, {info['date']}"
     )
     result["title"] = title
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    png = out.with_suffix(".png")
-    plot(res, title, png)
-    print(f"\nwrote {out} and {png}")
+    benchlib.write_results(out, result, lambda png: plot(res, title, png))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterable, Sequence
@@ -40,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
+from benchlib import head, loadavg, machine_info, pyplot, run_folder, save_figure, script_parser, usable_cpus  # noqa: E402
 
 from sisa.config.settings import SisaConfig, load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
@@ -128,10 +125,7 @@ def summarise(memory: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[
 
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     """Driver peak heap and wall time per mode, as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (mem, wall) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r["mode"] for r in rows]
@@ -143,10 +137,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     wall.legend()
     for ax in (mem, wall):
         ax.tick_params(axis="x", rotation=15)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,9 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [f"shards={args.shards}", f"slices={args.slices}", f"train.epochs={args.epochs}"]
     cfg = load_config(args.config, overrides)
     train = head(load_split(cfg.data, "train"), args.samples)
-    workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-shipping-"))
     info = machine_info()
-    try:
+    with run_folder(args.workdir, "bench-shipping-") as workdir:
         ens = Ensemble.create(workdir / "store", cfg)
         ens.ingest(train)
         with ens.store.read() as txn:
@@ -179,10 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  repeat {rep + 1} {mode:>15}: {run['seconds']:.2f} s", flush=True)
                 runs.append(run)
         ens.close()
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
-    info["loadavg_end"] = list(os.getloadavg())
+    info["loadavg_end"] = loadavg()
     same = all(r["sha"] == runs[0]["sha"] for r in memory + runs)
     rows = summarise(memory, runs)
     shard_mb = [sum(s) * sample_bytes / MB for s in sizes]

@@ -32,12 +32,9 @@ Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,13 +46,11 @@ from torch import nn
 
 # Let `python scripts/bench_train.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, script_parser  # noqa: E402
+import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import SisaConfig, load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
-from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.evaluate.monolithic import single_stage_job  # noqa: E402
-from sisa.train import orchestrator  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 from sisa.train.trainer import derive_seed, train_shard  # noqa: E402
 
@@ -63,69 +58,23 @@ QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=2000", "train.epoch
 QUICK_SHARDS = (1, 2, 4)
 FULL_SHARDS = (1, 2, 4, 8, 16)
 OVERHEAD_REPEATS = 3
-WARMUP_MIN_SAMPLES = 200
-
-TARGET_ACC_GAP_PP = 2.0
-TARGET_SPEEDUP = 1.7
-TARGET_TRAINER_RATIO = 0.9
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns:
-        The options; ``overrides`` holds the trailing ``key=value`` strings.
-    """
-    parser = script_parser(__doc__)
-    parser.add_argument("--config", type=Path, default=Path("configs/fashion_mnist_cnn.yaml"), help="YAML config")
-    parser.add_argument(
+    """Parse ``argv`` (default ``sys.argv[1:]``): shard counts and slices, run options, trailing ``overrides``."""
+    parser = benchlib.script_parser(__doc__, config=Path("configs/fashion_mnist_cnn.yaml"))
+    benchlib.add_mode_option(
+        parser,
         "--shards",
-        type=str,
-        default=None,
-        help=f"comma-separated shard counts S (default {','.join(map(str, FULL_SHARDS))}; "
-        f"{','.join(map(str, QUICK_SHARDS))} with --quick)",
+        kind=str,
+        what="comma-separated shard counts S",
+        full=",".join(map(str, FULL_SHARDS)),
+        quick=",".join(map(str, QUICK_SHARDS)),
     )
     parser.add_argument("--slices", type=int, default=4, help="slices R per shard of the SISA runs")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/bench_train.json"), help="JSON output; the PNG goes beside it"
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="folder for the temporary stores (default: the system tempdir); they are removed",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke run: adds {' '.join(QUICK_OVERRIDES)} and shards {','.join(map(str, QUICK_SHARDS))}",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=5")
+    quick = f"smoke run: adds {' '.join(QUICK_OVERRIDES)} and shards {','.join(map(str, QUICK_SHARDS))}"
+    benchlib.add_run_options(parser, out=Path("results/bench_train.json"), quick_help=quick)
     return parser.parse_args(argv)
-
-
-def parse_shards(text: str | None, quick: bool) -> list[int]:
-    """Turn ``--shards`` into a sorted list of distinct positive ints.
-
-    Args:
-        text: The option value, or ``None`` for the default of the mode.
-        quick: Whether ``--quick`` was given.
-
-    Returns:
-        The shard counts to benchmark.
-    """
-    if text is None:
-        return list(QUICK_SHARDS if quick else FULL_SHARDS)
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError as exc:
-        raise SystemExit(f"--shards={text!r} must be comma-separated integers, e.g. 1,2,4,8") from exc
-    if not values or values[0] < 1:
-        raise SystemExit(f"--shards={text!r} must list positive integers")
-    return values
 
 
 def run_store(
@@ -144,21 +93,18 @@ def run_store(
         Timings (ingest, fit wall, compute) and, with ``test``, the accuracies.
     """
     path = workdir / name
-    ens = Ensemble.create(path, cfg)
     try:
-        t0 = time.perf_counter()
-        ens.ingest(train)
-        ingest_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report = ens.fit()
-        fit_s = time.perf_counter() - t0
+        ens, report, times = benchlib.build_and_fit(cfg, train, path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    try:
         row: dict[str, Any] = {
             "shards": cfg.shards,
             "slices": cfg.slices,
             "epochs_per_stage": cfg.train.stage_epochs(cfg.slices),
             "train_samples": len(train),
-            "ingest_s": ingest_s,
-            "fit_s": fit_s,
+            **times,
             "fit_report_s": report.seconds,
             "compute_s": report.stage_seconds,
             "stages_trained": sum(len(v) for v in report.trained.values()),
@@ -176,39 +122,6 @@ def run_store(
     finally:
         ens.close()
         shutil.rmtree(path, ignore_errors=True)
-
-
-def warm_up(cfg: SisaConfig, train: LabeledArrays, workdir: Path, name: str) -> float:
-    """Fit a tiny store with ``cfg`` so Ray workers are started and have imported torch.
-
-    Args:
-        cfg: Config of the fit to warm up for (same shards, so as many workers start).
-        train: Training data; only its first few hundred samples are used.
-        workdir: Parent directory of the throw-away store.
-        name: Store directory name.
-
-    Returns:
-        Wall seconds of the warm-up fit.
-    """
-    n = min(len(train), max(WARMUP_MIN_SAMPLES, 8 * cfg.shards * cfg.slices))
-    return float(run_store(cfg, head(train, n), None, workdir, name)["fit_s"])
-
-
-def restart_ray(num_cpus: int | None) -> None:
-    """Stop any Ray instance of this process and start a local one with ``num_cpus`` CPUs.
-
-    Args:
-        num_cpus: CPUs of the new instance; ``None`` starts it through
-            ``sisa.train.orchestrator.connect()`` with all cores.
-    """
-    import ray
-
-    orchestrator.shutdown()
-    if num_cpus is None:
-        orchestrator.connect()
-    else:
-        # address="local": a new local instance even when RAY_ADDRESS names a cluster.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def plain_loop(cfg: SisaConfig, x_np: np.ndarray, y_np: np.ndarray, epochs: int) -> float:
@@ -332,6 +245,11 @@ def trainer_overhead(cfg: SisaConfig, train: LabeledArrays, repeats: int = OVERH
     }
 
 
+TARGET_ACC_GAP_PP = 2.0
+TARGET_SPEEDUP = 1.7
+TARGET_TRAINER_RATIO = 0.9
+
+
 def plot(mono: dict[str, Any], rows: list[dict[str, Any]], slices: int, title: str, path: Path) -> None:
     """Two panels: test accuracy vs S and fit wall time vs S, monolithic as a horizontal line.
 
@@ -342,10 +260,7 @@ def plot(mono: dict[str, Any], rows: list[dict[str, Any]], slices: int, title: s
         title: Figure title.
         path: PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = benchlib.pyplot()
 
     s = [r["shards"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -370,10 +285,7 @@ def plot(mono: dict[str, Any], rows: list[dict[str, Any]], slices: int, title: s
         ax.set_xticklabels([str(v) for v in s])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, title, fontsize=10)
 
 
 def print_table(mono: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -396,12 +308,13 @@ def print_table(mono: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run all four measurements and write the table, JSON and PNG."""
     args = parse_args(argv)
-    shard_list = parse_shards(args.shards, args.quick)
+    default_shards = (",".join(map(str, QUICK_SHARDS)), ",".join(map(str, FULL_SHARDS)))
+    shard_list = benchlib.parse_ints(benchlib.by_mode(args.shards, args.quick, *default_shards), "shards")
     if args.slices < 1:
         raise SystemExit(f"--slices={args.slices} must be >= 1")
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     base = load_config(args.config, overrides)
-    info = machine_info()
+    info = benchlib.machine_info()
     print(f"config {args.config} overrides {overrides or '(none)'}; shards {shard_list}, R={args.slices}", flush=True)
     print(f"machine: {info['nproc']} cores, torch {info['torch']}, ray {info['ray']}", flush=True)
 
@@ -409,15 +322,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     test = load_split(base.data, "test")
     print(f"data: {len(train)} train, {len(test)} test samples of shape {train.feature_shape}", flush=True)
 
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_train-", dir=args.workdir))
     speed_s = max([s for s in shard_list if s <= 8], default=shard_list[0])
 
     def cfg_for(shards: int, slices: int, extra: Sequence[str] = ()) -> SisaConfig:
         return load_config(args.config, [*overrides, f"shards={shards}", f"slices={slices}", *extra])
 
-    try:
+    with benchlib.run_folder(args.workdir, "bench_train-") as workdir:
         # 4. Trainer overhead first: in-process, before any Ray worker exists.
         print("\n[1/4] trainer overhead (in-process, 1 thread, alternating) ...", flush=True)
         overhead = trainer_overhead(cfg_for(1, 1, ["train.epochs=1"]), train)
@@ -430,11 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         # 1 + 2. Monolithic and SISA on one Ray instance with all cores.
         print("\n[2/4] Ray with all cores: warm-up ...", flush=True)
-        restart_ray(None)
-        import ray
-
-        ray_cpus = ray.cluster_resources().get("CPU")
-        warm_all = warm_up(cfg_for(max(shard_list), args.slices), train, workdir, "warmup-all")
+        ray_cpus = benchlib.start_ray()
+        warm_all = benchlib.warm_up(cfg_for(max(shard_list), args.slices), train, workdir / "warmup-all", samples=200)
         print(f"  warm-up fit {warm_all:.2f}s on {ray_cpus} Ray CPUs", flush=True)
         print("[2/4] monolithic ...", flush=True)
         mono_cfg = cfg_for(1, 1)
@@ -455,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         speed_cfg = cfg_for(speed_s, args.slices)
         for cpus in (1, 2):
             print(f"[4/4] speedup: Ray with {cpus} CPU(s), S={speed_s} ...", flush=True)
-            restart_ray(cpus)
-            warm = warm_up(speed_cfg, train, workdir, f"warmup-{cpus}cpu")
+            benchlib.start_ray(cpus)
+            warm = benchlib.warm_up(speed_cfg, train, workdir / f"warmup-{cpus}cpu", samples=200)
             run = run_store(speed_cfg, train, None, workdir, f"speed-{cpus}cpu")
             speed[f"cpus{cpus}"] = {"warmup_fit_s": warm, **run}
             print(f"  warm-up {warm:.2f}s, fit {run['fit_s']:.2f}s, compute {run['compute_s']:.2f}s", flush=True)
@@ -465,9 +372,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             "each timed fit ran on a fresh Ray instance after one tiny warm-up fit with the same config "
             "(worker start-up and torch import excluded); speedup = fit_s(1 cpu) / fit_s(2 cpus)"
         )
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)  # only the bench_train-* folder this run made
 
     ref = next(r for r in rows if r["shards"] == speed_s)
     gap_pp = 100 * (ref["acc_mean"] - mono["acc_mean"])
@@ -504,13 +408,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"by CPU time {overhead['ratio_ours_over_plain_cpu']:.3f}"
     )
 
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = benchlib.loadavg()
     info["ray_cpus_all_cores_run"] = ray_cpus
     result = {
-        "config_path": str(args.config),
-        "overrides": overrides,
-        "quick": args.quick,
-        "config": config_to_dict(base),
+        **benchlib.run_header(args.config, overrides, args.quick, base),
         "shards_list": shard_list,
         "slices": args.slices,
         "data": {"train": len(train), "test": len(test), "feature_shape": list(train.feature_shape)},
@@ -522,15 +423,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "trainer_overhead": overhead,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    png = args.out.with_suffix(".png")
     title = (
         f"{args.config.name} {' '.join(overrides)} | {len(train)} train / {len(test)} test | "
         f"{info['nproc']} cores, {info['date']}"
     )
-    plot(mono, rows, args.slices, title, png)
-    print(f"\nwrote {args.out} and {png}")
+    benchlib.write_results(args.out, result, lambda png: plot(mono, rows, args.slices, title, png))
 
 
 if __name__ == "__main__":

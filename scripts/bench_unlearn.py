@@ -57,13 +57,10 @@ Trailing ``key=value`` arguments are config overrides, e.g. ``train.epochs=5``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,72 +70,38 @@ import numpy as np
 
 # Let `python scripts/bench_unlearn.py` find the package without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
+import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import SisaConfig, load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.partition.assign import uniform_assignment  # noqa: E402
 from sisa.partition.cost_model import (  # noqa: E402
     drawn_work,
     expected_work,
     expected_work_closed_form,
 )
-from sisa.train import orchestrator  # noqa: E402
 
 QUICK_OVERRIDES = ("data.train_limit=6000", "data.test_limit=1000", "train.epochs=2", "model.name=mlp")
 QUICK_SETTINGS = "4x4"
 QUICK_BATCHES = "1,10,100"
 FULL_SETTINGS = "8x4,16x8"
 FULL_BATCHES = "1,10,100,1000"
-WARMUP_SAMPLES = 400
-
-TARGET_WORK_RATIO_K = 100
-TARGET_WORK_RATIO = 1.25
-TARGET_EFFICIENCY = 0.8
 
 
 # --------------------------------------------------------------------------- options
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns:
-        The options; ``overrides`` holds the trailing ``key=value`` strings.
-    """
-    parser = script_parser(__doc__)
-    parser.add_argument("--config", type=Path, default=Path("configs/fashion_mnist_cnn.yaml"), help="YAML config")
-    parser.add_argument(
-        "--settings",
-        type=str,
-        default=None,
-        help=f"comma-separated SxR pairs (default {FULL_SETTINGS}; {QUICK_SETTINGS} with --quick)",
+    """Parse ``argv`` (default ``sys.argv[1:]``): settings, deletions, batches, run options, trailing ``overrides``."""
+    parser = benchlib.script_parser(__doc__, config=Path("configs/fashion_mnist_cnn.yaml"))
+    benchlib.add_mode_option(
+        parser, "--settings", kind=str, what="comma-separated SxR pairs", full=FULL_SETTINGS, quick=QUICK_SETTINGS
     )
     parser.add_argument("--singles", type=int, default=5, help="single-id deletions per setting (median reported)")
-    parser.add_argument(
-        "--batches",
-        type=str,
-        default=None,
-        help=f"comma-separated batch sizes K (default {FULL_BATCHES}; {QUICK_BATCHES} with --quick)",
+    benchlib.add_mode_option(
+        parser, "--batches", kind=str, what="comma-separated batch sizes K", full=FULL_BATCHES, quick=QUICK_BATCHES
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random ids to delete")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/bench_unlearn.json"), help="JSON output; the PNG goes beside it"
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="folder for the temporary stores (default: the system tempdir); they are removed",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke run: adds {' '.join(QUICK_OVERRIDES)}, settings {QUICK_SETTINGS}, batches {QUICK_BATCHES}",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=5")
+    quick = f"smoke run: adds {' '.join(QUICK_OVERRIDES)}, settings {QUICK_SETTINGS}, batches {QUICK_BATCHES}"
+    benchlib.add_run_options(parser, out=Path("results/bench_unlearn.json"), quick_help=quick)
     return parser.parse_args(argv)
 
 
@@ -166,34 +129,6 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def parse_ints(text: str, name: str) -> list[int]:
-    """Turn a comma-separated option into a sorted list of distinct positive ints.
-
-    Raises:
-        SystemExit: On a non-integer or non-positive value.
-    """
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError as exc:
-        raise SystemExit(f"--{name}={text!r} must be comma-separated integers") from exc
-    if not values or values[0] < 1:
-        raise SystemExit(f"--{name}={text!r} must list positive integers")
-    return values
-
-
-# --------------------------------------------------------------------------- machine and Ray
-
-
-def start_ray() -> float | None:
-    """Start a fresh local Ray instance with all cores; returns its CPU count."""
-    import ray
-
-    orchestrator.shutdown()
-    # address="local": a new local instance even when RAY_ADDRESS names a cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return ray.cluster_resources().get("CPU")
-
-
 # --------------------------------------------------------------------------- stores
 
 
@@ -208,16 +143,9 @@ def build_store(cfg: SisaConfig, train: LabeledArrays, path: Path) -> tuple[Ense
     Returns:
         The open ensemble and the timings: ingest, fit wall, compute, stages, work.
     """
-    ens = Ensemble.create(path, cfg)
+    ens, report, times = benchlib.build_and_fit(cfg, train, path)
     try:
-        t0 = time.perf_counter()
-        ens.ingest(train)
-        ingest_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report = ens.fit()
-        fit_s = time.perf_counter() - t0
-        with ens.store.read() as txn:
-            records = [r for s in range(cfg.shards) for r in ens.store.stage_records(txn, s)]
+        records = benchlib.stage_records(ens)
     except BaseException:
         ens.close()
         raise
@@ -228,23 +156,12 @@ def build_store(cfg: SisaConfig, train: LabeledArrays, path: Path) -> tuple[Ense
         "cpus_per_shard": cfg.resources.cpus_per_shard,
         "epochs_per_stage": cfg.train.stage_epochs(cfg.slices),
         "train_samples": len(train),
-        "ingest_s": ingest_s,
-        "fit_s": fit_s,
+        **times,
         "compute_s": report.stage_seconds,
         "stages_trained": sum(len(v) for v in report.trained.values()),
-        "work": sum(int(r["n_samples"]) * int(r["epochs"]) for r in records),
+        "work": benchlib.sample_epochs(records),
     }
     return ens, row
-
-
-def warm_up(cfg: SisaConfig, train: LabeledArrays, workdir: Path) -> float:
-    """Fit a tiny store with ``cfg`` so Ray workers are up and have imported torch; returns its wall seconds."""
-    path = workdir / "warmup"
-    n = min(len(train), max(WARMUP_SAMPLES, 8 * cfg.shards * cfg.slices))
-    ens, row = build_store(cfg, head(train, n), path)
-    ens.close()
-    shutil.rmtree(path, ignore_errors=True)
-    return float(row["fit_s"])
 
 
 def monolithic(cfg: SisaConfig, train: LabeledArrays, workdir: Path, name: str) -> dict[str, Any]:
@@ -270,11 +187,10 @@ def slice_sizes(ens: Ensemble) -> list[list[int]]:
 # sisa/cost_model.py (imported above), shared with scripts/simulate_requests.py.
 
 
-def first_slices(ids: Sequence[int], cfg: SisaConfig) -> dict[int, int]:
-    """Shard -> 1-based first slice holding one of ``ids`` (from the stable partition function)."""
-    shard, slice_ = uniform_assignment(np.asarray(ids, dtype=np.int64), cfg.seed, cfg.shards, cfg.slices)
+def first_slices(ens: Ensemble, ids: Sequence[int]) -> dict[int, int]:
+    """Shard -> 1-based first slice holding one of ``ids``, where the store placed them (call before deleting)."""
     out: dict[int, int] = {}
-    for s, r in zip(shard.tolist(), slice_.tolist(), strict=True):
+    for s, r in ens.locate(list(ids)).values():
         out[s] = min(out.get(s, r + 1), r + 1)
     return out
 
@@ -324,29 +240,6 @@ def cost_model(sizes: Sequence[Sequence[int]], cfg: SisaConfig, ks: Sequence[int
 
 
 # --------------------------------------------------------------------------- deletions
-def retrained(ens: Ensemble, cert: dict[str, Any]) -> dict[str, Any]:
-    """What a deletion retrained, read back from the store's stage records.
-
-    Args:
-        ens: The ensemble just after the deletion.
-        cert: Its certificate.
-
-    Returns:
-        Stages retrained, their summed compute seconds and work (``n_samples x epochs``),
-        and whether their checkpoints are exactly the certificate's ``new_checkpoints``.
-    """
-    stages = compute = work = 0
-    match = True
-    with ens.store.read() as txn:
-        for key, info in cert["shards"].items():
-            new = [r for r in ens.store.stage_records(txn, int(key)) if r["stage"] > info["restart_stage"]]
-            stages += len(new)
-            compute += sum(float(r["seconds"]) for r in new)
-            work += sum(int(r["n_samples"]) * int(r["epochs"]) for r in new)
-            match = match and [r["sha256"] for r in new] == list(info["new_checkpoints"])
-    return {"stages": stages, "compute_s": compute, "work": work, "new_checkpoints_match": match}
-
-
 def timed_delete(ens: Ensemble, ids: Sequence[int], expected: float) -> dict[str, Any]:
     """Delete ``ids`` as one request and measure it.
 
@@ -361,13 +254,13 @@ def timed_delete(ens: Ensemble, ids: Sequence[int], expected: float) -> dict[str
         these very ids.
     """
     cfg = ens.config
+    firsts = first_slices(ens, ids)
     t0 = time.perf_counter()
     cert = ens.delete(list(ids))
     wall = time.perf_counter() - t0
     if cert.get("state") != "applied":
         raise RuntimeError(f"deletion of {len(ids)} id(s) was not applied: {cert.get('state')}")
-    got = retrained(ens, cert)
-    firsts = first_slices(ids, cfg)
+    got = benchlib.retrain_cost(ens, cert)
     predicted = drawn_work(slice_sizes(ens), cfg.train.stage_epochs(cfg.slices), firsts)
     from_slice = {int(k): int(v["from_slice"]) for k, v in cert["shards"].items()}
     return {
@@ -549,6 +442,11 @@ def run_setting(
 
 
 # --------------------------------------------------------------------------- report
+TARGET_WORK_RATIO_K = 100
+TARGET_WORK_RATIO = 1.25
+TARGET_EFFICIENCY = 0.8
+
+
 def print_setting(res: dict[str, Any], mono: dict[str, dict[str, Any]]) -> None:
     """Print one setting's table: median single deletion and each batch against the cost model."""
     model, full = res["cost_model"], res["full_fit"]
@@ -614,10 +512,7 @@ def plot(results: list[dict[str, Any]], mono: dict[str, dict[str, Any]], title: 
         title: Figure title.
         path: PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = benchlib.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -655,24 +550,21 @@ def plot(results: list[dict[str, Any]], mono: dict[str, dict[str, Any]], title: 
         ax.set_xlabel("ids per request K")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    benchlib.save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the monolithic baselines and every setting; write the tables, JSON and PNG."""
     args = parse_args(argv)
-    settings = parse_settings(args.settings or (QUICK_SETTINGS if args.quick else FULL_SETTINGS))
-    batches = parse_ints(args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES), "batches")
+    settings = parse_settings(benchlib.by_mode(args.settings, args.quick, QUICK_SETTINGS, FULL_SETTINGS))
+    batches = benchlib.parse_ints(benchlib.by_mode(args.batches, args.quick, QUICK_BATCHES, FULL_BATCHES), "batches")
     if args.singles < 0:
         raise SystemExit(f"--singles={args.singles} must be >= 0")
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     base = load_config(args.config, overrides)
-    info = machine_info()
-    cores = usable_cpus()
+    info = benchlib.machine_info()
+    cores = benchlib.usable_cpus()
     print(
         f"config {args.config} overrides {overrides or '(none)'}; settings "
         f"{', '.join(f'{s}x{r}' for s, r in settings)}; singles {args.singles}; batches {batches}",
@@ -688,15 +580,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             [*overrides, f"shards={shards}", f"slices={slices}", "resources.threads_per_shard=1", *extra],
         )
 
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_unlearn-", dir=args.workdir))
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
-    try:
-        ray_cpus = start_ray()
+    with benchlib.run_folder(args.workdir, "bench_unlearn-") as workdir:
+        ray_cpus = benchlib.start_ray()
         s_max, r_max = max(settings)
-        warm = warm_up(cfg_for(s_max, r_max), train, workdir)
+        warm = benchlib.warm_up(cfg_for(s_max, r_max), train, workdir / "warmup")
         print(f"\nRay: {ray_cpus} CPUs; warm-up fit {warm:.2f}s", flush=True)
         print("[monolithic] 1 thread ...", flush=True)
         mono = {"same_threads": monolithic(cfg_for(1, 1), train, workdir, "mono-1thread")}
@@ -710,9 +599,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 shards, slices, cfg_for(shards, slices), train, workdir, mono, args.singles, batches, args.seed
             )
             results.append(res)
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)  # only the bench_unlearn-* folder this run made
     total_s = time.perf_counter() - started
 
     for res in results:
@@ -746,13 +632,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     print(f"total {total_s / 60:.1f} min")
 
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = benchlib.loadavg()
     info["ray_cpus"] = ray_cpus
     result = {
-        "config_path": str(args.config),
-        "overrides": overrides,
-        "quick": args.quick,
-        "config": config_to_dict(base),
+        **benchlib.run_header(args.config, overrides, args.quick, base),
         "settings": [f"{s}x{r}" for s, r in settings],
         "singles": args.singles,
         "batches": batches,
@@ -770,8 +653,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "work_ratio_k": TARGET_WORK_RATIO_K,
         },
         "notes": {
-            "work": "sample-epochs: sum over retrained stages of n_samples x epochs (n_samples = slices 1..stage)",
-            "compute_s": "sum of the retrained stage records' seconds (pure training + checkpoint encoding)",
+            "work": "sample-epochs: sum over retrained stages of n_samples x epochs (n_samples = slices 1..stage), "
+            "as the certificate's sample_epochs per shard",
+            "compute_s": "sum of the retrained stage records' seconds (pure training + checkpoint encoding), "
+            "as the certificate's compute_seconds per shard",
             "wall_s": "time.perf_counter around Ensemble.delete(): journal, retrain on Ray, compaction, certificate",
             "speedup_same_compute": "monolithic(1 thread) FitReport.stage_seconds / deletion compute_s",
             "speedup_same_threads": "monolithic(1 thread) fit wall / deletion wall",
@@ -780,15 +665,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "throughput_ratio": "(work / compute_s) of the deletion over that of the monolithic(1 thread) run",
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    png = args.out.with_suffix(".png")
     title = (
         f"{args.config.name} {' '.join(overrides)} | n={len(train)} | e={base.train.epochs} | "
         f"{info['nproc']} cores, {info['date']}"
     )
-    plot(results, mono, title, png)
-    print(f"\nwrote {args.out} and {png}")
+    benchlib.write_results(args.out, result, lambda png: plot(results, mono, title, png))
 
 
 if __name__ == "__main__":

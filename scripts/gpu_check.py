@@ -58,9 +58,7 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -75,7 +73,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import head, machine_info, script_parser, usable_cpus  # noqa: E402
+import benchlib  # noqa: E402
 
 from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
@@ -99,7 +97,7 @@ PINNED_FLAG = "SISA_GPU_CHECK_PINNED"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (trailing ``key=value`` strings are config overrides)."""
-    parser = script_parser(__doc__)
+    parser = benchlib.script_parser(__doc__)
     parser.add_argument(
         "--tiny", action="store_true", help="CPU smoke run on tiny settings (also SISA_GPU_CHECK_TINY=1, or no CUDA)"
     )
@@ -198,20 +196,14 @@ def load_train(cfg: SisaConfig) -> tuple[LabeledArrays, str]:
 
 def fit(cfg: SisaConfig, train: LabeledArrays, path: Path, address: str | None) -> tuple[Ensemble, dict[str, Any]]:
     """Create a store, ingest ``train``, fit it; returns the open ensemble and its timings."""
-    ens = Ensemble.create(path, cfg, address=address)
+    ens, report, times = benchlib.build_and_fit(cfg, train, path, address=address)
     try:
-        ens.ingest(train)
-        if cfg.resources.device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        report = ens.fit()
-        wall = time.perf_counter() - started
-        with ens.store.read() as txn:
-            records = [r for s in range(cfg.shards) for r in ens.store.stage_records(txn, s)]
+        records = benchlib.stage_records(ens)
     except BaseException:
         ens.close()
         raise
-    work = sum(int(r["n_samples"]) * int(r["epochs"]) for r in records)
+    wall = times["fit_s"]
+    work = benchlib.sample_epochs(records)
     per_shard = ens.status()["per_shard"]
     # Every stage's weights, in (shard, stage) order: two fits agree on it only if every stage does.
     stages = "\n".join(f"{r['shard']}:{r['stage']}:{r['weights']}" for r in records)
@@ -273,7 +265,7 @@ def cpu_store_check(train: LabeledArrays, path: Path, gpu_domain: str) -> dict[s
     """A small CPU store (``gpus_per_shard=0``) fitted on Ray and verified: its replay must run on the CPU."""
     overrides = [*TINY_OVERRIDES, f"shards={TINY_SHARDS}", "resources.gpus_per_shard=0", "resources.cpus_per_shard=1"]
     cfg = load_config(TINY_CONFIG, [*overrides, "resources.threads_per_shard=1"])
-    data = head(train, min(len(train), cfg.data.train_limit or len(train)))
+    data = benchlib.head(train, min(len(train), cfg.data.train_limit or len(train)))
     ens, fitted = fit(cfg, data, path, None)
     try:
         check = replay_check(ens, None, "cpu")
@@ -305,7 +297,6 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     result.update(
         {
             "mode": "gpu" if cuda else "cpu-smoke",
@@ -316,7 +307,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
                 "verify ran on the CPU)"
             ),
             "device": info,
-            "machine": machine_info(),
+            "machine": benchlib.machine_info(),
             # started with the pins: serial and monolithic training run in this process, in the shards' domain
             "pinned": {"cpu_isa": isa, "from_start": domains.pinned_from_start(isa)},
             "config_path": str(config),
@@ -325,21 +316,13 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
             "data": {"source": source, "train": len(train), "feature_shape": list(train.feature_shape)},
         }
     )
-    try:
-        orchestrator.shutdown()
-        ray.init(
-            address="local",
-            num_cpus=max(usable_cpus(), shards),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    with benchlib.run_folder(None, "gpu_check-") as workdir:
+        benchlib.start_ray(max(benchlib.usable_cpus(), shards))
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         t0 = time.perf_counter()
         # Ray workers start, import torch and initialise CUDA; this process warms up too (for serial and monolithic).
-        subset = head(train, min(len(train), max(WARMUP_SAMPLES, 4 * shards * cfg.slices)))
         for name, address in (("warm-ray", None), ("warm-local", orchestrator.LOCAL)):
-            warm, _ = fit(cfg, subset, workdir / name, address)
-            warm.close()
+            benchlib.warm_up(cfg, train, workdir / name, samples=WARMUP_SAMPLES, per_stage=4, address=address)
         result["warmup_s"] = time.perf_counter() - t0
         print(f"warm-up {result['warmup_s']:.1f}s", flush=True)
 
@@ -414,9 +397,6 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
         cpu = cpu_store_check(train, workdir / "cpu", str(result["domain"]["id"]))
         result["cpu_store_verify"] = cpu
         print(f"cpu store: domain {cpu['description']}; verify ok={cpu['ok']} on {cpu['replay_devices']}", flush=True)
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
     result["total_s"] = time.perf_counter() - started
     checks = {
         "verify": result["verify"]["ok"],

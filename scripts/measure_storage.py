@@ -29,19 +29,17 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, script_parser  # noqa: E402
+from benchlib import head, machine_info, run_folder, script_parser, stage_records, start_ray  # noqa: E402
 
 from sisa.config.settings import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
-from sisa.train import orchestrator  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
@@ -67,10 +65,9 @@ def checkpoint_sizes(name: str, config: str, n: int, workdir: Path) -> dict[str,
     try:
         ens.ingest(train)
         ens.fit()
+        records = stage_records(ens)
         with ens.store.read() as txn:
-            blobs = [
-                len(ens.store.checkpoint(txn, r)) for s in range(cfg.shards) for r in ens.store.stage_records(txn, s)
-            ]
+            blobs = [len(ens.store.checkpoint(txn, r)) for r in records]
     finally:
         ens.close()
     shutil.rmtree(path, ignore_errors=True)
@@ -133,21 +130,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = sorted({int(v) for v in args.sizes.split(",") if v.strip()})
     if len(sizes) < 2:
         raise SystemExit("--sizes needs two sample counts (the slope between them is the per-sample size)")
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="measure_storage-", dir=args.workdir))
     info = machine_info()
     started = time.perf_counter()
-    try:
-        import ray
-
-        orchestrator.shutdown()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    with run_folder(args.workdir, "measure_storage-") as workdir:
+        start_ray()
         ckpt = {name: checkpoint_sizes(name, path, args.ckpt_samples, workdir) for name, path in CONFIGS.items()}
         samples = sample_storage(sizes, args.compact_repeats, workdir)
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
     for name, row in ckpt.items():
         print(
             f"{name}: {row['parameters']:,} parameters; checkpoint {row['bytes_mean']:,.0f} bytes "

@@ -273,6 +273,11 @@ def flagged(window: dict[str, Any], model: str) -> str:
     return sig(need) + (" †" if need > cap else "")
 
 
+def table_head(columns: Sequence[str]) -> list[str]:
+    """The header row and the separator row of a markdown table with these column titles."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/scaling.md."""
     thr, settings, stores = result["throughput"], result["plan"]["settings"], result["plan"]["stores"]
@@ -326,8 +331,7 @@ def markdown(result: dict[str, Any]) -> str:
         "(K=1), on one worker: it retrains one shard, so more workers do not shorten it. Cells: expected "
         "(worst case, the shard from slice 1, which is also the critical path of any large batch), MLP / CNN.\n"
     )
-    out.append("| S | R | " + " | ".join(f"N=10^{int(math.log10(n))}" for n in NS) + " |")
-    out.append("|---|---|" + "---|" * len(NS))
+    out += table_head(["S", "R", *(f"N=10^{int(math.log10(n))}" for n in NS)])
     for row in settings:
         cells = []
         for n in NS:
@@ -344,10 +348,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"Cells: immediate / hourly / daily; † = more workers than the apply can use at once (one request at "
             f"a time retrains one shard, so immediate needs <= 1; a batch runs one task per shard it touches).\n"
         )
-        out.append(
-            "| S | R | " + " | ".join(f"N=10^{int(math.log10(n))}, {rate}/h" for n in NS for rate in RATES) + " |"
-        )
-        out.append("|---|---|" + "---|" * (len(NS) * len(RATES)))
+        out += table_head(["S", "R", *(f"N=10^{int(math.log10(n))}, {rate}/h" for n in NS for rate in RATES)])
         for row in settings:
             cells = []
             for n in NS:
@@ -363,8 +364,7 @@ def markdown(result: dict[str, Any]) -> str:
         "of T hours at a rate of r requests/h collects K = r T ids: hourly at 10/h is K=10, daily 240; hourly "
         "at 1000/h is 1,000, daily 24,000. Applied immediately, one shard (1/S) is out while it retrains.\n"
     )
-    out.append("| S | " + " | ".join(f"K={k:,}" for k in AVAILABILITY_KS) + " |")
-    out.append("|---|" + "---|" * len(AVAILABILITY_KS))
+    out += table_head(["S", *(f"K={k:,}" for k in AVAILABILITY_KS)])
     for s in SHARDS:
         layout = cm.equal_layout(10**8, s, SLICES[0])
         cells = [f"{cm.expected_shards_touched(layout, k, replacement=False) / s:.0%}" for k in AVAILABILITY_KS]

@@ -58,7 +58,7 @@ Quick smoke run (``configs/tiny.yaml``: 1,200 samples, S=3, R=2; 60 requests; un
     .venv/bin/python scripts/soak.py --quick --out results/soak_quick.json
 
 Trailing ``key=value`` arguments are config overrides, e.g. ``data.train_limit=20000``.
-The core (:func:`run_soak`, :func:`check`) is importable; ``tests/test_soak.py`` runs it
+The core (:func:`run_soak`, :func:`check`) is importable; ``tests/behaviour/test_soak.py`` runs it
 at small scale.
 """
 
@@ -67,11 +67,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,9 +80,18 @@ import numpy as np
 # Let `python scripts/soak.py` find the package (and benchlib) without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
-from benchlib import machine_info, script_parser  # noqa: E402
+from benchlib import (  # noqa: E402
+    loadavg,
+    machine_info,
+    pyplot,
+    run_folder,
+    run_header,
+    save_figure,
+    script_parser,
+    write_results,
+)
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import SisaConfig, load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import NotTrainedError  # noqa: E402
@@ -200,7 +206,7 @@ def run_stream(
     for b, event in enumerate(events):
         if w.pause > 0:
             time.sleep(float(rng.exponential(w.pause)))
-        sent: list[tuple[list[int], dict[str, Any], dict[str, Any], float, float]] = []
+        sent: list[tuple[list[int], dict[int, dict[int, str]], dict[str, Any], float, float]] = []
         if event.kind == "single":
             ids = [next(ids_iter) for _ in range(event.sizes[0])]
             before = retired_keys(ens)
@@ -674,10 +680,7 @@ def print_report(res: dict[str, Any]) -> None:
 
 def plot(res: dict[str, Any], title: str, path: Path) -> None:
     """Prediction latency over time (apply windows shaded); acknowledged requests; apply latency per burst size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax4, ax2, ax3) = plt.subplots(4, 1, figsize=(12, 13))
     pred = res["predictions"]
@@ -734,10 +737,7 @@ def plot(res: dict[str, Any], title: str, path: Path) -> None:
     ax3.legend(fontsize=7)
     ax2.set_xlim(ax1.get_xlim())
     ax4.set_xlim(ax1.get_xlim())
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title, dpi=110)
 
 
 # --------------------------------------------------------------------------- main
@@ -794,43 +794,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"R={cfg.slices}; {w.requests} requests; machine {info['nproc']} cores",
         flush=True,
     )
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="soak-", dir=args.workdir))
     started = time.perf_counter()
-    try:
+    with run_folder(args.workdir, "soak-") as workdir:
         orchestrator.connect(None)
         res = run_soak(cfg, train, test.x, test.y, workdir, w)
-    finally:
-        orchestrator.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)  # only the soak-* folder this run made
     total_s = time.perf_counter() - started
     print_report(res)
     print(
         f"total {total_s:.1f}s (fit {res['train']['fit_s']:.1f}s, stream {res['summary']['stream_s']:.1f}s, "
         f"verify {res['summary']['verify_s']:.1f}s)"
     )
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = loadavg()
     out = {
-        "config_path": str(config),
-        "overrides": overrides,
-        "quick": args.quick,
-        "config": config_to_dict(cfg),
+        **run_header(config, overrides, args.quick, cfg),
         "workload": w.__dict__,
         "machine": info,
         "total_s": total_s,
         **res,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    png = args.out.with_suffix(".png")
     title = (
         f"soak: {' '.join([config.name, *overrides])} | S={cfg.shards} R={cfg.slices} n={len(train)} | "
         f"{w.requests} requests | reader {w.predict_rate:g}/s x {w.predict_batch} images | "
         f"{info['nproc']} cores, {info['date']}"
     )
-    plot(res, title, png)
-    print(f"\nwrote {args.out} and {png}; {'all checks passed' if res['ok'] else 'SOME CHECKS FAILED'}")
+    note = f"; {'all checks passed' if res['ok'] else 'SOME CHECKS FAILED'}"
+    write_results(args.out, out, lambda png: plot(res, title, png), indent=1, note=note)
     return 0 if res["ok"] else 1
 
 
