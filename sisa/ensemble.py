@@ -16,9 +16,9 @@ from torch import nn
 
 from sisa import unlearn
 from sisa.config.settings import SisaConfig, config_to_dict
-from sisa.config.stored import config_from_stored, require_config, require_same_fixed
+from sisa.config.stored import config_from_stored, refuse_config_at_open, require_config, require_same_fixed
 from sisa.data.arrays import check_labels
-from sisa.errors import ConfigError
+from sisa.data.batches import DEFAULT_BATCH, Columns
 from sisa.serve.serving import Serving
 from sisa.store import ingest as ingesting
 from sisa.store.database import Store
@@ -81,12 +81,7 @@ class Ensemble:
         Raises:
             ConfigError: If a ``config`` is passed.
         """
-        if config is not None:
-            raise ConfigError(
-                "Ensemble.open takes no config: a store keeps the config it was created with. To change it, "
-                "open the store and call ens.reconfigure(config) (recipe changes retrain at the next fit; "
-                "seed, shards, slices, partition and data.num_classes cannot change)"
-            )
+        refuse_config_at_open(config)
         ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
         try:
             if resume and not readonly:
@@ -119,11 +114,6 @@ class Ensemble:
         return self.planner.config
 
     @property
-    def address(self) -> str | None:
-        """The Ray address training runs on (None: ``RAY_ADDRESS`` or a local instance)."""
-        return self.planner.address
-
-    @property
     def feature_shape(self) -> tuple[int, ...] | None:
         """Shape of one sample, fixed by the first ingest."""
         shape = self.store.meta().get("feature_shape")
@@ -145,14 +135,26 @@ class Ensemble:
         self.planner.config = config
 
     def ingest(
-        self, x: Any, y: Any = None, ids: Any = None, *, new_slice: bool = False, probabilities: Any = None
+        self,
+        x: Any,
+        y: Any = None,
+        ids: Any = None,
+        *,
+        new_slice: bool = False,
+        probabilities: Any = None,
+        features: str | list[str] | None = None,
+        label: str | None = None,
+        id: str | None = None,  # noqa: A002 - the column's name, as Ray Data calls it
+        batch_size: int = DEFAULT_BATCH,
     ) -> int:
-        """Add samples, all-or-nothing, placed by the partitioner; see :func:`sisa.store.ingest.ingest`.
+        """Add samples, all or nothing, placed by the partitioner; see :func:`sisa.store.ingest.ingest`.
 
-        Returns:
-            Number of samples written.
+        ``x`` may be arrays, a torch Dataset, an iterator of batches or a ``ray.data.Dataset``
+        (streamed ``batch_size`` rows at a time; ``features``, ``label``, ``id`` name its columns).
         """
-        return ingesting.ingest(self.store, self.config, x, y, ids, new_slice=new_slice, probabilities=probabilities)
+        columns = Columns(features, label, id)
+        kwargs = {"new_slice": new_slice, "probabilities": probabilities, "batch_size": batch_size}
+        return ingesting.ingest(self.store, self.config, x, y, ids, columns=columns, **kwargs)
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
         """Train every missing or stale stage, in parallel on Ray; see :meth:`sisa.train.planner.Planner.fit`."""

@@ -52,7 +52,7 @@ __all__ = [
     "read_config_file",
 ]
 
-DATASETS = ("fashion-mnist", "npz", "csv", "idx")
+DATASETS = ("fashion-mnist", "npz", "csv", "idx", "parquet")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("recalibrated", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -78,7 +78,8 @@ class DataConfig:
     """Where training and test data come from.
 
     Attributes:
-        dataset: ``fashion-mnist`` (built in), ``npz``, ``csv`` or ``idx``.
+        dataset: ``fashion-mnist`` (built in), ``npz``, ``csv``, ``idx`` or ``parquet``
+            (needs pyarrow: ``pip install sisa[data]``).
         train: Path of the training file (npz/csv) or IDX images file.
         test: Path of the test file (npz/csv) or IDX images file.
         train_labels: IDX labels file for ``train`` (``idx`` only).
@@ -86,8 +87,11 @@ class DataConfig:
         root: Directory holding the Fashion-MNIST files (default: the Debian
             package's directory, then a download cache).
         num_classes: Number of classes; labels must lie in ``[0, num_classes)``.
-        label_column: CSV column holding the label.
-        id_column: CSV column holding the sample id (default: row number).
+        label_column: CSV / Parquet column holding the label.
+        id_column: CSV / Parquet column holding the sample id (default: row number).
+        feature_columns: Parquet columns holding the features: one column of arrays
+            (a tensor per row) or several scalar columns, stacked in this order; default:
+            every column but the label and id columns.
         train_limit: Use only the first N training samples (quick runs, tests).
         test_limit: Use only the first N test samples.
     """
@@ -101,13 +105,19 @@ class DataConfig:
     num_classes: int = 10
     label_column: str = "label"
     id_column: str | None = None
+    feature_columns: tuple[str, ...] | None = None
     train_limit: int | None = None
     test_limit: int | None = None
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
         _require(self.num_classes >= 2, f"data.num_classes={self.num_classes} must be >= 2")
-        if self.dataset in ("npz", "csv", "idx"):
+        _require(
+            self.feature_columns is None or (self.dataset == "parquet" and len(self.feature_columns) > 0),
+            f"data.feature_columns={self.feature_columns} names the feature columns of a parquet file: set "
+            "data.dataset: parquet, or drop it (csv takes every column but the label and id columns)",
+        )
+        if self.dataset in ("npz", "csv", "idx", "parquet"):
             _require(self.train is not None, f"data.dataset={self.dataset!r} needs data.train=PATH")
         if self.dataset == "idx":
             _require(self.train_labels is not None, "data.dataset='idx' needs data.train_labels=PATH")
@@ -474,6 +484,7 @@ FIELD_ROLES: dict[str, str] = {
     "data.root": FREE,
     "data.label_column": FREE,
     "data.id_column": FREE,
+    "data.feature_columns": FREE,
     "data.train_limit": FREE,
     "data.test_limit": FREE,
     "model.name": RECIPE,

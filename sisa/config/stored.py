@@ -8,7 +8,7 @@ from typing import Any
 from sisa.config.settings import SisaConfig, config_fields, config_from_dict, fixed_changes
 from sisa.errors import ConfigError
 
-__all__ = ["config_from_stored", "require_config", "require_same_fixed"]
+__all__ = ["config_from_stored", "refuse_config_at_open", "require_config", "require_same_fixed"]
 
 
 def config_from_stored(stored: Mapping[str, Any]) -> SisaConfig:
@@ -61,4 +61,18 @@ def require_same_fixed(old: SisaConfig, new: SisaConfig, where: object) -> None:
             f"{', '.join(changed)} of store {where} cannot change after creation "
             f"(stored: {', '.join(f'{k}={stored[k]}' for k in changed)}); they decide where samples live "
             "and what a label means: keep the stored values, or train a new --store"
+        )
+
+
+def refuse_config_at_open(config: object) -> None:
+    """``Ensemble.open`` takes no config: say how a stored config is changed instead.
+
+    Raises:
+        ConfigError: If ``config`` is not None.
+    """
+    if config is not None:
+        raise ConfigError(
+            "Ensemble.open takes no config: a store keeps the config it was created with. To change it, "
+            "open the store and call ens.reconfigure(config) (recipe changes retrain at the next fit; "
+            "seed, shards, slices, partition and data.num_classes cannot change)"
         )

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from sisa.errors import DataError
 
 __all__ = [
+    "items_to_arrays",
     "ID_RULE",
     "MAX_ID",
     "LabeledArrays",
@@ -73,13 +75,16 @@ def to_numpy(value: Any) -> np.ndarray:
         raise DataError(f"cannot make an array of the input ({exc}); give equal-length rows") from exc
 
 
-def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Stack a map-style Dataset of ``(features, label)`` items into x and y."""
-    if not hasattr(ds, "__len__"):
-        raise DataError("a Dataset passed as x needs len(); use a map-style Dataset")
+def items_to_arrays(ds: Any, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack the ``(features, label)`` items ``indices`` of a map-style Dataset into x and y.
+
+    Raises:
+        DataError: On an item that is not a pair, features of another shape than the first
+            item's, or a label that is not a scalar (naming the item).
+    """
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
-    for i in range(len(ds)):
+    for i in indices:
         item = ds[i]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataError(f"Dataset item {i} must be a (features, label) pair, not {item!r:.60}")
@@ -96,6 +101,13 @@ def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     if not xs:
         raise DataError("x is empty (0 samples); give at least one sample")
     return np.stack(xs), np.stack(ys)
+
+
+def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Stack a whole map-style Dataset of ``(features, label)`` items into x and y."""
+    if not hasattr(ds, "__len__"):
+        raise DataError("a Dataset passed as x needs len(); use a map-style Dataset")
+    return items_to_arrays(ds, range(len(ds)))
 
 
 def _check_x(x: np.ndarray, copy: bool) -> np.ndarray:

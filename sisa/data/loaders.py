@@ -16,7 +16,7 @@ import os
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,12 @@ import numpy as np
 
 from sisa.config.settings import DataConfig
 from sisa.data.arrays import MAX_ID, LabeledArrays, as_arrays, parse_id_text, validated
+from sisa.data.batches import Columns
 from sisa.errors import DataError
 
 __all__ = [
+    "load_parquet",
+    "parquet_batches",
     "MAX_ID",
     "LabeledArrays",
     "as_arrays",
@@ -380,6 +383,93 @@ def load_fashion_mnist(split: str, *, root: str | None = None) -> LabeledArrays:
     return load_idx(folder / names[0], folder / names[1], num_classes=10)
 
 
+def parquet_batches(
+    path: str | os.PathLike[str],
+    *,
+    label_column: str = "label",
+    id_column: str | None = None,
+    feature_columns: Sequence[str] | None = None,
+    batch_size: int = 8192,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read a Parquet file a record batch at a time, as dicts of numpy columns (bounded memory).
+
+    Args:
+        path: The Parquet file (or a directory of them, read as one dataset).
+        label_column: The label column.
+        id_column: The id column, or None to number the rows.
+        feature_columns: The feature columns (default: every column but the label and id columns).
+        batch_size: Rows per batch.
+
+    Yields:
+        ``{column: array}`` per batch, with exactly the label, id and feature columns.
+
+    Raises:
+        DataError: If pyarrow is missing, the file cannot be read, or a named column is missing.
+    """
+    try:
+        import pyarrow.dataset as pads
+    except ImportError:
+        raise DataError("data.dataset: parquet needs pyarrow; install it with pip install 'sisa[data]'") from None
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"Parquet file {p} does not exist; check data.train / data.test")
+    try:
+        dataset = pads.dataset(str(p), format="parquet")
+    except Exception as exc:  # pyarrow raises its own error types for a bad file
+        raise DataError(f"cannot read {p} as Parquet ({exc}); check data.train / data.test") from exc
+    names = list(dataset.schema.names)
+    for col, key in ((label_column, "label_column"), (id_column, "id_column")):
+        if col is not None and col not in names:
+            raise DataError(f"{p} has no column {col!r}; {_columns_hint(col, names)}; set data.{key}")
+    features = list(feature_columns) if feature_columns else [c for c in names if c not in (label_column, id_column)]
+    named = [c for c in features if c.lower() in _ID_NAMES] if id_column is None else []
+    if named:  # read as a feature, an id column would silently ruin training (as for CSV)
+        raise DataError(
+            f"{p} has a column {named[0]!r} that looks like sample ids; set data.id_column: {named[0]} to use it "
+            "as the ids, or list the feature columns in data.feature_columns"
+        )
+    for col in features:
+        if col not in names:
+            raise DataError(f"{p} has no column {col!r}; {_columns_hint(col, names)}; set data.feature_columns")
+    wanted = [*features, label_column, *([id_column] if id_column else [])]
+    for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
+        yield {name: batch.column(name).to_numpy(zero_copy_only=False) for name in wanted}
+
+
+def load_parquet(
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int,
+    label_column: str = "label",
+    id_column: str | None = None,
+    feature_columns: Sequence[str] | None = None,
+) -> LabeledArrays:
+    """Load a Parquet file into memory (``sisa.Ensemble.ingest`` streams one instead: pass a Ray Dataset).
+
+    Args:
+        path: The Parquet file.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+        label_column: The label column.
+        id_column: The id column (whole numbers); None numbers the rows ``0..n-1``.
+        feature_columns: One column of arrays, or scalar columns stacked in this order
+            (default: every column but the label and id columns).
+
+    Raises:
+        DataError: On a missing file or column, or bad values (as for any array input).
+    """
+    parts = []
+    batches = parquet_batches(path, label_column=label_column, id_column=id_column, feature_columns=feature_columns)
+    for k, batch in enumerate(batches):
+        features = [c for c in batch if c not in (label_column, id_column)]
+        parts.append(Columns(features, label_column, id_column).arrays(batch, f"{path} batch {k}"))
+    if not parts:
+        raise DataError(f"{path} holds no rows; give at least one sample")
+    x = np.concatenate([x for x, _, _ in parts])
+    y = np.concatenate([y for _, y, _ in parts])
+    ids = None if id_column is None else np.concatenate([i for _, _, i in parts if i is not None])
+    return validated(x, y, ids, num_classes, copy=False)
+
+
 def load_split(cfg: DataConfig, split: str) -> LabeledArrays:
     """Load the ``train`` or ``test`` split that ``cfg`` describes, cut to its limit.
 
@@ -408,11 +498,19 @@ def load_split(cfg: DataConfig, split: str) -> LabeledArrays:
         data = load_npz(path, num_classes=k)
     elif cfg.dataset == "csv":
         data = load_csv(path, num_classes=k, label_column=cfg.label_column, id_column=cfg.id_column)
+    elif cfg.dataset == "parquet":
+        data = load_parquet(
+            path,
+            num_classes=k,
+            label_column=cfg.label_column,
+            id_column=cfg.id_column,
+            feature_columns=cfg.feature_columns,
+        )
     elif cfg.dataset == "idx":
         labels = cfg.train_labels if split == "train" else cfg.test_labels
         if labels is None:
             raise DataError(f"data.dataset='idx' needs data.{split}_labels=PATH")
         data = load_idx(path, labels, num_classes=k)
     else:  # DataConfig validates the name; this guards one built around its checks
-        raise DataError(f"data.dataset={cfg.dataset!r} is unknown; use fashion-mnist, npz, csv or idx")
+        raise DataError(f"data.dataset={cfg.dataset!r} is unknown; use fashion-mnist, npz, csv, idx or parquet")
     return _head(data, limit)

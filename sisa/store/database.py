@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from sisa.errors import IntegrityError, StoreError, StoreFullError, StoreLockedError
-from sisa.store.records import DBS, Records, id_key, member_key, shard_key, stage_key
+from sisa.store.records import DBS, LATER_DBS, Records, id_key, member_key, shard_key, stage_key
 
 __all__ = ["FORMAT_VERSION", "Store", "id_key", "member_key", "shard_key", "stage_key"]
 
@@ -145,10 +145,22 @@ class _SharedEnv:
         data = self.path / "data.mdb"
         size = max(_INITIAL_MAP, data.stat().st_size if data.exists() else 0)
         env = lmdb.open(
-            str(self.path), map_size=size, max_dbs=len(DBS) + 4, readonly=self.env_readonly, subdir=True, mode=0o600
+            str(self.path),
+            map_size=size,
+            max_dbs=len(DBS) + len(LATER_DBS) + 4,
+            readonly=self.env_readonly,
+            subdir=True,
+            mode=0o600,
         )
         try:
-            dbs = {name: env.open_db(name.encode(), create=create and not self.env_readonly) for name in DBS}
+            dbs: dict[str, Any] = {
+                name: env.open_db(name.encode(), create=create and not self.env_readonly) for name in DBS
+            }
+            for name in LATER_DBS:
+                try:
+                    dbs[name] = env.open_db(name.encode(), create=not self.env_readonly)
+                except lmdb.NotFoundError:
+                    dbs[name] = None  # a read-only look at a store from before the table: empty
         except lmdb.Error:
             env.close()  # else this process could never open the directory again
             raise
@@ -223,7 +235,7 @@ def _seal_copy(path: Path, map_size: int) -> None:
     key with its own value, in the copy's own environment, commits txnid 2 into page 0
     with the same content, so either parity finds the data.
     """
-    env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DBS) + 4, subdir=True, mode=0o600)
+    env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DBS) + len(LATER_DBS) + 4, subdir=True, mode=0o600)
     try:
         meta = env.open_db(b"meta", create=False)
         with env.begin(write=True) as txn:
@@ -390,7 +402,29 @@ class Store(Records):
                 f"{p} has store format {version!r}; this sisa reads format {FORMAT_VERSION}: "
                 "train a new store from the original data (`sisa train --store NEW ...`)"
             )
+        if fd is not None:
+            store.roll_back_ingest()
         return store
+
+    def roll_back_ingest(self, batch: int = 10_000) -> int:
+        """Take back what an ingest wrote before it failed or its process died (idempotent).
+
+        An ingest writes in bounded transactions, each sample marked staged until the last
+        transaction publishes them all; until then no reader sees them. Removing them in
+        bounded transactions too keeps a crash here harmless: the next writable open goes on.
+
+        Returns:
+            Samples removed.
+        """
+        removed = 0
+        while True:
+            n = self.write(lambda txn: self.unstage(txn, batch))
+            removed += n
+            if n == 0:
+                break
+        if removed:
+            log.info("rolled back %d samples of an ingest that did not finish in %s", removed, self.path)
+        return removed
 
     def close(self) -> None:
         """Close the environment and release the writer lock."""

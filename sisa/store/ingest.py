@@ -1,20 +1,26 @@
-"""Ingest: validate samples, place them in shards and slices, and write them in one transaction.
+"""Ingest: validate samples, place them in shards and slices, and write them, all or nothing.
 
-All-or-nothing: everything that can fail (shapes, labels, ids already stored or deleted
-before, a bad deletion prior, a bound that cuts another number of shards) is decided
-before the write transaction opens, so a rejected call leaves the store's files byte for
-byte as they were.
+Arrays are checked whole (shapes, labels, ids already stored or deleted before, the
+deletion prior, the bound) before anything is written, so a rejected call leaves the
+store's files byte for byte as they were. Anything larger than one batch, and every
+stream (a torch Dataset, a ``ray.data.Dataset``, an iterator of batches), is written in
+bounded transactions: each sample is marked *staged* until the last transaction publishes
+the whole call at once. No reader sees staged samples; a failure (a bad batch, a full
+disk, an exception from the source) takes them back before the error is raised, and a
+crash leaves them for the next writable open to take back. Memory holds one batch.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from sisa.config.settings import SisaConfig
-from sisa.data.arrays import MAX_ID, LabeledArrays, as_arrays
+from sisa.data.arrays import MAX_ID, LabeledArrays
+from sisa.data.batches import DEFAULT_BATCH, Columns, read_source
 from sisa.errors import DataError
 from sisa.partition.placement import place
 from sisa.store.database import Store
@@ -25,7 +31,16 @@ __all__ = ["ingest", "number_after_stored"]
 log = logging.getLogger(__name__)
 
 
-def number_after_stored(store: Store, data: LabeledArrays) -> LabeledArrays:
+def _next_number(store: Store, txn: Any) -> int:
+    """The first id to number unnumbered samples with: after every id this store has held."""
+    start = store.meta(txn).get("next_id")
+    if start is None:  # stores from before ``next_id`` was kept
+        largest = store.largest_id(txn)
+        start = 0 if largest is None else largest + 1
+    return int(start)
+
+
+def number_after_stored(store: Store, data: LabeledArrays, start: int | None = None) -> LabeledArrays:
     """``data`` whose ids were not given, numbered after the largest id this store has held.
 
     The first ingest keeps ``0..n-1``; later ones (``add`` without ids) continue from the
@@ -35,6 +50,7 @@ def number_after_stored(store: Store, data: LabeledArrays) -> LabeledArrays:
     Args:
         store: The store.
         data: Validated samples; returned unchanged unless ``data.numbered``.
+        start: The first number, where the caller keeps count (a stream's later batches).
 
     Returns:
         The same samples with their ids (no longer marked ``numbered``).
@@ -44,12 +60,9 @@ def number_after_stored(store: Store, data: LabeledArrays) -> LabeledArrays:
     """
     if not data.numbered:
         return data
-    with store.read() as txn:
-        start = store.meta(txn).get("next_id")
-        if start is None:
-            largest = store.largest_id(txn)
-            start = 0 if largest is None else largest + 1
-    start = int(start)
+    if start is None:
+        with store.read() as txn:
+            start = _next_number(store, txn)
     if start == 0:
         return data
     if start + len(data) - 1 > MAX_ID:
@@ -61,6 +74,82 @@ def number_after_stored(store: Store, data: LabeledArrays) -> LabeledArrays:
     return LabeledArrays(data.x, data.y, np.arange(start, start + len(data), dtype=np.int64))
 
 
+def _check_new(store: Store, data: LabeledArrays, shape: tuple[int, ...] | None, streaming: bool) -> None:
+    """Refuse samples of another shape, ids the store holds (or this call wrote) and ids deleted before."""
+    if shape is not None and data.feature_shape != shape:
+        raise DataError(
+            f"samples have shape {data.feature_shape}, but this store holds samples of shape {shape}; "
+            "reshape the data to match"
+        )
+    with store.read() as txn:
+        clash = [i for i in data.ids.tolist() if store.has_sample(txn, i)]
+    if clash:
+        earlier = " or in an earlier batch of this ingest" if streaming else ""
+        raise DataError(
+            f"{len(clash)} id(s) are already in the store{earlier} (first: {clash[0]}); pass new, unique ids"
+        )
+    gone = deleted_ids(store, data.ids.tolist())
+    if gone:
+        raise DataError(
+            f"{len(gone)} id(s) were deleted by earlier requests (first: {gone[0]}); "
+            "a deleted id is never reused: give the new samples new ids"
+        )
+
+
+class _Writer:
+    """The writes of one ingest call: staged batches, then one transaction that publishes them."""
+
+    def __init__(self, store: Store, config: SisaConfig, new_slice: bool) -> None:
+        self.store, self.config, self.new_slice = store, config, new_slice
+        with store.read() as txn:
+            self.counts = store.slice_counts(txn, config.shards, config.slices)
+            self.next_number = _next_number(store, txn)
+            stored = store.meta(txn).get("feature_shape")
+        self.shape: tuple[int, ...] | None = tuple(stored) if stored is not None else None
+        self.touched: set[int] = set()
+        self.written = 0
+        self.largest = -1
+
+    def slices_for(self, shard: np.ndarray, slice_: np.ndarray) -> np.ndarray:
+        """With ``new_slice``, every sample goes into the slice after its shard's last (stable too)."""
+        if not self.new_slice:
+            return slice_
+        self.touched.update(np.unique(shard).tolist())
+        return np.asarray(self.counts, dtype=slice_.dtype)[shard]
+
+    def meta_change(self, txn: Any, masses: list[float] | None) -> None:
+        """The meta update that makes the written samples part of the store."""
+        counts = [c + (s in self.touched) for s, c in enumerate(self.counts)]
+        extra: dict[str, Any] = {} if masses is None else {"shard_mass": masses}
+        # The largest id ever stored, so that unnumbered data added later (even after that id
+        # was deleted, when no record of it is left in the clear) never reuses an id.
+        extra["next_id"] = max(int(self.store.meta(txn).get("next_id", 0)), self.largest + 1)
+        self.store.put_meta(txn, feature_shape=list(self.shape or ()), shard_slices=counts, **extra)
+
+    def stage(self, data: LabeledArrays, shard: np.ndarray, slice_: np.ndarray, batch_size: int) -> None:
+        """Write ``data`` as staged samples, ``batch_size`` per transaction."""
+        for start in range(0, len(data), batch_size):
+            part = slice(start, start + batch_size)
+
+            def change(txn: Any, part: slice = part) -> None:
+                ids, x, y = data.ids[part], data.x[part], data.y[part]
+                self.store.put_samples(txn, ids, x, y, shard[part], slice_[part], staged=True)
+
+            self.store.write(change)
+        self.written += len(data)
+        self.largest = max(self.largest, int(data.ids.max()))
+        self.next_number = max(self.next_number, self.largest + 1)
+
+    def publish(self, masses: list[float] | None) -> None:
+        """One transaction: the meta that counts the new samples, and every staged mark dropped."""
+
+        def change(txn: Any) -> None:
+            self.meta_change(txn, masses)
+            self.store.commit_staged(txn)
+
+        self.store.write(change)
+
+
 def ingest(
     store: Store,
     config: SisaConfig,
@@ -70,8 +159,10 @@ def ingest(
     *,
     new_slice: bool = False,
     probabilities: Any = None,
+    batch_size: int = DEFAULT_BATCH,
+    columns: Columns | None = None,
 ) -> int:
-    """Add samples to the store, assigned to shards and slices by the partitioner.
+    """Add samples to the store, assigned to shards and slices by the partitioner, all or nothing.
 
     With ``new_slice`` (what ``Ensemble.add`` uses), the samples go into one new slice
     appended to each shard they land in, so training them touches no earlier stage.
@@ -83,58 +174,90 @@ def ingest(
     Args:
         store: A writable store.
         config: The store's config.
-        x: Features as an array ``(n, ...)``, a ``torch.utils.data.Dataset`` of
-            ``(features, label)`` pairs (then ``y`` is None), or a
-            :class:`~sisa.data.arrays.LabeledArrays`.
-        y: Integer labels in ``[0, num_classes)``.
-        ids: Unique non-negative int ids; default ``0..n-1`` for a store's first samples,
-            and after the largest id the store has ever held for later ones.
+        x: Features as an array ``(n, ...)`` (with ``y``), a
+            :class:`~sisa.data.arrays.LabeledArrays`, a map-style ``torch.utils.data.Dataset``
+            of ``(features, label)`` pairs (read ``batch_size`` items at a time), a
+            ``ray.data.Dataset`` (streamed with ``iter_batches``), or an iterator of batches
+            (each ``(x, y)``, ``(x, y, ids)``, a dict of columns or a LabeledArrays).
+        y: Integer labels in ``[0, num_classes)``, beside array features.
+        ids: Unique non-negative int ids, beside array features or a torch Dataset; default
+            ``0..n-1`` for a store's first samples, and after the largest id the store has
+            ever held for later ones (streams number their unnumbered batches on from there).
         new_slice: Append a slice per touched shard instead of the hashed slice.
-        probabilities: Deletion probabilities aligned with the samples, for the
+        probabilities: Deletion probabilities aligned with array samples, for the
             ``distribution-aware`` strategy; overrides the ``partition.probabilities`` file.
+        batch_size: Samples per batch read and per write transaction.
+        columns: Column names of a Ray Dataset or of dict batches.
 
     Returns:
         Number of samples written.
 
     Raises:
         DataError: On bad shapes, NaN/inf, bad labels, ids already stored or deleted
-            before, or a bad or missing deletion prior.
+            before, a bad or missing deletion prior, or a stream under a partition that
+            needs the whole ingest at once; nothing of the call stays in the store.
         ConfigError: If ``partition.bound`` cuts the data into another number of shards.
     """
-    data = x if isinstance(x, LabeledArrays) else as_arrays(x, y, ids, num_classes=config.data.num_classes)
-    data = number_after_stored(store, data)
-    shape = store.meta().get("feature_shape")
-    if shape is not None and data.feature_shape != tuple(shape):
-        raise DataError(
-            f"samples have shape {data.feature_shape}, but this store holds samples of shape {tuple(shape)}; "
-            "reshape the data to match"
-        )
-    with store.read() as txn:
-        clash = [i for i in data.ids.tolist() if store.has_sample(txn, i)]
-    if clash:
-        raise DataError(f"{len(clash)} id(s) are already in the store (first: {clash[0]}); pass new, unique ids")
-    gone = deleted_ids(store, data.ids.tolist())
-    if gone:
-        raise DataError(
-            f"{len(gone)} id(s) were deleted by earlier requests (first: {gone[0]}); "
-            "a deleted id is never reused: give the new samples new ids"
-        )
+    source = read_source(x, y, ids, num_classes=config.data.num_classes, batch_size=batch_size, columns=columns)
+    writer = _Writer(store, config, new_slice)
+    if isinstance(source, LabeledArrays):
+        return _ingest_arrays(writer, source, probabilities, batch_size)
+    return _ingest_stream(writer, source, probabilities)
+
+
+def _ingest_arrays(writer: _Writer, data: LabeledArrays, probabilities: Any, batch_size: int) -> int:
+    """In-memory samples: checked and placed whole, then written in one or in staged transactions."""
+    store, config = writer.store, writer.config
+    data = number_after_stored(store, data, writer.next_number)
+    _check_new(store, data, writer.shape, streaming=False)
+    # Everything that can fail is decided before the first write transaction opens, so a bad
+    # prior leaves the store's files byte for byte as they were.
     shard, slice_, masses = place(config, data.ids, probabilities, store.meta().get("shard_mass"))
+    slice_ = writer.slices_for(shard, slice_)
+    writer.shape = data.feature_shape
+    writer.largest = int(data.ids.max())
+    if len(data) <= batch_size:
 
-    def change(txn: Any) -> None:
-        counts = store.slice_counts(txn, config.shards, config.slices)
-        if new_slice:
-            # Stable too: the shard is the partitioner's; only the slice is new.
-            slice_[:] = np.asarray(counts)[shard]
-            for s in np.unique(shard).tolist():
-                counts[s] += 1
-        store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
-        extra: dict[str, Any] = {} if masses is None else {"shard_mass": masses}
-        # The largest id ever stored, so that unnumbered data added later (even after that id
-        # was deleted, when no record of it is left in the clear) never reuses an id.
-        extra["next_id"] = max(int(store.meta(txn).get("next_id", 0)), int(data.ids.max()) + 1)
-        store.put_meta(txn, feature_shape=list(data.feature_shape), shard_slices=counts, **extra)
+        def change(txn: Any) -> None:
+            store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
+            writer.meta_change(txn, masses)
 
-    store.write(change)
+        store.write(change)
+    else:
+        try:
+            writer.stage(data, shard, slice_, batch_size)
+            writer.publish(masses)
+        except BaseException:
+            store.roll_back_ingest()
+            raise
     log.info("ingested %d samples into %s", len(data), store.path)
     return len(data)
+
+
+def _ingest_stream(writer: _Writer, batches: Iterator[LabeledArrays], probabilities: Any) -> int:
+    """Batches from a stream: each checked, placed and staged in turn; published when the stream ends."""
+    store, config = writer.store, writer.config
+    part = config.partition
+    if part.strategy != "uniform" or part.uses_prior:
+        raise DataError(
+            f"partition.strategy={part.strategy} with slice_order={part.slice_order} places an ingest as a whole "
+            "(by its deletion probabilities); a stream is placed batch by batch: pass the samples as arrays "
+            "(or a LabeledArrays), or use partition.strategy: uniform with slice_order: hashed"
+        )
+    if probabilities is not None:
+        raise DataError("probabilities= goes with array samples; a stream cannot carry them")
+    try:
+        for batch in batches:
+            data = number_after_stored(store, batch, writer.next_number)
+            _check_new(store, data, writer.shape, streaming=True)
+            shard, slice_, _ = place(config, data.ids, None, None)
+            writer.shape = data.feature_shape
+            writer.stage(data, shard, writer.slices_for(shard, slice_), len(data))
+        if writer.written == 0:
+            raise DataError("the stream gave no samples (0 batches); give at least one sample")
+        writer.publish(None)
+    except BaseException:
+        store.roll_back_ingest()
+        raise
+    log.info("ingested %d samples from a stream into %s", writer.written, store.path)
+    return writer.written

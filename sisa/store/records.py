@@ -27,6 +27,9 @@ __all__ = ["DBS", "Records", "id_key", "member_key", "shard_key", "stage_key"]
 # ckpt: key -> checkpoint bytes; stages: (shard, stage) -> record; live: shard -> live record;
 # requests: request id -> deletion request; deleted: keyed hash of an id -> request id; audit: seq -> entry.
 DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
+# Tables added after format 2 was fixed: a writable open creates them, a read-only open of an older
+# store reads them as empty. ``staged``: ids an unfinished ingest wrote (invisible until it commits).
+LATER_DBS = ("staged",)
 
 
 def id_key(sample_id: int) -> bytes:
@@ -88,8 +91,18 @@ class Records:
         return body + _sample_digest(sample_id, body)
 
     def count_samples(self, txn: lmdb.Transaction) -> int:
-        """Number of stored samples."""
-        return int(txn.stat(self._dbs["samples"])["entries"])
+        """Number of stored samples (not counting those an unfinished ingest has written)."""
+        return int(txn.stat(self._dbs["samples"])["entries"]) - self.staged_count(txn)
+
+    def staged_count(self, txn: lmdb.Transaction) -> int:
+        """Samples written by an ingest that has not committed (0 almost always)."""
+        staged = self._dbs.get("staged")
+        return 0 if staged is None else int(txn.stat(staged)["entries"])
+
+    def is_staged(self, txn: lmdb.Transaction, sample_id: int) -> bool:
+        """Whether ``sample_id`` was written by an ingest that has not committed."""
+        staged = self._dbs.get("staged")
+        return staged is not None and txn.get(id_key(sample_id), db=staged) is not None
 
     def has_sample(self, txn: lmdb.Transaction, sample_id: int) -> bool:
         """Whether ``sample_id`` is stored."""
@@ -105,6 +118,10 @@ class Records:
                 if key[:8] != prefix:
                     break
                 out.append(struct.unpack(">Q", key[8:])[0])
+        if out and self.staged_count(txn):
+            # An ingest in another process is writing in bounded transactions: what it has written
+            # is not part of the store until its last transaction commits, so no reader trains on it.
+            out = [i for i in out if not self.is_staged(txn, i)]
         return np.asarray(out, dtype=np.int64)
 
     def load_samples(
@@ -221,8 +238,14 @@ class Records:
         y: np.ndarray,
         shard: np.ndarray,
         slice_: np.ndarray,
+        *,
+        staged: bool = False,
     ) -> None:
-        """Write samples with their assignment, inside the caller's write transaction."""
+        """Write samples with their assignment, inside the caller's write transaction.
+
+        With ``staged``, each id is also marked as written by an ingest that has not yet
+        committed (:meth:`commit_staged` publishes them, :meth:`unstage` takes them back).
+        """
         samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
         flat = x.reshape(len(ids), -1)
         for i, sid in enumerate(ids.tolist()):
@@ -231,6 +254,35 @@ class Records:
                 raise StoreError(f"sample id {sid} is already in the store")
             txn.put(k, struct.pack(">II", s, r), db=assign)
             txn.put(member_key(s, r, sid), b"", db=members)
+            if staged:
+                txn.put(k, b"", db=self._dbs["staged"])
+
+    def commit_staged(self, txn: lmdb.Transaction) -> None:
+        """Publish every staged sample at once: the staged marks go in one operation (LMDB's drop)."""
+        txn.drop(self._dbs["staged"], delete=False)
+
+    def unstage(self, txn: lmdb.Transaction, limit: int) -> int:
+        """Remove up to ``limit`` staged samples (records, assignment, membership, mark).
+
+        Returns:
+            How many were removed; 0 when none are left.
+        """
+        staged, assign = self._dbs["staged"], self._dbs["assign"]
+        keys = []
+        cursor = txn.cursor(db=staged)
+        for key in cursor.iternext(keys=True, values=False):
+            keys.append(bytes(key))
+            if len(keys) >= limit:
+                break
+        for key in keys:
+            place = txn.get(key, db=assign)
+            if place is not None:
+                shard, slice_ = struct.unpack(">II", bytes(place))
+                txn.delete(member_key(shard, slice_, struct.unpack(">Q", key)[0]), db=self._dbs["members"])
+            txn.delete(key, db=assign)
+            txn.delete(key, db=self._dbs["samples"])
+            txn.delete(key, db=staged)
+        return len(keys)
 
     def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], checkpoint: bytes, live: bool) -> None:
         """Store a finished stage checkpoint, inside the caller's write transaction.

@@ -185,6 +185,7 @@ OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "data.root": ([], ["data.root=/elsewhere"]),
     "data.label_column": ([], ["data.label_column=y"]),
     "data.id_column": ([], ["data.id_column=id"]),
+    "data.feature_columns": (["data.dataset=parquet", "data.train=t.parquet"], ["data.feature_columns=[a, b]"]),
     "data.train_limit": ([], ["data.train_limit=100"]),
     "data.test_limit": ([], ["data.test_limit=100"]),
     "model.name": ([], ["model.name=cnn"]),
