@@ -955,3 +955,55 @@ def test_worker_node_killed_mid_training_job_finishes_bit_identical(
         assert any(t in on_victim for t in mine), mine
         assert any(t["state"] == "FINISHED" and by_id.get(t["node_id"]) not in (None, victim.ip) for t in mine), mine
     assert victim.ip not in cluster.alive_nodes()
+
+
+RAY_DATA_DRIVER = """
+import json, sys
+import numpy as np
+import ray
+from sisa.config.settings import load_config
+from sisa.ensemble import Ensemble
+
+address, config, streamed, in_memory = sys.argv[1:5]
+ray.init(address=address)
+
+
+def features(batch):
+    ids = batch["id"].astype(np.int64)
+    x = np.sin(ids[:, None] * np.arange(1, 11) / 97.0).astype(np.float32)
+    return {"x": x, "y": ids % 3, "id": ids}
+
+
+# Produced by Ray Data tasks on the cluster's nodes and streamed to this driver batch by batch.
+ds = ray.data.range(3000, override_num_blocks=6).map_batches(features)
+cfg = load_config(config)
+with Ensemble.create(streamed, cfg, address=address) as ens:
+    n = ens.ingest(ds, features="x", label="y", id="id", batch_size=256)
+whole = features({"id": np.arange(3000)})
+with Ensemble.create(in_memory, cfg, address=address) as ens:
+    ens.ingest(whole["x"], whole["y"], whole["id"])
+print(json.dumps({"ingested": n}))
+"""
+
+
+@pytest.mark.cluster
+def test_a_ray_dataset_computed_on_the_cluster_streams_into_the_driver_store(
+    cluster: Cluster, workload: Workload
+) -> None:
+    streamed, in_memory = workload.driver / "ray-data", workload.driver / "ray-data-arrays"
+    env = {**cluster.env, "PYTHONPATH": f"{ROOT}{os.pathsep}{cluster.env['PYTHONPATH']}"}
+    args = [cluster.gcs, str(workload.config), str(streamed), str(in_memory)]
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_DATA_DRIVER, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json_lines(out.stdout)[-1] == {"ingested": 3000}
+    ids = list(range(3000))
+    with Ensemble.open(streamed, readonly=True) as a, Ensemble.open(in_memory, readonly=True) as b:
+        assert a.status()["per_shard"] == b.status()["per_shard"]
+        assert a.locate(ids) == b.locate(ids)
+        with a.store.read() as ta, b.store.read() as tb:
+            sample = np.asarray(ids[::7], np.int64)
+            xa, ya = a.store.load_samples(ta, sample, (10,))
+            xb, yb = b.store.load_samples(tb, sample, (10,))
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
