@@ -19,23 +19,73 @@ import each other, directly or in a cycle (local and ``TYPE_CHECKING`` imports i
     cli         the ``sisa`` command line
 """
 
-from sisa.config.settings import SisaConfig, load_config
-from sisa.data.loaders import LabeledArrays, as_arrays, load_split
-from sisa.ensemble import Ensemble, FitReport
-from sisa.errors import (
-    ConfigError,
-    DataError,
-    DomainMismatchError,
-    DomainUnavailableError,
-    IntegrityError,
-    ModelError,
-    NotTrainedError,
-    SisaError,
-    StoreError,
-    StoreFullError,
-    StoreLockedError,
-    TrainingError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sisa.config.settings import SisaConfig, load_config
+    from sisa.data.loaders import LabeledArrays, as_arrays, load_split
+    from sisa.ensemble import Ensemble, FitReport
+    from sisa.errors import (
+        ConfigError,
+        DataError,
+        DomainMismatchError,
+        DomainUnavailableError,
+        IntegrityError,
+        ModelError,
+        NotTrainedError,
+        SisaError,
+        StoreError,
+        StoreFullError,
+        StoreLockedError,
+        TrainingError,
+    )
+
+# The public names and the modules that define them, imported on first use (PEP 562): the
+# ``sisa`` command reads a store's pins before torch loads (:mod:`sisa.cli.launch`), which an
+# eager ``import sisa`` of the facade would defeat.
+_LAZY = {
+    "SisaConfig": "sisa.config.settings",
+    "load_config": "sisa.config.settings",
+    "LabeledArrays": "sisa.data.loaders",
+    "as_arrays": "sisa.data.loaders",
+    "load_split": "sisa.data.loaders",
+    "Ensemble": "sisa.ensemble",
+    "FitReport": "sisa.ensemble",
+    **{
+        name: "sisa.errors"
+        for name in (
+            "ConfigError",
+            "DataError",
+            "DomainMismatchError",
+            "DomainUnavailableError",
+            "IntegrityError",
+            "ModelError",
+            "NotTrainedError",
+            "SisaError",
+            "StoreError",
+            "StoreFullError",
+            "StoreLockedError",
+            "TrainingError",
+        )
+    },
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sisa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,10 @@ from typing import Any
 __all__ = ["ADDRESS_HELP", "VERBOSE_HELP", "progress_bar", "table"]
 
 ADDRESS_HELP = (
-    "Ray cluster address, or `local` to train in this process without Ray (default: RAY_ADDRESS or a local Ray)"
+    "Ray cluster address, or `local` to train on this machine without Ray. Default: RAY_ADDRESS; without "
+    "either, the plan decides: a job that trains one shard (a typical deletion, a one-shard verify) runs "
+    "without Ray, in the store's pinned determinism domain (same bytes as Ray), and a bigger one starts a "
+    "local Ray instance; SISA_RUNNER=ray (or =local) forces one. --json reports it as `runner`"
 )
 VERBOSE_HELP = "log progress, and Ray's own lines, to stderr (default: Ray's go to $TMPDIR/sisa-UID/ray-COMMAND.log)"
 

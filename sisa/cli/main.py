@@ -9,6 +9,9 @@ progress bars go to stderr. Ray's own log lines go to a file (:mod:`sisa.cli.ray
 stderr with ``-v``.
 """
 
+# The imports below reexec_pinned() come after it on purpose: it must run before torch loads.
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +25,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from sisa.cli.launch import reexec_pinned
+
+# The `sisa` command only (never an import): restart in the store's pinned domain before torch loads.
+reexec_pinned()
 
 import numpy as np
 
@@ -156,10 +164,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = _load_config(args.config, args.overrides)
         train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
         _preflight(cfg, train.feature_shape, train)
-        # Join the cluster before the store exists: a wrong address or token leaves nothing behind.
+        # Join the cluster (or start the local instance a plan of every shard needs) before the store
+        # exists: a wrong address or token leaves nothing behind.
         from sisa.train import orchestrator  # Ray is imported only by commands that train
 
-        orchestrator.connect_unless_local(args.address)
+        if orchestrator.choose_runner(args.address, cfg.shards) == "ray":
+            orchestrator.connect(args.address)
         ens = Ensemble.create(store, cfg, address=args.address)
     with ens:
         ingested = ens.ingest(train) if train is not None else 0
@@ -179,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 "train_compute_seconds": report.stage_seconds,
                 "retries": report.retries,
                 "rebound": {str(k): v for k, v in report.rebound.items()},
+                "runner": report.runner,
                 "wall_seconds": time.perf_counter() - started,
             }
         )
@@ -690,12 +701,42 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sisa`` command line.
 
+    Run as the ``sisa`` command (``argv`` None), a command that started a local Ray
+    instance ends the process as soon as its output is out and its store closed: the
+    instance's processes are killed at once (:func:`sisa.train.orchestrator.abandon_local_instance`)
+    instead of the graceful ``ray.shutdown()`` at exit, which takes over a second.
+
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
         The process exit code: 0 on success, 2 on a sisa error.
     """
+    code = _main(argv)
+    if argv is None:
+        _exit_without_ray_shutdown(code)
+    return code
+
+
+def _exit_without_ray_shutdown(code: int) -> None:
+    """End the process now if it started a local Ray instance (the store is closed by then)."""
+    orchestrator = sys.modules.get("sisa.train.orchestrator")
+    if orchestrator is None or not orchestrator.started_local_instance():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+    logging.shutdown()
+    local_runner = sys.modules.get("sisa.train.local_runner")
+    if local_runner is not None:
+        local_runner.close_all()
+    orchestrator.abandon_local_instance()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -26,7 +26,7 @@ from sisa.errors import SisaError, TrainingError
 from sisa.train import domain as domains
 from sisa.train.trainer import ShardJob, StageResult, train_shard
 
-__all__ = ["LocalRunner", "materialise", "shared"]
+__all__ = ["LocalRunner", "close_all", "materialise", "shared"]
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,13 @@ def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
     key = (cpu_isa, threads, device)
     if key not in _runners:
         if not _runners:
-            atexit.register(_close_all)
+            atexit.register(close_all)
         _runners[key] = LocalRunner(cpu_isa, threads, device)
     return _runners[key]
 
 
-def _close_all() -> None:
+def close_all() -> None:
+    """End every shared runner's child process (also done at exit)."""
     for runner in _runners.values():
         runner.close()
 

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,7 @@ from typing import Any
 import ray
 
 from sisa.config.settings import ResourcesConfig
-from sisa.errors import ClusterConnectionError, DomainUnavailableError, SisaError, TrainingError
+from sisa.errors import ClusterConnectionError, ConfigError, DomainUnavailableError, SisaError, TrainingError
 from sisa.train import local_runner, routing
 from sisa.train.domain import Domain, unavailable_message
 from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
@@ -41,13 +42,18 @@ __all__ = [
     "RemoteSlices",
     "Retry",
     "Unavailable",
+    "RUNNER_ENV",
+    "abandon_local_instance",
     "available_domains",
+    "choose_runner",
     "connect",
     "connect_unless_local",
     "execute",
     "run_jobs",
+    "runner_override",
     "ship",
     "shutdown",
+    "started_local_instance",
 ]
 
 # Called for a job whose determinism domain no node offers, with the domains that exist: returns
@@ -56,6 +62,18 @@ Unavailable = Callable[[ShardJob, list[Domain]], "ShardJob | None"]
 
 # The address that trains in the calling process, one shard after another, without Ray.
 LOCAL = "local"
+
+# Overrides the runner chosen when no address is given: ``ray`` (always a local Ray instance),
+# ``local`` (always the local runner) or ``auto`` (the default: from the plan, :func:`choose_runner`).
+RUNNER_ENV = "SISA_RUNNER"
+_RUNNERS = ("auto", "ray", LOCAL)
+
+# Without an address, plans that train at most this many shards run without Ray: Ray could
+# only run them one after another too, so it would add its start-up (seconds) and nothing else.
+LOCAL_MAX_SHARDS = 1
+
+# Set when this process started a local Ray instance itself (not when it joined a cluster).
+_started_local = False
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +177,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
             or refuses to be joined (a missing auth token, say); the message names the
             address and the token settings.
     """
+    global _started_local
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -167,6 +186,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
         log.info("starting a local Ray instance")
         # Ray's own "local": a new instance, never a cluster `ray start` left on this machine.
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        _started_local = True
         return
     _check_reachable(address, timeout)
     log.info("joining the Ray cluster at %s", address)
@@ -177,17 +197,123 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
         raise ClusterConnectionError(f"could not join the Ray cluster at {address} ({exc}); {_TOKEN_ADVICE}") from exc
 
 
-def connect_unless_local(address: str | None) -> None:
-    """Connect as :func:`connect` does, unless ``address`` (or ``RAY_ADDRESS``) is ``local``.
+def _named(address: str | None) -> str | None:
+    """The address in force: ``address``, else ``RAY_ADDRESS``, else None (nothing named)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
-    Called before a change that will need Ray (a deletion is journaled only once its
-    retrain can start), so a wrong address fails before anything is written.
+
+def runner_override() -> str:
+    """``SISA_RUNNER`` (``auto`` when unset).
+
+    Raises:
+        ConfigError: On a value other than ``auto``, ``ray`` or ``local``.
+    """
+    value = (os.environ.get(RUNNER_ENV) or "auto").strip().lower()
+    if value not in _RUNNERS:
+        raise ConfigError(f"{RUNNER_ENV}={value!r} must be one of {', '.join(_RUNNERS)} (unset: auto)")
+    return value
+
+
+def choose_runner(address: str | None, planned: int) -> str:
+    """Where a plan of ``planned`` shard jobs trains: ``ray`` or ``local`` (this machine, without Ray).
+
+    A named address decides (``local``: the local runner; any other: that cluster). Without
+    one (no ``address``, no ``RAY_ADDRESS``) the plan does: a process that already has Ray up
+    keeps using it (no start-up to save); else ``SISA_RUNNER=ray|local`` forces a runner;
+    else a plan of at most :data:`LOCAL_MAX_SHARDS` shard(s) (a deletion that touched one
+    shard, a verify of one shard) runs locally, since Ray could not parallelise it and would
+    only add seconds of start-up and shutdown, and a bigger plan starts a local Ray instance.
+    Both train the same :func:`~sisa.train.trainer.train_shard` in the same pinned domain, so
+    the bytes do not depend on this choice (tested).
+
+    Args:
+        address: The caller's address (see :func:`connect`), or None.
+        planned: Number of shard jobs the plan holds.
+
+    Returns:
+        ``"local"`` or ``"ray"``.
+
+    Raises:
+        ConfigError: On a bad ``SISA_RUNNER``.
+    """
+    named = _named(address)
+    if named is not None:
+        return LOCAL if named == LOCAL else "ray"
+    if ray.is_initialized():
+        return "ray"
+    forced = runner_override()
+    if forced != "auto":
+        return forced
+    return LOCAL if planned <= LOCAL_MAX_SHARDS else "ray"
+
+
+def connect_unless_local(address: str | None) -> None:
+    """Join the cluster ``address`` (or ``RAY_ADDRESS``) names, unless it names ``local`` or nothing.
+
+    Called before a change that will need the cluster (a deletion is journaled only once
+    its retrain can start), so a wrong address or a missing token fails before anything is
+    written. Without an address nothing is started here: the plan decides later whether it
+    needs a local Ray instance at all (:func:`choose_runner`), and starting one cannot fail
+    for a wrong address.
 
     Raises:
         ClusterConnectionError: As :func:`connect`.
     """
-    if (address or os.environ.get("RAY_ADDRESS")) != LOCAL:
+    named = _named(address)
+    if named is not None and named != LOCAL:
         connect(address)
+
+
+def started_local_instance() -> bool:
+    """Whether this process started a local Ray instance (not joined a cluster) that is still up."""
+    return _started_local and ray.is_initialized()
+
+
+def abandon_local_instance() -> bool:
+    """Kill the local Ray instance this process started, at once, without waiting for it to stop.
+
+    For a command-line process about to exit (``os._exit``): ``ray.shutdown()`` stops the
+    instance gracefully and waits (about 1.4 s), which a finished command need not. Every
+    process of the node and their children (raylet, GCS, agents, workers) get SIGKILL, so
+    none is left running. Not for a library caller that goes on using Ray.
+
+    Returns:
+        Whether there was such an instance.
+    """
+    if not started_local_instance():
+        return False
+    node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 - no public handle on the node
+    if node is None:
+        return False
+    pids = {p.process.pid for procs in node.all_processes.values() for p in procs}
+    for pid in sorted(pids):
+        pids |= _children(pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return True
+
+
+def _children(parent: int) -> set[int]:
+    """Pids of the processes whose parent is ``parent`` (from /proc; empty elsewhere)."""
+    found: set[int] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(parent):
+            found.add(int(entry))
+    return found
 
 
 def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:
@@ -199,8 +325,10 @@ def execute(
     jobs: Iterable[ShardJob],
     on_stage: Callable[[StageResult], None],
     unavailable: Unavailable | None = None,
+    *,
+    runner: str | None = None,
 ) -> list[Retry]:
-    """Train ``jobs`` on Ray at ``address``, or without Ray when ``address`` is ``local``.
+    """Train ``jobs`` on Ray at ``address``, or without Ray when ``address`` (or ``runner``) is ``local``.
 
     The local mode runs the very same :func:`~sisa.train.trainer.train_shard` (in this
     process when it started with the config's pins, else in one pinned child process:
@@ -213,6 +341,8 @@ def execute(
         on_stage: Called for each finished stage (it commits the stage).
         unavailable: For a job whose ``domain`` no node offers (default: raise
             :class:`~sisa.errors.DomainUnavailableError`).
+        runner: ``local`` or ``ray``, as :func:`choose_runner` chose from the plan; None:
+            ``local`` only when the address names it.
 
     Returns:
         The resubmissions after lost workers (:func:`run_jobs`); none in local mode.
@@ -222,16 +352,16 @@ def execute(
     first = next(jobs, None)
     if first is None:
         return []  # nothing to train: no Ray start-up (or child process) either
-    if (address or os.environ.get("RAY_ADDRESS")) == LOCAL:
+    if runner == LOCAL or (runner is None and _named(address) == LOCAL):
         res = first.config.resources
-        runner = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
+        here = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)
         for job in itertools.chain([first], jobs):
             routed: ShardJob | None = job
-            if job.domain is not None and job.domain != runner.domain.id:
-                routed = unavailable(job, [runner.domain])
+            if job.domain is not None and job.domain != here.domain.id:
+                routed = unavailable(job, [here.domain])
             if routed is None:
                 continue
-            for result in runner.train(routed):
+            for result in here.train(routed):
                 on_stage(result)
         return []
     connect(address)

@@ -49,6 +49,8 @@ class FitReport:
         rebound: Shard -> why it was retrained from scratch in another determinism
             domain (no node of its own was available; ``resources.on_missing_domain``):
             ``{"from_domain": id, "to_domain": id, "reason": text}``.
+        runner: Where the stages trained: ``ray`` or ``local`` (this machine without Ray;
+            :func:`sisa.train.orchestrator.choose_runner`); None when nothing needed training.
     """
 
     trained: dict[int, list[int]] = field(default_factory=dict)
@@ -58,6 +60,7 @@ class FitReport:
     stage_seconds: float = 0.0
     retries: list[dict[str, Any]] = field(default_factory=list)
     rebound: dict[int, dict[str, Any]] = field(default_factory=dict)
+    runner: str | None = None
 
 
 def stage_record(result: StageResult) -> dict[str, Any]:
@@ -87,7 +90,9 @@ class Planner:
     Attributes:
         store: The store trained into.
         config: The config training follows (``Ensemble.reconfigure`` replaces it).
-        address: Ray address (None: ``RAY_ADDRESS`` or a local instance; ``local``: in process).
+        address: Ray address (``local``: this machine without Ray; None: ``RAY_ADDRESS``, else the
+            plan decides between the local runner and a local Ray instance, see
+            :func:`sisa.train.orchestrator.choose_runner`).
     """
 
     def __init__(self, store: Store, config: SisaConfig, address: str | None = None) -> None:
@@ -214,7 +219,10 @@ class Planner:
         return len(slice_ids), parent
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
-        """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray.
+        """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray (or without it).
+
+        Without an address, a plan of one shard trains on this machine without Ray
+        (:func:`sisa.train.orchestrator.choose_runner`); the report says which (``runner``).
 
         Resumes each shard from its last valid stage, so re-running after a crash
         (or after new data) redoes only what is needed.
@@ -288,7 +296,10 @@ class Planner:
             return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
 
         jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
-        retries = orchestrator.execute(self.address, jobs, commit, unavailable)
+        if plan:
+            report.runner = orchestrator.choose_runner(self.address, len(plan))
+            log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
+        retries = orchestrator.execute(self.address, jobs, commit, unavailable, runner=report.runner)
         for shard, info in report.rebound.items():
             with store.read() as txn:
                 info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))

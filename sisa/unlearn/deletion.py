@@ -83,8 +83,9 @@ def delete(
     if not present and not named:
         return {"state": "noop", "request_id": None, "deleted": 0, "already_deleted": len(gone), "retrained_shards": []}
     if not defer:
-        # The retrain needs Ray: join the cluster before journaling, so a wrong address or a
-        # missing token fails with nothing written (no request pending, no shard out of service).
+        # A named cluster: join it before journaling, so a wrong address or a missing token fails
+        # with nothing written (no request pending, no shard out of service). Without an address
+        # the plan decides later whether a local Ray instance is needed at all.
         from sisa.train import orchestrator  # the one Ray import; deferred deletions stay Ray-free
 
         orchestrator.connect_unless_local(planner.address)
@@ -208,6 +209,8 @@ def apply(
                 "retrained_shards": sorted(int(s) for s in shards),
                 "shards": shards,
                 "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "file_bytes": [before, after]},
+                # where the retrain ran: "local" (this machine, no Ray), "ray", or None (nothing to train)
+                "runner": report.runner,
             }
             record = append_entry(store, txn, secret, certificate)
             certificate["audit_seq"] = record["seq"]

@@ -82,7 +82,8 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
                 if domain_id(rec) is not None:
                     needs[shard] = str(domain_id(rec))
         jobs = planner.shard_jobs(plan, ids, snapshot=txn, domains=needs)
-        orchestrator.execute(planner.address, jobs, keep, skip)
+        runner = orchestrator.choose_runner(planner.address, len(plan)) if plan else None
+        orchestrator.execute(planner.address, jobs, keep, skip, runner=runner)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:
@@ -106,7 +107,7 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
             info["ok"] = result.weights == info["live_weights"]
         else:  # planned but neither replayed nor refused: never silently "ok"
             info.update(ok=False, reason="no replay came back for this shard")
-    verdict: dict[str, Any] = {"ok": all(i["ok"] for i in out.values()), "shards": out}
+    verdict: dict[str, Any] = {"ok": all(i["ok"] for i in out.values()), "shards": out, "runner": runner}
     failed = [i for i in out.values() if not i["ok"]]
     if failed and all(i.get("reason") == "domain_unavailable" for i in failed):
         verdict["reason"] = "domain_unavailable"
