@@ -285,3 +285,18 @@ def test_labeled_arrays_keep_their_ids(tmp_path: Path) -> None:
     with Ensemble.create(tmp_path / "la", small_config()) as ens:
         ens.ingest(iter([LabeledArrays(X[:10].astype(np.float32), Y[:10], IDS[:10])]))
         assert sorted(ens.locate(IDS[:10].tolist())) == IDS[:10].tolist()
+
+
+def test_add_takes_a_stream_as_one_new_slice_per_touched_shard(tmp_path: Path) -> None:
+    with (
+        Ensemble.create(tmp_path / "add-stream", small_config()) as ens,
+        Ensemble.create(tmp_path / "add-arrays", small_config()) as ref,
+    ):
+        for e in (ens, ref):
+            e.ingest(X[:450], Y[:450], IDS[:450])
+            e.fit()
+        report = ens.add(batches(X[450:], Y[450:], IDS[450:], 40))
+        expected = ref.add(X[450:], Y[450:], IDS[450:])
+        assert report.trained == expected.trained == {s: [4] for s in range(3)}
+        assert contents(ens)["where"] == contents(ref)["where"]
+        assert live_state(ens) == live_state(ref)
