@@ -24,24 +24,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from sisa.config.settings import SisaConfig, load_config
-    from sisa.data.loaders import LabeledArrays, as_arrays, load_split
-    from sisa.ensemble import Ensemble, FitReport
-    from sisa.errors import (
-        ConfigError,
-        DataError,
-        DomainMismatchError,
-        DomainUnavailableError,
-        IntegrityError,
-        ModelError,
-        NotTrainedError,
-        SisaError,
-        StoreError,
-        StoreFullError,
-        StoreLockedError,
-        TrainingError,
-    )
+from sisa import errors
+from sisa.errors import *  # noqa: F403 - the error types are light, and every caller may catch one
+
+if TYPE_CHECKING:  # what type checkers see of the lazily imported names below (explicit re-exports)
+    from sisa.config.settings import SisaConfig as SisaConfig
+    from sisa.config.settings import load_config as load_config
+    from sisa.data.loaders import LabeledArrays as LabeledArrays
+    from sisa.data.loaders import as_arrays as as_arrays
+    from sisa.data.loaders import load_split as load_split
+    from sisa.ensemble import Ensemble as Ensemble
+    from sisa.ensemble import FitReport as FitReport
 
 # The public names and the modules that define them, imported on first use (PEP 562): the
 # ``sisa`` command reads a store's pins before torch loads (:mod:`sisa.cli.launch`), which an
@@ -54,23 +47,6 @@ _LAZY = {
     "load_split": "sisa.data.loaders",
     "Ensemble": "sisa.ensemble",
     "FitReport": "sisa.ensemble",
-    **{
-        name: "sisa.errors"
-        for name in (
-            "ConfigError",
-            "DataError",
-            "DomainMismatchError",
-            "DomainUnavailableError",
-            "IntegrityError",
-            "ModelError",
-            "NotTrainedError",
-            "SisaError",
-            "StoreError",
-            "StoreFullError",
-            "StoreLockedError",
-            "TrainingError",
-        )
-    },
 }
 
 
@@ -89,25 +65,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "DomainMismatchError",
-    "DomainUnavailableError",
-    "Ensemble",
-    "FitReport",
-    "IntegrityError",
-    "LabeledArrays",
-    "ModelError",
-    "NotTrainedError",
-    "SisaConfig",
-    "SisaError",
-    "StoreError",
-    "StoreFullError",
-    "StoreLockedError",
-    "TrainingError",
-    "as_arrays",
-    "load_config",
-    "load_split",
-    "__version__",
-]
+__all__ = [*sorted(_LAZY), *errors.__all__, "__version__"]
