@@ -21,6 +21,7 @@ from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
 
 __all__ = [
+    "AUDIT_DB",
     "AuditReport",
     "append_entry",
     "certificates",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64
+AUDIT_DB = "audit"  # the store table holding the chain (what a tamper test or an auditor's tool opens)
 
 
 def _mac(secret: bytes, seq: int, prev: str, entry: dict[str, Any]) -> str:
@@ -53,7 +55,7 @@ def append_entry(store: Store, txn: lmdb.Transaction, secret: bytes, entry: dict
     head = store.meta(txn).get("audit_head") or {"count": 0, "mac": GENESIS}
     seq = head["count"]
     record = {"seq": seq, "prev": head["mac"], "entry": entry, "mac": _mac(secret, seq, head["mac"], entry)}
-    txn.put(struct.pack(">Q", seq), json.dumps(record, sort_keys=True).encode(), db=store.db("audit"))
+    txn.put(struct.pack(">Q", seq), json.dumps(record, sort_keys=True).encode(), db=store.db(AUDIT_DB))
     store.put_meta(txn, audit_head={"count": seq + 1, "mac": record["mac"]})
     return record
 
@@ -61,7 +63,7 @@ def append_entry(store: Store, txn: lmdb.Transaction, secret: bytes, entry: dict
 def read_entries(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
     """All audit records in key order (raw, unchecked)."""
     out = []
-    for key, value in txn.cursor(db=store.db("audit")):
+    for key, value in txn.cursor(db=store.db(AUDIT_DB)):
         try:
             record = json.loads(bytes(value))
         except (json.JSONDecodeError, UnicodeDecodeError):

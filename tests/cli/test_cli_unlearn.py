@@ -9,6 +9,7 @@ import pytest
 
 from sisa.cli.main import main
 from sisa.ensemble import Ensemble
+from sisa.unlearn.audit import AUDIT_DB
 from tests.conftest import blobs, small_config, store_digest, writer_in_child
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -98,7 +99,7 @@ def test_add_from_npz_then_resume(store: Path, tmp_path: Path, capsys: pytest.Ca
 def test_failed_audit_and_verify_exit_1(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_json(capsys, "delete", "--store", str(store), "--ids", "3")
     with Ensemble.open(store) as ens:
-        db = ens.store.db("audit")
+        db = ens.store.db(AUDIT_DB)
         ens.store.write(lambda txn: txn.put(struct.pack(">Q", 0), b'{"seq": 0}', db=db))
     report = run_json(capsys, "audit", "--store", str(store), code=1)
     assert report["ok"] is False and report["problems"]

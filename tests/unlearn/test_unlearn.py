@@ -13,7 +13,7 @@ import pytest
 
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
-from sisa.unlearn.audit import read_entries
+from sisa.unlearn.audit import AUDIT_DB, read_entries
 from tests.conftest import blobs, files_containing, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -303,7 +303,7 @@ def test_audit_detects_tampering(ens: Ensemble) -> None:
     for i in (40, 41, 42):
         ens.delete([i])
     assert ens.audit().ok
-    db = ens.store.db("audit")
+    db = ens.store.db(AUDIT_DB)
 
     def entry(txn, seq):
         return json.loads(bytes(txn.get(struct.pack(">Q", seq), db=db)))
