@@ -11,15 +11,18 @@ deletes it on a fresh copy of that store in each of these ways, in turn within t
 * ``api_ray``: the same through a warm Ray instance this process started (``address=None``
   with Ray up uses it).
 * ``cli``: ``sisa delete --store COPY --ids ID --json`` as a subprocess, the default path
-  (no ``--address``, no ``RAY_ADDRESS``): the plan retrains one shard, so no Ray.
-* ``cli_local``: the same with ``--address local``.
+  (no ``--address``, no ``RAY_ADDRESS``): the command hands the deletion to the user's warm
+  worker (:mod:`sisa.cli.worker`, started by the warm-up command), where the plan, one shard,
+  trains without Ray.
+* ``cli_cold``: the same with ``SISA_WORKER=0``: the command trains in its own new process.
+* ``cli_local``: the same with ``--address local`` (and ``SISA_WORKER=0``).
 * ``cli_ray``: the same forced onto a new local Ray instance (``SISA_RUNNER=ray``): the
   path every deletion took before.
 
 The command-line runs get an environment without the pins (as a shell would give them).
 Times are wall seconds: for the API, ``Ensemble.open`` + ``delete`` + ``close``
 (``api_*_delete``: the ``delete`` call alone); for the CLI, the whole process. Every round
-checks that all five ways leave the same live weights digest on the shard (bit-identical,
+checks that all six ways leave the same live weights digest on the shard (bit-identical,
 one determinism domain), and that no process of a Ray instance started by ``cli_ray`` is
 left running; the first round runs ``sisa verify --shard K`` on the ``cli`` copy, once
 as it comes (no Ray) and once forced onto Ray (a Ray replay of a shard the local runner
@@ -69,23 +72,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import loadavg, machine_info, pyplot, save_figure, script_parser, write_results  # noqa: E402
 
+from sisa.cli.worker import ENABLE_ENV  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402
 from sisa.train.domain import PIN_VARS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SISA = [sys.executable, "-m", "sisa.cli"]
-WAYS = ("api_local", "api_ray", "cli", "cli_local", "cli_ray")
+WAYS = ("api_local", "api_ray", "cli", "cli_cold", "cli_local", "cli_ray")
 TARGET_RATIO = 2.0
 
 
+WORKER_TMP: dict[str, str] = {}  # the private TMPDIR of this run's warm worker (set in main)
+
+
 def plain_env(**extra: str) -> dict[str, str]:
-    """The environment of a command run from a shell: no pins, no runner, no cluster."""
+    """The environment of a command run from a shell: no pins, no runner, no cluster; this run's worker."""
     env = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
-    for name in ("SISA_BENCH_PINNED", "SISA_PINNED_EXEC", "SISA_RUNNER", "RAY_ADDRESS"):
+    for name in ("SISA_BENCH_PINNED", "SISA_PINNED_EXEC", "SISA_RUNNER", "RAY_ADDRESS", ENABLE_ENV):
         env.pop(name, None)
+    env.update(WORKER_TMP)
     env.update(extra)
     return env
+
+
+def worker_commands(tmp: Path) -> int:
+    """Commands the run's worker has served (one line each in its log)."""
+    return sum(p.read_text().count(" ran [") for p in tmp.glob("sisa-*/worker-*.log"))
+
+
+def start_worker(store: Path, sample: int, tmp: Path) -> None:
+    """One deletion through the command starts the worker; wait until it listens."""
+    sisa_cli(["delete", "--store", str(store), "--ids", str(sample)], plain_env())
+    deadline = time.monotonic() + 180
+    while not list(tmp.glob("sisa-*/worker-*.sock")):
+        if time.monotonic() > deadline:
+            raise SystemExit("the warm worker did not start within 180 s; see its log in " + str(tmp))
+        time.sleep(0.2)
+
+
+def stop_worker(tmp: Path) -> None:
+    """End this run's worker (SIGTERM: it stops as when idle)."""
+    for lock in tmp.glob("sisa-*/worker-*.lock"):
+        subprocess.run(["pkill", "-f", str(lock)], check=False)
 
 
 def sisa_cli(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any], int]:
@@ -202,7 +231,12 @@ def main() -> int:
             shutil.copytree(base, path)
             return path
 
-        # Warm-up: the warm API's process has its imports, model code, kernels and Ray workers warm.
+        # Warm-up: the warm API's process has its imports, model code, kernels and Ray workers warm;
+        # the command's warm worker is started by one deletion through it.
+        worker_tmp = work / "w"
+        worker_tmp.mkdir()
+        WORKER_TMP["TMPDIR"] = str(worker_tmp)
+        start_worker(fresh("warm"), picks[0], worker_tmp)
         orchestrator.connect(None)
         api_delete(fresh("warm"), picks[0], "local")
         api_delete(fresh("warm"), picks[1], None)
@@ -225,7 +259,11 @@ def main() -> int:
                     t, cert, leftovers = cli_ray_delete(store, sample)
                 else:
                     extra = ["--address", "local"] if way == "cli_local" else []
-                    t, cert, _ = sisa_cli(["delete", "--store", str(store), "--ids", str(sample), *extra], plain_env())
+                    env = plain_env() if way == "cli" else plain_env(**{ENABLE_ENV: "0"})
+                    served = worker_commands(worker_tmp)
+                    t, cert, _ = sisa_cli(["delete", "--store", str(store), "--ids", str(sample), *extra], env)
+                    if way == "cli" and worker_commands(worker_tmp) != served + 1:
+                        failures.append(f"round {n}: the cli deletion did not run in the warm worker")
                 seconds[way].append(t)
                 shard, weights[way] = shard_weights(cert)
                 runners[way] = cert.get("runner")
@@ -248,7 +286,7 @@ def main() -> int:
             same = len(set(weights.values())) == 1 and None not in weights.values()
             if not same:
                 failures.append(f"round {n}: live weights differ between the ways: {weights}")
-            row = {
+            row: dict[str, Any] = {
                 "id": sample,
                 "shard": int(shard) if shard is not None else None,
                 "stages_retrained": stages,
@@ -280,6 +318,7 @@ def main() -> int:
             "api_delete_only_seconds": alone,
             "median_api_delete_only_seconds": {w: statistics.median(v) for w, v in alone.items()},
             "ratio_cli_to_api_local": med["cli"] / med["api_local"],
+            "ratio_cli_cold_to_api_local": med["cli_cold"] / med["api_local"],
             "ratio_cli_to_api_ray": med["cli"] / med["api_ray"],
             "ratio_cli_ray_to_cli": med["cli_ray"] / med["cli"],
             "target_ratio": TARGET_RATIO,
@@ -289,13 +328,15 @@ def main() -> int:
         write_results(args.out, result, lambda png: draw(result, png))
         print(
             "medians: " + " ".join(f"{w}={med[w]:.2f}s" for w in WAYS) + f"\ncli / api_local = "
-            f"{result['ratio_cli_to_api_local']:.2f} (target <= {TARGET_RATIO:g}); cli / api_ray = "
+            f"{result['ratio_cli_to_api_local']:.2f} (target <= {TARGET_RATIO:g}); cli_cold / api_local = "
+            f"{result['ratio_cli_cold_to_api_local']:.2f}; cli / api_ray = "
             f"{result['ratio_cli_to_api_ray']:.2f}; cli_ray / cli = {result['ratio_cli_ray_to_cli']:.2f}"
         )
         for failure in failures:
             print(f"FAILED: {failure}")
         return 1 if failures else 0
     finally:
+        stop_worker(work / "w")
         orchestrator.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 

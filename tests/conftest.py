@@ -17,6 +17,10 @@ from sisa.config.settings import SisaConfig, load_config
 from sisa.ensemble import Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
+# No warm worker (sisa.cli.worker) behind the `sisa` commands the tests run: each command runs in
+# its own process, as the test means, and none outlives the session. tests/cli/test_cli_worker.py
+# turns it on for its own commands.
+os.environ["SISA_WORKER"] = "0"
 
 
 @pytest.fixture(scope="session")

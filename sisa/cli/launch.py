@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["REEXEC_ENV", "command_line", "reexec_pinned", "store_cpu_isa", "training_command"]
+__all__ = ["REEXEC_ENV", "command_line", "reexec_pinned", "run_in_worker", "store_cpu_isa", "training_command"]
 
 # Set in the environment of the re-executed process: never re-execute twice.
 REEXEC_ENV = "SISA_PINNED_EXEC"
@@ -128,3 +128,38 @@ def reexec_pinned(argv: Sequence[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *args], {**os.environ, **pins, REEXEC_ENV: "1"})
+
+
+# What a warm worker takes (:mod:`sisa.cli.worker`): the small jobs; ``train`` creates stores and
+# trains every shard, where a few seconds of start-up do not matter.
+_WORKER_COMMANDS = ("delete", "apply", "add", "resume", "verify")
+
+
+def run_in_worker() -> None:
+    """Hand this ``sisa`` command to the user's warm worker, if it would train without Ray.
+
+    Returns when the command is to run in this process (not the ``sisa`` command, a command
+    the worker does not take, workers off, none answering or the worker busy); otherwise the
+    worker ran it and this process exits with its code, without ever importing torch.
+    """
+    if os.environ.get(REEXEC_ENV) or not command_line():
+        return
+    argv = sys.argv[1:]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    store = training_command(argv) if command in _WORKER_COMMANDS else None
+    cpu_isa = store_cpu_isa(store) if store is not None else None
+    if cpu_isa is None:
+        return
+    from sisa.cli import worker
+    from sisa.train import domain
+
+    try:
+        pins = domain.pin_env(cpu_isa)
+    except ValueError:
+        return
+    code = worker.delegate(argv, pins)
+    if code is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -9,7 +9,8 @@ progress bars go to stderr. Ray's own log lines go to a file (:mod:`sisa.cli.ray
 stderr with ``-v``.
 """
 
-# The imports below reexec_pinned() come after it on purpose: it must run before torch loads.
+# The imports below run_in_worker() and reexec_pinned() come after them on purpose: both must run
+# before torch loads.
 # ruff: noqa: E402
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sisa.cli.launch import reexec_pinned
+from sisa.cli.launch import reexec_pinned, run_in_worker
 
-# The `sisa` command only (never an import): restart in the store's pinned domain before torch loads.
+# The `sisa` command only (never an import), before torch loads: a small training command goes to
+# the user's warm worker if one answers; else the process restarts in the store's pinned domain.
+run_in_worker()
 reexec_pinned()
 
 import numpy as np
@@ -46,7 +49,7 @@ from sisa.store.ingest import number_after_stored
 from sisa.train.domain import DOMAIN_FIX, missing_reason
 from sisa.train.models import build_model
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # stdout closed by its reader, as after SIGPIPE
@@ -751,6 +754,14 @@ def _exit_now(code: int) -> None:
     if orchestrator is not None:
         orchestrator.abandon_local_instance()
     os._exit(code)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one command in this process and return its exit code; the process goes on.
+
+    What :mod:`sisa.cli.worker` calls for each command it is handed.
+    """
+    return _main(argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:

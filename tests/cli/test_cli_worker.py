@@ -1,0 +1,150 @@
+"""The warm worker behind small `sisa` commands: same output, same bytes, its own lifetime.
+
+Each test gives its commands a private ``TMPDIR`` (where the worker's socket, lock and log
+live) and a short idle time, and stops the worker it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sisa.cli.worker import ENABLE_ENV, IDLE_ENV, worker_key
+from sisa.ensemble import Ensemble
+from tests.conftest import ROOT, blobs, live_state, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A short private TMPDIR (unix socket paths are limited to 107 bytes); its worker is ended after."""
+    folder = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
+    yield folder
+    for lock in folder.glob("sisa-*/worker-*.lock"):
+        subprocess.run(["pkill", "-f", str(lock)], check=False)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def sisa(args: list[str], tmp: Path, *, worker: bool = True, idle: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({ENABLE_ENV: "1" if worker else "0", IDLE_ENV: str(idle), "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "sisa.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def worker_log(tmp: Path) -> str:
+    return "".join(p.read_text() for p in tmp.glob("sisa-*/worker-*.log"))
+
+
+def wait_for_socket(tmp: Path, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(tmp.glob("sisa-*/worker-*.sock"))
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no worker socket after {timeout} s; log:\n{worker_log(tmp)}")
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> tuple[Path, Path]:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "a", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_deletions_through_the_worker_give_the_same_bytes_and_output(stores: tuple[Path, Path], run_dir: Path) -> None:
+    a, b = stores
+    first = sisa(["delete", "--store", str(a), "--ids", "5", "--json"], run_dir)  # runs here, starts a worker
+    assert first.returncode == 0, first.stderr
+    wait_for_socket(run_dir)
+    assert "ran" not in worker_log(run_dir)
+    outputs = []
+    for sample in (17, 240):
+        done = sisa(["delete", "--store", str(a), "--ids", str(sample), "--json"], run_dir)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout))
+    log = worker_log(run_dir)
+    assert log.count("ran ['delete'") == 2 and "exit 0" in log  # both ran in the worker
+    for sample in (5, 17, 240):
+        in_place = sisa(["delete", "--store", str(b), "--ids", str(sample), "--json"], run_dir, worker=False)
+        assert in_place.returncode == 0, in_place.stderr
+    with Ensemble.open(a, readonly=True) as ea, Ensemble.open(b, readonly=True) as eb:
+        assert live_state(ea) == live_state(eb)  # bit-identical models either way
+    assert [o["shards"] == c["shards"] for o, c in zip(outputs, outputs, strict=True)]
+    assert outputs[0]["runner"] == "local" and outputs[0]["state"] == "applied"
+    verified = sisa(["verify", "--store", str(a), "--shard", "0"], run_dir)
+    assert verified.returncode == 0 and "OK" in verified.stdout, verified.stderr
+    bad = sisa(["delete", "--store", str(a), "--ids", "999999"], run_dir)  # errors come back too
+    assert bad.returncode == 2 and "not in the store" in bad.stderr
+    assert worker_log(run_dir).count("ran [") == 4
+
+
+def test_the_worker_ends_when_idle_and_is_off_with_sisa_worker_0(stores: tuple[Path, Path], run_dir: Path) -> None:
+    a, _ = stores
+    off = sisa(["delete", "--store", str(a), "--ids", "5"], run_dir, worker=False)
+    assert off.returncode == 0 and not list(run_dir.glob("sisa-*/worker-*"))
+    sisa(["delete", "--store", str(a), "--ids", "6"], run_dir, idle=2)
+    sock = wait_for_socket(run_dir)
+    deadline = time.monotonic() + 60
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not sock.exists()  # gone after 2 s without a command
+    lock = next(run_dir.glob("sisa-*/worker-*.lock"))
+    while subprocess.run(["pgrep", "-f", str(lock)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the idle worker's process did not end"
+        time.sleep(0.5)
+
+
+def test_ctrl_c_interrupts_the_command_in_the_worker(tmp_path: Path, run_dir: Path) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "slow", small_config("train.epochs=150")) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        first_slice = [i for i, (_, r) in ens.locate(list(range(600))).items() if r == 0]
+    store = str(tmp_path / "slow")
+    sisa(["delete", "--store", store, "--ids", str(first_slice[0])], run_dir)  # starts the worker
+    wait_for_socket(run_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({ENABLE_ENV: "1", IDLE_ENV: "60", "TMPDIR": str(run_dir), "PYTHONPATH": str(ROOT)})
+    # A deletion in every shard's first slice: three whole shards to retrain, long enough to interrupt.
+    victims = ",".join(str(i) for i in first_slice[1:40])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sisa.cli", "delete", "--store", store, "--ids", *victims.split(",")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3.0)  # the request is journaled and the retrain under way in the worker
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "sisa resume" in err  # what the command in place says when interrupted
+    assert "exit 130" in worker_log(run_dir)
+    with Ensemble.open(store) as ens:  # the journaled request is finished by the next writable open
+        assert ens.pending() == []
+        assert ens.verify()["ok"]
+
+
+def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert worker_key(avx2) == worker_key(dict(avx2))
+    assert worker_key(avx2) != worker_key({**avx2, "ATEN_CPU_CAPABILITY": "default"})
+    assert worker_key(avx2) != worker_key({**avx2, "OMP_NUM_THREADS": "3"})
