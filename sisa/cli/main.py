@@ -16,6 +16,7 @@ stderr with ``-v``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sisa.cli.launch import reexec_pinned, run_in_worker
+from sisa.cli.launch import command_line, reexec_pinned, run_in_worker
 
 # The `sisa` command only (never an import), before torch loads: a small training command goes to
 # the user's warm worker if one answers; else the process restarts in the store's pinned domain.
@@ -717,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code: 0 on success, 2 on a sisa error.
     """
     code = _main(argv)
-    if argv is None:
+    if argv is None and command_line():  # never end a process that called main() itself
         _exit_now(code)
     return code
 
@@ -785,8 +786,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:
         # The reader of stdout went away (`sisa ... | head`): whatever the command did is done;
         # point stdout at /dev/null so the interpreter's final flush does not fail again, and
-        # exit as a process killed by SIGPIPE would (128 + 13), as git and coreutils do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # exit as a process killed by SIGPIPE would (128 + 13), as git and coreutils do. Only the
+        # `sisa` process itself: a caller of main() in its own process (a test, a notebook, the
+        # worker) keeps its stdout.
+        if command_line():
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except VerificationError as failed:
         if args.json:
