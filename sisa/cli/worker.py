@@ -216,8 +216,8 @@ class _Relay:
 class _Out:
     """A text stream that sends what is written to the caller, as frames of one kind."""
 
-    def __init__(self, conn: socket.socket, kind: bytes, tty: bool) -> None:
-        self._conn, self._kind, self._tty = conn, kind, tty
+    def __init__(self, conn: socket.socket, kind: bytes, tty: bool, fd: int) -> None:
+        self._conn, self._kind, self._tty, self._fd = conn, kind, tty, fd
         self.alive = True
         self.encoding = "utf-8"
 
@@ -236,7 +236,8 @@ class _Out:
         return self._tty
 
     def fileno(self) -> int:
-        raise OSError("the worker's output is a socket stream, not a file")
+        """The worker's own log: what writes below Python (C libraries, Ray's setup) reach."""
+        return self._fd
 
 
 def _watch(conn: socket.socket, running: threading.Event) -> None:
@@ -260,7 +261,8 @@ def _handle(conn: socket.socket, run: Any) -> None:
     request = json.loads(first[1])
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     saved_streams = sys.stdout, sys.stderr
-    out, err = (_Out(conn, kind, tty) for kind, tty in zip((b"o", b"e"), request["tty"], strict=True))
+    log_fd = saved_streams[1].fileno()
+    out, err = (_Out(conn, kind, tty, log_fd) for kind, tty in zip((b"o", b"e"), request["tty"], strict=True))
     started = time.perf_counter()
     running = threading.Event()
     running.set()

@@ -92,7 +92,15 @@ def test_deletions_through_the_worker_give_the_same_bytes_and_output(stores: tup
     assert verified.returncode == 0 and "OK" in verified.stdout, verified.stderr
     bad = sisa(["delete", "--store", str(a), "--ids", "999999"], run_dir)  # errors come back too
     assert bad.returncode == 2 and "not in the store" in bad.stderr
-    assert worker_log(run_dir).count("ran [") == 4
+    # Every shard: a plan for Ray, which the worker starts for the command and stops after it.
+    everything = sisa(["verify", "--store", str(a), "--json"], run_dir)
+    assert everything.returncode == 0, everything.stderr
+    assert json.loads(everything.stdout)["ok"] and json.loads(everything.stdout)["runner"] == "ray"
+    assert worker_log(run_dir).count("ran [") == 5
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-f", f"raylet.*{run_dir}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the worker left the command's Ray instance running"
+        time.sleep(0.5)
 
 
 def test_the_worker_ends_when_idle_and_is_off_with_sisa_worker_0(stores: tuple[Path, Path], run_dir: Path) -> None:
