@@ -94,7 +94,8 @@ def worker_key(pins: Mapping[str, str]) -> str:
     The Python, the sisa code (every file's size and mtime: an upgrade or an edit starts a new
     worker), and the environment a process reads once at start, with the store's pins applied.
     """
-    h = hashlib.sha256(sys.executable.encode())
+    # The interpreter and its environment, however it was named (`python`, `python3`, a console script).
+    h = hashlib.sha256(f"{os.path.realpath(sys.executable)}\n{sys.prefix}\n".encode())
     package = Path(__file__).resolve().parents[1]
     for path in sorted(package.rglob("*.py")):
         st = path.stat()
