@@ -179,7 +179,12 @@ def delegate(argv: list[str], pins: Mapping[str, str]) -> int | None:
         }
         try:
             _send(conn, b"r", json.dumps(request).encode())
-            return relay.run()
+            code = relay.run()
+            if code is None and relay.silent and not relay.busy:
+                # The worker ended before it said anything: every training command is safe to
+                # run again (a journaled deletion is finished, a staged ingest taken back).
+                print("note: the sisa worker ended; running the command in this process", file=sys.stderr)
+            return code
         except KeyboardInterrupt:
             # Closing our end tells the worker to interrupt the command; it then reports what was
             # kept (and how to finish it), which we still relay.
@@ -200,10 +205,12 @@ class _Relay:
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.silent = True  # nothing came back yet: the command may still be run here
+        self.busy = False  # the worker said it is busy with another command
 
     def run(self) -> int | None:
         for kind, body in _frames(self.conn):
             if kind == b"b":  # busy with another command: run this one here
+                self.busy = True
                 return None
             self.silent = False
             if kind == b"x":
@@ -211,7 +218,14 @@ class _Relay:
             stream = sys.stdout if kind == b"o" else sys.stderr
             stream.write(body.decode("utf-8", "replace"))
             stream.flush()
-        return None if self.silent else 1
+        if self.silent:
+            return None
+        print(
+            "error: the sisa worker ended before the command did; run the command again "
+            f"(a deletion resumes where it stopped), or with {ENABLE_ENV}=0 to run it in this process",
+            file=sys.stderr,
+        )
+        return 1
 
 
 class _Out:

@@ -151,6 +151,37 @@ def test_ctrl_c_interrupts_the_command_in_the_worker(tmp_path: Path, run_dir: Pa
         assert ens.verify()["ok"]
 
 
+def test_a_worker_killed_mid_command_hands_the_command_back(tmp_path: Path, run_dir: Path) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "slow", small_config("train.epochs=150")) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        first_slice = [i for i, (_, r) in ens.locate(list(range(600))).items() if r == 0]
+    store = str(tmp_path / "slow")
+    sisa(["delete", "--store", store, "--ids", str(first_slice[0])], run_dir)
+    wait_for_socket(run_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({ENABLE_ENV: "1", IDLE_ENV: "60", "TMPDIR": str(run_dir), "PYTHONPATH": str(ROOT)})
+    victims = [str(i) for i in first_slice[1:40]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sisa.cli", "delete", "--store", store, "--ids", *victims],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3.0)
+    lock = next(run_dir.glob("sisa-*/worker-*.lock"))
+    subprocess.run(["pkill", "-KILL", "-f", str(lock)], check=True)  # the worker dies mid-retrain
+    out, err = proc.communicate(timeout=300)
+    # Nothing had come back: the command ran again in place, which finished the journaled request.
+    assert proc.returncode == 0 and "the sisa worker ended; running the command in this process" in err, (out, err)
+    assert "request 2 applied: 39 sample(s) deleted" in out
+    with Ensemble.open(store) as ens:
+        assert ens.pending() == [] and ens.verify()["ok"]
+        assert [c["request_id"] for c in ens.certificates()] == [1, 2]
+
+
 def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert worker_key(avx2) == worker_key(dict(avx2))
