@@ -182,6 +182,35 @@ def test_a_worker_killed_mid_command_hands_the_command_back(tmp_path: Path, run_
         assert [c["request_id"] for c in ens.certificates()] == [1, 2]
 
 
+def test_a_busy_worker_makes_the_caller_run_its_command_in_place(
+    tmp_path: Path, stores: tuple[Path, Path], run_dir: Path
+) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "slow", small_config("train.epochs=150")) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        first_slice = [i for i, (_, r) in ens.locate(list(range(600))).items() if r == 0]
+    slow = str(tmp_path / "slow")
+    sisa(["delete", "--store", slow, "--ids", str(first_slice[0])], run_dir)
+    wait_for_socket(run_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({ENABLE_ENV: "1", IDLE_ENV: "60", "TMPDIR": str(run_dir), "PYTHONPATH": str(ROOT)})
+    long = subprocess.Popen(
+        [sys.executable, "-m", "sisa.cli", "delete", "--store", slow, "--ids", *map(str, first_slice[1:40])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3.0)  # the worker is busy with it
+    other = sisa(["delete", "--store", str(stores[0]), "--ids", "7", "--json"], run_dir)
+    assert other.returncode == 0 and json.loads(other.stdout)["state"] == "applied", other.stderr
+    out, err = long.communicate(timeout=300)
+    assert long.returncode == 0, err
+    log = worker_log(run_dir)
+    assert log.count("ran ['delete'") == 1 and str(stores[0]) not in log  # the second ran in its own process
+
+
 def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert worker_key(avx2) == worker_key(dict(avx2))
