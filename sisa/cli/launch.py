@@ -101,6 +101,27 @@ def store_cpu_isa(store: str) -> str | None:
         return None
 
 
+def _store_pins(argv: Sequence[str], commands: Sequence[str]) -> tuple[str, dict[str, str]] | None:
+    """The store's ``cpu_isa`` and its pins, for a command this process should act on, else None.
+
+    That is: this process is the ``sisa`` command (not yet re-executed), running one of
+    ``commands`` that would train without Ray (:func:`training_command`) on a readable store.
+    """
+    if os.environ.get(REEXEC_ENV) or not command_line():
+        return None
+    command = next((a for a in argv if not a.startswith("-")), None)
+    store = training_command(argv) if command in commands else None
+    cpu_isa = store_cpu_isa(store) if store is not None else None
+    if cpu_isa is None:
+        return None
+    from sisa.train import domain  # light: the config module and the standard library
+
+    try:
+        return cpu_isa, dict(domain.pin_env(cpu_isa))
+    except ValueError:
+        return None
+
+
 def reexec_pinned(argv: Sequence[str] | None = None) -> None:
     """Restart this ``sisa`` process with its store's pins, if it may train locally and lacks them.
 
@@ -108,20 +129,12 @@ def reexec_pinned(argv: Sequence[str] | None = None) -> None:
     train locally, the pins already there, a store that cannot be read); otherwise the
     process is replaced by the same command line with the pins in its environment.
     """
-    if os.environ.get(REEXEC_ENV) or not command_line():
+    found = _store_pins(sys.argv[1:] if argv is None else argv, _TRAINING)
+    if found is None:
         return
-    store = training_command(sys.argv[1:] if argv is None else argv)
-    if store is None:
-        return
-    cpu_isa = store_cpu_isa(store)
-    if cpu_isa is None:
-        return
+    cpu_isa, pins = found
     from sisa.train import domain  # light: the config module and the standard library
 
-    try:
-        pins = domain.pin_env(cpu_isa)
-    except ValueError:
-        return
     if not pins or domain.pinned_from_start(cpu_isa):
         return
     args = list(getattr(sys, "orig_argv", []))[1:] or [sys.argv[0], *sys.argv[1:]]
@@ -142,22 +155,13 @@ def run_in_worker() -> None:
     the worker does not take, workers off, none answering or the worker busy); otherwise the
     worker ran it and this process exits with its code, without ever importing torch.
     """
-    if os.environ.get(REEXEC_ENV) or not command_line():
-        return
     argv = sys.argv[1:]
-    command = next((a for a in argv if not a.startswith("-")), None)
-    store = training_command(argv) if command in _WORKER_COMMANDS else None
-    cpu_isa = store_cpu_isa(store) if store is not None else None
-    if cpu_isa is None:
+    found = _store_pins(argv, _WORKER_COMMANDS)
+    if found is None:
         return
     from sisa.cli import worker
-    from sisa.train import domain
 
-    try:
-        pins = domain.pin_env(cpu_isa)
-    except ValueError:
-        return
-    code = worker.delegate(argv, pins)
+    code = worker.delegate(argv, found[1])
     if code is None:
         return
     sys.stdout.flush()
