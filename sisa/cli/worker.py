@@ -35,11 +35,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ENABLE_ENV", "IDLE_ENV", "delegate", "serve", "worker_key", "worker_paths"]
+__all__ = ["ENABLE_ENV", "IDLE_ENV", "claim", "delegate", "idle_seconds", "serve", "worker_key", "worker_paths"]
 
 ENABLE_ENV = "SISA_WORKER"  # 0: never hand a command to a worker
 IDLE_ENV = "SISA_WORKER_IDLE"  # seconds a worker waits for its next command before it ends
@@ -133,7 +133,7 @@ def _start_worker(key: str, pins: Mapping[str, str]) -> None:
     env.update(pins)
     with open(log, "ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "sisa.cli.worker", str(sock), str(lock)],
+            [sys.executable, "-m", "sisa.cli.worker_process", str(sock), str(lock)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -333,21 +333,34 @@ def _warm_up() -> None:
         optimizer.step()
 
 
-def serve(sock_path: Path, lock_path: Path, idle: float) -> int:
-    """Serve commands on ``sock_path`` until ``idle`` seconds pass without one; one worker per lock.
+def claim(lock_path: Path) -> int | None:
+    """Become the one worker of a key: an exclusive lock on ``lock_path`` held for life, else None.
 
-    Commands run one at a time in the main thread (where Ctrl-C's stand-in, an interrupt of
-    the main thread, lands); a caller arriving meanwhile is told the worker is busy at once.
+    Cheap, and taken before the heavy imports, so a second worker started by a race ends at once.
     """
     lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return 0  # another worker of this key is up (or starting)
+        os.close(lock)
+        return None  # another worker of this key is up (or starting)
+    return lock
+
+
+def serve(sock_path: Path, idle: float, run: Callable[[list[str]], int]) -> int:
+    """Serve commands on ``sock_path`` until ``idle`` seconds pass without one (after :func:`claim`).
+
+    Commands run one at a time in the main thread (where Ctrl-C's stand-in, an interrupt of
+    the main thread, lands); a caller arriving meanwhile is told the worker is busy at once.
+
+    Args:
+        sock_path: The unix socket to listen on.
+        idle: Seconds to wait for a command before ending.
+        run: Runs one command (its arguments) and returns its exit code:
+            :func:`sisa.cli.main.run`, passed in by :mod:`sisa.cli.worker_process`.
+    """
     # SIGTERM ends the worker as idleness does: the interpreter's exit stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from sisa.cli.main import run  # the heavy imports: what the worker keeps warm
-
     _warm_up()
     with contextlib.suppress(FileNotFoundError):
         sock_path.unlink()  # a socket a dead worker left
@@ -393,12 +406,9 @@ def serve(sock_path: Path, lock_path: Path, idle: float) -> int:
     return 0
 
 
-def _idle() -> float:
+def idle_seconds() -> float:
+    """How long a worker waits for its next command: ``$SISA_WORKER_IDLE``, default 300, at least 1."""
     try:
         return max(1.0, float(os.environ.get(IDLE_ENV, DEFAULT_IDLE)))
     except ValueError:
         return DEFAULT_IDLE
-
-
-if __name__ == "__main__":
-    sys.exit(serve(Path(sys.argv[1]), Path(sys.argv[2]), _idle()))
