@@ -156,6 +156,8 @@ def run_in_worker() -> None:
     worker ran it and this process exits with its code, without ever importing torch.
     """
     argv = sys.argv[1:]
+    if any(a == "-" or a.startswith(("/dev/", "/proc/self/")) for a in argv):
+        return  # this process's stdin or descriptors (`--ids-file /dev/stdin`, `<(...)`): not the worker's
     found = _store_pins(argv, _WORKER_COMMANDS)
     if found is None:
         return

@@ -211,6 +211,18 @@ def test_a_busy_worker_makes_the_caller_run_its_command_in_place(
     assert log.count("ran ['delete'") == 1 and str(stores[0]) not in log  # the second ran in its own process
 
 
+def test_ids_read_from_this_process_stdin_never_go_to_the_worker(stores: tuple[Path, Path], run_dir: Path) -> None:
+    a, _ = stores
+    sisa(["delete", "--store", str(a), "--ids", "5"], run_dir)
+    wait_for_socket(run_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({ENABLE_ENV: "1", IDLE_ENV: "60", "TMPDIR": str(run_dir), "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(a), "--ids-file", "/dev/stdin", "--json"]
+    done = subprocess.run(cmd, input="17\n", env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 1, done.stderr
+    assert "ran [" not in worker_log(run_dir)  # the worker's stdin is not this command's
+
+
 def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert worker_key(avx2) == worker_key(dict(avx2))
