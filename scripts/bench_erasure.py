@@ -1,0 +1,574 @@
+"""What one deletion costs besides the retrain, for the old store layout and this checkout's, side by side.
+
+For each N and each layout, a fresh child process builds a store of N synthetic samples
+(784 ``uint8`` features, a pure function of the id; labels ``id % 10``; uniform partition,
+S=8 shards, R=4 slices, MLP 784-128-10, ``train.epochs=1``), ingested as a stream of
+8192-sample batches, fits it, and then deletes one id, and then 100 ids in one call. It
+records:
+
+* ingest seconds and the child's peak anonymous memory (``RssAnon``, sampled every 20 ms);
+* the store's bytes on disk (``st_blocks * 512``) and apparent bytes (``st_size``), in all
+  and per file, after the fit and after the deletions;
+* per deletion: the call's wall seconds, the certificate's retrain seconds
+  (``cert["batch"]["retrain_seconds"]``), the rest (``non_retrain_s`` = wall - retrain:
+  journal, erasure, compaction, certificate), the bytes the process wrote during the call
+  (``write_bytes`` of ``/proc/self/io``: bytes it dirtied in the page cache, i.e. that go to
+  storage; ``wchar``, the bytes of its write calls, beside it), the bytes of the checkpoints
+  the retrain committed (the sizes of the new stage checkpoints, read back from the store),
+  and ``erasure_bytes`` = written - checkpoint bytes, the estimate of what the erasure
+  itself wrote.
+
+The layouts:
+
+* ``old``: git revision 710eb75 (every apply compacts the whole ``data.mdb``; features
+  stored as float32), run from a git worktree the script creates (``--old-worktree``,
+  default ``/tmp/sisa-erasure-old``) with that worktree first on ``sys.path``;
+* ``new``: this checkout's working tree (HEAD plus any uncommitted changes; recorded).
+
+Each child checks that ``sisa`` was imported from its layout's tree and records
+``sisa.__file__`` and the tree's git revision. The retrains run on the local runner
+(``address="local"``: no Ray, everything in the child, so ``/proc/self/io`` covers the
+training and the store writes); ``--runner auto`` lets the planner start Ray. Stores go in
+a temporary folder (``--workdir``) and are removed after each child unless ``--keep``.
+Free disk space is checked before each child.
+
+Usage:
+    python scripts/bench_erasure.py                        # N = 60k, 600k, 3M (long: 3M takes minutes)
+    python scripts/bench_erasure.py --quick                # N = 6k, 30k
+    python scripts/bench_erasure.py --sizes 60000          # one size
+    python scripts/bench_erasure.py --quick --layouts new shards=2 slices=2   # only this checkout
+
+Writes ``docs/bench/erasure.json`` and ``docs/bench/erasure.png`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD_REV = "710eb75"
+LAYOUTS = ("old", "new")
+FEATURES = 784
+BATCH = 8192
+SIZES = [60_000, 600_000, 3_000_000]
+QUICK_SIZES = [6_000, 30_000]
+BATCH_DELETE = 100
+DEFAULT_WORKTREE = Path("/tmp/sisa-erasure-old")
+# The store's config before the command line's overrides: the default MLP (784-128-10), S=8, R=4.
+BASE_OVERRIDES = [
+    "shards=8",
+    "slices=4",
+    "model.name=mlp",
+    "model.hidden=[128]",
+    "train.epochs=1",
+    "partition.strategy=uniform",
+]
+# Disk a child needs before anything was measured: bytes per sample of the old layout (float32
+# features and LMDB overhead, about 4.3 kB), twice (a compaction writes a whole copy), plus slack.
+GUESS_BYTES_PER_SAMPLE = 4400
+COPIES = 2.2
+SLACK_BYTES = 512 << 20
+ERASURE_BYTES_METHOD = (
+    "write_bytes delta of /proc/self/io around the call (bytes the process dirtied in the page cache: "
+    "store, journal, compaction copy, checkpoints) minus the summed sizes of the stage checkpoints the "
+    "retrain committed (read back from the store); LMDB page and B-tree overhead of those checkpoints "
+    "stays in the estimate"
+)
+
+
+# --------------------------------------------------------------------------- child side
+def make_batch(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples ``start..stop-1``: uint8 features a pure function of the id, labels ``id % 10``."""
+    ids = np.arange(start, stop, dtype=np.int64)
+    x = ((ids[:, None] * 2654435761 + np.arange(FEATURES)) % 256).astype(np.uint8)
+    return x, (ids % 10).astype(np.int64), ids
+
+
+def batches(n: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The ``n`` samples as a stream of :data:`BATCH`-sample batches (never all at once)."""
+    for start in range(0, n, BATCH):
+        yield make_batch(start, min(n, start + BATCH))
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``RssAnon``, ``VmHWM``) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters (``/proc/self/io``: all its threads)."""
+    out = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = int(value)
+    return out
+
+
+class PeakAnon:
+    """Samples ``RssAnon`` every 20 ms in a thread and keeps the peak of each named phase."""
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _note(self) -> None:
+        kib = proc_status_kib("RssAnon")
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), kib)
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            self._note()
+
+    def start(self, phase: str) -> None:
+        """Start sampling (the first phase is ``phase``)."""
+        self.phase = phase
+        self._note()
+        self._thread.start()
+
+    def enter(self, phase: str) -> None:
+        """Close the current phase (one last sample) and open ``phase``."""
+        self._note()
+        self.phase = phase
+        self._note()
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; the peak of each phase in MiB."""
+        self._note()
+        self._done.set()
+        self._thread.join()
+        return {phase: kib / 1024 for phase, kib in self.peaks.items()}
+
+
+def disk_usage(path: Path) -> dict[str, Any]:
+    """Bytes of every file under ``path``: on disk (``st_blocks * 512``) and apparent (``st_size``).
+
+    Returns:
+        ``bytes_on_disk``, ``bytes_apparent`` (totals) and ``files``: relative path ->
+        ``[on_disk, apparent]``.
+    """
+    files: dict[str, list[int]] = {}
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            full = Path(dirpath) / name
+            st = full.lstat()
+            files[str(full.relative_to(path))] = [st.st_blocks * 512, st.st_size]
+    return {
+        "bytes_on_disk": sum(v[0] for v in files.values()),
+        "bytes_apparent": sum(v[1] for v in files.values()),
+        "files": dict(sorted(files.items())),
+    }
+
+
+def pick_ids(ens: Any, n: int, slices: int, count: int) -> tuple[list[int], str]:
+    """Ids to delete: stored in their shard's last slice where possible, so the retrains are the shortest.
+
+    Ids from the first 20000 are looked up with the public ``Ensemble.locate``; those in the
+    last slice are taken round-robin over the shards. Without ``locate`` (or not enough
+    of them), ids spread evenly over ``0..n-1`` fill up.
+
+    Returns:
+        ``count`` distinct ids, and how they were chosen.
+    """
+    candidates = list(range(min(n, 20_000)))
+    try:
+        where = ens.locate(candidates)
+    except Exception:  # noqa: BLE001 - a layout without locate: fall back to spread ids
+        where = {}
+    by_shard: dict[int, list[int]] = {}
+    for sid, (shard, slice_) in sorted(where.items()):
+        if slice_ == slices - 1:
+            by_shard.setdefault(int(shard), []).append(int(sid))
+    chosen: list[int] = []
+    while len(chosen) < count and any(by_shard.values()):
+        for shard in sorted(by_shard):
+            if by_shard[shard] and len(chosen) < count:
+                chosen.append(by_shard[shard].pop(0))
+    how = f"{len(chosen)} in the last slice (Ensemble.locate)"
+    if len(chosen) < count:
+        taken = set(chosen)
+        spread = [i for i in np.linspace(0, n - 1, 4 * count).astype(int).tolist() if i not in taken]
+        filled = list(dict.fromkeys(spread))[: count - len(chosen)]
+        chosen += filled
+        how += f", {len(filled)} spread over 0..N-1"
+    return chosen, how
+
+
+def checkpoint_bytes(ens: Any, cert: dict[str, Any]) -> int | None:
+    """Summed size of the stage checkpoints a deletion's retrain committed (``None`` if unreadable)."""
+    try:
+        total = 0
+        with ens.store.read() as txn:
+            for key, info in cert["shards"].items():
+                for rec in ens.store.stage_records(txn, int(key)):
+                    if rec["stage"] > info["restart_stage"]:
+                        total += len(ens.store.checkpoint(txn, rec))
+        return total
+    except Exception:  # noqa: BLE001 - an estimate; the JSON says when it is missing
+        return None
+
+
+def timed_delete(ens: Any, ids: list[int], peaks: PeakAnon, phase: str) -> dict[str, Any]:
+    """Delete ``ids`` in one call and measure it: seconds, retrain seconds, bytes written."""
+    peaks.enter(phase)
+    io0 = proc_io()
+    t0 = time.perf_counter()
+    cert = ens.delete(ids)
+    wall = time.perf_counter() - t0
+    io1 = proc_io()
+    retrain = float(cert["batch"]["retrain_seconds"])
+    written = io1["write_bytes"] - io0["write_bytes"]
+    ckpt = checkpoint_bytes(ens, cert)
+    return {
+        "ids": len(ids),
+        "wall_s": wall,
+        "retrain_s": retrain,
+        "non_retrain_s": wall - retrain,
+        "apply_s": cert.get("apply_seconds"),
+        "runner": cert.get("runner"),
+        "retrained_shards": cert.get("retrained_shards"),
+        "retrain_sample_epochs": sum(int(v.get("sample_epochs", 0)) for v in cert["shards"].values()),
+        "from_slices": {k: v.get("from_slice") for k, v in cert["shards"].items()},
+        "file_bytes_before_after": cert["batch"].get("file_bytes"),
+        "written_bytes": written,
+        "cancelled_write_bytes": io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"],
+        "wchar": io1["wchar"] - io0["wchar"],
+        "checkpoint_bytes": ckpt,
+        "erasure_bytes": None if ckpt is None else written - ckpt,
+    }
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement, in its own process: build, ingest, fit, delete 1 id, delete a batch.
+
+    Args:
+        spec: ``layout``, ``root`` (the tree to import ``sisa`` from), ``n``, ``store``,
+            ``overrides``, ``runner`` (``local`` or ``auto``), ``batch_delete``.
+
+    Returns:
+        What it measured (one row of the JSON's ``runs``).
+
+    Raises:
+        RuntimeError: If ``sisa`` was not imported from ``root``.
+    """
+    root = Path(spec["root"]).resolve()
+    sys.path.insert(0, str(root))  # before the venv's editable install of the main checkout
+    import sisa
+
+    sisa_file = Path(sisa.__file__).resolve()
+    if not sisa_file.is_relative_to(root):
+        raise RuntimeError(f"layout {spec['layout']}: sisa imported from {sisa_file}, not from {root}")
+    n, store = int(spec["n"]), Path(spec["store"])
+    cfg = sisa.load_config(None, [*BASE_OVERRIDES, *spec["overrides"]])
+    address = "local" if spec["runner"] == "local" else None
+    peaks = PeakAnon()
+    baseline = proc_status_kib("RssAnon") / 1024
+    peaks.start("ingest")
+    row: dict[str, Any] = {"layout": spec["layout"], "n": n, "sisa_file": str(sisa_file)}
+    with sisa.Ensemble.create(store, cfg, address=address) as ens:
+        io0, t0 = proc_io(), time.perf_counter()
+        ingested = ens.ingest(batches(n), batch_size=BATCH)
+        row["ingest_s"] = time.perf_counter() - t0
+        row["ingest_written_bytes"] = proc_io()["write_bytes"] - io0["write_bytes"]
+        peaks.enter("fit")
+        t0 = time.perf_counter()
+        report = ens.fit()
+        row["fit_s"] = time.perf_counter() - t0
+        row["fit_runner"] = getattr(report, "runner", None)
+        row["ingested"] = int(ingested)
+        row["disk_after_fit"] = disk_usage(store)
+        single, single_how = pick_ids(ens, n, cfg.slices, 1 + int(spec["batch_delete"]))
+        row["ids_chosen"] = single_how
+        row["single"] = timed_delete(ens, single[:1], peaks, "delete_single")
+        row["single"]["id"] = single[0]
+        row["batch"] = timed_delete(ens, single[1:], peaks, "delete_batch")
+        row["disk_after_deletes"] = disk_usage(store)
+        row["samples_after"] = ens.status().get("samples")
+    peak = peaks.stop()
+    row["baseline_anon_mib"] = baseline
+    row["peak_anon_mib"] = peak
+    row["ingest_peak_anon_mib"] = peak.get("ingest")
+    row["vmhwm_mib"] = proc_status_kib("VmHWM") / 1024
+    on_disk = row["disk_after_fit"]["bytes_on_disk"]
+    row["bytes_on_disk_per_sample"] = on_disk / n
+    row["bytes_apparent_per_sample"] = row["disk_after_fit"]["bytes_apparent"] / n
+    return row
+
+
+# --------------------------------------------------------------------------- parent side
+def git(root: Path, *args: str) -> str:
+    """Output of ``git -C root args`` (stripped)."""
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def old_worktree(path: Path, rev: str) -> Path:
+    """The git worktree of ``rev`` at ``path``, added if missing.
+
+    Raises:
+        SystemExit: If ``path`` exists but is not a checkout of ``rev``.
+    """
+    want = git(ROOT, "rev-parse", f"{rev}^{{commit}}")
+    if not path.exists():
+        git(ROOT, "worktree", "prune")
+        git(ROOT, "worktree", "add", "--detach", str(path), want)
+    try:
+        have = git(path, "rev-parse", "HEAD")
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--old-worktree {path} exists but is not a git checkout; remove it or pick another") from exc
+    if have != want:
+        raise SystemExit(f"--old-worktree {path} is at {have}, not {rev} ({want}); remove it or pick another path")
+    if not (path / "sisa" / "__init__.py").is_file():
+        raise SystemExit(f"--old-worktree {path} has no sisa/ package")
+    return path
+
+
+def tree_info(root: Path) -> dict[str, Any]:
+    """Git revision of a tree and whether (and where) its working copy differs from it."""
+    changed = [line[3:] for line in git(root, "status", "--porcelain").splitlines() if line[3:].startswith("sisa/")]
+    return {"root": str(root), "revision": git(root, "rev-parse", "HEAD"), "sisa_changes_uncommitted": changed}
+
+
+def check_disk(where: Path, n: int, bytes_per_sample: float) -> dict[str, int]:
+    """Fail before a child starts when ``where`` lacks room for its store and a compaction copy.
+
+    Raises:
+        SystemExit: With the bytes needed and free.
+    """
+    need = int(n * bytes_per_sample * COPIES) + SLACK_BYTES
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise SystemExit(
+            f"not enough disk in {where} for N={n}: need about {need / 2**30:.1f} GiB "
+            f"({bytes_per_sample:.0f} B/sample x {COPIES}, the store and a compaction copy), {free / 2**30:.1f} GiB "
+            "free. Free some, or pass --workdir on a larger disk, or smaller --sizes"
+        )
+    return {"need": need, "free": free}
+
+
+def run_child(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Run :func:`child` in a fresh process of this script; its row, read from a JSON file."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = spec["root"]
+    env["SISA_WORKER"] = "0"
+    result = Path(spec["store"] + ".json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--child-out", str(result)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"child {spec['layout']} N={spec['n']} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    row: dict[str, Any] = json.loads(result.read_text())
+    result.unlink()
+    return row
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or ``None`` when either is missing or ``b`` is not positive."""
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Old / new per N, for every N both layouts ran."""
+    out = []
+    for n in sorted({r["n"] for r in runs}):
+        pair = {r["layout"]: r for r in runs if r["n"] == n}
+        if set(pair) != set(LAYOUTS):
+            continue
+        old, new = pair["old"], pair["new"]
+        row: dict[str, Any] = {"n": n}
+        for kind in ("single", "batch"):
+            for key in ("non_retrain_s", "written_bytes", "erasure_bytes", "wall_s"):
+                row[f"{kind}_{key}"] = ratio(old[kind][key], new[kind][key])
+        row["bytes_on_disk"] = ratio(old["disk_after_fit"]["bytes_on_disk"], new["disk_after_fit"]["bytes_on_disk"])
+        row["ingest_s"] = ratio(old["ingest_s"], new["ingest_s"])
+        row["ingest_peak_anon"] = ratio(old["ingest_peak_anon_mib"], new["ingest_peak_anon_mib"])
+        out.append(row)
+    return out
+
+
+def mb(value: float | None) -> str:
+    """Bytes as MB text (``-`` when unknown)."""
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """One line of the table."""
+    s, b = row["single"], row["batch"]
+    print(
+        f"{row['n']:>9} {row['layout']:<4} {row['ingest_s']:8.1f} {row['ingest_peak_anon_mib']:8.0f} "
+        f"{row['disk_after_fit']['bytes_on_disk'] / 1e6:9.1f} {row['bytes_on_disk_per_sample']:7.0f} | "
+        f"{s['wall_s']:7.2f} {s['retrain_s']:7.2f} {s['non_retrain_s']:7.2f} {mb(s['written_bytes']):>8} "
+        f"{mb(s['erasure_bytes']):>8} | "
+        f"{b['wall_s']:7.2f} {b['retrain_s']:7.2f} {b['non_retrain_s']:7.2f} {mb(b['written_bytes']):>8} "
+        f"{mb(b['erasure_bytes']):>8}",
+        flush=True,
+    )
+
+
+HEADER = (
+    f"{'N':>9} {'lay':<4} {'ingest_s':>8} {'peakMiB':>8} {'disk_MB':>9} {'B/samp':>7} | "
+    f"{'1: wall':>7} {'retrain':>7} {'other':>7} {'wrMB':>8} {'erasMB':>8} | "
+    f"{'100: wall':>7} {'retrain':>7} {'other':>7} {'wrMB':>8} {'erasMB':>8}"
+)
+
+
+def draw(result: dict[str, Any], png: Path) -> None:
+    """Non-retrain seconds against N (log-log) and bytes on disk per sample, one line per layout."""
+    import benchlib
+
+    plt = benchlib.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for layout in result["layouts"]:
+        rows = sorted((r for r in result["runs"] if r["layout"] == layout), key=lambda r: r["n"])
+        ns = [r["n"] for r in rows]
+        for kind, style in (("single", "-"), ("batch", "--")):
+            label = f"{layout}: 1 id" if kind == "single" else f"{layout}: {BATCH_DELETE} ids"
+            seconds = [max(r[kind]["non_retrain_s"], 1e-4) for r in rows]
+            left.plot(ns, seconds, style, marker="o", label=label)
+        right.plot(ns, [r["bytes_on_disk_per_sample"] for r in rows], marker="o", label=layout)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("samples in the store (N)")
+    left.set_ylabel("deletion seconds besides the retrain")
+    left.legend(fontsize=8)
+    right.set_xscale("log")
+    right.set_xlabel("samples in the store (N)")
+    right.set_ylabel("bytes on disk per sample (after fit)")
+    right.set_ylim(bottom=0)
+    right.legend(fontsize=8)
+    benchlib.save_figure(fig, png, "erasure: what a deletion costs besides the retrain, old layout vs new")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default=None, help="comma-separated N (default 60000,600000,3000000)")
+    parser.add_argument("--quick", action="store_true", help="N = 6000,30000")
+    parser.add_argument("--layouts", default="old,new", help="comma-separated, of old,new (default both)")
+    parser.add_argument("--old-rev", default=OLD_REV, help=f"git revision of the old layout (default {OLD_REV})")
+    parser.add_argument("--old-worktree", type=Path, default=DEFAULT_WORKTREE, help="its worktree (made if missing)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "erasure.json", help="JSON; PNG beside")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the stores go (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the stores (their folder is printed)")
+    parser.add_argument("--runner", choices=("local", "auto"), default="local", help="local: no Ray (default)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per child (default: none)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value after the defaults, e.g. shards=2")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> int:
+    """Run every (N, layout) in a fresh child, side by side; print the table, write the JSON and PNG."""
+    args = parse_args()
+    if args.child:
+        row = child(json.loads(args.child))
+        args.child_out.write_text(json.dumps(row))
+        return 0
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        raise SystemExit(f"--layouts={args.layouts!r}: choose from {','.join(LAYOUTS)}")
+    layouts = [x for x in LAYOUTS if x in layouts]
+    roots = {"new": ROOT}
+    if "old" in layouts:
+        roots["old"] = old_worktree(args.old_worktree.resolve(), args.old_rev)
+    # benchlib imports sisa: from this checkout, or from the old tree when only that one is measured
+    # (so an old-only run does not need this checkout to import).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if "new" not in layouts:
+        sys.path.insert(1, str(roots["old"]))
+    import benchlib
+
+    sizes = benchlib.parse_ints(args.sizes, "sizes") if args.sizes else (QUICK_SIZES if args.quick else SIZES)
+    trees = {layout: tree_info(roots[layout]) for layout in layouts}
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sisa-erasure-", dir=args.workdir))
+    per_sample: dict[str, float] = {}
+    runs: list[dict[str, Any]] = []
+    revisions = ", ".join(f"{k}={v['revision'][:10]}" for k, v in trees.items())
+    print(f"stores in {work}; layouts {revisions}")
+    print(HEADER)
+    try:
+        for n in sizes:
+            for layout in layouts:
+                store = work / f"{layout}-{n}"
+                disk = check_disk(work, n, per_sample.get(layout, GUESS_BYTES_PER_SAMPLE))
+                spec = {
+                    "layout": layout,
+                    "root": str(roots[layout]),
+                    "n": n,
+                    "store": str(store),
+                    "overrides": list(args.overrides),
+                    "runner": args.runner,
+                    "batch_delete": BATCH_DELETE,
+                }
+                row = run_child(spec, args.timeout)
+                row["disk_free_before"] = disk["free"]
+                if not Path(row["sisa_file"]).is_relative_to(roots[layout]):
+                    raise SystemExit(f"{layout}: child imported {row['sisa_file']}, not from {roots[layout]}")
+                trees[layout]["sisa_file"] = row["sisa_file"]
+                after = row["disk_after_fit"]
+                per_sample[layout] = max(after["bytes_on_disk"], after["bytes_apparent"]) / n
+                runs.append(row)
+                print_row(row)
+                if not args.keep:
+                    shutil.rmtree(store, ignore_errors=True)
+    finally:
+        if args.keep:
+            print(f"stores kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    compared = ratios(runs)
+    for r in compared:
+        print(
+            f"N={r['n']:>9} old/new: non-retrain 1 id x{r['single_non_retrain_s'] or 0:.2f}, "
+            f"{BATCH_DELETE} ids x{r['batch_non_retrain_s'] or 0:.2f}; "
+            f"written 1 id x{r['single_written_bytes'] or 0:.2f}, "
+            f"{BATCH_DELETE} ids x{r['batch_written_bytes'] or 0:.2f}; bytes on disk x{r['bytes_on_disk'] or 0:.2f}"
+        )
+    result = {
+        "machine": benchlib.machine_info(),
+        "command": " ".join(sys.argv),
+        "features": FEATURES,
+        "feature_dtype": "uint8",
+        "ingest_batch": BATCH,
+        "batch_delete": BATCH_DELETE,
+        "config_overrides": [*BASE_OVERRIDES, *args.overrides],
+        "runner": args.runner,
+        "layouts": trees,
+        "old_rev": args.old_rev if "old" in layouts else None,
+        "erasure_bytes_method": ERASURE_BYTES_METHOD,
+        "non_retrain_s_method": "wall seconds of Ensemble.delete minus the certificate's batch.retrain_seconds",
+        "runs": runs,
+        "ratios_old_over_new": compared,
+        "loadavg_end": benchlib.loadavg(),
+    }
+    benchlib.write_results(args.out, result, lambda png: draw(result, png))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
