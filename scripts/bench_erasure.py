@@ -225,6 +225,17 @@ def checkpoint_bytes(ens: Any, cert: dict[str, Any]) -> int | None:
         return None
 
 
+def stored_checkpoint_bytes(ens: Any, shards: int) -> int | None:
+    """Summed size of every stage checkpoint the store holds (``None`` if unreadable)."""
+    try:
+        with ens.store.read() as txn:
+            return sum(
+                len(ens.store.checkpoint(txn, rec)) for s in range(shards) for rec in ens.store.stage_records(txn, s)
+            )
+    except Exception:  # noqa: BLE001 - an estimate; the JSON says when it is missing
+        return None
+
+
 def timed_delete(ens: Any, ids: list[int], peaks: PeakAnon, phase: str) -> dict[str, Any]:
     """Delete ``ids`` in one call and measure it: seconds, retrain seconds, bytes written."""
     peaks.enter(phase)
@@ -294,6 +305,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         row["fit_runner"] = getattr(report, "runner", None)
         row["ingested"] = int(ingested)
         row["disk_after_fit"] = disk_usage(store)
+        row["checkpoints_stored_bytes"] = stored_checkpoint_bytes(ens, cfg.shards)
         single, single_how = pick_ids(ens, n, cfg.slices, 1 + int(spec["batch_delete"]))
         row["ids_chosen"] = single_how
         row["single"] = timed_delete(ens, single[:1], peaks, "delete_single")
@@ -309,6 +321,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     on_disk = row["disk_after_fit"]["bytes_on_disk"]
     row["bytes_on_disk_per_sample"] = on_disk / n
     row["bytes_apparent_per_sample"] = row["disk_after_fit"]["bytes_apparent"] / n
+    ckpts = row["checkpoints_stored_bytes"]
+    # the samples' share: the store's bytes on disk less its checkpoints (which do not grow with N)
+    row["bytes_on_disk_per_sample_excl_checkpoints"] = None if ckpts is None else (on_disk - ckpts) / n
     return row
 
 
@@ -411,12 +426,18 @@ def mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e6:.1f}"
 
 
+def num(value: float | None) -> str:
+    """A number as whole-number text (``-`` when unknown)."""
+    return "-" if value is None else f"{value:.0f}"
+
+
 def print_row(row: dict[str, Any]) -> None:
     """One line of the table."""
     s, b = row["single"], row["batch"]
     print(
         f"{row['n']:>9} {row['layout']:<4} {row['ingest_s']:8.1f} {row['ingest_peak_anon_mib']:8.0f} "
-        f"{row['disk_after_fit']['bytes_on_disk'] / 1e6:9.1f} {row['bytes_on_disk_per_sample']:7.0f} | "
+        f"{row['disk_after_fit']['bytes_on_disk'] / 1e6:9.1f} {row['bytes_on_disk_per_sample']:7.0f} "
+        f"{num(row.get('bytes_on_disk_per_sample_excl_checkpoints')):>7} | "
         f"{s['wall_s']:7.2f} {s['retrain_s']:7.2f} {s['non_retrain_s']:7.2f} {mb(s['written_bytes']):>8} "
         f"{mb(s['erasure_bytes']):>8} | "
         f"{b['wall_s']:7.2f} {b['retrain_s']:7.2f} {b['non_retrain_s']:7.2f} {mb(b['written_bytes']):>8} "
@@ -426,7 +447,7 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 HEADER = (
-    f"{'N':>9} {'lay':<4} {'ingest_s':>8} {'peakMiB':>8} {'disk_MB':>9} {'B/samp':>7} | "
+    f"{'N':>9} {'lay':<4} {'ingest_s':>8} {'peakMiB':>8} {'disk_MB':>9} {'B/samp':>7} {'-ckpts':>7} | "
     f"{'1: wall':>7} {'retrain':>7} {'other':>7} {'wrMB':>8} {'erasMB':>8} | "
     f"{'100: wall':>7} {'retrain':>7} {'other':>7} {'wrMB':>8} {'erasMB':>8}"
 )
@@ -445,7 +466,10 @@ def draw(result: dict[str, Any], png: Path) -> None:
             label = f"{layout}: 1 id" if kind == "single" else f"{layout}: {BATCH_DELETE} ids"
             seconds = [max(r[kind]["non_retrain_s"], 1e-4) for r in rows]
             left.plot(ns, seconds, style, marker="o", label=label)
-        right.plot(ns, [r["bytes_on_disk_per_sample"] for r in rows], marker="o", label=layout)
+        right.plot(ns, [r["bytes_on_disk_per_sample"] for r in rows], marker="o", label=f"{layout}: store / N")
+        excl = [r.get("bytes_on_disk_per_sample_excl_checkpoints") for r in rows]
+        if all(v is not None for v in excl):
+            right.plot(ns, excl, "--", marker="x", label=f"{layout}: less checkpoints")
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("samples in the store (N)")

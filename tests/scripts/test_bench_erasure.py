@@ -57,7 +57,8 @@ def test_new_layout_tiny_run(tmp_path: Path, env_python: dict[str, str]) -> None
         assert disk["bytes_on_disk"] > 0 and disk["bytes_apparent"] > 0
         assert disk["files"] and all(on_disk >= 0 and size >= 0 for on_disk, size in disk["files"].values())
         assert sum(v[0] for v in disk["files"].values()) == disk["bytes_on_disk"]
-    assert row["bytes_on_disk_per_sample"] > 0
+    assert row["bytes_on_disk_per_sample"] > 0 and row["checkpoints_stored_bytes"] > 0
+    assert 0 < row["bytes_on_disk_per_sample_excl_checkpoints"] < row["bytes_on_disk_per_sample"]
     assert row["samples_after"] == 2000 - 1 - bench_erasure.BATCH_DELETE
 
     for kind, ids in (("single", 1), ("batch", bench_erasure.BATCH_DELETE)):
