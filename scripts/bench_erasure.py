@@ -421,6 +421,11 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def times(value: float | None) -> str:
+    """A ratio as ``x1.23`` text (``-`` when unknown)."""
+    return "-" if value is None else f"x{value:.2f}"
+
+
 def mb(value: float | None) -> str:
     """Bytes as MB text (``-`` when unknown)."""
     return "-" if value is None else f"{value / 1e6:.1f}"
@@ -460,16 +465,18 @@ def draw(result: dict[str, Any], png: Path) -> None:
     plt = benchlib.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for layout in result["layouts"]:
+        color = {"old": "C0", "new": "C1"}[layout]
         rows = sorted((r for r in result["runs"] if r["layout"] == layout), key=lambda r: r["n"])
         ns = [r["n"] for r in rows]
         for kind, style in (("single", "-"), ("batch", "--")):
             label = f"{layout}: 1 id" if kind == "single" else f"{layout}: {BATCH_DELETE} ids"
             seconds = [max(r[kind]["non_retrain_s"], 1e-4) for r in rows]
-            left.plot(ns, seconds, style, marker="o", label=label)
-        right.plot(ns, [r["bytes_on_disk_per_sample"] for r in rows], marker="o", label=f"{layout}: store / N")
+            left.plot(ns, seconds, style, color=color, marker="o", label=label)
+        per_sample = [r["bytes_on_disk_per_sample"] for r in rows]
+        right.plot(ns, per_sample, "-", color=color, marker="o", label=f"{layout}: store / N")
         excl = [r.get("bytes_on_disk_per_sample_excl_checkpoints") for r in rows]
         if all(v is not None for v in excl):
-            right.plot(ns, excl, "--", marker="x", label=f"{layout}: less checkpoints")
+            right.plot(ns, excl, "--", color=color, marker="x", label=f"{layout}: less its checkpoints")
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("samples in the store (N)")
@@ -568,10 +575,10 @@ def main() -> int:
     compared = ratios(runs)
     for r in compared:
         print(
-            f"N={r['n']:>9} old/new: non-retrain 1 id x{r['single_non_retrain_s'] or 0:.2f}, "
-            f"{BATCH_DELETE} ids x{r['batch_non_retrain_s'] or 0:.2f}; "
-            f"written 1 id x{r['single_written_bytes'] or 0:.2f}, "
-            f"{BATCH_DELETE} ids x{r['batch_written_bytes'] or 0:.2f}; bytes on disk x{r['bytes_on_disk'] or 0:.2f}"
+            f"N={r['n']:>9} old/new: non-retrain 1 id {times(r['single_non_retrain_s'])}, "
+            f"{BATCH_DELETE} ids {times(r['batch_non_retrain_s'])}; "
+            f"written 1 id {times(r['single_written_bytes'])}, {BATCH_DELETE} ids {times(r['batch_written_bytes'])}; "
+            f"bytes on disk {times(r['bytes_on_disk'])}"
         )
     result = {
         "machine": benchlib.machine_info(),
