@@ -269,7 +269,7 @@ def timed_delete(ens: Ensemble, ids: Sequence[int], expected: float) -> dict[str
         "wall_s": wall,
         "retrain_fit_s": float(cert["batch"]["retrain_seconds"]),
         "overhead_s": wall - float(cert["batch"]["retrain_seconds"]),
-        "file_bytes": cert["batch"]["file_bytes"],
+        "erasure": cert["batch"]["erasure"],
         "retrained_shards": cert["retrained_shards"],
         "from_slice": from_slice,
         "from_slice_matches_partition": from_slice == firsts,

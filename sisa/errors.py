@@ -16,6 +16,7 @@ __all__ = [
     "ModelError",
     "NotTrainedError",
     "SisaError",
+    "StoreChangedError",
     "StoreError",
     "StoreFullError",
     "StoreLockedError",
@@ -45,6 +46,10 @@ class StoreLockedError(StoreError):
 
 class StoreFullError(StoreError):
     """A write could not complete because the disk or the map is full."""
+
+
+class StoreChangedError(StoreError):
+    """A read met a record whose key a concurrent deletion destroyed after the read's snapshot: read again."""
 
 
 class IntegrityError(StoreError):

@@ -103,6 +103,25 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
     return [str(f) for f in root.rglob("*") if f.is_file() and needle in f.read_bytes()]
 
 
+def sample_evidence(ens: Ensemble, sample_id: int) -> tuple[bytes, list[bytes]]:
+    """A stored sample's ciphertext as on disk, and every key of its slice (what could decrypt it)."""
+    shard, slice_ = ens.locate([sample_id])[sample_id]
+    with ens.store.read() as txn:
+        sealed = ens.store.sealed_sample(txn, sample_id)
+    with ens.store.keys.read() as ktxn:
+        keys = [k.key for k in ens.store.keys.slice_keys(ktxn, shard, slice_)]
+    assert sealed is not None and keys
+    return sealed, keys
+
+
+def plaintexts(x: np.ndarray) -> list[bytes]:
+    """The byte forms a sample's features could take on disk: float32, float32/255, uint8 when they fit."""
+    forms = [x.astype("<f4").tobytes(), (x.astype("<f4") / 255).tobytes()]
+    if np.array_equal(x, np.clip(np.round(x), 0, 255)):
+        forms.append(x.astype(np.uint8).tobytes())
+    return [f for f in forms if len(f) >= 8]
+
+
 @pytest.fixture
 def env_python() -> dict[str, str]:
     """Environment for child Python processes that import sisa."""

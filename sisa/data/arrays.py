@@ -42,7 +42,8 @@ class LabeledArrays:
     """Validated samples: features, labels and stable sample ids.
 
     Attributes:
-        x: float32, C-contiguous, shape ``(n, *feature_shape)``, ``n >= 1``.
+        x: float32 (or, read for a store, the caller's integer or float dtype), C-contiguous,
+            shape ``(n, *feature_shape)``, ``n >= 1``.
         y: int64 labels, shape ``(n,)``.
         ids: int64 ids, shape ``(n,)``, unique, each in ``[0, MAX_ID]``.
         numbered: True when no ids were given and ``ids`` is the placeholder ``0..n-1``: a store
@@ -110,8 +111,8 @@ def _from_dataset(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     return items_to_arrays(ds, range(len(ds)))
 
 
-def _check_x(x: np.ndarray, copy: bool) -> np.ndarray:
-    """Float32, C-contiguous, finite features of shape ``(n, ...)``."""
+def _check_x(x: np.ndarray, copy: bool, native: bool = False) -> np.ndarray:
+    """C-contiguous, finite features of shape ``(n, ...)``: float32, or with ``native`` their own dtype."""
     if x.ndim >= 1 and x.shape[0] == 0:
         raise DataError("x is empty (0 samples); give at least one sample")
     if x.dtype.kind not in "iuf":  # bool, complex, str, object
@@ -130,6 +131,10 @@ def _check_x(x: np.ndarray, copy: bool) -> np.ndarray:
             f"x holds {int(bad.sum())} NaN/inf value(s) (after float32 conversion), "
             f"the first at index {first}; clean or impute them before training"
         )
+    if native and x.dtype != np.float32:
+        # Kept as given (little-endian): training converts to float32 when a shard loads, which
+        # gives the very values the conversion above gave, so nothing trained changes.
+        return np.array(x, x.dtype.newbyteorder("<"), order="C", copy=True)
     return out
 
 
@@ -282,7 +287,7 @@ def check_labels(y: Any, n: int, num_classes: int) -> np.ndarray:
     return _int_vector(to_numpy(y), n, "y", k - 1, rule, fix)
 
 
-def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> LabeledArrays:
+def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool, native: bool = False) -> LabeledArrays:
     """Validate samples and build :class:`LabeledArrays` (what :func:`as_arrays` does).
 
     Args:
@@ -291,6 +296,8 @@ def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> Labeled
         ids: Sample ids or None for ``0..n-1``.
         num_classes: Labels must lie in ``[0, num_classes)``.
         copy: False only for arrays the caller owns outright (the loaders), to save a copy.
+        native: Keep integer and float features in their own dtype (what a store keeps)
+            instead of converting them to float32.
 
     Returns:
         The validated arrays.
@@ -307,7 +314,7 @@ def validated(x: Any, y: Any, ids: Any, num_classes: int, copy: bool) -> Labeled
         raise DataError("labels y are required unless x is a Dataset of (features, label) pairs")
     else:
         xa, ya = to_numpy(x), to_numpy(y)
-    xf = _check_x(xa, copy)
+    xf = _check_x(xa, copy, native)
     return LabeledArrays(xf, check_labels(ya, len(xf), num_classes), _check_ids(ids, len(xf)), numbered=ids is None)
 
 

@@ -83,7 +83,7 @@ def is_stream(x: Any) -> bool:
     return isinstance(x, Iterable)
 
 
-def _dataset_chunks(ds: Any, ids: Any, num_classes: int, batch_size: int) -> Iterator[LabeledArrays]:
+def _dataset_chunks(ds: Any, ids: Any, num_classes: int, batch_size: int, native: bool) -> Iterator[LabeledArrays]:
     if not hasattr(ds, "__len__"):
         raise DataError("a Dataset passed as x needs len(); use a map-style Dataset")
     n = len(ds)
@@ -95,25 +95,28 @@ def _dataset_chunks(ds: Any, ids: Any, num_classes: int, batch_size: int) -> Ite
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         x, y = items_to_arrays(ds, range(start, stop))
-        yield validated(x, y, None if given is None else given[start:stop], num_classes, copy=False)
+        yield validated(x, y, None if given is None else given[start:stop], num_classes, copy=False, native=native)
 
 
-def _ray_batches(ds: Any, columns: Columns, num_classes: int, batch_size: int) -> Iterator[LabeledArrays]:
+def _ray_batches(ds: Any, columns: Columns, num_classes: int, batch_size: int, native: bool) -> Iterator[LabeledArrays]:
     for k, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1)):
         x, y, ids = columns.arrays(batch, f"batch {k} of the Ray Dataset")
-        yield validated(x, y, ids, num_classes, copy=False)
+        yield validated(x, y, ids, num_classes, copy=False, native=native)
 
 
-def _iterator_batches(source: Iterable[Any], columns: Columns, num_classes: int) -> Iterator[LabeledArrays]:
+def _iterator_batches(
+    source: Iterable[Any], columns: Columns, num_classes: int, native: bool
+) -> Iterator[LabeledArrays]:
     for k, item in enumerate(source):
         where = f"batch {k}"
         if isinstance(item, LabeledArrays):
             yield item
         elif isinstance(item, Mapping):
             x, y, ids = columns.arrays(item, where)
-            yield validated(x, y, ids, num_classes, copy=True)
+            yield validated(x, y, ids, num_classes, copy=True, native=native)
         elif isinstance(item, tuple) and len(item) in (2, 3):
-            yield validated(item[0], item[1], item[2] if len(item) == 3 else None, num_classes, copy=True)
+            third = item[2] if len(item) == 3 else None
+            yield validated(item[0], item[1], third, num_classes, copy=True, native=native)
         else:
             raise DataError(
                 f"{where} of the iterator is a {type(item).__name__}; each batch must be (x, y), (x, y, ids), "
@@ -129,6 +132,7 @@ def read_source(
     num_classes: int,
     batch_size: int = DEFAULT_BATCH,
     columns: Columns | None = None,
+    native: bool = False,
 ) -> LabeledArrays | Iterator[LabeledArrays]:
     """Read an ingest source: the validated arrays when it is in memory, else an iterator of batches.
 
@@ -142,6 +146,7 @@ def read_source(
         num_classes: Labels must lie in ``[0, num_classes)``.
         batch_size: Samples per batch read from a Dataset or a Ray Dataset.
         columns: Column names of dict batches and Ray Datasets (default ``x``, ``y``, ``ids``).
+        native: Keep features in their own dtype (a store keeps them so) instead of float32.
 
     Returns:
         LabeledArrays for in-memory input; an iterator of validated batches otherwise (each
@@ -156,16 +161,16 @@ def read_source(
     if not is_stream(x):
         if isinstance(x, LabeledArrays):
             return x
-        return validated(x, y, ids, num_classes, copy=True)
+        return validated(x, y, ids, num_classes, copy=True, native=native)
     if y is not None:
         raise DataError(
             f"x is a {type(x).__name__} that carries its labels; pass y=None (and name the columns with label=)"
         )
     if _is_torch_dataset(x):
-        return _dataset_chunks(x, ids, num_classes, batch_size)
+        return _dataset_chunks(x, ids, num_classes, batch_size, native)
     if ids is not None:
         raise DataError("ids= goes with arrays or a torch Dataset; a stream of batches carries its own ids (id=)")
     cols = columns or Columns()
     if _is_ray_dataset(x):
-        return _ray_batches(x, cols, num_classes, batch_size)
-    return _iterator_batches(x, cols, num_classes)
+        return _ray_batches(x, cols, num_classes, batch_size, native)
+    return _iterator_batches(x, cols, num_classes, native)

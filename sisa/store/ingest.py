@@ -105,7 +105,10 @@ class _Writer:
             self.counts = store.slice_counts(txn, config.shards, config.slices)
             self.next_number = _next_number(store, txn)
             stored = store.meta(txn).get("feature_shape")
+            dtype = store.meta(txn).get("feature_dtype")
         self.shape: tuple[int, ...] | None = tuple(stored) if stored is not None else None
+        # None until the first samples of a new store decide it (their dtype, as given)
+        self.dtype: np.dtype[Any] | None = np.dtype(dtype) if dtype is not None else None
         self.touched: set[int] = set()
         self.written = 0
         self.largest = -1
@@ -124,7 +127,36 @@ class _Writer:
         # The largest id ever stored, so that unnumbered data added later (even after that id
         # was deleted, when no record of it is left in the clear) never reuses an id.
         extra["next_id"] = max(int(self.store.meta(txn).get("next_id", 0)), self.largest + 1)
+        if self.dtype is not None:
+            extra["feature_dtype"] = self.dtype.str
         self.store.put_meta(txn, feature_shape=list(self.shape or ()), shard_slices=counts, **extra)
+
+    def conform(self, data: LabeledArrays) -> LabeledArrays:
+        """``data`` in the store's feature dtype, which the first samples of a store set.
+
+        Another dtype is converted when training would see the same float32 values either
+        way (uint8 pixels into an int16 store, float64 into a float32 one); otherwise the
+        samples are refused, since storing them would change what a model trains on.
+
+        Raises:
+            DataError: If converting would change a value that training sees.
+        """
+        if self.dtype is None:
+            self.dtype = data.x.dtype.newbyteorder("<")
+            return data
+        if data.x.dtype == self.dtype:
+            return data
+        with np.errstate(all="ignore"):
+            converted = data.x.astype(self.dtype)
+        same = converted.astype(np.float32) == data.x.astype(np.float32)
+        if not same.all():
+            first = tuple(int(i) for i in np.argwhere(~same)[0])
+            raise DataError(
+                f"this store keeps features as {self.dtype.name}; these samples are {data.x.dtype.name} and "
+                f"{int((~same).sum())} value(s) would change in {self.dtype.name} (the first at index {first}); "
+                f"convert them to {self.dtype.name} yourself, or ingest them into a new store"
+            )
+        return LabeledArrays(np.ascontiguousarray(converted), data.y, data.ids, data.numbered)
 
     def stage(self, data: LabeledArrays, shard: np.ndarray, slice_: np.ndarray, batch_size: int) -> None:
         """Write ``data`` as staged samples, ``batch_size`` per transaction."""
@@ -133,7 +165,7 @@ class _Writer:
 
             def change(txn: Any, part: slice = part) -> None:
                 ids, x, y = data.ids[part], data.x[part], data.y[part]
-                self.store.put_samples(txn, ids, x, y, shard[part], slice_[part], staged=True)
+                self.store.put_samples(txn, ids, x, y, shard[part], slice_[part], dtype=self.dtype, staged=True)
 
             self.store.write(change)
         self.written += len(data)
@@ -198,7 +230,9 @@ def ingest(
             needs the whole ingest at once; nothing of the call stays in the store.
         ConfigError: If ``partition.bound`` cuts the data into another number of shards.
     """
-    source = read_source(x, y, ids, num_classes=config.data.num_classes, batch_size=batch_size, columns=columns)
+    source = read_source(
+        x, y, ids, num_classes=config.data.num_classes, batch_size=batch_size, columns=columns, native=True
+    )
     writer = _Writer(store, config, new_slice)
     if isinstance(source, LabeledArrays):
         return _ingest_arrays(writer, source, probabilities, batch_size)
@@ -208,7 +242,7 @@ def ingest(
 def _ingest_arrays(writer: _Writer, data: LabeledArrays, probabilities: Any, batch_size: int) -> int:
     """In-memory samples: checked and placed whole, then written in one or in staged transactions."""
     store, config = writer.store, writer.config
-    data = number_after_stored(store, data, writer.next_number)
+    data = writer.conform(number_after_stored(store, data, writer.next_number))
     _check_new(store, data, writer.shape, streaming=False)
     # Everything that can fail is decided before the first write transaction opens, so a bad
     # prior leaves the store's files byte for byte as they were.
@@ -219,7 +253,7 @@ def _ingest_arrays(writer: _Writer, data: LabeledArrays, probabilities: Any, bat
     if len(data) <= batch_size:
 
         def change(txn: Any) -> None:
-            store.put_samples(txn, data.ids, data.x, data.y, shard, slice_)
+            store.put_samples(txn, data.ids, data.x, data.y, shard, slice_, dtype=writer.dtype)
             writer.meta_change(txn, masses)
 
         store.write(change)
@@ -248,7 +282,7 @@ def _ingest_stream(writer: _Writer, batches: Iterator[LabeledArrays], probabilit
         raise DataError("probabilities= goes with array samples; a stream cannot carry them")
     try:
         for batch in batches:
-            data = number_after_stored(store, batch, writer.next_number)
+            data = writer.conform(number_after_stored(store, batch, writer.next_number))
             _check_new(store, data, writer.shape, streaming=True)
             shard, slice_, _ = place(config, data.ids, None, None)
             writer.shape = data.feature_shape

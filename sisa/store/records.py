@@ -12,16 +12,22 @@ import hashlib
 import json
 import struct
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
 
-from sisa.errors import IntegrityError, StoreError
+from sisa.errors import IntegrityError, StoreChangedError, StoreError
+from sisa.store.cipher import TOKEN_SIZE, new_key, new_token, xor_stream
 from sisa.store.digests import sha256
+from sisa.store.environment import Tables
 
-__all__ = ["DBS", "Records", "id_key", "member_key", "shard_key", "stage_key"]
+if TYPE_CHECKING:
+    from sisa.store.keyring import KeyRing, SliceKey
+
+__all__ = ["DBS", "TABLES", "Records", "id_key", "member_key", "shard_key", "stage_key"]
 
 # samples: id -> label + features; assign: id -> (shard, slice); members: (shard, slice, id) -> "";
 # ckpt: key -> checkpoint bytes; stages: (shard, stage) -> record; live: shard -> live record;
@@ -30,6 +36,7 @@ DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "reques
 # Tables added after format 2 was fixed: a writable open creates them, a read-only open of an older
 # store reads them as empty. ``staged``: ids an unfinished ingest wrote (invisible until it commits).
 LATER_DBS = ("staged",)
+TABLES = Tables(fixed=DBS, later=LATER_DBS)
 
 
 def id_key(sample_id: int) -> bytes:
@@ -52,14 +59,35 @@ def shard_key(shard: int) -> bytes:
     return struct.pack(">I", shard)
 
 
-DIGEST_SIZE = 16
+# A sample's plaintext: int32 label, its features in the store's dtype, an 8-byte digest. Small on
+# purpose: 5 Fashion-MNIST records (796 bytes each) fill one 4 KiB LMDB page, 4 would not.
+DIGEST_SIZE = 8
+_LABEL = struct.Struct("<i")
+_SAMPLE_TAG, _CKPT_TAG = b"sample", b"ckpt"
+DEFAULT_DTYPE = "<f4"  # stores whose first ingest predates native dtypes hold float32
 
 
-def _sample_digest(sample_id: int, body: bytes | memoryview) -> bytes:
-    """BLAKE2b-128 over the id key and the record body: binds the bytes to their id."""
-    h = hashlib.blake2b(id_key(sample_id), digest_size=DIGEST_SIZE)
+def _sample_digest(key: bytes, body: bytes | memoryview) -> bytes:
+    """BLAKE2b-64 over the id key and the plaintext body: binds the bytes to their id."""
+    h = hashlib.blake2b(key, digest_size=DIGEST_SIZE)
     h.update(body)  # no concatenated copy of the body: this runs for every sample a fit loads
     return h.digest()
+
+
+def open_sample(keys: Sequence[SliceKey], sid_key: bytes, sealed: bytes | memoryview, body_len: int) -> bytes | None:
+    """The plaintext body of a sealed sample record, trying each slice key (newest first); None if none fits."""
+    if len(sealed) != body_len + DIGEST_SIZE:
+        return None
+    for entry in keys:
+        plain = xor_stream(entry.key, _SAMPLE_TAG, sid_key, sealed)
+        if plain[body_len:] == _sample_digest(sid_key, plain[:body_len]):
+            return plain[:body_len]
+    return None
+
+
+def seal_sample(key: bytes, sid_key: bytes, body: bytes) -> bytes:
+    """Encrypt a sample's plaintext body (label + features) with its digest appended."""
+    return xor_stream(key, _SAMPLE_TAG, sid_key, body + _sample_digest(sid_key, body))
 
 
 class Records:
@@ -80,15 +108,32 @@ class Records:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ samples
-    @staticmethod
-    def encode_sample(sample_id: int, label: int, features: np.ndarray) -> bytes:
-        """Record bytes of one sample: int64 label, float32 features, then a 16-byte digest.
+    @property
+    def keys(self) -> KeyRing:  # pragma: no cover - provided by Store
+        """The store's key environment."""
+        raise NotImplementedError
 
-        The digest (BLAKE2b over the id key, label and features) makes a flipped byte
-        or a record moved to another id detectable on load.
-        """
-        body = struct.pack("<q", label) + np.ascontiguousarray(features, dtype="<f4").tobytes()
-        return body + _sample_digest(sample_id, body)
+    def changed_since(self, txn: lmdb.Transaction) -> bool:  # pragma: no cover - provided by Store
+        """Whether a write committed after ``txn``'s snapshot."""
+        raise NotImplementedError
+
+    def key_snapshot(self, txn: lmdb.Transaction) -> AbstractContextManager[lmdb.Transaction]:  # pragma: no cover
+        """The key environment's snapshot paired with ``txn``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def encode_body(label: int, features: np.ndarray, dtype: np.dtype[Any]) -> bytes:
+        """Plaintext body of one sample: int32 label, then the features in ``dtype`` (little-endian)."""
+        return _LABEL.pack(label) + np.ascontiguousarray(features, dtype=dtype.newbyteorder("<")).tobytes()
+
+    def feature_dtype(self, txn: lmdb.Transaction) -> np.dtype[Any]:
+        """The dtype samples are stored in (set by the first ingest; float32 before any)."""
+        return np.dtype(self.meta(txn).get("feature_dtype", DEFAULT_DTYPE))
+
+    def sealed_sample(self, txn: lmdb.Transaction, sample_id: int) -> bytes | None:
+        """The stored (encrypted) record of a sample, as on disk; None if absent. For audits and tests."""
+        raw = txn.get(id_key(sample_id), db=self._dbs["samples"])
+        return bytes(raw) if raw is not None else None
 
     def count_samples(self, txn: lmdb.Transaction) -> int:
         """Number of stored samples (not counting those an unfinished ingest has written)."""
@@ -108,8 +153,8 @@ class Records:
         """Whether ``sample_id`` is stored."""
         return txn.get(id_key(sample_id), db=self._dbs["samples"]) is not None
 
-    def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
-        """Sorted ids of one slice of one shard."""
+    def member_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
+        """Sorted ids of every record in one slice, staged ones included."""
         prefix = struct.pack(">II", shard, slice_)
         out: list[int] = []
         cur = txn.cursor(db=self._dbs["members"])
@@ -118,16 +163,21 @@ class Records:
                 if key[:8] != prefix:
                     break
                 out.append(struct.unpack(">Q", key[8:])[0])
-        if out and self.staged_count(txn):
+        return np.asarray(out, dtype=np.int64)
+
+    def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
+        """Sorted ids of one slice of one shard."""
+        out = self.member_ids(txn, shard, slice_)
+        if len(out) and self.staged_count(txn):
             # An ingest in another process is writing in bounded transactions: what it has written
             # is not part of the store until its last transaction commits, so no reader trains on it.
-            out = [i for i in out if not self.is_staged(txn, i)]
-        return np.asarray(out, dtype=np.int64)
+            out = np.asarray([i for i in out.tolist() if not self.is_staged(txn, i)], dtype=np.int64)
+        return out
 
     def load_samples(
         self, txn: lmdb.Transaction, ids: np.ndarray, feature_shape: tuple[int, ...], where: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of ``ids``, in the given order, each checked against its digest.
+        """Features (as float32) and labels of ``ids``, in the given order, each decrypted and checked.
 
         Args:
             txn: Read transaction.
@@ -137,25 +187,44 @@ class Records:
 
         Raises:
             IntegrityError: If an id has no record, or its record was modified.
+            StoreChangedError: If a deletion destroyed a key this snapshot still needed
+                (another process rotated the slice after ``txn`` began): read again.
         """
         width = int(np.prod(feature_shape))
-        body_len = 8 + 4 * width
+        dtype = self.feature_dtype(txn).newbyteorder("<")
+        body_len = _LABEL.size + dtype.itemsize * width
         x = np.empty((len(ids), width), dtype=np.float32)
         y = np.empty(len(ids), dtype=np.int64)
-        db = self._dbs["samples"]
+        samples, assign = self._dbs["samples"], self._dbs["assign"]
         at = f" ({where})" if where else ""
-        for i, sid in enumerate(ids.tolist()):
-            raw = txn.get(id_key(sid), db=db)
-            if raw is None:
-                raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
-            view = memoryview(raw)
-            if len(view) != body_len + DIGEST_SIZE or view[body_len:] != _sample_digest(sid, view[:body_len]):
-                raise IntegrityError(
-                    f"sample {sid}{at} in store {self.path} was modified: its record does not match its digest; "
-                    "restore the store from a backup or re-ingest the data into a new store"
-                )
-            y[i] = struct.unpack_from("<q", raw)[0]
-            x[i] = np.frombuffer(raw, dtype="<f4", offset=8, count=width)
+        cache: dict[bytes, list[SliceKey]] = {}
+        # The key snapshot was taken after the bulk one: keys are deleted only after the records
+        # that need them, so every record this snapshot holds still has its key, unless a
+        # rotation finished in between (then the record is outdated: StoreChangedError).
+        with self.key_snapshot(txn) as ktxn:
+            for i, sid in enumerate(ids.tolist()):
+                k = id_key(sid)
+                raw = txn.get(k, db=samples)
+                place = txn.get(k, db=assign)
+                if raw is None or place is None:
+                    raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
+                place = bytes(place)
+                keys = cache.get(place)
+                if keys is None:
+                    keys = cache[place] = self.keys.slice_keys(ktxn, *struct.unpack(">II", place))
+                plain = open_sample(keys, k, raw, body_len)
+                if plain is None:
+                    if self.changed_since(txn):
+                        raise StoreChangedError(
+                            f"store {self.path} changed while sample {sid}{at} was read (a deletion re-keyed "
+                            "its slice); read again"
+                        )
+                    raise IntegrityError(
+                        f"sample {sid}{at} in store {self.path} was modified: its record does not decrypt to its "
+                        "digest; restore the store from a backup or re-ingest the data into a new store"
+                    )
+                y[i] = _LABEL.unpack_from(plain)[0]
+                x[i] = np.frombuffer(plain, dtype=dtype, offset=_LABEL.size, count=width)
         return x.reshape((len(ids), *feature_shape)), y
 
     # -------------------------------------------------------------- checkpoints
@@ -186,7 +255,19 @@ class Records:
         where = f"shard {record['shard']} stage {record['stage']} (trained on slices 0..{record['stage'] - 1})"
         if raw is None:
             raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
-        blob = bytes(raw)
+        token = bytes(raw[:TOKEN_SIZE])
+        with self.key_snapshot(txn) as ktxn:
+            key = self.keys.checkpoint_key(ktxn, token)
+        if key is None:
+            if self.changed_since(txn):
+                raise StoreChangedError(
+                    f"store {self.path} changed while the checkpoint of {where} was read (it was retired); read again"
+                )
+            raise IntegrityError(
+                f"checkpoint of {where} in store {self.path} has no key (keys/ is damaged or was replaced); "
+                "restore the store from a backup"
+            )
+        blob = xor_stream(key, _CKPT_TAG, token, memoryview(raw)[TOKEN_SIZE:])
         if sha256(blob) != record["sha256"]:
             raise IntegrityError(
                 f"checkpoint of {where} was modified: its sha256 does not match the record; "
@@ -220,6 +301,21 @@ class Records:
                 out[int(sid)] = (shard, slice_)
         return out
 
+    def checkpoint_tokens(self, txn: lmdb.Transaction) -> set[bytes]:
+        """The token (name of the key) of every stored checkpoint."""
+        cur = txn.cursor(db=self._dbs["ckpt"])
+        return {bytes(v[:TOKEN_SIZE]) for _, v in cur.iternext(keys=True, values=True)}
+
+    def seal_checkpoint(self, blob: bytes) -> bytes:
+        """Encrypt checkpoint bytes under a fresh key, committed to the key environment first.
+
+        Returns:
+            What :meth:`commit_stage` stores: the key's token, then the ciphertext.
+        """
+        token, key = new_token(), new_key()
+        self.keys.put_checkpoint_key(token, key)
+        return token + xor_stream(key, _CKPT_TAG, token, blob)
+
     def checkpoint_keys(self, txn: lmdb.Transaction) -> list[str]:
         """Key of every checkpoint stored (live, stage or retained stale), sorted."""
         return [bytes(k).decode() for k, _ in txn.cursor(db=self._dbs["ckpt"])]
@@ -239,20 +335,32 @@ class Records:
         shard: np.ndarray,
         slice_: np.ndarray,
         *,
+        dtype: np.dtype[Any] | None = None,
         staged: bool = False,
     ) -> None:
-        """Write samples with their assignment, inside the caller's write transaction.
+        """Write samples with their assignment, encrypted under their slices' keys, in the caller's transaction.
 
-        With ``staged``, each id is also marked as written by an ingest that has not yet
-        committed (:meth:`commit_staged` publishes them, :meth:`unstage` takes them back).
+        The features are stored in ``dtype`` (default: the store's ``feature_dtype``; the
+        caller has checked that ``x`` converts to it without changing a trained value).
+        Slices without a key get one, committed to the key environment before this
+        transaction (a key may outlive a failed write; never the reverse). With ``staged``,
+        each id is also marked as written by an ingest that has not yet committed
+        (:meth:`commit_staged` publishes them, :meth:`unstage` takes them back).
         """
         samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
+        dtype = self.feature_dtype(txn) if dtype is None else dtype
+        keys = self.keys.ensure_slice_keys(zip(shard.tolist(), slice_.tolist(), strict=True))
         flat = x.reshape(len(ids), -1)
+        # Ids that come after every stored one (the common case: numbered data) are appended,
+        # which fills LMDB pages completely instead of splitting them in half.
+        last = self.largest_id(txn)
+        append = last is None or (len(ids) > 0 and bool(np.all(np.diff(ids) > 0)) and int(ids[0]) > last)
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
-            if not txn.put(k, self.encode_sample(sid, int(y[i]), flat[i]), db=samples, overwrite=False):
+            sealed = seal_sample(keys[(s, r)].key, k, self.encode_body(int(y[i]), flat[i], dtype))
+            if not txn.put(k, sealed, db=samples, overwrite=False, append=append):
                 raise StoreError(f"sample id {sid} is already in the store")
-            txn.put(k, struct.pack(">II", s, r), db=assign)
+            txn.put(k, struct.pack(">II", s, r), db=assign, append=append)
             txn.put(member_key(s, r, sid), b"", db=members)
             if staged:
                 txn.put(k, b"", db=self._dbs["staged"])
@@ -261,14 +369,15 @@ class Records:
         """Publish every staged sample at once: the staged marks go in one operation (LMDB's drop)."""
         txn.drop(self._dbs["staged"], delete=False)
 
-    def unstage(self, txn: lmdb.Transaction, limit: int) -> int:
+    def unstage(self, txn: lmdb.Transaction, limit: int) -> tuple[int, set[tuple[int, int]]]:
         """Remove up to ``limit`` staged samples (records, assignment, membership, mark).
 
         Returns:
-            How many were removed; 0 when none are left.
+            How many were removed (0 when none are left), and the (shard, slice) pairs they were in.
         """
         staged, assign = self._dbs["staged"], self._dbs["assign"]
         keys = []
+        touched: set[tuple[int, int]] = set()
         cursor = txn.cursor(db=staged)
         for key in cursor.iternext(keys=True, values=False):
             keys.append(bytes(key))
@@ -278,13 +387,14 @@ class Records:
             place = txn.get(key, db=assign)
             if place is not None:
                 shard, slice_ = struct.unpack(">II", bytes(place))
+                touched.add((shard, slice_))
                 txn.delete(member_key(shard, slice_, struct.unpack(">Q", key)[0]), db=self._dbs["members"])
             txn.delete(key, db=assign)
             txn.delete(key, db=self._dbs["samples"])
             txn.delete(key, db=staged)
-        return len(keys)
+        return len(keys), touched
 
-    def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], checkpoint: bytes, live: bool) -> None:
+    def commit_stage(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes, live: bool) -> None:
         """Store a finished stage checkpoint, inside the caller's write transaction.
 
         A stage whose key changed invalidates every later stage of the shard (they
@@ -294,7 +404,7 @@ class Records:
         Args:
             txn: Open write transaction.
             record: JSON-able stage record (``shard``, ``stage``, ``key``, ``sha256``, ...).
-            checkpoint: The checkpoint bytes.
+            sealed: The checkpoint as :meth:`seal_checkpoint` encrypted it.
             live: Whether this stage is the shard's last, making it the live model.
         """
         shard, stage = record["shard"], record["stage"]
@@ -306,7 +416,7 @@ class Records:
                     txn.delete(later["key"].encode(), db=ckpts)
                     txn.delete(stage_key(shard, later["stage"]), db=stages)
             self.set_live(txn, shard, None)
-        txn.put(record["key"].encode(), checkpoint, db=ckpts)
+        txn.put(record["key"].encode(), sealed, db=ckpts)
         txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
         if live:
             fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples", "domain")

@@ -272,9 +272,10 @@ class Planner:
 
         def commit(result: StageResult) -> None:
             record, last = stage_record(result), result.stage == total_slices[result.shard]
+            sealed = store.seal_checkpoint(result.checkpoint)  # its key is committed first
 
             def change(txn: Any) -> None:
-                store.commit_stage(txn, record, result.checkpoint, last)
+                store.commit_stage(txn, record, sealed, last)
                 store.put_meta(txn, trained=True)  # from now on, small shards come from deletions
 
             store.write(change)

@@ -1,7 +1,7 @@
 """Layer 6, unlearning: deletion requests, their journal, the retrain, erasure, certificates, verify.
 
 ``ids`` validates what a request names, ``journal`` records it durably, ``deletion``
-applies it (the planner's retrain, compaction, a certificate in the ``audit`` log), and
+applies it (the planner's retrain, erasure by key destruction, a certificate in the ``audit`` log), and
 ``replay`` verifies live models against a retrain from scratch. Works on the store and
 the training layer's planner; never on the :class:`~sisa.ensemble.Ensemble` facade.
 """

@@ -1,8 +1,9 @@
 """Deletion: journal a request, retrain the affected shards from their last clean slice, erase, certify.
 
 Applying a request is the planner's ``fit`` (which retrains exactly the stale stages),
-compaction (which erases the freed pages) and a certificate appended to the audit log,
-in that order; each step is idempotent, so a crash anywhere is finished by the next apply.
+erasure (which destroys the keys of the deleted samples and retired checkpoints:
+:mod:`sisa.store.erasure`) and a certificate appended to the audit log, in that order;
+each step is idempotent, so a crash anywhere is finished by the next apply.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import lmdb
 
 from sisa.errors import DataError, DomainUnavailableError
+from sisa.store.erasure import erase
 from sisa.store.tombstones import deleting_requests
 from sisa.train.domain import domain_id
 from sisa.train.planner import Planner, Progress
@@ -127,8 +129,8 @@ def apply(
     removed them; that deferred request stays pending, and the apply that later takes it
     finds its shards retrained (nothing to train) and certifies it. Shards touched only by
     requests left pending stay as their journal left them (out of service under
-    ``exclude``). The compaction erases every freed page, so the bytes of every journaled
-    id are gone from the file after any apply.
+    ``exclude``). The erasure re-keys the slices of every pending request, deferred ones
+    too, so the bytes of every journaled id are unrecoverable after any apply.
 
     Args:
         planner: The planner of a writable store.
@@ -169,7 +171,9 @@ def apply(
             f"{exc}. Deletion request(s) {ids} stay pending: their samples are already removed and the shards "
             "that held them are out of service; `sisa apply` finishes them once such a node is available"
         ) from exc
-    before, after = store.compact()
+    # Every pending request, deferred ones too: their samples are already out of the records, and
+    # after any apply none of the journaled ids' bytes may be recoverable.
+    erasure = erase(store, pending(store))
     secret = store.secret()
 
     def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
@@ -208,7 +212,7 @@ def apply(
                 "policy": request["policy"],
                 "retrained_shards": sorted(int(s) for s in shards),
                 "shards": shards,
-                "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "file_bytes": [before, after]},
+                "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "erasure": erasure.to_dict()},
                 # where the retrain ran: "local" (this machine, no Ray), "ray", or None (nothing to train)
                 "runner": report.runner,
             }

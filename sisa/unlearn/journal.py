@@ -58,6 +58,7 @@ def record_request(
     last = txn.cursor(db=store.db("requests"))
     request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
     first_slice: dict[int, int] = {}
+    touched: dict[int, set[int]] = {}  # shard -> slices holding a deleted id: the erasure re-keys them
     for sid in ids:
         shard, slice_ = struct.unpack(">II", bytes(txn.get(id_key(sid), db=dbs["assign"]) or b""))
         txn.delete(id_key(sid), db=dbs["samples"])
@@ -65,6 +66,7 @@ def record_request(
         txn.delete(member_key(shard, slice_, sid), db=dbs["members"])
         txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
         first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
+        touched.setdefault(shard, set()).add(slice_)
     shards: dict[str, Any] = {}
     for shard, slice_ in sorted(first_slice.items()):
         # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
@@ -95,6 +97,7 @@ def record_request(
         shards[str(shard)] = {
             "from_slice": slice_ + 1,
             "restart_stage": slice_,
+            "slices": sorted(touched[shard]),
             "removed_checkpoints": removed,
             "serving_stage": interim,
             # the domain the retrain continues in: if the live model comes from another, it was rebound

@@ -14,7 +14,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
 from sisa.unlearn.audit import AUDIT_DB, read_entries
-from tests.conftest import blobs, files_containing, small_config, store_digest
+from tests.conftest import blobs, files_containing, plaintexts, sample_evidence, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -111,12 +111,30 @@ def test_certificate_and_audit_never_hold_raw_ids(ens: Ensemble) -> None:
 
 
 def test_deleted_bytes_are_on_no_file(ens: Ensemble) -> None:
-    needles = [X[i].astype("<f4").tobytes() for i in (3, 99, 450)]
-    assert files_containing(ens.path, needles[0])  # present before
-    ens.delete([3, 99, 450])
-    for needle in needles:
-        assert files_containing(ens.path, needle) == []
-    assert files_containing(ens.path, X[4].astype("<f4").tobytes())  # others stay
+    victims = (3, 99, 450)
+    evidence = {i: sample_evidence(ens, i) for i in victims}
+    for i in victims:
+        assert all(files_containing(ens.path, form) == [] for form in plaintexts(X[i]))  # encrypted at rest
+        sealed, keys = evidence[i]
+        assert files_containing(ens.path, sealed) == [str(ens.path / "data.mdb")]
+        assert all(files_containing(ens.path, k) == [str(ens.path / "keys" / "data.mdb")] for k in keys)
+    places = {where(ens, i) for i in victims}
+    kept = next(i for i in range(600) if i not in victims and where(ens, i) in places)  # shares a slice
+    kept_sealed, _ = sample_evidence(ens, kept)
+    cert = ens.delete(list(victims))
+    for i in victims:
+        _, keys = evidence[i]
+        # the key that decrypted the deleted samples is on no file: their ciphertext, wherever it
+        # lies (free pages, old blocks), is unrecoverable
+        assert all(files_containing(ens.path, k) == [] for k in keys)
+        assert all(files_containing(ens.path, form) == [] for form in plaintexts(X[i]))
+    assert {tuple(s) for s in cert["batch"]["erasure"]["rotated_slices"]} == places
+    # a sample left in a re-keyed slice is stored under the new key, and loads as before
+    assert sample_evidence(ens, kept)[0] != kept_sealed
+    with ens.store.read() as txn:
+        x, y = ens.store.load_samples(txn, np.array([kept]), (10,))
+    assert np.array_equal(x[0], X[kept].astype(np.float32)) and y[0] == Y[kept]
+    assert ens.verify()["ok"]
 
 
 def test_batched_deferred_requests_cost_one_retrain_per_shard(ens: Ensemble) -> None:
@@ -155,7 +173,7 @@ def test_serve_stale_policy_keeps_serving_until_applied(tmp_path: Path) -> None:
     assert not ens.verify()["ok"]  # the stale model saw the deleted sample
     ens.apply()
     assert ens.verify()["ok"] and not any(s["stale"] for s in ens.status()["per_shard"])
-    assert files_containing(ens.path, X[10].astype("<f4").tobytes()) == []
+    assert all(files_containing(ens.path, form) == [] for form in plaintexts(X[10]))
     ens.close()
 
 
@@ -374,7 +392,13 @@ def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: di
         assert {s["shard"]: s["live_weights"] for s in ens.status()["per_shard"]} == expected
         assert ens.verify()["ok"] and ens.audit().ok and ens.audit().entries == 1
         assert ens.status()["samples"] == 599
-    assert files_containing(tmp_path / "crash", X[victim].astype("<f4").tobytes()) == []
+    assert all(files_containing(tmp_path / "crash", form) == [] for form in plaintexts(X[victim]))
+    with Ensemble.open(tmp_path / "crash", readonly=True) as reader, reader.store.keys.read() as ktxn:
+        # the erasure the crash cut short was finished: the victim's slice has one key, made after the deletion
+        keys = reader.store.keys.slice_keys(ktxn, *where(reader, 0 if victim else 1)) if False else None
+        slices = reader.store.keys.all_slices(ktxn)
+    assert all(len(k) == 1 for k in slices.values()) and any(k[0].since == 1 for k in slices.values())
+    del keys
     assert not (tmp_path / "crash" / ".compact").exists()
 
 

@@ -1,0 +1,179 @@
+"""Erasure by key destruction: rotate the touched slices' keys, sweep retired checkpoints' keys.
+
+A deleted sample's ciphertext may lie anywhere in ``data.mdb``'s free pages; it becomes
+unrecoverable when its slice's key is gone from every file. Rotating a slice makes a new
+key, re-encrypts the samples left in it (a slice is about N/(S·R) samples: the cost of a
+deletion's erasure, not the store's size), then deletes the old key; compacting the key
+environment (a few kilobytes per slice and checkpoint) removes the old key's bytes from
+disk. A retired checkpoint's key is deleted the same way. Every step is idempotent: a
+crash anywhere leaves work the next apply (or writable open) finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+
+from sisa.errors import IntegrityError
+from sisa.store.records import DIGEST_SIZE, id_key, open_sample, seal_sample
+
+if TYPE_CHECKING:
+    from sisa.store.database import Store
+    from sisa.store.keyring import SliceKey
+
+__all__ = ["ErasureReport", "erase", "finish_rotations", "rotate", "slices_of"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 20_000  # samples re-encrypted per write transaction: bounded dirty pages and memory
+
+
+@dataclass
+class ErasureReport:
+    """What one erasure did: the numbers a certificate records.
+
+    Attributes:
+        rotated_slices: Slices whose key was replaced.
+        reencrypted: Samples re-encrypted under the new keys.
+        checkpoint_keys: Keys of retired checkpoints deleted.
+        key_file_bytes: Size of the key file before and after its compaction.
+        seconds: Wall time of the whole erasure.
+    """
+
+    rotated_slices: list[list[int]] = field(default_factory=list)
+    reencrypted: int = 0
+    checkpoint_keys: int = 0
+    key_file_bytes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def slices_of(requests: Iterable[dict[str, Any]]) -> dict[tuple[int, int], int]:
+    """Every (shard, slice) the requests' ids were in -> the newest request id that touched it."""
+    out: dict[tuple[int, int], int] = {}
+    for request in requests:
+        for shard, info in request["shards"].items():
+            for slice_ in info["slices"]:
+                key = (int(shard), int(slice_))
+                out[key] = max(out.get(key, 0), int(request["request_id"]))
+    return out
+
+
+def rotate(
+    store: Store, slices: Iterable[tuple[int, int]], *, since: int | None = None, fresh: bool = False
+) -> ErasureReport:
+    """Give each slice a new key, re-encrypt its samples, and delete its older keys (idempotent).
+
+    Args:
+        store: A writable store.
+        slices: (shard, slice) pairs.
+        since: The deletion request the rotation erases: a slice whose newest key was made
+            for it or a later request is rotated already and only finished if a crash cut
+            it short.
+        fresh: Rotate even so (a rolled-back ingest: its samples' ciphertext is in free pages).
+
+    Returns:
+        What was rotated and how many samples were re-encrypted.
+    """
+    report = ErasureReport()
+    for shard, slice_ in sorted(set(slices)):
+        with store.keys.read(follow=False) as ktxn:
+            keys = store.keys.slice_keys(ktxn, shard, slice_)
+        if not keys:
+            continue  # nothing was ever stored in it
+        renew = fresh or (since is not None and keys[0].since < since)
+        if not renew and len(keys) == 1:
+            continue
+        target = store.keys.add_generation(shard, slice_, max(since or 0, keys[0].since)) if renew else keys[0]
+        ordered = [target, *[k for k in keys if k.generation != target.generation]]
+        report.reencrypted += _reencrypt(store, shard, slice_, ordered)
+        with store.read() as txn:
+            empty = len(store.member_ids(txn, shard, slice_)) == 0
+        if empty:
+            store.keys.drop_slice(shard, slice_)  # its last samples were deleted: no key is needed
+        else:
+            store.keys.drop_older_generations(shard, slice_)
+        report.rotated_slices.append([shard, slice_])
+    return report
+
+
+def _reencrypt(store: Store, shard: int, slice_: int, keys: Sequence[SliceKey]) -> int:
+    """Re-encrypt every sample of the slice that is not under ``keys[0]``, in bounded transactions."""
+    with store.read() as txn:
+        ids = store.member_ids(txn, shard, slice_).tolist()
+    target, done = keys[0], 0
+    for start in range(0, len(ids), _BATCH):
+        part = ids[start : start + _BATCH]
+
+        def change(txn: lmdb.Transaction, part: list[int] = part) -> int:
+            samples, n = store.db("samples"), 0
+            for sid in part:
+                k = id_key(sid)
+                raw = txn.get(k, db=samples)
+                if raw is None:
+                    continue
+                body_len = len(raw) - DIGEST_SIZE  # a stream cipher keeps the plaintext's length
+                plain = open_sample(keys, k, raw, body_len)
+                if plain is None:
+                    raise IntegrityError(
+                        f"sample {sid} (shard {shard} slice {slice_}) in store {store.path} was modified: "
+                        "it decrypts under none of its slice's keys; restore the store from a backup"
+                    )
+                if open_sample(keys[:1], k, raw, body_len) is not None:
+                    continue  # already under the new key (a rotation that a crash cut short)
+                txn.put(k, seal_sample(target.key, k, plain), db=samples)
+                n += 1
+            return n
+
+        done += store.write(change)
+    return done
+
+
+def finish_rotations(store: Store) -> ErasureReport:
+    """Finish every rotation a crash cut short (slices left with more than one key)."""
+    with store.keys.read(follow=False) as ktxn:
+        unfinished = [s for s, keys in store.keys.all_slices(ktxn).items() if len(keys) > 1]
+    return rotate(store, unfinished)
+
+
+def erase(store: Store, requests: Sequence[dict[str, Any]]) -> ErasureReport:
+    """Make the deleted samples and retired checkpoints of ``requests`` unrecoverable (idempotent).
+
+    Rotates every slice the requests touched (and finishes any rotation a crash cut short),
+    deletes the key of every checkpoint the bulk store no longer holds, and compacts the
+    key environment, so the destroyed keys' bytes are on no file.
+
+    Args:
+        store: A writable store.
+        requests: Journaled deletion requests (pending ones; those already erased are skipped).
+
+    Returns:
+        The erasure's report.
+    """
+    started = time.perf_counter()
+    report = finish_rotations(store)
+    for (shard, slice_), request_id in sorted(slices_of(requests).items()):
+        part = rotate(store, [(shard, slice_)], since=request_id)
+        report.rotated_slices += part.rotated_slices
+        report.reencrypted += part.reencrypted
+    with store.read() as txn:
+        tokens = store.checkpoint_tokens(txn)
+    report.checkpoint_keys = store.keys.drop_checkpoint_keys(tokens)
+    report.key_file_bytes = list(store.keys.compact())
+    report.seconds = round(time.perf_counter() - started, 4)
+    log.info(
+        "erased: %d slice(s) re-keyed, %d sample(s) re-encrypted, %d checkpoint key(s) destroyed in %.2fs",
+        len(report.rotated_slices),
+        report.reencrypted,
+        report.checkpoint_keys,
+        report.seconds,
+    )
+    return report

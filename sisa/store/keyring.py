@@ -1,0 +1,220 @@
+"""The key environment: the only place keys live, small enough to rewrite at every erasure.
+
+``keys/`` inside the store directory is its own LMDB environment with three tables:
+
+- ``slice``: (shard, slice, generation) -> key + the request id the key was made for.
+  Every sample of a slice is encrypted under its slice's newest key; a deletion *rotates*
+  the slices it touched (new key, re-encrypt what is left, delete the old key), so the
+  deleted samples' ciphertext, wherever it lies, is under a key that no longer exists.
+- ``ckpt``: checkpoint token -> key. Each committed checkpoint has its own key; a retired
+  checkpoint's key is deleted by the sweep that follows every apply.
+- ``meta``: the format record (compaction needs one record to seal the copy).
+
+Ordering between the two environments keeps readers safe without a shared transaction:
+a key is written (committed) before any bulk record that needs it, and deleted only after
+the bulk records encrypted under it are gone or re-encrypted. A reader whose bulk snapshot
+predates a rotation may find its key gone; :class:`~sisa.errors.StoreChangedError` tells
+it to read again.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from sisa.errors import StoreError
+from sisa.store import environment
+from sisa.store.cipher import KEY_SIZE, TOKEN_SIZE, new_key
+
+__all__ = ["KEY_DIR", "KeyRing", "SliceKey"]
+
+KEY_DIR = "keys"
+KEY_FORMAT = 1
+_TABLES = environment.Tables(fixed=("meta", "slice", "ckpt"))
+_SLICE = struct.Struct(">III")  # shard, slice, generation
+_SINCE = struct.Struct(">Q")  # the request id a slice key was made for (0: at ingest)
+
+T = TypeVar("T")
+
+
+class SliceKey(tuple[int, bytes, int]):
+    """One key of a slice: ``(generation, key, since)``, newest generation first in lists."""
+
+    __slots__ = ()
+
+    @property
+    def generation(self) -> int:
+        """Counts the slice's keys from 0 (ingest)."""
+        return self[0]
+
+    @property
+    def key(self) -> bytes:
+        """The key bytes."""
+        return self[1]
+
+    @property
+    def since(self) -> int:
+        """The deletion request this key was made for: the slice was rotated for every request up to it."""
+        return self[2]
+
+
+def _entry(key: bytes | memoryview, value: bytes | memoryview) -> SliceKey:
+    return SliceKey((_SLICE.unpack(key)[2], bytes(value[:KEY_SIZE]), _SINCE.unpack(value[KEY_SIZE:])[0]))
+
+
+class KeyRing:
+    """The key environment of one store (opened with it, closed with it).
+
+    Args:
+        root: The store directory (the environment is ``root/keys``).
+        readonly: Open without writing (a read-only store handle).
+        create: Create the environment (a new store).
+    """
+
+    def __init__(self, root: Path, *, readonly: bool, create: bool = False) -> None:
+        self.root = root
+        self.path = root / KEY_DIR
+        if create:
+            self.path.mkdir(mode=0o700)
+        elif not (self.path / "data.mdb").is_file():
+            raise StoreError(f"store {root} has no key environment ({self.path}); it is damaged or not a sisa store")
+        self._shared = environment.acquire(self.path, _TABLES, readonly=readonly, create=create)
+        if create:
+            self.write(lambda txn: txn.put(b"format", str(KEY_FORMAT).encode(), db=self._db("meta")))
+
+    def _db(self, name: str) -> Any:
+        return self._shared.dbs[name]
+
+    def close(self) -> None:
+        """Release this handle on the environment."""
+        environment.release(self._shared)
+
+    # -------------------------------------------------------------- transactions
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one write transaction of the key environment (the caller holds the writer lock)."""
+        return environment.write(self._shared, fn, self.root)
+
+    @contextmanager
+    def read(self, follow: bool = True) -> Iterator[lmdb.Transaction]:
+        """A read transaction of the key environment (follows another process's compaction)."""
+        with environment.read(self._shared, follow) as txn:
+            yield txn
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the key file without free pages: what makes deleted keys unrecoverable."""
+        return environment.compact(self._shared, self.root)
+
+    def file_size(self) -> int:
+        """Bytes of the key environment's data file."""
+        return (self.path / "data.mdb").stat().st_size
+
+    def drop_partial_copy(self) -> None:
+        """Remove what a crashed compaction of the key file left behind."""
+        environment.drop_partial_copy(self.path)
+
+    # ---------------------------------------------------------------- slice keys
+    def slice_keys(self, txn: lmdb.Transaction, shard: int, slice_: int) -> list[SliceKey]:
+        """Every key of one slice, newest generation first (one, except during a rotation)."""
+        prefix = struct.pack(">II", shard, slice_)
+        out: list[SliceKey] = []
+        cur = txn.cursor(db=self._db("slice"))
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if key[:8] != prefix:
+                    break
+                out.append(_entry(key, value))
+        return out[::-1]
+
+    def all_slices(self, txn: lmdb.Transaction) -> dict[tuple[int, int], list[SliceKey]]:
+        """Keys of every slice that has one: (shard, slice) -> keys, newest first."""
+        out: dict[tuple[int, int], list[SliceKey]] = {}
+        for key, value in txn.cursor(db=self._db("slice")):
+            shard, slice_, _ = _SLICE.unpack(key)
+            out.setdefault((shard, slice_), []).insert(0, _entry(key, value))
+        return out
+
+    def ensure_slice_keys(self, slices: Iterable[tuple[int, int]]) -> dict[tuple[int, int], SliceKey]:
+        """The newest key of each slice, making (and committing) one where a slice has none."""
+        wanted = sorted(set(slices))
+        with self.read(follow=False) as txn:
+            found = {s: keys[0] for s in wanted if (keys := self.slice_keys(txn, *s))}
+        missing = [s for s in wanted if s not in found]
+        if missing:
+            made = {s: SliceKey((0, new_key(), 0)) for s in missing}
+
+            def change(txn: lmdb.Transaction) -> None:
+                for (shard, slice_), sk in made.items():
+                    txn.put(_SLICE.pack(shard, slice_, 0), sk.key + _SINCE.pack(0), db=self._db("slice"))
+
+            self.write(change)
+            found.update(made)
+        return found
+
+    def add_generation(self, shard: int, slice_: int, since: int) -> SliceKey:
+        """Make and commit the slice's next key (a rotation's first step); returns it."""
+
+        def change(txn: lmdb.Transaction) -> SliceKey:
+            keys = self.slice_keys(txn, shard, slice_)
+            gen = keys[0].generation + 1 if keys else 0
+            entry = SliceKey((gen, new_key(), since))
+            txn.put(_SLICE.pack(shard, slice_, gen), entry.key + _SINCE.pack(since), db=self._db("slice"))
+            return entry
+
+        return self.write(change)
+
+    def drop_older_generations(self, shard: int, slice_: int) -> int:
+        """Delete every key of the slice but the newest (a rotation's last step). Returns how many went."""
+
+        def change(txn: lmdb.Transaction) -> int:
+            keys = self.slice_keys(txn, shard, slice_)
+            for old in keys[1:]:
+                txn.delete(_SLICE.pack(shard, slice_, old.generation), db=self._db("slice"))
+            return max(0, len(keys) - 1)
+
+        return self.write(change)
+
+    def drop_slice(self, shard: int, slice_: int) -> None:
+        """Delete every key of a slice that holds no sample any more."""
+
+        def change(txn: lmdb.Transaction) -> None:
+            for old in self.slice_keys(txn, shard, slice_):
+                txn.delete(_SLICE.pack(shard, slice_, old.generation), db=self._db("slice"))
+
+        self.write(change)
+
+    # ----------------------------------------------------------- checkpoint keys
+    def put_checkpoint_key(self, token: bytes, key: bytes) -> None:
+        """Commit a checkpoint's key (before the checkpoint's bytes are committed)."""
+        self.write(lambda txn: txn.put(token, key, db=self._db("ckpt")))
+
+    def checkpoint_key(self, txn: lmdb.Transaction, token: bytes) -> bytes | None:
+        """The key of the checkpoint named by ``token``, or None (retired, or never committed)."""
+        raw = txn.get(token, db=self._db("ckpt"))
+        return bytes(raw) if raw is not None else None
+
+    def drop_checkpoint_keys(self, keep: set[bytes]) -> int:
+        """Delete the key of every checkpoint token not in ``keep`` (the tokens the bulk store still holds).
+
+        Returns:
+            Keys deleted.
+        """
+
+        def change(txn: lmdb.Transaction) -> int:
+            gone = [bytes(k) for k in txn.cursor(db=self._db("ckpt")).iternext(keys=True, values=False)]
+            gone = [k for k in gone if k not in keep]
+            for token in gone:
+                txn.delete(token, db=self._db("ckpt"))
+            return len(gone)
+
+        return self.write(change)
+
+    @staticmethod
+    def check_token(token: bytes) -> None:
+        """Refuse a malformed token (a sign of a damaged checkpoint record)."""
+        if len(token) != TOKEN_SIZE:
+            raise StoreError(f"checkpoint token of {len(token)} bytes; expected {TOKEN_SIZE}")
