@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 cfg = _load_config(args.config, args.overrides, ens.config)
             shape = ens.feature_shape
             if shape is None:  # created, never ingested
-                train = load_split(cfg.data, "train")
+                train = load_split(cfg.data, "train", raw=True)
                 shape = train.feature_shape
             else:
                 _refuse_new_train_data(store, ens.config, cfg)
@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             raise
     else:
         cfg = _load_config(args.config, args.overrides)
-        train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        train, test = load_split(cfg.data, "train", raw=True), load_split(cfg.data, "test")
         _preflight(cfg, train.feature_shape, train)
         # Join the cluster (or start the local instance a plan of every shard needs) before the store
         # exists: a wrong address or token leaves nothing behind.
@@ -484,12 +484,13 @@ def _input_format(args: argparse.Namespace, cfg: SisaConfig) -> str:
     raise DataError(f"cannot tell the format of {args.input}: pass --format {'|'.join(_FORMATS)}")
 
 
-def load_input(args: argparse.Namespace, cfg: SisaConfig) -> LabeledArrays:
+def load_input(args: argparse.Namespace, cfg: SisaConfig, raw: bool = False) -> LabeledArrays:
     """The samples ``sisa add --input`` names, in any format ``train`` reads (npz, CSV, IDX).
 
     CSV files are read with the store's ``data.label_column`` and ``data.id_column``; an IDX
     images file needs ``--labels``. Without ids in the file, the samples are numbered after the
-    largest id the store has held (see :meth:`Ensemble.ingest`).
+    largest id the store has held (see :meth:`Ensemble.ingest`). With ``raw``, IDX pixels
+    stay uint8 (for a store that keeps raw pixels).
     """
     fmt = _input_format(args, cfg)
     if fmt == "idx" and args.labels is None:
@@ -499,13 +500,13 @@ def load_input(args: argparse.Namespace, cfg: SisaConfig) -> LabeledArrays:
     data_cfg = dataclasses.replace(
         cfg.data, dataset=fmt, train=str(args.input), train_labels=args.labels, train_limit=None
     )
-    return load_split(data_cfg, "train")
+    return load_split(data_cfg, "train", raw=raw)
 
 
 def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
     """Add samples from a file (npz, CSV or IDX) as new slices and train only those."""
     with _writer(args) as ens:
-        data = load_input(args, ens.config)
+        data = load_input(args, ens.config, raw=ens.store.meta().get("feature_scale") is not None)
         numbered = data.numbered
         if numbered:
             data = number_after_stored(ens.store, data)
@@ -586,6 +587,21 @@ def cmd_resume(args: argparse.Namespace) -> dict[str, Any]:
         result = ens.resume()
     if not args.json:
         print(f"resumed: applied {len(result['applied'])} request(s), trained {result['trained'] or 'nothing'}")
+    return result
+
+
+def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Copy a format-2 store into a new format-3 directory (the old one is only read)."""
+    from sisa.store.migrate import migrate  # rarely used: keep it off the start-up path
+
+    result = migrate(args.store, args.to).to_dict()
+    if not args.json:
+        form = result["feature_dtype"] + ("" if result["feature_scale"] is None else f" / {result['feature_scale']:g}")
+        print(
+            f"migrated {result['samples']} samples ({form}) and {result['checkpoints']} checkpoints into "
+            f"{result['target']}: {result['bytes_before']:,} -> {result['bytes_after']:,} bytes; "
+            f"{result['source']} is unchanged. Use --store {result['target']} from now on"
+        )
     return result
 
 
@@ -685,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     do.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     do.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     do.set_defaults(func=cmd_domains)
+
+    mi = sub.add_parser(
+        "migrate", parents=[common], help="copy a store of the previous format (2) into a new directory"
+    )
+    mi.add_argument("--to", required=True, metavar="DIR", help="new directory for the migrated store")
+    mi.set_defaults(func=cmd_migrate)
 
     cli_evaluate.register(sub)
     return parser

@@ -48,12 +48,17 @@ class LabeledArrays:
         ids: int64 ids, shape ``(n,)``, unique, each in ``[0, MAX_ID]``.
         numbered: True when no ids were given and ``ids`` is the placeholder ``0..n-1``: a store
             that already holds samples numbers them after the largest id it has held instead.
+        scale: None: ``x`` is what the model sees. A number: ``x`` holds raw values (uint8
+            pixels, say) and the model sees ``x.astype(float32) / scale``; a store keeps the
+            raw values (1 byte a pixel) and divides when a shard loads (loaders give this
+            form when asked for ``raw`` data).
     """
 
     x: np.ndarray
     y: np.ndarray
     ids: np.ndarray
     numbered: bool = False
+    scale: float | None = None
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

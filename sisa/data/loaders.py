@@ -7,6 +7,7 @@ Validation itself lives in :mod:`sisa.data.arrays` (re-exported here); every bad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import gzip
 import hashlib
@@ -42,6 +43,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PIXEL_SCALE = 255.0  # unsigned-byte pixels -> [0, 1]
+
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CACHE_DIR = Path.home() / ".cache" / "sisa" / "fashion-mnist"
 # S3 website endpoints serve plain HTTP only, so after the documented https form the
@@ -72,7 +75,9 @@ def _head(data: LabeledArrays, limit: int | None) -> LabeledArrays:
     """The first ``limit`` samples, copied so that the full arrays can be freed."""
     if limit is None or limit >= len(data):
         return data
-    return LabeledArrays(data.x[:limit].copy(), data.y[:limit].copy(), data.ids[:limit].copy(), data.numbered)
+    return LabeledArrays(
+        data.x[:limit].copy(), data.y[:limit].copy(), data.ids[:limit].copy(), data.numbered, data.scale
+    )
 
 
 def load_npz(path: str | os.PathLike[str], *, num_classes: int) -> LabeledArrays:
@@ -142,7 +147,12 @@ def _parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
 
 
 def load_idx(
-    images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str], *, num_classes: int, scale: bool = True
+    images_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    *,
+    num_classes: int,
+    scale: bool = True,
+    raw: bool = False,
 ) -> LabeledArrays:
     """Load an IDX image file ``(n, rows, cols)`` and its label file ``(n,)``, raw or gzipped.
 
@@ -151,6 +161,9 @@ def load_idx(
         labels_path: The 1-D IDX labels.
         num_classes: Labels must lie in ``[0, num_classes)``.
         scale: Divide unsigned-byte pixels by 255 into ``[0, 1]``.
+        raw: With ``scale``, keep unsigned-byte pixels as uint8 and say so in the result's
+            ``scale`` (255): what a store keeps at a quarter of float32's bytes, dividing when
+            it loads (the model sees the same float32 values either way).
 
     Returns:
         Arrays with ``x`` of shape ``(n, 1, rows, cols)`` and ids ``0..n-1``.
@@ -166,9 +179,12 @@ def load_idx(
             f"{ipath} has {len(images)} images but {lpath} has {len(labels)} labels; "
             "pair each image file with its own label file"
         )
+    if raw and scale and images.dtype == np.uint8:
+        data = validated(images[:, None], labels, None, num_classes, copy=False, native=True)
+        return dataclasses.replace(data, scale=PIXEL_SCALE)
     x = images[:, None].astype(np.float32)
     if scale and images.dtype == np.uint8:
-        x /= 255.0
+        x /= PIXEL_SCALE  # in float32: the very operation a store applies to raw pixels it loads
     return validated(x, labels, None, num_classes, copy=False)
 
 
@@ -345,7 +361,7 @@ def _download(name: str, dest: Path, mirrors: Sequence[str] = FASHION_MIRRORS) -
     return errors
 
 
-def load_fashion_mnist(split: str, *, root: str | None = None) -> LabeledArrays:
+def load_fashion_mnist(split: str, *, root: str | None = None, raw: bool = False) -> LabeledArrays:
     """Load Fashion-MNIST: pixels scaled to ``[0, 1]``, shape ``(1, 28, 28)``, 10 classes.
 
     Looks in ``root`` if given; else in the directory of the Debian package
@@ -355,6 +371,8 @@ def load_fashion_mnist(split: str, *, root: str | None = None) -> LabeledArrays:
     Args:
         split: ``train`` (60000 samples) or ``test`` (10000 samples).
         root: Directory holding the ``*-ubyte.gz`` files.
+        raw: Pixels as uint8 with ``scale`` 255 (what a store keeps; the model sees the same
+            float32 values).
 
     Returns:
         Arrays with ids ``0..n-1``.
@@ -380,7 +398,7 @@ def load_fashion_mnist(split: str, *, root: str | None = None) -> LabeledArrays:
                     f"Fashion-MNIST is in neither {FASHION_DEBIAN_DIR} nor {folder}, and downloading {n} "
                     f"failed ({'; '.join(errors)}); {_FASHION_HINT}"
                 )
-    return load_idx(folder / names[0], folder / names[1], num_classes=10)
+    return load_idx(folder / names[0], folder / names[1], num_classes=10, raw=raw)
 
 
 def parquet_batches(
@@ -470,12 +488,13 @@ def load_parquet(
     return validated(x, y, ids, num_classes, copy=False)
 
 
-def load_split(cfg: DataConfig, split: str) -> LabeledArrays:
+def load_split(cfg: DataConfig, split: str, *, raw: bool = False) -> LabeledArrays:
     """Load the ``train`` or ``test`` split that ``cfg`` describes, cut to its limit.
 
     Args:
         cfg: The data section of the config.
         split: ``train`` or ``test``.
+        raw: Image pixels as uint8 with ``scale`` 255 (for a store) instead of float32 in [0, 1].
 
     Returns:
         The validated arrays: the first ``cfg.train_limit`` / ``cfg.test_limit`` samples.
@@ -491,7 +510,7 @@ def load_split(cfg: DataConfig, split: str) -> LabeledArrays:
     if cfg.dataset == "fashion-mnist":
         if k != 10:
             raise DataError(f"fashion-mnist has 10 classes, not data.num_classes={k}; set it to 10")
-        data = load_fashion_mnist(split, root=cfg.root)
+        data = load_fashion_mnist(split, root=cfg.root, raw=raw)
     elif path is None:
         raise DataError(f"no {split} data configured: set data.{split}=PATH")
     elif cfg.dataset == "npz":
@@ -510,7 +529,7 @@ def load_split(cfg: DataConfig, split: str) -> LabeledArrays:
         labels = cfg.train_labels if split == "train" else cfg.test_labels
         if labels is None:
             raise DataError(f"data.dataset='idx' needs data.{split}_labels=PATH")
-        data = load_idx(path, labels, num_classes=k)
+        data = load_idx(path, labels, num_classes=k, raw=raw)
     else:  # DataConfig validates the name; this guards one built around its checks
         raise DataError(f"data.dataset={cfg.dataset!r} is unknown; use fashion-mnist, npz, csv, idx or parquet")
     return _head(data, limit)

@@ -138,7 +138,8 @@ class Serving:
         Raises:
             DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
         """
-        stored = self._store.meta().get("feature_shape")
+        meta = self._store.meta()
+        stored = meta.get("feature_shape")
         shape = tuple(stored) if stored is not None else None
         xa = x.x if isinstance(x, LabeledArrays) else dataset_features(x) if _is_dataset(x) else to_numpy(x)
         if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
@@ -154,6 +155,11 @@ class Serving:
             raise DataError(
                 f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first"
             )
+        scale = meta.get("feature_scale")
+        if scale and xa.dtype.kind in "iu":
+            # Raw values, as the store keeps them (uint8 pixels): scaled as a shard's samples are when
+            # it loads. Floats are taken to be model inputs already (what a loader gives by default).
+            xf = xf / scale  # float32 divided in float32 (NumPy 2 keeps a Python float weak)
         return torch.from_numpy(xf)
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:

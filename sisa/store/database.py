@@ -124,12 +124,14 @@ class Store(Records):
         return environment.acquire(path, TABLES, readonly=readonly, create=create)
 
     @classmethod
-    def create(cls, path: str | Path, meta: dict[str, Any]) -> Store:
+    def create(cls, path: str | Path, meta: dict[str, Any], *, secret: bytes | None = None) -> Store:
         """Create a new store directory and write its metadata.
 
         Args:
             path: Directory to create (must not be an existing store; an empty dir is fine).
             meta: JSON-able metadata, e.g. the config.
+            secret: The 32-byte HMAC secret to keep (a migrated store keeps its source's, so
+                its keyed id hashes and audit MACs stay valid); default a new random one.
 
         Returns:
             The store, open for writing.
@@ -138,6 +140,8 @@ class Store(Records):
             StoreError: If ``path`` already holds a store or other files.
         """
         p = Path(path)
+        if secret is not None and len(secret) != 32:
+            raise StoreError(f"an HMAC secret has 32 bytes, not {len(secret)}")
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} is a file, not a directory; pick a new or empty directory for the store")
         if p.exists() and any(p.iterdir()):
@@ -147,12 +151,12 @@ class Store(Records):
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(p, 0o700)
         fd = cls._lock(p)
-        secret = os.open(p / _SECRET_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd_secret = os.open(p / _SECRET_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(secret, os.urandom(32))
-            os.fsync(secret)
+            os.write(fd_secret, os.urandom(32) if secret is None else secret)
+            os.fsync(fd_secret)
         finally:
-            os.close(secret)
+            os.close(fd_secret)
         store = cls(p, cls._open_env(p, readonly=False, create=True), fd)
         store._keyring = KeyRing(p, readonly=False, create=True)
         store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))

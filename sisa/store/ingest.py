@@ -71,7 +71,7 @@ def number_after_stored(store: Store, data: LabeledArrays, start: int | None = N
             f"{MAX_ID}; give them ids"
         )
     log.info("no ids given: numbering %d samples %d..%d", len(data), start, start + len(data) - 1)
-    return LabeledArrays(data.x, data.y, np.arange(start, start + len(data), dtype=np.int64))
+    return LabeledArrays(data.x, data.y, np.arange(start, start + len(data), dtype=np.int64), scale=data.scale)
 
 
 def _check_new(store: Store, data: LabeledArrays, shape: tuple[int, ...] | None, streaming: bool) -> None:
@@ -106,6 +106,8 @@ class _Writer:
             self.next_number = _next_number(store, txn)
             stored = store.meta(txn).get("feature_shape")
             dtype = store.meta(txn).get("feature_dtype")
+            self.scale: float | None = store.meta(txn).get("feature_scale")
+            self.fresh = dtype is None  # no sample yet: the first batch sets dtype and scale
         self.shape: tuple[int, ...] | None = tuple(stored) if stored is not None else None
         # None until the first samples of a new store decide it (their dtype, as given)
         self.dtype: np.dtype[Any] | None = np.dtype(dtype) if dtype is not None else None
@@ -129,6 +131,8 @@ class _Writer:
         extra["next_id"] = max(int(self.store.meta(txn).get("next_id", 0)), self.largest + 1)
         if self.dtype is not None:
             extra["feature_dtype"] = self.dtype.str
+        if self.scale is not None:
+            extra["feature_scale"] = self.scale
         self.store.put_meta(txn, feature_shape=list(self.shape or ()), shard_slices=counts, **extra)
 
     def conform(self, data: LabeledArrays) -> LabeledArrays:
@@ -141,22 +145,33 @@ class _Writer:
         Raises:
             DataError: If converting would change a value that training sees.
         """
-        if self.dtype is None:
-            self.dtype = data.x.dtype.newbyteorder("<")
+        if self.fresh:
+            self.fresh = False
+            self.dtype, self.scale = data.x.dtype.newbyteorder("<"), data.scale
             return data
-        if data.x.dtype == self.dtype:
+        stored = self.dtype if self.dtype is not None else np.dtype("<f4")
+        if (data.scale is not None and data.scale != self.scale) or (
+            data.scale is None and self.scale is not None and data.x.dtype.kind == "f"
+        ):
+            have = f"raw {stored.name} values divided by {self.scale:g} when loaded" if self.scale else "model inputs"
+            given = f"raw values to divide by {data.scale:g}" if data.scale else f"{data.x.dtype.name} model inputs"
+            raise DataError(
+                f"this store keeps {have}, and these samples are {given}; give them in the store's form "
+                "(raw pixels: a loader's raw=True), or ingest them into a new store"
+            )
+        if data.x.dtype == stored:
             return data
         with np.errstate(all="ignore"):
-            converted = data.x.astype(self.dtype)
+            converted = data.x.astype(stored)
         same = converted.astype(np.float32) == data.x.astype(np.float32)
         if not same.all():
             first = tuple(int(i) for i in np.argwhere(~same)[0])
             raise DataError(
-                f"this store keeps features as {self.dtype.name}; these samples are {data.x.dtype.name} and "
-                f"{int((~same).sum())} value(s) would change in {self.dtype.name} (the first at index {first}); "
-                f"convert them to {self.dtype.name} yourself, or ingest them into a new store"
+                f"this store keeps features as {stored.name}; these samples are {data.x.dtype.name} and "
+                f"{int((~same).sum())} value(s) would change in {stored.name} (the first at index {first}); "
+                f"convert them to {stored.name} yourself, or ingest them into a new store"
             )
-        return LabeledArrays(np.ascontiguousarray(converted), data.y, data.ids, data.numbered)
+        return LabeledArrays(np.ascontiguousarray(converted), data.y, data.ids, data.numbered, data.scale)
 
     def stage(self, data: LabeledArrays, shard: np.ndarray, slice_: np.ndarray, batch_size: int) -> None:
         """Write ``data`` as staged samples, ``batch_size`` per transaction."""

@@ -130,6 +130,11 @@ class Records:
         """The dtype samples are stored in (set by the first ingest; float32 before any)."""
         return np.dtype(self.meta(txn).get("feature_dtype", DEFAULT_DTYPE))
 
+    def sealed_checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any]) -> bytes | None:
+        """The stored (encrypted) bytes of a stage's checkpoint, as on disk; None if absent. For audits and tests."""
+        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
+        return bytes(raw) if raw is not None else None
+
     def sealed_sample(self, txn: lmdb.Transaction, sample_id: int) -> bytes | None:
         """The stored (encrypted) record of a sample, as on disk; None if absent. For audits and tests."""
         raw = txn.get(id_key(sample_id), db=self._dbs["samples"])
@@ -179,6 +184,9 @@ class Records:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Features (as float32) and labels of ``ids``, in the given order, each decrypted and checked.
 
+        Features are converted from the stored dtype to float32, then divided by the store's
+        ``feature_scale`` where it has one (raw pixels stored as uint8).
+
         Args:
             txn: Read transaction.
             ids: Sample ids.
@@ -225,6 +233,9 @@ class Records:
                     )
                 y[i] = _LABEL.unpack_from(plain)[0]
                 x[i] = np.frombuffer(plain, dtype=dtype, offset=_LABEL.size, count=width)
+        scale = self.meta(txn).get("feature_scale")
+        if scale:
+            x /= scale  # in float32, as a loader scales pixels: the model sees the same values
         return x.reshape((len(ids), *feature_shape)), y
 
     # -------------------------------------------------------------- checkpoints

@@ -22,7 +22,15 @@ import ray
 
 from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
-from tests.conftest import blobs, files_containing, live_state, small_config, store_digest
+from tests.conftest import (
+    blobs,
+    files_containing,
+    live_state,
+    plaintexts,
+    sample_evidence,
+    small_config,
+    store_digest,
+)
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.faults]
 
@@ -113,7 +121,7 @@ def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env
 
 CHILD_DELETE = """
 import os, signal, sys, threading
-import sisa.store.database, sisa.unlearn.deletion
+import sisa.store.environment, sisa.store.keyring, sisa.unlearn.deletion
 from sisa.ensemble import Ensemble
 from sisa.train.planner import Planner
 
@@ -133,14 +141,16 @@ if phase == "timer":
     threading.Timer(arg, die).start()
 elif phase == "journal":  # the request is durable; the retrain has not started
     Planner.fit = die
-elif phase == "compact-copy":  # retrained; the compacted copy is written but not swapped in
-    real_fsync = sisa.store.database._fsync
+elif phase == "rotate":  # retrained; samples re-encrypted under the new key, the old key not yet deleted
+    sisa.store.keyring.KeyRing.drop_older_generations = die
+elif phase == "compact-copy":  # keys re-keyed; the compacted copy of keys/ is written but not swapped in
+    real_fsync = sisa.store.environment.fsync_path
     def fsync_then_die(p):
         real_fsync(p)
         if p.name == "data.mdb":
             die()
-    sisa.store.database._fsync = fsync_then_die
-elif phase == "compact-swap":  # the copy replaced data.mdb; directory not fsync'd, copy dir not removed
+    sisa.store.environment.fsync_path = fsync_then_die
+elif phase == "compact-swap":  # the copy replaced keys/data.mdb; directory not fsync'd, copy dir not removed
     real_replace = os.replace
     def replace_then_die(a, b):
         real_replace(a, b)
@@ -151,7 +161,7 @@ elif phase == "certify":  # retrained and erased; the certificate is not written
 ens = Ensemble.open(path, address="local")
 ens.delete(victims, progress=progress)
 """
-PHASES = ("journal", "retrain", "compact-copy", "compact-swap", "certify", "timer")
+PHASES = ("journal", "retrain", "rotate", "compact-copy", "compact-swap", "certify", "timer")
 
 
 @pytest.mark.faults
@@ -166,6 +176,8 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
         with ens.store.read() as txn:
             # Victims in the first slice of shards 0 and 1: both retrain all four stages.
             victims = [int(ens.store.slice_ids(txn, s, 0)[1]) for s in (0, 1)]
+        # the keys that decrypt the victims' records: after any crash and the next open, on no file
+        needles = [k for v in victims for k in sample_evidence(ens, v)[1]]
     survivors = sorted(set(range(1500)) - {5, *victims})
     shutil.copytree(template, tmp_path / "ref")
     with Ensemble.open(tmp_path / "ref") as ref:
@@ -173,7 +185,7 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
         ref.delete(victims)
         delete_seconds = time.perf_counter() - started
         expected = live_state(ref)
-    needles = [x[v].astype("<f4").tobytes() for v in victims]
+    needles += [form for v in victims for form in plaintexts(x[v])]
 
     rng = random.Random(5)
     seen_phases: dict[str, int] = {}
@@ -215,7 +227,7 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
                 assert ens.store.count_samples(txn) == len(survivors)
         for needle in needles:
             assert files_containing(work, needle) == []
-        assert not (work / ".compact").exists()
+        assert not (work / ".compact").exists() and not (work / "keys" / ".compact").exists()
         shutil.rmtree(work)
     # Every phase was really interrupted at least once (a kill that came too late would not count).
     assert all(seen_phases[p] >= 1 for p in PHASES if p != "timer"), seen_phases
@@ -281,7 +293,9 @@ def test_flipped_byte_in_a_sample_record_names_shard_and_slice(tmp_path: Path) -
         ens.ingest(x, y)
         with ens.store.read() as txn:
             victim = int(ens.store.slice_ids(txn, 2, 1)[3])
-    flip_byte_in_file(tmp_path / "st" / "data.mdb", x[victim].astype("<f4").tobytes(), offset=5)
+            sealed = ens.store.sealed_sample(txn, victim)
+    assert sealed is not None
+    flip_byte_in_file(tmp_path / "st" / "data.mdb", sealed, offset=5)
     with Ensemble.open(tmp_path / "st") as ens, pytest.raises(IntegrityError) as err:
         ens.fit()
     assert f"sample {victim} (shard 2 slice 1)" in str(err.value) and "was modified" in str(err.value)
@@ -294,8 +308,9 @@ def test_flipped_byte_in_a_checkpoint_names_shard_and_stage(tmp_path: Path) -> N
         ens.fit()
         with ens.store.read() as txn:
             record = ens.store.stage_record(txn, 1, 3)
-            blob = ens.store.checkpoint(txn, record)
-    # Flip a byte in the middle of the checkpoint's bytes inside data.mdb (the weights).
+            blob = ens.store.sealed_checkpoint(txn, record)
+    assert blob is not None
+    # Flip a byte in the middle of the checkpoint's (encrypted) bytes inside data.mdb (the weights).
     flip_byte_in_file(tmp_path / "st" / "data.mdb", blob[len(blob) // 2 : len(blob) // 2 + 64])
     with Ensemble.open(tmp_path / "st", readonly=True) as ens, pytest.raises(IntegrityError) as err:
         ens.predict(x[:4])
