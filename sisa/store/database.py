@@ -28,9 +28,9 @@ import lmdb
 from sisa.errors import IntegrityError, StoreError, StoreLockedError
 from sisa.store import environment
 from sisa.store.keyring import KEY_DIR, KeyRing
-from sisa.store.records import TABLES, Records, id_key, member_key, shard_key, stage_key
+from sisa.store.records import TABLES, Records, id_key, run_key, shard_key, stage_key
 
-__all__ = ["FORMAT_VERSION", "Store", "format_message", "id_key", "member_key", "shard_key", "stage_key"]
+__all__ = ["FORMAT_VERSION", "Store", "format_message", "id_key", "run_key", "shard_key", "stage_key"]
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ __all__ = [
     "acquire",
     "compact",
     "drop_partial_copy",
+    "file_ident",
     "fsync_path",
     "read",
     "release",

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 
 from sisa.errors import IntegrityError
-from sisa.store.records import DIGEST_SIZE, id_key, open_sample, seal_sample
+from sisa.store.records import DIGEST_SIZE, Records, id_key, open_sample, seal_sample
 
 if TYPE_CHECKING:
-    from sisa.store.database import Store
     from sisa.store.keyring import SliceKey
+
+Store = Records  # what these functions use of a store; the database module builds on this one
 
 __all__ = ["ErasureReport", "erase", "finish_rotations", "rotate", "slices_of"]
 

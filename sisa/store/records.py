@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -27,9 +27,21 @@ from sisa.store.environment import Tables
 if TYPE_CHECKING:
     from sisa.store.keyring import KeyRing, SliceKey
 
-__all__ = ["DBS", "TABLES", "Records", "id_key", "member_key", "shard_key", "stage_key"]
+__all__ = [
+    "DBS",
+    "TABLES",
+    "Records",
+    "id_key",
+    "RUN_MAX",
+    "run_key",
+    "open_sample",
+    "seal_sample",
+    "shard_key",
+    "stage_key",
+]
 
-# samples: id -> label + features; assign: id -> (shard, slice); members: (shard, slice, id) -> "";
+# samples: id -> sealed label + features; assign: id -> (shard, slice, run); members: (shard, slice, run) -> the
+# run's ids, packed (a slice's membership in full pages; see RUN_MAX);
 # ckpt: key -> checkpoint bytes; stages: (shard, stage) -> record; live: shard -> live record;
 # requests: request id -> deletion request; deleted: keyed hash of an id -> request id; audit: seq -> entry.
 DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
@@ -37,6 +49,7 @@ DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "reques
 # store reads them as empty. ``staged``: ids an unfinished ingest wrote (invisible until it commits).
 LATER_DBS = ("staged",)
 TABLES = Tables(fixed=DBS, later=LATER_DBS)
+T = TypeVar("T")
 
 
 def id_key(sample_id: int) -> bytes:
@@ -44,9 +57,16 @@ def id_key(sample_id: int) -> bytes:
     return struct.pack(">Q", sample_id)
 
 
-def member_key(shard: int, slice_: int, sample_id: int) -> bytes:
-    """Key of the (shard, slice, id) membership index; a prefix scan lists a slice in id order."""
-    return struct.pack(">IIQ", shard, slice_, sample_id)
+# Ids per membership run: 508 little-endian u64 and LMDB's 16-byte header fill one 4 KiB overflow
+# page. One key per id (the obvious index) cost 47 bytes a sample here, as ingest's inserts into the
+# middle of the table split pages in half; full runs cost 8.
+RUN_MAX = 508
+_PLACE = struct.Struct(">IIQ")  # shard, slice, run
+
+
+def run_key(shard: int, slice_: int, run: int) -> bytes:
+    """Key of one membership run of a slice; a prefix scan of (shard, slice) lists the slice."""
+    return _PLACE.pack(shard, slice_, run)
 
 
 def stage_key(shard: int, stage: int) -> bytes:
@@ -121,6 +141,14 @@ class Records:
         """The key environment's snapshot paired with ``txn``."""
         raise NotImplementedError
 
+    def read(self) -> AbstractContextManager[lmdb.Transaction]:  # pragma: no cover - provided by Store
+        """A read transaction of the bulk environment."""
+        raise NotImplementedError
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:  # pragma: no cover - provided by Store
+        """Run ``fn`` in one write transaction."""
+        raise NotImplementedError
+
     @staticmethod
     def encode_body(label: int, features: np.ndarray, dtype: np.dtype[Any]) -> bytes:
         """Plaintext body of one sample: int32 label, then the features in ``dtype`` (little-endian)."""
@@ -161,14 +189,16 @@ class Records:
     def member_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
         """Sorted ids of every record in one slice, staged ones included."""
         prefix = struct.pack(">II", shard, slice_)
-        out: list[int] = []
+        runs: list[np.ndarray] = []
         cur = txn.cursor(db=self._dbs["members"])
         if cur.set_range(prefix):
-            for key in cur.iternext(keys=True, values=False):
+            for key, value in cur:
                 if key[:8] != prefix:
                     break
-                out.append(struct.unpack(">Q", key[8:])[0])
-        return np.asarray(out, dtype=np.int64)
+                runs.append(np.frombuffer(value, dtype="<u8"))
+        if not runs:
+            return np.empty(0, dtype=np.int64)
+        return np.sort(np.concatenate(runs)).astype(np.int64)
 
     def slice_ids(self, txn: lmdb.Transaction, shard: int, slice_: int) -> np.ndarray:
         """Sorted ids of one slice of one shard."""
@@ -216,10 +246,10 @@ class Records:
                 place = txn.get(k, db=assign)
                 if raw is None or place is None:
                     raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
-                place = bytes(place)
+                place = bytes(place)  # one slice's ids share their run keys' prefix, not the run
                 keys = cache.get(place)
                 if keys is None:
-                    keys = cache[place] = self.keys.slice_keys(ktxn, *struct.unpack(">II", place))
+                    keys = cache[place] = self.keys.slice_keys(ktxn, *_PLACE.unpack(place)[:2])
                 plain = open_sample(keys, k, raw, body_len)
                 if plain is None:
                     if self.changed_since(txn):
@@ -308,7 +338,7 @@ class Records:
         for sid in ids:
             raw = txn.get(id_key(int(sid)), db=assign)
             if raw is not None:
-                shard, slice_ = struct.unpack(">II", bytes(raw))
+                shard, slice_, _ = _PLACE.unpack(bytes(raw))
                 out[int(sid)] = (shard, slice_)
         return out
 
@@ -358,7 +388,7 @@ class Records:
         each id is also marked as written by an ingest that has not yet committed
         (:meth:`commit_staged` publishes them, :meth:`unstage` takes them back).
         """
-        samples, assign, members = self._dbs["samples"], self._dbs["assign"], self._dbs["members"]
+        samples, assign = self._dbs["samples"], self._dbs["assign"]
         dtype = self.feature_dtype(txn) if dtype is None else dtype
         keys = self.keys.ensure_slice_keys(zip(shard.tolist(), slice_.tolist(), strict=True))
         flat = x.reshape(len(ids), -1)
@@ -366,15 +396,74 @@ class Records:
         # which fills LMDB pages completely instead of splitting them in half.
         last = self.largest_id(txn)
         append = last is None or (len(ids) > 0 and bool(np.all(np.diff(ids) > 0)) and int(ids[0]) > last)
+        runs = self._add_members(txn, ids, shard, slice_)
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
             sealed = seal_sample(keys[(s, r)].key, k, self.encode_body(int(y[i]), flat[i], dtype))
             if not txn.put(k, sealed, db=samples, overwrite=False, append=append):
                 raise StoreError(f"sample id {sid} is already in the store")
-            txn.put(k, struct.pack(">II", s, r), db=assign, append=append)
-            txn.put(member_key(s, r, sid), b"", db=members)
+            txn.put(k, _PLACE.pack(s, r, int(runs[i])), db=assign, append=append)
             if staged:
                 txn.put(k, b"", db=self._dbs["staged"])
+
+    def _add_members(self, txn: lmdb.Transaction, ids: np.ndarray, shard: np.ndarray, slice_: np.ndarray) -> np.ndarray:
+        """Add ``ids`` to their slices' membership runs; returns each id's run number.
+
+        A slice's last run is filled up to :data:`RUN_MAX` first, then new runs follow,
+        numbered after the slice's last, so runs stay full whatever the ingest's batch size.
+        """
+        members = self._dbs["members"]
+        out = np.empty(len(ids), dtype=np.int64)
+        pairs = np.stack([shard, slice_], axis=1) if len(ids) else np.empty((0, 2), dtype=np.int64)
+        for s, r in {(int(a), int(b)) for a, b in pairs.tolist()}:
+            where = np.flatnonzero((shard == s) & (slice_ == r))
+            fresh = ids[where].astype("<u8")
+            cur = txn.cursor(db=members)
+            prefix = struct.pack(">II", s, r)
+            last: tuple[int, np.ndarray] | None = None
+            # the slice's last run: the key before the next slice's first
+            if cur.set_range(struct.pack(">II", s, r + 1) if r < 0xFFFFFFFF else b"\xff" * 16):
+                found = cur.prev()
+            else:
+                found = cur.last()
+            if found and bytes(cur.key())[:8] == prefix:
+                last = (_PLACE.unpack(bytes(cur.key()))[2], np.frombuffer(cur.value(), dtype="<u8"))
+            taken = 0
+            number = 0
+            if last is not None:
+                number, held = last
+                room = RUN_MAX - len(held)
+                if room > 0:
+                    taken = min(room, len(fresh))
+                    merged = np.sort(np.concatenate([held, fresh[:taken]]))
+                    txn.put(run_key(s, r, number), merged.tobytes(), db=members)
+                    out[where[:taken]] = number
+                number += 1
+            for start in range(taken, len(fresh), RUN_MAX):
+                part = fresh[start : start + RUN_MAX]
+                txn.put(run_key(s, r, number), np.sort(part).tobytes(), db=members)
+                out[where[start : start + len(part)]] = number
+                number += 1
+        return out
+
+    def remove_member(self, txn: lmdb.Transaction, sample_id: int) -> tuple[int, int] | None:
+        """Take one id out of the store's membership and assignment (not its record); returns its (shard, slice)."""
+        k = id_key(sample_id)
+        place = txn.get(k, db=self._dbs["assign"])
+        if place is None:
+            return None
+        shard, slice_, run = _PLACE.unpack(bytes(place))
+        members, key = self._dbs["members"], run_key(shard, slice_, run)
+        held = txn.get(key, db=members)
+        if held is not None:
+            rest = np.frombuffer(held, dtype="<u8")
+            rest = rest[rest != sample_id]
+            if len(rest):
+                txn.put(key, rest.tobytes(), db=members)
+            else:
+                txn.delete(key, db=members)
+        txn.delete(k, db=self._dbs["assign"])
+        return shard, slice_
 
     def commit_staged(self, txn: lmdb.Transaction) -> None:
         """Publish every staged sample at once: the staged marks go in one operation (LMDB's drop)."""
@@ -386,7 +475,7 @@ class Records:
         Returns:
             How many were removed (0 when none are left), and the (shard, slice) pairs they were in.
         """
-        staged, assign = self._dbs["staged"], self._dbs["assign"]
+        staged = self._dbs["staged"]
         keys = []
         touched: set[tuple[int, int]] = set()
         cursor = txn.cursor(db=staged)
@@ -395,12 +484,9 @@ class Records:
             if len(keys) >= limit:
                 break
         for key in keys:
-            place = txn.get(key, db=assign)
+            place = self.remove_member(txn, struct.unpack(">Q", key)[0])
             if place is not None:
-                shard, slice_ = struct.unpack(">II", bytes(place))
-                touched.add((shard, slice_))
-                txn.delete(member_key(shard, slice_, struct.unpack(">Q", key)[0]), db=self._dbs["members"])
-            txn.delete(key, db=assign)
+                touched.add(place)
             txn.delete(key, db=self._dbs["samples"])
             txn.delete(key, db=staged)
         return len(keys), touched

@@ -16,9 +16,10 @@ from typing import Any
 
 import lmdb
 
+from sisa.errors import StoreError
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
-from sisa.store.records import id_key, member_key, shard_key, stage_key
+from sisa.store.records import id_key, shard_key, stage_key
 from sisa.train.domain import domain_id
 
 __all__ = ["mark_applied", "pending", "record_request", "requests"]
@@ -54,16 +55,17 @@ def record_request(
     Returns:
         The pending request as journaled.
     """
-    dbs = {name: store.db(name) for name in ("samples", "assign", "members", "deleted", "ckpt", "stages", "live")}
+    dbs = {name: store.db(name) for name in ("samples", "deleted", "ckpt", "stages", "live")}
     last = txn.cursor(db=store.db("requests"))
     request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
     first_slice: dict[int, int] = {}
     touched: dict[int, set[int]] = {}  # shard -> slices holding a deleted id: the erasure re-keys them
     for sid in ids:
-        shard, slice_ = struct.unpack(">II", bytes(txn.get(id_key(sid), db=dbs["assign"]) or b""))
+        place = store.remove_member(txn, sid)
+        if place is None:  # the caller passes stored ids only
+            raise StoreError(f"sample {sid} has no assignment in store {store.path}")
+        shard, slice_ = place
         txn.delete(id_key(sid), db=dbs["samples"])
-        txn.delete(id_key(sid), db=dbs["assign"])
-        txn.delete(member_key(shard, slice_, sid), db=dbs["members"])
         txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
         first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
         touched.setdefault(shard, set()).add(slice_)

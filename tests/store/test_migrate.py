@@ -29,15 +29,23 @@ PIXELS = np.clip(np.round((X - X.min()) * 20), 0, 255)  # integral, as bytes ing
 
 
 def downgrade(path: Path) -> None:
-    """Rewrite a format-3 store in place as format 2: clear float32 records, plain checkpoints."""
+    """Rewrite a format-3 store in place as format 2: clear float32 records, plain checkpoints, per-id index."""
     with Ensemble.open(path, readonly=True) as ens, ens.store.read() as txn:
         store = ens.store
-        ids = np.asarray(sorted(store.locate(txn, range(len(X)))), dtype=np.int64)
+        places = store.locate(txn, range(len(X)))
+        ids = np.asarray(sorted(places), dtype=np.int64)
         x, y = store.load_samples(txn, ids, tuple(store.meta(txn)["feature_shape"]))
         blobs_ = {r["key"]: store.checkpoint(txn, r) for s in range(3) for r in store.stage_records(txn, s)}
     env = lmdb.open(str(path), max_dbs=len(DBS) + 8, subdir=True)
-    samples, ckpt, meta = (env.open_db(n.encode()) for n in ("samples", "ckpt", "meta"))
+    samples, ckpt, meta, assign, members = (
+        env.open_db(n.encode()) for n in ("samples", "ckpt", "meta", "assign", "members")
+    )
     with env.begin(write=True) as txn:
+        txn.drop(assign, delete=False)  # format 2: id -> (shard, slice); one (shard, slice, id) key per member
+        txn.drop(members, delete=False)
+        for sid, (shard, slice_) in places.items():
+            txn.put(id_key(sid), struct.pack(">II", shard, slice_), db=assign)
+            txn.put(struct.pack(">IIQ", shard, slice_, sid), b"", db=members)
         for sid, xi, yi in zip(ids.tolist(), x.reshape(len(ids), -1), y.tolist(), strict=True):
             body = struct.pack("<q", yi) + xi.astype("<f4").tobytes()
             txn.put(id_key(sid), body + hashlib.blake2b(id_key(sid) + body, digest_size=16).digest(), db=samples)
