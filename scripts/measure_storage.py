@@ -1,7 +1,9 @@
-r"""Measure what a SISA store holds per checkpoint and per sample, and how fast it compacts.
+r"""Measure what a SISA store holds per checkpoint and per sample, and what its erasure costs.
 
-For ``docs/scaling.md``: storage of S x R checkpoints and of N samples, and the erasure step
-(compaction rewrites the whole LMDB file on every applied deletion batch).
+For ``docs/scaling.md``: storage of S x R checkpoints and of N samples, and the erasure step of
+store format 3 (an apply re-keys every (shard, slice) that held a deleted id: new key, the
+slice's remaining samples re-encrypted, old key deleted, then the small key file
+``keys/data.mdb`` compacted; ``sisa/store/erasure.py``).
 
 1. **Checkpoint bytes** per model config (MLP ``configs/fashion_mnist.yaml``, CNN
    ``configs/fashion_mnist_cnn.yaml``): a tiny store (``--ckpt-samples`` Fashion-MNIST
@@ -10,12 +12,29 @@ For ``docs/scaling.md``: storage of S x R checkpoints and of N samples, and the 
    them: the parameter count and ``3 x 4 x params`` (float32 weights + Adam's two moments),
    to show what the size is made of. Checkpoint size does not depend on the data size:
    the manifest inside is a digest, not the id list.
-2. **Sample bytes**: Fashion-MNIST images ingested (no training) into stores of
-   ``--sizes`` samples, each compacted; the marginal ``data.mdb`` bytes per sample is the
-   slope between the two largest sizes (record = int64 label + float32 features + 16-byte
-   digest, plus the id/assignment/membership entries and B-tree pages).
-3. **Compaction speed**: ``Store.compact()`` timed on the largest of those stores
-   (``--compact-repeats`` times, median), in bytes per second of the compacted file.
+2. **Sample bytes**: Fashion-MNIST images ingested raw (``load_split(..., raw=True)``: uint8
+   pixels with ``scale`` 255, what ``sisa train``/``sisa add`` store) into stores of
+   ``--sizes`` samples (no training), each compacted; the marginal ``data.mdb`` bytes per
+   sample is the slope between the two largest sizes (record = encrypted int32 label +
+   uint8 features + 8-byte digest, plus the id/assignment/packed-membership entries and
+   B-tree pages). Sizes below 12,000 are refused for the slope: small stores are noisy.
+3. **Re-keying throughput** (the erasure step): on the largest of those stores (default
+   config S=8, R=4, so N/(S R) samples a slice), ``sisa.store.erasure.rotate(store,
+   [(shard, slice)], fresh=True)`` is timed on ``--rekey-slices`` distinct slices, one at a
+   time: records re-encrypted per second, median over the slices. Then every slice at once
+   (what a batch touching every cell does): records per second of that single run. Then
+   the key file's compaction (``store.keys.compact()``, fsync'd copy + rename), timed
+   ``--compact-repeats`` times, median, with its size.
+4. **Space reclamation, not erasure**: ``Store.compact()`` (a rewrite of the whole
+   ``data.mdb``, which format 2 ran on every apply and format 3 runs only on request, to
+   return free pages) timed on the largest store, ``--compact-repeats`` times, median, in
+   bytes per second of the compacted file. Kept for comparison with the re-keying.
+5. **Per-sample keys, the alternative not taken**: a bare LMDB environment holding one
+   random 16-byte key per sample, keyed by the 8-byte big-endian id, for each of
+   ``--key-entries`` entry counts (N/S of a shard's samples at some N and S): its file size
+   after a compacting copy (bytes per entry, slope between the two largest counts) and the
+   time of that compacting copy + fsync (what every apply would pay to erase a deleted
+   sample's key), median of ``--compact-repeats``.
 
 Run (about a minute on 2 cores)::
 
@@ -25,7 +44,10 @@ Run (about a minute on 2 cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -34,15 +56,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lmdb
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import head, machine_info, run_folder, script_parser, stage_records, start_ray  # noqa: E402
+from benchlib import machine_info, run_folder, script_parser, stage_records, start_ray  # noqa: E402
 
 from sisa.config.settings import load_config  # noqa: E402
+from sisa.data.arrays import LabeledArrays  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
+from sisa.store import erasure  # noqa: E402
+from sisa.store.records import DIGEST_SIZE  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
+MIN_SLOPE_SIZE = 12_000  # smaller stores give a noisy per-sample slope
+LABEL_BYTES = 4  # int32 label in a sample record (sisa.store.records._LABEL)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,14 +79,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     parser.add_argument("--ckpt-samples", type=int, default=400, help="images in the checkpoint-size stores")
     parser.add_argument("--sizes", default="20000,60000", help="sample counts of the ingest-only stores")
-    parser.add_argument("--compact-repeats", type=int, default=3, help="timed compactions of the largest store")
+    parser.add_argument("--rekey-slices", type=int, default=5, help="slices re-keyed one at a time (median rate)")
+    parser.add_argument("--compact-repeats", type=int, default=3, help="timed compactions (key file, store, LMDB)")
+    parser.add_argument(
+        "--key-entries", default="250000,1000000", help="entry counts of the per-sample-key LMDB experiment"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/storage.json"), help="JSON output")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the temporary stores")
+    parser.add_argument("--skip-checkpoints", action="store_true", help="do not train (development only)")
+    parser.add_argument(
+        "--allow-small", action="store_true", help="allow --sizes below 12,000 (development only: noisy slope)"
+    )
     return parser.parse_args(argv)
 
 
+def first(data: LabeledArrays, n: int) -> LabeledArrays:
+    """The first ``n`` samples of ``data``, keeping its ``scale`` (views; the store copies what it ingests)."""
+    return dataclasses.replace(data, x=data.x[:n], y=data.y[:n], ids=data.ids[:n])
+
+
 def checkpoint_sizes(name: str, config: str, n: int, workdir: Path) -> dict[str, Any]:
-    """Train a tiny store with ``config`` and measure its committed checkpoints."""
+    """Train a tiny store with ``config`` and measure its committed checkpoints.
+
+    Args:
+        name: Label of the model (folder name).
+        config: The YAML config.
+        n: Training samples.
+        workdir: Folder for the temporary store.
+
+    Returns:
+        The checkpoints' sizes and what they are made of.
+    """
     cfg = load_config(config, ["shards=2", "slices=2", "train.epochs=1", f"data.train_limit={n}"])
     train = load_split(cfg.data, "train")
     path = workdir / f"ckpt-{name}"
@@ -85,26 +137,85 @@ def checkpoint_sizes(name: str, config: str, n: int, workdir: Path) -> dict[str,
     }
 
 
-def sample_storage(sizes: Sequence[int], repeats: int, workdir: Path) -> dict[str, Any]:
-    """Ingest Fashion-MNIST into stores of each size, compact, measure; time compaction of the largest."""
+def rekeying(ens: Ensemble, slices: int, repeats: int) -> dict[str, Any]:
+    """Time re-keying on an ingested store: ``slices`` slices one at a time, then all, then the key file's compaction.
+
+    Args:
+        ens: A writable ensemble with ingested samples.
+        slices: Slices to re-key one at a time (distinct, in (shard, slice) order).
+        repeats: Timed compactions of the key file.
+
+    Returns:
+        Per-slice rows, the median rate, the all-slices rate, the key file's size and compaction time.
+    """
+    store = ens.store
+    with store.keys.read(follow=False) as ktxn:
+        cells = sorted(store.keys.all_slices(ktxn))
+    rows = []
+    for shard, slice_ in cells[:slices]:
+        t0 = time.perf_counter()
+        report = erasure.rotate(store, [(shard, slice_)], fresh=True)
+        seconds = time.perf_counter() - t0
+        rows.append({"shard": shard, "slice": slice_, "records": report.reencrypted, "seconds": seconds})
+    rates = [r["records"] / r["seconds"] for r in rows]
+    t0 = time.perf_counter()
+    everything = erasure.rotate(store, cells, fresh=True)
+    all_s = time.perf_counter() - t0
+    compact_s, sizes = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sizes.append(list(store.keys.compact()))
+        compact_s.append(time.perf_counter() - t0)
+    return {
+        "method": "sisa.store.erasure.rotate(store, [(shard, slice)], fresh=True) per slice; then all slices at once",
+        "cells": len(cells),
+        "slices": rows,
+        "records_per_second": rates,
+        "records_per_second_median": statistics.median(rates),
+        "all_slices": {
+            "records": everything.reencrypted,
+            "seconds": all_s,
+            "records_per_second": everything.reencrypted / all_s,
+        },
+        "key_file_bytes": sizes[-1][1],
+        "key_file_compact_seconds": compact_s,
+        "key_file_compact_seconds_median": statistics.median(compact_s),
+    }
+
+
+def sample_storage(sizes: Sequence[int], rekey_slices: int, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Ingest raw Fashion-MNIST into stores of each size and measure; on the largest, time re-keying and compaction.
+
+    Args:
+        sizes: Sample counts, ascending.
+        rekey_slices: Slices re-keyed one at a time on the largest store.
+        repeats: Timed compactions.
+        workdir: Folder for the temporary stores.
+
+    Returns:
+        Sizes, the marginal bytes per sample, the re-keying rates and the compaction speed.
+    """
     cfg = load_config(CONFIGS["mlp"], [f"data.train_limit={max(sizes)}"])
-    train = load_split(cfg.data, "train")
+    train = load_split(cfg.data, "train", raw=True)
     rows = []
     compact_s: list[float] = []
+    rekey: dict[str, Any] = {}
     for n in sizes:
         path = workdir / f"samples-{n}"
         ens = Ensemble.create(path, cfg)
         try:
             t0 = time.perf_counter()
-            ens.ingest(head(train, n))
+            ens.ingest(first(train, n))
             ingest_s = time.perf_counter() - t0
             ens.store.compact()
             size = (path / "data.mdb").stat().st_size
             if n == max(sizes):
+                rekey = rekeying(ens, rekey_slices, repeats)
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     ens.store.compact()
                     compact_s.append(time.perf_counter() - t0)
+                compacted = (path / "data.mdb").stat().st_size
         finally:
             ens.close()
         shutil.rmtree(path, ignore_errors=True)
@@ -114,13 +225,80 @@ def sample_storage(sizes: Sequence[int], repeats: int, workdir: Path) -> dict[st
     width = int(train.x[0].size)
     median = statistics.median(compact_s)
     return {
+        "ingest": "load_split(cfg.data, 'train', raw=True): uint8 pixels, scale 255",
+        "dtype": str(train.x.dtype),
+        "scale": train.scale,
         "feature_values": width,
-        "record_bytes": 8 + 4 * width + 16,
+        "raw_bytes_per_sample": width * train.x.dtype.itemsize + 1,  # the IDX files: pixels + a 1-byte label
+        "record_bytes": LABEL_BYTES + width * train.x.dtype.itemsize + DIGEST_SIZE,
         "stores": rows,
         "bytes_per_sample_marginal": per_sample,
+        "shards": cfg.shards,
+        "slices": cfg.slices,
+        "rekey": rekey,
+        "compact_note": "space reclamation, not erasure: Store.compact() rewrites data.mdb (format 3 erases without)",
         "compact_seconds": compact_s,
         "compact_seconds_median": median,
-        "compact_bytes_per_second": rows[-1]["data_mdb_bytes"] / median,
+        "compact_bytes_per_second": compacted / median,
+    }
+
+
+def per_sample_keys(counts: Sequence[int], repeats: int, workdir: Path) -> dict[str, Any]:
+    """The per-sample-keys alternative: an LMDB file of id -> 16-byte key, its size and compaction time.
+
+    Args:
+        counts: Entry counts, ascending.
+        repeats: Timed compacting copies per count.
+        workdir: Folder for the temporary environments.
+
+    Returns:
+        Per count: compacted file bytes and compaction seconds; bytes per entry (slope) and
+        compaction seconds per entry (largest count).
+    """
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        path = workdir / f"keys-{n}"
+        path.mkdir()
+        env = lmdb.open(str(path), map_size=max(1 << 26, 200 * n), subdir=True, sync=False)
+        try:
+            with env.begin(write=True) as txn:
+                for i in range(n):
+                    txn.put(i.to_bytes(8, "big"), secrets.token_bytes(16), append=True)
+            env.sync(True)
+            times = []
+            for rep in range(repeats):
+                copy = workdir / f"keys-{n}-copy{rep}"
+                copy.mkdir()
+                t0 = time.perf_counter()
+                env.copy(str(copy), compact=True)
+                fd = os.open(copy / "data.mdb", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                times.append(time.perf_counter() - t0)
+                size = (copy / "data.mdb").stat().st_size
+                shutil.rmtree(copy)
+        finally:
+            env.close()
+        shutil.rmtree(path, ignore_errors=True)
+        rows.append(
+            {
+                "entries": n,
+                "compacted_bytes": size,
+                "compact_seconds": times,
+                "compact_seconds_median": statistics.median(times),
+            }
+        )
+    a, b = rows[-2], rows[-1]
+    return {
+        "method": "lmdb env, 8-byte big-endian id -> secrets.token_bytes(16), appended in id order; "
+        "env.copy(compact=True) + fsync",
+        "key_bytes": 16,
+        "id_bytes": 8,
+        "rows": rows,
+        "bytes_per_entry": (b["compacted_bytes"] - a["compacted_bytes"]) / (b["entries"] - a["entries"]),
+        "compact_seconds_per_entry": b["compact_seconds_median"] / b["entries"],
     }
 
 
@@ -128,24 +306,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Measure, print, write the JSON."""
     args = parse_args(argv)
     sizes = sorted({int(v) for v in args.sizes.split(",") if v.strip()})
-    if len(sizes) < 2:
-        raise SystemExit("--sizes needs two sample counts (the slope between them is the per-sample size)")
+    counts = sorted({int(v) for v in args.key_entries.split(",") if v.strip()})
+    if len(sizes) < 2 or len(counts) < 2:
+        raise SystemExit("--sizes and --key-entries need two counts each (the slope between them is the size)")
+    if sizes[-2] < MIN_SLOPE_SIZE and not args.allow_small:
+        raise SystemExit(f"--sizes: the two largest must be >= {MIN_SLOPE_SIZE:,} (small stores give a noisy slope)")
     info = machine_info()
     started = time.perf_counter()
     with run_folder(args.workdir, "measure_storage-") as workdir:
-        start_ray()
-        ckpt = {name: checkpoint_sizes(name, path, args.ckpt_samples, workdir) for name, path in CONFIGS.items()}
-        samples = sample_storage(sizes, args.compact_repeats, workdir)
+        ckpt: dict[str, Any] = {}
+        if not args.skip_checkpoints:
+            start_ray()
+            ckpt = {name: checkpoint_sizes(name, path, args.ckpt_samples, workdir) for name, path in CONFIGS.items()}
+        samples = sample_storage(sizes, args.rekey_slices, args.compact_repeats, workdir)
+        keys = per_sample_keys(counts, args.compact_repeats, workdir)
     for name, row in ckpt.items():
         print(
             f"{name}: {row['parameters']:,} parameters; checkpoint {row['bytes_mean']:,.0f} bytes "
             f"(min {min(row['bytes']):,}, max {max(row['bytes']):,}; 3 x 4 x params = "
             f"{row['float32_weights_plus_adam_moments_bytes']:,})"
         )
+    rk = samples["rekey"]
     print(
-        f"samples: {samples['bytes_per_sample_marginal']:,.0f} bytes each in data.mdb (record "
-        f"{samples['record_bytes']:,}); compaction of {samples['stores'][-1]['data_mdb_bytes']:,} bytes: "
+        f"samples ({samples['dtype']}, scale {samples['scale']}): {samples['bytes_per_sample_marginal']:,.0f} bytes "
+        f"each in data.mdb (record {samples['record_bytes']:,}, raw {samples['raw_bytes_per_sample']:,})"
+    )
+    print(
+        f"re-keying: {rk['records_per_second_median']:,.0f} records/s median over {len(rk['slices'])} slices of "
+        f"~{rk['slices'][0]['records']:,}; all {rk['cells']} slices ({rk['all_slices']['records']:,} records) "
+        f"{rk['all_slices']['seconds']:.2f}s = {rk['all_slices']['records_per_second']:,.0f}/s; key file "
+        f"{rk['key_file_bytes']:,} bytes, compaction {rk['key_file_compact_seconds_median'] * 1e3:.1f} ms median"
+    )
+    print(
+        f"space reclamation (not erasure): Store.compact() of {samples['stores'][-1]['data_mdb_bytes']:,} bytes "
         f"{samples['compact_seconds_median']:.2f}s median = {samples['compact_bytes_per_second'] / 1e6:,.0f} MB/s"
+    )
+    print(
+        f"per-sample keys: {keys['bytes_per_entry']:.1f} bytes per entry; compaction of "
+        f"{keys['rows'][-1]['entries']:,} entries {keys['rows'][-1]['compact_seconds_median']:.3f}s "
+        f"({keys['compact_seconds_per_entry'] * 1e9:.0f} ns per entry)"
     )
     info["loadavg_end"] = machine_info()["loadavg_start"]
     result = {
@@ -154,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds": time.perf_counter() - started,
         "checkpoints": ckpt,
         "samples": samples,
+        "per_sample_keys": keys,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -10,14 +10,19 @@ Everything here is arithmetic on three kinds of inputs, kept apart in the output
   committed benchmark JSONs: the CNN from ``docs/bench/bench_unlearn.json`` (all deletions,
   both settings: sum of retrained work / sum of retrain compute) and the MLP from
   ``docs/bench/sharding.json`` (the uniform store's 26 deletions, same ratio); checkpoint
-  and per-sample bytes and compaction speed from ``docs/bench/storage.json``
-  (``scripts/measure_storage.py``).
+  and per-sample bytes, the re-keying rate (records re-encrypted per second) and the key file's
+  compaction time from ``docs/bench/storage.json`` (``scripts/measure_storage.py``).
 * **simulated**: the summary table of ``docs/bench/simulate_requests.json``
   (``scripts/simulate_requests.py``), which checks the model against the planner.
 
 Wall time assumes throughput scales linearly with workers (one shard task per worker, as
 the orchestrator runs them) and that one request's retrain can use at most as many workers
 as it touches shards. "Workers needed" = retrain work per day / (throughput x 86,400 s).
+
+Erasure (store format 3, ``sisa/store/erasure.py``): an apply re-keys every (shard, slice) cell that
+held a deleted id, re-encrypting the samples left in it, then compacts the small key file. Its time is
+model x measured rate: a batch of K ids touches ``S R (1 - (1 - 1/(S R))^K)`` cells in expectation, each
+holding ``N / (S R)`` samples, so ``erasure_s(K) = cells(K) x N / (S R) / rekey_rate + key_compact_s``.
 
 Run (seconds; rewrites the tables between the markers in docs/scaling.md)::
 
@@ -99,6 +104,32 @@ def window_sizes(rate: int) -> dict[str, int]:
     return {"immediate": 1, "hourly": rate, "daily": 24 * rate}
 
 
+def cells_touched(cells: int, k: int) -> float:
+    """Expected distinct cells (of ``cells`` equally likely) that ``k`` uniform ids fall in."""
+    return cells * -math.expm1(k * math.log1p(-1.0 / cells)) if cells > 1 else 1.0
+
+
+def erasure_s(storage: dict[str, Any], n: int, s: int, r: int, k: int) -> float:
+    """Expected seconds of one apply's erasure: touched cells x samples per cell / re-keying rate + key compaction.
+
+    Args:
+        storage: ``docs/bench/storage.json``.
+        n: Samples in the store.
+        s: Shards.
+        r: Slices per shard.
+        k: Distinct ids in the applied batch.
+
+    Returns:
+        Seconds (model x measured rate).
+    """
+    rekey = storage["samples"]["rekey"]
+    cells = s * r
+    return (
+        cells_touched(cells, k) * n / cells / rekey["records_per_second_median"]
+        + rekey["key_file_compact_seconds_median"]
+    )
+
+
 def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
     """Per (S, R, K): model work per id as a fraction of e*N (N-free), then absolute per N and rate."""
     settings = []
@@ -119,6 +150,7 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
                 mono = cm.monolithic_work(n, train.epochs)
                 per_k = {}
                 for k in KS:
+                    erase = erasure_s(storage, n, s, r, k)
                     work = cm.expected_work_layout(layout, stage, k, replacement=False, exclude_deleted=True)
                     per_k[str(k)] = {
                         "work_per_batch": work,
@@ -126,6 +158,8 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
                         "fraction_of_monolithic_per_id": work / k / mono,
                         "shards_touched": cm.expected_shards_touched(layout, k, replacement=False),
                         "retrain_s_one_worker": {m: work / thr[m]["sample_epochs_per_s"] for m in thr},
+                        "cells_touched": cells_touched(s * r, k),
+                        "erasure_s": erase,
                         "per_day": {
                             str(rate): {
                                 "work": rate * 24 * work / k,
@@ -143,6 +177,7 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
                         per_day = rate * 24 * work / k
                         windows[f"{rate}/{name}"] = {
                             "k": k,
+                            "erasure_s": erasure_s(storage, n, s, r, k),
                             "work_per_batch": work,
                             "work_per_day": per_day,
                             "workers_needed": {m: per_day / (thr[m]["sample_epochs_per_s"] * 86400) for m in thr},
@@ -160,12 +195,20 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
                     "one_shard_from_scratch_s": {m: shard_scratch / thr[m]["sample_epochs_per_s"] for m in thr},
                 }
             settings.append(row)
-    per_sample = storage["samples"]["bytes_per_sample_marginal"]
-    speed = storage["samples"]["compact_bytes_per_second"]
+    smp, keys = storage["samples"], storage["per_sample_keys"]
+    per_sample, rekey = smp["bytes_per_sample_marginal"], smp["rekey"]
     stores = {
         str(n): {
             "sample_bytes": n * per_sample,
-            "compact_s_samples_only": n * per_sample / speed,
+            "sample_bytes_over_raw": per_sample / smp["raw_bytes_per_sample"],
+            # A batch touching every cell re-encrypts every sample: the most one apply's erasure costs.
+            "rekey_all_s": n / rekey["records_per_second_median"] + rekey["key_file_compact_seconds_median"],
+            "space_reclamation_compact_s": n * per_sample / smp["compact_bytes_per_second"],
+            "per_sample_keys": {
+                "key_file_bytes": n * keys["bytes_per_entry"],
+                "bytes_over_raw": (per_sample + keys["bytes_per_entry"]) / smp["raw_bytes_per_sample"],
+                "compact_s": n * keys["compact_seconds_per_entry"],
+            },
         }
         for n in NS
     }
@@ -175,15 +218,15 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
 def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> list[dict[str, Any]]:
     """Operating points of the recommended (S, R) per N: apply immediately when one worker keeps up, else continuously.
 
-    Every apply also compacts the whole store (the erasure step), measured speed. Immediate:
-    one request at a time, busy for its retrain plus a compaction; chosen when fewer than one
-    request arrives, on average, during the longest apply. Continuous apply: each ``apply()``
-    takes every request that arrived during the previous one; its duration ``T`` is bounded by the
-    critical path (one shard retrained from slice 1 on one worker) plus the compaction, so a batch
-    holds about ``K = rate * T`` ids; it needs ``E[work(K)] / (thr * T)`` workers on average,
-    usable only up to the shards the batch touches.
+    Every apply also erases (re-keys the cells its ids touched, :func:`erasure_s`, model x measured
+    rate). Immediate: one request at a time, busy for its retrain plus the re-keying of one slice;
+    chosen when fewer than one request arrives, on average, during the longest apply. Continuous
+    apply: each ``apply()`` takes every request that arrived during the previous one; its duration
+    ``T`` is bounded by the critical path (one shard retrained from slice 1 on one worker) plus the
+    batch's erasure, so a batch holds about ``K = rate * T`` ids (a fixed point, since the erasure
+    grows with K); it needs ``E[work(K)] / (thr * T)`` workers on average, usable only up to the
+    shards the batch touches.
     """
-    compact_speed = storage["samples"]["compact_bytes_per_second"]
     rows = []
     for n, (s, r) in RECOMMENDED.items():
         stage = train.stage_epochs(r)
@@ -198,8 +241,8 @@ def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dic
                     n * storage["samples"]["bytes_per_sample_marginal"]
                     + s * r * storage["checkpoints"][m]["bytes_mean"]
                 )
-                compact_s = store_bytes / compact_speed
-                busy = rate / 3600 * (single / speed + compact_s)
+                erase1 = erasure_s(storage, n, s, r, 1)
+                busy = rate / 3600 * (single / speed + erase1)
                 row: dict[str, Any] = {
                     "n": n,
                     "shards": s,
@@ -210,13 +253,25 @@ def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dic
                     "single_s": single / speed,
                     "one_shard_from_scratch_s": scratch / speed,
                     "storage_bytes": store_bytes,
-                    "compact_s": compact_s,
+                    "erasure_s_one_id": erase1,
                     "immediate_utilisation": busy,
                 }
-                window = scratch / speed + compact_s
-                k = max(1, round(rate * window / 3600))
+                k = 1
+                for _ in range(100):  # T = scratch + erasure(K), K = rate T: increasing in K, converges
+                    window = scratch / speed + erasure_s(storage, n, s, r, k)
+                    k_next = max(1, round(rate * window / 3600))
+                    if k_next == k:
+                        break
+                    k = k_next
                 if k == 1:
-                    row.update(mode="immediate", k=1, workers=need_immediate, out_of_service=1 / s, window_s=0.0)
+                    row.update(
+                        mode="immediate",
+                        k=1,
+                        workers=need_immediate,
+                        out_of_service=1 / s,
+                        window_s=0.0,
+                        erasure_s=erase1,
+                    )
                 else:
                     work = cm.expected_work_layout(layout, stage, k, replacement=False, exclude_deleted=True)
                     touched = cm.expected_shards_touched(layout, k, replacement=False)
@@ -227,6 +282,7 @@ def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dic
                         parallel_tasks=touched,
                         out_of_service=touched / s,
                         window_s=window,
+                        erasure_s=erasure_s(storage, n, s, r, k),
                     )
                 rows.append(row)
     return rows
@@ -388,43 +444,73 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['shards']} | {row['slices']} | {row['checkpoints']:,} | {size(row['checkpoint_bytes']['mlp'])} | "
             f"{size(row['checkpoint_bytes']['cnn'])} |"
         )
-    smp = st["samples"]
+    smp, psk = st["samples"], st["per_sample_keys"]
+    rk = smp["rekey"]
     out.append(
         f"\nSamples in LMDB: {smp['bytes_per_sample_marginal']:,.0f} bytes per Fashion-MNIST image in `data.mdb` "
-        f"(measured slope; the record itself is {smp['record_bytes']:,} bytes: float32 features, int64 label, "
-        f"digest). Compaction (the erasure step of every applied batch, a rewrite of the whole file) ran at "
+        f"(measured slope, ingested raw: {smp['dtype']} pixels, scale {smp['scale']:g}; the encrypted record is "
+        f"{smp['record_bytes']:,} bytes: int32 label, pixels, 8-byte digest; the IDX files hold "
+        f"{smp['raw_bytes_per_sample']:,} per image). Erasure re-keys the cells a batch touched: measured "
+        f"{rk['records_per_second_median']:,.0f} records re-encrypted per second (median of "
+        f"{len(rk['slices'])} slices of ~{rk['slices'][0]['records']:,}; all {rk['cells']} at once: "
+        f"{rk['all_slices']['records_per_second']:,.0f}/s), plus {rk['key_file_compact_seconds_median'] * 1e3:.0f} ms "
+        f"to compact the {rk['key_file_bytes'] / 1e3:.0f} kB key file. Per-sample keys (the alternative not "
+        f"taken): {psk['bytes_per_entry']:.1f} bytes per sample in the key file (measured, ids appended in order, "
+        f"pages full), compacted at {psk['compact_seconds_per_entry'] * 1e9:.0f} ns per entry. Space "
+        f"reclamation (not erasure; `Store.compact()` on request): a rewrite of `data.mdb` at "
         f"{smp['compact_bytes_per_second'] / 1e6:,.0f} MB/s on a {smp['stores'][-1]['data_mdb_bytes'] / 1e6:,.0f} MB "
-        f"store (page-cached; a store larger than memory is bounded by the disk).\n"
+        f"store. All page-cached; a store larger than memory is bounded by the disk. Times are model x measured "
+        f"rate, linear in N.\n"
     )
-    out.append("| N | samples in `data.mdb` | one compaction (samples only) | compactions per day, at most |")
-    out.append("|---|---|---|---|")
+    out.append(
+        "| N | samples in `data.mdb` | erasure, batch touching every cell (re-key all N) | per-sample keys: key "
+        "file, its compaction per apply, samples + keys / raw | space reclamation: `Store.compact()` |"
+    )
+    out.append("|---|---|---|---|---|")
     for n in NS:
         s = stores[str(n)]
+        p = s["per_sample_keys"]
         out.append(
-            f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} | {duration(s['compact_s_samples_only'])} | "
-            f"{86400 / s['compact_s_samples_only']:,.0f} |"
+            f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} ({s['sample_bytes_over_raw']:.2f}x raw) | "
+            f"{duration(s['rekey_all_s'])} | {size(p['key_file_bytes'])}, {duration(p['compact_s'])}, "
+            f"{p['bytes_over_raw']:.2f}x | {duration(s['space_reclamation_compact_s'])} |"
         )
+    # Table 4b: erasure per apply.
+    out.append(
+        "\n**Table 4b (model x measured re-keying rate).** Erasure time of one apply: a batch of K ids touches "
+        "S R (1 - (1 - 1/(S R))^K) of the S x R cells in expectation, each re-encrypting N/(S R) samples, at "
+        f"{rk['records_per_second_median']:,.0f} records/s on the driver, plus the key file's compaction. Cells: "
+        "K=1 / K=100 / K=24,000 (a day at 1,000/h). One process does it, whatever the workers.\n"
+    )
+    out += table_head(["S", "R", *(f"N=10^{int(math.log10(n))}" for n in NS)])
+    for row in settings:
+        cells = []
+        for n in NS:
+            cells.append(
+                " / ".join(duration(erasure_s(st, n, row["shards"], row["slices"], k)) for k in (1, 100, 24000))
+            )
+        out.append(f"| {row['shards']} | {row['slices']} | " + " | ".join(cells) + " |")
     # Table 6: recommended operating points.
     out.append(
         "\n**Table 6 (model x measured throughput and sizes).** The recommended (S, R) per N (reasons in the "
         "text), operated *immediately* (each request applied on its own) where one worker keeps up, otherwise "
         "by *continuous apply* (each `apply()` takes every request that arrived during the previous one; its "
         "duration T is bounded by the critical path, one shard retrained from slice 1 on one worker, plus the "
-        "compaction of the whole store, so a batch holds K = rate x T ids). Immediate where K rounds to 1; `busy` "
-        "= rate x (expected retrain + compaction), the single writer's load if every request were applied on its "
-        "own (above 1 it cannot keep up). `workers`: average busy "
+        "batch's erasure, so a batch holds K = rate x T ids). Immediate where K rounds to 1; `busy` "
+        "= rate x (expected retrain + erasure of one id), the single writer's load if every request were applied "
+        "on its own (above 1 it cannot keep up). `workers`: average busy "
         "workers; `out`: shards out of service under `exclude` while a batch waits or retrains; `latency`: "
-        "request to certificate, up to about 2T; `compaction`: one rewrite of the store at the measured speed.\n"
+        "request to certificate, up to about 2T; `erasure`: re-keying the cells of one batch of K ids (model x "
+        "measured re-keying rate, Table 4b).\n"
     )
     out.append(
-        "| N | S x R | samples/shard | rate | model | busy | mode | K | workers | out | latency | storage | "
-        "compaction |"
+        "| N | S x R | samples/shard | rate | model | busy | mode | K | workers | out | latency | storage | erasure |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["plan"]["recommended"]:
         latency = (
-            f"{duration(r['single_s'] + r['compact_s'])} "
-            f"({duration(r['one_shard_from_scratch_s'] + r['compact_s'])} worst)"
+            f"{duration(r['single_s'] + r['erasure_s'])} "
+            f"({duration(r['one_shard_from_scratch_s'] + r['erasure_s'])} worst)"
             if r["mode"] == "immediate"
             else f"<= {duration(2 * r['window_s'])}"
         )
@@ -432,7 +518,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| 10^{int(math.log10(r['n']))} | {r['shards']} x {r['slices']} | {r['samples_per_shard']:,.0f} | "
             f"{r['rate_per_hour']}/h | {r['model'].upper()} | {sig(r['immediate_utilisation'])} | {r['mode']} | "
             f"{r['k']:,} | {sig(r['workers'])} | {percent(r['out_of_service'])} | {latency} | "
-            f"{size(r['storage_bytes'])} | {duration(r['compact_s'])} |"
+            f"{size(r['storage_bytes'])} | {duration(r['erasure_s'])} |"
         )
     # Table 5: simulation check.
     simres = result.get("simulation")
@@ -487,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "source": "docs/bench/storage.json",
             "checkpoints": storage["checkpoints"],
             "samples": storage["samples"],
+            "per_sample_keys": storage["per_sample_keys"],
         },
         "plan": plan(train, thr, storage),
         "simulation": {"command": simulation["command"], "summary": simulation["summary"], "runs": simulation["runs"]}
@@ -495,7 +582,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "assumptions": [
             "uniform partition, expected layout N/(S R) per slice; requests uniform over live samples",
             "throughput per worker as measured (1 thread, 2-core machine), scaling linearly with workers",
-            "wall time of retraining only: journal, dispatch, compaction and certificate are extra",
+            "wall time of retraining only: journal, dispatch and certificate are extra; erasure (re-keying) is "
+            "modelled separately and added to each apply in Table 6",
+            "erasure re-encrypts on one driver process at the measured rate, linear in the samples re-encrypted",
         ],
     }
     text = markdown({**result, "train": train})
