@@ -257,7 +257,8 @@ def timed_delete(ens: Any, ids: list[int], peaks: PeakAnon, phase: str) -> dict[
         "retrained_shards": cert.get("retrained_shards"),
         "retrain_sample_epochs": sum(int(v.get("sample_epochs", 0)) for v in cert["shards"].values()),
         "from_slices": {k: v.get("from_slice") for k, v in cert["shards"].items()},
-        "file_bytes_before_after": cert["batch"].get("file_bytes"),
+        "file_bytes_before_after": cert["batch"].get("file_bytes"),  # old layout: data.mdb compacted
+        "erasure": cert["batch"].get("erasure"),  # new layout: slices re-keyed, samples re-encrypted, seconds
         "written_bytes": written,
         "cancelled_write_bytes": io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"],
         "wchar": io1["wchar"] - io0["wchar"],

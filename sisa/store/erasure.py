@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lmdb
+import numpy as np
 
 from sisa.errors import IntegrityError
 from sisa.store.records import DIGEST_SIZE, Records, id_key, open_sample, seal_sample
@@ -73,6 +74,12 @@ def rotate(
 ) -> ErasureReport:
     """Give each slice a new key, re-encrypt its samples, and delete its older keys (idempotent).
 
+    The new keys are committed first; then the samples of every rotated slice are
+    re-encrypted in one pass in id order (the order of ``data.mdb``'s pages, so a batch
+    rewrites each page once, however many of its slices it touches), in bounded
+    transactions; then the old keys go. A crash anywhere leaves slices with two keys,
+    which :func:`finish_rotations` completes.
+
     Args:
         store: A writable store.
         slices: (shard, slice) pairs.
@@ -84,8 +91,14 @@ def rotate(
     Returns:
         What was rotated and how many samples were re-encrypted.
     """
+    return _rotate(store, dict.fromkeys(slices, since), fresh)
+
+
+def _rotate(store: Store, wanted: dict[tuple[int, int], int | None], fresh: bool) -> ErasureReport:
+    """:func:`rotate`, each slice with its own ``since``."""
     report = ErasureReport()
-    for shard, slice_ in sorted(set(slices)):
+    chosen: dict[tuple[int, int], list[SliceKey]] = {}
+    for (shard, slice_), since in sorted(wanted.items()):
         with store.keys.read(follow=False) as ktxn:
             keys = store.keys.slice_keys(ktxn, shard, slice_)
         if not keys:
@@ -94,11 +107,14 @@ def rotate(
         if not renew and len(keys) == 1:
             continue
         target = store.keys.add_generation(shard, slice_, max(since or 0, keys[0].since)) if renew else keys[0]
-        ordered = [target, *[k for k in keys if k.generation != target.generation]]
-        report.reencrypted += _reencrypt(store, shard, slice_, ordered)
-        with store.read() as txn:
-            empty = len(store.member_ids(txn, shard, slice_)) == 0
-        if empty:
+        chosen[(shard, slice_)] = [target, *[k for k in keys if k.generation != target.generation]]
+    if not chosen:
+        return report
+    report.reencrypted = _reencrypt(store, chosen)
+    with store.read() as txn:
+        empty = {place for place in chosen if len(store.member_ids(txn, *place)) == 0}
+    for shard, slice_ in chosen:
+        if (shard, slice_) in empty:
             store.keys.drop_slice(shard, slice_)  # its last samples were deleted: no key is needed
         else:
             store.keys.drop_older_generations(shard, slice_)
@@ -106,31 +122,46 @@ def rotate(
     return report
 
 
-def _reencrypt(store: Store, shard: int, slice_: int, keys: Sequence[SliceKey]) -> int:
-    """Re-encrypt every sample of the slice that is not under ``keys[0]``, in bounded transactions."""
-    with store.read() as txn:
-        ids = store.member_ids(txn, shard, slice_).tolist()
-    target, done = keys[0], 0
-    for start in range(0, len(ids), _BATCH):
-        part = ids[start : start + _BATCH]
+def _reencrypt(store: Store, chosen: dict[tuple[int, int], list[SliceKey]]) -> int:
+    """Re-encrypt every sample of the chosen slices that is not under its slice's newest key.
 
-        def change(txn: lmdb.Transaction, part: list[int] = part) -> int:
+    Args:
+        store: A writable store.
+        chosen: (shard, slice) -> its keys, the new one first.
+
+    Returns:
+        Samples re-encrypted.
+    """
+    with store.read() as txn:
+        parts = [(store.member_ids(txn, *place), i) for i, place in enumerate(chosen)]
+    ids = np.concatenate([p for p, _ in parts]) if parts else np.empty(0, np.int64)
+    which = np.concatenate([np.full(len(p), i) for p, i in parts]) if parts else np.empty(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    ids, which = ids[order], which[order]
+    places, keyring = list(chosen), list(chosen.values())
+    done = 0
+    for start in range(0, len(ids), _BATCH):
+        part = list(zip(ids[start : start + _BATCH].tolist(), which[start : start + _BATCH].tolist(), strict=True))
+
+        def change(txn: lmdb.Transaction, part: list[tuple[int, int]] = part) -> int:
             samples, n = store.db("samples"), 0
-            for sid in part:
+            for sid, w in part:
+                keys = keyring[w]
                 k = id_key(sid)
                 raw = txn.get(k, db=samples)
                 if raw is None:
                     continue
                 body_len = len(raw) - DIGEST_SIZE  # a stream cipher keeps the plaintext's length
-                plain = open_sample(keys, k, raw, body_len)
+                if open_sample(keys[:1], k, raw, body_len) is not None:
+                    continue  # already under the new key (a rotation that a crash cut short)
+                plain = open_sample(keys[1:], k, raw, body_len)
                 if plain is None:
+                    shard, slice_ = places[w]
                     raise IntegrityError(
                         f"sample {sid} (shard {shard} slice {slice_}) in store {store.path} was modified: "
                         "it decrypts under none of its slice's keys; restore the store from a backup"
                     )
-                if open_sample(keys[:1], k, raw, body_len) is not None:
-                    continue  # already under the new key (a rotation that a crash cut short)
-                txn.put(k, seal_sample(target.key, k, plain), db=samples)
+                txn.put(k, seal_sample(keys[0].key, k, plain), db=samples)
                 n += 1
             return n
 
@@ -161,10 +192,11 @@ def erase(store: Store, requests: Sequence[dict[str, Any]]) -> ErasureReport:
     """
     started = time.perf_counter()
     report = finish_rotations(store)
-    for (shard, slice_), request_id in sorted(slices_of(requests).items()):
-        part = rotate(store, [(shard, slice_)], since=request_id)
-        report.rotated_slices += part.rotated_slices
-        report.reencrypted += part.reencrypted
+    # every slice the requests touched, in one id-ordered pass over the samples
+    wanted: dict[tuple[int, int], int | None] = dict(slices_of(requests))
+    part = _rotate(store, wanted, fresh=False)
+    report.rotated_slices += part.rotated_slices
+    report.reencrypted += part.reencrypted
     with store.read() as txn:
         tokens = store.checkpoint_tokens(txn)
     report.checkpoint_keys = store.keys.drop_checkpoint_keys(tokens)
