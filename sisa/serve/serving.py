@@ -18,7 +18,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
-from sisa.errors import DataError, NotTrainedError
+from sisa.errors import DataError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
 from sisa.train.models import build_model
@@ -100,7 +100,15 @@ class Serving:
     def _snapshot(self) -> dict[int, tuple[str, nn.Module, int]]:
         """:meth:`snapshot` with each model's checkpoint key."""
         with self._cache_lock:
-            return self._load_live()
+            for attempt in range(3):
+                try:
+                    return self._load_live()
+                except StoreChangedError:
+                    # A deletion in another process retired a checkpoint between this read's
+                    # snapshots; the next snapshot no longer names it.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
     def _load_live(self) -> dict[int, tuple[str, nn.Module, int]]:
         store, cfg = self._store, self._config()
