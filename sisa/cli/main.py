@@ -590,6 +590,16 @@ def cmd_resume(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cmd_compact(args: argparse.Namespace) -> dict[str, Any]:
+    """Rewrite data.mdb without its free pages (space; erasure never needs it)."""
+    with _writer(args) as ens:
+        before, after = ens.store.compact()
+    result = {"store": str(args.store), "bytes_before": before, "bytes_after": after}
+    if not args.json:
+        print(f"compacted {args.store}/data.mdb: {before:,} -> {after:,} bytes")
+    return result
+
+
 def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
     """Copy a format-2 store into a new format-3 directory (the old one is only read)."""
     from sisa.store.migrate import migrate  # rarely used: keep it off the start-up path
@@ -701,6 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
     do.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     do.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     do.set_defaults(func=cmd_domains)
+
+    co = sub.add_parser(
+        "compact",
+        parents=[common, writer],
+        help="rewrite data.mdb without free pages (reclaims space; also drops deleted ids' numbers from them)",
+    )
+    co.set_defaults(func=cmd_compact)
 
     mi = sub.add_parser(
         "migrate", parents=[common], help="copy a store of the previous format (2) into a new directory"

@@ -136,9 +136,10 @@ def _check_x(x: np.ndarray, copy: bool, native: bool = False) -> np.ndarray:
             f"x holds {int(bad.sum())} NaN/inf value(s) (after float32 conversion), "
             f"the first at index {first}; clean or impute them before training"
         )
-    if native and x.dtype != np.float32:
+    if native and x.dtype != np.float32 and not (x.dtype.kind == "f" and x.dtype.itemsize > 4):
         # Kept as given (little-endian): training converts to float32 when a shard loads, which
-        # gives the very values the conversion above gave, so nothing trained changes.
+        # gives the very values the conversion above gave, so nothing trained changes. Floats
+        # wider than float32 are not: the model sees their float32 values only, kept above.
         return np.array(x, x.dtype.newbyteorder("<"), order="C", copy=True)
     return out
 

@@ -107,3 +107,16 @@ def test_fashion_mnist_costs_at_most_1_15x_its_raw_bytes_per_sample(tmp_path: Pa
         sizes[n] = sum(f.stat().st_size for f in (path / "data.mdb", path / "keys" / "data.mdb"))
     per_sample = (sizes[24000] - sizes[12000]) / 12000  # the marginal bytes: what grows with N (measured 891)
     assert per_sample <= 1.15 * (28 * 28 + 1), per_sample
+
+
+def test_float64_is_stored_as_the_float32_values_training_sees(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x64, y = rng.normal(size=(300, 6)), rng.integers(0, 3, 300)
+    with Ensemble.create(tmp_path / "a", small_config(), address="local") as a:
+        a.ingest(x64, y)
+        a.fit()
+        assert a.store.meta()["feature_dtype"] == "<f4"
+        with Ensemble.create(tmp_path / "b", small_config(), address="local") as b:
+            b.ingest(x64.astype(np.float32), y)
+            b.fit()
+            assert live_state(a) == live_state(b)
