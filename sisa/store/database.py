@@ -27,6 +27,7 @@ import lmdb
 
 from sisa.errors import IntegrityError, StoreError, StoreLockedError
 from sisa.store import environment
+from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.keyring import KEY_DIR, KeyRing
 from sisa.store.records import TABLES, Records, id_key, run_key, shard_key, stage_key
 
@@ -340,6 +341,16 @@ class Store(Records):
         """Whether a write committed after ``txn``'s snapshot was taken (its data may be outdated)."""
         with environment.read(self._shared, follow=False) as fresh:
             return bool(fresh.id() != txn.id())
+
+    def checkpoint_tokens(self) -> set[bytes]:
+        """The token (name of the key) of every stored checkpoint.
+
+        Read through memoryviews of the mapped pages: only each checkpoint's first bytes are
+        touched, never its megabytes (S x R of them).
+        """
+        with self._shared.lock.shared(), self._env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self._dbs["ckpt"])
+            return {bytes(value[:TOKEN_SIZE]) for _, value in cur.iternext(keys=True, values=True)}
 
     def compact(self) -> tuple[int, int]:
         """Rewrite ``data.mdb`` without its free pages (reclaims space; erasure does not need it).

@@ -197,8 +197,7 @@ def erase(store: Store, requests: Sequence[dict[str, Any]]) -> ErasureReport:
     part = _rotate(store, wanted, fresh=False)
     report.rotated_slices += part.rotated_slices
     report.reencrypted += part.reencrypted
-    with store.read() as txn:
-        tokens = store.checkpoint_tokens(txn)
+    tokens = store.checkpoint_tokens()
     report.checkpoint_keys = store.keys.drop_checkpoint_keys(tokens)
     report.key_file_bytes = list(store.keys.compact())
     report.seconds = round(time.perf_counter() - started, 4)

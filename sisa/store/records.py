@@ -133,6 +133,10 @@ class Records:
         """The store's key environment."""
         raise NotImplementedError
 
+    def checkpoint_tokens(self) -> set[bytes]:  # pragma: no cover - provided by Store
+        """The token of every stored checkpoint."""
+        raise NotImplementedError
+
     def changed_since(self, txn: lmdb.Transaction) -> bool:  # pragma: no cover - provided by Store
         """Whether a write committed after ``txn``'s snapshot."""
         raise NotImplementedError
@@ -342,11 +346,6 @@ class Records:
                 out[int(sid)] = (shard, slice_)
         return out
 
-    def checkpoint_tokens(self, txn: lmdb.Transaction) -> set[bytes]:
-        """The token (name of the key) of every stored checkpoint."""
-        cur = txn.cursor(db=self._dbs["ckpt"])
-        return {bytes(v[:TOKEN_SIZE]) for _, v in cur.iternext(keys=True, values=True)}
-
     def seal_checkpoint(self, blob: bytes) -> bytes:
         """Encrypt checkpoint bytes under a fresh key, committed to the key environment first.
 
@@ -359,7 +358,8 @@ class Records:
 
     def checkpoint_keys(self, txn: lmdb.Transaction) -> list[str]:
         """Key of every checkpoint stored (live, stage or retained stale), sorted."""
-        return [bytes(k).decode() for k, _ in txn.cursor(db=self._dbs["ckpt"])]
+        cur = txn.cursor(db=self._dbs["ckpt"])  # keys only: a checkpoint's bytes are megabytes
+        return [bytes(k).decode() for k in cur.iternext(keys=True, values=False)]
 
     def largest_id(self, txn: lmdb.Transaction) -> int | None:
         """The largest sample id stored now (None for an empty store)."""
