@@ -150,7 +150,10 @@ def migrate(source: str | Path, target: str | Path) -> MigrationReport:
     if not (src / "data.mdb").is_file():
         raise StoreError(f"{src} is not a sisa store (no data.mdb); point --store at the store to migrate")
     if dst.exists() and any(dst.iterdir()):
-        raise StoreError(f"{dst} exists and is not empty; name a new directory for the migrated store (--to)")
+        raise StoreError(
+            f"{dst} exists and is not empty; name a new directory for the migrated store (--to). A migration "
+            "that was killed leaves a partial one there: delete it and run the command again"
+        )
     env = lmdb.open(str(src), readonly=True, lock=False, max_dbs=len(DBS) + 8, subdir=True)
     try:
         dbs: dict[str, Any] = {name: env.open_db(name.encode(), create=False) for name in DBS}
