@@ -22,7 +22,8 @@ as it touches shards. "Workers needed" = retrain work per day / (throughput x 86
 Erasure (store format 3, ``sisa/store/erasure.py``): an apply re-keys every (shard, slice) cell that
 held a deleted id, re-encrypting the samples left in it, then compacts the small key file. Its time is
 model x measured rate: a batch of K ids touches ``S R (1 - (1 - 1/(S R))^K)`` cells in expectation, each
-holding ``N / (S R)`` samples, so ``erasure_s(K) = cells(K) x N / (S R) / rekey_rate + key_compact_s``.
+holding ``N / (S R)`` samples, so ``erasure_s(K) = cells(K) x (c + N / (S R) / rekey_rate) + key_compact_s``
+(``c``: measured fixed cost of one slice's rotation, a few milliseconds).
 
 Run (seconds; rewrites the tables between the markers in docs/scaling.md)::
 
@@ -110,7 +111,7 @@ def cells_touched(cells: int, k: int) -> float:
 
 
 def erasure_s(storage: dict[str, Any], n: int, s: int, r: int, k: int) -> float:
-    """Expected seconds of one apply's erasure: touched cells x samples per cell / re-keying rate + key compaction.
+    """Expected seconds of one apply's erasure: touched cells x (overhead + samples per cell / rate) + key compaction.
 
     Args:
         storage: ``docs/bench/storage.json``.
@@ -124,10 +125,8 @@ def erasure_s(storage: dict[str, Any], n: int, s: int, r: int, k: int) -> float:
     """
     rekey = storage["samples"]["rekey"]
     cells = s * r
-    return (
-        cells_touched(cells, k) * n / cells / rekey["records_per_second_median"]
-        + rekey["key_file_compact_seconds_median"]
-    )
+    per_cell = rekey["per_slice_overhead_s"] + n / cells / rekey["all_slices_records_per_second_median"]
+    return cells_touched(cells, k) * per_cell + rekey["key_file_compact_seconds_median"]
 
 
 def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +201,7 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
             "sample_bytes": n * per_sample,
             "sample_bytes_over_raw": per_sample / smp["raw_bytes_per_sample"],
             # A batch touching every cell re-encrypts every sample: the most one apply's erasure costs.
-            "rekey_all_s": n / rekey["records_per_second_median"] + rekey["key_file_compact_seconds_median"],
+            "rekey_all_s": n / rekey["all_slices_records_per_second_median"] + rekey["key_file_compact_seconds_median"],
             "space_reclamation_compact_s": n * per_sample / smp["compact_bytes_per_second"],
             "per_sample_keys": {
                 "key_file_bytes": n * keys["bytes_per_entry"],
@@ -451,9 +450,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"(measured slope, ingested raw: {smp['dtype']} pixels, scale {smp['scale']:g}; the encrypted record is "
         f"{smp['record_bytes']:,} bytes: int32 label, pixels, 8-byte digest; the IDX files hold "
         f"{smp['raw_bytes_per_sample']:,} per image). Erasure re-keys the cells a batch touched: measured "
-        f"{rk['records_per_second_median']:,.0f} records re-encrypted per second (median of "
-        f"{len(rk['slices'])} slices of ~{rk['slices'][0]['records']:,}; all {rk['cells']} at once: "
-        f"{rk['all_slices']['records_per_second']:,.0f}/s), plus {rk['key_file_compact_seconds_median'] * 1e3:.0f} ms "
+        f"{rk['all_slices_records_per_second_median']:,.0f} records re-encrypted per second (all {rk['cells']} "
+        f"slices of a {smp['stores'][-1]['samples']:,}-sample store at once, median of {len(rk['all_slices'])}), "
+        f"plus {rk['per_slice_overhead_s'] * 1e3:.1f} ms per slice (median over {len(rk['slices'])} slices "
+        f"re-keyed alone, ~{rk['slices'][0]['records']:,} records each, at "
+        f"{rk['records_per_second_median']:,.0f} records/s), plus {rk['key_file_compact_seconds_median'] * 1e3:.0f} ms "
         f"to compact the {rk['key_file_bytes'] / 1e3:.0f} kB key file. Per-sample keys (the alternative not "
         f"taken): {psk['bytes_per_entry']:.1f} bytes per sample in the key file (measured, ids appended in order, "
         f"pages full), compacted at {psk['compact_seconds_per_entry'] * 1e9:.0f} ns per entry. Space "
@@ -471,15 +472,16 @@ def markdown(result: dict[str, Any]) -> str:
         s = stores[str(n)]
         p = s["per_sample_keys"]
         out.append(
-            f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} ({s['sample_bytes_over_raw']:.2f}x raw) | "
+            f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} ({s['sample_bytes_over_raw']:.3f}x raw) | "
             f"{duration(s['rekey_all_s'])} | {size(p['key_file_bytes'])}, {duration(p['compact_s'])}, "
-            f"{p['bytes_over_raw']:.2f}x | {duration(s['space_reclamation_compact_s'])} |"
+            f"{p['bytes_over_raw']:.3f}x | {duration(s['space_reclamation_compact_s'])} |"
         )
     # Table 4b: erasure per apply.
     out.append(
         "\n**Table 4b (model x measured re-keying rate).** Erasure time of one apply: a batch of K ids touches "
         "S R (1 - (1 - 1/(S R))^K) of the S x R cells in expectation, each re-encrypting N/(S R) samples, at "
-        f"{rk['records_per_second_median']:,.0f} records/s on the driver, plus the key file's compaction. Cells: "
+        f"{rk['all_slices_records_per_second_median']:,.0f} records/s on the driver plus "
+        f"{rk['per_slice_overhead_s'] * 1e3:.1f} ms per cell, plus the key file's compaction. Cells: "
         "K=1 / K=100 / K=24,000 (a day at 1,000/h). One process does it, whatever the workers.\n"
     )
     out += table_head(["S", "R", *(f"N=10^{int(math.log10(n))}" for n in NS)])
