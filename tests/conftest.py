@@ -104,12 +104,13 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
 
 
 def sample_evidence(ens: Ensemble, sample_id: int) -> tuple[bytes, list[bytes]]:
-    """A stored sample's ciphertext as on disk, and every key of its slice (what could decrypt it)."""
-    shard, slice_ = ens.locate([sample_id])[sample_id]
+    """A stored sample's ciphertext as on disk, and every key of its run (what could decrypt it)."""
     with ens.store.read() as txn:
         sealed = ens.store.sealed_sample(txn, sample_id)
+        place = ens.store.place(txn, sample_id)
+    assert place is not None
     with ens.store.keys.read() as ktxn:
-        keys = [k.key for k in ens.store.keys.slice_keys(ktxn, shard, slice_)]
+        keys = [k.key for k in ens.store.keys.run_keys(ktxn, *place)]
     assert sealed is not None and keys
     return sealed, keys
 

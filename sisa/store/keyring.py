@@ -2,10 +2,13 @@
 
 ``keys/`` inside the store directory is its own LMDB environment with three tables:
 
-- ``slice``: (shard, slice, generation) -> key + the request id the key was made for.
-  Every sample of a slice is encrypted under its slice's newest key; a deletion *rotates*
-  the slices it touched (new key, re-encrypt what is left, delete the old key), so the
-  deleted samples' ciphertext, wherever it lies, is under a key that no longer exists.
+- ``slice``: (shard, slice, run, generation) -> key + the request id the key was made for.
+  A *run* is the unit of a slice's membership (up to 508 ids, see
+  :data:`~sisa.store.records.RUN_MAX`); every sample of a run is encrypted under the run's
+  newest key, and a deletion *rotates* the runs it touched (new key, re-encrypt the at most
+  507 samples left, delete the old key), so the deleted samples' ciphertext, wherever it
+  lies, is under a key that no longer exists. The cost of a deletion's erasure is thus a
+  few hundred records, whatever the size of the store.
 - ``ckpt``: checkpoint token -> key. Each committed checkpoint has its own key; a retired
   checkpoint's key is deleted by the sweep that follows every apply.
 - ``meta``: the format record (compaction needs one record to seal the copy).
@@ -36,20 +39,21 @@ __all__ = ["KEY_DIR", "KeyRing", "SliceKey"]
 KEY_DIR = "keys"
 KEY_FORMAT = 1
 _TABLES = environment.Tables(fixed=("meta", "slice", "ckpt"))
-_SLICE = struct.Struct(">III")  # shard, slice, generation
+_SLICE = struct.Struct(">IIQI")  # shard, slice, run, generation
+_RUN = struct.Struct(">IIQ")  # the prefix of one run's keys
 _SINCE = struct.Struct(">Q")  # the request id a slice key was made for (0: at ingest)
 
 T = TypeVar("T")
 
 
 class SliceKey(tuple[int, bytes, int]):
-    """One key of a slice: ``(generation, key, since)``, newest generation first in lists."""
+    """One key of a run of a slice: ``(generation, key, since)``, newest generation first in lists."""
 
     __slots__ = ()
 
     @property
     def generation(self) -> int:
-        """Counts the slice's keys from 0 (ingest)."""
+        """Counts the run's keys from 0 (ingest)."""
         return self[0]
 
     @property
@@ -59,12 +63,12 @@ class SliceKey(tuple[int, bytes, int]):
 
     @property
     def since(self) -> int:
-        """The deletion request this key was made for: the slice was rotated for every request up to it."""
+        """The deletion request this key was made for: the run was rotated for every request up to it."""
         return self[2]
 
 
 def _entry(key: bytes | memoryview, value: bytes | memoryview) -> SliceKey:
-    return SliceKey((_SLICE.unpack(key)[2], bytes(value[:KEY_SIZE]), _SINCE.unpack(value[KEY_SIZE:])[0]))
+    return SliceKey((_SLICE.unpack(key)[3], bytes(value[:KEY_SIZE]), _SINCE.unpack(value[KEY_SIZE:])[0]))
 
 
 class KeyRing:
@@ -117,73 +121,73 @@ class KeyRing:
         """Remove what a crashed compaction of the key file left behind."""
         environment.drop_partial_copy(self.path)
 
-    # ---------------------------------------------------------------- slice keys
-    def slice_keys(self, txn: lmdb.Transaction, shard: int, slice_: int) -> list[SliceKey]:
-        """Every key of one slice, newest generation first (one, except during a rotation)."""
-        prefix = struct.pack(">II", shard, slice_)
+    # ------------------------------------------------------------------ run keys
+    def run_keys(self, txn: lmdb.Transaction, shard: int, slice_: int, run: int) -> list[SliceKey]:
+        """Every key of one run, newest generation first (one, except during a rotation)."""
+        prefix = _RUN.pack(shard, slice_, run)
         out: list[SliceKey] = []
         cur = txn.cursor(db=self._db("slice"))
         if cur.set_range(prefix):
             for key, value in cur:
-                if key[:8] != prefix:
+                if key[: _RUN.size] != prefix:
                     break
                 out.append(_entry(key, value))
         return out[::-1]
 
-    def all_slices(self, txn: lmdb.Transaction) -> dict[tuple[int, int], list[SliceKey]]:
-        """Keys of every slice that has one: (shard, slice) -> keys, newest first."""
-        out: dict[tuple[int, int], list[SliceKey]] = {}
+    def all_runs(self, txn: lmdb.Transaction) -> dict[tuple[int, int, int], list[SliceKey]]:
+        """Keys of every run that has one: (shard, slice, run) -> keys, newest first."""
+        out: dict[tuple[int, int, int], list[SliceKey]] = {}
         for key, value in txn.cursor(db=self._db("slice")):
-            shard, slice_, _ = _SLICE.unpack(key)
-            out.setdefault((shard, slice_), []).insert(0, _entry(key, value))
+            shard, slice_, run, _ = _SLICE.unpack(key)
+            out.setdefault((shard, slice_, run), []).insert(0, _entry(key, value))
         return out
 
-    def ensure_slice_keys(self, slices: Iterable[tuple[int, int]]) -> dict[tuple[int, int], SliceKey]:
-        """The newest key of each slice, making (and committing) one where a slice has none."""
-        wanted = sorted(set(slices))
+    def ensure_run_keys(self, runs: Iterable[tuple[int, int, int]]) -> dict[tuple[int, int, int], SliceKey]:
+        """The newest key of each run, making (and committing) one where a run has none."""
+        wanted = sorted(set(runs))
         with self.read(follow=False) as txn:
-            found = {s: keys[0] for s in wanted if (keys := self.slice_keys(txn, *s))}
-        missing = [s for s in wanted if s not in found]
+            found = {r: keys[0] for r in wanted if (keys := self.run_keys(txn, *r))}
+        missing = [r for r in wanted if r not in found]
         if missing:
-            made = {s: SliceKey((0, new_key(), 0)) for s in missing}
+            made = {r: SliceKey((0, new_key(), 0)) for r in missing}
 
             def change(txn: lmdb.Transaction) -> None:
-                for (shard, slice_), sk in made.items():
-                    txn.put(_SLICE.pack(shard, slice_, 0), sk.key + _SINCE.pack(0), db=self._db("slice"))
+                for (shard, slice_, run), sk in made.items():
+                    txn.put(_SLICE.pack(shard, slice_, run, 0), sk.key + _SINCE.pack(0), db=self._db("slice"))
 
             self.write(change)
             found.update(made)
         return found
 
-    def add_generation(self, shard: int, slice_: int, since: int) -> SliceKey:
-        """Make and commit the slice's next key (a rotation's first step); returns it."""
+    def add_generation(self, shard: int, slice_: int, run: int, since: int) -> SliceKey:
+        """Make and commit the run's next key (a rotation's first step); returns it."""
 
         def change(txn: lmdb.Transaction) -> SliceKey:
-            keys = self.slice_keys(txn, shard, slice_)
+            keys = self.run_keys(txn, shard, slice_, run)
             gen = keys[0].generation + 1 if keys else 0
             entry = SliceKey((gen, new_key(), since))
-            txn.put(_SLICE.pack(shard, slice_, gen), entry.key + _SINCE.pack(since), db=self._db("slice"))
+            txn.put(_SLICE.pack(shard, slice_, run, gen), entry.key + _SINCE.pack(since), db=self._db("slice"))
             return entry
 
         return self.write(change)
 
-    def drop_older_generations(self, shard: int, slice_: int) -> int:
-        """Delete every key of the slice but the newest (a rotation's last step). Returns how many went."""
+    def drop_older_generations(self, shard: int, slice_: int, run: int) -> int:
+        """Delete every key of the run but the newest (a rotation's last step). Returns how many went."""
 
         def change(txn: lmdb.Transaction) -> int:
-            keys = self.slice_keys(txn, shard, slice_)
+            keys = self.run_keys(txn, shard, slice_, run)
             for old in keys[1:]:
-                txn.delete(_SLICE.pack(shard, slice_, old.generation), db=self._db("slice"))
+                txn.delete(_SLICE.pack(shard, slice_, run, old.generation), db=self._db("slice"))
             return max(0, len(keys) - 1)
 
         return self.write(change)
 
-    def drop_slice(self, shard: int, slice_: int) -> None:
-        """Delete every key of a slice that holds no sample any more."""
+    def drop_run(self, shard: int, slice_: int, run: int) -> None:
+        """Delete every key of a run that holds no sample any more."""
 
         def change(txn: lmdb.Transaction) -> None:
-            for old in self.slice_keys(txn, shard, slice_):
-                txn.delete(_SLICE.pack(shard, slice_, old.generation), db=self._db("slice"))
+            for old in self.run_keys(txn, shard, slice_, run):
+                txn.delete(_SLICE.pack(shard, slice_, run, old.generation), db=self._db("slice"))
 
         self.write(change)
 

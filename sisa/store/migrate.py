@@ -265,4 +265,5 @@ def _with_slices(raw: bytes) -> bytes:
     request = json.loads(raw)
     for info in request.get("shards", {}).values():
         info.setdefault("slices", [])
+        info.setdefault("runs", [])
     return json.dumps(request, sort_keys=True).encode()

@@ -250,10 +250,10 @@ class Records:
                 place = txn.get(k, db=assign)
                 if raw is None or place is None:
                     raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
-                place = bytes(place)  # one slice's ids share their run keys' prefix, not the run
+                place = bytes(place)  # (shard, slice, run): the ids of one run share its key
                 keys = cache.get(place)
                 if keys is None:
-                    keys = cache[place] = self.keys.slice_keys(ktxn, *_PLACE.unpack(place)[:2])
+                    keys = cache[place] = self.keys.run_keys(ktxn, *_PLACE.unpack(place))
                 plain = open_sample(keys, k, raw, body_len)
                 if plain is None:
                     if self.changed_since(txn):
@@ -383,23 +383,23 @@ class Records:
 
         The features are stored in ``dtype`` (default: the store's ``feature_dtype``; the
         caller has checked that ``x`` converts to it without changing a trained value).
-        Slices without a key get one, committed to the key environment before this
+        Runs without a key get one, committed to the key environment before this
         transaction (a key may outlive a failed write; never the reverse). With ``staged``,
         each id is also marked as written by an ingest that has not yet committed
         (:meth:`commit_staged` publishes them, :meth:`unstage` takes them back).
         """
         samples, assign = self._dbs["samples"], self._dbs["assign"]
         dtype = self.feature_dtype(txn) if dtype is None else dtype
-        keys = self.keys.ensure_slice_keys(zip(shard.tolist(), slice_.tolist(), strict=True))
         flat = x.reshape(len(ids), -1)
         # Ids that come after every stored one (the common case: numbered data) are appended,
         # which fills LMDB pages completely instead of splitting them in half.
         last = self.largest_id(txn)
         append = last is None or (len(ids) > 0 and bool(np.all(np.diff(ids) > 0)) and int(ids[0]) > last)
         runs = self._add_members(txn, ids, shard, slice_)
+        keys = self.keys.ensure_run_keys(zip(shard.tolist(), slice_.tolist(), runs.tolist(), strict=True))
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
-            sealed = seal_sample(keys[(s, r)].key, k, self.encode_body(int(y[i]), flat[i], dtype))
+            sealed = seal_sample(keys[(s, r, int(runs[i]))].key, k, self.encode_body(int(y[i]), flat[i], dtype))
             if not txn.put(k, sealed, db=samples, overwrite=False, append=append):
                 raise StoreError(f"sample id {sid} is already in the store")
             txn.put(k, _PLACE.pack(s, r, int(runs[i])), db=assign, append=append)
@@ -446,8 +446,18 @@ class Records:
                 number += 1
         return out
 
-    def remove_member(self, txn: lmdb.Transaction, sample_id: int) -> tuple[int, int] | None:
-        """Take one id out of the store's membership and assignment (not its record); returns its (shard, slice)."""
+    def place(self, txn: lmdb.Transaction, sample_id: int) -> tuple[int, int, int] | None:
+        """Where a stored id lives: (shard, slice, run), or None."""
+        raw = txn.get(id_key(sample_id), db=self._dbs["assign"])
+        return _PLACE.unpack(bytes(raw)) if raw is not None else None
+
+    def run_ids(self, txn: lmdb.Transaction, shard: int, slice_: int, run: int) -> np.ndarray:
+        """Ids of one membership run (sorted)."""
+        held = txn.get(run_key(shard, slice_, run), db=self._dbs["members"])
+        return np.empty(0, np.int64) if held is None else np.frombuffer(held, dtype="<u8").astype(np.int64)
+
+    def remove_member(self, txn: lmdb.Transaction, sample_id: int) -> tuple[int, int, int] | None:
+        """Take one id out of membership and assignment (not its record); returns its (shard, slice, run)."""
         k = id_key(sample_id)
         place = txn.get(k, db=self._dbs["assign"])
         if place is None:
@@ -463,21 +473,21 @@ class Records:
             else:
                 txn.delete(key, db=members)
         txn.delete(k, db=self._dbs["assign"])
-        return shard, slice_
+        return shard, slice_, run
 
     def commit_staged(self, txn: lmdb.Transaction) -> None:
         """Publish every staged sample at once: the staged marks go in one operation (LMDB's drop)."""
         txn.drop(self._dbs["staged"], delete=False)
 
-    def unstage(self, txn: lmdb.Transaction, limit: int) -> tuple[int, set[tuple[int, int]]]:
+    def unstage(self, txn: lmdb.Transaction, limit: int) -> tuple[int, set[tuple[int, int, int]]]:
         """Remove up to ``limit`` staged samples (records, assignment, membership, mark).
 
         Returns:
-            How many were removed (0 when none are left), and the (shard, slice) pairs they were in.
+            How many were removed (0 when none are left), and the (shard, slice, run) they were in.
         """
         staged = self._dbs["staged"]
         keys = []
-        touched: set[tuple[int, int]] = set()
+        touched: set[tuple[int, int, int]] = set()
         cursor = txn.cursor(db=staged)
         for key in cursor.iternext(keys=True, values=False):
             keys.append(bytes(key))

@@ -59,16 +59,16 @@ def record_request(
     last = txn.cursor(db=store.db("requests"))
     request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
     first_slice: dict[int, int] = {}
-    touched: dict[int, set[int]] = {}  # shard -> slices holding a deleted id: the erasure re-keys them
+    touched: dict[int, set[tuple[int, int]]] = {}  # shard -> (slice, run) of each deleted id: erasure re-keys them
     for sid in ids:
         place = store.remove_member(txn, sid)
         if place is None:  # the caller passes stored ids only
             raise StoreError(f"sample {sid} has no assignment in store {store.path}")
-        shard, slice_ = place
+        shard, slice_, run = place
         txn.delete(id_key(sid), db=dbs["samples"])
         txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
         first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
-        touched.setdefault(shard, set()).add(slice_)
+        touched.setdefault(shard, set()).add((slice_, run))
     shards: dict[str, Any] = {}
     for shard, slice_ in sorted(first_slice.items()):
         # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
@@ -99,7 +99,8 @@ def record_request(
         shards[str(shard)] = {
             "from_slice": slice_ + 1,
             "restart_stage": slice_,
-            "slices": sorted(touched[shard]),
+            "slices": sorted({s for s, _ in touched[shard]}),
+            "runs": [list(pair) for pair in sorted(touched[shard])],
             "removed_checkpoints": removed,
             "serving_stage": interim,
             # the domain the retrain continues in: if the live model comes from another, it was rebound

@@ -119,7 +119,10 @@ def test_deleted_bytes_are_on_no_file(ens: Ensemble) -> None:
         assert files_containing(ens.path, sealed) == [str(ens.path / "data.mdb")]
         assert all(files_containing(ens.path, k) == [str(ens.path / "keys" / "data.mdb")] for k in keys)
     places = {where(ens, i) for i in victims}
-    kept = next(i for i in range(600) if i not in victims and where(ens, i) in places)  # shares a slice
+    with ens.store.read() as txn:
+        runs = {ens.store.place(txn, i) for i in victims}
+        kept = next(i for i in range(600) if i not in victims and ens.store.place(txn, i) in runs)  # shares a run
+        left = sum(len(ens.store.run_ids(txn, *run)) for run in runs if run is not None) - len(victims)
     kept_sealed, _ = sample_evidence(ens, kept)
     cert = ens.delete(list(victims))
     for i in victims:
@@ -128,7 +131,9 @@ def test_deleted_bytes_are_on_no_file(ens: Ensemble) -> None:
         # lies (free pages, old blocks), is unrecoverable
         assert all(files_containing(ens.path, k) == [] for k in keys)
         assert all(files_containing(ens.path, form) == [] for form in plaintexts(X[i]))
-    assert {tuple(s) for s in cert["batch"]["erasure"]["rotated_slices"]} == places
+    erasure = cert["batch"]["erasure"]
+    assert {tuple(s) for s in erasure["rotated_slices"]} == places and erasure["rotated_runs"] == len(runs)
+    assert erasure["reencrypted"] == left  # only the deleted ids' runs: what is left of them, nothing else
     # a sample left in a re-keyed slice is stored under the new key, and loads as before
     assert sample_evidence(ens, kept)[0] != kept_sealed
     with ens.store.read() as txn:
@@ -394,11 +399,9 @@ def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: di
         assert ens.status()["samples"] == 599
     assert all(files_containing(tmp_path / "crash", form) == [] for form in plaintexts(X[victim]))
     with Ensemble.open(tmp_path / "crash", readonly=True) as reader, reader.store.keys.read() as ktxn:
-        # the erasure the crash cut short was finished: the victim's slice has one key, made after the deletion
-        keys = reader.store.keys.slice_keys(ktxn, *where(reader, 0 if victim else 1)) if False else None
-        slices = reader.store.keys.all_slices(ktxn)
-    assert all(len(k) == 1 for k in slices.values()) and any(k[0].since == 1 for k in slices.values())
-    del keys
+        # the erasure the crash cut short was finished: every run has one key, the victim's made after the deletion
+        runs = reader.store.keys.all_runs(ktxn)
+    assert all(len(k) == 1 for k in runs.values()) and any(k[0].since == 1 for k in runs.values())
     assert not (tmp_path / "crash" / ".compact").exists()
 
 
