@@ -129,7 +129,7 @@ def apply(
     removed them; that deferred request stays pending, and the apply that later takes it
     finds its shards retrained (nothing to train) and certifies it. Shards touched only by
     requests left pending stay as their journal left them (out of service under
-    ``exclude``). The erasure re-keys the slices of every pending request, deferred ones
+    ``exclude``). The erasure re-keys the runs of every pending request, deferred ones
     too, so the bytes of every journaled id are unrecoverable after any apply.
 
     Args:
