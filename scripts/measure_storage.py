@@ -1,9 +1,10 @@
 r"""Measure what a SISA store holds per checkpoint and per sample, and what its erasure costs.
 
 For ``docs/scaling.md``: storage of S x R checkpoints and of N samples, and the erasure step of
-store format 3 (an apply re-keys every (shard, slice) that held a deleted id: new key, the
-slice's remaining samples re-encrypted, old key deleted, then the small key file
-``keys/data.mdb`` compacted; ``sisa/store/erasure.py``).
+store format 3 (samples are encrypted under one key per membership *run*, up to 508 ids of one
+slice; an apply re-keys every run that held a deleted id: new key, the run's remaining samples
+re-encrypted, old key deleted, then the key file ``keys/data.mdb`` compacted;
+``sisa/store/erasure.py``).
 
 1. **Checkpoint bytes** per model config (MLP ``configs/fashion_mnist.yaml``, CNN
    ``configs/fashion_mnist_cnn.yaml``): a tiny store (``--ckpt-samples`` Fashion-MNIST
@@ -19,24 +20,26 @@ slice's remaining samples re-encrypted, old key deleted, then the small key file
    uint8 features + 8-byte digest, plus the id/assignment/packed-membership entries and
    B-tree pages). Sizes below 12,000 are refused for the slope: small stores are noisy.
 3. **Re-keying throughput** (the erasure step): on the largest of those stores (default
-   config S=8, R=4, so N/(S R) samples a slice), ``sisa.store.erasure.rotate(store,
-   [(shard, slice)], fresh=True)`` is timed on ``--rekey-slices`` distinct slices, one at a
-   time: records re-encrypted per second, median over the slices. Then every slice at once
-   (what a batch touching every cell does), ``--compact-repeats`` times: the bulk rate
-   (median), and the fixed cost of one slice's rotation beyond its records (median over the
-   single slices of seconds - records / bulk rate). Then
-   the key file's compaction (``store.keys.compact()``, fsync'd copy + rename), timed
-   ``--compact-repeats`` times, median, with its size.
+   config S=8, R=4), ``sisa.store.erasure.rotate(store, [(shard, slice, run)], fresh=True)``
+   is timed on ``--rekey-runs`` runs spread over the store, one at a time (records
+   re-encrypted per second, median); then every run at once (what a batch touching every run
+   does), ``--compact-repeats`` times: the bulk rate (median; it includes each run's two
+   key-file commits, and runs hold up to 508 samples at any N), and the fixed cost of one
+   ``rotate`` call beyond that (median over the single runs of seconds - records / bulk
+   rate; an apply makes one call). Then the key file's compaction
+   (``store.keys.compact()``, fsync'd copy + rename), timed ``--compact-repeats`` times,
+   median, with its size.
 4. **Space reclamation, not erasure**: ``Store.compact()`` (a rewrite of the whole
    ``data.mdb``, which format 2 ran on every apply and format 3 runs only on request, to
    return free pages) timed on the largest store, ``--compact-repeats`` times, median, in
    bytes per second of the compacted file. Kept for comparison with the re-keying.
-5. **Per-sample keys, the alternative not taken**: a bare LMDB environment holding one
-   random 16-byte key per sample, keyed by the 8-byte big-endian id, for each of
-   ``--key-entries`` entry counts (N/S of a shard's samples at some N and S): its file size
-   after a compacting copy (bytes per entry, slope between the two largest counts) and the
-   time of that compacting copy + fsync (what every apply would pay to erase a deleted
-   sample's key), median of ``--compact-repeats``.
+5. **Key files at scale**: a bare LMDB environment of ``--key-entries`` random entries,
+   appended in key order, for two layouts: per-sample keys, the alternative not taken (8-byte
+   id -> 16-byte key, N entries), and the store's run keys (20-byte shard/slice/run/generation
+   -> 16-byte key + 8-byte request id, about N/508 entries). For each: the file size after a
+   compacting copy (bytes per entry, slope between the two largest counts) and the time of
+   that copy + fsync (what every apply pays to erase the deleted keys), median of
+   ``--compact-repeats``.
 
 Run (about a minute on 2 cores)::
 
@@ -68,7 +71,7 @@ from sisa.data.arrays import LabeledArrays  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.store import erasure  # noqa: E402
-from sisa.store.records import DIGEST_SIZE  # noqa: E402
+from sisa.store.records import DIGEST_SIZE, RUN_MAX  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
@@ -81,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     parser.add_argument("--ckpt-samples", type=int, default=400, help="images in the checkpoint-size stores")
     parser.add_argument("--sizes", default="20000,60000", help="sample counts of the ingest-only stores")
-    parser.add_argument("--rekey-slices", type=int, default=5, help="slices re-keyed one at a time (median rate)")
+    parser.add_argument("--rekey-runs", type=int, default=9, help="runs re-keyed one at a time (median rate)")
     parser.add_argument("--compact-repeats", type=int, default=3, help="timed compactions (key file, store, LMDB)")
     parser.add_argument(
         "--key-entries", default="250000,1000000", help="entry counts of the per-sample-key LMDB experiment"
@@ -139,28 +142,28 @@ def checkpoint_sizes(name: str, config: str, n: int, workdir: Path) -> dict[str,
     }
 
 
-def rekeying(ens: Ensemble, slices: int, repeats: int) -> dict[str, Any]:
-    """Time re-keying on an ingested store: ``slices`` slices one at a time, then all, then the key file's compaction.
+def rekeying(ens: Ensemble, runs: int, repeats: int) -> dict[str, Any]:
+    """Time re-keying on an ingested store: ``runs`` runs one at a time, then all, then the key file's compaction.
 
     Args:
         ens: A writable ensemble with ingested samples.
-        slices: Slices to re-key one at a time (distinct, in (shard, slice) order).
-        repeats: Re-keyings of every slice at once, and timed compactions of the key file.
+        runs: Runs to re-key one at a time (spread over the store's runs).
+        repeats: Re-keyings of every run at once, and timed compactions of the key file.
 
     Returns:
-        Per-slice rows and their median rate; the all-slices rate (median of ``repeats``), which
-        is the bulk rate, and the per-slice overhead beyond it (median over the single slices
-        of seconds - records / bulk rate); the key file's size and compaction time.
+        Per-run rows and their median rate; the all-runs rate (median of ``repeats``), which
+        is the bulk rate, and the per-call overhead beyond it (median over the single runs of
+        seconds - records / bulk rate); the key file's size and compaction time.
     """
     store = ens.store
     with store.keys.read(follow=False) as ktxn:
-        cells = sorted(store.keys.all_slices(ktxn))
+        cells = sorted(store.keys.all_runs(ktxn))
     rows = []
-    for shard, slice_ in cells[:slices]:
+    for shard, slice_, run in cells[:: max(1, len(cells) // runs)][:runs]:
         t0 = time.perf_counter()
-        report = erasure.rotate(store, [(shard, slice_)], fresh=True)
+        report = erasure.rotate(store, [(shard, slice_, run)], fresh=True)
         seconds = time.perf_counter() - t0
-        rows.append({"shard": shard, "slice": slice_, "records": report.reencrypted, "seconds": seconds})
+        rows.append({"shard": shard, "slice": slice_, "run": run, "records": report.reencrypted, "seconds": seconds})
     rates = [r["records"] / r["seconds"] for r in rows]
     whole = []
     for _ in range(repeats):
@@ -168,7 +171,8 @@ def rekeying(ens: Ensemble, slices: int, repeats: int) -> dict[str, Any]:
         everything = erasure.rotate(store, cells, fresh=True)
         whole.append({"records": everything.reencrypted, "seconds": time.perf_counter() - t0})
     rate_all = statistics.median(w["records"] / w["seconds"] for w in whole)
-    # What a rotation costs beyond its records at the bulk rate (key writes, membership read).
+    # What one rotate() call costs beyond its records at the bulk rate (whose runs' key commits are
+    # already in the bulk rate): reading the keys and memberships, starting the pass. Paid once per apply.
     overhead = statistics.median(max(0.0, r["seconds"] - r["records"] / rate_all) for r in rows)
     compact_s, sizes = [], []
     for _ in range(repeats):
@@ -176,26 +180,28 @@ def rekeying(ens: Ensemble, slices: int, repeats: int) -> dict[str, Any]:
         sizes.append(list(store.keys.compact()))
         compact_s.append(time.perf_counter() - t0)
     return {
-        "method": "sisa.store.erasure.rotate(store, [(shard, slice)], fresh=True) per slice; then all slices at once",
+        "method": "sisa.store.erasure.rotate(store, [(shard, slice, run)], fresh=True) per run; then all runs at once",
+        "key_unit": f"membership run (<= {RUN_MAX} samples of one slice)",
+        "run_max": RUN_MAX,
         "cells": len(cells),
-        "slices": rows,
+        "runs": rows,
         "records_per_second": rates,
         "records_per_second_median": statistics.median(rates),
-        "all_slices": whole,
-        "all_slices_records_per_second_median": rate_all,
-        "per_slice_overhead_s": overhead,
+        "all_runs": whole,
+        "all_runs_records_per_second_median": rate_all,
+        "per_call_overhead_s": overhead,
         "key_file_bytes": sizes[-1][1],
         "key_file_compact_seconds": compact_s,
         "key_file_compact_seconds_median": statistics.median(compact_s),
     }
 
 
-def sample_storage(sizes: Sequence[int], rekey_slices: int, repeats: int, workdir: Path) -> dict[str, Any]:
+def sample_storage(sizes: Sequence[int], rekey_runs: int, repeats: int, workdir: Path) -> dict[str, Any]:
     """Ingest raw Fashion-MNIST into stores of each size and measure; on the largest, time re-keying and compaction.
 
     Args:
         sizes: Sample counts, ascending.
-        rekey_slices: Slices re-keyed one at a time on the largest store.
+        rekey_runs: Runs re-keyed one at a time on the largest store.
         repeats: Timed compactions.
         workdir: Folder for the temporary stores.
 
@@ -217,7 +223,7 @@ def sample_storage(sizes: Sequence[int], rekey_slices: int, repeats: int, workdi
             ens.store.compact()
             size = (path / "data.mdb").stat().st_size
             if n == max(sizes):
-                rekey = rekeying(ens, rekey_slices, repeats)
+                rekey = rekeying(ens, rekey_runs, repeats)
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     ens.store.compact()
@@ -250,13 +256,20 @@ def sample_storage(sizes: Sequence[int], rekey_slices: int, repeats: int, workdi
     }
 
 
-def per_sample_keys(counts: Sequence[int], repeats: int, workdir: Path) -> dict[str, Any]:
-    """The per-sample-keys alternative: an LMDB file of id -> 16-byte key, its size and compaction time.
+def key_file(
+    counts: Sequence[int], repeats: int, workdir: Path, key_bytes: int = 8, value_bytes: int = 16
+) -> dict[str, Any]:
+    """A bare LMDB key file of ``key_bytes`` -> ``value_bytes`` random entries: its size and compaction time.
+
+    Default: the per-sample-keys alternative (8-byte id -> 16-byte key). With 20 -> 24 bytes,
+    the layout of the store's run keys (shard, slice, run, generation -> key + request id).
 
     Args:
         counts: Entry counts, ascending.
         repeats: Timed compacting copies per count.
         workdir: Folder for the temporary environments.
+        key_bytes: Bytes of an entry's LMDB key (a big-endian counter, appended in order).
+        value_bytes: Bytes of an entry's value (random).
 
     Returns:
         Per count: compacted file bytes and compaction seconds; bytes per entry (slope) and
@@ -264,17 +277,17 @@ def per_sample_keys(counts: Sequence[int], repeats: int, workdir: Path) -> dict[
     """
     rows: list[dict[str, Any]] = []
     for n in counts:
-        path = workdir / f"keys-{n}"
+        path = workdir / f"keys-{key_bytes}-{n}"
         path.mkdir()
         env = lmdb.open(str(path), map_size=max(1 << 26, 200 * n), subdir=True, sync=False)
         try:
             with env.begin(write=True) as txn:
                 for i in range(n):
-                    txn.put(i.to_bytes(8, "big"), secrets.token_bytes(16), append=True)
+                    txn.put(i.to_bytes(key_bytes, "big"), secrets.token_bytes(value_bytes), append=True)
             env.sync(True)
             times = []
             for rep in range(repeats):
-                copy = workdir / f"keys-{n}-copy{rep}"
+                copy = workdir / f"keys-{key_bytes}-{n}-copy{rep}"
                 copy.mkdir()
                 t0 = time.perf_counter()
                 env.copy(str(copy), compact=True)
@@ -299,10 +312,10 @@ def per_sample_keys(counts: Sequence[int], repeats: int, workdir: Path) -> dict[
         )
     a, b = rows[-2], rows[-1]
     return {
-        "method": "lmdb env, 8-byte big-endian id -> secrets.token_bytes(16), appended in id order; "
-        "env.copy(compact=True) + fsync",
-        "key_bytes": 16,
-        "id_bytes": 8,
+        "method": f"lmdb env, {key_bytes}-byte big-endian counter -> secrets.token_bytes({value_bytes}), "
+        "appended in order; env.copy(compact=True) + fsync",
+        "key_bytes": value_bytes,
+        "id_bytes": key_bytes,
         "rows": rows,
         "bytes_per_entry": (b["compacted_bytes"] - a["compacted_bytes"]) / (b["entries"] - a["entries"]),
         "compact_seconds_per_entry": b["compact_seconds_median"] / b["entries"],
@@ -325,8 +338,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.skip_checkpoints:
             start_ray()
             ckpt = {name: checkpoint_sizes(name, path, args.ckpt_samples, workdir) for name, path in CONFIGS.items()}
-        samples = sample_storage(sizes, args.rekey_slices, args.compact_repeats, workdir)
-        keys = per_sample_keys(counts, args.compact_repeats, workdir)
+        samples = sample_storage(sizes, args.rekey_runs, args.compact_repeats, workdir)
+        keys = key_file(counts, args.compact_repeats, workdir)
+        run_keys = key_file(counts, args.compact_repeats, workdir, key_bytes=20, value_bytes=24)
     for name, row in ckpt.items():
         print(
             f"{name}: {row['parameters']:,} parameters; checkpoint {row['bytes_mean']:,.0f} bytes "
@@ -339,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"each in data.mdb (record {samples['record_bytes']:,}, raw {samples['raw_bytes_per_sample']:,})"
     )
     print(
-        f"re-keying: {rk['records_per_second_median']:,.0f} records/s median over {len(rk['slices'])} slices of "
-        f"~{rk['slices'][0]['records']:,}; all {rk['cells']} slices ({rk['all_slices'][0]['records']:,} records) "
-        f"{rk['all_slices_records_per_second_median']:,.0f}/s median of {len(rk['all_slices'])}, "
-        f"{rk['per_slice_overhead_s'] * 1e3:.1f} ms per slice beyond that; key file "
+        f"re-keying: {rk['records_per_second_median']:,.0f} records/s median over {len(rk['runs'])} runs of "
+        f"~{rk['runs'][0]['records']:,}; all {rk['cells']} runs ({rk['all_runs'][0]['records']:,} records) "
+        f"{rk['all_runs_records_per_second_median']:,.0f}/s median of {len(rk['all_runs'])}, "
+        f"{rk['per_call_overhead_s'] * 1e3:.1f} ms per rotate() call beyond that; key file "
         f"{rk['key_file_bytes']:,} bytes, compaction {rk['key_file_compact_seconds_median'] * 1e3:.1f} ms median"
     )
     print(
@@ -354,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{keys['rows'][-1]['entries']:,} entries {keys['rows'][-1]['compact_seconds_median']:.3f}s "
         f"({keys['compact_seconds_per_entry'] * 1e9:.0f} ns per entry)"
     )
+    print(
+        f"run-key layout (20 -> 24 bytes): {run_keys['bytes_per_entry']:.1f} bytes per entry, compaction "
+        f"{run_keys['compact_seconds_per_entry'] * 1e9:.0f} ns per entry"
+    )
     info["loadavg_end"] = machine_info()["loadavg_start"]
     result = {
         "command": ".venv/bin/python scripts/measure_storage.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -362,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "checkpoints": ckpt,
         "samples": samples,
         "per_sample_keys": keys,
+        "run_key_file": run_keys,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -19,11 +19,16 @@ Wall time assumes throughput scales linearly with workers (one shard task per wo
 the orchestrator runs them) and that one request's retrain can use at most as many workers
 as it touches shards. "Workers needed" = retrain work per day / (throughput x 86,400 s).
 
-Erasure (store format 3, ``sisa/store/erasure.py``): an apply re-keys every (shard, slice) cell that
-held a deleted id, re-encrypting the samples left in it, then compacts the small key file. Its time is
-model x measured rate: a batch of K ids touches ``S R (1 - (1 - 1/(S R))^K)`` cells in expectation, each
-holding ``N / (S R)`` samples, so ``erasure_s(K) = cells(K) x (c + N / (S R) / rekey_rate) + key_compact_s``
-(``c``: measured fixed cost of one slice's rotation, a few milliseconds).
+Erasure (store format 3, ``sisa/store/erasure.py``): samples are encrypted under one key per
+membership run (up to 508 ids of one slice); an apply re-keys every run that held a deleted id,
+re-encrypting the samples left in it, then compacts the key file (one entry per run, about N/508).
+Its time is model x measured rates: a slice of ``n = N / (S R)`` samples has ``m = ceil(n / 508)`` runs
+of ``n / m``; a batch of K ids touches ``M (1 - (1 - 1/M)^K)`` of the ``M = S R m`` runs in
+expectation, so ``erasure_s(K) = c + runs(K) x n / m / rekey_rate + key_compact_s(M)``, with the
+bulk rate measured on whole runs (their key-file commits included), ``c`` the measured fixed cost of
+one ``rotate`` call (one per apply) and ``key_compact_s(M)`` the measured
+compaction of a 60,000-sample store's key file plus M x the measured per-entry compaction time of a
+run-key LMDB file.
 
 Run (seconds; rewrites the tables between the markers in docs/scaling.md)::
 
@@ -110,8 +115,26 @@ def cells_touched(cells: int, k: int) -> float:
     return cells * -math.expm1(k * math.log1p(-1.0 / cells)) if cells > 1 else 1.0
 
 
+def runs(storage: dict[str, Any], n: int, s: int, r: int) -> tuple[int, float]:
+    """Runs in the store (each slice of N/(S R) samples cut into runs of at most RUN_MAX) and samples per run."""
+    per_slice = n / (s * r)
+    m = max(1, math.ceil(per_slice / storage["samples"]["rekey"]["run_max"]))
+    return s * r * m, per_slice / m
+
+
+def key_file(storage: dict[str, Any], n: int, s: int, r: int) -> dict[str, float]:
+    """The run-key file at N: entries, bytes and compaction seconds (measured per-entry costs x entries)."""
+    total, _ = runs(storage, n, s, r)
+    rk, lm = storage["samples"]["rekey"], storage["run_key_file"]
+    return {
+        "entries": total,
+        "bytes": max(rk["key_file_bytes"], total * lm["bytes_per_entry"]),
+        "compact_s": rk["key_file_compact_seconds_median"] + total * lm["compact_seconds_per_entry"],
+    }
+
+
 def erasure_s(storage: dict[str, Any], n: int, s: int, r: int, k: int) -> float:
-    """Expected seconds of one apply's erasure: touched cells x (overhead + samples per cell / rate) + key compaction.
+    """Expected seconds of one apply's erasure: overhead + touched runs x samples per run / rate + key compaction.
 
     Args:
         storage: ``docs/bench/storage.json``.
@@ -124,9 +147,9 @@ def erasure_s(storage: dict[str, Any], n: int, s: int, r: int, k: int) -> float:
         Seconds (model x measured rate).
     """
     rekey = storage["samples"]["rekey"]
-    cells = s * r
-    per_cell = rekey["per_slice_overhead_s"] + n / cells / rekey["all_slices_records_per_second_median"]
-    return cells_touched(cells, k) * per_cell + rekey["key_file_compact_seconds_median"]
+    total, per_run = runs(storage, n, s, r)
+    reencrypt = cells_touched(total, k) * per_run / rekey["all_runs_records_per_second_median"]
+    return rekey["per_call_overhead_s"] + reencrypt + key_file(storage, n, s, r)["compact_s"]
 
 
 def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +180,7 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
                         "fraction_of_monolithic_per_id": work / k / mono,
                         "shards_touched": cm.expected_shards_touched(layout, k, replacement=False),
                         "retrain_s_one_worker": {m: work / thr[m]["sample_epochs_per_s"] for m in thr},
-                        "cells_touched": cells_touched(s * r, k),
+                        "runs_touched": cells_touched(runs(storage, n, s, r)[0], k),
                         "erasure_s": erase,
                         "per_day": {
                             str(rate): {
@@ -200,8 +223,10 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
         str(n): {
             "sample_bytes": n * per_sample,
             "sample_bytes_over_raw": per_sample / smp["raw_bytes_per_sample"],
-            # A batch touching every cell re-encrypts every sample: the most one apply's erasure costs.
-            "rekey_all_s": n / rekey["all_slices_records_per_second_median"] + rekey["key_file_compact_seconds_median"],
+            # A batch touching every run re-encrypts every sample: the most one apply's erasure costs.
+            "rekey_all_s": n / rekey["all_runs_records_per_second_median"]
+            + key_file(storage, n, *RECOMMENDED[n])["compact_s"],
+            "run_key_file": key_file(storage, n, *RECOMMENDED[n]),
             "space_reclamation_compact_s": n * per_sample / smp["compact_bytes_per_second"],
             "per_sample_keys": {
                 "key_file_bytes": n * keys["bytes_per_entry"],
@@ -217,8 +242,8 @@ def plan(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, 
 def recommended(train: TrainConfig, thr: dict[str, dict[str, Any]], storage: dict[str, Any]) -> list[dict[str, Any]]:
     """Operating points of the recommended (S, R) per N: apply immediately when one worker keeps up, else continuously.
 
-    Every apply also erases (re-keys the cells its ids touched, :func:`erasure_s`, model x measured
-    rate). Immediate: one request at a time, busy for its retrain plus the re-keying of one slice;
+    Every apply also erases (re-keys the runs its ids touched, :func:`erasure_s`, model x measured
+    rate). Immediate: one request at a time, busy for its retrain plus the re-keying of one run;
     chosen when fewer than one request arrives, on average, during the longest apply. Continuous
     apply: each ``apply()`` takes every request that arrived during the previous one; its duration
     ``T`` is bounded by the critical path (one shard retrained from slice 1 on one worker) plus the
@@ -443,45 +468,52 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['shards']} | {row['slices']} | {row['checkpoints']:,} | {size(row['checkpoint_bytes']['mlp'])} | "
             f"{size(row['checkpoint_bytes']['cnn'])} |"
         )
-    smp, psk = st["samples"], st["per_sample_keys"]
+    smp, psk, rkf = st["samples"], st["per_sample_keys"], st["run_key_file"]
     rk = smp["rekey"]
     out.append(
         f"\nSamples in LMDB: {smp['bytes_per_sample_marginal']:,.0f} bytes per Fashion-MNIST image in `data.mdb` "
         f"(measured slope, ingested raw: {smp['dtype']} pixels, scale {smp['scale']:g}; the encrypted record is "
         f"{smp['record_bytes']:,} bytes: int32 label, pixels, 8-byte digest; the IDX files hold "
-        f"{smp['raw_bytes_per_sample']:,} per image). Erasure re-keys the cells a batch touched: measured "
-        f"{rk['all_slices_records_per_second_median']:,.0f} records re-encrypted per second (all {rk['cells']} "
-        f"slices of a {smp['stores'][-1]['samples']:,}-sample store at once, median of {len(rk['all_slices'])}), "
-        f"plus {rk['per_slice_overhead_s'] * 1e3:.1f} ms per slice (median over {len(rk['slices'])} slices "
-        f"re-keyed alone, ~{rk['slices'][0]['records']:,} records each, at "
-        f"{rk['records_per_second_median']:,.0f} records/s), plus {rk['key_file_compact_seconds_median'] * 1e3:.0f} ms "
-        f"to compact the {rk['key_file_bytes'] / 1e3:.0f} kB key file. Per-sample keys (the alternative not "
-        f"taken): {psk['bytes_per_entry']:.1f} bytes per sample in the key file (measured, ids appended in order, "
-        f"pages full), compacted at {psk['compact_seconds_per_entry'] * 1e9:.0f} ns per entry. Space "
-        f"reclamation (not erasure; `Store.compact()` on request): a rewrite of `data.mdb` at "
+        f"{smp['raw_bytes_per_sample']:,} per image). Erasure re-keys the runs (up to {rk['run_max']} ids of one "
+        f"slice, one key each) a batch touched: measured {rk['all_runs_records_per_second_median']:,.0f} records "
+        f"re-encrypted per second (all {rk['cells']} runs of a {smp['stores'][-1]['samples']:,}-sample store at "
+        f"once, median of {len(rk['all_runs'])}; each run's key commits included), plus "
+        f"{rk['per_call_overhead_s'] * 1e3:.1f} ms per apply (median over {len(rk['runs'])} runs re-keyed alone, "
+        f"~{rk['runs'][0]['records']:,} records each, at "
+        f"{rk['records_per_second_median']:,.0f} records/s), plus {rk['key_file_compact_seconds_median'] * 1e3:.0f} "
+        f"ms to compact that store's {rk['key_file_bytes'] / 1e3:.0f} kB key file. The key file has one entry per "
+        f"run, about N/{rk['run_max']}: {rkf['bytes_per_entry']:.1f} bytes and "
+        f"{rkf['compact_seconds_per_entry'] * 1e9:.0f} ns of compaction per entry (measured on a bare LMDB file "
+        f"of {rkf['rows'][-1]['entries']:,} entries of that layout). Per-sample keys (the alternative not "
+        f"taken): {psk['bytes_per_entry']:.1f} bytes per sample in the key file (measured the same way, ids "
+        f"appended in order, pages full), compacted at {psk['compact_seconds_per_entry'] * 1e9:.0f} ns per entry. "
+        f"Space reclamation (not erasure; `Store.compact()` on request): a rewrite of `data.mdb` at "
         f"{smp['compact_bytes_per_second'] / 1e6:,.0f} MB/s on a {smp['stores'][-1]['data_mdb_bytes'] / 1e6:,.0f} MB "
-        f"store. All page-cached; a store larger than memory is bounded by the disk. Times are model x measured "
-        f"rate, linear in N.\n"
+        f"store. All page-cached; a store larger than memory is bounded by the disk. Rows: measured sizes and "
+        f"rates x N, the run-key file at the recommended S x R of Table 6.\n"
     )
     out.append(
-        "| N | samples in `data.mdb` | erasure, batch touching every cell (re-key all N) | per-sample keys: key "
-        "file, its compaction per apply, samples + keys / raw | space reclamation: `Store.compact()` |"
+        "| N | samples in `data.mdb` | run-key file: entries, bytes, compaction per apply | erasure, batch "
+        "touching every run (re-key all N) | per-sample keys: key file, its compaction per apply, samples + "
+        "keys / raw | space reclamation: `Store.compact()` |"
     )
-    out.append("|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|")
     for n in NS:
         s = stores[str(n)]
-        p = s["per_sample_keys"]
+        p, kf = s["per_sample_keys"], s["run_key_file"]
         out.append(
             f"| 10^{int(math.log10(n))} | {size(s['sample_bytes'])} ({s['sample_bytes_over_raw']:.3f}x raw) | "
+            f"{kf['entries']:,.0f}, {size(kf['bytes'])}, {duration(kf['compact_s'])} | "
             f"{duration(s['rekey_all_s'])} | {size(p['key_file_bytes'])}, {duration(p['compact_s'])}, "
             f"{p['bytes_over_raw']:.3f}x | {duration(s['space_reclamation_compact_s'])} |"
         )
     # Table 4b: erasure per apply.
     out.append(
-        "\n**Table 4b (model x measured re-keying rate).** Erasure time of one apply: a batch of K ids touches "
-        "S R (1 - (1 - 1/(S R))^K) of the S x R cells in expectation, each re-encrypting N/(S R) samples, at "
-        f"{rk['all_slices_records_per_second_median']:,.0f} records/s on the driver plus "
-        f"{rk['per_slice_overhead_s'] * 1e3:.1f} ms per cell, plus the key file's compaction. Cells: "
+        "\n**Table 4b (model x measured re-keying rate).** Erasure time of one apply: each slice of N/(S R) "
+        f"samples is cut into m = ceil(N/(S R)/{rk['run_max']}) runs; a batch of K ids touches M (1 - (1 - 1/M)^K) "
+        "of the M = S R m runs in expectation, each re-encrypting N/(S R m) samples, at "
+        f"{rk['all_runs_records_per_second_median']:,.0f} records/s on the driver, plus "
+        f"{rk['per_call_overhead_s'] * 1e3:.1f} ms per apply and the key file's compaction (M entries). Cells: "
         "K=1 / K=100 / K=24,000 (a day at 1,000/h). One process does it, whatever the workers.\n"
     )
     out += table_head(["S", "R", *(f"N=10^{int(math.log10(n))}" for n in NS)])
@@ -502,7 +534,7 @@ def markdown(result: dict[str, Any]) -> str:
         "= rate x (expected retrain + erasure of one id), the single writer's load if every request were applied "
         "on its own (above 1 it cannot keep up). `workers`: average busy "
         "workers; `out`: shards out of service under `exclude` while a batch waits or retrains; `latency`: "
-        "request to certificate, up to about 2T; `erasure`: re-keying the cells of one batch of K ids (model x "
+        "request to certificate, up to about 2T; `erasure`: re-keying the runs of one batch of K ids (model x "
         "measured re-keying rate, Table 4b).\n"
     )
     out.append(
@@ -576,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "checkpoints": storage["checkpoints"],
             "samples": storage["samples"],
             "per_sample_keys": storage["per_sample_keys"],
+            "run_key_file": storage["run_key_file"],
         },
         "plan": plan(train, thr, storage),
         "simulation": {"command": simulation["command"], "summary": simulation["summary"], "runs": simulation["runs"]}
