@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,6 +97,15 @@ def live_state(ens: Ensemble) -> dict[int, tuple[str, str]]:
     """Shard -> (live checkpoint sha256, weights digest): what "the same models" means in the tests."""
     with ens.store.read() as txn:
         return {s: (r["sha256"], r["weights"]) for s, r in ens.store.live(txn).items()}
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child the test will Ctrl-C: SIGINT back to its default action.
+
+    A shell starts background jobs with SIGINT ignored, and a Python started with SIGINT
+    ignored never raises KeyboardInterrupt: run under ``cmd &``, such a test would fail.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def files_containing(root: Path, needle: bytes) -> list[str]:

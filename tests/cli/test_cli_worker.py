@@ -21,7 +21,7 @@ import pytest
 
 from sisa.cli.worker import ENABLE_ENV, IDLE_ENV, worker_key
 from sisa.ensemble import Ensemble
-from tests.conftest import ROOT, blobs, live_state, small_config
+from tests.conftest import ROOT, blobs, default_sigint, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -58,6 +58,7 @@ def start_delete(store: str, ids: list[int], tmp: Path) -> subprocess.Popen[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,  # the test Ctrl-Cs it
     )
 
 

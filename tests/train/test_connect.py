@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sisa.ensemble import Ensemble
-from tests.conftest import blobs, npz_config, small_config, store_digest
+from tests.conftest import blobs, default_sigint, npz_config, small_config, store_digest
 
 
 def sisa(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -75,6 +75,7 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path: Path, env_python: dict
         stderr=subprocess.PIPE,
         text=True,
         env=env_python,
+        preexec_fn=default_sigint,
     )
     try:
         # The store exists once the samples are ingested; training (minutes of it) follows.
