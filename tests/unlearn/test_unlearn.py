@@ -506,3 +506,29 @@ def test_apply_of_requests_that_are_not_pending_is_refused(ens: Ensemble) -> Non
     with pytest.raises(DataError, match=r"request\(s\) \[7\] are not pending"):
         ens.apply(requests=[1, 7])
     assert store_digest(ens.path) == before and len(ens.pending()) == 1
+
+
+def test_a_run_emptied_by_a_deferred_deletion_and_refilled_before_apply_is_still_erased(tmp_path: Path) -> None:
+    # Every id of one run deleted (deferred), then new samples land in the same slice before apply: they
+    # get the emptied run's number and, until apply, its old key. The apply must still destroy that key.
+    ens = make(tmp_path / "st")
+    with ens.store.read() as txn:
+        run = ens.store.place(txn, 0)
+        assert run is not None
+        members = [int(i) for i in ens.store.run_ids(txn, *run)]
+    _, old_keys = sample_evidence(ens, members[0])
+    ens.delete(members, defer=True)
+    rng = np.random.default_rng(1)
+    extra_x, extra_y = rng.normal(size=(400, 10)).astype(np.float32), rng.integers(0, 3, 400)
+    ens.ingest(extra_x, extra_y, ids=np.arange(10_000, 10_400))
+    with ens.store.read() as txn:
+        refilled = [i for i in range(10_000, 10_400) if ens.store.place(txn, i) == run]
+    assert refilled  # the emptied run's number came back
+    assert all(files_containing(ens.path, k) for k in old_keys)  # not erased before apply (deferred)
+    ens.apply()
+    assert all(files_containing(ens.path, k) == [] for k in old_keys)
+    with ens.store.read() as txn:  # the new samples were re-encrypted under the run's new key and load
+        x, _ = ens.store.load_samples(txn, np.asarray(refilled), (10,))
+    assert np.array_equal(x, extra_x[np.asarray(refilled) - 10_000])
+    assert ens.verify()["ok"]
+    ens.close()
