@@ -100,15 +100,12 @@ class Serving:
     def _snapshot(self) -> dict[int, tuple[str, nn.Module, int]]:
         """:meth:`snapshot` with each model's checkpoint key."""
         with self._cache_lock:
-            for attempt in range(3):
-                try:
-                    return self._load_live()
-                except StoreChangedError:
-                    # A deletion in another process retired a checkpoint between this read's
-                    # snapshots; the next snapshot no longer names it.
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            try:
+                return self._load_live()
+            except StoreChangedError:
+                # A deletion in another process retired a checkpoint between this read's two
+                # snapshots (bulk, then keys); the next read's snapshot no longer names it.
+                return self._load_live()
 
     def _load_live(self) -> dict[int, tuple[str, nn.Module, int]]:
         store, cfg = self._store, self._config()

@@ -107,7 +107,6 @@ class _Writer:
             stored = store.meta(txn).get("feature_shape")
             dtype = store.meta(txn).get("feature_dtype")
             self.scale: float | None = store.meta(txn).get("feature_scale")
-            self.fresh = dtype is None  # no sample yet: the first batch sets dtype and scale
         self.shape: tuple[int, ...] | None = tuple(stored) if stored is not None else None
         # None until the first samples of a new store decide it (their dtype, as given)
         self.dtype: np.dtype[Any] | None = np.dtype(dtype) if dtype is not None else None
@@ -145,11 +144,10 @@ class _Writer:
         Raises:
             DataError: If converting would change a value that training sees.
         """
-        if self.fresh:
-            self.fresh = False
+        if self.dtype is None:  # no sample yet: the first batch sets the store's dtype and scale
             self.dtype, self.scale = data.x.dtype.newbyteorder("<"), data.scale
             return data
-        stored = self.dtype if self.dtype is not None else np.dtype("<f4")
+        stored = self.dtype
         if (data.scale is not None and data.scale != self.scale) or (
             data.scale is None and self.scale is not None and data.x.dtype.kind == "f"
         ):

@@ -32,7 +32,7 @@ import lmdb
 
 from sisa.errors import StoreError
 from sisa.store import environment
-from sisa.store.cipher import KEY_SIZE, TOKEN_SIZE, new_key
+from sisa.store.cipher import KEY_SIZE, new_key
 
 __all__ = ["KEY_DIR", "KeyRing", "SliceKey"]
 
@@ -112,14 +112,6 @@ class KeyRing:
     def compact(self) -> tuple[int, int]:
         """Rewrite the key file without free pages: what makes deleted keys unrecoverable."""
         return environment.compact(self._shared, self.root)
-
-    def file_size(self) -> int:
-        """Bytes of the key environment's data file."""
-        return (self.path / "data.mdb").stat().st_size
-
-    def drop_partial_copy(self) -> None:
-        """Remove what a crashed compaction of the key file left behind."""
-        environment.drop_partial_copy(self.path)
 
     # ------------------------------------------------------------------ run keys
     def run_keys(self, txn: lmdb.Transaction, shard: int, slice_: int, run: int) -> list[SliceKey]:
@@ -216,9 +208,3 @@ class KeyRing:
             return len(gone)
 
         return self.write(change)
-
-    @staticmethod
-    def check_token(token: bytes) -> None:
-        """Refuse a malformed token (a sign of a damaged checkpoint record)."""
-        if len(token) != TOKEN_SIZE:
-            raise StoreError(f"checkpoint token of {len(token)} bytes; expected {TOKEN_SIZE}")

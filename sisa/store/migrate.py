@@ -236,8 +236,8 @@ def _copy(
             checkpoints += 1
         for name in _VERBATIM:
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs[name])]
-            if name == "requests":  # format 3 records the slices a request touched; nothing to erase here
-                rows = [(k, _with_slices(v)) for k, v in rows]
+            if name == "requests":  # format 3 records the runs a request touched; nothing to erase here
+                rows = [(k, _with_runs(v)) for k, v in rows]
 
             def put_rows(t: lmdb.Transaction, name: str = name, rows: list = rows) -> None:
                 for k, v in rows:
@@ -260,10 +260,9 @@ def _copy(
     )
 
 
-def _with_slices(raw: bytes) -> bytes:
-    """A journaled request with ``slices`` on every shard (empty: the new store never held its ids)."""
+def _with_runs(raw: bytes) -> bytes:
+    """A journaled request with ``runs`` on every shard (empty: the new store never held its ids)."""
     request = json.loads(raw)
     for info in request.get("shards", {}).values():
-        info.setdefault("slices", [])
         info.setdefault("runs", [])
     return json.dumps(request, sort_keys=True).encode()

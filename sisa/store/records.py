@@ -84,7 +84,7 @@ def shard_key(shard: int) -> bytes:
 DIGEST_SIZE = 8
 _LABEL = struct.Struct("<i")
 _SAMPLE_TAG, _CKPT_TAG = b"sample", b"ckpt"
-DEFAULT_DTYPE = "<f4"  # stores whose first ingest predates native dtypes hold float32
+DEFAULT_DTYPE = "<f4"  # what a store without samples yet reports
 
 
 def _sample_digest(key: bytes, body: bytes | memoryview) -> bytes:
@@ -152,11 +152,6 @@ class Records:
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:  # pragma: no cover - provided by Store
         """Run ``fn`` in one write transaction."""
         raise NotImplementedError
-
-    @staticmethod
-    def encode_body(label: int, features: np.ndarray, dtype: np.dtype[Any]) -> bytes:
-        """Plaintext body of one sample: int32 label, then the features in ``dtype`` (little-endian)."""
-        return _LABEL.pack(label) + np.ascontiguousarray(features, dtype=dtype.newbyteorder("<")).tobytes()
 
     def feature_dtype(self, txn: lmdb.Transaction) -> np.dtype[Any]:
         """The dtype samples are stored in (set by the first ingest; float32 before any)."""
@@ -233,7 +228,8 @@ class Records:
                 (another process rotated the slice after ``txn`` began): read again.
         """
         width = int(np.prod(feature_shape))
-        dtype = self.feature_dtype(txn).newbyteorder("<")
+        meta = self.meta(txn)
+        dtype = np.dtype(meta.get("feature_dtype", DEFAULT_DTYPE)).newbyteorder("<")
         body_len = _LABEL.size + dtype.itemsize * width
         x = np.empty((len(ids), width), dtype=np.float32)
         y = np.empty(len(ids), dtype=np.int64)
@@ -267,7 +263,7 @@ class Records:
                     )
                 y[i] = _LABEL.unpack_from(plain)[0]
                 x[i] = np.frombuffer(plain, dtype=dtype, offset=_LABEL.size, count=width)
-        scale = self.meta(txn).get("feature_scale")
+        scale = meta.get("feature_scale")
         if scale:
             x /= scale  # in float32, as a loader scales pixels: the model sees the same values
         return x.reshape((len(ids), *feature_shape)), y
@@ -390,7 +386,8 @@ class Records:
         """
         samples, assign = self._dbs["samples"], self._dbs["assign"]
         dtype = self.feature_dtype(txn) if dtype is None else dtype
-        flat = x.reshape(len(ids), -1)
+        # the plaintext body of a sample: int32 label, then its features in the store's dtype, little-endian
+        rows = np.ascontiguousarray(x.reshape(len(ids), -1), dtype=dtype.newbyteorder("<"))
         # Ids that come after every stored one (the common case: numbered data) are appended,
         # which fills LMDB pages completely instead of splitting them in half.
         last = self.largest_id(txn)
@@ -399,7 +396,7 @@ class Records:
         keys = self.keys.ensure_run_keys(zip(shard.tolist(), slice_.tolist(), runs.tolist(), strict=True))
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
-            sealed = seal_sample(keys[(s, r, int(runs[i]))].key, k, self.encode_body(int(y[i]), flat[i], dtype))
+            sealed = seal_sample(keys[(s, r, int(runs[i]))].key, k, _LABEL.pack(int(y[i])) + rows[i].tobytes())
             if not txn.put(k, sealed, db=samples, overwrite=False, append=append):
                 raise StoreError(f"sample id {sid} is already in the store")
             txn.put(k, _PLACE.pack(s, r, int(runs[i])), db=assign, append=append)

@@ -99,8 +99,7 @@ def record_request(
         shards[str(shard)] = {
             "from_slice": slice_ + 1,
             "restart_stage": slice_,
-            "slices": sorted({s for s, _ in touched[shard]}),
-            "runs": [list(pair) for pair in sorted(touched[shard])],
+            "runs": [list(pair) for pair in sorted(touched[shard])],  # (slice, run): what erasure re-keys
             "removed_checkpoints": removed,
             "serving_stage": interim,
             # the domain the retrain continues in: if the live model comes from another, it was rebound
