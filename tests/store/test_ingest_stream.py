@@ -111,6 +111,11 @@ def test_a_bad_batch_takes_back_what_the_call_wrote(tmp_path: Path) -> None:
         assert contents(ens) == before
         with ens.store.read() as txn:
             assert ens.store.staged_count(txn) == 0
+        # The taken-back samples' runs were re-keyed: the same ids ingested again, with other bytes,
+        # are never encrypted under the key that encrypted the taken-back ones.
+        with ens.store.keys.read() as ktxn:
+            runs = {run: [k.generation for k in keys] for run, keys in ens.store.keys.all_runs(ktxn).items()}
+        assert all(len(g) == 1 for g in runs.values()) and max(g[0] for g in runs.values()) >= 1
         assert ens.ingest(batches(X[200:], Y[200:], IDS[200:], 64)) == 400  # the good data still goes in
 
 
