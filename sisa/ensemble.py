@@ -146,14 +146,17 @@ class Ensemble:
         label: str | None = None,
         id: str | None = None,  # noqa: A002 - the column's name, as Ray Data calls it
         batch_size: int = DEFAULT_BATCH,
+        core: Any = None,
     ) -> int:
         """Add samples, all or nothing, placed by the partitioner; see :func:`sisa.store.ingest.ingest`.
 
         ``x`` may be arrays, a torch Dataset, an iterator of batches or a ``ray.data.Dataset``
         (streamed ``batch_size`` rows at a time; ``features``, ``label``, ``id`` name its columns).
+        ``core`` declares core samples (``True``: all of them; or their ids): they train a
+        ``backbone.source: core`` backbone and can never be deleted.
         """
         columns = Columns(features, label, id)
-        kwargs = {"new_slice": new_slice, "probabilities": probabilities, "batch_size": batch_size}
+        kwargs = {"new_slice": new_slice, "probabilities": probabilities, "batch_size": batch_size, "core": core}
         return ingesting.ingest(self.store, self.config, x, y, ids, columns=columns, **kwargs)
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ClusterConnectionError",
     "ConfigError",
+    "CoreSetError",
     "DataError",
     "DomainMismatchError",
     "DomainUnavailableError",
@@ -34,6 +35,10 @@ class ConfigError(SisaError, ValueError):
 
 class DataError(SisaError, ValueError):
     """Input data is malformed: wrong shape, dtype, NaN, bad label, duplicate id."""
+
+
+class CoreSetError(DataError):
+    """A deletion names core-set samples: they trained the shared backbone, so retraining shards cannot forget them."""
 
 
 class StoreError(SisaError):

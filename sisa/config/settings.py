@@ -35,6 +35,7 @@ __all__ = [
     "OTHER_SECTIONS",
     "RECIPE",
     "AggregateConfig",
+    "BackboneConfig",
     "DataConfig",
     "ModelConfig",
     "PartitionConfig",
@@ -62,6 +63,8 @@ AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
 MISSING_DOMAIN_ACTIONS = ("rebind", "refuse")
+BACKBONE_SOURCES = ("none", "pretrained", "core")
+ADAPTERS = ("none", "head", "lora")
 # Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
 # CPU kernel levels of `resources.cpu_isa`: `native` pins nothing (each node's own best
 # kernels); the others pin ATen, MKL and oneDNN (sisa.train.domain holds the switches).
@@ -146,6 +149,10 @@ class ModelConfig:
     channels: tuple[int, ...] = (32, 64)
     dropout: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    adapter: str = "none"
+    rank: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(
@@ -155,6 +162,81 @@ class ModelConfig:
         _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must be positive")
         _require(all(c >= 1 for c in self.channels), f"model.channels={self.channels} must be positive")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _choice("model.adapter", self.adapter, ADAPTERS)
+        _require(self.rank >= 1, f"model.rank={self.rank} must be >= 1 (the LoRA rank)")
+        _require(self.alpha > 0 and math.isfinite(self.alpha), f"model.alpha={self.alpha} must be > 0 and finite")
+        _require(
+            self.adapter == "lora" or not self.targets,
+            "model.targets names the backbone layers that get LoRA adapters; set model.adapter: lora or remove it",
+        )
+
+    def recipe(self) -> dict[str, Any]:
+        """This section as it enters the recipe: the adapter keys only when an adapter is set.
+
+        Leaving them out of a plain model's recipe keeps the checkpoint keys of stores from
+        before adapters existed.
+        """
+        out = config_to_dict(self)
+        if self.adapter == "none":
+            for name in ("adapter", "rank", "alpha", "targets"):
+                del out[name]
+        elif self.adapter == "head":
+            for name in ("rank", "alpha", "targets"):
+                del out[name]  # a head has no LoRA: these cannot change its bytes
+        return out
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A frozen network shared by every shard; each shard trains only a head or adapters on it.
+
+    A backbone that never saw deletable data can serve every shard without breaking
+    exactness: a deletion retrains only the per-shard part (``model.adapter``).
+
+    Attributes:
+        source: ``none`` (default: each shard trains ``model`` whole), ``pretrained``
+            (``name`` is a ``package.module:callable`` returning the user's pretrained
+            ``nn.Module``, e.g. weights loaded from a local file), or ``core`` (sisa trains
+            ``name`` once on the store's core set: ids declared at ingest, never deletable).
+        name: ``mlp`` or ``cnn`` (the built-in networks without their output layer; with
+            ``source: core`` only) or ``package.module:callable``, called as
+            ``f(input_shape=..., **options)``; the module maps a batch of samples to features.
+        options: Keyword arguments of the callable.
+        hidden: Fully connected widths of a built-in backbone (after the CNN's convolutions).
+        channels: Convolution channels of the built-in ``cnn`` backbone.
+        epochs: Epochs of the core-set training (``source: core``); the optimizer, learning
+            rate and batch size are the ``train`` section's.
+    """
+
+    source: str = "none"
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    hidden: tuple[int, ...] = (128,)
+    channels: tuple[int, ...] = (32, 64)
+    epochs: int = 10
+
+    def __post_init__(self) -> None:
+        _choice("backbone.source", self.source, BACKBONE_SOURCES)
+        if self.source == "pretrained":
+            _require(
+                self.name is not None and ":" in self.name,
+                f"backbone.source: pretrained needs backbone.name: 'package.module:callable' returning your "
+                f"pretrained nn.Module; got {self.name!r}",
+            )
+        if self.source == "core":
+            _require(
+                self.name is not None and (self.name in ("mlp", "cnn") or ":" in self.name),
+                f"backbone.source: core needs backbone.name: mlp, cnn or 'package.module:callable' (the network "
+                f"sisa trains on the core set); got {self.name!r}",
+            )
+        _require(all(h >= 1 for h in self.hidden), f"backbone.hidden={self.hidden} must be positive")
+        _require(all(c >= 1 for c in self.channels), f"backbone.channels={self.channels} must be positive")
+        _require(self.epochs >= 1, f"backbone.epochs={self.epochs} must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the shards share a backbone."""
+        return self.source != "none"
 
 
 @dataclass(frozen=True)
@@ -421,26 +503,49 @@ class SisaConfig:
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
         _require(1 <= self.shards <= 4096, f"shards={self.shards} must be in [1, 4096]")
         _require(1 <= self.slices <= 1024, f"slices={self.slices} must be in [1, 1024]")
+        _require(
+            not self.backbone.enabled or self.model.adapter != "none",
+            f"backbone.source: {self.backbone.source} shares a frozen backbone, so each shard trains only a "
+            "per-shard part: set model.adapter: head (a head on the backbone's features) or lora (low-rank "
+            "adapters on backbone layers, plus a head)",
+        )
+        _require(
+            self.backbone.enabled or self.model.adapter == "none",
+            f"model.adapter: {self.model.adapter} adapts a shared backbone, and backbone.source is none: set "
+            "backbone.source: pretrained or core (with backbone.name), or model.adapter: none",
+        )
 
-    def recipe(self) -> dict[str, Any]:
+    def recipe(self, backbone: str | None = None) -> dict[str, Any]:
         """The settings that determine a shard's weights, bit for bit.
+
+        Args:
+            backbone: Digest of the shared backbone's weights (``backbone.source`` other than
+                none); it enters the recipe, so a changed backbone changes every checkpoint key.
 
         Returns:
             A JSON-able dict; its digest is part of every checkpoint key, so a
             checkpoint is never reused under another recipe.
+
+        Raises:
+            ConfigError: If the config has a backbone and no digest is given (or the reverse).
         """
+        _require(
+            (backbone is not None) == self.backbone.enabled,
+            "a recipe with a shared backbone needs the backbone's digest (and one without takes none)",
+        )
         train = config_to_dict(self.train)
         if train["precision"] == "fp32":
             # The default is left out, so recipes (and checkpoint keys) from before the key existed still match.
             del train["precision"]
         recipe = {
             "seed": self.seed,
-            "model": config_to_dict(self.model),
+            "model": self.model.recipe(),
             "train": train,
             "threads": self.resources.threads_per_shard,
             "device": self.resources.device,
@@ -448,11 +553,13 @@ class SisaConfig:
         if self.resources.cpu_isa != "native":
             # Stores from before the key existed trained natively; leaving native out keeps their keys.
             recipe["cpu_isa"] = self.resources.cpu_isa
+        if backbone is not None:
+            recipe["backbone"] = {**config_to_dict(self.backbone), "digest": backbone}
         return recipe
 
-    def recipe_digest(self) -> str:
-        """Hex SHA-256 of the canonical JSON of :meth:`recipe`."""
-        blob = json.dumps(self.recipe(), sort_keys=True, separators=(",", ":")).encode()
+    def recipe_digest(self, backbone: str | None = None) -> str:
+        """Hex SHA-256 of the canonical JSON of :meth:`recipe` (``backbone``: the backbone's digest)."""
+        blob = json.dumps(self.recipe(backbone), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -492,6 +599,17 @@ FIELD_ROLES: dict[str, str] = {
     "model.channels": RECIPE,
     "model.dropout": RECIPE,
     "model.options": RECIPE,
+    "model.adapter": RECIPE,
+    "model.rank": RECIPE,
+    "model.alpha": RECIPE,
+    "model.targets": RECIPE,
+    # the shared backbone: its settings and its weights' digest are in the recipe
+    "backbone.source": RECIPE,
+    "backbone.name": RECIPE,
+    "backbone.options": RECIPE,
+    "backbone.hidden": RECIPE,
+    "backbone.channels": RECIPE,
+    "backbone.epochs": RECIPE,
     "train.epochs": RECIPE,
     "train.epoch_schedule": RECIPE,
     "train.batch_size": RECIPE,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from sisa.errors import ConfigError, DataError, ModelError, NotTrainedError
+from sisa.train.adapters import AdaptedModel
 
 __all__ = ["can_vmap", "choose_backend", "combine", "predict", "predict_proba", "shard_logits", "shard_probas"]
 
@@ -107,7 +108,8 @@ def choose_backend(models: Sequence[nn.Module], n: int, backend: str) -> str:
         return "vmap"
     # auto: vmap only pays off on GPU (not measured here: device-side stacking is a fast
     # memcpy) or for small CPU batches (see CPU_VMAP_MAX_BATCH); one model gains nothing.
-    if not vmappable or len(models) == 1:
+    if not vmappable or len(models) == 1 or isinstance(models[0], AdaptedModel):
+        # adapted models: the loop computes a shared backbone's features once for all heads
         return "loop"
     if _device_of(models[0]).type == "cuda" or n <= CPU_VMAP_MAX_BATCH:
         return "vmap"
@@ -121,8 +123,22 @@ def _check_logits(out: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _loop(models: Sequence[nn.Module], x: torch.Tensor, starts: range, batch_size: int) -> torch.Tensor:
-    chunks = [x[i : i + batch_size] for i in starts]
-    return torch.stack([torch.cat([_check_logits(m(xb), len(xb)) for xb in chunks]) for m in models])
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    for i in starts:
+        xb = x[i : i + batch_size]
+        # Shards that put a head on one shared frozen backbone get its features computed once per
+        # chunk, then each runs only its head: S heads instead of S full forwards.
+        features: dict[int, torch.Tensor] = {}
+        for out, m in zip(outs, models, strict=True):
+            shared = m.shared_backbone if isinstance(m, AdaptedModel) else None
+            if not isinstance(m, AdaptedModel) or shared is None:
+                out.append(_check_logits(m(xb), len(xb)))
+                continue
+            f = features.get(id(shared))
+            if f is None:
+                f = features[id(shared)] = shared(xb).flatten(1)
+            out.append(_check_logits(m.head(f), len(xb)))
+    return torch.stack([torch.cat(out) for out in outs])
 
 
 def _vmap(models: Sequence[nn.Module], x: torch.Tensor, starts: range, batch_size: int) -> torch.Tensor:

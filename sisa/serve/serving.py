@@ -21,7 +21,8 @@ from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
 from sisa.errors import DataError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
-from sisa.train.models import build_model
+from sisa.train.adapters import build_shard_model
+from sisa.train.backbone import Backbone, load_stored
 from sisa.train.trainer import load_checkpoint
 from sisa.unlearn.journal import requests
 
@@ -75,6 +76,7 @@ class Serving:
         self._config = config
         self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
         self._cache_lock = threading.Lock()  # the cache is shared by the threads predicting with this handle
+        self._backbone: Backbone | None = None  # the shared backbone every cached model runs on
         self._last = threading.local()  # per thread: shard -> checkpoint key of its last prediction's models
 
     @property
@@ -120,6 +122,10 @@ class Serving:
                         "run `sisa apply` (or Ensemble.apply())"
                     )
                 raise NotTrainedError(f"store {store.path} has no trained shards; run fit (sisa train) first")
+            backbone = load_stored(store, cfg, txn, self._backbone)
+            if backbone is not self._backbone:
+                self._cache.clear()  # every model ran on the old backbone (and its key named it)
+                self._backbone = backbone
             for shard, record in live.items():
                 cached = self._cache.get(shard)
                 if cached is not None and cached[0] == record["key"]:
@@ -127,7 +133,9 @@ class Serving:
                 # A stale model kept by the serve-stale policy has only its live record.
                 full = store.stage_record(txn, shard, record["stage"]) or record
                 ckpt = load_checkpoint(store.checkpoint(txn, {**full, "shard": shard}))
-                model = build_model(cfg.model, shape, cfg.data.num_classes)
+                model = build_shard_model(
+                    cfg, shape, cfg.data.num_classes, backbone.module if backbone is not None else None
+                )
                 model.load_state_dict(ckpt["model"])
                 self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
         for gone in set(self._cache) - set(live):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sisa.config.settings import SisaConfig
-from sisa.data.arrays import MAX_ID, LabeledArrays
+from sisa.data.arrays import MAX_ID, LabeledArrays, check_id_values
 from sisa.data.batches import DEFAULT_BATCH, Columns, read_source
 from sisa.errors import DataError
 from sisa.partition.placement import place
@@ -99,8 +99,20 @@ def _check_new(store: Store, data: LabeledArrays, shape: tuple[int, ...] | None,
 class _Writer:
     """The writes of one ingest call: staged batches, then one transaction that publishes them."""
 
-    def __init__(self, store: Store, config: SisaConfig, new_slice: bool) -> None:
+    def __init__(self, store: Store, config: SisaConfig, new_slice: bool, core: Any = None) -> None:
         self.store, self.config, self.new_slice = store, config, new_slice
+        # The core set this call declares: every sample (True), the listed ids, or none.
+        self.core_all = core is True
+        self.core: np.ndarray | None = None
+        if core is not None and core is not False and core is not True:
+            self.core = np.unique(check_id_values(core))
+        self.core_written: list[np.ndarray] = []  # with core=True: the ids written so far
+        if (self.core_all or self.core is not None) and config.backbone.source != "core":
+            raise DataError(
+                "core ids declare the samples a core-set backbone trains on (never deletable), and this store's "
+                f"backbone.source is {config.backbone.source}: set backbone.source: core with backbone.name, or "
+                "ingest without core ids"
+            )
         with store.read() as txn:
             self.counts = store.slice_counts(txn, config.shards, config.slices)
             self.next_number = _next_number(store, txn)
@@ -133,6 +145,26 @@ class _Writer:
         if self.scale is not None:
             extra["feature_scale"] = self.scale
         self.store.put_meta(txn, feature_shape=list(self.shape or ()), shard_slices=counts, **extra)
+        core = np.concatenate(self.core_written) if self.core_all and self.core_written else self.core
+        if core is not None and len(core):
+            self.store.put_core(txn, core)  # with the samples: a core id is never deletable, from its first instant
+            log.info("declared %d core sample(s)", len(core))
+
+    def check_core(self, ids: np.ndarray) -> None:
+        """Refuse core ids that are not among ``ids`` (the samples of this call), before any write."""
+        if self.core is None:
+            return
+        outside = self.core[~np.isin(self.core, ids)]
+        if len(outside):
+            raise DataError(
+                f"{len(outside)} core id(s) are not among the samples of this ingest (first: {outside[:5].tolist()}); "
+                "core ids must name samples given in the same call"
+            )
+
+    def written_ids(self, ids: np.ndarray) -> None:
+        """Note ids written by this call (they are all core with ``core=True``)."""
+        if self.core_all:
+            self.core_written.append(np.asarray(ids, dtype=np.int64))
 
     def conform(self, data: LabeledArrays) -> LabeledArrays:
         """``data`` in the store's feature dtype, which the first samples of a store set.
@@ -206,6 +238,7 @@ def ingest(
     probabilities: Any = None,
     batch_size: int = DEFAULT_BATCH,
     columns: Columns | None = None,
+    core: Any = None,
 ) -> int:
     """Add samples to the store, assigned to shards and slices by the partitioner, all or nothing.
 
@@ -233,6 +266,9 @@ def ingest(
             ``distribution-aware`` strategy; overrides the ``partition.probabilities`` file.
         batch_size: Samples per batch read and per write transaction.
         columns: Column names of a Ray Dataset or of dict batches.
+        core: The core set this call declares (``backbone.source: core`` only): ``True`` for
+            every sample of the call, or the ids of some of them. Core samples train the shared
+            backbone and can never be deleted (a deletion naming one is refused).
 
     Returns:
         Number of samples written.
@@ -246,7 +282,7 @@ def ingest(
     source = read_source(
         x, y, ids, num_classes=config.data.num_classes, batch_size=batch_size, columns=columns, native=True
     )
-    writer = _Writer(store, config, new_slice)
+    writer = _Writer(store, config, new_slice, core)
     if isinstance(source, LabeledArrays):
         return _ingest_arrays(writer, source, probabilities, batch_size)
     return _ingest_stream(writer, source, probabilities)
@@ -257,6 +293,8 @@ def _ingest_arrays(writer: _Writer, data: LabeledArrays, probabilities: Any, bat
     store, config = writer.store, writer.config
     data = writer.conform(number_after_stored(store, data, writer.next_number))
     _check_new(store, data, writer.shape, streaming=False)
+    writer.check_core(data.ids)
+    writer.written_ids(data.ids)
     # Everything that can fail is decided before the first write transaction opens, so a bad
     # prior leaves the store's files byte for byte as they were.
     shard, slice_, masses = place(config, data.ids, probabilities, store.meta().get("shard_mass"))
@@ -293,6 +331,11 @@ def _ingest_stream(writer: _Writer, batches: Iterator[LabeledArrays], probabilit
         )
     if probabilities is not None:
         raise DataError("probabilities= goes with array samples; a stream cannot carry them")
+    if writer.core is not None:
+        raise DataError(
+            "core ids go with array samples (checked against them before anything is written); with a stream, "
+            "pass core=True to declare every sample of the stream core, or ingest the core set as arrays"
+        )
     try:
         for batch in batches:
             data = writer.conform(number_after_stored(store, batch, writer.next_number))
@@ -300,6 +343,7 @@ def _ingest_stream(writer: _Writer, batches: Iterator[LabeledArrays], probabilit
             shard, slice_, _ = place(config, data.ids, None, None)
             writer.shape = data.feature_shape
             writer.stage(data, shard, writer.slices_for(shard, slice_), len(data))
+            writer.written_ids(data.ids)
         if writer.written == 0:
             raise DataError("the stream gave no samples (0 batches); give at least one sample")
         writer.publish(None)

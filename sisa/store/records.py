@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lmdb
 import numpy as np
 
+from sisa.config.settings import SisaConfig
 from sisa.errors import IntegrityError, StoreChangedError, StoreError
 from sisa.store.cipher import TOKEN_SIZE, new_key, new_token, xor_stream
 from sisa.store.digests import sha256
@@ -47,8 +48,12 @@ __all__ = [
 DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "requests", "deleted", "audit")
 # Tables added after format 2 was fixed: a writable open creates them, a read-only open of an older
 # store reads them as empty. ``staged``: ids an unfinished ingest wrote (invisible until it commits).
-LATER_DBS = ("staged",)
+# The shared backbone's bytes live in ``ckpt`` under :data:`BACKBONE_PREFIX` + its digest (sealed like a
+# checkpoint, so the key sweep keeps its key), described by the meta's ``backbone`` record.
+# ``core``: ids of the core set (never deletable; they train the shared backbone), key -> b"".
+LATER_DBS = ("staged", "core")
 TABLES = Tables(fixed=DBS, later=LATER_DBS)
+BACKBONE_PREFIX = "backbone-"
 T = TypeVar("T")
 
 
@@ -125,6 +130,10 @@ class Records:
 
     def meta(self, txn: lmdb.Transaction | None = None) -> dict[str, Any]:  # pragma: no cover - provided by Store
         """The store's metadata."""
+        raise NotImplementedError
+
+    def put_meta(self, txn: lmdb.Transaction, **values: Any) -> None:  # pragma: no cover - provided by Store
+        """Set metadata keys inside the caller's write transaction."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ samples
@@ -292,8 +301,45 @@ class Records:
         Raises:
             IntegrityError: If the bytes are missing or altered.
         """
-        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
         where = f"shard {record['shard']} stage {record['stage']} (trained on slices 0..{record['stage'] - 1})"
+        return self._open_checkpoint(txn, record, where)
+
+    def recipe_digest(self, txn: lmdb.Transaction, config: SisaConfig) -> str:
+        """The recipe digest stages are keyed by now: ``config``'s, with the stored backbone's digest.
+
+        A config with a backbone and none stored yet (before its first fit) gets a digest no
+        stored stage has, so nothing counts as trained until the backbone exists.
+        """
+        if not config.backbone.enabled:
+            return config.recipe_digest()
+        record = self.meta(txn).get("backbone")
+        return config.recipe_digest(record["digest"] if record else "none stored")
+
+    def backbone_bytes(self, txn: lmdb.Transaction) -> tuple[dict[str, Any], bytes] | None:
+        """The shared backbone's record (meta ``backbone``) and its bytes, checked; None if none is stored.
+
+        Raises:
+            IntegrityError: If its bytes are missing or altered.
+        """
+        record = self.meta(txn).get("backbone")
+        if record is None:
+            return None
+        return record, self._open_checkpoint(txn, record, "the shared backbone")
+
+    def put_backbone(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes) -> None:
+        """Store a backbone (``record``: ``key``, ``sha256``, ``digest``, ...) in place of the old one, in ``txn``.
+
+        The old bytes go in the same transaction; their key is destroyed by the next key sweep.
+        """
+        old = self.meta(txn).get("backbone")
+        if old is not None and old["key"] != record["key"]:
+            txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
+        txn.put(record["key"].encode(), sealed, db=self._dbs["ckpt"])
+        self.put_meta(txn, backbone=record)
+
+    def _open_checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any], where: str) -> bytes:
+        """Decrypt the ``ckpt`` entry named by ``record["key"]`` and check it against ``record["sha256"]``."""
+        raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
         if raw is None:
             raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
         token = bytes(raw[:TOKEN_SIZE])
@@ -471,6 +517,27 @@ class Records:
                 txn.delete(key, db=members)
         txn.delete(k, db=self._dbs["assign"])
         return shard, slice_, run
+
+    def put_core(self, txn: lmdb.Transaction, ids: np.ndarray) -> None:
+        """Declare stored ids part of the core set (never deletable), in the caller's transaction."""
+        core = self._dbs["core"]
+        for sid in np.asarray(ids, dtype=np.int64).tolist():
+            txn.put(id_key(sid), b"", db=core)
+
+    def core_ids(self, txn: lmdb.Transaction) -> np.ndarray:
+        """Sorted ids of the core set (empty for a store without one)."""
+        core = self._dbs.get("core")
+        if core is None:
+            return np.empty(0, dtype=np.int64)
+        keys = txn.cursor(db=core).iternext(keys=True, values=False)
+        return np.fromiter((struct.unpack(">Q", bytes(k))[0] for k in keys), dtype=np.int64)
+
+    def core_members(self, txn: lmdb.Transaction, ids: Sequence[int]) -> list[int]:
+        """Those of ``ids`` that are in the core set."""
+        core = self._dbs.get("core")
+        if core is None:
+            return []
+        return [int(i) for i in ids if txn.get(id_key(int(i)), db=core) is not None]
 
     def commit_staged(self, txn: lmdb.Transaction) -> None:
         """Publish every staged sample at once: the staged marks go in one operation (LMDB's drop)."""

@@ -52,6 +52,15 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
                 }
             )
         n = store.count_samples(txn)
+        record = meta.get("backbone")
+        core = len(store.core_ids(txn))
+        recipe = store.recipe_digest(txn, config)
+    backbone: dict[str, Any] | None = None
+    if config.backbone.enabled:
+        # Every checkpoint key covers the stored backbone's digest (none before the first fit).
+        stored = {k: record[k] for k in ("digest", "bytes", "seconds") if k in record} if record else None
+        backbone = {"source": config.backbone.source, "name": config.backbone.name, "adapter": config.model.adapter}
+        backbone.update(stored=stored, core_samples=core)
     return {
         "store": str(store.path),
         "shards": config.shards,
@@ -62,7 +71,8 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         "feature_shape": list(meta.get("feature_shape") or []),
         "num_classes": config.data.num_classes,
         "model": config.model.name,
-        "recipe": config.recipe_digest(),
+        "recipe": recipe,
+        "backbone": backbone,
         "trained_shards": len(live),
         "per_shard": shards,
     }

@@ -5,16 +5,17 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from sisa.config.settings import ModelConfig
 from sisa.errors import ModelError
 
-__all__ = ["build_model", "cnn", "mlp"]
+__all__ = ["build_model", "cnn", "dense_head", "feature_network", "import_callable", "mlp"]
 
 
-def _dense_head(
+def dense_head(
     layers: list[nn.Module], width: int, num_classes: int, hidden: Sequence[int], dropout: float
 ) -> nn.Module:
     """Append ``(Linear -> ReLU)* -> Dropout -> Linear`` to ``layers`` and wrap them.
@@ -43,7 +44,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int], dro
     Returns:
         ``Flatten -> (Linear -> ReLU)* -> Dropout -> Linear``.
     """
-    return _dense_head([nn.Flatten()], math.prod(input_shape), num_classes, hidden, dropout)
+    return dense_head([nn.Flatten()], math.prod(input_shape), num_classes, hidden, dropout)
 
 
 def cnn(
@@ -68,21 +69,82 @@ def cnn(
     Raises:
         ModelError: If the input is not an image or is too small for the pooling.
     """
+    layers, width = _conv_blocks(input_shape, channels, "model")
+    return dense_head(layers, width, num_classes, hidden, dropout)
+
+
+def _conv_blocks(input_shape: Sequence[int], channels: Sequence[int], section: str) -> tuple[list[nn.Module], int]:
+    """The CNN's conv blocks and a Flatten, and the width they output."""
     if len(input_shape) != 3:
         raise ModelError(
-            f"model 'cnn' needs image inputs (C, H, W); got sample shape {tuple(input_shape)}; use model.name=mlp"
+            f"{section} 'cnn' needs image inputs (C, H, W); got sample shape {tuple(input_shape)}; "
+            f"use {section}.name=mlp"
         )
     c, h, w = input_shape
     layers: list[nn.Module] = []
     for out in channels:
         if h < 2 or w < 2:
             raise ModelError(
-                f"input {tuple(input_shape)} is too small for {len(channels)} conv blocks; use fewer model.channels"
+                f"input {tuple(input_shape)} is too small for {len(channels)} conv blocks; use fewer {section}.channels"
             )
         layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         c, h, w = out, h // 2, w // 2
     layers.append(nn.Flatten())
-    return _dense_head(layers, c * h * w, num_classes, hidden, dropout)
+    return layers, c * h * w
+
+
+def feature_network(
+    name: str, input_shape: Sequence[int], hidden: Sequence[int], channels: Sequence[int], options: dict[str, Any]
+) -> nn.Module:
+    """A backbone: the built-in ``mlp`` / ``cnn`` without an output layer, or a ``module:callable``.
+
+    Args:
+        name: ``mlp``, ``cnn`` or ``package.module:callable`` (called as ``f(input_shape=..., **options)``).
+        input_shape: Shape of one sample.
+        hidden: Fully connected widths (after the CNN's convolutions), each followed by ReLU.
+        channels: Conv channels of ``cnn``.
+        options: Keyword arguments of a callable.
+
+    Returns:
+        A network mapping a batch of samples to features (flattened by its user).
+
+    Raises:
+        ModelError: If the callable cannot be imported, fails, or returns no ``nn.Module``.
+    """
+    if name in ("mlp", "cnn"):
+        if name == "mlp":
+            layers: list[nn.Module] = [nn.Flatten()]
+            width = math.prod(input_shape)
+        else:
+            layers, width = _conv_blocks(input_shape, channels, "backbone")
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        return nn.Sequential(*layers)
+    factory = import_callable(name, "backbone.name")
+    try:
+        net = factory(input_shape=tuple(input_shape), **options)
+    except Exception as exc:  # the user's code failed: report it as a model problem
+        raise ModelError(
+            f"backbone.name={name!r} failed to build ({type(exc).__name__}: {exc}); it is called as "
+            "f(input_shape=..., **backbone.options)"
+        ) from exc
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"backbone.name={name!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def import_callable(spec: str, where: str) -> Any:
+    """The object named by ``package.module:callable``.
+
+    Raises:
+        ModelError: If it cannot be imported (the message names the config key ``where``).
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"{where}={spec!r} cannot be imported ({exc}); check the module is on PYTHONPATH") from exc
 
 
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -105,13 +167,7 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         return mlp(input_shape, num_classes, cfg.hidden, cfg.dropout)
     if cfg.name == "cnn":
         return cnn(input_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout)
-    module_name, _, attr = cfg.name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(
-            f"model.name={cfg.name!r} cannot be imported ({exc}); check the module is on PYTHONPATH"
-        ) from exc
+    factory = import_callable(cfg.name, "model.name")
     try:
         model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
     except Exception as exc:  # the user's code failed: report it as a model problem, not a training crash

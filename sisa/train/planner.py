@@ -22,7 +22,11 @@ from sisa.config.settings import SisaConfig
 from sisa.errors import DomainUnavailableError, NotTrainedError, StoreError
 from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
-from sisa.store.digests import checkpoint_key, manifest_digest
+from sisa.store.digests import checkpoint_key, manifest_digest, sha256
+from sisa.store.records import BACKBONE_PREFIX
+from sisa.train import backbone as backbones
+from sisa.train.backbone import Backbone
+from sisa.train.core import core_source_key, train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
 from sisa.train.slices import StoredSlices
 from sisa.train.trainer import ShardJob, StageResult
@@ -100,6 +104,54 @@ class Planner:
         self.store = store
         self.config = config
         self.address = address
+        self._backbone: Backbone | None = None  # the stored backbone, loaded once (by digest)
+
+    # -------------------------------------------------------------- the shared backbone
+    def backbone(self, txn: Any) -> Backbone | None:
+        """The stored backbone, loaded once and checked; see :func:`sisa.train.backbone.load_stored`."""
+        self._backbone = backbones.load_stored(self.store, self.config, txn, self._backbone)
+        return self._backbone
+
+    def ensure_backbone(self) -> Backbone | None:
+        """Make the stored backbone the one the config names now, storing a new one if it changed.
+
+        ``pretrained``: the callable is called and its weights hashed; other weights replace
+        the stored ones. ``core``: a backbone whose source key (config, recipe, core ids)
+        differs is retrained on the core set. Either way the new digest changes the recipe,
+        so every per-shard checkpoint of the old backbone is stale and retrains.
+
+        Returns:
+            The backbone (None when the config shares none).
+        """
+        cfg, store = self.config, self.store
+        if not cfg.backbone.enabled:
+            return None
+        with store.read() as txn:
+            meta = store.meta(txn)
+            shape = tuple(meta["feature_shape"])
+            record = meta.get("backbone")
+            core = store.core_ids(txn) if cfg.backbone.source == "core" else None
+        if core is not None:
+            key = core_source_key(cfg, core)
+            if record is not None and record.get("source_key") == key:
+                with store.read() as txn:
+                    return self.backbone(txn)
+            with store.read() as txn:
+                x, y = store.load_samples(txn, core, shape, "the core set")
+            fresh = train_core(cfg, core, x, y, shape, cfg.data.num_classes)
+        else:
+            fresh = backbones.load_pretrained(cfg, shape)
+            if record is not None and record["digest"] == fresh.digest:
+                with store.read() as txn:
+                    return self.backbone(txn)
+        blob = backbones.encode(fresh)
+        new: dict[str, Any] = {"key": BACKBONE_PREFIX + fresh.digest, "sha256": sha256(blob), "digest": fresh.digest}
+        new.update(bytes=len(blob), **fresh.info)
+        sealed = store.seal_checkpoint(blob)  # its key is committed first
+        store.write(lambda txn: store.put_backbone(txn, new, sealed))
+        log.info("stored a new %s backbone %s... (%d bytes)", cfg.backbone.source, fresh.digest[:16], len(blob))
+        self._backbone = Backbone(fresh.module, fresh.digest, new)
+        return self._backbone
 
     def slice_counts(self, txn: Any) -> list[int]:
         """Number of slices of each shard (R, plus one per ``add`` that touched it)."""
@@ -157,6 +209,7 @@ class Planner:
             num_classes=self.config.data.num_classes,
             slice_sizes=slices.sizes,
             domain=domain if domain is not None else domain_id(parent),
+            backbone=self.backbone(txn),
         )
 
     def shard_jobs(
@@ -199,7 +252,7 @@ class Planner:
 
         A stage counts only in the domain of the stage before it: a chain never mixes domains.
         """
-        recipe = self.config.recipe_digest()
+        recipe = self.store.recipe_digest(txn, self.config)
         parent: dict[str, Any] | None = None
         for stage in range(1, len(slice_ids) + 1):
             record = self.store.stage_record(txn, shard, stage)
@@ -246,6 +299,7 @@ class Planner:
         cfg, store, report = self.config, self.store, FitReport()
         if store.meta().get("feature_shape") is None:
             raise NotTrainedError(f"store {store.path} holds no samples; ingest data before fit")
+        self.ensure_backbone()
         plan: list[tuple[int, int]] = []
         total_slices: dict[int, int] = {}
         with store.read() as txn:

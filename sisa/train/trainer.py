@@ -11,6 +11,7 @@ and each slice once, into one buffer on the training device.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -32,7 +33,8 @@ from sisa.errors import DomainMismatchError, IntegrityError, TrainingError
 from sisa.partition.assign import splitmix64
 from sisa.store.digests import checkpoint_key, manifest_digest, sha256, weights_digest
 from sisa.train import domain as domains
-from sisa.train.models import build_model
+from sisa.train.adapters import AdaptedModel, build_shard_model
+from sisa.train.backbone import Backbone, extract_features
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -117,6 +119,8 @@ class ShardJob:
         domain: Id of the determinism domain the job must run in (that of its parent
             checkpoint, or of the live model a replay is compared with); a worker in
             another domain refuses. ``None``: any domain (training from scratch).
+        backbone: The shared frozen backbone (``backbone.source`` other than none); its
+            digest is part of the recipe, so of every checkpoint key.
     """
 
     config: SisaConfig
@@ -129,6 +133,7 @@ class ShardJob:
     num_classes: int
     slice_sizes: tuple[int, ...] = field(default=())
     domain: str | None = None
+    backbone: Backbone | None = None
 
     def sizes(self) -> tuple[int, ...]:
         """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
@@ -256,9 +261,12 @@ class _ShardRows:
     copy the growing prefix R times (and re-upload it to a GPU every stage).
     """
 
-    def __init__(self, job: ShardJob, device: torch.device) -> None:
+    def __init__(self, job: ShardJob, device: torch.device, backbone: nn.Module | None = None) -> None:
         self.job = job
         self.device = device
+        # Head adapters train on the frozen backbone's features: each slice is turned into them
+        # once, when it is loaded, instead of passing through the backbone every epoch.
+        self.backbone = backbone
         self.sizes = job.sizes()
         if len(self.sizes) != len(job.slices):
             raise TrainingError(
@@ -281,6 +289,8 @@ class _ShardRows:
             n = len(part.ids)
             if n:
                 x, y = _source_tensor(part.x), _source_tensor(part.y)
+                if self.backbone is not None:
+                    x = extract_features(self.backbone, x.to(self.device))
                 if self.x is None or self.y is None:
                     total = sum(self.sizes)
                     self.x = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=self.device)
@@ -421,11 +431,16 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
             "its environment or software since it was probed: restart the job, or run `sisa domains` to see "
             "which nodes are in which domain"
         )
-    recipe_digest = cfg.recipe_digest()
+    frozen: nn.Module | None = None
+    if job.backbone is not None:
+        job.backbone.check()  # the bytes the recipe names, whatever carried them here
+        frozen = job.backbone.module if device.type == "cpu" else copy.deepcopy(job.backbone.module).to(device)
+    recipe_digest = cfg.recipe_digest(job.backbone.digest if job.backbone is not None else None)
     epochs = cfg.train.stage_epochs(cfg.slices)
 
     torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
-    model = build_model(cfg.model, job.input_shape, job.num_classes).to(device)
+    with deterministic(cfg.resources.threads_per_shard, device):
+        model = build_shard_model(cfg, job.input_shape, job.num_classes, frozen).to(device)
     optimizer = make_optimizer(cfg, model)
     parent_key = job.parent_key
     if job.start_stage > 0:
@@ -435,11 +450,15 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
 
-    rows = _ShardRows(job, device)
+    head_only = isinstance(model, AdaptedModel) and model.shared_backbone is not None
+    rows = _ShardRows(job, device, frozen if head_only else None)
+    trained: nn.Module = (
+        model.head if isinstance(model, AdaptedModel) and head_only else model
+    )  # a head trains on features computed once per slice
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
-        rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
         with deterministic(cfg.resources.threads_per_shard, device):
-            result = _train_stage(job, model, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
+            rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
+            result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
         yield result
         parent_key = result.key
 
@@ -447,6 +466,7 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
 def _train_stage(
     job: ShardJob,
     model: nn.Module,
+    trained: nn.Module,
     optimizer: torch.optim.Optimizer,
     stage: int,
     rows: _ShardRows,
@@ -455,7 +475,11 @@ def _train_stage(
     epochs: int,
     here: domains.Domain,
 ) -> StageResult:
-    """Train one stage in place and encode its checkpoint."""
+    """Train one stage in place and encode its checkpoint.
+
+    ``trained`` is what the rows are fed to: ``model`` itself, or its head when the rows
+    are the backbone's features; the checkpoint is ``model``'s state (the per-shard part).
+    """
     cfg = job.config
     device = torch.device(cfg.resources.device)
     started = time.perf_counter()
@@ -468,9 +492,8 @@ def _train_stage(
         # order[perm] batch by batch, so the data order depends only on the ids.
         order_t = torch.from_numpy(np.argsort(ids, kind="stable")).to(device)
         try:
-            train_epochs(
-                model, optimizer, x, y, order_t, epochs, cfg.train.batch_size, generator, precision=cfg.train.precision
-            )
+            t = cfg.train
+            train_epochs(trained, optimizer, x, y, order_t, epochs, t.batch_size, generator, precision=t.precision)
         except RuntimeError as exc:
             op = nondeterministic_op(exc)
             if op is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import lmdb
 
-from sisa.errors import DataError, DomainUnavailableError
+from sisa.errors import CoreSetError, DataError, DomainUnavailableError
 from sisa.store.erasure import erase
 from sisa.store.tombstones import deleting_requests
 from sisa.train.domain import domain_id
@@ -64,6 +64,7 @@ def delete(
 
     Raises:
         DataError: On malformed ids or ids the store never held; nothing is changed.
+        CoreSetError: If an id is in the core set (it trained the shared backbone); nothing is changed.
         ClusterConnectionError: If the Ray cluster cannot be joined (unless ``defer``);
             checked before journaling, so nothing is changed.
     """
@@ -72,6 +73,16 @@ def delete(
     secret = store.secret()
     with store.read() as txn:
         present = [i for i in wanted if store.has_sample(txn, i)]
+        core = store.core_members(txn, present)
+        core_size = len(store.core_ids(txn)) if core else 0
+    if core:
+        raise CoreSetError(
+            f"{len(core)} id(s) are in the core set (first: {core[:5]}), the {core_size} samples declared at ingest "
+            "that trained the shared backbone every shard runs on. A core sample cannot be forgotten by retraining "
+            "shards: it would take training a new backbone without it and every shard from scratch, i.e. a new "
+            "store ingested without these ids (and a core set that leaves them out). The whole request was "
+            "rejected and nothing changed; delete only non-core ids"
+        )
     present_set = set(present)
     gone = deleting_requests(store, [i for i in wanted if i not in present_set])
     unknown = sorted(set(wanted) - present_set - set(gone))

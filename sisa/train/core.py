@@ -1,0 +1,102 @@
+"""Training the shared backbone once on the core set: samples declared at ingest, never deletable.
+
+The backbone network (``backbone.name``) gets a temporary linear classifier and trains
+with the ``train`` section's optimizer, learning rate and batch size for
+``backbone.epochs`` epochs on every core sample, in sorted-id order, seeded from the
+ensemble's seed alone; then the classifier is dropped and the network frozen. Its
+*source key* (config, recipe, core ids) says when a stored backbone is still the one this
+config would train, so a fit retrains it only when one of those changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.errors import DataError
+from sisa.store.digests import manifest_digest
+from sisa.train.backbone import Backbone, build_network, feature_width, freeze
+from sisa.train.trainer import derive_seed, deterministic, make_optimizer, train_epochs
+
+__all__ = ["CORE_STREAM", "core_source_key", "train_core"]
+
+log = logging.getLogger(__name__)
+
+# The "shard" number the core training's seeds derive from: beyond any real shard (at most 4096).
+CORE_STREAM = 1 << 20
+
+
+def core_source_key(cfg: SisaConfig, core_ids: np.ndarray) -> str:
+    """Digest of everything the core-trained backbone's bytes depend on: config, recipe, core ids."""
+    train = config_to_dict(cfg.train)
+    train.pop("epochs")  # backbone.epochs counts for the core training
+    train.pop("epoch_schedule")
+    parts = {
+        "backbone": config_to_dict(cfg.backbone),
+        "train": train,
+        "seed": cfg.seed,
+        "threads": cfg.resources.threads_per_shard,
+        "core": manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))]),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def train_core(
+    cfg: SisaConfig, ids: np.ndarray, x: np.ndarray, y: np.ndarray, input_shape: Sequence[int], num_classes: int
+) -> Backbone:
+    """Train the backbone on the core set, in this process, deterministically.
+
+    Args:
+        cfg: The ensemble's config (``backbone`` and ``train`` sections, seed, threads).
+        ids: The core samples' ids.
+        x: Their features (model inputs, float32).
+        y: Their labels.
+        input_shape: Shape of one sample.
+        num_classes: Number of classes.
+
+    Returns:
+        The frozen backbone; its info holds the source key, the core size and the seconds taken.
+
+    Raises:
+        DataError: If the core set is empty.
+    """
+    if len(ids) == 0:
+        raise DataError(
+            "backbone.source: core needs a core set, and the store has none: declare core ids at ingest "
+            "(Ensemble.ingest(..., core=ids) or `sisa train --core-ids FILE`)"
+        )
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    with deterministic(cfg.resources.threads_per_shard, device):
+        torch.manual_seed(derive_seed(cfg.seed, CORE_STREAM, 0))
+        network = build_network(cfg, input_shape)
+        classifier = nn.Linear(feature_width(network, input_shape), num_classes)
+        model = nn.Sequential(network, nn.Flatten(), classifier)
+        optimizer = make_optimizer(cfg, model)
+        seed = derive_seed(cfg.seed, CORE_STREAM, 1)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.from_numpy(np.argsort(ids, kind="stable"))
+        xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+        t = cfg.train
+        train_epochs(
+            model, optimizer, xt, yt, order, cfg.backbone.epochs, t.batch_size, generator, precision=t.precision
+        )
+    seconds = time.perf_counter() - started
+    log.info("trained the backbone on %d core samples in %.1fs", len(ids), seconds)
+    info = {
+        "source": "core",
+        "name": cfg.backbone.name,
+        "source_key": core_source_key(cfg, ids),
+        "core": len(ids),
+        "seconds": round(seconds, 4),
+    }
+    return freeze(network, info)
