@@ -164,15 +164,23 @@ class Ensemble:
         return self.planner.fit(progress, shards=shards)
 
     def add(
-        self, x: Any, y: Any = None, ids: Any = None, progress: Progress | None = None, *, probabilities: Any = None
+        self,
+        x: Any,
+        y: Any = None,
+        ids: Any = None,
+        progress: Progress | None = None,
+        *,
+        probabilities: Any = None,
+        core: Any = None,
     ) -> FitReport:
         """Continual learning: add samples as a new slice of each shard they land in, train only that.
 
-        Before the first :meth:`fit` this is plain :meth:`ingest` + :meth:`fit`.
+        Before the first :meth:`fit` this is plain :meth:`ingest` + :meth:`fit`. New ``core``
+        samples change the core set, so the backbone and every shard retrain.
         """
         with self.store.read() as txn:
             trained = any(self.store.stage_records(txn, s) for s in range(self.config.shards))
-        self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities)
+        self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities, core=core)
         return self.fit(progress)
 
     def delete(self, ids: Any, *, defer: bool = False, progress: Progress | None = None) -> dict[str, Any]:

@@ -47,8 +47,9 @@ from sisa.errors import ConfigError, DataError, SisaError
 from sisa.evaluate.settings import load_evaluate_config
 from sisa.partition.placement import check_shard_sizes, place
 from sisa.store.ingest import number_after_stored
+from sisa.train.adapters import build_shard_model
+from sisa.train.backbone import build_network
 from sisa.train.domain import DOMAIN_FIX, missing_reason
-from sisa.train.models import build_model
 
 __all__ = ["main", "run"]
 
@@ -121,17 +122,43 @@ def _load_config(path: str | None, overrides: Sequence[str], stored: SisaConfig 
     return cfg
 
 
-def _preflight(cfg: SisaConfig, shape: tuple[int, ...], train: LabeledArrays | None) -> None:
+def _preflight(
+    cfg: SisaConfig, shape: tuple[int, ...], train: LabeledArrays | None, core: list[int] | None = None
+) -> None:
     """Refuse, before anything is written, what training would refuse later.
 
     The model must build for the data's sample shape (a CNN needs images, a custom
-    callable must import and run), and new data must give every shard at least
-    ``slices`` samples (else the first fit refuses, after the store was created).
+    callable must import and run, a backbone must run and have the LoRA targets), and new
+    data must give every shard at least ``slices`` samples (else the first fit refuses,
+    after the store was created). A core-set backbone needs core ids among the new samples.
     """
-    build_model(cfg.model, shape, cfg.data.num_classes)
+    backbone = build_network(cfg, shape) if cfg.backbone.enabled else None
+    build_shard_model(cfg, shape, cfg.data.num_classes, backbone)
     if train is not None:
         shard, _, _ = place(cfg, train.ids, None, None)
         check_shard_sizes(cfg, np.bincount(shard, minlength=cfg.shards).tolist())
+    if core is not None and cfg.backbone.source != "core":
+        raise ConfigError(
+            f"--core-ids declares the core set a core-trained backbone learns from, and backbone.source is "
+            f"{cfg.backbone.source}: set backbone.source=core with backbone.name, or drop --core-ids"
+        )
+    if core is not None and train is None:
+        raise ConfigError(
+            "--core-ids is declared when samples are ingested, and this store holds its training data already: "
+            "declare core samples with `sisa add --input FILE --core-ids IDS` (the backbone and every shard retrain)"
+        )
+    if core is not None and train is not None:
+        outside = sorted(set(core) - set(train.ids.tolist()))
+        if outside:
+            raise DataError(
+                f"{len(outside)} core id(s) are not ids of the training data (first: {outside[:5]}); list ids of "
+                "the samples being ingested (Fashion-MNIST and IDX samples are numbered 0..n-1)"
+            )
+    if cfg.backbone.source == "core" and core is None and train is not None:
+        raise ConfigError(
+            "backbone.source=core trains the shared backbone on a core set of never-deletable samples: give their "
+            "ids with --core-ids FILE (one id per line), or use backbone.source=pretrained"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     store = Path(args.store)
     train: LabeledArrays | None = None
+    core = _core_ids(args)
     if (store / "data.mdb").exists():
         ens = Ensemble.open(store, address=args.address, lock_timeout=args.wait)
         try:
@@ -158,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 _refuse_new_train_data(store, ens.config, cfg)
             test = load_split(cfg.data, "test")
-            _preflight(cfg, shape, train)
+            _preflight(cfg, shape, train, core)
             if cfg is not ens.config:
                 ens.reconfigure(cfg)
         except BaseException:
@@ -167,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = _load_config(args.config, args.overrides)
         train, test = load_split(cfg.data, "train", raw=True), load_split(cfg.data, "test")
-        _preflight(cfg, train.feature_shape, train)
+        _preflight(cfg, train.feature_shape, train, core)
         # Join the cluster (or start the local instance a plan of every shard needs) before the store
         # exists: a wrong address or token leaves nothing behind.
         from sisa.train import orchestrator  # Ray is imported only by commands that train
@@ -176,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             orchestrator.connect(args.address)
         ens = Ensemble.create(store, cfg, address=args.address)
     with ens:
-        ingested = ens.ingest(train) if train is not None else 0
+        ingested = ens.ingest(train, core=core) if train is not None else 0
         cfg = ens.config
         bar = progress_bar(cfg.shards * cfg.slices, "training") if not args.json else None
         report = ens.fit(progress=(lambda _r: bar.update(1)) if bar is not None else None)
@@ -260,6 +288,12 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
             f"store {result['store']}: {result['samples']} samples, {result['shards']} shards x "
             f"{slices} slices, model {result['model']}, {result['trained_shards']} shards live"
         )
+        if result["backbone"]:
+            b = result["backbone"]
+            stored = b["stored"]
+            held = f"digest {stored['digest'][:16]}, {stored['bytes']} bytes" if stored else "not stored yet (fit)"
+            core = f", core set of {b['core_samples']} samples (not deletable)" if b["source"] == "core" else ""
+            print(f"shared backbone: {b['source']} {b['name']}, {held}; per-shard {b['adapter']}{core}")
         rows = [
             [
                 s["shard"],
@@ -503,15 +537,23 @@ def load_input(args: argparse.Namespace, cfg: SisaConfig, raw: bool = False) -> 
     return load_split(data_cfg, "train", raw=raw)
 
 
+def _core_ids(args: argparse.Namespace) -> list[int] | None:
+    """The ids ``--core-ids FILE`` lists (one per line), or None."""
+    from sisa.unlearn.ids import read_ids_file
+
+    return read_ids_file(args.core_ids) if args.core_ids else None
+
+
 def cmd_add(args: argparse.Namespace) -> dict[str, Any]:
     """Add samples from a file (npz, CSV or IDX) as new slices and train only those."""
+    core = _core_ids(args)
     with _writer(args) as ens:
         data = load_input(args, ens.config, raw=ens.store.meta().get("feature_scale") is not None)
         numbered = data.numbered
         if numbered:
             data = number_after_stored(ens.store, data)
         bar, tick = _stage_bar(args, "training")
-        report = ens.add(data, progress=tick)
+        report = ens.add(data, progress=tick, core=core)
         if bar is not None:
             bar.close()
     result: dict[str, Any] = {
@@ -615,6 +657,12 @@ def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+CORE_HELP = (
+    "file of ids (one per line) of the new samples that form the core set: they train the shared backbone "
+    "(backbone.source=core) and can never be deleted"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sisa`` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -637,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common, writer], help="ingest the configured data and train (or resume)")
     train.add_argument("--config", help="YAML config (e.g. configs/fashion_mnist.yaml)")
     train.add_argument("--address", default=None, help=ADDRESS_HELP)
+    train.add_argument("--core-ids", metavar="FILE", help=CORE_HELP)
     train.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards=8 train.lr=0.01"
     )
@@ -695,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ad.add_argument("--format", choices=_FORMATS, help="the input's format (default: from its name)")
     ad.add_argument("--labels", help="IDX labels file for IDX images")
+    ad.add_argument("--core-ids", metavar="FILE", help=CORE_HELP + "; the backbone and every shard retrain")
     ad.set_defaults(func=cmd_add)
 
     re_ = sub.add_parser("resume", parents=[common, ray_opt, writer], help="finish interrupted deletions and training")
