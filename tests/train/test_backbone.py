@@ -1,0 +1,239 @@
+"""A frozen shared backbone with per-shard heads or LoRA: core set, digest in the recipe, exactness."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sisa.config.settings import load_config
+from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError, CoreSetError, DataError, ModelError
+from sisa.serve import aggregate
+from sisa.store.digests import weights_digest
+from sisa.train.adapters import AdaptedModel
+from sisa.train.trainer import load_checkpoint
+from tests.conftest import blobs, live_state, small_config, store_digest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+X, Y = blobs(600, d=10)
+CORE = np.arange(0, 600, 10)  # 60 core ids, spread over every shard
+
+HEAD = ("backbone.source=core", "backbone.name=mlp", "backbone.hidden=[16]", "backbone.epochs=3", "model.adapter=head")
+LORA = (*HEAD[:-1], "model.adapter=lora", "model.rank=2", "model.hidden=[]")
+
+
+def make(path: Path, *overrides: str, x: np.ndarray = X, y: np.ndarray = Y, ids: np.ndarray | None = None) -> Ensemble:
+    ens = Ensemble.create(path, small_config(*overrides))
+    ids = np.arange(len(x)) if ids is None else ids
+    ens.ingest(x, y, ids, core=CORE[np.isin(CORE, ids)])
+    ens.fit()
+    return ens
+
+
+def checkpoint_states(ens: Ensemble) -> list[dict[str, torch.Tensor]]:
+    with ens.store.read() as txn:
+        records = [r for s in range(ens.config.shards) for r in ens.store.stage_records(txn, s)]
+        return [load_checkpoint(ens.store.checkpoint(txn, r))["model"] for r in records]
+
+
+@pytest.mark.parametrize("adapter", [HEAD, LORA], ids=["head", "lora"])
+def test_deletion_retrains_only_the_per_shard_part_and_verify_is_bit_exact(adapter: tuple[str, ...], tmp_path: Path) -> None:
+    with make(tmp_path / "st", *adapter) as ens:
+        backbone = ens.store.meta()["backbone"]
+        # Checkpoints hold the per-shard part only: the backbone's weights are stored once, beside them.
+        for state in checkpoint_states(ens):
+            assert state and all(k.startswith(("head.", "lora.")) for k in state)
+        assert ("lora." in " ".join(checkpoint_states(ens)[0])) == ("model.adapter=lora" in adapter)
+        victims = [5, 123, 461]
+        cert = ens.delete(victims)
+        assert cert["state"] == "applied"
+        assert ens.store.meta()["backbone"] == backbone  # no deletable sample ever reached it
+        report = ens.verify()
+        assert report["ok"], report
+        live = live_state(ens)
+    # Retraining from scratch, without the deleted ids, gives the same bits: the backbone from the same
+    # core set, and every shard from its remaining samples.
+    keep = np.setdiff1d(np.arange(len(X)), victims)
+    with make(tmp_path / "fresh", *adapter, x=X[keep], y=Y[keep], ids=keep) as fresh:
+        assert fresh.store.meta()["backbone"]["digest"] == backbone["digest"]
+        assert {s: w for s, (_, w) in live_state(fresh).items()} == {s: w for s, (_, w) in live.items()}
+
+
+def test_a_core_set_deletion_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    with make(tmp_path / "st", *HEAD) as ens:
+        before = store_digest(ens.path)
+        for ids in ([int(CORE[3])], [7, int(CORE[0])]):  # a core id alone, or among others: the whole request
+            with pytest.raises(CoreSetError, match=r"core set .* trained the shared backbone.*nothing changed"):
+                ens.delete(ids)
+            with pytest.raises(CoreSetError):
+                ens.delete(ids, defer=True)
+        assert store_digest(ens.path) == before
+        assert ens.pending() == []
+    cli = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(tmp_path / "st"), "--ids", str(CORE[1])]
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode != 0 and "core set" in done.stderr
+    assert store_digest(tmp_path / "st") == before
+
+
+def test_core_ids_are_checked_at_ingest_and_nothing_is_written(tmp_path: Path) -> None:
+    with Ensemble.create(tmp_path / "st", small_config(*HEAD)) as ens:
+        before = store_digest(ens.path)
+        with pytest.raises(DataError, match="not among the samples of this ingest"):
+            ens.ingest(X, Y, core=[5, 10_000])
+        assert store_digest(ens.path) == before
+    with Ensemble.create(tmp_path / "plain", small_config()) as ens:
+        with pytest.raises(DataError, match="backbone.source is none"):
+            ens.ingest(X, Y, core=True)
+        assert ens.feature_shape is None
+    with Ensemble.create(tmp_path / "none", small_config(*HEAD)) as ens:
+        ens.ingest(X, Y)
+        with pytest.raises(DataError, match="needs a core set"):
+            ens.fit()
+
+
+def test_new_core_samples_retrain_the_backbone_and_every_shard(tmp_path: Path) -> None:
+    with make(tmp_path / "st", *HEAD) as ens:
+        old = ens.store.meta()["backbone"]["digest"]
+        keys = {s: r["key"] for s, r in live_records(ens).items()}
+        extra_x, extra_y = blobs(30, d=10, seed=5)
+        ids = np.arange(1000, 1030)
+        report = ens.add(extra_x, extra_y, ids, core=ids[:10])
+        assert ens.store.meta()["backbone"]["digest"] != old
+        assert sorted(report.trained) == list(range(ens.config.shards))
+        assert all(stages[0] == 1 for stages in report.trained.values())  # from scratch: every stage is stale
+        with ens.store.read() as txn:
+            assert not set(keys.values()) & set(ens.store.checkpoint_keys(txn))
+        assert ens.verify()["ok"]
+
+
+BACKBONE_MODULE = """
+import torch
+from torch import nn
+
+
+def build(input_shape, path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU())
+    net.load_state_dict(torch.load(path, weights_only=True))
+    return net
+"""
+
+
+def pretrained_file(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(10, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8), torch.nn.ReLU()
+    )
+    path = folder / "weights.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, ...]:
+    (tmp_path / "my_backbone.py").write_text(textwrap.dedent(BACKBONE_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = pretrained_file(tmp_path, 0)
+    return (
+        "backbone.source=pretrained",
+        "backbone.name=my_backbone:build",
+        f"backbone.options={{path: {path}}}",
+    )
+
+
+@pytest.mark.parametrize("adapter", ["head", "lora"])
+def test_a_pretrained_backbone_from_a_local_file_and_its_change_invalidates_every_checkpoint(
+    adapter: str, pretrained: tuple[str, ...], tmp_path: Path
+) -> None:
+    with Ensemble.create(tmp_path / "st", small_config(*pretrained, f"model.adapter={adapter}")) as ens:
+        ens.ingest(X, Y)
+        ens.fit()
+        stored = ens.store.meta()["backbone"]
+        weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+        assert stored["digest"] == weights_digest(weights)  # the user's weights, hashed and stored as given
+        first = {s: r["key"] for s, r in live_records(ens).items()}
+        assert ens.score(X, Y) > 0.8
+        assert ens.verify()["ok"]
+        unchanged = ens.fit()
+        assert unchanged.trained == {} and sorted(unchanged.skipped) == [0, 1, 2]
+
+        pretrained_file(tmp_path, 1)  # the user replaces the file: another backbone
+        report = ens.fit()
+        assert ens.store.meta()["backbone"]["digest"] != stored["digest"]
+        assert {s: stages[0] for s, stages in report.trained.items()} == {0: 1, 1: 1, 2: 1}
+        with ens.store.read() as txn:
+            assert not set(first.values()) & set(ens.store.checkpoint_keys(txn))
+        assert ens.verify()["ok"]
+
+
+def live_records(ens: Ensemble) -> dict[int, dict[str, object]]:
+    with ens.store.read() as txn:
+        return ens.store.live(txn)
+
+
+def test_the_ensemble_computes_shared_features_once_and_matches_each_full_forward(tmp_path: Path) -> None:
+    with make(tmp_path / "st", *HEAD) as ens:
+        models = list(ens.live_models().values())
+        assert all(isinstance(m, AdaptedModel) and m.shared_backbone is models[0].shared_backbone for m in models)
+        x = torch.from_numpy(X[:100])
+        with torch.no_grad():
+            each = torch.stack([m.eval()(x) for m in models])
+        assert torch.equal(aggregate.shard_logits(models, x, backend="loop"), each)
+        assert np.array_equal(ens.predict(X[:100]), each.softmax(-1).mean(0).argmax(1).numpy())
+
+
+def test_cnn_backbone_with_lora_on_its_convolutions(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).normal(size=(240, 1, 6, 6)).astype(np.float32)
+    labels = (images[:, 0, :3].sum((1, 2)) > 0).astype(np.int64)
+    cnn = ("backbone.source=core", "backbone.name=cnn", "backbone.channels=[3]", "backbone.hidden=[]")
+    over = (*cnn, "backbone.epochs=2", "model.adapter=lora", "model.targets=['0']", "data.num_classes=2")
+    ens = Ensemble.create(tmp_path / "st", small_config(*over, "shards=2", "slices=2"))
+    with ens:
+        ens.ingest(images, labels, core=np.arange(40))
+        ens.fit()
+        state = checkpoint_states(ens)[0]
+        assert sorted(state)[:2] == ["head.0.bias", "head.0.weight"]
+        assert state["lora.0.a"].shape == (4, 1, 3, 3) and state["lora.0.b"].shape == (3, 4, 1, 1)  # rank 4
+        assert ens.verify()["ok"]
+
+
+def test_bad_lora_targets_and_configs_say_how_to_fix_them(tmp_path: Path) -> None:
+    lora = (*HEAD[:-1], "model.adapter=lora")
+    with pytest.raises(ConfigError, match=r"model.targets\[0\] must be a string, got 9"):
+        small_config(*lora, "model.targets=[9]")  # layer names are strings, even a Sequential's indices
+    with Ensemble.create(tmp_path / "st", small_config(*lora, "model.targets=['9']")) as ens:
+        ens.ingest(X, Y, core=CORE)
+        with pytest.raises(ModelError, match=r"model.targets \['9'\].*layers are: \['1'\]"):
+            ens.fit()
+    with pytest.raises(ConfigError, match="set model.adapter: head"):
+        load_config(None, list(HEAD[:-1]))
+    with pytest.raises(ConfigError, match="backbone.source is none"):
+        load_config(None, ["model.adapter=head"])
+    with pytest.raises(ConfigError, match="needs backbone.name: 'package.module:callable'"):
+        load_config(None, ["backbone.source=pretrained", "backbone.name=mlp", "model.adapter=head"])
+
+
+def test_the_backbone_digest_is_part_of_the_recipe() -> None:
+    cfg = small_config(*HEAD)
+    assert cfg.recipe_digest("a" * 64) != cfg.recipe_digest("b" * 64)
+    assert cfg.recipe("a" * 64)["backbone"]["digest"] == "a" * 64
+    with pytest.raises(ConfigError):
+        cfg.recipe_digest()
+    plain = small_config()
+    assert "adapter" not in plain.recipe()["model"]  # stores from before adapters keep their keys
+
+
+def test_stored_backbone_bytes_are_weights_only(tmp_path: Path) -> None:
+    with make(tmp_path / "st", *HEAD) as ens:
+        with ens.store.read() as txn:
+            record, blob = ens.store.backbone_bytes(txn)  # type: ignore[misc]
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+        assert weights_digest(state["state"]) == record["digest"]
+        assert record["core"] == len(CORE) and record["bytes"] == len(blob)
