@@ -45,7 +45,9 @@ def checkpoint_states(ens: Ensemble) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("adapter", [HEAD, LORA], ids=["head", "lora"])
-def test_deletion_retrains_only_the_per_shard_part_and_verify_is_bit_exact(adapter: tuple[str, ...], tmp_path: Path) -> None:
+def test_deletion_retrains_only_the_per_shard_part_and_verify_is_bit_exact(
+    adapter: tuple[str, ...], tmp_path: Path
+) -> None:
     with make(tmp_path / "st", *adapter) as ens:
         backbone = ens.store.meta()["backbone"]
         # Checkpoints hold the per-shard part only: the backbone's weights are stored once, beside them.
