@@ -433,19 +433,29 @@ class RemoteSlices(LazySlices):
         self.__init__(state["refs"])  # type: ignore[misc]
 
 
-def ship(job: ShardJob) -> ShardJob:
+def ship(job: ShardJob, backbones: dict[str, Any] | None = None) -> ShardJob:
     """The job as it travels to a task: its slices loaded, or put one by one as refs.
 
     With ``resources.stream_slices`` each slice is read and put into the object store
     on its own, so the driver holds one slice at a time and the task fetches slice r
-    when stage r starts; otherwise the whole shard goes as one argument.
+    when stage r starts; otherwise the whole shard goes as one argument. A shared
+    backbone goes as a ref to one copy in the object store, which every task fetches.
 
     Args:
         job: A job whose slices may be lazy (read from the store on indexing).
+        backbones: Digest -> ref of the backbones already put by the caller's run (filled
+            here), so its S tasks and their retries share one copy instead of each carrying
+            the weights in its argument.
 
     Returns:
         A picklable job with the same content.
     """
+    if job.backbone is not None:
+        held = {} if backbones is None else backbones
+        ref = held.get(job.backbone.digest)
+        if ref is None:
+            ref = held[job.backbone.digest] = ray.put(job.backbone)
+        job = dataclasses.replace(job, backbone=None, backbone_ref=ref)
     if job.config.resources.stream_slices:
         refs = [ray.put(job.slices[r]) for r in range(len(job.slices))]
         return dataclasses.replace(job, slices=RemoteSlices(refs), slice_sizes=job.sizes())
@@ -456,6 +466,8 @@ def ship(job: ShardJob) -> ShardJob:
 def _shard_task(job: ShardJob) -> Iterator[StageResult]:
     # A plain generator: Ray streams each yield back as its own object. Ray itself never
     # retries it (max_retries=0): run_jobs resubmits from the last stage it received.
+    if job.backbone_ref is not None:
+        job = dataclasses.replace(job, backbone=ray.get(job.backbone_ref), backbone_ref=None)
     yield from train_shard(job)
 
 
@@ -529,6 +541,7 @@ def run_jobs(
     retries: list[Retry] = []
     domain_map: dict[str, routing.DomainNodes] | None = None
     refuse_or = unavailable or _refuse
+    backbones: dict[str, Any] = {}  # the shared backbone, put into the object store once for every task
 
     def route(job: ShardJob) -> tuple[ShardJob | None, routing.DomainNodes | None]:
         nonlocal domain_map
@@ -556,7 +569,7 @@ def run_jobs(
             retry_exceptions=False,  # a bug in training is not fixed by running it again
             name=f"sisa-shard-{routed.shard}",
             **routing.task_options(res, where),  # pinned worker; only its domain's nodes
-        ).remote(ship(routed))
+        ).remote(ship(routed, backbones))
         running[routed.shard] = routed
         owner[id(gen)] = routed.shard
         started[id(gen)] = gen

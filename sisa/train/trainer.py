@@ -121,6 +121,8 @@ class ShardJob:
             another domain refuses. ``None``: any domain (training from scratch).
         backbone: The shared frozen backbone (``backbone.source`` other than none); its
             digest is part of the recipe, so of every checkpoint key.
+        backbone_ref: Where the orchestrator put the backbone instead (a Ray object ref,
+            put once for all of a fit's tasks); the task resolves it into ``backbone``.
     """
 
     config: SisaConfig
@@ -134,6 +136,7 @@ class ShardJob:
     slice_sizes: tuple[int, ...] = field(default=())
     domain: str | None = None
     backbone: Backbone | None = None
+    backbone_ref: Any = None
 
     def sizes(self) -> tuple[int, ...]:
         """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
