@@ -144,8 +144,10 @@ def _preflight(
         )
     if core is not None and train is None:
         raise ConfigError(
-            "--core-ids is declared when samples are ingested, and this store holds its training data already: "
-            "declare core samples with `sisa add --input FILE --core-ids IDS` (the backbone and every shard retrain)"
+            "--core-ids names another core set than this store's, and the store holds its training data already: "
+            "the core set is declared when samples are ingested (re-running `sisa train` with the same file is "
+            "fine); add core samples with `sisa add --input FILE --core-ids IDS` (the backbone and every shard "
+            "retrain), or train the new core set into another --store"
         )
     if core is not None and train is not None:
         outside = sorted(set(core) - set(train.ids.tolist()))
@@ -185,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 shape = train.feature_shape
             else:
                 _refuse_new_train_data(store, ens.config, cfg)
+                core = _same_core(ens, core)
             test = load_split(cfg.data, "test")
             _preflight(cfg, shape, train, core)
             if cfg is not ens.config:
@@ -535,6 +538,18 @@ def load_input(args: argparse.Namespace, cfg: SisaConfig, raw: bool = False) -> 
         cfg.data, dataset=fmt, train=str(args.input), train_labels=args.labels, train_limit=None
     )
     return load_split(data_cfg, "train", raw=raw)
+
+
+def _same_core(ens: Ensemble, core: list[int] | None) -> list[int] | None:
+    """None when ``core`` is the store's core set already (``train`` re-run on its store), else ``core``.
+
+    The preflight then refuses a different core set on a store that holds its data.
+    """
+    if core is None:
+        return None
+    with ens.store.read() as txn:
+        stored = ens.store.core_ids(txn)
+    return None if set(core) == set(stored.tolist()) else core
 
 
 def _core_ids(args: argparse.Namespace) -> list[int] | None:
