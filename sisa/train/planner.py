@@ -23,6 +23,7 @@ from sisa.errors import DomainUnavailableError, NotTrainedError, StoreError
 from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
 from sisa.store.digests import checkpoint_key, manifest_digest, sha256
+from sisa.store.erasure import erase
 from sisa.store.records import BACKBONE_PREFIX
 from sisa.train import backbone as backbones
 from sisa.train.backbone import Backbone
@@ -149,6 +150,9 @@ class Planner:
         new.update(bytes=len(blob), **fresh.info)
         sealed = store.seal_checkpoint(blob)  # its key is committed first
         store.write(lambda txn: store.put_backbone(txn, new, sealed))
+        # The replaced backbone's bytes stay in free pages until reused: destroying their key now (and
+        # compacting the key file) makes them unreadable at once, not at the next deletion's sweep.
+        erase(store, [])
         log.info("stored a new %s backbone %s... (%d bytes)", cfg.backbone.source, fresh.digest[:16], len(blob))
         self._backbone = Backbone(fresh.module, fresh.digest, new)
         return self._backbone

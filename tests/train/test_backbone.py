@@ -19,7 +19,7 @@ from sisa.serve import aggregate
 from sisa.store.digests import weights_digest
 from sisa.train.adapters import AdaptedModel
 from sisa.train.trainer import load_checkpoint
-from tests.conftest import blobs, live_state, small_config, store_digest
+from tests.conftest import blobs, files_containing, live_state, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -166,9 +166,17 @@ def test_a_pretrained_backbone_from_a_local_file_and_its_change_invalidates_ever
         unchanged = ens.fit()
         assert unchanged.trained == {} and sorted(unchanged.skipped) == [0, 1, 2]
 
+        with ens.store.read() as txn:
+            sealed = ens.store.sealed_checkpoint(txn, stored)
+            assert sealed is not None
+            with ens.store.key_snapshot(txn) as ktxn:
+                old_key = ens.store.keys.checkpoint_key(ktxn, sealed[:16])
+        assert old_key is not None and files_containing(ens.path, old_key)
+
         pretrained_file(tmp_path, 1)  # the user replaces the file: another backbone
         report = ens.fit()
         assert ens.store.meta()["backbone"]["digest"] != stored["digest"]
+        assert files_containing(ens.path, old_key) == []  # the replaced weights' key is on no file
         assert {s: stages[0] for s, stages in report.trained.items()} == {0: 1, 1: 1, 2: 1}
         with ens.store.read() as txn:
             assert not set(first.values()) & set(ens.store.checkpoint_keys(txn))
