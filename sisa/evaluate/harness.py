@@ -490,12 +490,19 @@ def evaluate(
         and ``sisa_base`` are those of the first group (the clean data's when a clean spec is given).
 
     Raises:
-        ConfigError: On unknown methods or no forget set.
+        ConfigError: On unknown methods, no forget set, or a config with a shared backbone.
         DataError: On a forget set that is empty or covers all data.
     """
     methods = parse_methods(list(methods))
     if not forgets:
         raise ConfigError("no forget set given; pass e.g. random:0.01, random:0.1 or class:3")
+    if cfg.backbone.enabled:
+        # Its retrain baselines train model.name whole, which is not the network a backbone ensemble runs.
+        raise ConfigError(
+            f"sisa evaluate compares SISA trained from scratch with retraining one model; this config shares a "
+            f"backbone (backbone.source={cfg.backbone.source}). Measure it with scripts/bench_backbone.py, or set "
+            "backbone.source=none model.adapter=none"
+        )
     say = progress or (lambda msg: log.info("%s", msg))
     workdir = Path(workdir)
     settings = settings if settings is not None else EvaluateConfig()

@@ -150,3 +150,13 @@ def test_cli_rejects_bad_requests_before_any_work(tmp_path: Path, capsys: pytest
     assert main(["evaluate", "--out", str(out), "evaluate.prune.mode=melt"]) == 2
     assert "evaluate.prune.mode" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_evaluate_refuses_a_shared_backbone_config_and_says_where_it_is_measured(tmp_path: Path) -> None:
+    from sisa.evaluate.harness import evaluate, parse_forget
+    from tests.conftest import small_config
+
+    cfg = small_config("backbone.source=core", "backbone.name=mlp", "model.adapter=head")
+    with pytest.raises(ConfigError, match="scripts/bench_backbone.py"):
+        evaluate(cfg, [parse_forget("random:0.1")], workdir=tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
