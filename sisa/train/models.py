@@ -121,17 +121,28 @@ def feature_network(
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         return nn.Sequential(*layers)
-    factory = import_callable(name, "backbone.name")
+    return _call(
+        name, "backbone.name", "f(input_shape=..., **backbone.options)", input_shape=tuple(input_shape), **options
+    )
+
+
+def _call(spec: str, where: str, signature: str, **kwargs: Any) -> nn.Module:
+    """Call the user's ``package.module:callable`` named by config key ``where``; it must return an ``nn.Module``.
+
+    Raises:
+        ModelError: If it cannot be imported, fails (as a model problem, not a training crash), or
+            returns something else; the message shows how it is called (``signature``).
+    """
+    factory = import_callable(spec, where)
     try:
-        net = factory(input_shape=tuple(input_shape), **options)
-    except Exception as exc:  # the user's code failed: report it as a model problem
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code failed: report it as a model problem, not a training crash
         raise ModelError(
-            f"backbone.name={name!r} failed to build ({type(exc).__name__}: {exc}); it is called as "
-            "f(input_shape=..., **backbone.options)"
+            f"{where}={spec!r} failed to build ({type(exc).__name__}: {exc}); it is called as {signature}"
         ) from exc
-    if not isinstance(net, nn.Module):
-        raise ModelError(f"backbone.name={name!r} returned {type(net).__name__}, not a torch.nn.Module")
-    return net
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{where}={spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def import_callable(spec: str, where: str) -> Any:
@@ -167,14 +178,7 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
         return mlp(input_shape, num_classes, cfg.hidden, cfg.dropout)
     if cfg.name == "cnn":
         return cnn(input_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout)
-    factory = import_callable(cfg.name, "model.name")
-    try:
-        model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options)
-    except Exception as exc:  # the user's code failed: report it as a model problem, not a training crash
-        raise ModelError(
-            f"model.name={cfg.name!r} failed to build ({type(exc).__name__}: {exc}); it is called as "
-            "f(input_shape=..., num_classes=..., **model.options)"
-        ) from exc
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model.name={cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    signature = "f(input_shape=..., num_classes=..., **model.options)"
+    return _call(
+        cfg.name, "model.name", signature, input_shape=tuple(input_shape), num_classes=num_classes, **cfg.options
+    )
