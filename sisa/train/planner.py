@@ -275,7 +275,9 @@ class Planner:
             parent = record
         return len(slice_ids), parent
 
-    def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
+    def fit(
+        self, progress: Progress | None = None, *, shards: Sequence[int] | None = None, refresh_backbone: bool = True
+    ) -> FitReport:
         """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray (or without it).
 
         Without an address, a plan of one shard trains on this machine without Ray
@@ -287,6 +289,10 @@ class Planner:
         Args:
             progress: Called after each stage is committed (e.g. to advance a progress bar).
             shards: Train only these shards (an apply of chosen requests); default: all.
+            refresh_backbone: First make the stored backbone the one the config names now
+                (:meth:`ensure_backbone`: call a pretrained callable, retrain a core backbone whose
+                inputs changed). A deletion's retrain passes False: it runs on the stored backbone,
+                so a weights file replaced meanwhile never turns a deletion into a full retrain.
 
         Returns:
             What was trained.
@@ -303,7 +309,8 @@ class Planner:
         cfg, store, report = self.config, self.store, FitReport()
         if store.meta().get("feature_shape") is None:
             raise NotTrainedError(f"store {store.path} holds no samples; ingest data before fit")
-        self.ensure_backbone()
+        if refresh_backbone:
+            self.ensure_backbone()
         plan: list[tuple[int, int]] = []
         total_slices: dict[int, int] = {}
         with store.read() as txn:

@@ -173,7 +173,7 @@ def apply(
     started = time.time()
     shards = None if requests is None else sorted({int(s) for r in chosen for s in r["shards"]})
     try:
-        report = planner.fit(progress, shards=shards)
+        report = planner.fit(progress, shards=shards, refresh_backbone=False)
     except DomainUnavailableError as exc:
         # resources.on_missing_domain: refuse. The requests stay journaled (their ids are gone and
         # their shards out of service); say so, and how they get applied.

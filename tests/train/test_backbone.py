@@ -174,7 +174,11 @@ def test_a_pretrained_backbone_from_a_local_file_and_its_change_invalidates_ever
         assert old_key is not None and files_containing(ens.path, old_key)
 
         pretrained_file(tmp_path, 1)  # the user replaces the file: another backbone
-        report = ens.fit()
+        # A deletion runs on the stored backbone: it retrains one shard's part, never everything.
+        cert = ens.delete([42])
+        assert len(cert["retrained_shards"]) == 1
+        assert ens.store.meta()["backbone"]["digest"] == stored["digest"]
+        report = ens.fit()  # an explicit fit takes the new backbone
         assert ens.store.meta()["backbone"]["digest"] != stored["digest"]
         assert files_containing(ens.path, old_key) == []  # the replaced weights' key is on no file
         assert {s: stages[0] for s, stages in report.trained.items()} == {0: 1, 1: 1, 2: 1}
