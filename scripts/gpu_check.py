@@ -38,6 +38,10 @@ this very process in the shard workers' domain, not in a pinned child started pe
 8. **bf16**: the monolithic model twice more under ``train.precision=bf16`` (autocast):
    its time against fp32, whether the two runs are bit-identical (they must be) and
    whether its weights differ from fp32's (they should).
+9. **Shared backbone**: the same packed config with a backbone (the config's network
+   without its output layer) trained on the first 10% of the ids and LoRA adapters plus a
+   head per shard: fit, one deletion, and ``verify`` of the retrained shard on the device
+   (``backbone_verify``).
 
 Without CUDA, or with ``--tiny`` (or ``SISA_GPU_CHECK_TINY=1``), the same steps run as a
 CPU smoke test on tiny settings (``configs/tiny.yaml``: 1,200 samples, small MLP, 4
@@ -75,7 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.settings import BackboneConfig, SisaConfig, config_to_dict, load_config  # noqa: E402
 from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import DataError, SisaError  # noqa: E402
@@ -284,6 +288,42 @@ def cpu_store_check(train: LabeledArrays, path: Path, gpu_domain: str) -> dict[s
     }
 
 
+def backbone_check(cfg: SisaConfig, train: LabeledArrays, path: Path, device: str) -> dict[str, Any]:
+    """A shared frozen backbone with LoRA adapters, packed like the plain store: fit, one deletion, verify.
+
+    The backbone is the config's own network without its output layer, trained on a core set of
+    the first 10% of the ids; each shard trains LoRA on every Linear/Conv2d of it plus a head.
+    """
+    b = dataclasses.replace(
+        cfg,
+        backbone=BackboneConfig(
+            source="core", name=cfg.model.name, hidden=cfg.model.hidden, channels=cfg.model.channels, epochs=2
+        ),
+        model=dataclasses.replace(cfg.model, adapter="lora"),
+    )
+    core = np.sort(train.ids)[: max(1, len(train) // 10)]
+    with Ensemble.create(path, b) as ens:
+        ens.ingest(train, core=core)
+        t0 = time.perf_counter()
+        ens.fit()
+        fit_s = time.perf_counter() - t0
+        victim = int(np.sort(train.ids)[-1])  # never core: the core set is the lowest ids
+        t0 = time.perf_counter()
+        cert = ens.delete([victim])
+        delete_s = time.perf_counter() - t0
+        check = replay_check(ens, [int(s) for s in cert["retrained_shards"]] or None, device)
+        backbone = ens.store.meta()["backbone"]
+    print(f"backbone + LoRA: fit {fit_s:.1f}s, deletion {delete_s:.2f}s, verify ok={check['ok']}", flush=True)
+    return {
+        "core": len(core),
+        "backbone_bytes": backbone["bytes"],
+        "backbone_train_s": backbone["seconds"],
+        "fit_s": fit_s,
+        "delete_s": delete_s,
+        **check,
+    }
+
+
 def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Every step, filling ``result`` as it goes (so a failure still leaves what was measured)."""
     cuda, config, shards, gpus, overrides, cfg = settings(args)
@@ -394,6 +434,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
             flush=True,
         )
 
+        result["backbone"] = backbone_check(cfg, train, workdir / "backbone", cfg.resources.device)
         cpu = cpu_store_check(train, workdir / "cpu", str(result["domain"]["id"]))
         result["cpu_store_verify"] = cpu
         print(f"cpu store: domain {cpu['description']}; verify ok={cpu['ok']} on {cpu['replay_devices']}", flush=True)
@@ -406,6 +447,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
         "repeat_identical": result["repeat_identical"],
         "gpu_store_verify": result["gpu_store_verify"]["ok"],
         "cpu_store_verify": result["cpu_store_verify"]["ok"],
+        "backbone_verify": result["backbone"]["ok"],
     }
     if cuda:  # two domains on a GPU machine (device cuda vs cpu); in the smoke run both stores are the CPU's
         checks["cpu_and_gpu_domains_differ"] = result["cpu_store_verify"]["differs_from_gpu_store_domain"]

@@ -3,7 +3,8 @@
 # another; the determinism domain they trained in (printed as "domain: ID (...)"); the packed fit
 # repeated (repeat_identical: every stage bit-identical); one deletion vs a monolithic retrain and
 # verify on cuda in the live domain (gpu_store_verify); a small gpus_per_shard=0 store fitted and
-# verified on the CPU (cpu_store_verify); bf16. Estimated well under 8 minutes on one H100/H200;
+# verified on the CPU (cpu_store_verify); bf16; a shared core-set backbone with LoRA per shard,
+# one deletion and verify on the device (backbone_verify). Estimated well under 8 minutes on one H100/H200;
 # not yet run on a GPU, so no GPU numbers exist until someone does. The Python restarts itself once
 # pinned to resources.cpu_isa. Exit status 1 unless every entry of the JSON's "checks" holds.
 # Without CUDA, or with --tiny / SISA_GPU_CHECK_TINY=1, a CPU smoke run on tiny settings (about a
