@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -270,6 +271,7 @@ class _ShardRows:
         # Head adapters train on the frozen backbone's features: each slice is turned into them
         # once, when it is loaded, instead of passing through the backbone every epoch.
         self.backbone = backbone
+        self.feature_seconds = 0.0  # spent in the feature pass: compute, counted in the stage that needed it
         self.sizes = job.sizes()
         if len(self.sizes) != len(job.slices):
             raise TrainingError(
@@ -293,7 +295,9 @@ class _ShardRows:
             if n:
                 x, y = _source_tensor(part.x), _source_tensor(part.y)
                 if self.backbone is not None:
+                    started = time.perf_counter()
                     x = extract_features(self.backbone, x.to(self.device))
+                    self.feature_seconds += time.perf_counter() - started
                 if self.x is None or self.y is None:
                     total = sum(self.sizes)
                     self.x = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=self.device)
@@ -455,13 +459,15 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
 
     head_only = isinstance(model, AdaptedModel) and model.shared_backbone is not None
     rows = _ShardRows(job, device, frozen if head_only else None)
-    trained: nn.Module = (
-        model.head if isinstance(model, AdaptedModel) and head_only else model
-    )  # a head trains on features computed once per slice
+    # a head trains on the features computed once per slice
+    trained: nn.Module = model.head if isinstance(model, AdaptedModel) and head_only else model
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
         with deterministic(cfg.resources.threads_per_shard, device):
+            before = rows.feature_seconds
             rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
             result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
+        if rows.feature_seconds > before:  # the feature pass of the slices this stage loaded is its compute too
+            result = dataclasses.replace(result, seconds=result.seconds + rows.feature_seconds - before)
         yield result
         parent_key = result.key
 
