@@ -105,7 +105,12 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
             "repeat_identical",
             "gpu_store_verify",
             "cpu_store_verify",
+            "backbone_verify",
         ),
         True,
     )
+    # The shared-backbone store (LoRA per shard) verified its retrained shard bit for bit, on the device.
+    backbone = result["backbone"]
+    assert backbone["bit_identical"] is True and backbone["replay_devices"] == ["cpu"] and len(backbone["shards"]) == 1
+    assert backbone["backbone_bytes"] > 0 and backbone["core"] > 0
     assert result["ok"] is True and "all checks hold" in proc.stdout
