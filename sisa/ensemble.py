@@ -133,6 +133,7 @@ class Ensemble:
         new = config_to_dict(config)
         self.store.write(lambda txn: self.store.put_meta(txn, config=new))
         self.planner.config = config
+        self._serving.clear()  # loaded models were built as the old config's networks
 
     def ingest(
         self,

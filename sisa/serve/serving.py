@@ -18,7 +18,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
-from sisa.errors import DataError, NotTrainedError, StoreChangedError
+from sisa.errors import DataError, ModelError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
 from sisa.train.adapters import build_shard_model
@@ -136,7 +136,15 @@ class Serving:
                 model = build_shard_model(
                     cfg, shape, cfg.data.num_classes, backbone.module if backbone is not None else None
                 )
-                model.load_state_dict(ckpt["model"])
+                try:
+                    model.load_state_dict(ckpt["model"])
+                except RuntimeError as exc:  # another network than the one it was trained as
+                    raise ModelError(
+                        f"the live model of shard {shard} was trained as another network than the store's config "
+                        f"builds now (the model, adapter or backbone settings changed since): run `sisa train "
+                        f"--store {store.path}` (Ensemble.fit) to retrain under the new config. torch said: "
+                        f"{str(exc).splitlines()[0]}"
+                    ) from exc
                 self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
         for gone in set(self._cache) - set(live):
             del self._cache[gone]

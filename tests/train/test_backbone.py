@@ -251,3 +251,13 @@ def test_stored_backbone_bytes_are_weights_only(tmp_path: Path) -> None:
         state = torch.load(io.BytesIO(blob), weights_only=True)
         assert weights_digest(state["state"]) == record["digest"]
         assert record["core"] == len(CORE) and record["bytes"] == len(blob)
+
+
+def test_live_models_of_another_network_are_refused_with_the_fix(tmp_path: Path) -> None:
+    with make(tmp_path / "st", *HEAD) as ens:
+        before = ens.predict(X[:20])
+        ens.reconfigure(small_config(*LORA))  # another per-shard network: the live heads no longer fit it
+        with pytest.raises(ModelError, match=r"shard 0 was trained as another network.*sisa train --store"):
+            ens.predict(X[:20])
+        ens.reconfigure(small_config(*HEAD))
+        assert np.array_equal(ens.predict(X[:20]), before)
