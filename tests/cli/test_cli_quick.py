@@ -38,17 +38,25 @@ def plain_env(env_python: dict[str, str], **extra: str) -> dict[str, str]:
 
 def sisa(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], int]:
     """Run ``python -m sisa.cli ARGS``; the result and the process id (its Ray session is named after it)."""
+    started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sisa.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    _STARTED[proc.pid] = started
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+
+# When each process run by :func:`sisa` started: pids are reused, and a machine's /tmp/ray may keep the
+# session folders of an earlier process with the same pid (seen on a long-lived dev machine).
+_STARTED: dict[int, float] = {}
 
 
 def ray_sessions(pid: int) -> list[Path]:
     """Ray session folders a driver of process ``pid`` created (Ray names them after the driver's pid)."""
     root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
-    return sorted(root.glob(f"session_*_{pid}"))
+    since = _STARTED.get(pid, 0.0) - 1.0  # a second of slack for coarse file times
+    return sorted(p for p in root.glob(f"session_*_{pid}") if p.stat().st_mtime >= since)
 
 
 def still_running(pid: int, seconds: float = 15.0) -> list[str]:
