@@ -532,6 +532,11 @@ class Records:
         keys = txn.cursor(db=core).iternext(keys=True, values=False)
         return np.fromiter((struct.unpack(">Q", bytes(k))[0] for k in keys), dtype=np.int64)
 
+    def core_count(self, txn: lmdb.Transaction) -> int:
+        """Number of ids in the core set (the table's entry count: no scan)."""
+        core = self._dbs.get("core")
+        return 0 if core is None else int(txn.stat(core)["entries"])
+
     def core_members(self, txn: lmdb.Transaction, ids: Sequence[int]) -> list[int]:
         """Those of ``ids`` that are in the core set."""
         core = self._dbs.get("core")

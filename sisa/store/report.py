@@ -53,7 +53,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
             )
         n = store.count_samples(txn)
         record = meta.get("backbone")
-        core = len(store.core_ids(txn))
+        core = store.core_count(txn)
         recipe = store.recipe_digest(txn, config)
     backbone: dict[str, Any] | None = None
     if config.backbone.enabled:

@@ -74,7 +74,7 @@ def delete(
     with store.read() as txn:
         present = [i for i in wanted if store.has_sample(txn, i)]
         core = store.core_members(txn, present)
-        core_size = len(store.core_ids(txn)) if core else 0
+        core_size = store.core_count(txn)
     if core:
         raise CoreSetError(
             f"{len(core)} id(s) are in the core set (first: {core[:5]}), the {core_size} samples declared at ingest "
