@@ -53,7 +53,20 @@ class Ensemble:
         """
         require_config(config)
         layout = {"feature_shape": None, "shard_slices": [config.slices] * config.shards}
-        return cls(Store.create(path, {"config": config_to_dict(config), **layout}), address)
+        return cls._around(Store.create(path, {"config": config_to_dict(config), **layout}), address)
+
+    @classmethod
+    def _around(cls, store: Store, address: str | None) -> Ensemble:
+        """An ensemble on ``store``; if building it raises (a bad stored config, say), the store is closed.
+
+        Without this the store's LMDB environments and its writer lock would stay held by an
+        object nobody can reach, and every later writable open in this process would fail.
+        """
+        try:
+            return cls(store, address)
+        except BaseException:
+            store.close()
+            raise
 
     @classmethod
     def open(
@@ -82,7 +95,7 @@ class Ensemble:
             ConfigError: If a ``config`` is passed.
         """
         refuse_config_at_open(config)
-        ens = cls(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
+        ens = cls._around(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
         try:
             if resume and not readonly:
                 unlearn.finish_interrupted(ens.planner)
