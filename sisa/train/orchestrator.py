@@ -19,16 +19,17 @@ checkpoint's determinism domain (:mod:`sisa.train.routing`); when there is none,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
-import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import ray
 
 from sisa.config.settings import ResourcesConfig
@@ -274,46 +275,56 @@ def abandon_local_instance() -> bool:
 
     For a command-line process about to exit (``os._exit``): ``ray.shutdown()`` stops the
     instance gracefully and waits (about 1.4 s), which a finished command need not. Every
-    process of the node and their children (raylet, GCS, agents, workers) get SIGKILL, so
-    none is left running. Not for a library caller that goes on using Ray.
+    process of the node (raylet, GCS, agents) and every descendant of theirs (workers, and
+    whatever a task started) gets SIGKILL, so none is left running. Not for a library caller
+    that goes on using Ray.
 
     Returns:
         Whether there was such an instance.
     """
+    global _started_local
     if not started_local_instance():
         return False
     node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 - no public handle on the node
     if node is None:
         return False
-    pids = {p.process.pid for procs in node.all_processes.values() for p in procs}
-    for pid in sorted(pids):
-        pids |= _children(pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    _kill_trees({p.process.pid for procs in node.all_processes.values() for p in procs})
+    _started_local = False
     return True
 
 
-def _children(parent: int) -> set[int]:
-    """Pids of the processes whose parent is ``parent`` (from /proc; empty elsewhere)."""
-    found: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(parent):
-            found.add(int(entry))
-    return found
+def _kill_trees(roots: Iterable[int]) -> None:
+    """SIGKILL every process in the trees rooted at ``roots`` (psutil walks them).
+
+    The trees are frozen (SIGSTOP) and walked again until no new process appears before any is
+    killed: a parent killed first would orphan its children out of reach (re-parented to init),
+    and a live raylet would start new workers while its old ones die.
+    """
+    found: dict[int, psutil.Process] = {}
+
+    def freeze(proc: psutil.Process) -> None:
+        if proc.pid not in found and proc.pid != os.getpid():  # never stop the caller itself
+            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):  # already gone: nothing to stop
+                proc.suspend()
+
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):  # gone already
+            freeze(psutil.Process(pid))
+    for _ in range(8):  # a frozen tree cannot grow: this ends after a round or two
+        before = len(found)
+        for proc in list(found.values()):
+            try:
+                children = proc.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                freeze(child)
+        if len(found) == before:
+            break
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:
@@ -386,9 +397,15 @@ def available_domains(address: str | None, res: ResourcesConfig) -> list[routing
 
 
 def shutdown() -> None:
-    """Stop the Ray instance this process started or joined."""
+    """Stop the Ray instance this process started or joined.
+
+    Also forgets that this process started one, so a cluster joined later is never taken for
+    a local instance of its own (which :func:`abandon_local_instance` would kill).
+    """
+    global _started_local
     if ray.is_initialized():
         ray.shutdown()
+    _started_local = False
 
 
 class RemoteSlices(LazySlices):
