@@ -161,16 +161,20 @@ class Ensemble:
         id: str | None = None,  # noqa: A002 - the column's name, as Ray Data calls it
         batch_size: int = DEFAULT_BATCH,
         core: Any = None,
+        scale: float | None = None,
     ) -> int:
         """Add samples, all or nothing, placed by the partitioner; see :func:`sisa.store.ingest.ingest`.
 
         ``x`` may be arrays, a torch Dataset, an iterator of batches or a ``ray.data.Dataset``
         (streamed ``batch_size`` rows at a time; ``features``, ``label``, ``id`` name its columns).
         ``core`` declares core samples (``True``: all of them; or their ids): they train a
-        ``backbone.source: core`` backbone and can never be deleted.
+        ``backbone.source: core`` backbone and can never be deleted. ``scale``: the features are
+        raw values the models see divided by it (255 for uint8 pixels given as bare arrays; a
+        loader's ``raw=True`` LabeledArrays carries its own).
         """
         columns = Columns(features, label, id)
         kwargs = {"new_slice": new_slice, "probabilities": probabilities, "batch_size": batch_size, "core": core}
+        kwargs["scale"] = scale
         return ingesting.ingest(self.store, self.config, x, y, ids, columns=columns, **kwargs)
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
@@ -186,15 +190,17 @@ class Ensemble:
         *,
         probabilities: Any = None,
         core: Any = None,
+        scale: float | None = None,
     ) -> FitReport:
         """Continual learning: add samples as a new slice of each shard they land in, train only that.
 
         Before the first :meth:`fit` this is plain :meth:`ingest` + :meth:`fit`. New ``core``
-        samples change the core set, so the backbone and every shard retrain.
+        samples change the core set, so the backbone and every shard retrain. ``scale`` as for
+        :meth:`ingest`.
         """
         with self.store.read() as txn:
             trained = any(self.store.stage_records(txn, s) for s in range(self.config.shards))
-        self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities, core=core)
+        self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities, core=core, scale=scale)
         return self.fit(progress)
 
     def delete(self, ids: Any, *, defer: bool = False, progress: Progress | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 from sisa.config.settings import DataConfig
 from sisa.data.arrays import MAX_ID, LabeledArrays, as_arrays, parse_id_text, validated
 from sisa.data.batches import Columns
+from sisa.data.inputs import model_inputs
 from sisa.errors import DataError
 
 __all__ = [
@@ -182,9 +183,9 @@ def load_idx(
     if raw and scale and images.dtype == np.uint8:
         data = validated(images[:, None], labels, None, num_classes, copy=False, native=True)
         return dataclasses.replace(data, scale=PIXEL_SCALE)
-    x = images[:, None].astype(np.float32)
-    if scale and images.dtype == np.uint8:
-        x /= PIXEL_SCALE  # in float32: the very operation a store applies to raw pixels it loads
+    # The very transform a store applies to raw pixels it loads: both give the same float32 bits.
+    pixels = PIXEL_SCALE if scale and images.dtype == np.uint8 else None
+    x = model_inputs(images[:, None].astype(np.float32), pixels, owned=True)
     return validated(x, labels, None, num_classes, copy=False)
 
 

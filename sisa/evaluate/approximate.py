@@ -25,6 +25,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
+from sisa.data.inputs import model_inputs
 from sisa.evaluate.newton import full_step, head_features, head_step, last_linear
 from sisa.evaluate.settings import EvaluateConfig, FinetuneConfig, GradientAscentConfig, NewtonConfig, PruneConfig
 from sisa.train.models import build_model
@@ -60,7 +61,7 @@ def _tensors(data: LabeledArrays, device: torch.device) -> tuple[torch.Tensor, t
     """Features, labels and the id-sorted row order on ``device``."""
     order = np.argsort(data.ids, kind="stable")
     return (
-        torch.from_numpy(np.ascontiguousarray(data.x)).to(device),
+        torch.from_numpy(model_inputs(data.x, data.scale)).to(device),  # raw values: as a store gives them
         torch.from_numpy(np.ascontiguousarray(data.y)).to(device),
         torch.from_numpy(order).to(device),
     )

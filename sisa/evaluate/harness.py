@@ -22,6 +22,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig, config_to_dict
 from sisa.data.arrays import LabeledArrays
+from sisa.data.inputs import as_model_inputs
 from sisa.data.loaders import load_split
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
@@ -237,6 +238,9 @@ def build_sets(spec: ForgetSpec, train: LabeledArrays, test: LabeledArrays, cfg:
     Raises:
         DataError: On an empty or all-covering forget set, or no held-out samples.
     """
+    # Model inputs from here on: the monolithic models are fed these arrays directly, and the
+    # forget, retain and attack sets are cut from them (raw values with a scale would not be scaled).
+    train, test = as_model_inputs(train), as_model_inputs(test)
     attack = poisoned_ids = None
     if spec.scenario is not None:
         poisoned = poison(spec.scenario, train, cfg.data.num_classes, cfg.seed)
@@ -507,7 +511,9 @@ def evaluate(
     workdir = Path(workdir)
     settings = settings if settings is not None else EvaluateConfig()
     threads = usable_threads(settings.threads)
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    # As model inputs (the loaders' floats already are): build_sets then keeps these very objects,
+    # which the grouping below compares by identity.
+    train, test = as_model_inputs(load_split(cfg.data, "train")), as_model_inputs(load_split(cfg.data, "test"))
     all_sets = [build_sets(spec, train, test, cfg) for spec in forgets]  # validate every spec before any work
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

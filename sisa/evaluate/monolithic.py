@@ -18,6 +18,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
+from sisa.data.inputs import model_inputs
 from sisa.serve.aggregate import shard_probas
 from sisa.train.models import build_model
 from sisa.train.trainer import ShardJob, SliceData, load_checkpoint, train_shard
@@ -66,7 +67,7 @@ def single_stage_job(cfg: SisaConfig, data: LabeledArrays) -> ShardJob:
     return ShardJob(
         config=cfg,
         shard=0,
-        slices=(SliceData(data.ids, data.x, data.y),),
+        slices=(SliceData(data.ids, model_inputs(data.x, data.scale), data.y),),  # raw values: as a store gives them
         start_stage=0,
         parent=None,
         parent_key=None,

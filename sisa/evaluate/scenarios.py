@@ -220,7 +220,7 @@ def poison(sc: Scenario, train: LabeledArrays, num_classes: int, seed: int) -> P
         x = train.x.copy()
         x[rows] = stamp(train.x[rows], sc.label("patch"), value)
     y[rows] = to
-    return Poisoned(LabeledArrays(x=x, y=y, ids=train.ids), poisoned, named, value)
+    return Poisoned(LabeledArrays(x=x, y=y, ids=train.ids, scale=train.scale), poisoned, named, value)
 
 
 def attack_set(sc: Scenario, test: LabeledArrays, trigger_value: float) -> LabeledArrays:
@@ -242,8 +242,8 @@ def attack_set(sc: Scenario, test: LabeledArrays, trigger_value: float) -> Label
         target = sc.label("target")
         keep = test.y != target
         x = stamp(test.x[keep], sc.label("patch"), trigger_value)
-        return LabeledArrays(x=x, y=np.full(int(keep.sum()), target, dtype=test.y.dtype), ids=test.ids[keep])
+        y = np.full(int(keep.sum()), target, dtype=test.y.dtype)
+        return LabeledArrays(x=x, y=y, ids=test.ids[keep], scale=test.scale)
     keep = test.y == sc.label("from")
-    return LabeledArrays(
-        x=test.x[keep], y=np.full(int(keep.sum()), sc.label("to"), dtype=test.y.dtype), ids=test.ids[keep]
-    )
+    y = np.full(int(keep.sum()), sc.label("to"), dtype=test.y.dtype)
+    return LabeledArrays(x=test.x[keep], y=y, ids=test.ids[keep], scale=test.scale)

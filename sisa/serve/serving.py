@@ -18,6 +18,7 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
+from sisa.data.inputs import request_inputs
 from sisa.errors import DataError, ModelError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
@@ -170,17 +171,13 @@ class Serving:
         if shape is not None and tuple(xa.shape[1:]) != shape:
             raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
         with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
-            xf = np.ascontiguousarray(xa, dtype=np.float32)
+            # Integers are raw values, scaled as a shard's samples are; floats are model inputs.
+            xf = request_inputs(xa, meta.get("feature_scale"))
         bad = int((~np.isfinite(xf)).sum())
         if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
             raise DataError(
                 f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first"
             )
-        scale = meta.get("feature_scale")
-        if scale and xa.dtype.kind in "iu":
-            # Raw values, as the store keeps them (uint8 pixels): scaled as a shard's samples are when
-            # it loads. Floats are taken to be model inputs already (what a loader gives by default).
-            xf = xf / scale  # float32 divided in float32 (NumPy 2 keeps a Python float weak)
         return torch.from_numpy(xf)
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:

@@ -12,7 +12,10 @@ crash leaves them for the next writable open to take back. Memory holds one batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -178,6 +181,7 @@ class _Writer:
         """
         if self.dtype is None:  # no sample yet: the first batch sets the store's dtype and scale
             self.dtype, self.scale = data.x.dtype.newbyteorder("<"), data.scale
+            _warn_unscaled_bytes(data)
             return data
         stored = self.dtype
         if (data.scale is not None and data.scale != self.scale) or (
@@ -227,6 +231,45 @@ class _Writer:
         self.store.write(change)
 
 
+def _warn_unscaled_bytes(data: LabeledArrays) -> None:
+    """Warn when a new store's first samples look like raw pixels given without their scale.
+
+    A raw loader's ``x`` taken out of its LabeledArrays loses the scale: the store then keeps
+    the values as model inputs (0..255), and the loader's float images (0..1) predict nonsense.
+    The data cannot say which was meant, so this warns instead of guessing.
+    """
+    if data.scale is None and data.x.dtype == np.uint8 and len(data) and int(data.x.max()) > 1:
+        warnings.warn(
+            "these uint8 features come without a scale, so the models will see the values 0..255 as they are "
+            "(and predict takes float inputs as they are). If they are raw pixels, pass scale=255 (or the "
+            "loader's LabeledArrays, which carries it): the models then see x / 255 as float32, the same as "
+            "the loader's float images",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _with_scale(source: LabeledArrays | Iterator[LabeledArrays], scale: Any) -> Any:
+    """``source``'s samples marked as raw values that a model sees divided by ``scale``.
+
+    Raises:
+        DataError: If ``scale`` is not a positive finite number, or the samples carry another scale.
+    """
+    ok = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool)
+    if not ok or not math.isfinite(scale) or scale <= 0:
+        raise DataError(f"scale={scale!r} must be a positive number (255 for raw uint8 pixels), or None")
+    value = float(scale)
+
+    def mark(data: LabeledArrays) -> LabeledArrays:
+        if data.scale is not None and data.scale != value:
+            raise DataError(f"these samples carry scale {data.scale:g} and scale={value:g} was given; give one")
+        return dataclasses.replace(data, scale=value)
+
+    if isinstance(source, LabeledArrays):
+        return mark(source)
+    return (mark(batch) for batch in source)
+
+
 def ingest(
     store: Store,
     config: SisaConfig,
@@ -239,6 +282,7 @@ def ingest(
     batch_size: int = DEFAULT_BATCH,
     columns: Columns | None = None,
     core: Any = None,
+    scale: float | None = None,
 ) -> int:
     """Add samples to the store, assigned to shards and slices by the partitioner, all or nothing.
 
@@ -269,6 +313,10 @@ def ingest(
         core: The core set this call declares (``backbone.source: core`` only): ``True`` for
             every sample of the call, or the ids of some of them. Core samples train the shared
             backbone and can never be deleted (a deletion naming one is refused).
+        scale: The features are raw values a model sees divided by ``scale`` in float32
+            (255: uint8 pixels), as a loader's ``raw=True`` LabeledArrays says by itself. The
+            store keeps the raw values and records the scale; predict scales integer inputs
+            the same way. None: the features are model inputs (or carry their own scale).
 
     Returns:
         Number of samples written.
@@ -282,6 +330,8 @@ def ingest(
     source = read_source(
         x, y, ids, num_classes=config.data.num_classes, batch_size=batch_size, columns=columns, native=True
     )
+    if scale is not None:
+        source = _with_scale(source, scale)
     writer = _Writer(store, config, new_slice, core)
     if isinstance(source, LabeledArrays):
         return _ingest_arrays(writer, source, probabilities, batch_size)

@@ -26,6 +26,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from sisa.data.inputs import model_inputs
 from sisa.errors import IntegrityError, StoreError
 from sisa.store.database import FORMAT_VERSION, Store
 from sisa.store.records import DBS
@@ -112,9 +113,7 @@ def _raw(x: np.ndarray, dtype: str, scale: float | None) -> np.ndarray:
 
 def _fits(x: np.ndarray, dtype: str, scale: float | None) -> bool:
     """Whether ``(dtype, scale)`` gives back exactly the float32 values training sees."""
-    back = _raw(x, dtype, scale).astype(np.float32)
-    if scale:
-        back /= scale  # the division a store with a scale makes when it loads
+    back = model_inputs(_raw(x, dtype, scale), scale)  # what a store in that form gives a model
     return bool(np.array_equal(back, x))
 
 

@@ -20,6 +20,7 @@ import lmdb
 import numpy as np
 
 from sisa.config.settings import SisaConfig
+from sisa.data.inputs import model_inputs
 from sisa.errors import IntegrityError, StoreChangedError, StoreError
 from sisa.store.cipher import TOKEN_SIZE, new_key, new_token, xor_stream
 from sisa.store.digests import sha256
@@ -223,7 +224,9 @@ class Records:
         """Features (as float32) and labels of ``ids``, in the given order, each decrypted and checked.
 
         Features are converted from the stored dtype to float32, then divided by the store's
-        ``feature_scale`` where it has one (raw pixels stored as uint8).
+        ``feature_scale`` where it has one (raw pixels stored as uint8), by
+        :func:`sisa.data.inputs.model_inputs`: every training path (slices, the core set,
+        verify) gets its inputs here.
 
         Args:
             txn: Read transaction.
@@ -272,9 +275,9 @@ class Records:
                     )
                 y[i] = _LABEL.unpack_from(plain)[0]
                 x[i] = np.frombuffer(plain, dtype=dtype, offset=_LABEL.size, count=width)
-        scale = meta.get("feature_scale")
-        if scale:
-            x /= scale  # in float32, as a loader scales pixels: the model sees the same values
+        # The one stored input transform (divided in float32, as a loader scales pixels), in place:
+        # ``x`` is this call's own buffer, and the core set may be large.
+        x = model_inputs(x, meta.get("feature_scale"), owned=True)
         return x.reshape((len(ids), *feature_shape)), y
 
     # -------------------------------------------------------------- checkpoints
