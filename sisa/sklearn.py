@@ -20,6 +20,23 @@ Behaviour worth knowing:
   are ``n_shards_`` and ``n_slices_``.
 * **Determinism.** The same parameters and data give bit-identical predictions (sisa trains
   deterministically), also across refits, clones and pickles.
+* **What a deletion forgets in a pipeline.** ``delete`` forgets rows in what the estimator fitted,
+  and only there: a step before it in a ``Pipeline`` (a ``StandardScaler``, say) was fitted on every
+  row and keeps the deleted rows' statistics, and a ``GridSearchCV`` chose its parameters with them.
+  For exact preprocessing pass it as ``preprocessor=`` (:mod:`sisa.sklearn_preprocess`): the stores
+  keep the raw rows and each network starts with the fitted transformer, whose state is part of the
+  recipe (so of every checkpoint key, and of the store: it survives reopening a ``store`` path).
+  ``preprocess="shard"`` (default) trains one store per shard (``<store>/shard-000``, ...; each is a
+  plain store for ``sisa status``/``audit``), fits each shard's transformer on that shard's rows and,
+  when a deletion touches the shard, erases the rows, refits it on the rows left and retrains the
+  shard *from scratch* (new inputs invalidate every slice's checkpoint), then certifies;
+  ``verify`` also refits each transformer and compares it bit for bit. ``preprocess="core"``
+  fits one transformer on ``fit(..., core_ids=...)`` rows, which train too and can never be deleted
+  (``CoreSetError``); deletions never change it and retrain from the last clean slice as usual.
+  The fitted transformer is stored pickled in the store's config and unpickled to build a network:
+  open such a store only if you trust whoever can write it (as for a ``module:callable`` model).
+* **Integer rows** (uint8 pixels, say) are converted to float32 before they reach a store or a
+  model, so predict sees the values training saw (no raw+scale path; sisa's own loaders use one).
 * **Pickling** a fitted estimator with a temporary store carries the store's bytes; with a
   ``store`` path it carries the path, and the copy opens that store when it is used
   (read-only to predict, writable to delete or verify).
@@ -52,8 +69,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from sisa import sklearn_preprocess as prep
 from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, load_config
 from sisa.ensemble import Ensemble
+from sisa.errors import StoreError
 from sisa.partition.assign import uniform_assignment
 
 __all__ = ["SISAClassifier"]
@@ -64,9 +83,9 @@ log = logging.getLogger(__name__)
 _LOCK_FILES = ("lock.mdb", "writer.lock")
 
 
-def _release(ens: Ensemble | None, tmpdir: str | None) -> None:
-    """Close an ensemble and remove its temporary directory (a finalizer: must not reference the estimator)."""
-    if ens is not None:
+def _release(ensembles: list[Ensemble], tmpdir: str | None) -> None:
+    """Close the ensembles and remove their temporary directory (a finalizer: must not reference the estimator)."""
+    for ens in ensembles:
         try:
             ens.close()
         except Exception:  # noqa: BLE001 - best effort at gc/exit; the lock goes with the process anyway
@@ -75,12 +94,23 @@ def _release(ens: Ensemble | None, tmpdir: str | None) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-class _Handle:
-    """The open ensemble of a fitted estimator and what to release with it."""
+def _check_ids(sample_ids: Any, n: int) -> np.ndarray:
+    """The training ids: ``sample_ids`` checked, or the row positions."""
+    ids = np.arange(n, dtype=np.int64) if sample_ids is None else np.asarray(sample_ids)
+    if ids.shape != (n,) or ids.dtype.kind not in "iu":
+        raise ValueError(f"sample_ids must be {n} integers, one per row of X; got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and ids.min() < 0:
+        raise ValueError("sample_ids must be non-negative integers; renumber the negative ones")
+    return ids.astype(np.int64)
 
-    def __init__(self, ens: Ensemble | None, path: Path, tmpdir: str | None) -> None:
-        self.ens = ens
+
+class _Handle:
+    """The open ensembles of a fitted estimator (one store, or one per shard under ``path``) and what to release."""
+
+    def __init__(self, path: Path, tmpdir: str | None, stores: list[Path] | None = None) -> None:
+        self.ens: list[Ensemble] = []
         self.path = path
+        self.stores = stores or [path]
         self.tmpdir = tmpdir
         self.finalizer: weakref.finalize | None = None
 
@@ -95,7 +125,7 @@ class _Handle:
             self.finalizer = None
         else:
             _release(self.ens, self.tmpdir)
-        self.ens = None
+        self.ens = []
 
 
 @dataclasses.dataclass(repr=False, eq=False)
@@ -121,7 +151,15 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         config: Anything else: a YAML config path, or a list of ``key=value`` overrides such as
             ``["train.optimizer=sgd", "model.dropout=0.1"]``. The arguments above take precedence.
         sample_shape: Shape each row is reshaped to before training (e.g. ``(1, 28, 28)`` for
-            ``cnn``); None keeps rows flat.
+            ``cnn``); None keeps rows flat. With a ``preprocessor``: the shape its output is
+            reshaped to.
+        preprocessor: A scikit-learn transformer (e.g. ``StandardScaler()``), cloned and fitted
+            inside the estimator so that :meth:`delete` forgets exactly what it saw; None: no
+            preprocessing. See ``preprocess``.
+        preprocess: Which rows fit the ``preprocessor``: ``"shard"`` (one per shard, fitted on that
+            shard's current rows and refitted, with the shard retrained from scratch, when a
+            deletion touches it) or ``"core"`` (one, fitted on the rows ``fit(..., core_ids=...)``
+            declares; they can never be deleted, and a deletion never changes it).
     """
 
     # The constructor parameters: the dataclass writes the ``__init__`` scikit-learn expects,
@@ -139,6 +177,8 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
     store: str | Path | None = None
     config: str | Path | Sequence[str] | None = None
     sample_shape: Sequence[int] | None = None
+    preprocessor: Any = None
+    preprocess: str = "shard"
 
     # ------------------------------------------------------------------ config
     def _sisa_config(self, num_classes: int, shards: int, slices: int) -> SisaConfig:
@@ -156,6 +196,19 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         tree["train"].update(epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr))
         tree["aggregate"]["method"] = str(self.aggregate)
         return config_from_dict(tree)
+
+    def _mode(self) -> str | None:
+        """``None`` (no preprocessor), ``"shard"`` or ``"core"``."""
+        if self.preprocessor is None:
+            return None
+        if self.preprocess not in ("shard", "core"):
+            raise ValueError(f"preprocess={self.preprocess!r} is unknown; use 'shard' or 'core'")
+        if not (hasattr(self.preprocessor, "fit") and hasattr(self.preprocessor, "transform")):
+            raise ValueError(
+                f"preprocessor={self.preprocessor!r} is not a scikit-learn transformer (it needs fit and "
+                "transform); pass one such as StandardScaler(), or None"
+            )
+        return str(self.preprocess)
 
     def _fit_layout(self, ids: np.ndarray) -> tuple[int, int]:
         """Shards and slices the data can fill: lowered (with a warning) where tiny data leaves a shard short."""
@@ -181,18 +234,20 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         return used, used_slices
 
     # ------------------------------------------------------------------- store
-    def _open(self, *, write: bool) -> Ensemble:
-        """The fitted store's ensemble, opened now if this estimator was unpickled with a store path."""
+    def _open(self, *, write: bool) -> list[Ensemble]:
+        """The fitted stores' ensembles, opened now if this estimator was unpickled with a store path."""
         check_is_fitted(self, "classes_")
         handle: _Handle = self._handle
-        if handle.ens is not None and (handle.ens.store.writable or not write):
+        if handle.ens and (handle.ens[0].store.writable or not write):
             return handle.ens
-        if handle.ens is not None:
-            handle.ens.close()  # a reader that must become a writer; the finalizer is re-armed below
+        for ens in handle.ens:
+            ens.close()  # readers that must become writers; the finalizer is re-armed below
+        handle.ens = []
+        handle.arm(self)
         # A temporary store has no other user: open it writable at once.
         readonly = not write and handle.tmpdir is None
-        handle.ens = Ensemble.open(handle.path, readonly=readonly, address=self.address)
-        handle.arm(self)
+        for path in handle.stores:
+            handle.ens.append(Ensemble.open(path, readonly=readonly, address=self.address))
         return handle.ens
 
     def close(self) -> None:
@@ -200,11 +255,12 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         handle = self.__dict__.pop("_handle", None)
         if handle is not None:
             handle.release()
-        for name in ("classes_", "n_features_in_", "feature_names_in_", "n_shards_", "n_slices_", "store_path_"):
+        fitted = ("n_features_in_", "feature_names_in_", "n_shards_", "n_slices_", "store_path_", "preprocess_mode_")
+        for name in ("classes_", *fitted, "core_ids_"):
             self.__dict__.pop(name, None)
 
     # --------------------------------------------------------------------- fit
-    def fit(self, X: Any, y: Any, sample_ids: Any = None) -> SISAClassifier:
+    def fit(self, X: Any, y: Any, sample_ids: Any = None, core_ids: Any = None) -> SISAClassifier:
         """Train a new SISA ensemble on ``(X, y)``, replacing any previous one.
 
         Args:
@@ -212,6 +268,8 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
             y: Labels of any type scikit-learn accepts for classification; at least 2 classes.
             sample_ids: One unique non-negative integer id per row (what :meth:`delete` takes);
                 default: the row positions ``0..n-1``.
+            core_ids: With ``preprocess="core"`` (and only then): the ids of the rows the
+                preprocessor is fitted on; they also train, and can never be deleted.
 
         Returns:
             self.
@@ -228,17 +286,18 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
                 f"SISAClassifier needs samples of at least 2 classes; got 1 class ({classes[0]!r}); "
                 "add samples of another class"
             )
-        ids = np.arange(len(y), dtype=np.int64) if sample_ids is None else np.asarray(sample_ids)
-        if ids.shape != (len(y),) or ids.dtype.kind not in "iu":
-            raise ValueError(
-                f"sample_ids must be {len(y)} integers, one per row of X; got shape {ids.shape} dtype {ids.dtype}"
-            )
-        if ids.size and ids.min() < 0:
-            raise ValueError("sample_ids must be non-negative integers; renumber the negative ones")
-        ids = ids.astype(np.int64)
+        ids = _check_ids(sample_ids, len(y))
+        mode = self._mode()
+        core = prep.check_core(core_ids, ids, mode)
         shards, slices = self._fit_layout(ids)
         cfg = self._sisa_config(len(classes), shards, slices)
-        features = X if self.sample_shape is None else X.reshape(len(X), *[int(d) for d in self.sample_shape])
+        # Everything that can refuse the data (a transformer's fit included) runs before the old store goes.
+        labels = encoded.astype(np.int64)
+        if mode is None:
+            features = X if self.sample_shape is None else X.reshape(len(X), *[int(d) for d in self.sample_shape])
+            plan = [("", cfg, features, labels, ids)]
+        else:
+            plan = prep.plan_stores(mode, cfg, self.preprocessor, self.sample_shape, X, labels, ids, core)
 
         previous = self.__dict__.pop("_handle", None)
         if previous is not None:
@@ -246,32 +305,38 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         tmpdir: str | None = None
         if self.store is None:
             tmpdir = tempfile.mkdtemp(prefix="sisa-sklearn-")
-            path = Path(tmpdir) / "store"
+            root = Path(tmpdir) / "store"
         else:
-            path = Path(self.store)
-            if previous is not None and previous.tmpdir is None and previous.path.resolve() == path.resolve():
-                shutil.rmtree(path)  # the store this estimator created at its previous fit: a refit replaces it
-        handle = _Handle(None, path, tmpdir)
-        try:
-            handle.ens = Ensemble.create(path, cfg, address=self.address)
-        except BaseException:
-            handle.release()  # a refused path (say, another store) is left as it was
-            raise
+            root = Path(self.store)
+            if previous is not None and previous.tmpdir is None and previous.path.resolve() == root.resolve():
+                shutil.rmtree(root)  # the store this estimator created at its previous fit: a refit replaces it
+            if mode == "shard" and root.is_dir() and any(root.iterdir()):
+                raise StoreError(
+                    f"{root} already holds a store or other files; pick a new or empty directory, or store=None"
+                )
+        handle = _Handle(root, tmpdir, [root / name for name, *_ in plan] if mode == "shard" else None)
+        created = False
         try:
             handle.arm(self)
-            handle.ens.ingest(features, encoded.astype(np.int64), ids)
-            handle.ens.fit()
+            for path, (_, sub_cfg, x, labels, sub_ids) in zip(handle.stores, plan, strict=True):
+                handle.ens.append(Ensemble.create(path, sub_cfg, address=self.address))
+                created = True
+                handle.ens[-1].ingest(x, labels, sub_ids)
+                handle.ens[-1].fit()
         except BaseException:
-            handle.release()
-            if tmpdir is None:
-                shutil.rmtree(path, ignore_errors=True)  # the half-built store this call created
+            handle.release()  # a refused path (say, another store) is left as it was
+            if created and tmpdir is None:
+                shutil.rmtree(root, ignore_errors=True)  # the half-built store this call created
             raise
         self._handle = handle
         self.classes_ = classes
         self.n_shards_ = shards
         self.n_slices_ = slices
-        self.store_path_ = path
-        log.info("fitted %d samples, %d classes into %s", len(y), len(classes), path)
+        self.store_path_ = root
+        self.preprocess_mode_ = mode
+        if core is not None:
+            self.core_ids_ = core
+        log.info("fitted %d samples, %d classes into %s", len(y), len(classes), root)
         return self
 
     # ----------------------------------------------------------------- predict
@@ -284,11 +349,17 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         Returns:
             ``(n_samples, n_classes)`` float64 array; rows sum to 1.
         """
-        ens = self._open(write=False)
+        ensembles = self._open(write=False)
+        # float32 always, whatever X's dtype: the stores hold float32 rows (never raw values with a
+        # feature_scale), so predict sees what training saw.
         X = validate_data(self, X, reset=False, dtype=np.float32)
-        if self.sample_shape is not None:
-            X = X.reshape(len(X), *[int(d) for d in self.sample_shape])
-        return np.asarray(ens.predict_proba(X), dtype=np.float64)
+        mode = self._fitted_mode()
+        if mode == "shard":
+            method = ensembles[0].config.aggregate.method
+            return np.asarray(prep.ShardStores(ensembles).predict_proba(X, method), dtype=np.float64)
+        if mode is None and self.sample_shape is not None:
+            X = X.reshape(len(X), *[int(d) for d in self.sample_shape])  # with a preprocessor, its output is
+        return np.asarray(ensembles[0].predict_proba(X), dtype=np.float64)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (values of ``classes_``): the argmax of :meth:`predict_proba`."""
@@ -299,17 +370,49 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
     def delete(self, ids: Any) -> dict[str, Any]:
         """Forget training samples exactly: retrain only their shards from the last clean slice.
 
+        With ``preprocess="shard"`` each touched shard's preprocessor is refitted on the shard's
+        remaining rows, which changes all of that shard's inputs: the shard retrains from scratch.
+
         Args:
             ids: Ids of training rows (row positions at fit, or the ``sample_ids`` given to fit).
 
         Returns:
-            The deletion certificate (see :meth:`sisa.Ensemble.delete`).
+            The deletion certificate (see :meth:`sisa.Ensemble.delete`); with ``preprocess="shard"``,
+            ``{"deleted": n, "certificates": [...]}``, one certificate per touched shard (each with
+            its ``shard``).
+
+        Raises:
+            CoreSetError: With ``preprocess="core"``, if ``ids`` names a core row (nothing is changed).
+            DataError: On malformed or unknown ids (nothing is changed).
         """
-        return self._open(write=True).delete(ids)
+        ensembles = self._open(write=True)
+        mode = self._fitted_mode()
+        if mode == "shard":
+            return prep.ShardStores(ensembles).delete(ids)
+        if mode == "core":
+            prep.refuse_core(ensembles[0].config, ids)
+        return ensembles[0].delete(ids)
 
     def verify(self) -> dict[str, Any]:
-        """Retrain every shard from scratch and compare; ``result["ok"]`` only if all are bit-identical."""
-        return self._open(write=True).verify()
+        """Retrain every shard from scratch and compare; ``result["ok"]`` only if all are bit-identical.
+
+        With a preprocessor, each one is also refitted on the rows it was fitted on (the shard's
+        current rows, or the core rows) and compared bit for bit: ``result["preprocessors"]``
+        (per shard) or ``result["preprocessor"]``.
+        """
+        ensembles = self._open(write=True)
+        mode = self._fitted_mode()
+        if mode == "shard":
+            return prep.ShardStores(ensembles).verify()
+        result = ensembles[0].verify()
+        if mode == "core":
+            result["preprocessor"] = prep.core_matches(ensembles[0])
+            result["ok"] = bool(result["ok"] and result["preprocessor"])
+        return result
+
+    def _fitted_mode(self) -> str | None:
+        """The preprocessing the fitted stores hold (not the parameters, which may have changed since fit)."""
+        return self.__dict__.get("preprocess_mode_")
 
     # ----------------------------------------------------------------- pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -337,8 +440,14 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
             for name, blob in files.items():
                 (path / name).parent.mkdir(parents=True, exist_ok=True)
                 (path / name).write_bytes(blob)
-            self._handle = _Handle(None, path, tmpdir)
+            self._handle = _Handle(path, tmpdir, self._store_dirs(path))
             self._handle.arm(self)
             self.store_path_ = path
         elif at is not None:
-            self._handle = _Handle(None, Path(at), None)
+            self._handle = _Handle(Path(at), None, self._store_dirs(Path(at)))
+
+    def _store_dirs(self, root: Path) -> list[Path] | None:
+        """The store of each shard under ``root`` with ``preprocess="shard"``; None: ``root`` is the store."""
+        if self._fitted_mode() != "shard":
+            return None
+        return prep.ShardStores.paths(root, int(self.n_shards_))

@@ -137,3 +137,119 @@ def test_core_does_not_import_sklearn() -> None:
     code = "import sys, sisa, sisa.ensemble, sisa.cli.main; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------- preprocessing (issue 23 item 12)
+def scaled_blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blobs on very different feature scales, so a scaler's state depends visibly on its rows."""
+    x, y = blobs(n=n, d=5, classes=3, seed=seed)
+    return x * np.array([1.0, 10.0, 100.0, 0.1, 3.0]) + 7.0, y
+
+
+def test_shard_preprocessor_is_refitted_on_the_remaining_rows_and_the_delete_is_exact() -> None:
+    from sisa.sklearn_preprocess import same_state, stored_transformer
+
+    x, y = scaled_blobs(240, seed=11)
+    ids = np.arange(500, 740)
+    params = {"shards": 3, "slices": 2, "preprocessor": StandardScaler()}
+    clf = quick(**params).fit(x, y, sample_ids=ids)
+    gone = [503, 600, 739]
+    cert = clf.delete(gone)
+    assert cert["deleted"] == 3 and {c["state"] for c in cert["certificates"]} == {"applied"}
+    result = clf.verify()
+    assert result["ok"] and all(result["preprocessors"].values())
+
+    # Each shard's scaler is exactly one fitted on that shard's remaining rows (in id order).
+    keep = ~np.isin(ids, gone)
+    for ens in clf._handle.ens:
+        with ens.store.read() as txn:
+            held = np.sort(np.concatenate(ens.planner.shard_slices(txn, 0)))
+        assert not np.isin(held, gone).any()
+        rows = np.flatnonzero(np.isin(ids, held))
+        rows = rows[np.argsort(ids[rows])]
+        assert same_state(stored_transformer(ens.config), StandardScaler().fit(x[rows].astype(np.float32)))
+
+    # Predictions equal those of a fresh estimator never given the deleted rows.
+    reference = quick(**params).fit(x[keep], y[keep], sample_ids=ids[keep])
+    assert np.array_equal(clf.predict_proba(x), reference.predict_proba(x))
+    # ... and differ from the estimator before the deletion (the scalers and models changed).
+    before = quick(**params).fit(x, y, sample_ids=ids)
+    assert not np.array_equal(clf.predict_proba(x), before.predict_proba(x))
+    for est in (clf, reference, before):
+        est.close()
+
+
+def test_pipeline_scaler_is_not_unlearned_but_the_preprocessor_is() -> None:
+    # The README's pipeline: the StandardScaler step outside the estimator keeps the deleted rows'
+    # statistics after clf.delete, so its predictions differ from a pipeline fitted without them.
+    x, y = scaled_blobs(150, seed=12)
+    gone = [0, 1, 2, 3, 4, 5, 6, 7]
+    keep = np.setdiff1d(np.arange(150), gone)
+    pipe = make_pipeline(StandardScaler(), quick()).fit(x, y)
+    pipe[-1].delete(gone)
+    assert not np.allclose(pipe[0].mean_, StandardScaler().fit(x[keep]).mean_)
+
+    clf = quick(preprocessor=StandardScaler()).fit(x, y)
+    clf.delete(gone)
+    reference = quick(preprocessor=StandardScaler()).fit(x[keep], y[keep], sample_ids=keep)
+    assert np.array_equal(clf.predict_proba(x), reference.predict_proba(x))
+    for est in (pipe[-1], clf, reference):
+        est.close()
+
+
+def test_core_preprocessor_never_changes_and_core_ids_are_refused() -> None:
+    from sisa.errors import CoreSetError
+    from sisa.sklearn_preprocess import same_state, stored_transformer
+
+    x, y = scaled_blobs(160, seed=13)
+    core = np.arange(0, 30)
+    clf = quick(shards=2, slices=2, preprocessor=StandardScaler(), preprocess="core").fit(x, y, core_ids=core)
+    fitted = stored_transformer(clf._handle.ens[0].config)
+    assert same_state(fitted, StandardScaler().fit(x[core].astype(np.float32)))
+    expected = clf.predict_proba(x)
+    with pytest.raises(CoreSetError, match="core rows"):
+        clf.delete([5, 100])
+    assert np.array_equal(clf.predict_proba(x), expected)  # nothing changed
+
+    assert clf.delete([100, 131])["deleted"] == 2
+    assert same_state(stored_transformer(clf._handle.ens[0].config), fitted)
+    result = clf.verify()
+    assert result["ok"] and result["preprocessor"]
+    with pytest.raises(ValueError, match="core_ids"):
+        quick(preprocessor=StandardScaler(), preprocess="core").fit(x, y)
+    with pytest.raises(ValueError, match="core_ids"):
+        quick().fit(x, y, core_ids=core)
+    clf.close()
+
+
+def test_shard_preprocessor_survives_pickle_and_reopening_a_store_path(tmp_path: Path) -> None:
+    x, y = scaled_blobs(120, seed=14)
+    store = tmp_path / "kept"
+    clf = quick(preprocessor=StandardScaler(), store=store).fit(x, y)
+    expected = clf.predict_proba(x)
+    blob = pickle.dumps(clf)
+    clf.close()
+    assert sorted(p.name for p in store.iterdir()) == ["shard-000", "shard-001"]
+    copy = pickle.loads(blob)  # the scalers live in the stores' recipes, not only in this object
+    assert np.array_equal(copy.predict_proba(x), expected)
+    assert copy.delete([7])["deleted"] == 1 and copy.verify()["ok"]
+    copy.close()
+    with pytest.raises(StoreError, match="already holds"):
+        quick(preprocessor=StandardScaler(), store=store).fit(x, y)
+
+    temporary = quick(preprocessor=StandardScaler()).fit(x, y)
+    restored = pickle.loads(pickle.dumps(temporary))
+    assert np.array_equal(restored.predict_proba(x), expected)
+    for est in (temporary, restored):
+        est.close()
+
+
+def test_integer_inputs_predict_as_their_float_values() -> None:
+    # Issue 23 item 1, the estimator's part: rows are float32 before they reach a store or a model,
+    # so uint8 rows never take the store's raw+scale path and predict the same as their float values.
+    x, y = blobs(n=100, d=4, classes=2, seed=15)
+    xu = (np.abs(x) * 20).astype(np.uint8)
+    clf = quick().fit(xu, y)
+    assert np.array_equal(clf.predict_proba(xu), clf.predict_proba(xu.astype(np.float32)))
+    assert clf._handle.ens[0].store.meta().get("feature_scale") is None
+    clf.close()
