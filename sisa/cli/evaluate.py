@@ -7,18 +7,27 @@ Prints one table row per (forget set, method), writes ``evaluation.json`` and (u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from sisa.cli.format import ADDRESS_HELP, VERBOSE_HELP, progress_bar, table
+from sisa.cli.format import progress_bar, table
 from sisa.config.settings import load_config
 from sisa.evaluate.approximate import APPROXIMATE_METHODS
-from sisa.evaluate.harness import METHODS, ForgetSpec, evaluate, parse_forget, parse_methods, split_forgets
+from sisa.evaluate.harness import (
+    METHODS,
+    ForgetSpec,
+    evaluate,
+    parse_forget,
+    parse_methods,
+    refuse_repeats,
+    split_forgets,
+)
 from sisa.evaluate.plot import plot_evaluation, require_matplotlib
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 
-__all__ = ["cmd_evaluate", "format_rows", "format_targets", "register"]
+__all__ = ["cmd_evaluate", "format_rows", "format_targets"]
 
 _COLUMNS = (
     ("forget", "forget"),
@@ -129,22 +138,20 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     settings = load_evaluate_config(args.config, args.overrides)
     forgets = [parse_forget(part) for text in (args.forget or ["random:0.01"]) for part in split_forgets(text)]
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods or ",".join(METHODS))  # the parser stays light: its default is None
     if not args.no_plot:
         require_matplotlib()
+    refuse_repeats(forgets)  # before the progress bar and any work
     out = Path(args.out)
-    bar = progress_bar(_steps(settings, forgets, methods), "evaluating", unit="step") if not args.json else None
+    steps = _steps(settings, forgets, methods)
+    with progress_bar(steps, "evaluating", unit="step") if not args.json else contextlib.nullcontext() as bar:
 
-    def progress(message: str) -> None:
-        if bar is not None:
-            bar.set_description(message[:60])
-            bar.update(1)
+        def progress(message: str) -> None:
+            if bar is not None:
+                bar.set_description(message[:60])
+                bar.update(1)
 
-    try:
         result = evaluate(cfg, forgets, methods, out, address=args.address, progress=progress, settings=settings)
-    finally:
-        if bar is not None:
-            bar.close()
     (out / "evaluation.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     result["json"] = str(out / "evaluation.json")
     if not args.no_plot:
@@ -155,38 +162,3 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             print(line)
         print(f"wrote {result['json']}" + (f" and {result['plot']}" if "plot" in result else ""))
     return result
-
-
-def register(sub: Any) -> None:
-    """Add the ``evaluate`` sub-command to the ``sisa`` parser.
-
-    Args:
-        sub: The parser's sub-parser collection.
-    """
-    ev = sub.add_parser(
-        "evaluate",
-        help="compare sisa with retraining and approximate unlearning (accuracy, MIA, KL, time)",
-    )
-    ev.add_argument("--config", help="YAML config (data, model, recipe and the evaluate: section)")
-    ev.add_argument(
-        "--forget",
-        action="append",
-        metavar="SPEC",
-        help=(
-            "forget set: random:FRACTION, class:LABEL, or a poisoning scenario "
-            "backdoor:rate=R,target=T[,found=F][,patch=P] or flip:rate=R,from=A,to=B[,found=F]; "
-            "repeat or comma-separate (default random:0.01)"
-        ),
-    )
-    ev.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (default all)"
-    )
-    ev.add_argument("--out", default="runs/evaluate", help="output directory (stores, JSON, PNG); replaced")
-    ev.add_argument("--address", default=None, help=ADDRESS_HELP)
-    ev.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    ev.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    ev.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. evaluate.prune.fraction=0.1"
-    )
-    ev.set_defaults(func=cmd_evaluate)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ADDRESS_HELP", "VERBOSE_HELP", "progress_bar", "table"]
+__all__ = ["ADDRESS_HELP", "VERBOSE_HELP", "progress_bar", "stage_progress", "table"]
 
 ADDRESS_HELP = (
     "Ray cluster address, or `local` to train on this machine without Ray. Default: RAY_ADDRESS; without "
@@ -48,3 +49,23 @@ def progress_bar(total: int | None, desc: str, unit: str = "stage") -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None)
+
+
+@contextmanager
+def stage_progress(quiet: bool, desc: str, total: int | None = None) -> Iterator[Callable[[Any], None] | None]:
+    """A progress bar over committed stages for the block, closed however the block ends.
+
+    Args:
+        quiet: No bar (``--json``): the block gets None as its callback.
+        desc: Label.
+        total: Expected number of stages (None: unknown).
+
+    Yields:
+        The callback that advances the bar by one stage (what ``fit``/``delete`` take as
+        ``progress``), or None.
+    """
+    if quiet:
+        yield None
+        return
+    with progress_bar(total, desc) as bar:
+        yield lambda _result: bar.update(1)

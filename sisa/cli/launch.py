@@ -16,18 +16,34 @@ forces Ray.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["REEXEC_ENV", "command_line", "reexec_pinned", "run_in_worker", "store_cpu_isa", "training_command"]
+from sisa.cli.parser import WORKER_COMMANDS, try_parse
+
+__all__ = [
+    "REEXEC_ENV",
+    "command_line",
+    "reexec_pinned",
+    "run_in_worker",
+    "start_worker_after",
+    "store_cpu_isa",
+    "training_command",
+    "worker_job",
+    "worker_may_run",
+]
 
 # Set in the environment of the re-executed process: never re-execute twice.
 REEXEC_ENV = "SISA_PINNED_EXEC"
 
 # Commands that may train: what they train may be small enough for the local runner.
 _TRAINING = ("delete", "apply", "add", "resume", "verify", "train")
+# Options that name a file the command reads: the worker reads them too, in the caller's directory.
+_FILE_OPTIONS = ("ids_file", "input", "labels", "core_ids")
 
 
 def command_line() -> bool:
@@ -39,38 +55,34 @@ def command_line() -> bool:
     return os.path.basename(str(getattr(main, "__file__", "") or "")) == "sisa"
 
 
-def _option(argv: Sequence[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv`` (the last one), else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
+def _trains_without_ray(args: argparse.Namespace) -> bool:
+    """Whether the parsed command may train on this machine without Ray.
+
+    That is a training command (``delete`` without ``--defer``, ``apply``, ``add``,
+    ``resume``, ``verify``, ``train``) that names no cluster (``--address`` / ``RAY_ADDRESS``
+    unset or ``local``) and is not forced onto Ray (``SISA_RUNNER=ray``).
+    """
+    if args.command not in _TRAINING or getattr(args, "defer", False):
+        return False
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or None
+    if address not in (None, "local"):
+        return False
+    return not (address is None and (os.environ.get("SISA_RUNNER") or "").strip().lower() == "ray")
 
 
 def training_command(argv: Sequence[str]) -> str | None:
     """The store of a command that may train without Ray, or None.
 
     Args:
-        argv: The arguments after the program name.
+        argv: The arguments after the program name, read by the command's own parser (so
+            ``--addr`` is no ``--address``, and ``--store=S`` is ``--store S``).
 
     Returns:
-        The ``--store`` of a training command (``delete`` without ``--defer``, ``apply``,
-        ``add``, ``resume``, ``verify``, ``train`` of an existing store) that names no
-        cluster (``--address`` / ``RAY_ADDRESS`` unset or ``local``) and is not forced onto
-        Ray (``SISA_RUNNER=ray``); None otherwise.
+        The ``--store`` of a command :func:`_trains_without_ray` accepts; None otherwise, and
+        for a command line the parser refuses (the command then reports it).
     """
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in _TRAINING or "--defer" in argv or "-h" in argv or "--help" in argv:
-        return None
-    address = _option(argv, "--address") or os.environ.get("RAY_ADDRESS") or None
-    if address not in (None, "local"):
-        return None
-    if address is None and (os.environ.get("SISA_RUNNER") or "").strip().lower() == "ray":
-        return None
-    return _option(argv, "--store")
+    args = try_parse(argv)
+    return args.store if args is not None and _trains_without_ray(args) else None
 
 
 def store_cpu_isa(store: str) -> str | None:
@@ -101,17 +113,17 @@ def store_cpu_isa(store: str) -> str | None:
         return None
 
 
-def _store_pins(argv: Sequence[str], commands: Sequence[str]) -> tuple[str, dict[str, str]] | None:
+def _store_pins(args: argparse.Namespace | None, commands: Sequence[str]) -> tuple[str, dict[str, str]] | None:
     """The store's ``cpu_isa`` and its pins, for a command this process should act on, else None.
 
-    That is: this process is the ``sisa`` command (not yet re-executed), running one of
-    ``commands`` that would train without Ray (:func:`training_command`) on a readable store.
+    That is: this process is the ``sisa`` command, running one of ``commands`` that would train
+    without Ray (:func:`_trains_without_ray`) on a readable store.
     """
-    if os.environ.get(REEXEC_ENV) or not command_line():
+    if not command_line() or args is None:
         return None
-    command = next((a for a in argv if not a.startswith("-")), None)
-    store = training_command(argv) if command in commands else None
-    cpu_isa = store_cpu_isa(store) if store is not None else None
+    if args.command not in commands or not _trains_without_ray(args):
+        return None
+    cpu_isa = store_cpu_isa(args.store)
     if cpu_isa is None:
         return None
     from sisa.train import domain  # light: the config module and the standard library
@@ -129,7 +141,9 @@ def reexec_pinned(argv: Sequence[str] | None = None) -> None:
     train locally, the pins already there, a store that cannot be read); otherwise the
     process is replaced by the same command line with the pins in its environment.
     """
-    found = _store_pins(sys.argv[1:] if argv is None else argv, _TRAINING)
+    if os.environ.get(REEXEC_ENV):
+        return
+    found = _store_pins(try_parse(sys.argv[1:] if argv is None else argv), _TRAINING)
     if found is None:
         return
     cpu_isa, pins = found
@@ -143,9 +157,46 @@ def reexec_pinned(argv: Sequence[str] | None = None) -> None:
     os.execve(sys.executable, [sys.executable, *args], {**os.environ, **pins, REEXEC_ENV: "1"})
 
 
-# What a warm worker takes (:mod:`sisa.cli.worker`): the small jobs; ``train`` creates stores and
-# trains every shard, where a few seconds of start-up do not matter.
-_WORKER_COMMANDS = ("delete", "apply", "add", "resume", "verify")
+def _reads_only_files(args: argparse.Namespace) -> bool:
+    """Whether every file the command reads is a regular file another process can open too.
+
+    ``--ids-file -``, ``/dev/stdin``, ``<(...)`` (a pipe in ``/dev/fd``) are this process's own
+    descriptors: the worker would read its own instead.
+    """
+    for option in _FILE_OPTIONS:
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        try:
+            if path == "-" or not stat.S_ISREG(os.stat(path).st_mode):
+                return False
+        except OSError:
+            continue  # missing: the command reports it, wherever it runs
+    return True
+
+
+def worker_may_run(args: argparse.Namespace) -> bool:
+    """Whether the warm worker may run the parsed command, in the current directory and environment.
+
+    One of :data:`~sisa.cli.parser.WORKER_COMMANDS` that would train without Ray and reads only
+    regular files. The caller asks before it sends a command, and the worker again before it
+    runs one (with the caller's directory and environment), so neither takes anything else.
+    """
+    return args.command in WORKER_COMMANDS and _trains_without_ray(args) and _reads_only_files(args)
+
+
+def worker_job(argv: Sequence[str]) -> tuple[argparse.Namespace, Mapping[str, str]] | None:
+    """The parsed command and its store's pins, if the warm worker may run ``argv``; else None.
+
+    The worker takes :data:`~sisa.cli.parser.WORKER_COMMANDS` that would train without Ray,
+    read only regular files, and whose store can be read; the worker applies the same rule to
+    what it is sent (it never runs any other command).
+    """
+    args = try_parse(argv)
+    if args is None or not worker_may_run(args):
+        return None
+    found = _store_pins(args, WORKER_COMMANDS)
+    return None if found is None else (args, found[1])
 
 
 def run_in_worker() -> None:
@@ -155,17 +206,33 @@ def run_in_worker() -> None:
     the worker does not take, workers off, none answering or the worker busy); otherwise the
     worker ran it and this process exits with its code, without ever importing torch.
     """
-    argv = sys.argv[1:]
-    if any(a == "-" or a.startswith(("/dev/", "/proc/self/")) for a in argv):
-        return  # this process's stdin or descriptors (`--ids-file /dev/stdin`, `<(...)`): not the worker's
-    found = _store_pins(argv, _WORKER_COMMANDS)
-    if found is None:
+    if os.environ.get(REEXEC_ENV):
+        return  # restarted with the pins: this process already chose to run the command itself
+    job = worker_job(sys.argv[1:])
+    if job is None:
         return
     from sisa.cli import worker
 
-    code = worker.delegate(argv, found[1])
+    code = worker.delegate(sys.argv[1:], job[1], job[0].store)
     if code is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def start_worker_after(argv: Sequence[str]) -> None:
+    """Start the warm worker for the next command, once this one has finished in place.
+
+    Called by the ``sisa`` command after its own command's output is out: a worker started
+    beside the command would compete with it for the cores (measured: the first command took
+    twice as long), while one started after it is warm by the next command. Nothing is started
+    for a command the worker does not take, with workers off, or when one answers already.
+    """
+    from sisa.cli import worker
+
+    if not worker.enabled():
+        return
+    job = worker_job(argv)
+    if job is not None:
+        worker.ensure_started(job[1])

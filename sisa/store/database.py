@@ -182,6 +182,9 @@ class Store(Records):
                 seconds and ``readonly`` is False.
         """
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            # Not "create one there": a file can never become a store, so that advice would fail next.
+            raise StoreError(f"{p} is a file, not a sisa store; --store names the store's directory")
         if not (p / "data.mdb").is_file():
             raise StoreError(f"{p} is not a sisa store (no data.mdb); create one with `sisa train --store {p}`")
         if (p / "data.mdb").stat().st_size == 0:  # LMDB would initialise it: refuse, write nothing

@@ -15,7 +15,7 @@ import numpy as np
 from sisa.data.arrays import check_id_values, parse_id_text, to_numpy
 from sisa.errors import DataError
 
-__all__ = ["normalize_ids", "parse_id", "read_ids_file"]
+__all__ = ["normalize_ids", "parse_id", "parse_id_args", "parse_ids_text", "read_ids_file"]
 
 
 def normalize_ids(ids: Any) -> list[int]:
@@ -67,6 +67,19 @@ def read_ids_file(path: str | Path) -> list[int]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read ids file {p}: {exc}") from exc
+    return parse_ids_text(text, str(p))
+
+
+def parse_ids_text(text: str, source: str) -> list[int]:
+    """The ids of an ids file's text (one integer per line; blank lines and ``#`` comments skipped).
+
+    Args:
+        text: The file's contents.
+        source: What the text came from, for errors (a path, "standard input").
+
+    Raises:
+        DataError: If a line is not an integer (named by number), or no id is given.
+    """
     out: list[int] = []
     for n, line in enumerate(text.splitlines(), 1):
         item = line.split("#", 1)[0].strip()
@@ -75,5 +88,32 @@ def read_ids_file(path: str | Path) -> list[int]:
         try:
             out.append(parse_id(item))
         except ValueError:
-            raise DataError(f"{p} line {n}: {item[:40]!r} is not an integer id; put one integer id per line") from None
+            raise DataError(
+                f"{source} line {n}: {item[:40]!r} is not an integer id; put one integer id per line"
+            ) from None
+    return normalize_ids(out)
+
+
+def parse_id_args(texts: Iterable[str], option: str = "--ids") -> list[int]:
+    """The ids given on a command line (``--ids 17 4242``), each parsed by :func:`parse_id`.
+
+    Args:
+        texts: The words after the option.
+        option: The option's name, for errors.
+
+    Raises:
+        DataError: On a word that is not an integer id (a comma-separated list is named as
+            such, with the space-separated form to use), or no id at all.
+    """
+    out: list[int] = []
+    for text in texts:
+        try:
+            out.append(parse_id(text))
+        except ValueError:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            hint = ""
+            if len(parts) > 1:
+                # `--ids 1,2,3`: a habit from other tools; say what works instead.
+                hint = f"; separate ids with spaces, not commas: {option} {' '.join(parts)}"
+            raise DataError(f"{option}: {text[:40]!r} is not an integer id{hint}") from None
     return normalize_ids(out)

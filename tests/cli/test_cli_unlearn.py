@@ -1,5 +1,6 @@
 """The deletion commands of the CLI: delete, apply, pending, verify, audit, add, resume."""
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -80,10 +81,34 @@ def test_bad_delete_requests_exit_2_and_change_nothing(
     assert store_digest(store) == before
 
 
-def test_non_integer_ids_are_a_usage_error(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["delete", "--store", str(store), "--ids", "12", "abc"])
-    assert exit_info.value.code == 2 and "not an integer id" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (["12", "abc"], "--ids: 'abc' is not an integer id"),
+        (["12,13,14"], "separate ids with spaces, not commas: --ids 12 13 14"),
+        (["12", "13,"], "--ids: '13,' is not an integer id"),
+    ],
+)
+def test_non_integer_ids_exit_2_naming_the_fix(
+    store: Path, capsys: pytest.CaptureFixture[str], ids: list[str], message: str
+) -> None:
+    before = store_digest(store)
+    assert main(["delete", "--store", str(store), "--ids", *ids]) == 2
+    assert message in capsys.readouterr().err
+    assert store_digest(store) == before
+
+
+def test_ids_file_dash_reads_standard_input(
+    store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("# from a pipe\n3\n\n5\n"))
+    cert = run_json(capsys, "delete", "--store", str(store), "--ids-file", "-")
+    assert cert["deleted"] == 2 and cert["state"] == "applied"
+    monkeypatch.setattr("sys.stdin", io.StringIO("7\nx\n"))
+    before = store_digest(store)
+    assert main(["delete", "--store", str(store), "--ids-file", "-"]) == 2
+    assert "standard input line 2: 'x' is not an integer id" in capsys.readouterr().err
+    assert store_digest(store) == before
 
 
 def test_add_from_npz_then_resume(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

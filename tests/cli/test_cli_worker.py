@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sisa.cli.worker import ENABLE_ENV, IDLE_ENV, worker_key
+from sisa.cli.worker import ENABLE_ENV, IDLE_ENV
+from sisa.cli.worker_identity import worker_key
 from sisa.ensemble import Ensemble
 from tests.conftest import ROOT, blobs, default_sigint, live_state, small_config
 
@@ -116,7 +117,7 @@ def test_deletions_through_the_worker_give_the_same_bytes_and_output(stores: tup
         assert done.returncode == 0, done.stderr
         outputs.append(json.loads(done.stdout))
     log = worker_log(run_dir)
-    assert log.count("ran ['delete'") == 2 and "exit 0" in log  # both ran in the worker
+    assert log.count("ran delete:") == 2 and "exit 0" in log  # both ran in the worker
     in_place = []
     for sample in (5, 17, 240):
         done = sisa(["delete", "--store", str(b), "--ids", str(sample), "--json"], run_dir, worker=False)
@@ -140,7 +141,7 @@ def test_deletions_through_the_worker_give_the_same_bytes_and_output(stores: tup
     everything = sisa(["verify", "--store", str(a), "--json"], run_dir)
     assert everything.returncode == 0, everything.stderr
     assert json.loads(everything.stdout)["ok"] and json.loads(everything.stdout)["runner"] == "ray"
-    assert worker_log(run_dir).count("ran [") == 5
+    assert worker_log(run_dir).count(" ran ") == 5
     deadline = time.monotonic() + 60
     while subprocess.run(["pgrep", "-f", f"raylet.*{run_dir}"], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the worker left the command's Ray instance running"
@@ -205,7 +206,7 @@ def test_a_busy_worker_makes_the_caller_run_its_command_in_place(
     out, err = long.communicate(timeout=300)
     assert long.returncode == 0, err
     log = worker_log(run_dir)
-    assert log.count("ran ['delete'") == 1 and str(stores[0]) not in log  # the second ran in its own process
+    assert log.count("ran delete:") == 1 and str(stores[0]) not in log  # the second ran in its own process
 
 
 def test_ids_read_from_this_process_stdin_never_go_to_the_worker(stores: tuple[Path, Path], run_dir: Path) -> None:
@@ -215,7 +216,7 @@ def test_ids_read_from_this_process_stdin_never_go_to_the_worker(stores: tuple[P
     cmd = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(a), "--ids-file", "/dev/stdin", "--json"]
     done = subprocess.run(cmd, input="17\n", env=worker_env(run_dir), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 1, done.stderr
-    assert "ran [" not in worker_log(run_dir)  # the worker's stdin is not this command's
+    assert " ran " not in worker_log(run_dir)  # the worker's stdin is not this command's
 
 
 def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:

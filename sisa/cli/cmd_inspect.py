@@ -1,0 +1,174 @@
+"""The ``sisa`` commands that read a store or a cluster (eval, status, pending, audit, domains); compact, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from sisa.cli.inputs import load_command_config, open_writer
+from sisa.cli.render import print_audit, print_eval, print_pending, print_status
+from sisa.data.loaders import LabeledArrays, load_split
+from sisa.ensemble import Ensemble
+from sisa.errors import DataError
+
+__all__ = [
+    "CheckFailed",
+    "cmd_audit",
+    "cmd_compact",
+    "cmd_domains",
+    "cmd_eval",
+    "cmd_migrate",
+    "cmd_pending",
+    "cmd_status",
+    "score_store",
+]
+
+
+class CheckFailed(Exception):
+    """verify or audit completed and failed (or could not check); carries the JSON result and exit code."""
+
+    def __init__(self, result: dict[str, Any], exit_code: int) -> None:
+        super().__init__("check failed")
+        self.result = result
+        self.exit_code = exit_code
+
+
+def score_store(ens: Ensemble, method: str | None = None, test: LabeledArrays | None = None) -> dict[str, Any]:
+    """Ensemble and per-shard accuracy on ``test`` (default: the config's test split)."""
+    test = load_split(ens.config.data, "test") if test is None else test
+    started = time.perf_counter()
+    accuracy = ens.score(test.x, test.y, method=method)
+    per_shard = ens.shard_scores(test.x, test.y)
+    return {
+        "accuracy": accuracy,
+        "method": method or ens.config.aggregate.method,
+        "per_shard_accuracy": {str(k): v for k, v in per_shard.items()},
+        "test_samples": len(test),
+        "eval_seconds": time.perf_counter() - started,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Ensemble and per-shard accuracy on the configured test split."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        result = score_store(ens, args.method)
+    if not args.json:
+        print_eval(result)
+    return result
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    """Shards, slices, sample counts and live checkpoint keys."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        result = ens.status()
+    if not args.json:
+        print_status(result)
+    return result
+
+
+def cmd_pending(args: argparse.Namespace) -> dict[str, Any]:
+    """List journaled requests not yet applied."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        requests = ens.pending()
+    if not args.json:
+        print_pending(requests)
+    return {"pending": requests}
+
+
+def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
+    """Recompute the audit log's hash chain; with ``--show`` list the certificates, with ``--id`` look ids up."""
+    from sisa.cli.exits import EXIT_FAILED_CHECK
+    from sisa.unlearn.ids import parse_id_args
+
+    lookup_ids = parse_id_args(args.lookup_ids, "--id") if args.lookup_ids else None
+    with Ensemble.open(args.store, readonly=True) as ens:
+        report = ens.audit()
+        certificates = ens.certificates() if args.show else None
+        lookups = ens.lookup(lookup_ids) if lookup_ids else None
+    result: dict[str, Any] = {"ok": report.ok, "entries": report.entries, "problems": report.problems}
+    if certificates is not None:
+        result["certificates"] = certificates
+    if lookups is not None:
+        result["lookups"] = lookups
+    if not args.json:
+        print_audit(result)
+    if not report.ok:
+        raise CheckFailed(result, EXIT_FAILED_CHECK)
+    return result
+
+
+def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:
+    """Which determinism domains the cluster's nodes offer, and which shards need which."""
+    from sisa.train import orchestrator
+    from sisa.train.domain import describe
+
+    if (args.store is None) == (args.config is None):
+        raise DataError("give exactly one of --store STORE (a trained ensemble) or --config FILE (before training)")
+    if args.store is not None and args.overrides:
+        raise DataError("key=value overrides go with --config; a store's settings are its stored config")
+    shards: dict[str, list[int]] = {}  # domain id -> live shards trained in it
+    records: dict[str, dict[str, Any]] = {}  # domain id -> its record
+    if args.store is not None:
+        # The live records alone: status() would also count every slice's members.
+        with Ensemble.open(args.store, readonly=True) as ens, ens.store.read() as txn:
+            cfg = ens.config
+            for shard, live in sorted(ens.store.live(txn).items()):
+                if live.get("domain") is not None:
+                    shards.setdefault(live["domain"]["id"], []).append(shard)
+                    records[live["domain"]["id"]] = live["domain"]
+    else:
+        cfg = load_command_config(args.config, args.overrides)
+    res = cfg.resources
+    found = orchestrator.available_domains(args.address, res)
+    have = {d.domain.id for d in found}
+    missing: list[dict[str, Any]] = [
+        {"domain": records[i], "shards": sorted(ids)} for i, ids in sorted(shards.items()) if i not in have
+    ]
+    result: dict[str, Any] = {
+        "cpu_isa": res.cpu_isa,
+        "threads": res.threads_per_shard,
+        "device": res.device,
+        "available": [
+            {"domain": d.domain.to_dict(), "nodes": list(d.nodes), "shards": shards.get(d.domain.id, [])} for d in found
+        ],
+        "missing": missing,
+    }
+    if not args.json:
+        print(
+            f"determinism domains (resources.cpu_isa={res.cpu_isa}, {res.threads_per_shard} thread(s), {res.device}):"
+        )
+        for d in found:
+            bound = " ".join(map(str, shards.get(d.domain.id, []))) or "-"
+            print(f"  {describe(d.domain)}\n    nodes: {len(d.nodes)}; live shards: {bound}")
+        for m in missing:
+            print(
+                f"  MISSING {describe(m['domain'])}\n    no node; live shards {' '.join(map(str, m['shards']))} "
+                "cannot be verified here, and a deletion in them retrains from scratch (on_missing_domain=rebind)"
+            )
+    return result
+
+
+def cmd_compact(args: argparse.Namespace) -> dict[str, Any]:
+    """Rewrite data.mdb without its free pages (space; erasure never needs it)."""
+    with open_writer(args) as ens:
+        before, after = ens.store.compact()
+    result = {"store": str(args.store), "bytes_before": before, "bytes_after": after}
+    if not args.json:
+        print(f"compacted {args.store}/data.mdb: {before:,} -> {after:,} bytes")
+    return result
+
+
+def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Copy a format-2 store into a new format-3 directory (the old one is only read)."""
+    from sisa.store.migrate import migrate  # rarely used: keep it off the start-up path
+
+    result = migrate(args.store, args.to).to_dict()
+    if not args.json:
+        form = result["feature_dtype"] + ("" if result["feature_scale"] is None else f" / {result['feature_scale']:g}")
+        print(
+            f"migrated {result['samples']} samples ({form}) and {result['checkpoints']} checkpoints into "
+            f"{result['target']}: {result['bytes_before']:,} -> {result['bytes_after']:,} bytes; "
+            f"{result['source']} is unchanged. Use --store {result['target']} from now on"
+        )
+    return result

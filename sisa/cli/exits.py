@@ -1,0 +1,66 @@
+"""Exit codes of the ``sisa`` command, and the signals that end a command early.
+
+A command ends with 0 only when its work is done. A signal ends it with the code a shell
+reports for that signal (130 for SIGINT, 143 for SIGTERM), after it has said what was kept
+and the command that finishes the rest; the warm worker relays the same codes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_ERROR",
+    "EXIT_FAILED_CHECK",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+    "Terminated",
+    "exit_code_of",
+    "terminate_raises",
+]
+
+EXIT_FAILED_CHECK = 1  # verify or audit ran and found a problem
+EXIT_ERROR = 2  # a sisa error: bad input, a store that cannot do this, a cluster that cannot be reached
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as a shell reports it: 128 + 2
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader, as after SIGPIPE: 128 + 13
+EXIT_TERMINATED = 143  # SIGTERM, as a shell reports it: 128 + 15
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command ran: it unwinds like Ctrl-C's ``KeyboardInterrupt``.
+
+    A ``BaseException`` for the same reason ``KeyboardInterrupt`` is one: ``except Exception``
+    in library code must not swallow it.
+    """
+
+
+def exit_code_of(interrupt: BaseException) -> int:
+    """The exit code for a command that ``interrupt`` (``KeyboardInterrupt`` or :class:`Terminated`) ended."""
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+@contextmanager
+def terminate_raises() -> Iterator[None]:
+    """Within this block, SIGTERM raises :class:`Terminated` in the main thread (else nothing changes).
+
+    Python's default for SIGTERM ends the process at once, without ``finally`` blocks: a
+    command would print nothing, and its caller could not tell what was kept.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: Callable[[int, FrameType | None], Any] | int | None = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
