@@ -8,6 +8,7 @@ approximate baselines on a monolithic model trained on everything, and scores th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -44,8 +45,10 @@ __all__ = [
     "model_fn",
     "parse_forget",
     "parse_methods",
+    "refuse_repeats",
     "retrain_reference",
     "split_forgets",
+    "store_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -415,13 +418,12 @@ def _sisa_row(
     scorer: Scorer,
     base: Path,
     before_test: np.ndarray,
-    workdir: Path,
+    path: Path,
     address: str | None,
     say: Callable[[str], None],
     before_attack: np.ndarray | None = None,
 ) -> MethodRow:
     sets = scorer.sets
-    path = workdir / f"sisa-{_slug(sets.spec.name)}"
     if path.exists():
         shutil.rmtree(path)
     # Every forget set starts from the same trained ensemble: a copy of the closed base store.
@@ -507,6 +509,7 @@ def evaluate(
             f"backbone (backbone.source={cfg.backbone.source}). Measure it with scripts/bench_backbone.py, or set "
             "backbone.source=none model.adapter=none"
         )
+    refuse_repeats(forgets)
     say = progress or (lambda msg: log.info("%s", msg))
     workdir = Path(workdir)
     settings = settings if settings is not None else EvaluateConfig()
@@ -538,15 +541,17 @@ def evaluate(
     # monolithic timings above.
     if "sisa" in methods:
         by_spec = {id(scorer.sets): (scorer, spec_rows) for scorer, _, spec_rows in per_spec}
+        folder = store_names([spec.name for spec in forgets])
         for info, members in zip(group_info, groups.values(), strict=True):
             data = members[0].train
-            base = workdir / ("sisa-base" if data is train else f"sisa-base-{_slug(members[0].spec.name)}")
+            base = workdir / ("sisa-base" if data is train else f"sisa-base-{folder[members[0].spec.name]}")
             say(f"sisa: {cfg.shards} shards x {cfg.slices} slices on {len(data)} samples")
             attack = members[0].attack if data is not train else None  # a scenario's group holds one spec
             info["sisa_base"], before_test, before_attack = _train_sisa_base(cfg, data, test, base, address, attack)
             for sets in members:
                 scorer, spec_rows = by_spec[id(sets)]
-                spec_rows.append(_sisa_row(scorer, base, before_test, workdir, address, say, before_attack))
+                path = workdir / f"sisa-{folder[sets.spec.name]}"
+                spec_rows.append(_sisa_row(scorer, base, before_test, path, address, say, before_attack))
 
     order = {m: i for i, m in enumerate(("retrain", "unpoisoned", "original", *METHODS[1:]))}
     rows: list[MethodRow] = []
@@ -579,9 +584,48 @@ def evaluate(
     }
 
 
+def refuse_repeats(forgets: Sequence[ForgetSpec]) -> None:
+    """Refuse a forget set given twice: results and stores are keyed by its name, so one would replace the other.
+
+    Two specs are the same forget set when their canonical names are (``random:0.01`` and
+    ``random:1e-2``, ``class:3`` and ``class:03``).
+
+    Raises:
+        ConfigError: Naming the repeated set and how it was written.
+    """
+    seen: dict[str, ForgetSpec] = {}
+    for spec in forgets:
+        if spec.name in seen:
+            raise ConfigError(
+                f"forget set {spec.name} is given twice; each forget set is evaluated once "
+                "(its results and its store are named after it): drop the repeated --forget"
+            )
+        seen[spec.name] = spec
+
+
 def _slug(name: str) -> str:
     """A spec name as a directory name: ``backdoor:rate=0.01,...`` -> ``backdoor-rate-0.01-...``."""
     return re.sub(r"[^a-z0-9.]+", "-", name)
+
+
+def store_names(names: Sequence[str]) -> dict[str, str]:
+    """A directory name per forget set of one run, distinct for distinct names.
+
+    The readable slug drops characters a directory name should not hold, so two names may map
+    to the same text; those then get a short digest of the name itself appended, so every forget
+    set (and every scenario's base) keeps its own store and none deletes another's.
+
+    Args:
+        names: The run's forget-set names (:attr:`ForgetSpec.name`), each once.
+
+    Returns:
+        Name -> directory-name part.
+    """
+    slugs = [_slug(n) for n in names]
+    return {
+        n: slug if slugs.count(slug) == 1 else f"{slug}-{hashlib.sha256(n.encode()).hexdigest()[:8]}"
+        for n, slug in zip(names, slugs, strict=True)
+    }
 
 
 def _monolithic_rows(

@@ -12,7 +12,16 @@ from sisa.config.settings import SisaConfig, config_to_dict
 from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.evaluate.harness import METHODS, ForgetSpec, evaluate, forget_ids, parse_forget, parse_methods
+from sisa.evaluate.harness import (
+    METHODS,
+    ForgetSpec,
+    evaluate,
+    forget_ids,
+    parse_forget,
+    parse_methods,
+    refuse_repeats,
+    store_names,
+)
 from sisa.evaluate.settings import load_evaluate_config
 from tests.conftest import blobs, small_config
 
@@ -149,7 +158,39 @@ def test_cli_rejects_bad_requests_before_any_work(tmp_path: Path, capsys: pytest
     assert "oracle" in capsys.readouterr().err
     assert main(["evaluate", "--out", str(out), "evaluate.prune.mode=melt"]) == 2
     assert "evaluate.prune.mode" in capsys.readouterr().err
+    # The same forget set twice (also when written differently): refused, as its results would collide.
+    assert main(["evaluate", "--forget", "random:0.01", "--forget", "class:3,random:1e-2", "--out", str(out)]) == 2
+    assert "forget set random:0.01 is given twice" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_evaluate_refuses_a_repeated_forget_set() -> None:
+    with pytest.raises(ConfigError, match="class:3 is given twice"):
+        refuse_repeats([parse_forget("class:3"), parse_forget("random:0.1"), parse_forget("class:03")])
+
+
+def test_store_names_are_distinct_when_slugs_collide() -> None:
+    names = store_names(["random:0.1", "a:b", "a=b"])
+    assert names["random:0.1"] == "random-0.1"  # readable when unique
+    assert len(set(names.values())) == 3 and names["a:b"].startswith("a-b-")
+
+
+def test_each_forget_set_keeps_its_own_result_and_store(
+    blob_config: SisaConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Force the worst case: every spec's readable folder name is the same.
+    monkeypatch.setattr("sisa.evaluate.harness._slug", lambda _name: "same")
+    settings = load_evaluate_config({"evaluate": {"retrain_seeds": 2, "threads": 1}})
+    specs = [ForgetSpec("random", 0.1), ForgetSpec("class", 1)]
+    result = evaluate(blob_config, specs, ["sisa"], tmp_path, address="local", settings=settings)
+
+    sisa = {r["forget"]: r for r in result["rows"] if r["method"] == "sisa"}
+    assert set(sisa) == set(result["targets"]) == {"random:0.1", "class:1"}
+    stores = {name: Path(row["extra"]["store"]) for name, row in sisa.items()}
+    assert len(set(stores.values())) == 2
+    for name, store in stores.items():  # each store is still there, and holds what its own deletion left
+        with Ensemble.open(store, readonly=True) as ens:
+            assert ens.status()["samples"] == result["forget_sets"][name]["retain"]
 
 
 def test_evaluate_refuses_a_shared_backbone_config_and_says_where_it_is_measured(tmp_path: Path) -> None:
