@@ -26,7 +26,7 @@ from sisa.errors import SisaError, TrainingError
 from sisa.train import domain as domains
 from sisa.train.trainer import ShardJob, StageResult, train_shard
 
-__all__ = ["LocalRunner", "close_all", "materialise", "shared"]
+__all__ = ["LocalRunner", "close_all", "materialise", "pool", "shared", "warm_children"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,15 @@ class LocalRunner:
         cpu_isa: ``resources.cpu_isa`` of the jobs.
         threads: ``resources.threads_per_shard``.
         device: ``cpu`` or ``cuda``.
+        child: Train in a child process even when this process could train in place.
     """
 
-    def __init__(self, cpu_isa: str, threads: int, device: str) -> None:
+    def __init__(self, cpu_isa: str, threads: int, device: str, *, child: bool = False) -> None:
         self.cpu_isa = cpu_isa
         self.threads = threads
         self.device = device
-        self.in_process = domains.pinned_from_start(cpu_isa)
+        # child=True: always a child process, also when this one is pinned (one of parallel_runner's slots).
+        self.in_process = not child and domains.pinned_from_start(cpu_isa)
         self._child: subprocess.Popen[bytes] | None = None
         self._domain: domains.Domain | None = None
 
@@ -80,6 +82,11 @@ class LocalRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start(self) -> None:
+        """Start the child now, if this runner uses one (it then imports torch while others do too)."""
+        if not self.in_process:
+            self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._child is None:
@@ -121,6 +128,16 @@ class LocalRunner:
                 self.close(kill=True)
 
     @property
+    def warm(self) -> bool:
+        """Whether training costs no process start: in place, or its child is up."""
+        return self.in_process or (self._child is not None and self._child.poll() is None)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid, if one is running."""
+        return self._child.pid if self._child is not None else None
+
+    @property
     def domain(self) -> domains.Domain:
         """The domain the jobs train in."""
         if self._domain is None:
@@ -159,6 +176,8 @@ class LocalRunner:
 
 
 _runners: dict[tuple[str, int, str], LocalRunner] = {}
+# Per settings, the child-process runners of parallel_runner, kept warm like the shared one.
+_pools: dict[tuple[str, int, str], list[LocalRunner]] = {}
 
 
 def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
@@ -174,15 +193,46 @@ def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
     """
     key = (cpu_isa, threads, device)
     if key not in _runners:
-        if not _runners:
+        if not _runners and not _pools:
             atexit.register(close_all)
         _runners[key] = LocalRunner(cpu_isa, threads, device)
     return _runners[key]
 
 
+def pool(cpu_isa: str, threads: int, device: str, size: int) -> list[LocalRunner]:
+    """This process's ``size`` child-process runners for these settings (for side-by-side training).
+
+    Created on first use and kept, like :func:`shared`'s, until exit; a later call for more
+    slots adds runners, for fewer uses the first ``size``. Their children start when first used.
+
+    Args:
+        cpu_isa: ``resources.cpu_isa``.
+        threads: ``resources.threads_per_shard``.
+        device: ``cpu`` or ``cuda``.
+        size: Slots wanted.
+
+    Returns:
+        ``size`` runners, each always training in its own child process.
+    """
+    key = (cpu_isa, threads, device)
+    if not _runners and not _pools:
+        atexit.register(close_all)
+    runners = _pools.setdefault(key, [])
+    while len(runners) < size:
+        runners.append(LocalRunner(cpu_isa, threads, device, child=True))
+    return runners[:size]
+
+
+def warm_children(cpu_isa: str, threads: int, device: str) -> tuple[bool, int]:
+    """Whether the shared runner trains at no start cost, and how many pool children are up."""
+    key = (cpu_isa, threads, device)
+    one = _runners.get(key)
+    return (one is not None and one.warm), sum(r.warm for r in _pools.get(key, []))
+
+
 def close_all() -> None:
-    """End every shared runner's child process (also done at exit)."""
-    for runner in _runners.values():
+    """End every shared and pooled runner's child process (also done at exit)."""
+    for runner in [*_runners.values(), *(r for runners in _pools.values() for r in runners)]:
         runner.close()
 
 

@@ -24,7 +24,9 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -34,12 +36,13 @@ import ray
 
 from sisa.config.settings import ResourcesConfig
 from sisa.errors import ClusterConnectionError, ConfigError, DomainUnavailableError, SisaError, TrainingError
-from sisa.train import local_runner, routing
-from sisa.train.domain import Domain, unavailable_message
+from sisa.train import local_runner, parallel_runner, routing, runner_choice
+from sisa.train.domain import Domain, pinned_from_start, unavailable_message
 from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
 __all__ = [
     "LOCAL",
+    "PARALLEL",
     "RemoteSlices",
     "Retry",
     "Unavailable",
@@ -50,6 +53,7 @@ __all__ = [
     "connect",
     "connect_unless_local",
     "execute",
+    "plan_runner",
     "run_jobs",
     "runner_override",
     "ship",
@@ -64,13 +68,17 @@ Unavailable = Callable[[ShardJob, list[Domain]], "ShardJob | None"]
 # The address that trains in the calling process, one shard after another, without Ray.
 LOCAL = "local"
 
-# Overrides the runner chosen when no address is given: ``ray`` (always a local Ray instance),
-# ``local`` (always the local runner) or ``auto`` (the default: from the plan, :func:`choose_runner`).
-RUNNER_ENV = "SISA_RUNNER"
-_RUNNERS = ("auto", "ray", LOCAL)
+# The runner that trains shards side by side in pinned local processes (:mod:`sisa.train.parallel_runner`).
+PARALLEL = "parallel"
 
-# Without an address, plans that train at most this many shards run without Ray: Ray could
-# only run them one after another too, so it would add its start-up (seconds) and nothing else.
+# Overrides the runner chosen when no address is given: ``ray`` (always a local Ray instance),
+# ``local`` (always one local process, one shard after another), ``parallel`` (always pinned local
+# processes side by side) or ``auto`` (the default: from the plan's costs, :func:`plan_runner`).
+RUNNER_ENV = "SISA_RUNNER"
+_RUNNERS = ("auto", "ray", LOCAL, PARALLEL)
+
+# Without an address nor measured costs (a first fit), plans that train at most this many shards
+# run without Ray: Ray could only run them one after another too, so it would add its start-up.
 LOCAL_MAX_SHARDS = 1
 
 # Set when this process started a local Ray instance itself (not when it joined a cluster).
@@ -186,16 +194,36 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
     if address is None:
         log.info("starting a local Ray instance")
         # Ray's own "local": a new instance, never a cluster `ray start` left on this machine.
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        with _keeping_sigterm_handler():
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
         _started_local = True
         return
     _check_reachable(address, timeout)
     log.info("joining the Ray cluster at %s", address)
     try:
-        ray.init(address=address, **kwargs)
+        with _keeping_sigterm_handler():
+            ray.init(address=address, **kwargs)
     # ray.exceptions.RayError covers AuthenticationError: token mode without a token anywhere.
     except (ConnectionError, RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as exc:
         raise ClusterConnectionError(f"could not join the Ray cluster at {address} ({exc}); {_TOKEN_ADVICE}") from exc
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Put back the application's own SIGTERM handler after ``ray.init`` replaced it.
+
+    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit(15)`` in the driver. Where the
+    application has its own (the ``sisa`` command and its worker end a command with exit 143
+    and say what was kept), Ray's would end the process silently in the middle of a deletion;
+    a process without one keeps Ray's.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def _named(address: str | None) -> str | None:
@@ -215,37 +243,77 @@ def runner_override() -> str:
     return value
 
 
-def choose_runner(address: str | None, planned: int) -> str:
-    """Where a plan of ``planned`` shard jobs trains: ``ray`` or ``local`` (this machine, without Ray).
+def plan_runner(
+    address: str | None,
+    planned: int,
+    seconds: Sequence[float] | None = None,
+    res: ResourcesConfig | None = None,
+) -> runner_choice.Choice:
+    """Where a plan of ``planned`` shard jobs trains: ``ray``, ``local`` or ``parallel``, and in how many processes.
 
-    A named address decides (``local``: the local runner; any other: that cluster). Without
-    one (no ``address``, no ``RAY_ADDRESS``) the plan does: a process that already has Ray up
-    keeps using it (no start-up to save); else ``SISA_RUNNER=ray|local`` forces a runner;
-    else a plan of at most :data:`LOCAL_MAX_SHARDS` shard(s) (a deletion that touched one
-    shard, a verify of one shard) runs locally, since Ray could not parallelise it and would
-    only add seconds of start-up and shutdown, and a bigger plan starts a local Ray instance.
-    Both train the same :func:`~sisa.train.trainer.train_shard` in the same pinned domain, so
-    the bytes do not depend on this choice (tested).
+    A named address decides (``local``: one local process; any other: that cluster). Without
+    one (no ``address``, no ``RAY_ADDRESS``): ``SISA_RUNNER=ray|local|parallel`` forces a runner;
+    else a process that already has Ray up keeps using it (no start-up to save); else the plan's
+    predicted costs do (:func:`sisa.train.runner_choice.choose`: one process one shard after
+    another, pinned processes side by side, or a new local Ray instance, whichever is predicted
+    to finish first). Without measured costs (a store that never trained) a plan of at most
+    :data:`LOCAL_MAX_SHARDS` shard runs locally and a bigger one starts Ray. Every runner trains the
+    same :func:`~sisa.train.trainer.train_shard` in the same pinned domain, so the bytes do not
+    depend on this choice (tested).
 
     Args:
         address: The caller's address (see :func:`connect`), or None.
         planned: Number of shard jobs the plan holds.
+        seconds: Predicted compute seconds of each planned shard
+            (:func:`sisa.train.runner_choice.predict_seconds`), or None when unknown.
+        res: The config's resources (threads per shard, device, pins); needed with ``seconds``.
 
     Returns:
-        ``"local"`` or ``"ray"``.
+        The choice.
 
     Raises:
         ConfigError: On a bad ``SISA_RUNNER``.
     """
     named = _named(address)
     if named is not None:
-        return LOCAL if named == LOCAL else "ray"
-    if ray.is_initialized():
-        return "ray"
+        return runner_choice.Choice(LOCAL if named == LOCAL else "ray", 1)
     forced = runner_override()
+    setting = _setting(res) if res is not None else runner_choice.Setting(cores=runner_choice.usable_cores())
+    if forced == PARALLEL:
+        return runner_choice.Choice(PARALLEL, max(1, min(setting.slots, planned)))
     if forced != "auto":
-        return forced
-    return LOCAL if planned <= LOCAL_MAX_SHARDS else "ray"
+        return runner_choice.Choice(forced, 1)
+    if ray.is_initialized():
+        return runner_choice.Choice("ray", planned)
+    if seconds is None or res is None:
+        return runner_choice.Choice(LOCAL if planned <= LOCAL_MAX_SHARDS else "ray", 1)
+    choice = runner_choice.choose(seconds, setting)
+    log.info(
+        "runner %s (%d process(es)); predicted seconds %s",
+        choice.runner,
+        choice.processes,
+        {k: round(v, 2) for k, v in choice.predicted.items()},
+    )
+    return choice
+
+
+def _setting(res: ResourcesConfig) -> runner_choice.Setting:
+    """This process's cores and what of the local runners is already warm, for ``res``'s jobs."""
+    in_place, warm = local_runner.warm_children(res.cpu_isa, res.threads_per_shard, res.device)
+    return runner_choice.Setting(
+        cores=runner_choice.usable_cores(),
+        threads_per_shard=res.threads_per_shard,
+        device=res.device,
+        in_place=in_place or pinned_from_start(res.cpu_isa),
+        warm_children=warm,
+    )
+
+
+def choose_runner(
+    address: str | None, planned: int, seconds: Sequence[float] | None = None, res: ResourcesConfig | None = None
+) -> str:
+    """The runner of :func:`plan_runner`: ``ray``, ``local`` or ``parallel``."""
+    return plan_runner(address, planned, seconds, res).runner
 
 
 def connect_unless_local(address: str | None) -> None:
@@ -338,6 +406,7 @@ def execute(
     unavailable: Unavailable | None = None,
     *,
     runner: str | None = None,
+    processes: int | None = None,
 ) -> list[Retry]:
     """Train ``jobs`` on Ray at ``address``, or without Ray when ``address`` (or ``runner``) is ``local``.
 
@@ -352,8 +421,9 @@ def execute(
         on_stage: Called for each finished stage (it commits the stage).
         unavailable: For a job whose ``domain`` no node offers (default: raise
             :class:`~sisa.errors.DomainUnavailableError`).
-        runner: ``local`` or ``ray``, as :func:`choose_runner` chose from the plan; None:
-            ``local`` only when the address names it.
+        runner: ``local``, ``parallel`` or ``ray``, as :func:`plan_runner` chose from the plan;
+            None: ``local`` only when the address names it.
+        processes: Processes of the ``parallel`` runner (default: one per free core).
 
     Returns:
         The resubmissions after lost workers (:func:`run_jobs`); none in local mode.
@@ -363,6 +433,11 @@ def execute(
     first = next(jobs, None)
     if first is None:
         return []  # nothing to train: no Ray start-up (or child process) either
+    if runner == PARALLEL:
+        res = first.config.resources
+        slots = processes or _setting(res).slots
+        parallel_runner.run(itertools.chain([first], jobs), on_stage, unavailable, slots)
+        return []
     if runner == LOCAL or (runner is None and _named(address) == LOCAL):
         res = first.config.resources
         here = local_runner.shared(res.cpu_isa, res.threads_per_shard, res.device)

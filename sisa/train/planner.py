@@ -26,6 +26,7 @@ from sisa.store.digests import checkpoint_key, manifest_digest, sha256
 from sisa.store.erasure import erase
 from sisa.store.records import BACKBONE_PREFIX
 from sisa.train import backbone as backbones
+from sisa.train import runner_choice
 from sisa.train.backbone import Backbone
 from sisa.train.core import core_source_key, train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
@@ -54,8 +55,9 @@ class FitReport:
         rebound: Shard -> why it was retrained from scratch in another determinism
             domain (no node of its own was available; ``resources.on_missing_domain``):
             ``{"from_domain": id, "to_domain": id, "reason": text}``.
-        runner: Where the stages trained: ``ray`` or ``local`` (this machine without Ray;
-            :func:`sisa.train.orchestrator.choose_runner`); None when nothing needed training.
+        runner: Where the stages trained: ``ray``, ``local`` (one process on this machine, no Ray)
+            or ``parallel`` (pinned processes side by side on this machine;
+            :func:`sisa.train.orchestrator.plan_runner`); None when nothing needed training.
     """
 
     trained: dict[int, list[int]] = field(default_factory=dict)
@@ -251,6 +253,33 @@ class Planner:
                 job = self.shard_job(txn, shard, start_stage, known.get(shard), domain=bound.get(shard))
             yield job  # outside the transaction: the consumer commits stages meanwhile
 
+    def predicted_seconds(
+        self, plan: Sequence[tuple[int, int]], slices: Mapping[int, Sequence[np.ndarray]], txn: Any = None
+    ) -> list[float] | None:
+        """Predicted compute seconds of each planned ``(shard, start_stage)``, from what this store measured.
+
+        Every stage record holds its compute seconds and sample-epochs; their ratio over the
+        store times the work of each restart (:func:`sisa.train.runner_choice.predict_seconds`).
+
+        Args:
+            plan: The plan.
+            slices: Shard -> its slices' ids now.
+            txn: A read transaction to use (a caller's snapshot); default: a new one.
+
+        Returns:
+            One number per plan entry, or None when the store has no trained stage to measure by.
+        """
+        if txn is None:
+            with self.store.read() as own:
+                return self.predicted_seconds(plan, slices, own)
+        records = [r for shard in range(self.config.shards) for r in self.store.stage_records(txn, shard)]
+        rate = runner_choice.seconds_per_sample_epoch(records)
+        if rate is None:
+            return None
+        sizes = {shard: [len(part) for part in slices[shard]] for shard, _ in plan}
+        epochs = {shard: self.config.train.stage_epochs(len(sizes[shard])) for shard, _ in plan}
+        return runner_choice.predict_seconds(plan, sizes, epochs, rate)
+
     def valid_stages(self, txn: Any, shard: int, slice_ids: list[np.ndarray]) -> tuple[int, dict[str, Any] | None]:
         """Last stage whose stored checkpoint is exactly what training now would produce, and its record.
 
@@ -280,8 +309,9 @@ class Planner:
     ) -> FitReport:
         """Train every shard stage whose checkpoint is missing or stale, in parallel on Ray (or without it).
 
-        Without an address, a plan of one shard trains on this machine without Ray
-        (:func:`sisa.train.orchestrator.choose_runner`); the report says which (``runner``).
+        Without an address, the plan's measured costs pick the runner: one local process, pinned
+        local processes side by side, or Ray (:func:`sisa.train.orchestrator.plan_runner`); the
+        report says which (``runner``).
 
         Resumes each shard from its last valid stage, so re-running after a crash
         (or after new data) redoes only what is needed.
@@ -362,10 +392,15 @@ class Planner:
             return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
 
         jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
+        processes = None
         if plan:
-            report.runner = orchestrator.choose_runner(self.address, len(plan))
+            seconds = self.predicted_seconds(plan, dict(enumerate(all_slices)))
+            choice = orchestrator.plan_runner(self.address, len(plan), seconds, cfg.resources)
+            report.runner, processes = choice.runner, choice.processes
             log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
-        retries = orchestrator.execute(self.address, jobs, commit, unavailable, runner=report.runner)
+        retries = orchestrator.execute(
+            self.address, jobs, commit, unavailable, runner=report.runner, processes=processes
+        )
         for shard, info in report.rebound.items():
             with store.read() as txn:
                 info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))

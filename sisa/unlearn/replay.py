@@ -82,8 +82,12 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
                 if domain_id(rec) is not None:
                     needs[shard] = str(domain_id(rec))
         jobs = planner.shard_jobs(plan, ids, snapshot=txn, domains=needs)
-        runner = orchestrator.choose_runner(planner.address, len(plan)) if plan else None
-        orchestrator.execute(planner.address, jobs, keep, skip, runner=runner)
+        runner, processes = None, None
+        if plan:
+            seconds = planner.predicted_seconds(plan, ids, txn)
+            choice = orchestrator.plan_runner(planner.address, len(plan), seconds, cfg.resources)
+            runner, processes = choice.runner, choice.processes
+        orchestrator.execute(planner.address, jobs, keep, skip, runner=runner, processes=processes)
     for key, info in out.items():
         result = last.get(int(key))
         if info["samples"] == 0:

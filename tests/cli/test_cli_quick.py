@@ -1,8 +1,9 @@
 """Small jobs skip Ray: a one-shard deletion from the command line trains on this machine, in place.
 
-Without ``--address`` (and ``RAY_ADDRESS``) the plan decides the runner
-(:func:`sisa.train.orchestrator.choose_runner`): one shard trains without Ray, more start
-a local Ray instance, ``SISA_RUNNER`` forces either. The bytes must not depend on it.
+Without ``--address`` (and ``RAY_ADDRESS``) the plan decides the runner from its measured costs
+(:func:`sisa.train.orchestrator.plan_runner`): small retrains train without Ray, a store never
+trained starts Ray for more than one shard, ``SISA_RUNNER`` forces a runner. The bytes must not
+depend on it.
 """
 
 from __future__ import annotations
@@ -125,8 +126,13 @@ def test_one_shard_deletion_skips_ray_in_place_and_matches_ray_bit_for_bit(
     assert cert["shards"][shard]["live_weights"] == via_ray["shards"][shard]["live_weights"]
     assert cert["shards"][shard]["new_checkpoints"] == via_ray["shards"][shard]["new_checkpoints"]
 
-    # verify of every shard is a plan of 3: it runs on Ray and replays the shard trained in place.
+    # verify of every shard is a plan of 3 tiny shards: the measured costs keep it off Ray.
     out, pid = sisa(["verify", "--store", str(local), "--json"], plain_env(env_python))
+    assert out.returncode == 0, out.stderr + out.stdout
+    verdict = json.loads(out.stdout)
+    assert verdict["ok"] and verdict["runner"] in ("local", "parallel") and ray_sessions(pid) == []
+    # Forced onto Ray, it replays the shard trained in place to the same bytes.
+    out, pid = sisa(["verify", "--store", str(local), "--json"], plain_env(env_python, SISA_RUNNER="ray"))
     assert out.returncode == 0, out.stderr + out.stdout
     verdict = json.loads(out.stdout)
     assert verdict["ok"] and verdict["runner"] == "ray"
@@ -135,7 +141,7 @@ def test_one_shard_deletion_skips_ray_in_place_and_matches_ray_bit_for_bit(
     assert still_running(pid) == []
 
 
-def test_a_plan_of_several_shards_uses_ray_and_the_override_forces_either(
+def test_several_small_shards_skip_ray_and_the_override_forces_local(
     trained: Path, tmp_path: Path, env_python: dict[str, str]
 ) -> None:
     store = tmp_path / "st"
@@ -153,6 +159,16 @@ def test_a_plan_of_several_shards_uses_ray_and_the_override_forces_either(
     cert = json.loads(out.stdout)
     assert cert["runner"] == "local" and len(cert["retrained_shards"]) == 2
     assert ray_sessions(pid) == []
+    # Without an override the measured costs decide: two tiny retrains never pay a Ray start.
+    auto = tmp_path / "auto"
+    shutil.copytree(trained, auto)
+    out, pid = sisa(["delete", "--store", str(auto), "--ids", *two, "--json"], plain_env(env_python))
+    assert out.returncode == 0, out.stderr
+    chosen = json.loads(out.stdout)
+    assert chosen["runner"] in ("local", "parallel") and ray_sessions(pid) == []
+    assert {k: v["live_weights"] for k, v in chosen["shards"].items()} == {
+        k: v["live_weights"] for k, v in cert["shards"].items()
+    }
 
 
 def test_choose_runner(monkeypatch: pytest.MonkeyPatch) -> None:
