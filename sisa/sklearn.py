@@ -33,8 +33,12 @@ Behaviour worth knowing:
   ``verify`` also refits each transformer and compares it bit for bit. ``preprocess="core"``
   fits one transformer on ``fit(..., core_ids=...)`` rows, which train too and can never be deleted
   (``CoreSetError``); deletions never change it and retrain from the last clean slice as usual.
-  The fitted transformer is stored pickled in the store's config and unpickled to build a network:
-  open such a store only if you trust whoever can write it (as for a ``module:callable`` model).
+  The fitted transformer is stored in the store's config as canonical JSON, never pickled
+  (:func:`sisa.sklearn_preprocess.dump_state`): only the transformers of
+  :data:`sisa.sklearn_preprocess.SUPPORTED` (scalers, PCA, ..., and ``Pipeline``/``FeatureUnion`` of
+  them) are accepted, others are refused at ``fit`` with a ``ConfigError``, and opening a store
+  whose stored state is not one sisa writes (a planted pickle, another class) raises
+  ``IntegrityError``/``ConfigError`` without running anything from it.
 * **Integer rows** (uint8 pixels, say) are converted to float32 before they reach a store or a
   model, so predict sees the values training saw (no raw+scale path; sisa's own loaders use one).
 * **Pickling** a fitted estimator with a temporary store carries the store's bytes; with a
@@ -155,7 +159,8 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
             reshaped to.
         preprocessor: A scikit-learn transformer (e.g. ``StandardScaler()``), cloned and fitted
             inside the estimator so that :meth:`delete` forgets exactly what it saw; None: no
-            preprocessing. See ``preprocess``.
+            preprocessing. See ``preprocess``. One of :data:`sisa.sklearn_preprocess.SUPPORTED`
+            (or a ``Pipeline``/``FeatureUnion`` of them): its state is stored without pickle.
         preprocess: Which rows fit the ``preprocessor``: ``"shard"`` (one per shard, fitted on that
             shard's current rows and refitted, with the shard retrained from scratch, when a
             deletion touches it) or ``"core"`` (one, fitted on the rows ``fit(..., core_ids=...)``
@@ -208,6 +213,7 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
                 f"preprocessor={self.preprocessor!r} is not a scikit-learn transformer (it needs fit and "
                 "transform); pass one such as StandardScaler(), or None"
             )
+        prep.dump_state(self.preprocessor)  # a ConfigError naming the supported ones, before any work
         return str(self.preprocess)
 
     def _fit_layout(self, ids: np.ndarray) -> tuple[int, int]:
@@ -235,7 +241,12 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------- store
     def _open(self, *, write: bool) -> list[Ensemble]:
-        """The fitted stores' ensembles, opened now if this estimator was unpickled with a store path."""
+        """The fitted stores' ensembles, opened now if this estimator was unpickled with a store path.
+
+        Raises:
+            IntegrityError: If a store's preprocessor state is not one sisa writes (a planted pickle).
+            ConfigError: If it names a class outside :data:`sisa.sklearn_preprocess.SUPPORTED`.
+        """
         check_is_fitted(self, "classes_")
         handle: _Handle = self._handle
         if handle.ens and (handle.ens[0].store.writable or not write):
@@ -246,8 +257,16 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
         handle.arm(self)
         # A temporary store has no other user: open it writable at once.
         readonly = not write and handle.tmpdir is None
-        for path in handle.stores:
-            handle.ens.append(Ensemble.open(path, readonly=readonly, address=self.address))
+        try:
+            for path in handle.stores:
+                handle.ens.append(Ensemble.open(path, readonly=readonly, address=self.address))
+                # A stored preprocessor that sisa did not write (a planted pickle) is refused here, unrun.
+                prep.check_store(handle.ens[-1].config)
+        except BaseException:
+            for ens in handle.ens:
+                ens.close()  # no writer lock stays held by a store that was refused
+            handle.ens = []
+            raise
         return handle.ens
 
     def close(self) -> None:

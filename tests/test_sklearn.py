@@ -253,3 +253,191 @@ def test_integer_inputs_predict_as_their_float_values() -> None:
     assert np.array_equal(clf.predict_proba(xu), clf.predict_proba(xu.astype(np.float32)))
     assert clf._handle.ens[0].store.meta().get("feature_scale") is None
     clf.close()
+
+
+# ------------------------------------- a stored preprocessor is state, never code (no pickle in a store)
+class _RunsShell:
+    """Unpickling this runs ``touch <marker>``: the classic malicious pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _bad_state(name: str, marker: Path) -> str:
+    """A stored preprocessor state that a writer of the store could plant."""
+    import base64
+    import json
+
+    if name == "pickle":  # the format before: base64 of a pickle
+        return base64.b64encode(pickle.dumps(_RunsShell(marker))).decode("ascii")
+    if name == "raw-pickle":
+        return pickle.dumps(_RunsShell(marker), protocol=0).decode("latin-1")
+    from sisa.sklearn_preprocess import dump_state
+
+    if name == "pipeline-with-a-cache":  # a joblib cache is read back as pickles on a refit
+        tree = json.loads(dump_state(make_pipeline(StandardScaler())))
+        tree["state"]["attrs"]["memory"] = str(marker.parent / "joblib-cache")
+        return json.dumps(tree)
+    renamed = {"untrusted-class": "posix.system", "function-transformer": "sklearn.preprocessing.FunctionTransformer"}
+    tree = json.loads(dump_state(StandardScaler()))
+    tree["state"]["class"] = renamed[name]
+    return json.dumps(tree)
+
+
+@pytest.mark.parametrize("option", ["preprocessor", "template"])
+@pytest.mark.parametrize(
+    "bad", ["pickle", "raw-pickle", "untrusted-class", "function-transformer", "pipeline-with-a-cache"]
+)
+def test_a_planted_preprocessor_state_is_refused_and_never_run(tmp_path: Path, bad: str, option: str) -> None:
+    from sisa.config.settings import config_to_dict
+    from sisa.ensemble import Ensemble
+    from sisa.errors import ConfigError, IntegrityError, ModelError
+
+    marker = tmp_path / "pwned"
+    x, y = scaled_blobs(80, seed=16)
+    store = tmp_path / "kept"
+    clf = quick(preprocessor=StandardScaler(), store=store).fit(x, y)
+    blob = pickle.dumps(clf)
+    clf.close()
+    # Someone who can write the store replaces shard 0's stored transformer (or its refit template).
+    with Ensemble.open(store / "shard-000") as ens:
+        tree = config_to_dict(ens.config)
+        tree["model"]["options"][option] = _bad_state(bad, marker)
+        ens.store.write(lambda txn: ens.store.put_meta(txn, config=tree))
+
+    copy = pickle.loads(blob)
+    for use in (copy.predict_proba, lambda _: copy.verify(), lambda _: copy.delete([1, 2])):
+        with pytest.raises((IntegrityError, ConfigError), match="preprocessor"):
+            use(x)
+        assert not copy._handle.ens  # refused at open: no store (nor its writer lock) stays open
+        assert not marker.exists()
+    from sisa.sklearn_preprocess import check_store
+
+    with Ensemble.open(store / "shard-000", readonly=True) as ens:  # sisa's own API, without the estimator
+        with pytest.raises((IntegrityError, ConfigError)):
+            check_store(ens.config)
+        if option == "preprocessor":  # a network is built from it (the template only serves a refit)
+            with pytest.raises(ModelError, match="preprocessor") as refused:
+                ens.predict_proba(x)
+            assert isinstance(refused.value.__cause__, (IntegrityError, ConfigError))
+    assert not marker.exists()
+    assert not (tmp_path / "joblib-cache").exists()
+
+
+def test_an_unsupported_preprocessor_is_refused_at_fit_naming_the_supported_ones(tmp_path: Path) -> None:
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import FunctionTransformer
+
+    from sisa.errors import ConfigError
+
+    class MyScaler(StandardScaler):
+        """A subclass may change transform: it is code, not state."""
+
+    x, y = scaled_blobs(60, seed=17)
+    refused = [
+        FunctionTransformer(np.log1p),
+        MyScaler(),
+        make_pipeline(StandardScaler(), memory=str(tmp_path / "cache")),
+        PCA(2, svd_solver="randomized", random_state=np.random.RandomState(0)),
+    ]
+    for i, template in enumerate(refused):
+        for mode in ("shard", "core"):
+            store = tmp_path / f"s{i}{mode}"
+            clf = quick(preprocessor=template, preprocess=mode, store=store)
+            with pytest.raises(ConfigError, match=r"StandardScaler, MinMaxScaler.*PCA.*Pipeline or FeatureUnion"):
+                clf.fit(x, y, core_ids=[0, 1, 2] if mode == "core" else None)
+            assert not store.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def _templates() -> list[object]:
+    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.feature_selection import VarianceThreshold
+    from sklearn.pipeline import FeatureUnion
+    from sklearn.preprocessing import (
+        Binarizer,
+        MaxAbsScaler,
+        MinMaxScaler,
+        Normalizer,
+        PolynomialFeatures,
+        PowerTransformer,
+        QuantileTransformer,
+        RobustScaler,
+    )
+
+    return [
+        StandardScaler(),
+        MinMaxScaler(feature_range=(-1, 1)),
+        MaxAbsScaler(),
+        RobustScaler(quantile_range=(10.0, 90.0)),
+        Normalizer(norm="l1"),
+        Binarizer(threshold=7.5),
+        PolynomialFeatures(2),
+        QuantileTransformer(n_quantiles=20),
+        PowerTransformer(),
+        PCA(3),  # components_ is Fortran-ordered: the layout is state too
+        # components_ is a strided view here: stored compact (as its C-order copy), so the last bits of
+        # transform may differ from the in-memory object's; sisa only ever uses the stored state.
+        PCA(3, whiten=True, svd_solver="randomized", random_state=0),
+        TruncatedSVD(2, random_state=0),
+        VarianceThreshold(0.01),
+        make_pipeline(StandardScaler(), PCA(3)),
+        FeatureUnion([("scaled", StandardScaler()), ("pca", PCA(2))]),
+    ]
+
+
+def test_every_supported_preprocessor_state_round_trips_exactly_as_canonical_json() -> None:
+    import json
+
+    from sklearn.base import clone
+
+    from sisa.sklearn_preprocess import SUPPORTED, dump_state, load_state, same_state
+
+    x, _ = scaled_blobs(90, seed=18)
+    x = x.astype(np.float32)
+    seen: set[str] = set()
+    for template in _templates():
+        fitted = clone(template).fit(x)
+        text = dump_state(fitted)
+        tree = json.loads(text)  # plain JSON: no pickle anywhere in it
+        seen.update(n for n in SUPPORTED if f'"{n}"' in text)
+        assert tree["format"] == "sisa.sklearn-state/1"
+        assert dump_state(clone(template).fit(x)) == text  # the same fitted state, the same bytes (and keys)
+        loaded = load_state(text)
+        assert type(loaded) is type(fitted) and same_state(loaded, fitted)
+        out = loaded.transform(x)
+        assert np.array_equal(out, load_state(text).transform(x))  # what a store's networks compute, every time
+        strided = getattr(template, "svd_solver", None) == "randomized"
+        assert np.array_equal(out, fitted.transform(x)) or strided and np.allclose(out, fitted.transform(x))
+        assert dump_state(loaded) == text
+        assert same_state(load_state(dump_state(clone(template))), clone(template))  # the unfitted template
+    assert seen == set(SUPPORTED)  # every supported class is exercised here
+
+
+def test_a_pipeline_preprocessor_store_is_exact_and_its_recipe_deterministic(tmp_path: Path) -> None:
+    import json
+
+    from sklearn.decomposition import PCA
+
+    x, y = scaled_blobs(150, seed=19)
+    params = {"shards": 2, "slices": 2, "preprocessor": make_pipeline(StandardScaler(), PCA(3))}
+    first = quick(**params, store=tmp_path / "a").fit(x, y)
+    second = quick(**params, store=tmp_path / "b").fit(x, y)
+    for one, two in zip(first._handle.ens, second._handle.ens, strict=True):
+        text = one.config.model.options["preprocessor"]
+        json.loads(text)
+        assert text == two.config.model.options["preprocessor"]  # same rows, same recipe and checkpoint keys
+    assert np.array_equal(first.predict_proba(x), second.predict_proba(x))
+    first.delete([3, 77])
+    result = first.verify()
+    assert result["ok"] and all(result["preprocessors"].values())
+    keep = np.setdiff1d(np.arange(150), [3, 77])
+    reference = quick(**params).fit(x[keep], y[keep], sample_ids=keep)
+    assert np.array_equal(first.predict_proba(x), reference.predict_proba(x))
+    for est in (first, second, reference):
+        est.close()
