@@ -7,7 +7,10 @@ and the command that finishes the rest; the warm worker relays the same codes.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +25,8 @@ __all__ = [
     "EXIT_TERMINATED",
     "Terminated",
     "exit_code_of",
+    "kill_descendants",
+    "redeliver_swallowed_interrupts",
     "terminate_raises",
 ]
 
@@ -64,3 +69,48 @@ def terminate_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def kill_descendants() -> int:
+    """Kill every process this one started that is still running (children and theirs); how many.
+
+    For a command that ends (the ``sisa`` process before ``os._exit``, the worker after each
+    command): a child left behind, such as a Ray instance whose start a signal cut short, would
+    outlive it and hold cores and files.
+    """
+    import psutil  # only at the end of a command that did work
+
+    try:
+        found = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(found, timeout=5)
+    return len(found)
+
+
+@contextmanager
+def redeliver_swallowed_interrupts() -> Iterator[None]:
+    """Within this block, a Ctrl-C or SIGTERM that Python swallowed is raised again at the next chance.
+
+    A signal handler runs between any two bytecodes of the main thread, also inside a
+    finaliser (``__del__``, a weakref or GC callback), where Python prints the exception as
+    "ignored" and goes on: the command would then run to its end as if never interrupted.
+    ``sys.unraisablehook`` sees such an exception; the signal is then delivered again, outside
+    the finaliser.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            _thread.interrupt_main(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from sisa.cli.parser import WORKER_COMMANDS, try_parse
+from sisa.cli.worker_identity import REEXEC_ENV
 
 __all__ = [
     "REEXEC_ENV",
@@ -37,8 +38,6 @@ __all__ = [
     "worker_may_run",
 ]
 
-# Set in the environment of the re-executed process: never re-execute twice.
-REEXEC_ENV = "SISA_PINNED_EXEC"
 
 # Commands that may train: what they train may be small enough for the local runner.
 _TRAINING = ("delete", "apply", "add", "resume", "verify", "train")
@@ -221,13 +220,18 @@ def run_in_worker() -> None:
     os._exit(code)
 
 
-def start_worker_after(argv: Sequence[str]) -> None:
+def start_worker_after(argv: Sequence[str], env: Mapping[str, str]) -> None:
     """Start the warm worker for the next command, once this one has finished in place.
 
     Called by the ``sisa`` command after its own command's output is out: a worker started
     beside the command would compete with it for the cores (measured: the first command took
     twice as long), while one started after it is warm by the next command. Nothing is started
     for a command the worker does not take, with workers off, or when one answers already.
+
+    Args:
+        argv: The command line after the program name.
+        env: This process's environment as it started, before the command changed any of it:
+            the worker gets it, so that its key is the one the next caller computes.
     """
     from sisa.cli import worker
 
@@ -235,4 +239,4 @@ def start_worker_after(argv: Sequence[str]) -> None:
         return
     job = worker_job(argv)
     if job is not None:
-        worker.ensure_started(job[1])
+        worker.ensure_started(job[1], env)

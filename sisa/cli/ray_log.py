@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sisa.errors import ConfigError
 
@@ -57,6 +58,19 @@ def ray_log_dir() -> Path:
     return folder if mine else Path(tempfile.mkdtemp(prefix="sisa-"))
 
 
+class _PrivateFileHandler(logging.FileHandler):
+    """A ``FileHandler`` whose file is this user's only (mode 0600), like the folder it is in.
+
+    Log lines name stores and addresses; the file outlives the command, so it must not be
+    readable by anyone else even where the folder's mode is changed later.
+    """
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # a file an older sisa made 0644
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 class RayLog:
     """Send the ``ray`` logger's lines to ``<ray_log_dir()>/ray-<command>.log`` while a command runs.
 
@@ -75,7 +89,7 @@ class RayLog:
         self._logger = logging.getLogger("ray")
         self._saved = (list(self._logger.handlers), self._logger.propagate)
         self.path = ray_log_dir() / f"ray-{command}.log"
-        self._handler = logging.FileHandler(self.path, mode="a", encoding="utf-8", delay=True)
+        self._handler = _PrivateFileHandler(self.path, mode="a", encoding="utf-8", delay=True)
         self._handler.setFormatter(logging.Formatter(_FORMAT))
         self._logger.handlers = [self._handler]
         self._logger.propagate = False

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sisa.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
-from sisa.cli.worker_identity import worker_key, worker_paths
+from sisa.cli.worker_identity import REEXEC_ENV, worker_key, worker_paths
 
 __all__ = ["ENABLE_ENV", "IDLE_ENV", "Kind", "delegate", "enabled", "ensure_started", "idle_seconds"]
 
@@ -85,25 +85,30 @@ def _lock_free(lock: Path) -> bool:
     return True
 
 
-def ensure_started(pins: Mapping[str, str]) -> bool:
-    """Start the worker of this process's key with ``pins`` in the background, unless one runs.
+def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None) -> bool:
+    """Start the worker of the key of ``env`` with ``pins`` in the background, unless one runs.
 
     The worker starts in its socket's folder (never the caller's directory, where a ``sisa/``
     folder could shadow the package) without the script directory on its path (``-P``), logs to
     ``worker-<key>.log`` (mode 0600), and ends by itself when idle. A worker that loses a start
     race ends at once; it is reaped here while this process lives (and by init after).
 
+    Args:
+        pins: The store's kernel pins.
+        env: The environment the worker starts with (default: this process's), pins applied.
+
     Returns:
         Whether a worker process was started.
     """
-    key = worker_key(pins)
+    env = dict(os.environ if env is None else env)
+    key = worker_key(pins, env)
     paths = worker_paths(key)
     if paths is None:
         return False
     sock, lock, log = paths
     if not _lock_free(lock):
         return False
-    env = {k: v for k, v in os.environ.items() if k != ENABLE_ENV}
+    env = {k: v for k, v in env.items() if k not in (ENABLE_ENV, REEXEC_ENV)}
     env.update(pins)
     isolated = ["-P"] if sys.version_info >= (3, 11) else []  # 3.10 has no -P; the cwd below is safe anyway
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -179,8 +184,13 @@ class _Relay:
         self.store = store
         self.silent = True  # nothing came back yet: the command may still be run here
 
-    def run(self) -> int | None:
-        """Relay until the exit code; None when the worker handed the command back (busy, refused, gone)."""
+    def run(self, interrupted: bool = False) -> int | None:
+        """Relay until the exit code; None when the worker handed the command back (busy, refused, gone).
+
+        Args:
+            interrupted: A signal already reached this process: a worker that ends silently now
+                leaves a command nobody will run here.
+        """
         while True:
             try:
                 message = self.conn.recv_bytes()
@@ -195,12 +205,13 @@ class _Relay:
             stream = sys.stdout if kind == Kind.OUT else sys.stderr
             stream.write(body.decode("utf-8", "replace"))
             stream.flush()
-        if self.silent:
+        if self.silent and not interrupted:
             # The worker ended before it said anything: every training command is safe to run again
             # (a journaled deletion is finished, a staged ingest taken back).
             print("note: the sisa worker ended; running the command in this process", file=sys.stderr)
             return None
-        return self.lost()
+        code = self.lost()
+        return None if interrupted else code  # interrupted: the signal's own code
 
     def interrupt(self, interrupt: BaseException) -> int:
         """Pass a signal that reached this process on to the command, and relay what it then says."""
@@ -209,7 +220,7 @@ class _Relay:
         with contextlib.suppress(OSError):
             self.conn.send_bytes(Kind.SIGTERM if terminated else Kind.SIGINT)
         try:
-            relayed = self.run()
+            relayed = self.run(interrupted=True)
         except (KeyboardInterrupt, Terminated, OSError):
             relayed = None  # a second signal: stop waiting
         # The command's own code when it came back: 130 or 143, or 0 if it had finished before the

@@ -17,7 +17,11 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["command_env", "reads_at_start", "start_env", "worker_key", "worker_paths"]
+__all__ = ["REEXEC_ENV", "command_env", "reads_at_start", "start_env", "worker_key", "worker_paths"]
+
+# Set by the launcher in the environment of a `sisa` process it restarted with the store's pins
+# (:func:`sisa.cli.launch.reexec_pinned`): never re-execute twice. Never part of a worker's environment.
+REEXEC_ENV = "SISA_PINNED_EXEC"
 
 # Environment variables a process reads once, when it starts or loads a library: a worker started
 # under other values is not the process its caller would be, and a command run in the worker gets

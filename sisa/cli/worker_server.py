@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sisa.cli.exits import EXIT_ERROR, Terminated, exit_code_of
+from sisa.cli.exits import EXIT_ERROR, Terminated, exit_code_of, kill_descendants, redeliver_swallowed_interrupts
 from sisa.cli.worker import Kind
 from sisa.cli.worker_identity import command_env
 
@@ -230,7 +230,8 @@ class Worker:
             self.state.running = number
             threading.Thread(target=self._watch, args=(channel, number), daemon=True).start()
             try:
-                code = self.run(request["argv"])
+                with redeliver_swallowed_interrupts():
+                    code = self.run(request["argv"])
             finally:
                 self.state.running = None
         except (KeyboardInterrupt, Terminated) as interrupt:  # between the command's own handlers and here
@@ -304,17 +305,21 @@ class Worker:
 
 
 def _drop_ray() -> None:
-    """End whatever Ray this command started or joined: the next command must not find it connected.
+    """End whatever Ray this command started or joined, and every process it left: the next starts clean.
 
     A command's local Ray instance is stopped as a command in place would stop it, and a
     cluster the command joined (``RAY_ADDRESS`` in its environment) is left, so a later command
-    without an address never trains there. The caller already has its exit code.
+    without an address never trains there; then any process the command started and left
+    running (a Ray instance whose start a signal cut short) is killed. The caller already has
+    its exit code.
     """
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
+        kill_descendants()
         return
     orchestrator = sys.modules.get("sisa.train.orchestrator")
     if orchestrator is not None:
         orchestrator.shutdown()
     else:
         ray.shutdown()
+    kill_descendants()

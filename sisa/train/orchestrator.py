@@ -221,6 +221,13 @@ def _keeping_sigterm_handler() -> Iterator[None]:
     before = signal.getsignal(signal.SIGTERM) if main else None
     try:
         yield
+    except SystemExit as exc:
+        if callable(before) and exc.code == signal.SIGTERM:
+            # SIGTERM came while ray.init ran, and Ray's handler turned it into sys.exit(15): deliver
+            # it to the application's handler instead, which raises what the application expects.
+            signal.signal(signal.SIGTERM, before)
+            before(signal.SIGTERM, None)
+        raise
     finally:
         if callable(before):
             signal.signal(signal.SIGTERM, before)

@@ -7,74 +7,25 @@ live) and a short idle time, and stops the worker it started.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sisa.cli.worker import ENABLE_ENV, IDLE_ENV
 from sisa.cli.worker_identity import worker_key
 from sisa.ensemble import Ensemble
-from tests.conftest import ROOT, blobs, default_sigint, live_state, small_config
+from tests.cli.worker_helpers import sisa, start_sisa, wait_for_socket, worker_log
+from tests.conftest import blobs, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """A short private TMPDIR (unix socket paths are limited to 107 bytes); its worker is ended after."""
-    folder = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
-    yield folder
-    for lock in folder.glob("sisa-*/worker-*.lock"):
-        subprocess.run(["pkill", "-f", str(lock)], check=False)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def worker_env(tmp: Path, *, worker: bool = True, idle: float = 60) -> dict[str, str]:
-    """A shell's environment for a `sisa` command whose worker lives in ``tmp``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update({ENABLE_ENV: "1" if worker else "0", IDLE_ENV: str(idle), "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
-    return env
-
-
-def sisa(args: list[str], tmp: Path, *, worker: bool = True, idle: float = 60) -> subprocess.CompletedProcess[str]:
-    env = worker_env(tmp, worker=worker, idle=idle)
-    return subprocess.run(
-        [sys.executable, "-m", "sisa.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def start_delete(store: str, ids: list[int], tmp: Path) -> subprocess.Popen[str]:
     """`sisa delete` of ``ids`` in the background, through the worker in ``tmp``."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sisa.cli", "delete", "--store", store, "--ids", *map(str, ids)],
-        env=worker_env(tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_sigint,  # the test Ctrl-Cs it
-    )
-
-
-def worker_log(tmp: Path) -> str:
-    return "".join(p.read_text() for p in tmp.glob("sisa-*/worker-*.log"))
-
-
-def wait_for_socket(tmp: Path, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(tmp.glob("sisa-*/worker-*.sock"))
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no worker socket after {timeout} s; log:\n{worker_log(tmp)}")
+    return start_sisa(["delete", "--store", store, "--ids", *map(str, ids)], tmp)
 
 
 @pytest.fixture
@@ -213,10 +164,11 @@ def test_ids_read_from_this_process_stdin_never_go_to_the_worker(stores: tuple[P
     a, _ = stores
     sisa(["delete", "--store", str(a), "--ids", "5"], run_dir)
     wait_for_socket(run_dir)
-    cmd = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(a), "--ids-file", "/dev/stdin", "--json"]
-    done = subprocess.run(cmd, input="17\n", env=worker_env(run_dir), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 1, done.stderr
-    assert " ran " not in worker_log(run_dir)  # the worker's stdin is not this command's
+    # Every spelling of "this process's standard input": the worker's stdin is not this command's.
+    for n, ids_file in enumerate((["--ids-file", "/dev/stdin"], ["--ids-file=/dev/stdin"], ["--ids-file", "-"])):
+        done = sisa(["delete", "--store", str(a), *ids_file, "--json"], run_dir, input=f"{17 + n}\n")
+        assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 1, done.stderr
+    assert " ran " not in worker_log(run_dir)
 
 
 def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
