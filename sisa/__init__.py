@@ -15,6 +15,7 @@ import each other, directly or in a cycle (local and ``TYPE_CHECKING`` imports i
     serve       live shard models and their aggregation
     ensemble    the public facade: one object per store, delegating to the layers above
     evaluate    the evaluation harness: SISA against retraining and approximate unlearning
+    sklearn_state  a fitted scikit-learn transformer's state as canonical JSON (an allow-list, never pickled)
     sklearn_preprocess  fitted scikit-learn transformers inside shard networks (the estimator's preprocessor=)
     sklearn     scikit-learn estimator on top of the facade
     cli         the ``sisa`` command line

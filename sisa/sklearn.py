@@ -34,8 +34,8 @@ Behaviour worth knowing:
   fits one transformer on ``fit(..., core_ids=...)`` rows, which train too and can never be deleted
   (``CoreSetError``); deletions never change it and retrain from the last clean slice as usual.
   The fitted transformer is stored in the store's config as canonical JSON, never pickled
-  (:func:`sisa.sklearn_preprocess.dump_state`): only the transformers of
-  :data:`sisa.sklearn_preprocess.SUPPORTED` (scalers, PCA, ..., and ``Pipeline``/``FeatureUnion`` of
+  (:func:`sisa.sklearn_state.dump_state`): only the transformers of
+  :data:`sisa.sklearn_state.SUPPORTED` (scalers, PCA, ..., and ``Pipeline``/``FeatureUnion`` of
   them) are accepted, others are refused at ``fit`` with a ``ConfigError``, and opening a store
   whose stored state is not one sisa writes (a planted pickle, another class) raises
   ``IntegrityError``/``ConfigError`` without running anything from it.
@@ -78,6 +78,7 @@ from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, l
 from sisa.ensemble import Ensemble
 from sisa.errors import StoreError
 from sisa.partition.assign import uniform_assignment
+from sisa.sklearn_state import dump_state
 
 __all__ = ["SISAClassifier"]
 
@@ -159,7 +160,7 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
             reshaped to.
         preprocessor: A scikit-learn transformer (e.g. ``StandardScaler()``), cloned and fitted
             inside the estimator so that :meth:`delete` forgets exactly what it saw; None: no
-            preprocessing. See ``preprocess``. One of :data:`sisa.sklearn_preprocess.SUPPORTED`
+            preprocessing. See ``preprocess``. One of :data:`sisa.sklearn_state.SUPPORTED`
             (or a ``Pipeline``/``FeatureUnion`` of them): its state is stored without pickle.
         preprocess: Which rows fit the ``preprocessor``: ``"shard"`` (one per shard, fitted on that
             shard's current rows and refitted, with the shard retrained from scratch, when a
@@ -213,7 +214,7 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
                 f"preprocessor={self.preprocessor!r} is not a scikit-learn transformer (it needs fit and "
                 "transform); pass one such as StandardScaler(), or None"
             )
-        prep.dump_state(self.preprocessor)  # a ConfigError naming the supported ones, before any work
+        dump_state(self.preprocessor)  # a ConfigError naming the supported ones, before any work
         return str(self.preprocess)
 
     def _fit_layout(self, ids: np.ndarray) -> tuple[int, int]:
@@ -245,7 +246,7 @@ class SISAClassifier(ClassifierMixin, BaseEstimator):
 
         Raises:
             IntegrityError: If a store's preprocessor state is not one sisa writes (a planted pickle).
-            ConfigError: If it names a class outside :data:`sisa.sklearn_preprocess.SUPPORTED`.
+            ConfigError: If it names a class outside :data:`sisa.sklearn_state.SUPPORTED`.
         """
         check_is_fitted(self, "classes_")
         handle: _Handle = self._handle

@@ -147,7 +147,8 @@ def scaled_blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_shard_preprocessor_is_refitted_on_the_remaining_rows_and_the_delete_is_exact() -> None:
-    from sisa.sklearn_preprocess import same_state, stored_transformer
+    from sisa.sklearn_preprocess import stored_transformer
+    from sisa.sklearn_state import same_state
 
     x, y = scaled_blobs(240, seed=11)
     ids = np.arange(500, 740)
@@ -199,7 +200,8 @@ def test_pipeline_scaler_is_not_unlearned_but_the_preprocessor_is() -> None:
 
 def test_core_preprocessor_never_changes_and_core_ids_are_refused() -> None:
     from sisa.errors import CoreSetError
-    from sisa.sklearn_preprocess import same_state, stored_transformer
+    from sisa.sklearn_preprocess import stored_transformer
+    from sisa.sklearn_state import same_state
 
     x, y = scaled_blobs(160, seed=13)
     core = np.arange(0, 30)
@@ -277,7 +279,7 @@ def _bad_state(name: str, marker: Path) -> str:
         return base64.b64encode(pickle.dumps(_RunsShell(marker))).decode("ascii")
     if name == "raw-pickle":
         return pickle.dumps(_RunsShell(marker), protocol=0).decode("latin-1")
-    from sisa.sklearn_preprocess import dump_state
+    from sisa.sklearn_state import dump_state
 
     if name == "pipeline-with-a-cache":  # a joblib cache is read back as pickles on a refit
         tree = json.loads(dump_state(make_pipeline(StandardScaler())))
@@ -396,7 +398,7 @@ def test_every_supported_preprocessor_state_round_trips_exactly_as_canonical_jso
 
     from sklearn.base import clone
 
-    from sisa.sklearn_preprocess import SUPPORTED, dump_state, load_state, same_state
+    from sisa.sklearn_state import SUPPORTED, dump_state, load_state, same_state
 
     x, _ = scaled_blobs(90, seed=18)
     x = x.astype(np.float32)
