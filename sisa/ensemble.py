@@ -165,8 +165,9 @@ class Ensemble:
     ) -> int:
         """Add samples, all or nothing, placed by the partitioner; see :func:`sisa.store.ingest.ingest`.
 
-        ``x`` may be arrays, a torch Dataset, an iterator of batches or a ``ray.data.Dataset``
-        (streamed ``batch_size`` rows at a time; ``features``, ``label``, ``id`` name its columns).
+        ``x`` may be arrays, a LabeledArrays (alone: it carries its labels and ids), a torch Dataset,
+        an iterator of batches or a ``ray.data.Dataset`` (streamed ``batch_size`` rows at a time;
+        ``features``, ``label``, ``id`` name its columns).
         ``core`` declares core samples (``True``: all of them; or their ids): they train a
         ``backbone.source: core`` backbone and can never be deleted. ``scale``: the features are
         raw values the models see divided by it (255 for uint8 pixels given as bare arrays; a

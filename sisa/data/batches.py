@@ -124,6 +124,23 @@ def _iterator_batches(
             )
 
 
+def _refuse_beside_labeled(data: LabeledArrays, y: Any, ids: Any) -> None:
+    """Refuse ``y``/``ids`` given beside a LabeledArrays: it carries its own, and they would be ignored.
+
+    Raises:
+        DataError: If ``y`` or ``ids`` is not None.
+    """
+    given = [name for name, value in (("y", y), ("ids", ids)) if value is not None]
+    if not given:
+        return
+    names = " and ".join(f"{name}=" for name in given)
+    scale = f" (and scale={data.scale:g}, the scale it carries)" if data.scale is not None else ""
+    raise DataError(
+        f"x is a LabeledArrays, which carries its own labels and ids: {names} given beside it would be ignored; "
+        f"pass the LabeledArrays alone, or its .x with y= and ids={scale}"
+    )
+
+
 def read_source(
     x: Any,
     y: Any = None,
@@ -154,12 +171,13 @@ def read_source(
 
     Raises:
         DataError: On bad input found before reading starts (a bad batch size, labels given
-            beside a stream, a Dataset without ``len``).
+            beside a stream, labels or ids beside a LabeledArrays, a Dataset without ``len``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size={batch_size!r} must be an integer >= 1")
     if not is_stream(x):
         if isinstance(x, LabeledArrays):
+            _refuse_beside_labeled(x, y, ids)
             return x
         return validated(x, y, ids, num_classes, copy=True, native=native)
     if y is not None:

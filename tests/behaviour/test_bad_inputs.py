@@ -25,6 +25,7 @@ import torch
 
 from sisa.cli.main import main
 from sisa.config.settings import config_from_dict, load_config
+from sisa.data.arrays import LabeledArrays
 from sisa.data.loaders import load_csv, load_idx, load_npz
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError, ModelError, SisaError, StoreError
@@ -322,6 +323,18 @@ API_CALLS = [
         DataError,
         "pass y=None",
         id="dataset-with-y",
+    ),
+    pytest.param(
+        lambda e: e.ingest(LabeledArrays(X2, np.array([0, 1]), np.array(NEW)), [1, 0], ids=[9002, 9003]),
+        DataError,
+        "y= and ids= given beside it would be ignored; pass the LabeledArrays alone, or its .x with y= and ids=",
+        id="labeled-arrays-with-y-and-ids",
+    ),
+    pytest.param(
+        lambda e: e.add(LabeledArrays(X2, np.array([0, 1]), np.array(NEW)), ids=[9002, 9003]),
+        DataError,
+        "ids= given beside it would be ignored",
+        id="add-labeled-arrays-with-ids",
     ),
     # ingest: labels
     pytest.param(lambda e: e.ingest(X2, None, ids=NEW), DataError, "labels y are required", id="y-missing"),
