@@ -11,6 +11,7 @@ answer with the same bits.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def model_inputs(values: np.ndarray, scale: float | None, *, owned: bool = False
     return out / divisor  # never divide the caller's memory
 
 
-def request_inputs(values: np.ndarray, scale: float | None) -> np.ndarray:
+def request_inputs(values: np.ndarray, scale: float | None, stored_dtype: str | None = None) -> np.ndarray:
     """Inputs given to a store's models at predict time, as float32 model inputs.
 
     Integer inputs are raw values, as the store keeps them, and are scaled as a training
@@ -54,14 +55,45 @@ def request_inputs(values: np.ndarray, scale: float | None) -> np.ndarray:
     inputs already (what a loader gives by default), whatever the store keeps. So the same
     images give the same predictions as uint8 and as the loader's floats.
 
+    Integer inputs above 1 given to a store of float samples without a scale are taken as they
+    are, which is right only if its models trained on such values: they warn (one
+    ``UserWarning`` per call; what it costs is one ``max`` over the inputs).
+
     Args:
         values: The inputs, any numeric dtype.
         scale: The store's ``feature_scale``, or None.
+        stored_dtype: The store's ``feature_dtype`` (its samples' dtype), or None when unknown.
 
     Returns:
         C-contiguous float32 model inputs.
     """
-    return model_inputs(values, scale if values.dtype.kind in "iu" else None)
+    if values.dtype.kind not in "iu":
+        return model_inputs(values, None)
+    if not scale and stored_dtype is not None and np.dtype(stored_dtype).kind == "f":
+        _warn_unscaled_request(values)
+    return model_inputs(values, scale)
+
+
+def _warn_unscaled_request(values: np.ndarray) -> None:
+    """Warn when integer inputs that look like raw pixels reach a store of float model inputs.
+
+    Such a store's models trained on its floats as they are (the loaders' images are 0..1); the
+    integers reach them unscaled (0..255), and the predictions are silently wrong. The inputs
+    cannot say which was meant (the store may hold floats 0..255), so this warns instead of guessing.
+    """
+    if not values.size:
+        return
+    top = values.max()
+    if top <= 1:
+        return
+    warnings.warn(
+        f"these {values.dtype.name} inputs (max {int(top)}) go to a store of float samples without a scale, so "
+        "the models see them as they are; if the models were trained on floats in [0, 1] (a loader's default "
+        "images), these are likely raw pixels: pass x / 255 as float32 (or the loader's float images), or "
+        "keep raw pixels in a new store ingested with scale=255, which scales integer inputs at predict",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def as_model_inputs(data: LabeledArrays) -> LabeledArrays:

@@ -172,7 +172,7 @@ class Serving:
             raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
         with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
             # Integers are raw values, scaled as a shard's samples are; floats are model inputs.
-            xf = request_inputs(xa, meta.get("feature_scale"))
+            xf = request_inputs(xa, meta.get("feature_scale"), meta.get("feature_dtype"))
         bad = int((~np.isfinite(xf)).sum())
         if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
             raise DataError(

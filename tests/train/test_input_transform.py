@@ -99,6 +99,24 @@ def test_a_raw_store_gives_the_same_probabilities_for_uint8_and_float_images(
     assert raw.shard_scores(x_f32, y) == raw.shard_scores(x_u8, y)
 
 
+def test_integer_inputs_to_a_store_of_floats_warn_once_and_float_inputs_do_not(
+    pair: tuple[str, Ensemble, Ensemble], images: dict[str, LabeledArrays]
+) -> None:
+    _, raw, floats = pair
+    x_u8, x_f32 = images["test_raw"].x, images["test_floats"].x
+    # Raw pixels given to a store whose models trained on the loader's 0..1 floats: garbage unless told.
+    with pytest.warns(UserWarning, match=r"uint8 inputs \(max 255\) go to a store of float samples") as caught:
+        floats.predict_proba(x_u8)
+    ours = [str(w.message) for w in caught if "store of float samples" in str(w.message)]
+    assert len(ours) == 1  # once per call, not per batch or shard
+    assert "x / 255" in ours[0] and "scale=255" in ours[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        floats.predict_proba(x_f32)  # float inputs are model inputs: nothing to say
+        raw.predict_proba(x_u8)  # the store has a scale: integers are scaled as its samples were
+        floats.predict_proba((x_u8 > 127).astype(np.uint8))  # integers within 0..1 may well be meant
+
+
 def test_bare_uint8_features_without_a_scale_warn_and_a_scale_is_checked(
     tmp_path: Path, images: dict[str, LabeledArrays]
 ) -> None:
