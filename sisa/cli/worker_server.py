@@ -167,6 +167,9 @@ class Worker:
         self.sock_path, self.key, self.idle, self.run = sock_path, key, idle, run
         self.state = _State()
         self.commands = 0
+        # Set while a caller is being served; cleared as its last message goes out, so that a caller
+        # who sends the next command at once is queued, not told the worker is busy.
+        self.busy = threading.Event()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """SIGINT / SIGTERM: end the running command as that signal would; from outside, the worker too."""
@@ -203,10 +206,10 @@ class Worker:
         request = _read_request(conn)
         if isinstance(request, str):
             print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} refused a caller: {request}", file=sys.stderr, flush=True)
-            channel.send(Kind.REFUSED, request.encode())
+            self._last(channel, Kind.REFUSED, request.encode())
             return
         if request["key"] != self.key:
-            channel.send(Kind.REFUSED, b"another sisa, Python or environment")
+            self._last(channel, Kind.REFUSED, b"another sisa, Python or environment")
             return
         self.commands += 1
         number = self.commands
@@ -220,6 +223,7 @@ class Worker:
         started = time.perf_counter()
         code: int | None = EXIT_ERROR
         command = "?"
+        watcher: threading.Thread | None = None
         try:
             os.environ.clear()
             os.environ.update(command_env(request["env"], saved_env))
@@ -228,7 +232,8 @@ class Worker:
             logging.root.handlers.clear()  # the command configures logging for its own stderr
             command = str(request["argv"][0]) if request["argv"] else "?"
             self.state.running = number
-            threading.Thread(target=self._watch, args=(channel, number), daemon=True).start()
+            watcher = threading.Thread(target=self._watch, args=(channel, number), daemon=True)
+            watcher.start()
             try:
                 with redeliver_swallowed_interrupts():
                     code = self.run(request["argv"])
@@ -246,7 +251,8 @@ class Worker:
             os.environ.clear()
             os.environ.update(saved_env)
         if code is None:
-            channel.send(Kind.REFUSED, b"not a command the worker runs")
+            self._last(channel, Kind.REFUSED, b"not a command the worker runs")
+            _hang_up(conn, watcher)
             return
         # One line per command in the worker's log: which command, how it ended, how long it took;
         # never its arguments (the ids a deletion names are personal data).
@@ -256,8 +262,14 @@ class Worker:
             file=sys.stderr,
             flush=True,
         )
-        channel.send(Kind.EXIT, str(code).encode())
+        self._last(channel, Kind.EXIT, str(code).encode())
+        _hang_up(conn, watcher)
         _drop_ray()
+
+    def _last(self, channel: _Channel, kind: bytes, payload: bytes) -> None:
+        """Send a caller its last message; from then on the next caller is queued, not turned away."""
+        self.busy.clear()
+        channel.send(kind, payload)
 
     def serve(self) -> int:
         """Serve commands until idle for :attr:`idle` seconds or a signal from outside; the exit code."""
@@ -269,7 +281,7 @@ class Worker:
         finally:
             os.umask(old)
         waiting: queue.Queue[Connection] = queue.Queue()
-        busy = threading.Event()
+        busy = self.busy
 
         def accept() -> None:
             while True:
@@ -293,15 +305,29 @@ class Worker:
                     break
                 with conn:
                     try:
-                        self._handle(conn)
-                    finally:
+                        self._handle(conn)  # clears `busy` as it sends the caller's last message
+                    except BaseException:
                         busy.clear()
+                        raise
         except _Stop:
             pass
         finally:
             listener.close()  # also removes the socket file
         stop = self.state.stop
         return 0 if stop is None else 128 + stop
+
+
+def _hang_up(conn: Connection, watcher: threading.Thread | None) -> None:
+    """End the caller's connection, and the watcher blocked reading it, before the next caller comes.
+
+    Closing the descriptor alone would leave the watcher's read pending (the caller would see no
+    end of the stream), and a later read of the same descriptor number could take the next
+    caller's bytes; shutting the socket down ends the read at once.
+    """
+    with contextlib.suppress(OSError), _socket_of(conn) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+    if watcher is not None:
+        watcher.join(timeout=5)
 
 
 def _drop_ray() -> None:
