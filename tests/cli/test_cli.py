@@ -56,7 +56,26 @@ def test_human_output_has_a_results_table(tiny_store: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "shard 2" in out and "ensemble (vote)" in out
     assert main(["status", "--store", str(tiny_store)]) == 0
-    assert "live checkpoint" in capsys.readouterr().out
+    # The status digest is the checkpoint's key; verify's are the weights': named apart.
+    assert "live checkpoint key" in capsys.readouterr().out
+    assert main(["verify", "--store", str(tiny_store), "--shard", "0"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[-2:] == ["result", "reason"] and "weights" in header
+
+
+def test_a_file_given_as_the_store_is_named_as_such_before_ray_starts(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a store\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SISA_WORKER": "0"}
+    for argv, message in (
+        (["status", "--store", str(afile)], "is a file, not a sisa store; --store names the store's directory"),
+        (["train", "--config", TINY, "--store", str(afile), "-v"], "is a file, not a directory"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "sisa.cli", *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "sisa train --store" not in done.stderr  # no advice that fails next
+        assert "Ray instance" not in done.stderr  # -v prints Ray's lines: none, it never started
+    assert afile.read_text() == "not a store\n"
 
 
 @needs_fashion
