@@ -58,6 +58,15 @@ def small_config(*overrides: str) -> SisaConfig:
     return load_config(None, [*base, *overrides])
 
 
+def trained_blobs_store(path: Path, *overrides: str, address: str | None = "local") -> Path:
+    """A store at ``path`` trained on 600 blobs under :func:`small_config` with ``overrides`` (S=3, R=3)."""
+    x, y = blobs(600, d=10)
+    with Ensemble.create(path, small_config(*overrides), address=address) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    return path
+
+
 def npz_config(folder: Path, train: str = "") -> Path:
     """A 300-sample blobs dataset in ``folder``/train.npz and a config training on it (S=2, R=2, MLP [8]).
 

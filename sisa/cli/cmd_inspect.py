@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sisa.cli.inputs import load_command_config, open_writer
@@ -49,31 +50,28 @@ def score_store(ens: Ensemble, method: str | None = None, test: LabeledArrays | 
     }
 
 
+def _read(args: argparse.Namespace, read: Callable[[Ensemble], dict[str, Any]], show: Callable[[Any], None]) -> Any:
+    """``read`` the store through a read-only handle (no lock); print the result with ``show`` unless ``--json``."""
+    with Ensemble.open(args.store, readonly=True) as ens:
+        result = read(ens)
+    if not args.json:
+        show(result)
+    return result
+
+
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Ensemble and per-shard accuracy on the configured test split."""
-    with Ensemble.open(args.store, readonly=True) as ens:
-        result = score_store(ens, args.method)
-    if not args.json:
-        print_eval(result)
-    return result
+    return _read(args, lambda ens: score_store(ens, args.method), print_eval)
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     """Shards, slices, sample counts and live checkpoint keys."""
-    with Ensemble.open(args.store, readonly=True) as ens:
-        result = ens.status()
-    if not args.json:
-        print_status(result)
-    return result
+    return _read(args, lambda ens: ens.status(), print_status)
 
 
 def cmd_pending(args: argparse.Namespace) -> dict[str, Any]:
     """List journaled requests not yet applied."""
-    with Ensemble.open(args.store, readonly=True) as ens:
-        requests = ens.pending()
-    if not args.json:
-        print_pending(requests)
-    return {"pending": requests}
+    return _read(args, lambda ens: {"pending": ens.pending()}, lambda r: print_pending(r["pending"]))
 
 
 def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:

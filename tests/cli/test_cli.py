@@ -63,6 +63,15 @@ def test_human_output_has_a_results_table(tiny_store: Path, capsys: pytest.Captu
     assert header[-2:] == ["result", "reason"] and "weights" in header
 
 
+def test_importing_the_console_script_does_nothing() -> None:
+    code = (
+        "import sys, sisa.cli.main; "
+        "print(sorted(m for m in ('torch', 'numpy', 'ray', 'lmdb', 'sisa.ensemble') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
 def test_a_file_given_as_the_store_is_named_as_such_before_ray_starts(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("not a store\n")

@@ -25,7 +25,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from sisa.train import orchestrator
 from sisa.train.domain import PIN_VARS
-from tests.conftest import blobs, small_config
+from tests.conftest import small_config, trained_blobs_store
 
 
 def plain_env(env_python: dict[str, str], **extra: str) -> dict[str, str]:
@@ -88,12 +88,7 @@ def running_in_session(pid: int) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small trained store (S=3, R=3), trained without Ray."""
-    path = tmp_path_factory.mktemp("quick") / "st"
-    x, y = blobs(600, d=10)
-    with Ensemble.create(path, small_config(), address="local") as ens:
-        ens.ingest(x, y)
-        ens.fit()
-    return path
+    return trained_blobs_store(tmp_path_factory.mktemp("quick") / "st")
 
 
 def test_one_shard_deletion_skips_ray_in_place_and_matches_ray_bit_for_bit(

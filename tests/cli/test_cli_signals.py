@@ -27,7 +27,7 @@ from tests.cli.worker_helpers import (
     worker_log,
     worker_processes,
 )
-from tests.conftest import blobs, small_config
+from tests.conftest import trained_blobs_store
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -35,13 +35,10 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     """A store whose first-slice deletions retrain whole shards for seconds, and those ids."""
-    folder = tmp_path_factory.mktemp("signals")
-    x, y = blobs(600, d=10)
-    with Ensemble.create(folder / "slow", small_config("train.epochs=150")) as ens:
-        ens.ingest(x, y)
-        ens.fit()
+    store = trained_blobs_store(tmp_path_factory.mktemp("signals") / "slow", "train.epochs=150")
+    with Ensemble.open(store, readonly=True) as ens:
         first_slice = [i for i, (_, r) in ens.locate(list(range(600))).items() if r == 0]
-    return folder / "slow", first_slice
+    return store, first_slice
 
 
 @pytest.fixture

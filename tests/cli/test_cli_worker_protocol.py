@@ -31,7 +31,7 @@ from sisa.cli.worker_server import REQUEST_TIMEOUT, Worker, _Channel, _Stop
 from sisa.ensemble import Ensemble
 from sisa.train.domain import pin_env
 from tests.cli.worker_helpers import sisa, wait_for_socket, wait_until, worker_env, worker_log, worker_processes
-from tests.conftest import blobs, small_config
+from tests.conftest import small_config, trained_blobs_store
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 LOG_LINE = re.compile(r"^\S+ (pid \d+ ran [a-z]+: exit -?\d+ in [\d.]+s|refused a caller: [a-z ]+)$")
@@ -39,12 +39,7 @@ LOG_LINE = re.compile(r"^\S+ (pid \d+ ran [a-z]+: exit -?\d+ in [\d.]+s|refused 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("protocol")
-    x, y = blobs(600, d=10)
-    with Ensemble.create(folder / "st", small_config()) as ens:
-        ens.ingest(x, y)
-        ens.fit()
-    return folder / "st"
+    return trained_blobs_store(tmp_path_factory.mktemp("protocol") / "st")
 
 
 @pytest.fixture

@@ -15,18 +15,13 @@ from sisa.ensemble import Ensemble
 from sisa.errors import TrainingError
 from sisa.train import local_runner, orchestrator
 from sisa.train.trainer import ShardJob, StageResult
-from tests.conftest import blobs, small_config
+from tests.conftest import trained_blobs_store
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small trained store (S=3, R=3), trained without Ray."""
-    path = tmp_path_factory.mktemp("parallel") / "st"
-    x, y = blobs(600, d=10)
-    with Ensemble.create(path, small_config(), address="local") as ens:
-        ens.ingest(x, y)
-        ens.fit()
-    return path
+    return trained_blobs_store(tmp_path_factory.mktemp("parallel") / "st")
 
 
 def one_id_per_shard(store: Path, shards: int) -> list[int]:
