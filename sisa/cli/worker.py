@@ -17,7 +17,10 @@ run in place, and trains in the same pinned determinism domain, so its bytes are
 (tested). A caller that finds the worker busy, or none answering, runs the command itself.
 ``SISA_WORKER=0`` turns the worker off. Messages travel as ``multiprocessing.connection``
 messages over a unix socket in ``$TMPDIR/sisa-<uid>/`` (mode 0700, this user's only); the
-worker also checks the peer's user id (``SO_PEERCRED``).
+worker also checks the peer's user id (``SO_PEERCRED``). No ``authkey``: a secret would have to
+live in the same folder, where only this user (who could read it) reaches the socket anyway, and
+``Listener`` runs its challenge inside ``accept``, where a caller that sends nothing would stall
+every caller after it.
 """
 
 from __future__ import annotations
