@@ -28,7 +28,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sisa.cli.exits import EXIT_ERROR, Terminated, exit_code_of, kill_descendants, redeliver_swallowed_interrupts
+from sisa.cli.exits import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    exit_code_of,
+    kill_descendants,
+    redeliver_swallowed_interrupts,
+)
 from sisa.cli.worker import Kind
 from sisa.cli.worker_identity import command_env
 
@@ -264,7 +272,7 @@ class Worker:
         )
         self._last(channel, Kind.EXIT, str(code).encode())
         _hang_up(conn, watcher)
-        _drop_ray()
+        _after_command(code)
 
     def _last(self, channel: _Channel, kind: bytes, payload: bytes) -> None:
         """Send a caller its last message; from then on the next caller is queued, not turned away."""
@@ -330,22 +338,26 @@ def _hang_up(conn: Connection, watcher: threading.Thread | None) -> None:
         watcher.join(timeout=5)
 
 
-def _drop_ray() -> None:
-    """End whatever Ray this command started or joined, and every process it left: the next starts clean.
+def _after_command(code: int) -> None:
+    """Leave whatever Ray the command started or joined; after an interrupted one, every process it left.
 
     A command's local Ray instance is stopped as a command in place would stop it, and a
     cluster the command joined (``RAY_ADDRESS`` in its environment) is left, so a later command
-    without an address never trains there; then any process the command started and left
-    running (a Ray instance whose start a signal cut short) is killed. The caller already has
-    its exit code.
+    without an address never trains there. A command a signal ended may have left anything
+    half-started (a Ray instance cut short in ``ray.init``, a training child mid-job): its
+    pinned training children are closed and any other process it started is killed. After a
+    command that finished, the pinned children stay: they are what keeps the next one warm.
+    The caller already has its exit code.
     """
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if ray is not None and ray.is_initialized():
+        orchestrator = sys.modules.get("sisa.train.orchestrator")
+        if orchestrator is not None:
+            orchestrator.shutdown()
+        else:
+            ray.shutdown()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        local_runner = sys.modules.get("sisa.train.local_runner")
+        if local_runner is not None:
+            local_runner.close_all()
         kill_descendants()
-        return
-    orchestrator = sys.modules.get("sisa.train.orchestrator")
-    if orchestrator is not None:
-        orchestrator.shutdown()
-    else:
-        ray.shutdown()
-    kill_descendants()

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -229,7 +230,6 @@ def test_a_sisa_folder_in_the_callers_directory_never_reaches_the_worker(
     (here / "sisa").mkdir(parents=True)
     marker = tmp_path / "shadow-ran"
     (here / "sisa" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    import subprocess
 
     env = worker_env(run_dir)
     env.pop("PYTHONPATH")
@@ -272,3 +272,22 @@ def test_the_worker_starts_after_the_command_that_starts_it(store: str, run_dir:
     # rounded to whole seconds of boot time; a file's are not).
     (lock,) = run_dir.glob("sisa-*/worker-*.lock")
     assert lock.stat().st_mtime >= certified  # after the command's work: never competing with it
+
+
+def test_the_workers_side_by_side_children_stay_warm_between_commands(store: str, run_dir: Path) -> None:
+    with Ensemble.open(store, readonly=True) as ens:
+        where = ens.locate(list(range(60)))
+    by_shard: dict[int, list[int]] = {}
+    for sample, (shard, _) in sorted(where.items()):
+        by_shard.setdefault(shard, []).append(sample)
+    warm(store, run_dir, first_id=by_shard[0][0])
+    env = worker_env(run_dir)
+    env["SISA_RUNNER"] = "parallel"  # two shards a command, in the worker's pinned children
+    for n in (1, 2):
+        argv = ["delete", "--store", store, "--ids", str(by_shard[0][n]), str(by_shard[1][n]), "--json"]
+        done = subprocess.run([sys.executable, "-m", "sisa.cli", *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["runner"] == "parallel"
+    assert worker_log(run_dir).count("ran delete: exit 0") == 2  # the second found the children it left
+    with Ensemble.open(store, readonly=True) as ens:
+        assert ens.pending() == [] and len(ens.certificates()) == 3
