@@ -45,17 +45,23 @@ def test_ray_lines_go_to_the_log_file_unless_verbose_and_errors_still_print(
     assert STARTED in (logs / "ray-train.log").read_text()
     assert not (store / "logs").exists()  # the store holds no log files
 
-    # -v: Ray's lines on stderr as Ray writes them, none into the file; an error still prints, exit 2.
+    # -v: Ray's lines on stderr as Ray writes them, none into the file.
+    (logs / "ray-train.log").unlink()
+    verbose = {**env, "SISA_RUNNER": "ray", "SISA_WORKER": "0"}
+    out = sisa(["delete", "--store", str(store), "--ids", "5", "-v"], verbose)
+    assert out.returncode == 0, out.stderr
+    assert STARTED in out.stderr and RAY_LINE.search(out.stderr), out.stderr
+    assert not list(logs.glob("ray-*.log"))
+
+    # An error still prints with -v, exit 2: a store path that cannot be a store is refused before Ray starts.
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("not a store")
-    (logs / "ray-train.log").unlink()
     out = sisa(["train", "--config", str(config), "--store", str(taken), "-v"], env)
     assert out.returncode == 2, out.stderr
-    assert STARTED in out.stderr and RAY_LINE.search(out.stderr), out.stderr
     assert re.search(r"^error: .*exists and is not empty", out.stderr, re.MULTILINE), out.stderr
-    assert "Traceback" not in out.stderr
-    assert not (logs / "ray-train.log").exists()
+    assert STARTED not in out.stderr and "Traceback" not in out.stderr
+    assert not list(logs.glob("ray-*.log"))
 
     # An error before Ray is needed: the message alone, and no log file.
     out = sisa(["delete", "--store", str(store), "--ids", "999999"], env)
