@@ -214,7 +214,7 @@ def draw(result: dict[str, Any], png: Path) -> None:
         ax.set_title(f"{k} shard(s) touched (cli ran on {runner})", fontsize=9)
     axes[0][0].set_ylabel("wall seconds (median bars, runs as dots)")
     save_figure(
-        fig, png, f"deletions, S={result['shards']} R={result['slices']}, {result['machine'].get('cpus')} cores"
+        fig, png, f"deletions, S={result['shards']} R={result['slices']}, {result['machine'].get('nproc')} cores"
     )
 
 
