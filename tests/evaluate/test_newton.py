@@ -171,3 +171,18 @@ def test_newton_leaves_the_callers_random_stream_alone(scope: str) -> None:
     again = newton(model, forget, retain, cfg, seed=7, threads=1, settings=settings)
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_truncated_cg_returns_its_best_iterate_never_one_worse_than_no_step() -> None:
+    from sisa.evaluate.newton import _conjugate_gradient
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, -0.05, -2.0], dtype=torch.float64)) @ q.T  # indefinite
+    b = torch.randn(6, dtype=torch.float64)
+    s, _, residual, negative = _conjugate_gradient(lambda v: a @ v, b, 50)
+    assert negative
+    assert residual <= 1.0 and residual == pytest.approx(float((a @ s - b).norm() / b.norm()), rel=1e-9)
+    spd = a @ a.T + torch.eye(6, dtype=torch.float64)  # definite: CG converges as before
+    s, _, residual, negative = _conjugate_gradient(lambda v: spd @ v, b, 50)
+    assert not negative and residual < 1e-6 and torch.allclose(spd @ s, b, atol=1e-6)
