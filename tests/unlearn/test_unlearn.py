@@ -414,8 +414,19 @@ def test_long_lived_reader_follows_compaction_by_another_process(tmp_path: Path,
     make(tmp_path / "rd").close()
     reader = Ensemble.open(tmp_path / "rd", readonly=True)
     assert reader.status()["samples"] == 600
-    code = "import sys; from sisa.ensemble import Ensemble; Ensemble.open(sys.argv[1]).delete([7, 8])"
+    # A deletion compacts only keys/data.mdb; compact data.mdb itself first, so the reader's file is
+    # swapped under it and the deletion lands in the new file. Without following the swap the reader
+    # keeps the unlinked old file's snapshot, where all 600 samples are still in service.
+    code = (
+        "import sys\n"
+        "from sisa.ensemble import Ensemble\n"
+        "with Ensemble.open(sys.argv[1]) as ens:\n"
+        "    ens.store.compact()\n"
+        "    ens.delete([7, 8])\n"
+    )
+    ident = os.stat(tmp_path / "rd" / "data.mdb").st_ino
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "rd")], env=env_python, check=True, timeout=300)
+    assert os.stat(tmp_path / "rd" / "data.mdb").st_ino != ident  # data.mdb itself was swapped
     assert reader.status()["samples"] == 598  # sees the compacted file, not the old snapshot
     assert len(reader.audit().problems) == 0 and reader.audit().entries == 1
     reader.close()
