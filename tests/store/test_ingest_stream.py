@@ -128,7 +128,14 @@ def test_an_exception_from_the_source_takes_back_the_call(tmp_path: Path) -> Non
         before = contents(ens)
         with pytest.raises(OSError, match="went away"):
             ens.ingest(failing())
-        assert contents(ens) == before
+        assert contents(ens) == before  # contents() hides staged samples, so also look for them directly
+        with ens.store.read() as txn:
+            assert ens.store.staged_count(txn) == 0
+            assert not any(ens.store.has_sample(txn, int(i)) for i in IDS[:100])
+            assert not any(len(ens.store.member_ids(txn, s, r)) for s in range(ens.config.shards) for r in range(4))
+        assert ens.ingest(X[:100], Y[:100], IDS[:100]) == 100  # the same ids go in again
+        with ens.store.read() as txn:
+            assert ens.store.count_samples(txn) == 100 and ens.store.staged_count(txn) == 0
 
 
 def test_readers_never_see_part_of_an_ingest(tmp_path: Path) -> None:
