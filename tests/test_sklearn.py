@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
+from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
@@ -39,31 +40,39 @@ def test_sklearn_estimator_checks(estimator: SISAClassifier, check: object) -> N
 
 
 def test_pipeline_with_scaler_string_labels_and_grid_search() -> None:
+    # A separable problem: predictions in the original labels must be about as accurate as a
+    # reference estimator's fitted in this run (labels mapped the wrong way round score near 0).
     x, y = blobs(n=240, d=6, classes=3, seed=1)
     names = np.array(["cat", "dog", "eel"])[y]
+    reference = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, names)
+    reference_accuracy = reference.score(x, names)
     pipe = make_pipeline(StandardScaler(), quick(shards=3, slices=2))
     pipe.fit(x, names)
     predicted = pipe.predict(x)
-    assert set(predicted.tolist()) <= {"cat", "dog", "eel"}
     assert list(pipe[-1].classes_) == ["cat", "dog", "eel"]
+    assert float((predicted == names).mean()) >= reference_accuracy - 0.1
     # The pipeline's score is the accuracy of its predictions, in the original labels.
     assert pipe.score(x, names) == pytest.approx(float((predicted == names).mean()))
 
+    reference_cv = cross_val_score(LogisticRegression(), x, names, cv=3)
     search = GridSearchCV(quick(), {"lr": [0.001, 0.01]}, cv=3, n_jobs=1).fit(x, names)
-    assert search.best_params_["lr"] in (0.001, 0.01)
-    assert search.best_estimator_.predict(x[:5]).shape == (5,)
+    assert search.best_score_ >= reference_cv.mean() - 0.1
+    assert search.best_estimator_.score(x, names) >= reference_accuracy - 0.1
 
     scores = cross_val_score(quick(), x, names, cv=3)
-    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    assert scores.shape == (3,) and scores.mean() >= reference_cv.mean() - 0.1
 
 
 def test_non_contiguous_int_labels_round_trip() -> None:
     x, y = blobs(n=120, d=4, classes=2, seed=2)
     labels = np.where(y == 0, -7, 40)
+    reference_accuracy = LogisticRegression().fit(x, labels).score(x, labels)
     clf = quick().fit(x, labels)
     assert clf.classes_.tolist() == [-7, 40]
-    assert set(clf.predict(x).tolist()) <= {-7, 40}
-    assert clf.predict_proba(x).shape == (120, 2)
+    assert clf.score(x, labels) >= reference_accuracy - 0.1  # -7 and 40 swapped would score near 0
+    proba = clf.predict_proba(x)
+    assert proba.shape == (120, 2)
+    assert np.array_equal(clf.predict(x), clf.classes_[proba.argmax(axis=1)])
 
 
 def test_delete_is_exact_against_a_fresh_fit_on_the_rest() -> None:
