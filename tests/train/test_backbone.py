@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -14,11 +15,11 @@ import torch
 
 from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
-from sisa.errors import ConfigError, CoreSetError, DataError, ModelError
+from sisa.errors import ConfigError, CoreSetError, DataError, IntegrityError, ModelError
 from sisa.serve import aggregate
 from sisa.store.digests import weights_digest
 from sisa.train.adapters import AdaptedModel
-from sisa.train.trainer import load_checkpoint
+from sisa.train.trainer import load_checkpoint, train_shard
 from tests.conftest import blobs, files_containing, live_state, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -244,13 +245,66 @@ def test_the_backbone_digest_is_part_of_the_recipe() -> None:
     assert "adapter" not in plain.recipe()["model"]  # stores from before adapters keep their keys
 
 
+class Payload:
+    """Unpickling this creates a file: the marker that a crafted pickle ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant_backbone(path: Path, blob: bytes) -> None:
+    """Store ``blob`` as the backbone, sealed and recorded with its sha256 (as one who holds the keys would)."""
+    with Ensemble.open(path) as ens:
+        store = ens.store
+        with store.read() as txn:
+            record = dict(store.meta(txn)["backbone"])
+        record.update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+        sealed = store.seal_checkpoint(blob)
+        store.write(lambda txn: store.put_backbone(txn, record, sealed))
+
+
 def test_stored_backbone_bytes_are_weights_only(tmp_path: Path) -> None:
-    with make(tmp_path / "st", *HEAD) as ens:
+    path = tmp_path / "st"
+    with make(path, *HEAD) as ens:
         with ens.store.read() as txn:
             record, blob = ens.store.backbone_bytes(txn)  # type: ignore[misc]
         state = torch.load(io.BytesIO(blob), weights_only=True)
         assert weights_digest(state["state"]) == record["digest"]
         assert record["core"] == len(CORE) and record["bytes"] == len(blob)
+    assert record["sha256"] == hashlib.sha256(blob).hexdigest()  # plant_backbone records what the store does
+    # A shard task checks the backbone it was handed, whatever carried it there.
+    with Ensemble.open(path) as ens:
+        with ens.store.read() as txn:
+            job = ens.planner.shard_job(txn, 0, 0)
+        with torch.no_grad():
+            next(iter(job.backbone.module.parameters())).view(-1)[0] += 1.0  # type: ignore[union-attr]
+        with pytest.raises(IntegrityError, match="modified after it was stored"):
+            next(iter(train_shard(job)))
+    # A crafted pickle with the right format, digest and weights: only weights_only loading refuses it.
+    marker = tmp_path / "payload-ran"
+    evil = io.BytesIO()
+    torch.save({**state, "extra": Payload(marker)}, evil)
+    # The right format and digest, but one weight changed: only the digest check refuses it.
+    flipped = {k: v.clone() for k, v in state["state"].items()}
+    first = next(iter(flipped))
+    flipped[first].view(-1)[0] += 1.0
+    altered = io.BytesIO()
+    torch.save({**state, "state": flipped}, altered)
+    for planted, match in ((evil.getvalue(), "decoded safely"), (altered.getvalue(), "do not hash")):
+        plant_backbone(path, planted)
+        with Ensemble.open(path) as ens:
+            with pytest.raises(IntegrityError, match=match):
+                ens.predict(X[:4])
+        with Ensemble.open(path) as ens:
+            with pytest.raises(IntegrityError, match=match):
+                ens.fit()
+        with Ensemble.open(path) as ens, ens.store.read() as txn:
+            with pytest.raises(IntegrityError, match=match):
+                ens.planner.shard_job(txn, 0, 0)  # what each shard's training task is built from
+        assert not marker.exists()
 
 
 def test_live_models_of_another_network_are_refused_with_the_fix(tmp_path: Path) -> None:
