@@ -107,10 +107,10 @@ def test_migrate_refuses_a_used_target_and_a_store_of_this_format(
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("mine")
-    assert main(["migrate", "--store", str(path), "--to", str(used)]) != 0
+    assert main(["migrate", "--store", str(path), "--to", str(used)]) == 2
     assert "not empty" in capsys.readouterr().err and (used / "x").read_text() == "mine"
     current = tmp_path / "current"
     with Ensemble.create(current, small_config("data.num_classes=3")) as ens:
         ens.ingest(PIXELS, Y)
-    assert main(["migrate", "--store", str(current), "--to", str(tmp_path / "n2")]) != 0
+    assert main(["migrate", "--store", str(current), "--to", str(tmp_path / "n2")]) == 2
     assert "already in this format" in capsys.readouterr().err and not (tmp_path / "n2").exists()

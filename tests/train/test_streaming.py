@@ -13,7 +13,7 @@ import pytest
 
 from sisa.config.settings import load_config
 from sisa.ensemble import Ensemble
-from sisa.errors import ConfigError
+from sisa.errors import ConfigError, TrainingError
 from sisa.train import orchestrator
 from sisa.train.slices import StoredSlices
 from sisa.train.trainer import ShardJob, SliceData, StageResult, train_shard
@@ -71,7 +71,7 @@ def test_trainer_reads_each_slice_once_when_its_stage_starts() -> None:
 def test_job_with_wrong_slice_sizes_is_refused() -> None:
     base = make_job()
     bad = ShardJob(**{**base.__dict__, "slice_sizes": (1, 2, 3)})
-    with pytest.raises(Exception, match="slice 0: 100 rows arrived, 1 expected"):
+    with pytest.raises(TrainingError, match="slice 0: 100 rows arrived, 1 expected"):
         list(train_shard(bad))
 
 
