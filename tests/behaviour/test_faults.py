@@ -9,6 +9,7 @@ command runs everything).
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -269,7 +270,11 @@ def test_full_disk_fails_cleanly_and_leaves_the_store_consistent(tmp_path: Path,
         timeout=120,
     )
     assert child.returncode == 3, child.stdout + child.stderr
-    assert "no space" in child.stdout.lower() or "full" in child.stdout.lower(), child.stdout
+    # The documented message (the child prints "STORE FULL:" itself, so only the error's own words count).
+    documented = "the disk is full, over quota or failing; nothing of the change was written (the store is as before)"
+    assert re.search(
+        r"^STORE FULL: store \S+: the write failed \(.+\): " + re.escape(documented), child.stdout, re.M
+    ), child.stdout
     assert_consistent(tmp_path / "st")
     with Ensemble.open(tmp_path / "st") as ens:
         assert ens.status()["samples"] == 600  # the failed ingest wrote nothing
