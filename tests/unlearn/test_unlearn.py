@@ -543,3 +543,48 @@ def test_a_run_emptied_by_a_deferred_deletion_and_refilled_before_apply_is_still
     assert np.array_equal(x, extra_x[np.asarray(refilled) - 10_000])
     assert ens.verify()["ok"]
     ens.close()
+
+
+# The certificate's fields, as the README lists them: a new field is documented before it is certified.
+CERTIFICATE_FIELDS = {
+    "request_id", "state", "requested_at", "applied_at", "seconds", "apply_seconds", "id_hashes", "deleted",
+    "already_deleted", "policy", "retrained_shards", "runner", "audit_seq", "shards", "batch",
+}  # fmt: skip
+SHARD_FIELDS = {
+    "from_slice", "restart_stage", "removed_checkpoints", "new_checkpoints", "live_checkpoint", "live_weights",
+    "manifest", "runs", "serving_stage", "clean_domain", "domain", "rebound", "samples", "sample_epochs",
+    "compute_seconds",
+}  # fmt: skip
+BATCH_FIELDS = {"requests", "retrain_seconds", "erasure"}
+ERASURE_FIELDS = {"rotated_slices", "rotated_runs", "reencrypted", "checkpoint_keys", "key_file_bytes", "seconds"}
+
+
+def _values(obj: object) -> list[object]:
+    """Every scalar in a nested JSON-like value."""
+    if isinstance(obj, dict):
+        return [v for item in obj.values() for v in _values(item)]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _values(item)]
+    return [obj]
+
+
+def test_a_certificate_holds_exactly_the_documented_fields_and_no_id(tmp_path: Path) -> None:
+    base = 10**12  # ids no count, size, time or digest in a certificate can equal or contain by chance
+    with Ensemble.create(tmp_path / "st", small_config(), address="local") as ens:
+        ens.ingest(X, Y, ids=np.arange(600) + base)
+        ens.fit()
+        victims = [base + 5, base + 17, base + 421]
+        cert = ens.delete(victims)
+        with ens.store.read() as txn:
+            logged = read_entries(ens.store, txn)
+    assert set(cert) == CERTIFICATE_FIELDS
+    assert set(cert["batch"]) == BATCH_FIELDS and set(cert["batch"]["erasure"]) == ERASURE_FIELDS
+    assert cert["shards"]
+    for info in cert["shards"].values():  # `rebind_reason` comes only with a rebound shard
+        assert set(info) == SHARD_FIELDS | ({"rebind_reason"} if info["rebound"] else set())
+    assert len(cert["id_hashes"]) == 3 and all(len(h) == 64 for h in cert["id_hashes"])
+    for record in (cert, *logged):
+        values = _values(record)
+        assert not any(v in victims for v in values if isinstance(v, int))  # no id as a number
+        text = json.dumps(record)
+        assert not any(str(v) in text for v in victims)  # nor inside any string
