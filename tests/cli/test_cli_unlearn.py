@@ -121,7 +121,8 @@ def test_add_from_npz_then_resume(store: Path, tmp_path: Path, capsys: pytest.Ca
     assert run_json(capsys, "verify", "--store", str(store))["ok"]
 
 
-def test_failed_audit_and_verify_exit_1(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_broken_audit_chain_exits_1(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (verify's exit 1 is the next test's: a model that no retrain from scratch reproduces)
     run_json(capsys, "delete", "--store", str(store), "--ids", "3")
     with Ensemble.open(store) as ens:
         db = ens.store.db(AUDIT_DB)
