@@ -23,8 +23,9 @@ from sisa.cli.render import print_eval
 from sisa.config.settings import SisaConfig
 from sisa.data.loaders import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
-from sisa.errors import ConfigError, DataError, StoreError
+from sisa.errors import ConfigError, DataError
 from sisa.partition.placement import check_shard_sizes, place
+from sisa.store.database import Store
 from sisa.store.ingest import number_after_stored
 from sisa.train.adapters import build_shard_model
 from sisa.train.backbone import build_network
@@ -78,18 +79,6 @@ def _check_core(cfg: SisaConfig, train: LabeledArrays | None, core: list[int] | 
         )
 
 
-def _check_new_store_path(store: Path) -> None:
-    """Refuse a ``--store`` that cannot become a new store, before Ray starts or data is read.
-
-    :meth:`Ensemble.create` refuses the same paths, but only after a cluster was joined (or a
-    local Ray instance started, seconds on a small machine) for nothing.
-    """
-    if store.exists() and not store.is_dir():
-        raise StoreError(f"{store} is a file, not a directory; pick a new or empty directory for the store")
-    if store.is_dir() and any(store.iterdir()):
-        raise StoreError(f"{store} exists and is not empty; pick a new or empty directory for the store")
-
-
 def _open_for_train(args: argparse.Namespace, store: Path, core: list[int] | None) -> tuple[Ensemble, Any, Any]:
     """The store of ``sisa train``: opened (resumed) or created, its config, data and core set checked.
 
@@ -119,7 +108,8 @@ def _open_for_train(args: argparse.Namespace, store: Path, core: list[int] | Non
             ens.close()
             raise
         return ens, train, test
-    _check_new_store_path(store)
+    # Refused before Ray starts or data is read (Ensemble.create would refuse it only after that).
+    Store.check_new_path(store)
     cfg = load_command_config(args.config, args.overrides)
     train, test = load_split(cfg.data, "train", raw=True), load_split(cfg.data, "test")
     _preflight(cfg, train.feature_shape, train, core)

@@ -8,7 +8,6 @@ and the command that finishes the rest; the warm worker relays the same codes.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import signal
 import sys
 import threading
@@ -74,21 +73,19 @@ def terminate_raises() -> Iterator[None]:
 def kill_descendants() -> int:
     """Kill every process this one started that is still running (children and theirs); how many.
 
-    For a command that ends (the ``sisa`` process before ``os._exit``, the worker after each
-    command): a child left behind, such as a Ray instance whose start a signal cut short, would
-    outlive it and hold cores and files.
+    For a command that ends (the ``sisa`` process before ``os._exit``, the worker after an
+    interrupted command): a child left behind, such as a Ray instance whose start a signal cut
+    short, would outlive it and hold cores and files.
     """
     import psutil  # only at the end of a command that did work
 
+    from sisa.train.process_tree import kill_trees
+
     try:
-        found = psutil.Process().children(recursive=True)
+        children = [c.pid for c in psutil.Process().children()]
     except psutil.Error:
         return 0
-    for proc in found:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(found, timeout=5)
-    return len(found)
+    return kill_trees(children, wait=5.0)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ needs numpy).
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -87,6 +88,7 @@ def _seconds(text: str) -> float:
     return value
 
 
+@functools.cache
 def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     """The argument parser of the ``sisa`` command.
 
@@ -95,7 +97,8 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
             exiting (for the launcher, which then leaves the command to report it).
 
     Returns:
-        The parser; ``args.command`` names the sub-command.
+        The parser; ``args.command`` names the sub-command. Built once per process and kept
+        (the launcher, the command and the worker parse with it; parsing changes no parser state).
     """
     cls = _QuietParser if quiet else _Parser
     common = cls(add_help=False)

@@ -143,12 +143,7 @@ class Store(Records):
         p = Path(path)
         if secret is not None and len(secret) != 32:
             raise StoreError(f"an HMAC secret has 32 bytes, not {len(secret)}")
-        if p.exists() and not p.is_dir():
-            raise StoreError(f"{p} is a file, not a directory; pick a new or empty directory for the store")
-        if p.exists() and any(p.iterdir()):
-            if (p / "data.mdb").exists():
-                raise StoreError(f"{p} already holds a store; open it with Ensemble.open / --store, or pick a new path")
-            raise StoreError(f"{p} exists and is not empty; pick a new or empty directory for the store")
+        cls.check_new_path(p)
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(p, 0o700)
         fd = cls._lock(p)
@@ -162,6 +157,21 @@ class Store(Records):
         store._keyring = KeyRing(p, readonly=False, create=True)
         store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))
         return store
+
+    @staticmethod
+    def check_new_path(path: str | Path) -> None:
+        """Refuse a path that cannot become a new store: a file, a store, a non-empty directory.
+
+        Raises:
+            StoreError: Naming the problem and the fix.
+        """
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} is a file, not a directory; pick a new or empty directory for the store")
+        if p.exists() and any(p.iterdir()):
+            if (p / "data.mdb").exists():
+                raise StoreError(f"{p} already holds a store; open it with Ensemble.open / --store, or pick a new path")
+            raise StoreError(f"{p} exists and is not empty; pick a new or empty directory for the store")
 
     @classmethod
     def open(cls, path: str | Path, *, readonly: bool = False, lock_timeout: float = 0.0) -> Store:

@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import psutil
 import ray
 
 from sisa.config.settings import ResourcesConfig
 from sisa.errors import ClusterConnectionError, ConfigError, DomainUnavailableError, SisaError, TrainingError
 from sisa.train import local_runner, parallel_runner, routing, runner_choice
 from sisa.train.domain import Domain, pinned_from_start, unavailable_message
+from sisa.train.process_tree import kill_trees
 from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
 
 __all__ = [
@@ -363,43 +363,9 @@ def abandon_local_instance() -> bool:
     node = getattr(ray._private.worker, "_global_node", None)  # noqa: SLF001 - no public handle on the node
     if node is None:
         return False
-    _kill_trees({p.process.pid for procs in node.all_processes.values() for p in procs})
+    kill_trees({p.process.pid for procs in node.all_processes.values() for p in procs})
     _started_local = False
     return True
-
-
-def _kill_trees(roots: Iterable[int]) -> None:
-    """SIGKILL every process in the trees rooted at ``roots`` (psutil walks them).
-
-    The trees are frozen (SIGSTOP) and walked again until no new process appears before any is
-    killed: a parent killed first would orphan its children out of reach (re-parented to init),
-    and a live raylet would start new workers while its old ones die.
-    """
-    found: dict[int, psutil.Process] = {}
-
-    def freeze(proc: psutil.Process) -> None:
-        if proc.pid not in found and proc.pid != os.getpid():  # never stop the caller itself
-            found[proc.pid] = proc
-            with contextlib.suppress(psutil.Error):  # already gone: nothing to stop
-                proc.suspend()
-
-    for pid in roots:
-        with contextlib.suppress(psutil.Error):  # gone already
-            freeze(psutil.Process(pid))
-    for _ in range(8):  # a frozen tree cannot grow: this ends after a round or two
-        before = len(found)
-        for proc in list(found.values()):
-            try:
-                children = proc.children(recursive=True)
-            except psutil.Error:
-                continue
-            for child in children:
-                freeze(child)
-        if len(found) == before:
-            break
-    for proc in found.values():
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
 
 
 def _refuse(job: ShardJob, available: list[Domain]) -> ShardJob | None:
