@@ -103,7 +103,22 @@ def redeliver_swallowed_interrupts() -> Iterator[None]:
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
         if isinstance(exc, (KeyboardInterrupt, Terminated)):
-            _thread.interrupt_main(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+            # From another thread: called here, in the main thread, the handler would raise inside
+            # this hook, and Python would swallow it once more. From a thread it is only marked
+            # pending, and the main thread raises it once the finaliser has returned.
+            signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            returned = threading.Event()
+
+            def deliver() -> None:
+                returned.wait(1.0)  # until this hook has returned
+                _thread.interrupt_main(signum)
+
+            threading.Thread(target=deliver, daemon=True).start()
+            try:
+                previous(unraisable)
+            finally:
+                returned.set()
+            return
         previous(unraisable)
 
     sys.unraisablehook = hook

@@ -160,3 +160,16 @@ def test_sigterm_to_an_idle_worker_ends_it_and_the_next_command_runs_in_place(
     done = sisa(["delete", "--store", store, "--ids", str(ids[1]), "--json"], run_dir)
     assert done.returncode == 0 and json.loads(done.stdout)["state"] == "applied", done.stderr
     assert worker_log(run_dir).count(" ran ") == 0  # ran in place
+
+
+def test_an_interrupt_python_swallows_in_a_finaliser_is_delivered_again() -> None:
+    from sisa.cli.exits import redeliver_swallowed_interrupts
+
+    class Finaliser:
+        def __del__(self) -> None:
+            raise KeyboardInterrupt  # as a Ctrl-C landing while a finaliser runs: Python prints and drops it
+
+    with pytest.raises(KeyboardInterrupt), redeliver_swallowed_interrupts():
+        Finaliser()  # collected at once: its KeyboardInterrupt goes to sys.unraisablehook
+        for _ in range(1000):  # the redelivered signal lands at the next bytecodes
+            time.sleep(0.001)
