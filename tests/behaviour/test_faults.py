@@ -422,3 +422,82 @@ def test_compaction_that_cannot_write_its_copy_leaves_the_store_as_it_was(tmp_pa
     assert not (tmp_path / "st" / ".compact").exists()
     with Ensemble.open(tmp_path / "st") as ens:
         assert live_state(ens) == before and ens.delete([3])["state"] == "applied"
+
+
+CHILD_DELETE_KEYS_FULL = """
+import resource, shutil, signal, sys
+import sisa.store.keyring
+from sisa.ensemble import Ensemble
+from sisa.errors import StoreFullError
+path, snapshot, victim = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_compact = sisa.store.keyring.KeyRing.compact
+
+def compact_on_a_full_disk(self):
+    # Retrained and re-keyed; the old key's bytes are still in the key file's free pages. Keep
+    # the file as it is now, then let no file grow past 4 KiB: the compacted copy cannot be written.
+    shutil.copyfile(self.path / "data.mdb", snapshot)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    return real_compact(self)
+
+sisa.store.keyring.KeyRing.compact = compact_on_a_full_disk
+with Ensemble.open(path, address="local") as ens:
+    try:
+        ens.delete([victim])
+    except StoreFullError as exc:
+        print("STORE FULL:", exc)
+        sys.exit(3)
+print("deleted")
+"""
+
+
+def test_a_deletion_whose_key_file_cannot_be_compacted_stays_pending_until_resume(
+    tmp_path: Path, env_python: dict
+) -> None:
+    x, y = blobs(600, d=10)
+    store = tmp_path / "st"
+    with Ensemble.create(store, small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        with ens.store.read() as txn:
+            victim = int(ens.store.slice_ids(txn, 1, 0)[2])
+        _, old_keys = sample_evidence(ens, victim)  # what decrypts the victim's ciphertext
+    reference = tmp_path / "ref"
+    shutil.copytree(store, reference)
+    with Ensemble.open(reference) as ref:
+        ref.delete([victim])
+        expected = live_state(ref)
+
+    snapshot = tmp_path / "keys-at-compaction.mdb"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_DELETE_KEYS_FULL, str(store), str(snapshot), str(victim)],
+        env=env_python,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 3, child.stdout + child.stderr
+    assert "compaction could not write its copy" in child.stdout and "sisa resume" in child.stdout, child.stdout
+    # The failed compaction left the key file as it found it, and no partial copy.
+    assert (store / "keys" / "data.mdb").read_bytes() == snapshot.read_bytes()
+    assert not (store / "keys" / ".compact").exists()
+    # The old key is still on disk, so the deletion must not be certified: it is pending.
+    assert any(files_containing(store / "keys", k) for k in old_keys)
+    with Ensemble.open(store, readonly=True) as reader:
+        (waiting,) = reader.pending()
+        assert waiting["deleted"] == 1 and not waiting["defer"]
+        assert reader.certificates() == []
+        with reader.store.read() as txn:
+            assert not reader.store.has_sample(txn, victim)
+
+    with Ensemble.open(store, resume=False) as ens:
+        assert [r["request_id"] for r in ens.pending()] == [waiting["request_id"]]
+        done = ens.resume()
+        assert [c["request_id"] for c in done["applied"]] == [waiting["request_id"]]
+        assert done["trained"] == {}  # the retrain was finished before the disk filled up
+        assert ens.pending() == []
+        assert live_state(ens) == expected
+        audit = ens.audit()
+        assert audit.ok and audit.entries == 1, audit.problems
+    for key in old_keys:
+        assert files_containing(store, key) == []
