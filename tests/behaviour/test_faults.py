@@ -79,17 +79,62 @@ def run_child(code: str, args: list[str], env: dict, kill_after: float | None) -
 # would pay a Ray connection and fresh worker processes every time. The references are trained
 # on the session's Ray, so every comparison below also shows that both paths give the same bytes.
 CHILD_FIT = """
-import sys
+import os, sys
 from sisa.ensemble import Ensemble
+log = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 with Ensemble.open(sys.argv[1], address="local") as ens:
-    ens.fit()
+    os.write(log, b"fit\\n")  # opened, recovered, about to train
+    # one unbuffered line per committed stage: a SIGKILL loses none that was written
+    ens.fit(lambda r: os.write(log, f"{r.shard} {r.stage}\\n".encode()))
 """
+
+
+def run_fit_child(work: Path, log: Path, env: dict, kill: tuple[str, int, float] | None) -> int:
+    """Run CHILD_FIT and SIGKILL it on a clock, unless it exits first.
+
+    ``kill`` is (clock, lines, delay): SIGKILL ``delay`` s after the child starts
+    (``process``), or after its log holds ``lines`` lines (``log``: 1 is "about to fit",
+    each further line a committed stage).
+    """
+    log.unlink(missing_ok=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD_FIT, str(work), str(log)], env=env, stderr=subprocess.PIPE)
+    try:
+        if kill is not None:
+            clock, lines, delay = kill
+            deadline = time.monotonic() + 120
+            while clock == "log" and child.poll() is None:
+                if log.exists() and log.read_bytes().count(b"\n") >= lines:
+                    break
+                assert time.monotonic() < deadline, f"the child never wrote {lines} log lines"
+                time.sleep(0.002)
+            try:
+                child.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGKILL)
+        child.wait(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        stderr = child.stderr.read().decode() if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    if child.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"child failed ({child.returncode}): {stderr}")
+    return child.returncode
+
+
+def committed_stages(path: Path) -> dict[int, int]:
+    """Shard -> how many of its stages are committed."""
+    with Ensemble.open(path, readonly=True) as ens, ens.store.read() as txn:
+        return {s: len(ens.store.stage_records(txn, s)) for s in range(ens.config.shards)}
 
 
 @pytest.mark.faults
 def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env_python: dict) -> None:
     x, y = blobs(2000, d=16)
-    cfg = small_config("shards=2", "slices=4", "train.epochs=12", "model.hidden=[32]")
+    shards, slices = 2, 4
+    cfg = small_config(f"shards={shards}", f"slices={slices}", "train.epochs=12", "model.hidden=[32]")
     template = tmp_path / "template"
     with Ensemble.create(template, cfg) as ens:
         ens.ingest(x, y)
@@ -101,15 +146,43 @@ def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env
         expected = live_state(ref)
 
     rng = random.Random(20261126)
-    work = tmp_path / "work"
+    work, log = tmp_path / "work", tmp_path / "stages.log"
     kills = completions = 0
+    inside: list[int] = []  # stages committed at each kill that landed strictly inside training
     while kills < KILLS or not completions:
         if not work.exists():
             shutil.copytree(template, work)
-        # From the child's start-up (imports take ~2 s) across the whole fit.
-        delay = None if kills >= KILLS else rng.uniform(1.0, 2.5 + 1.5 * fit_seconds)
-        code = run_child(CHILD_FIT, [str(work), ray_address], env_python, delay)
+        before = committed_stages(work)
+        kill: tuple[str, int, float] | None = None
+        remaining = shards * slices - sum(before.values())
+        if kills < KILLS and remaining > 1:
+            # Three kills in four land a random moment after a random stage this run commits, with
+            # stages still to train: strictly inside training. The others are timed from the start
+            # of fitting (the local workers' start-up, the first stage) or of the process (the
+            # imports, the recovery of the last kill's store). A store with one stage left trains
+            # to the end (and the next cycle starts from the template).
+            if kills % 4 != 3:
+                kill = ("log", 1 + rng.randint(1, remaining - 1), rng.uniform(0.0, 0.05))
+            elif kills % 8 == 3:
+                kill = ("log", 1, rng.uniform(0.0, 1.3 * fit_seconds))
+            else:
+                kill = ("process", 0, rng.uniform(0.0, 2.5))
+        code = run_fit_child(work, log, env_python, kill)
         assert_consistent(work)
+        after = committed_stages(work)
+        lines = log.read_text().splitlines() if log.exists() else []
+        trained: dict[int, list[int]] = {s: [] for s in range(shards)}
+        for line in lines[1:]:
+            shard, stage = map(int, line.split())
+            trained[shard].append(stage)
+        for s in range(shards):
+            # This run trained only the stages after those committed before it, each once, in
+            # order (not from scratch); a kill may fall between a commit and its progress line.
+            assert trained[s] == list(range(before[s] + 1, before[s] + 1 + len(trained[s]))), (s, before, trained)
+            if code == 0:
+                assert trained[s] == list(range(before[s] + 1, slices + 1)) and after[s] == slices, (s, trained)
+            else:
+                assert after[s] - before[s] - len(trained[s]) in (0, 1), (s, before, after, trained)
         if code == 0:
             with Ensemble.open(work, readonly=True) as ens:
                 assert live_state(ens) == expected  # bit-identical to the uninterrupted run
@@ -117,7 +190,13 @@ def test_training_survives_20_random_kills(tmp_path: Path, ray_address: str, env
             shutil.rmtree(work)
         else:
             kills += 1
+            total = sum(after.values())
+            if len(lines) > 1 and total < shards * slices:  # this run committed a stage; others remain
+                inside.append(total)
     assert kills == KILLS and completions >= 1
+    # Half the kills or more landed strictly inside training: after this run committed a stage,
+    # with stages left to train (and the next run trained only those, as checked above).
+    assert len(inside) >= KILLS // 2, inside
 
 
 CHILD_DELETE = """
