@@ -44,6 +44,21 @@ def blobs(n: int = 600, d: int = 12, classes: int = 3, seed: int = 0) -> tuple[n
     return x, y.astype(np.int64)
 
 
+def nearest_centroid_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Accuracy of the nearest-class-mean classifier fitted on ``(x, y)``: a reference outside our stack.
+
+    A trained model's accuracy differs in its last bits between CPU kernel levels, so tests
+    compare it with a reference computed in the same run from the same samples, not with a
+    fixed number. This one is a few lines of NumPy, so a bug in our pipeline (labels, input
+    scaling, a head that never trains) cannot move it along with the model.
+    """
+    flat, flat_test = x.reshape(len(x), -1).astype(np.float64), x_test.reshape(len(x_test), -1).astype(np.float64)
+    classes = np.unique(y)
+    centres = np.stack([flat[y == c].mean(axis=0) for c in classes])
+    distances = ((flat_test[:, None, :] - centres[None]) ** 2).sum(axis=-1)
+    return float((classes[distances.argmin(axis=1)] == y_test).mean())
+
+
 def small_config(*overrides: str) -> SisaConfig:
     """A config that trains in well under a second per shard."""
     base = [
@@ -67,17 +82,22 @@ def trained_blobs_store(path: Path, *overrides: str, address: str | None = "loca
     return path
 
 
-def npz_config(folder: Path, train: str = "") -> Path:
+def npz_config(folder: Path, train: str = "", *, held_out: bool = False) -> Path:
     """A 300-sample blobs dataset in ``folder``/train.npz and a config training on it (S=2, R=2, MLP [8]).
 
     Args:
-        folder: Where to write ``train.npz`` (also the test split) and ``config.yaml``.
+        folder: Where to write ``train.npz`` and ``config.yaml``.
         train: Extra YAML flow entries for the ``train`` section, e.g. ``"epochs: 2"``.
+        held_out: Evaluate on 300 other samples of the same blobs (``test.npz``) instead of
+            the training file (for tests that judge accuracy).
     """
-    x, y = blobs(300, d=6)
-    np.savez(folder / "train.npz", x=x, y=y)
+    x, y = blobs(600 if held_out else 300, d=6)
+    np.savez(folder / "train.npz", x=x[:300], y=y[:300])
+    test = folder / ("test.npz" if held_out else "train.npz")
+    if held_out:
+        np.savez(test, x=x[300:], y=y[300:])
     config = folder / "config.yaml"
-    data = f"{{dataset: npz, train: {folder / 'train.npz'}, test: {folder / 'train.npz'}, num_classes: 3}}"
+    data = f"{{dataset: npz, train: {folder / 'train.npz'}, test: {test}, num_classes: 3}}"
     config.write_text(f"shards: 2\nslices: 2\ndata: {data}\nmodel: {{hidden: [8]}}\ntrain: {{{train}}}\n")
     return config
 

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from sisa.cli.main import main
-from tests.conftest import ROOT, store_digest
+from sisa.config.settings import load_config
+from sisa.data.loaders import load_split
+from tests.conftest import ROOT, nearest_centroid_accuracy, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -35,9 +37,15 @@ def test_train_eval_status_json(tiny_store: Path, capsys: pytest.CaptureFixture[
     capsys.readouterr()
     ev = run_json(capsys, "eval", "--store", str(tiny_store))
     assert set(ev["per_shard_accuracy"]) == {"0", "1", "2"}
-    # Relative to the same run's shard models (no fixed number: kernels differ between machines):
-    # the mean of three learnt models is no worse than the worst of them, and far above chance (0.1).
-    assert min(ev["per_shard_accuracy"].values()) <= ev["accuracy"] <= 1 and ev["accuracy"] > 0.3
+    # Relative to references of the same run (no fixed number: kernels differ between machines):
+    # the mean of three learnt models is no worse than the worst of them, and it is about as good
+    # as a nearest-centroid classifier fitted on the same 1,200 images (0.68 here; chance is 0.1)
+    # or better. That reference is NumPy on the loader's pixels, so a bug in the pipeline (labels,
+    # input scaling, a shard left untrained) cannot drag it down with the ensemble.
+    assert min(ev["per_shard_accuracy"].values()) <= ev["accuracy"] <= 1
+    cfg = load_config(TINY)
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    assert ev["accuracy"] >= nearest_centroid_accuracy(train.x, train.y, test.x, test.y) - 0.1
     assert ev["test_samples"] == 500
     st = run_json(capsys, "status", "--store", str(tiny_store))
     assert st["shards"] == 3 and st["slices"] == 2 and st["samples"] == 1200

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sisa.cli.main import main
-from tests.conftest import blobs, npz_config, store_digest
+from tests.conftest import blobs, nearest_centroid_accuracy, npz_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -22,12 +22,18 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> d
 def test_train_with_core_ids_then_rerun_add_status_and_a_refused_core_deletion(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config, store = npz_config(tmp_path), tmp_path / "st"
+    config, store = npz_config(tmp_path, "lr: 0.01", held_out=True), tmp_path / "st"
     core = tmp_path / "core.txt"
     core.write_text("# consented samples\n" + "\n".join(map(str, range(0, 300, 5))) + "\n")
     train = ["train", "--config", str(config), "--store", str(store), "--core-ids", str(core), *BACKBONE]
     first = run_json(capsys, *train)
-    assert first["ingested"] == 300 and first["accuracy"] > 0.5
+    assert first["ingested"] == 300
+    # Held-out accuracy against a reference fitted in the same run on the same 300 samples (no
+    # fixed number: kernels differ between machines): a head on the core-trained backbone is
+    # about as good as a nearest-centroid classifier of the raw features, or better.
+    fit_on, held_out = np.load(tmp_path / "train.npz"), np.load(tmp_path / "test.npz")
+    reference = nearest_centroid_accuracy(fit_on["x"], fit_on["y"], held_out["x"], held_out["y"])
+    assert first["accuracy"] >= reference - 0.1
     status = run_json(capsys, "status", "--store", str(store))
     assert status["backbone"]["core_samples"] == 60 and status["backbone"]["stored"]["bytes"] > 0
     # The same command again (after a kill, say) finds everything done; another core set is refused.
