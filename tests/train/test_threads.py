@@ -9,6 +9,7 @@ swap raced the writer's compaction, and deletions failed with raw lmdb errors.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from sisa.ensemble import Ensemble
@@ -37,12 +38,17 @@ def test_threads_predict_while_another_deletes_in_the_same_process(tmp_path: Pat
     errors: list[BaseException] = []
     # per prediction: (deletions acknowledged before it started, its provenance)
     seen: list[tuple[int, dict[int, str]]] = []
+    # per thread: (start, end) of each prediction; per deletion: (first commit, acknowledgement)
+    spans: dict[int, list[tuple[float, float]]] = {}
+    deleting: list[tuple[float, float]] = []
 
     def serve(ens: Ensemble) -> None:
+        mine = spans.setdefault(threading.get_ident(), [])
         try:
             while not stop.is_set():
-                before = done
+                before, started = done, time.monotonic()
                 ens.predict(x[:16])
+                mine.append((started, time.monotonic()))
                 seen.append((before, ens.provenance()))
         except BaseException as exc:  # every error fails the test below, with its type
             errors.append(exc)
@@ -55,7 +61,11 @@ def test_threads_predict_while_another_deletes_in_the_same_process(tmp_path: Pat
     certificates = []
     try:
         for k in range(DELETES):
-            certificates.append(writer.delete([k * 23]))
+            # From its first retrained stage's commit (the deletion is under way, past any lock it
+            # takes) to its acknowledgement.
+            committed: list[float] = []
+            certificates.append(writer.delete([k * 23], progress=lambda _r, c=committed: c.append(time.monotonic())))
+            deleting.append((committed[0], time.monotonic()))
             live_sets.append(live_keys(writer))
             done = k + 1
     finally:
@@ -69,6 +79,15 @@ def test_threads_predict_while_another_deletes_in_the_same_process(tmp_path: Pat
     assert writer.pending() == []
     writer.close()
     assert len(seen) >= PREDICTORS  # every thread predicted
+    # The predictions ran during the deletions, not between them: every thread (the writer's own
+    # handle too) began and finished predictions inside a deletion under way (after its first
+    # retrained stage's commit, before its acknowledgement), and most deletions saw one. A lock
+    # that serialised predictions with deletions would leave none.
+    everything = [span for mine in spans.values() for span in mine]
+    inside = [[(s, e) for s, e in mine if any(a < s and e < b for a, b in deleting)] for mine in spans.values()]
+    assert len(inside) == PREDICTORS and all(inside), [len(i) for i in inside]
+    overlapped = [any(a < s and e < b for s, e in everything) for a, b in deleting]
+    assert sum(overlapped) >= DELETES // 2, overlapped
     for before, used in seen:
         # Its models are all of one live set: the one current when it started or a later one, or
         # that set with the shards a deletion in progress had taken out of service (a subset).
