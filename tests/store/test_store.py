@@ -60,9 +60,10 @@ def test_rejected_ingest_changes_nothing(ens: Ensemble, kwargs: dict, message: s
 def test_second_writer_gets_a_clear_lock_error(ens: Ensemble, env_python: dict) -> None:
     with pytest.raises(StoreLockedError, match="locked by pid"):
         Ensemble.open(ens.path)
+    # The child exits 1, the status of an uncaught exception, with the error named on stderr.
     code = f"from sisa.ensemble import Ensemble; Ensemble.open({str(ens.path)!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_python)
-    assert out.returncode != 0 and "StoreLockedError" in out.stderr and "read-only" in out.stderr
+    assert out.returncode == 1 and "StoreLockedError" in out.stderr and "read-only" in out.stderr
     # Readers need no lock.
     with Ensemble.open(ens.path, readonly=True) as reader:
         assert reader.status()["samples"] == 200

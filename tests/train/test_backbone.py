@@ -83,7 +83,7 @@ def test_a_core_set_deletion_is_refused_and_changes_nothing(tmp_path: Path) -> N
         assert ens.pending() == []
     cli = [sys.executable, "-m", "sisa.cli", "delete", "--store", str(tmp_path / "st"), "--ids", str(CORE[1])]
     done = subprocess.run(cli, capture_output=True, text=True)
-    assert done.returncode != 0 and "core set" in done.stderr
+    assert done.returncode == 2 and "core set" in done.stderr  # bad input: exit 2
     assert store_digest(tmp_path / "st") == before
 
 
