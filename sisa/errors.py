@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "DomainMismatchError",
     "DomainUnavailableError",
+    "GpuMemoryError",
     "IntegrityError",
     "ModelError",
     "NotTrainedError",
@@ -83,3 +84,7 @@ class DomainUnavailableError(SisaError):
 
 class DomainMismatchError(TrainingError):
     """A worker found itself in another determinism domain than its shard needs, and refused to train."""
+
+
+class GpuMemoryError(TrainingError):
+    """A shard ran out of GPU memory within its share; the message says what packing to change."""

@@ -51,11 +51,13 @@ _PINS: dict[str, dict[str, str]] = {
 }
 
 
-def pin_env(cpu_isa: str) -> dict[str, str]:
-    """Environment variables that pin a worker to ``cpu_isa`` (empty for ``native``).
+def pin_env(cpu_isa: str, device: str = "cpu") -> dict[str, str]:
+    """Environment variables that pin a worker to ``cpu_isa`` (empty for ``native`` on the CPU).
 
     Args:
         cpu_isa: One of :data:`CPU_ISAS`.
+        device: ``cpu`` or ``cuda``; a CUDA worker also gets cuBLAS's deterministic workspace
+            (:func:`sisa.train.gpu.cuda_env`), which cuBLAS reads once, at its start.
 
     Returns:
         Variables to set before torch is imported in the worker.
@@ -65,7 +67,12 @@ def pin_env(cpu_isa: str) -> dict[str, str]:
     """
     if cpu_isa not in CPU_ISAS:
         raise ValueError(f"cpu_isa={cpu_isa!r} must be one of {', '.join(CPU_ISAS)}")
-    return dict(_PINS.get(cpu_isa, {}))
+    env = dict(_PINS.get(cpu_isa, {}))
+    if device == "cuda":
+        from sisa.train import gpu
+
+        env.update(gpu.cuda_env())
+    return env
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,15 +96,15 @@ def _initial_env() -> dict[str, str]:
     return out
 
 
-def pinned_from_start(cpu_isa: str) -> bool:
+def pinned_from_start(cpu_isa: str, device: str = "cpu") -> bool:
     """Whether this process started with ``cpu_isa``'s pins, so it may train in that domain itself.
 
-    ``native`` pins nothing, so any process qualifies. For a pinned level every variable
-    must have been in the environment the process started with: set afterwards, torch,
-    MKL or oneDNN may already have read the old value.
+    ``native`` pins nothing on the CPU, so any process qualifies. For a pinned level every
+    variable must have been in the environment the process started with: set afterwards,
+    torch, MKL, oneDNN or cuBLAS may already have read the old value.
     """
     start = _initial_env()
-    return all(start.get(k) == v for k, v in pin_env(cpu_isa).items())
+    return all(start.get(k) == v for k, v in pin_env(cpu_isa, device).items())
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,6 +169,10 @@ class Domain:
         cuda: CUDA runtime torch was built with.
         cudnn: cuDNN version.
         cublas: cuBLAS version ("" when unknown).
+        gpu_math: The math switches and cuBLAS workspace a stage trains under on the GPU
+            (:func:`sisa.train.gpu.math_signature`: TF32, reduced-precision reductions,
+            cuDNN); "" on the CPU, where it is left out of the id, so CPU domain ids are the
+            ones stores recorded before this field existed.
     """
 
     machine: str
@@ -181,11 +192,15 @@ class Domain:
     cuda: str = ""
     cudnn: str = ""
     cublas: str = ""
+    gpu_math: str = ""
 
     @property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of every field."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        """16 hex digits of SHA-256 over the canonical JSON of every field (``gpu_math`` only when set)."""
+        fields = dataclasses.asdict(self)
+        if not fields["gpu_math"]:
+            del fields["gpu_math"]
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(b"sisa-domain-v1|" + blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +232,14 @@ def current(threads: int, device: str = "cpu") -> Domain:
     libs = _library_versions()
     start = _initial_env()
     gpu: dict[str, Any] = {}
-    if device == "cuda" and torch.cuda.is_available():
+    if device == "cuda":
+        from sisa.train import gpu as cuda
+
+        # No GPU here: a domain with empty GPU fields would be a fake one that no worker trains in.
+        cuda.require_cuda()
+        cuda.ensure_cuda_env()
+        with cuda.pinned_math() as flags:  # what a stage trains under, read back in this process
+            math = cuda.math_signature(flags)
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         major, minor = torch.cuda.get_device_capability(index)
@@ -229,6 +251,7 @@ def current(threads: int, device: str = "cpu") -> Domain:
             "cuda": str(torch.version.cuda or ""),
             "cudnn": str(cudnn or ""),
             "cublas": _cublas_version(),
+            "gpu_math": math,
         }
     return Domain(
         machine=platform.machine(),

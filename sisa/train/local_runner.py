@@ -73,7 +73,7 @@ class LocalRunner:
         self.threads = threads
         self.device = device
         # child=True: always a child process, also when this one is pinned (one of parallel_runner's slots).
-        self.in_process = not child and domains.pinned_from_start(cpu_isa)
+        self.in_process = not child and domains.pinned_from_start(cpu_isa, device)
         self._child: subprocess.Popen[bytes] | None = None
         self._domain: domains.Domain | None = None
 
@@ -90,7 +90,7 @@ class LocalRunner:
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._child is None:
-            env = {**os.environ, **domains.pin_env(self.cpu_isa)}
+            env = {**os.environ, **domains.pin_env(self.cpu_isa, self.device)}
             log.info("local training in a child process pinned to cpu_isa=%s", self.cpu_isa)
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "sisa.train.local_runner"],

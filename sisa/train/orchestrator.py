@@ -34,8 +34,15 @@ from typing import Any
 import ray
 
 from sisa.config.settings import ResourcesConfig
-from sisa.errors import ClusterConnectionError, ConfigError, DomainUnavailableError, SisaError, TrainingError
-from sisa.train import local_runner, parallel_runner, routing, runner_choice
+from sisa.errors import (
+    ClusterConnectionError,
+    ConfigError,
+    DomainUnavailableError,
+    GpuMemoryError,
+    SisaError,
+    TrainingError,
+)
+from sisa.train import gpu, local_runner, parallel_runner, routing, runner_choice
 from sisa.train.domain import Domain, pinned_from_start, unavailable_message
 from sisa.train.process_tree import kill_trees
 from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
@@ -292,6 +299,11 @@ def plan_runner(
         return runner_choice.Choice(forced, 1)
     if ray.is_initialized():
         return runner_choice.Choice("ray", planned)
+    if res is not None and res.device == "cuda" and not _has_cuda():
+        # A GPU store driven from a machine without CUDA (a laptop, a CPU head node): its shards
+        # can only train on the cluster's GPU nodes, never here.
+        log.info("no CUDA device in this process: the GPU store's %d shard job(s) go to Ray", planned)
+        return runner_choice.Choice("ray", planned)
     if seconds is None or res is None:
         return runner_choice.Choice(LOCAL if planned <= LOCAL_MAX_SHARDS else "ray", 1)
     choice = runner_choice.choose(seconds, setting)
@@ -304,6 +316,13 @@ def plan_runner(
     return choice
 
 
+def _has_cuda() -> bool:
+    """Whether this process can train on CUDA (asks the driver; creates no CUDA context)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _setting(res: ResourcesConfig) -> runner_choice.Setting:
     """This process's cores and what of the local runners is already warm, for ``res``'s jobs."""
     in_place, warm = local_runner.warm_children(res.cpu_isa, res.threads_per_shard, res.device)
@@ -311,7 +330,7 @@ def _setting(res: ResourcesConfig) -> runner_choice.Setting:
         cores=runner_choice.usable_cores(),
         threads_per_shard=res.threads_per_shard,
         device=res.device,
-        in_place=in_place or pinned_from_start(res.cpu_isa),
+        in_place=in_place or pinned_from_start(res.cpu_isa, res.device),
         warm_children=warm,
     )
 
@@ -527,13 +546,71 @@ def ship(job: ShardJob, backbones: dict[str, Any] | None = None) -> ShardJob:
     return dataclasses.replace(job, slices=tuple(job.slices[r] for r in range(len(job.slices))))
 
 
-@ray.remote
-def _shard_task(job: ShardJob) -> Iterator[StageResult]:
+def _train_in_task(job: ShardJob) -> Iterator[StageResult]:
     # A plain generator: Ray streams each yield back as its own object. Ray itself never
     # retries it (max_retries=0): run_jobs resubmits from the last stage it received.
     if job.backbone_ref is not None:
         job = dataclasses.replace(job, backbone=ray.get(job.backbone_ref), backbone_ref=None)
     yield from train_shard(job)
+
+
+@ray.remote
+def _shard_task(job: ShardJob) -> Iterator[StageResult]:
+    yield from _train_in_task(job)
+
+
+# A GPU shard gets a fresh worker (max_calls=1, which .options() cannot set): a reused worker
+# keeps the CUDA context of the GPU it first saw and ignores the next task's CUDA_VISIBLE_DEVICES.
+@ray.remote(max_calls=1)
+def _gpu_shard_task(job: ShardJob) -> Iterator[StageResult]:
+    import torch
+
+    problem = gpu_assignment_problem(
+        [str(i) for i in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_initialized()
+    )
+    if problem is not None:
+        raise TrainingError(f"shard {job.shard}: {problem}; it refused to train")
+    try:
+        yield from _train_in_task(job)
+    finally:
+        gpu.release_cached_memory()
+
+
+def gpu_assignment_problem(assigned: Sequence[str], visible: str | None, cuda_started: bool) -> str | None:
+    """Why a GPU task's worker might train on another GPU than Ray gave it, or None when it cannot.
+
+    Args:
+        assigned: ``ray.get_gpu_ids()`` of the task, as strings.
+        visible: ``CUDA_VISIBLE_DEVICES`` in the worker (Ray sets it to the assigned ids).
+        cuda_started: Whether CUDA was already initialised in the worker before the task ran.
+
+    Returns:
+        The problem in words, or None.
+    """
+    if not assigned:
+        return "Ray assigned this GPU task no GPU"
+    if cuda_started:
+        return "its worker had CUDA initialised by an earlier task (a reused worker may be on another GPU)"
+    if visible is None or visible.split(",") != list(assigned):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} in its worker, but Ray assigned GPU(s) {','.join(assigned)}"
+    return None
+
+
+def _require_gpu_nodes(res: ResourcesConfig) -> None:
+    """Refuse GPU shard tasks on a cluster where no node has a GPU: they would wait forever.
+
+    Raises:
+        TrainingError: Naming the share and the ways out.
+    """
+    need = min(res.gpus_per_shard, 1.0)
+    if any(n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) >= need for n in ray.nodes()):
+        return
+    raise TrainingError(
+        f"this store trains on GPUs (resources.gpus_per_shard={res.gpus_per_shard}), but no node of the Ray "
+        "cluster offers a GPU, so its shard tasks would wait forever. Join a cluster with GPU nodes (--address; "
+        "with an autoscaler, keep at least one GPU node up), or, for a store trained on the CPU, create a new "
+        "store with resources.gpus_per_shard=0 (the device is part of the recipe)"
+    )
 
 
 def _warn_missing_resources(custom: dict[str, float]) -> None:
@@ -607,6 +684,8 @@ def run_jobs(
     domain_map: dict[str, routing.DomainNodes] | None = None
     refuse_or = unavailable or _refuse
     backbones: dict[str, Any] = {}  # the shared backbone, put into the object store once for every task
+    # Shards that ran out of GPU memory: the others finish their work (and commit it) first.
+    out_of_memory: list[GpuMemoryError] = []
 
     def route(job: ShardJob) -> tuple[ShardJob | None, routing.DomainNodes | None]:
         nonlocal domain_map
@@ -626,7 +705,8 @@ def run_jobs(
         routed, where = route(job)
         if routed is None:
             return False  # the hook skipped it
-        gen: Any = _shard_task.options(
+        task = _gpu_shard_task if res.device == "cuda" else _shard_task
+        gen: Any = task.options(
             num_cpus=res.cpus_per_shard,
             num_gpus=res.gpus_per_shard,
             resources=dict(res.custom),  # e.g. {"sisa_worker": 1}: only nodes that offer it run shards
@@ -642,7 +722,7 @@ def run_jobs(
         return True
 
     def submit_more() -> None:
-        while limit is None or len(pending) < limit:
+        while not out_of_memory and (limit is None or len(pending) < limit):
             job = next(queue, None)
             if job is None:
                 return
@@ -676,6 +756,11 @@ def run_jobs(
         submit(job)
 
     try:
+        if res.device == "cuda":
+            _require_gpu_nodes(res)
+            # Probe every GPU node before a shard holds a share: a probe asks for the shard's
+            # share too, and on a card packed by running shards it would wait for one.
+            domain_map = routing.probe_cluster(res)
         submit_more()
         while pending:
             # ray.wait on streaming generators: ready when their next item (or end) is available.
@@ -695,6 +780,14 @@ def run_jobs(
                     result: StageResult = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    if isinstance(cause, GpuMemoryError):
+                        # Not the other shards' fault: let the running ones finish and commit,
+                        # submit nothing more, and say what to change once they are done.
+                        log.error("%s", cause)
+                        out_of_memory.append(cause)
+                        started.pop(id(gen), None)
+                        running.pop(shard, None)
+                        continue
                     if isinstance(cause, SisaError):
                         raise cause from exc
                     raise TrainingError(f"shard {shard} failed: {cause}") from exc
@@ -714,4 +807,7 @@ def run_jobs(
         # tasks still running, including the one whose stage was being committed.
         for gen in started.values():
             ray.cancel(gen, force=True)
+    if out_of_memory:
+        more = f" ({len(out_of_memory)} shards ran out; the first is shown)" if len(out_of_memory) > 1 else ""
+        raise GpuMemoryError(f"{out_of_memory[0]}{more}") from out_of_memory[0]
     return retries

@@ -53,6 +53,14 @@ def _probe(threads: int, device: str) -> domains.Domain:
     return domains.current(threads, device)
 
 
+# A GPU probe gets a fresh worker, as a GPU shard task does (orchestrator._gpu_shard_task): a
+# reused worker would report the GPU it first saw, and a probe that initialised CUDA must not
+# hand its worker on to a shard of another GPU.
+@ray.remote(max_retries=0, max_calls=1)
+def _gpu_probe(threads: int, device: str) -> domains.Domain:
+    return domains.current(threads, device)
+
+
 def task_options(res: ResourcesConfig, domain: DomainNodes | None = None) -> dict[str, Any]:
     """Ray options that pin a shard task's worker and, given a domain, keep it on that domain's nodes.
 
@@ -63,7 +71,7 @@ def task_options(res: ResourcesConfig, domain: DomainNodes | None = None) -> dic
     Returns:
         Keyword arguments for ``.options()`` (``runtime_env`` and maybe ``label_selector``).
     """
-    options: dict[str, Any] = {"runtime_env": {"env_vars": domains.pin_env(res.cpu_isa)}}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": domains.pin_env(res.cpu_isa, res.device)}}
     if domain is not None:
         options["label_selector"] = {NODE_ID_LABEL: f"in({','.join(domain.nodes)})"}
     return options
@@ -90,12 +98,16 @@ def probe_cluster(res: ResourcesConfig) -> dict[str, DomainNodes]:
     for node in nodes:
         key = (node["NodeID"], res.cpu_isa, res.threads_per_shard, device)
         if key not in _probed:
-            todo[key] = _probe.options(
-                num_cpus=0,
-                num_gpus=res.gpus_per_shard,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                **task_options(res),
-            ).remote(res.threads_per_shard, device)
+            todo[key] = (
+                (_gpu_probe if device == "cuda" else _probe)
+                .options(
+                    num_cpus=0,
+                    num_gpus=res.gpus_per_shard,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                    **task_options(res),
+                )
+                .remote(res.threads_per_shard, device)
+            )
     if todo:
         log.info("probing the determinism domain of %d node(s)", len(todo))
         refs = list(todo.values())

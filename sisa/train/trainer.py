@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import io
 import logging
-import os
 import re
 import time
 import warnings
@@ -30,10 +29,11 @@ import torch
 from torch import nn
 
 from sisa.config.settings import SisaConfig
-from sisa.errors import DomainMismatchError, IntegrityError, TrainingError
+from sisa.errors import DomainMismatchError, GpuMemoryError, IntegrityError, TrainingError
 from sisa.partition.assign import splitmix64
 from sisa.store.digests import checkpoint_key, manifest_digest, sha256, weights_digest
 from sisa.train import domain as domains
+from sisa.train import gpu
 from sisa.train.adapters import AdaptedModel, build_shard_model
 from sisa.train.backbone import Backbone, extract_features
 
@@ -48,6 +48,7 @@ __all__ = [
     "deterministic",
     "nondeterministic_op",
     "load_checkpoint",
+    "on_cpu",
     "make_optimizer",
     "train_epochs",
     "train_shard",
@@ -231,11 +232,27 @@ def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str
     return ckpt
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested in dicts, lists and tuples) moved to the CPU.
+
+    A checkpoint holds CPU tensors only, so any loader opens it without ``map_location``;
+    the optimizer puts its state back on its parameters' device when it loads it. On the
+    CPU this is the identity (the same tensor objects), so CPU checkpoint bytes do not change.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
     state = {
         "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "model": on_cpu(model.state_dict()),
+        "optimizer": on_cpu(optimizer.state_dict()),
         "rng": {"torch": torch.get_rng_state()},
         "meta": meta,
     }
@@ -392,21 +409,21 @@ def deterministic(threads: int, device: torch.device) -> Iterator[None]:
         threads: Torch intra-op threads inside the block.
         device: Device the block computes on (CUDA needs extra switches).
     """
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     # Thread count changes float summation order, so it is part of the recipe.
     torch.set_num_threads(threads)
-    if device.type == "cuda":
-        # Required by cuBLAS for deterministic GEMMs; must be set before the first cuBLAS call,
-        # so it stays set after the block (a process environment variable, not a torch setting).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.backends.cudnn.benchmark = saved[2]
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            # cuBLAS's workspace (read once per process) and the math switches (TF32, reduced
+            # precision, cuDNN) that a user's code may have flipped: pinned, restored after.
+            gpu.ensure_cuda_env()
+            stack.enter_context(gpu.pinned_math())
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved[0])
+            torch.use_deterministic_algorithms(saved[1])
 
 
 def train_shard(job: ShardJob) -> Iterator[StageResult]:
@@ -428,8 +445,19 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
     """
     cfg = job.config
     device = torch.device(cfg.resources.device)
-    if device.type == "cuda" and cfg.resources.gpus_per_shard < 1:
-        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpus_per_shard, device)
+    if device.type != "cuda":
+        yield from _train_shard(job, device, None)
+        return
+    gpu.require_cuda(cfg.resources.gpus_per_shard)
+    gpu.ensure_cuda_env()
+    # The share's cap holds while this shard trains and comes off after, also in a driver.
+    with gpu.memory_cap(cfg.resources.gpus_per_shard) as cap:
+        yield from _train_shard(job, torch.device("cuda", cap["device"]), cap)
+
+
+def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None) -> Iterator[StageResult]:
+    """:func:`train_shard` on ``device``, under the memory ``cap`` of a GPU share (None on the CPU)."""
+    cfg = job.config
     here = domains.current(cfg.resources.threads_per_shard, device.type)
     if job.domain is not None and job.domain != here.id:
         raise DomainMismatchError(
@@ -462,7 +490,7 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
     # a head trains on the features computed once per slice
     trained: nn.Module = model.head if isinstance(model, AdaptedModel) and head_only else model
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
-        with deterministic(cfg.resources.threads_per_shard, device):
+        with deterministic(cfg.resources.threads_per_shard, device), _out_of_memory(job, stage, cap):
             before = rows.feature_seconds
             rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
             result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
@@ -470,6 +498,30 @@ def train_shard(job: ShardJob) -> Iterator[StageResult]:
             result = dataclasses.replace(result, seconds=result.seconds + rows.feature_seconds - before)
         yield result
         parent_key = result.key
+
+
+@contextmanager
+def _out_of_memory(job: ShardJob, stage: int, cap: dict[str, Any] | None) -> Iterator[None]:
+    """Turn the GPU running out of memory in a stage into an error that says what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        res = job.config.resources
+        resume = f"Committed stages are kept; the same command resumes from them. torch said: {exc}"
+        if cap is None:  # not a share of ours: the model itself put work on a GPU
+            raise GpuMemoryError(
+                f"shard {job.shard} stage {stage}: the GPU ran out of memory (resources.gpus_per_shard="
+                f"{res.gpus_per_shard}). Lower train.batch_size or the model's size (a recipe change: every shard "
+                f"retrains). {resume}"
+            ) from exc
+        limit = cap["total_bytes"] * (cap["fraction"] or 1.0)
+        raise GpuMemoryError(
+            f"shard {job.shard} stage {stage}: the GPU ran out of memory within this shard's share "
+            f"(resources.gpus_per_shard={res.gpus_per_shard}: {limit / 2**30:.2f} GiB of the "
+            f"{cap['total_bytes'] / 2**30:.1f} GiB card for tensors, after about "
+            f"{gpu.CUDA_CONTEXT_BYTES / 2**30:.1f} GiB for the CUDA context). Pack fewer shards per GPU (raise "
+            f"resources.gpus_per_shard), or lower train.batch_size (a recipe change: every shard retrains). {resume}"
+        ) from exc
 
 
 def _train_stage(
