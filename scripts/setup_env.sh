@@ -13,6 +13,9 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   # The pinned CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+  # The pin yields the CPU build only where pip is configured with a CPU wheel index (here pip.conf's find-links
+  # /opt/wheels holds torch-2.13.0+cpu). Elsewhere `torch==2.13.0` resolves on PyPI to the default CUDA build.
+  # The GPU machine keeps its own CUDA torch and never runs this script (README, "GPUs").
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
