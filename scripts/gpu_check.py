@@ -43,8 +43,16 @@ this very process in the shard workers' domain, not in a pinned child started pe
    head per shard: fit, one deletion, and ``verify`` of the retrained shard on the device
    (``backbone_verify``).
 
-Without CUDA, or with ``--tiny`` (or ``SISA_GPU_CHECK_TINY=1``), the same steps run as a
-CPU smoke test on tiny settings (``configs/tiny.yaml``: 1,200 samples, small MLP, 4
+Every claim the GPU run prints is checked against what the store recorded (``checks``:
+``memory_cap``: every stage ran under its share's allocator cap, the CUDA context left out,
+and peaked within it; ``on_gpu``; ``domain_gpu_fields``; ``tf32_off``), and the JSON records
+the driver version and the math switches (``math``). Before any task, a preflight checks
+that Ray sees the GPU; at ``--deadline`` seconds (default 540, inside a 10-minute outside
+limit) an alarm stops the run and the JSON holds what was measured until then.
+
+Without CUDA the check fails at once (exit status 2, the reason in the JSON's ``error``): it
+never runs on the CPU and exits 0. With ``--tiny`` (or ``SISA_GPU_CHECK_TINY=1``), the same
+steps run as a CPU smoke test on tiny settings (``configs/tiny.yaml``: 1,200 samples, small MLP, 4
 shards, ``gpus_per_shard=0``) in about a minute; its numbers are not GPU results, and
 the "GPU" store, its domain, repeat and verify then run on the CPU (the JSON's ``note``,
 ``domain.on_gpu`` and ``gpu_store_verify.on_gpu`` say so).
@@ -62,6 +70,8 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -73,6 +83,7 @@ from typing import Any, NamedTuple
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,7 +97,8 @@ from sisa.errors import DataError, SisaError  # noqa: E402
 from sisa.evaluate.monolithic import train_monolithic  # noqa: E402
 from sisa.store.digests import weights_digest  # noqa: E402
 from sisa.train import domain as domains  # noqa: E402
-from sisa.train import orchestrator  # noqa: E402
+from sisa.train import gpu, orchestrator  # noqa: E402
+from sisa.train.process_tree import kill_trees  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "configs" / "fashion_mnist_cnn.yaml"
@@ -103,7 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (trailing ``key=value`` strings are config overrides)."""
     parser = benchlib.script_parser(__doc__)
     parser.add_argument(
-        "--tiny", action="store_true", help="CPU smoke run on tiny settings (also SISA_GPU_CHECK_TINY=1, or no CUDA)"
+        "--tiny", action="store_true", help="CPU smoke run on tiny settings (also SISA_GPU_CHECK_TINY=1)"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=float(os.environ.get("SISA_GPU_CHECK_DEADLINE", "540")),
+        help="seconds after which the check stops and writes what it has (before an outside timeout; default 540)",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: by mode)")
     parser.add_argument("--shards", type=int, default=None, help=f"S (default {GPU_SHARDS}; {TINY_SHARDS} tiny)")
@@ -111,6 +129,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: $OUT/gpu_check.json)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=4")
     return parser.parse_args(argv)
+
+
+class NoCudaError(RuntimeError):
+    """The GPU check was asked for where CUDA is not available."""
 
 
 class Settings(NamedTuple):
@@ -126,7 +148,14 @@ class Settings(NamedTuple):
 
 def settings(args: argparse.Namespace) -> Settings:
     """The mode (GPU or CPU smoke) and the loaded config."""
-    tiny = args.tiny or os.environ.get("SISA_GPU_CHECK_TINY", "") not in ("", "0") or not torch.cuda.is_available()
+    tiny = args.tiny or os.environ.get("SISA_GPU_CHECK_TINY", "") not in ("", "0")
+    if not tiny and not torch.cuda.is_available():
+        # Never a silent CPU run that exits 0 where a GPU check was asked for.
+        raise NoCudaError(
+            f"CUDA is not available to this Python (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}): the GPU check cannot run. On a GPU machine, use the Python whose "
+            "torch is a CUDA build (README, 'GPUs'); for the CPU smoke run, pass --tiny"
+        )
     cuda = not tiny
     config = args.config or (GPU_CONFIG if cuda else TINY_CONFIG)
     shards = args.shards or (GPU_SHARDS if cuda else TINY_SHARDS)
@@ -142,17 +171,18 @@ def settings(args: argparse.Namespace) -> Settings:
     return Settings(cuda, config, shards, gpus, overrides, load_config(config, overrides))
 
 
-def restart_pinned(cpu_isa: str) -> None:
+def restart_pinned(cpu_isa: str, device: str) -> None:
     """Re-run this script with ``cpu_isa``'s pins in its start environment, unless it has them.
 
     torch, MKL and oneDNN read their kernel-level switches once per process, so only a
     process started pinned trains in the shard workers' domain itself; otherwise every
     ``address=local`` fit would start (and time) a pinned child process of its own.
     """
-    if domains.pinned_from_start(cpu_isa) or os.environ.get(PINNED_FLAG):
+    if domains.pinned_from_start(cpu_isa, device) or os.environ.get(PINNED_FLAG):
         return
-    print(f"restarting pinned to cpu_isa={cpu_isa}: {domains.pin_env(cpu_isa)}", flush=True)
-    env = {**os.environ, **domains.pin_env(cpu_isa), PINNED_FLAG: "1"}
+    pins = domains.pin_env(cpu_isa, device)
+    print(f"restarting pinned to cpu_isa={cpu_isa} on {device}: {pins}", flush=True)
+    env = {**os.environ, **pins, PINNED_FLAG: "1"}
     os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], env)
 
 
@@ -167,6 +197,7 @@ def device_info(cuda: bool) -> dict[str, Any]:
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info.update(
+            driver=driver_version(),
             device="cuda",
             device_name=torch.cuda.get_device_name(0),
             device_count=torch.cuda.device_count(),
@@ -223,6 +254,9 @@ def fit(cfg: SisaConfig, train: LabeledArrays, path: Path, address: str | None) 
         # the live models' domains (status) and the domain of every stage record
         "live_domains": [domains.domain_id(s) for s in per_shard],
         "stage_domains": sorted({str(domains.domain_id(r)) for r in records}),
+        # per stage on a GPU: device index, card memory, allocator cap, peak (None on the CPU)
+        "stage_gpu": [r.get("gpu") for r in records],
+        "stage_devices": sorted({str((r.get("domain") or {}).get("device")) for r in records}),
     }
 
 
@@ -324,6 +358,53 @@ def backbone_check(cfg: SisaConfig, train: LabeledArrays, path: Path, device: st
     }
 
 
+def gpu_claims(packed: dict[str, Any], live: dict[str, Any], share: float) -> dict[str, bool]:
+    """Each claim the GPU run prints, checked against what the store recorded.
+
+    Args:
+        packed: The packed fit's entry (its per-stage ``stage_gpu`` and ``stage_devices``).
+        live: The live models' domain record.
+        share: ``resources.gpus_per_shard`` of the packed fit.
+
+    Returns:
+        ``memory_cap`` (every stage ran under the share's cap, the CUDA context left out,
+        and stayed within it), ``on_gpu`` (every stage trained on cuda), ``domain_gpu_fields``
+        (the domain names the GPU, its capability, SMs, CUDA, cuDNN and math switches) and
+        ``tf32_off`` (the domain records TF32 off for matmuls and convolutions).
+    """
+    stages = packed["stage_gpu"]
+    capped = bool(stages) and all(
+        g is not None
+        and g["fraction"] is not None
+        and abs(g["fraction"] - gpu.cap_fraction(share, g["total_bytes"])) < 1e-9
+        and g["peak_bytes"] <= g["fraction"] * g["total_bytes"]
+        for g in stages
+    )
+    math = str(live.get("gpu_math") or "")
+    fields = ("gpu", "gpu_capability", "cuda", "cudnn", "gpu_math")
+    return {
+        "memory_cap": capped,
+        "on_gpu": packed["stage_devices"] == ["cuda"] and all(g is not None for g in stages),
+        "domain_gpu_fields": all(live.get(k) for k in fields) and int(live.get("gpu_sms") or 0) > 0,
+        "tf32_off": "matmul_allow_tf32=0" in math and "cudnn_allow_tf32=0" in math,
+    }
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (None where it is missing)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
 def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     """Every step, filling ``result`` as it goes (so a failure still leaves what was measured)."""
     cuda, config, shards, gpus, overrides, cfg = settings(args)
@@ -356,9 +437,20 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
             "data": {"source": source, "train": len(train), "feature_shape": list(train.feature_shape)},
         }
     )
+    result["math"] = {
+        "outside_training": gpu.math_flags(),  # this process's switches, as torch left them
+        "pinned_in_training": gpu.PINNED_MATH,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
     with benchlib.run_folder(None, "gpu_check-") as workdir:
         benchlib.start_ray(max(benchlib.usable_cpus(), shards))
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        if cuda and result["ray_resources"].get("GPU", 0) < 1:
+            # Preflight: shard tasks asking for a GPU share would wait forever.
+            raise RuntimeError(
+                f"Ray sees no GPU (cluster resources {result['ray_resources']}) although torch sees "
+                f"{torch.cuda.device_count()}: check CUDA_VISIBLE_DEVICES and that Ray detects the GPUs"
+            )
         t0 = time.perf_counter()
         # Ray workers start, import torch and initialise CUDA; this process warms up too (for serial and monolithic).
         for name, address in (("warm-ray", None), ("warm-local", orchestrator.LOCAL)):
@@ -451,9 +543,41 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     }
     if cuda:  # two domains on a GPU machine (device cuda vs cpu); in the smoke run both stores are the CPU's
         checks["cpu_and_gpu_domains_differ"] = result["cpu_store_verify"]["differs_from_gpu_store_domain"]
+        result["claims"] = gpu_claims(result["packed"], result["domain"]["record"], gpus)
+        checks.update(result["claims"])
     result["checks"] = {k: bool(v) for k, v in checks.items()}
     result["ok"] = all(result["checks"].values())
     return result
+
+
+DEADLINE_EXIT = 124  # what `timeout` returns: the run was cut short
+
+
+def write_json(out: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``out`` (its folder made if needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+
+def on_deadline(result: dict[str, Any], out: Path) -> Any:
+    """A SIGALRM handler that writes what was measured, ends this run's processes and exits 124.
+
+    Not an exception raised into the run: Ray and the libraries it calls may catch and log
+    one, and the run would go on past the outside limit with nothing written.
+    """
+
+    def handler(_signum: int, _frame: Any) -> None:
+        error = "DeadlineError: the check ran past its --deadline; the JSON holds what was measured until then"
+        try:
+            snapshot = json.loads(json.dumps(result, default=str))  # the main thread may be changing it
+        except (RuntimeError, ValueError):
+            snapshot = {}
+        write_json(out, {**snapshot, "ok": False, "error": error})
+        print(f"FAILED ({error}); partial results in {out}", flush=True)
+        kill_trees({child.pid for child in psutil.Process().children()})  # Ray's processes, worker children
+        os._exit(DEADLINE_EXIT)
+
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,17 +592,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
     try:
         if argv is None:
-            restart_pinned(settings(args).cfg.resources.cpu_isa)
+            res = settings(args).cfg.resources
+            restart_pinned(res.cpu_isa, res.device)
+        # A device run is one shot with an outside time limit: stop in time to write what was measured.
+        signal.signal(signal.SIGALRM, on_deadline(result, out))
+        signal.alarm(max(1, int(args.deadline)))
         run(args, result)
+        signal.alarm(0)
+    except NoCudaError as exc:
+        result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        write_json(out, result)
+        print(f"gpu_check: {exc}", file=sys.stderr, flush=True)
+        return 2
     except BaseException as exc:
         # A device run is one shot: keep whatever was measured, and why it stopped.
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_json(out, result)
         print(f"FAILED ({result['error']}); partial results in {out}", flush=True)
         raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     failed = [name for name, held in result["checks"].items() if not held]
     print(
         f"throughput ratio packed/serial {result['throughput_ratio']:.2f}x, deletion speedup "

@@ -7,8 +7,10 @@
 # one deletion and verify on the device (backbone_verify). Estimated well under 8 minutes on one H100/H200;
 # not yet run on a GPU, so no GPU numbers exist until someone does. The Python restarts itself once
 # pinned to resources.cpu_isa. Exit status 1 unless every entry of the JSON's "checks" holds.
-# Without CUDA, or with --tiny / SISA_GPU_CHECK_TINY=1, a CPU smoke run on tiny settings (about a
-# minute; its "GPU" parts run on the CPU, and the JSON's note says they are not GPU numbers).
+# Without CUDA it fails at once with exit status 2 (never a CPU run that exits 0). With --tiny /
+# SISA_GPU_CHECK_TINY=1, a CPU smoke run on tiny settings (about a minute; its "GPU" parts run on
+# the CPU, and the JSON's note says they are not GPU numbers). It stops itself at --deadline
+# seconds (default 540) and writes what it measured, before an outside 10-minute limit.
 # Writes $OUT/gpu_check.json if OUT is set, else docs/bench/gpu_check.json.
 #   bash scripts/gpu_check.sh            # on the GPU machine
 #   bash scripts/gpu_check.sh --tiny     # CPU smoke run

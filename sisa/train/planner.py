@@ -88,6 +88,8 @@ def stage_record(result: StageResult) -> dict[str, Any]:
         "epochs": result.epochs,
         "seconds": round(result.seconds, 4),
         "domain": result.domain,
+        # on a GPU: the device index, its memory, the allocator cap in force and the stage's peak
+        **({"gpu": result.gpu} if result.gpu else {}),
     }
 
 

@@ -163,6 +163,9 @@ class StageResult:
     epochs: int
     seconds: float
     domain: dict[str, Any] = field(default_factory=dict)
+    # On a GPU: ``device`` (index), ``total_bytes``, ``fraction`` (the allocator cap, None when
+    # uncapped) and ``peak_bytes`` (the most the stage's tensors held); empty on the CPU.
+    gpu: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # Not the checkpoint: its bytes (hundreds of KB) would flood a log or a progress callback.
@@ -496,6 +499,10 @@ def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None
             result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
         if rows.feature_seconds > before:  # the feature pass of the slices this stage loaded is its compute too
             result = dataclasses.replace(result, seconds=result.seconds + rows.feature_seconds - before)
+        if cap is not None:
+            peak = int(torch.cuda.max_memory_allocated(cap["device"]))
+            torch.cuda.reset_peak_memory_stats(cap["device"])
+            result = dataclasses.replace(result, gpu={**cap, "peak_bytes": peak})
         yield result
         parent_key = result.key
 

@@ -9,8 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from sisa.train import domain as domains
+from sisa.train import gpu
 from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check  # noqa: E402
 
 
 def pinned_domain_id(env: dict[str, str]) -> str:
@@ -114,3 +121,65 @@ def test_gpu_check_cpu_smoke_run_writes_its_json(tmp_path: Path) -> None:
     assert backbone["bit_identical"] is True and backbone["replay_devices"] == ["cpu"] and len(backbone["shards"]) == 1
     assert backbone["backbone_bytes"] > 0 and backbone["core"] > 0
     assert result["ok"] is True and "all checks hold" in proc.stdout
+
+
+def run_check(tmp_path: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SISA_GPU_CHECK_TINY", "OUT")}
+    env["OUT"] = str(tmp_path)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what happens where CUDA is missing")
+def test_without_cuda_the_gpu_check_fails_at_once_instead_of_running_on_the_cpu(tmp_path: Path) -> None:
+    proc = run_check(tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "CUDA is not available" in proc.stderr and "--tiny" in proc.stderr
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["ok"] is False and result["error"].startswith("NoCudaError: CUDA is not available")
+
+
+def test_the_deadline_stops_the_check_and_the_json_keeps_what_was_measured(tmp_path: Path) -> None:
+    proc = run_check(tmp_path, "--tiny", "--deadline", "2")
+    assert proc.returncode == 124 and "FAILED (DeadlineError" in proc.stdout, proc.stdout[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["ok"] is False and result["error"].startswith("DeadlineError: the check ran past its --deadline")
+    assert result["mode"] == "cpu-smoke" and "device" in result  # measured before the alarm
+
+
+def packed_entry(stage_gpu: list[dict | None], devices: list[str]) -> dict:
+    return {"stage_gpu": stage_gpu, "stage_devices": devices}
+
+
+def test_each_printed_gpu_claim_is_checked_against_the_store() -> None:
+    total = 80 * 2**30
+    fraction = gpu.cap_fraction(0.125, total)
+    stage = {"device": 0, "total_bytes": total, "fraction": fraction, "peak_bytes": int(0.5 * fraction * total)}
+    live = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "gpu_capability": "9.0",
+        "gpu_sms": 132,
+        "cuda": "13.0",
+        "cudnn": "91000",
+        "gpu_math": gpu.math_signature(gpu.PINNED_MATH),
+    }
+    good = gpu_check.gpu_claims(packed_entry([stage, stage], ["cuda"]), live, 0.125)
+    assert good == dict.fromkeys(("memory_cap", "on_gpu", "domain_gpu_fields", "tf32_off"), True)
+    over = {**stage, "peak_bytes": int(fraction * total) + 1}
+    uncapped = {**stage, "fraction": None}
+    context_ignored = {**stage, "fraction": 0.125}  # the cap forgot the CUDA context: N contexts overcommit
+    for bad in (over, uncapped, context_ignored):
+        assert gpu_check.gpu_claims(packed_entry([stage, bad], ["cuda"]), live, 0.125)["memory_cap"] is False
+    assert gpu_check.gpu_claims(packed_entry([stage, None], ["cpu", "cuda"]), live, 0.125)["on_gpu"] is False
+    assert (
+        gpu_check.gpu_claims(packed_entry([stage], ["cuda"]), {**live, "gpu_sms": 0}, 0.125)["domain_gpu_fields"]
+        is False
+    )
+    tf32 = gpu.math_signature({**gpu.PINNED_MATH, "cudnn_allow_tf32": True})
+    assert gpu_check.gpu_claims(packed_entry([stage], ["cuda"]), {**live, "gpu_math": tf32}, 0.125)["tf32_off"] is False
