@@ -89,6 +89,9 @@ class Ensemble:
             resume: When writable, finish the deletions a crash interrupted before returning:
                 exactly those requests are certified and only their shards retrained
                 (:func:`sisa.unlearn.apply` with ``requests``); deferred requests stay pending.
+                With or without it, a writable open first finishes any erasure a crash cut
+                short (:func:`sisa.unlearn.recover_erasure`: the key file compacted, every
+                pending request's runs re-keyed), so no deleted sample stays decryptable.
             lock_timeout: Seconds to wait for the writer lock (0: fail at once with ``StoreLockedError``).
 
         Raises:
@@ -97,6 +100,8 @@ class Ensemble:
         refuse_config_at_open(config)
         ens = cls._around(Store.open(path, readonly=readonly, lock_timeout=lock_timeout), address)
         try:
+            if not readonly:
+                unlearn.recover_erasure(ens.store)  # no Ray, no retrain: keys only
             if resume and not readonly:
                 unlearn.finish_interrupted(ens.planner)
         except BaseException:
@@ -205,7 +210,7 @@ class Ensemble:
         return self.fit(progress)
 
     def delete(self, ids: Any, *, defer: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-        """Forget samples; returns when the request is durable and (unless ``defer``) the model is clean.
+        """Forget samples; returns when the data is erased from the store and (unless ``defer``) the model is clean.
 
         See :func:`sisa.unlearn.delete` for the steps and the returned certificate.
         """

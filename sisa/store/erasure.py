@@ -7,22 +7,29 @@ re-encrypts the samples left in it (at most 507: the cost of one deleted id's er
 whatever N is), then deletes the old key; compacting the key environment (a few dozen
 bytes per run and per checkpoint) removes the old key's bytes from disk. A retired
 checkpoint's key is deleted the same way. Every step is idempotent: a crash anywhere
-leaves work the next apply (or writable open) finishes.
+leaves work the next writable open finishes (:func:`finish_erasure`).
+
+Two durable records make that so. Before any key is dropped, the bulk store's meta holds
+``keys_compaction_pending``; it is cleared only after the key file was compacted, so a
+crash between the drop and the compaction (the dropped key still in a free page of
+``keys/data.mdb``) is compacted by the next writable open. A survivor that decrypts under
+none of its run's keys (tampered or damaged bytes) cannot be re-encrypted: it is
+*quarantined* (its record and membership removed, the reason kept under the meta's
+``quarantined``) and the erasure goes on, so it never keeps a deleted id's key alive.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
 
-from sisa.errors import IntegrityError
-from sisa.store.records import DIGEST_SIZE, Records, id_key, open_sample, seal_sample
+from sisa.store.records import SEAL_OVERHEAD, Records, id_key, open_sample, seal_sample
 
 if TYPE_CHECKING:
     from sisa.store.keyring import SliceKey
@@ -30,11 +37,25 @@ if TYPE_CHECKING:
 Store = Records  # what these functions use of a store; the database module builds on this one
 Run = tuple[int, int, int]  # (shard, slice, run)
 
-__all__ = ["ErasureReport", "erase", "finish_rotations", "rotate", "runs_of"]
+__all__ = [
+    "COMPACTION_PENDING",
+    "QUARANTINED",
+    "ErasureReport",
+    "erase",
+    "finish_erasure",
+    "finish_rotations",
+    "quarantined",
+    "rotate",
+    "runs_of",
+]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 20_000  # samples re-encrypted per write transaction: bounded dirty pages and memory
+# Bulk meta keys. Set before a key is dropped, cleared after keys/data.mdb was compacted: while it is
+# set, a dropped key may still lie in a free page of the key file.
+COMPACTION_PENDING = "keys_compaction_pending"
+QUARANTINED = "quarantined"  # survivors an erasure could not re-encrypt: list of {id, shard, slice, run, reason, at}
 
 
 @dataclass
@@ -48,6 +69,9 @@ class ErasureReport:
         checkpoint_keys: Keys of retired checkpoints deleted.
         key_file_bytes: Size of the key file before and after its compaction.
         seconds: Wall time of the whole erasure.
+        quarantined: Survivors that decrypted under none of their run's keys, so could not be
+            re-encrypted: ``{"id", "shard", "slice", "run", "reason"}`` each. They are out of
+            the store (record and membership removed); their old key was destroyed anyway.
     """
 
     rotated_slices: list[list[int]] = field(default_factory=list)
@@ -56,17 +80,19 @@ class ErasureReport:
     checkpoint_keys: int = 0
     key_file_bytes: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
 
     def add(self, other: ErasureReport) -> None:
-        """Count ``other``'s rotations in this report."""
+        """Count ``other``'s rotations (and quarantined samples) in this report."""
         pairs = {(p[0], p[1]) for p in [*self.rotated_slices, *other.rotated_slices]}
         self.rotated_slices = [list(p) for p in sorted(pairs)]
         self.rotated_runs += other.rotated_runs
         self.reencrypted += other.reencrypted
+        self.quarantined += other.quarantined
 
 
 def runs_of(requests: Iterable[dict[str, Any]]) -> dict[Run, int]:
@@ -119,9 +145,10 @@ def _rotate(store: Store, wanted: dict[Run, int | None], fresh: bool) -> Erasure
         chosen[run] = [target, *[k for k in keys if k.generation != target.generation]]
     if not chosen:
         return report
-    report.reencrypted = _reencrypt(store, chosen)
+    report.reencrypted, report.quarantined = _reencrypt(store, chosen)
     with store.read() as txn:
         empty = {run for run in chosen if len(store.run_ids(txn, *run)) == 0}
+    _mark_compaction_pending(store)  # durable before any key leaves: a crash after the drop gets compacted
     for run in chosen:
         if run in empty:
             store.keys.drop_run(*run)  # its last samples were deleted: no key is needed
@@ -132,15 +159,20 @@ def _rotate(store: Store, wanted: dict[Run, int | None], fresh: bool) -> Erasure
     return report
 
 
-def _reencrypt(store: Store, chosen: dict[Run, list[SliceKey]]) -> int:
+def _reencrypt(store: Store, chosen: dict[Run, list[SliceKey]]) -> tuple[int, list[dict[str, Any]]]:
     """Re-encrypt every sample of the chosen runs that is not under its run's newest key.
+
+    A sample that decrypts under none of its run's keys is quarantined in the same write
+    transaction that re-encrypts its batch (record and membership removed, the reason
+    appended to the meta's ``quarantined``), never raised: one damaged survivor must not
+    keep the old key, and with it a deleted sample's ciphertext, alive.
 
     Args:
         store: A writable store.
         chosen: (shard, slice, run) -> its keys, the new one first.
 
     Returns:
-        Samples re-encrypted.
+        Samples re-encrypted, and the samples quarantined.
     """
     with store.read() as txn:
         parts = [(store.run_ids(txn, *run), i) for i, run in enumerate(chosen)]
@@ -149,34 +181,71 @@ def _reencrypt(store: Store, chosen: dict[Run, list[SliceKey]]) -> int:
     order = np.argsort(ids, kind="stable")
     ids, which = ids[order], which[order]
     places, keyring = list(chosen), list(chosen.values())
-    done = 0
+    done, bad = 0, []
     for start in range(0, len(ids), _BATCH):
         part = list(zip(ids[start : start + _BATCH].tolist(), which[start : start + _BATCH].tolist(), strict=True))
 
-        def change(txn: lmdb.Transaction, part: list[tuple[int, int]] = part) -> int:
-            samples, n = store.db("samples"), 0
+        def change(txn: lmdb.Transaction, part: list[tuple[int, int]] = part) -> tuple[int, list[dict[str, Any]]]:
+            samples, n, found = store.db("samples"), 0, []
             for sid, w in part:
                 keys = keyring[w]
                 k = id_key(sid)
                 raw = txn.get(k, db=samples)
                 if raw is None:
                     continue
-                body_len = len(raw) - DIGEST_SIZE  # a stream cipher keeps the plaintext's length
-                plain = open_sample(keys[1:], k, raw, body_len)  # the common case: still under an old key
+                body_len = len(raw) - SEAL_OVERHEAD
+                plain = open_sample(keys[1:], places[w], k, raw, body_len)  # the common case: still under an old key
                 if plain is None:
-                    if open_sample(keys[:1], k, raw, body_len) is not None:
+                    if open_sample(keys[:1], places[w], k, raw, body_len) is not None:
                         continue  # already under the new key (a rotation that a crash cut short)
-                    shard, slice_, run = places[w]
-                    raise IntegrityError(
-                        f"sample {sid} (shard {shard} slice {slice_}) in store {store.path} was modified: "
-                        "it decrypts under none of its keys; restore the store from a backup"
-                    )
-                txn.put(k, seal_sample(keys[0].key, k, plain), db=samples)
+                    found.append(_quarantine(store, txn, sid, places[w]))
+                    continue
+                txn.put(k, seal_sample(keys[0], places[w], k, plain), db=samples)
                 n += 1
-            return n
+            if found:
+                store.put_meta(txn, **{QUARANTINED: [*store.meta(txn).get(QUARANTINED, []), *found]})
+            return n, found
 
-        done += store.write(change)
-    return done
+        n, found = store.write(change)
+        done += n
+        bad += found
+    for q in bad:
+        log.error(
+            "quarantined sample %d (shard %d slice %d run %d) of store %s: %s",
+            q["id"],
+            q["shard"],
+            q["slice"],
+            q["run"],
+            store.path,
+            q["reason"],
+        )
+    return done, bad
+
+
+def _quarantine(store: Store, txn: lmdb.Transaction, sid: int, place: Run) -> dict[str, Any]:
+    """Take a survivor that cannot be decrypted out of the store, in the caller's transaction.
+
+    Its bytes are lost already (they decrypt under none of the run's keys), and its old key is
+    about to be destroyed with the deleted samples' ciphertext: its record and membership go,
+    so no training reads it (its shard retrains from its slice at the next fit), and its place
+    and reason are returned for the meta's ``quarantined`` list, the certificate and the log.
+    """
+    shard, slice_, run = place
+    store.remove_member(txn, sid)
+    txn.delete(id_key(sid), db=store.db("samples"))
+    reason = "it decrypts under none of its run's keys (modified or damaged bytes); it was dropped from the store"
+    return {"id": sid, "shard": shard, "slice": slice_, "run": run, "reason": reason, "at": time.time()}
+
+
+def quarantined(store: Store, txn: lmdb.Transaction | None = None) -> list[dict[str, Any]]:
+    """Every sample an erasure quarantined, oldest first (``sisa status`` lists them)."""
+    return list(store.meta(txn).get(QUARANTINED, []))
+
+
+def _mark_compaction_pending(store: Store) -> None:
+    """Record durably, before a key is dropped, that the key file must be compacted."""
+    if not store.meta().get(COMPACTION_PENDING):
+        store.write(lambda txn: store.put_meta(txn, **{COMPACTION_PENDING: True}))
 
 
 def finish_rotations(store: Store) -> ErasureReport:
@@ -186,21 +255,31 @@ def finish_rotations(store: Store) -> ErasureReport:
     return rotate(store, unfinished)
 
 
-def erase(store: Store, requests: Sequence[dict[str, Any]]) -> ErasureReport:
+def erase(
+    store: Store,
+    requests: Sequence[dict[str, Any]],
+    *,
+    done: Callable[[lmdb.Transaction, ErasureReport], None] | None = None,
+) -> ErasureReport:
     """Make the deleted samples and retired checkpoints of ``requests`` unrecoverable (idempotent).
 
     Rotates every run the requests touched (and finishes any rotation a crash cut short),
     deletes the key of every checkpoint the bulk store no longer holds, and compacts the
-    key environment, so the destroyed keys' bytes are on no file.
+    key environment, so the destroyed keys' bytes are on no file. The compaction marker
+    is set before the first key is dropped and cleared, with ``done``, after the compaction.
 
     Args:
         store: A writable store.
-        requests: Journaled deletion requests (pending ones; those already erased are skipped).
+        requests: Journaled deletion requests (pending ones; runs already rotated for them
+            are skipped).
+        done: Called in the write transaction that clears the compaction marker (the
+            journal records the requests' erasure there).
 
     Returns:
         The erasure's report.
     """
     started = time.perf_counter()
+    _mark_compaction_pending(store)
     report = finish_rotations(store)
     # every run the requests touched, in one id-ordered pass over the samples
     report.add(_rotate(store, dict(runs_of(requests)), fresh=False))
@@ -208,11 +287,35 @@ def erase(store: Store, requests: Sequence[dict[str, Any]]) -> ErasureReport:
     report.checkpoint_keys = store.keys.drop_checkpoint_keys(tokens)
     report.key_file_bytes = list(store.keys.compact())
     report.seconds = round(time.perf_counter() - started, 4)
+
+    def finish(txn: lmdb.Transaction) -> None:
+        txn.delete(COMPACTION_PENDING.encode(), db=store.db("meta"))
+        if done is not None:
+            done(txn, report)
+
+    store.write(finish)
     log.info(
-        "erased: %d run(s) re-keyed, %d sample(s) re-encrypted, %d checkpoint key(s) destroyed in %.2fs",
+        "erased: %d run(s) re-keyed, %d sample(s) re-encrypted, %d checkpoint key(s) destroyed, "
+        "%d sample(s) quarantined in %.2fs",
         report.rotated_runs,
         report.reencrypted,
         report.checkpoint_keys,
+        len(report.quarantined),
         report.seconds,
     )
     return report
+
+
+def finish_erasure(store: Store) -> bool:
+    """Compact the key file if a crash came between a key drop and the compaction (a writable open does this).
+
+    Returns:
+        Whether the key file was compacted.
+    """
+    if not store.meta().get(COMPACTION_PENDING):
+        return False
+    finish_rotations(store)  # a drop the crash cut short leaves runs with two keys
+    sizes = store.keys.compact()
+    store.write(lambda txn: txn.delete(COMPACTION_PENDING.encode(), db=store.db("meta")))
+    log.info("compacted the key file of %s (%d -> %d bytes): an erasure was cut short", store.path, *sizes)
+    return True

@@ -1,13 +1,19 @@
-"""Deletion: journal a request, retrain the affected shards from their last clean slice, erase, certify.
+"""Deletion: journal a request, erase it at once, retrain the affected shards later, certify.
 
-Applying a request is the planner's ``fit`` (which retrains exactly the stale stages),
-erasure (which destroys the keys of the deleted samples and retired checkpoints:
-:mod:`sisa.store.erasure`) and a certificate appended to the audit log, in that order;
-each step is idempotent, so a crash anywhere is finished by the next apply.
+Accepting a request is two steps before :func:`delete` returns, deferred or not: the
+journal entry (samples out of the records, checkpoints that saw them retired), then the
+erasure (the runs that held them re-keyed, their old keys destroyed and the key file
+compacted: :mod:`sisa.store.erasure`), recorded in the journal as ``erased_at``. From
+then on the deleted data is unrecoverable from the store. Applying a request is the
+planner's ``fit`` (which retrains exactly the stale stages), a sweep of the keys of the
+checkpoints the retrain retired, and a certificate appended to the audit log, in that
+order. Each step is idempotent, so a crash anywhere is finished by the next writable open
+(:func:`recover_erasure`, then :func:`finish_interrupted`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,15 +22,17 @@ from typing import Any
 import lmdb
 
 from sisa.errors import CoreSetError, DataError, DomainUnavailableError
-from sisa.store.erasure import erase
+from sisa.store.database import Store
+from sisa.store.digests import keyed_hash
+from sisa.store.erasure import ErasureReport, erase, finish_erasure
 from sisa.store.tombstones import deleting_requests
 from sisa.train.domain import domain_id
 from sisa.train.planner import Planner, Progress
 from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
-from sisa.unlearn.journal import mark_applied, pending, record_request
+from sisa.unlearn.journal import mark_applied, mark_erased, pending, record_request, unerased
 
-__all__ = ["apply", "delete", "finish_interrupted"]
+__all__ = ["apply", "delete", "erase_pending", "finish_interrupted", "recover_erasure"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +45,13 @@ def delete(
     progress: Progress | None = None,
     on_journal: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Delete samples: journal durably, then (unless deferred) retrain, erase and certify.
+    """Delete samples: journal and erase durably, then (unless deferred) retrain and certify.
+
+    When this returns, deferred or not, the deleted samples are unrecoverable from the store:
+    the runs that held them were re-keyed, their old keys destroyed and the key file
+    compacted. Only the retrain (and with it the models) waits for :func:`apply`. If the
+    erasure fails (a full disk, say), the request stays journaled and the next writable
+    open erases it.
 
     Re-running a request is how a client retries (after a crash, a kill, a lost Ray
     connection): an id whose deleting request is still pending is not "already deleted";
@@ -51,14 +65,16 @@ def delete(
     Args:
         planner: The planner of a writable store.
         ids: The sample ids to forget.
-        defer: Only journal (ids tombstoned, shards out of service); :func:`apply` later.
+        defer: Journal and erase only (ids tombstoned and erased, shards out of service);
+            the retrain waits for :func:`apply`.
         progress: Called after each retrained stage is committed.
         on_journal: Called once the request is durable (the facade drops its cached models).
 
     Returns:
         The certificate (``state`` ``applied``; of this call's new request, else of the
         newest pending request its ids named), the pending request (``state`` ``pending``,
-        with ``defer``), or, when every id was deleted by an already applied request, a
+        with ``defer``; its ``erased_at`` and ``erasure`` say when and how it was erased),
+        or, when every id was deleted by an already applied request, a
         no-op report (``state`` ``noop``); ``already_deleted`` counts ids deleted by
         earlier requests.
 
@@ -67,6 +83,8 @@ def delete(
         CoreSetError: If an id is in the core set (it trained the shared backbone); nothing is changed.
         ClusterConnectionError: If the Ray cluster cannot be joined (unless ``defer``);
             checked before journaling, so nothing is changed.
+        StoreFullError: If the erasure cannot write (the request stays journaled, and the
+            next writable open erases it).
     """
     wanted = normalize_ids(ids)
     store = planner.store
@@ -110,13 +128,16 @@ def delete(
             on_journal()
         own = request["request_id"]
         log.info("journaled request %d: %d ids, shards %s", own, len(present), list(request["shards"]))
-        if defer:
-            return {**request, "retrained_shards": [int(s) for s in request["shards"]]}
-    elif defer:
-        request = waiting[named[-1]]
-        log.info("ids already journaled by pending request %d; it stays deferred", named[-1])
+    # Erased now, deferred or not: the retrain may wait, the erasure does not. This also erases a
+    # pending request whose erasure a crash cut short (a retried deletion names it).
+    erase_pending(store)
+    if defer:
+        rid = own if own is not None else named[-1]
+        if own is None:
+            log.info("ids already journaled by pending request %d; it stays deferred", rid)
+        request = next(r for r in pending(store) if r["request_id"] == rid)
         return {**request, "retrained_shards": [int(s) for s in request["shards"]]}
-    else:
+    if own is None:
         log.info("finishing pending request(s) %s named by a repeated deletion", named)
     interrupted = [rid for rid, r in waiting.items() if not r["defer"]]
     chosen = sorted({*named, *interrupted, *([own] if own is not None else [])})
@@ -140,8 +161,9 @@ def apply(
     removed them; that deferred request stays pending, and the apply that later takes it
     finds its shards retrained (nothing to train) and certifies it. Shards touched only by
     requests left pending stay as their journal left them (out of service under
-    ``exclude``). The erasure re-keys the runs of every pending request, deferred ones
-    too, so the bytes of every journaled id are unrecoverable after any apply.
+    ``exclude``). Every pending request was erased when it was accepted (a request whose
+    erasure a crash cut short is erased first, before any retrain); after the retrain,
+    the keys of the checkpoints it retired are destroyed and the key file compacted.
 
     Args:
         planner: The planner of a writable store.
@@ -171,21 +193,25 @@ def apply(
     if not chosen:
         return []
     started = time.time()
+    erase_pending(store)  # a request whose erasure a crash cut short: erased before anything waits on Ray
     shards = None if requests is None else sorted({int(s) for r in chosen for s in r["shards"]})
     try:
         report = planner.fit(progress, shards=shards, refresh_backbone=False)
     except DomainUnavailableError as exc:
-        # resources.on_missing_domain: refuse. The requests stay journaled (their ids are gone and
-        # their shards out of service); say so, and how they get applied.
+        # resources.on_missing_domain: refuse. The requests stay journaled (their samples erased, their
+        # shards' models not retrained yet); say so, and how they get applied.
         ids = ", ".join(str(r["request_id"]) for r in chosen)
         raise DomainUnavailableError(
-            f"{exc}. Deletion request(s) {ids} stay pending: their samples are already removed and the shards "
-            "that held them are out of service; `sisa apply` finishes them once such a node is available"
+            f"{exc}. Deletion request(s) {ids} stay pending: their samples are erased from the store (runs "
+            "re-keyed, old keys destroyed), but the shards that held them are not retrained yet (out of service, "
+            "or serving per unlearn.policy); `sisa apply` finishes them once such a node is available"
         ) from exc
-    # Every pending request, deferred ones too: their samples are already out of the records, and
-    # after any apply none of the journaled ids' bytes may be recoverable.
-    erasure = erase(store, pending(store))
+    # The retrain retired checkpoints (a stale or interim model's, say): destroy their keys. The runs of
+    # every pending request were re-keyed when it was accepted; erase() finds them done and skips them.
+    sweep = erase(store, pending(store))
     secret = store.secret()
+    journal = {r["request_id"]: r for r in pending(store)}  # with the erasure each one recorded
+    erasure = _batch_erasure([journal.get(r["request_id"], r) for r in chosen], sweep, secret)
 
     def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         live = store.live(txn)
@@ -223,7 +249,9 @@ def apply(
                 "policy": request["policy"],
                 "retrained_shards": sorted(int(s) for s in shards),
                 "shards": shards,
-                "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "erasure": erasure.to_dict()},
+                # when this request's samples became unrecoverable from the store (its erasure, at acceptance)
+                "erased_at": journal.get(request["request_id"], request).get("erased_at"),
+                "batch": {"requests": len(chosen), "retrain_seconds": report.seconds, "erasure": erasure},
                 # where the retrain ran: "local" (this machine, no Ray), "ray", or None (nothing to train)
                 "runner": report.runner,
             }
@@ -251,12 +279,82 @@ def _rebind(info: dict[str, Any], live: dict[str, Any] | None, rebound: dict[str
     return {"rebound": True, "from_slice": 1, "restart_stage": 0, "rebind_reason": reason}
 
 
+def erase_pending(store: Store) -> ErasureReport | None:
+    """Erase every pending request whose erasure has not finished, and record it in the journal.
+
+    Runs already re-keyed for a request are skipped (:func:`~sisa.store.erasure.erase` is
+    idempotent), so this finishes whatever a crash left.
+
+    Returns:
+        The erasure's report, or None when every pending request was erased already.
+    """
+    todo = unerased(store)
+    if not todo:
+        return None
+    secret = store.secret()
+    ids = [r["request_id"] for r in todo]
+
+    def record(txn: lmdb.Transaction, report: ErasureReport) -> None:
+        mark_erased(store, txn, ids, time.time(), _public(report, secret))
+
+    report = erase(store, todo, done=record)
+    log.info("erased request(s) %s: their samples are unrecoverable from %s", ids, store.path)
+    return report
+
+
+def recover_erasure(store: Store) -> None:
+    """Finish what a crash cut short of an erasure: what every writable open does, before anything else.
+
+    Compacts the key file if a key was dropped but the file not compacted, and erases every
+    pending request (deferred ones too) whose erasure did not finish. No retrain: that is
+    :func:`finish_interrupted`'s.
+    """
+    finish_erasure(store)
+    erase_pending(store)
+
+
+def _public(report: ErasureReport, secret: bytes) -> dict[str, Any]:
+    """An erasure's report as a certificate or the journal holds it: quarantined samples by keyed hash."""
+    out = report.to_dict()
+    out["quarantined"] = [
+        {"id_hash": keyed_hash(secret, q["id"]), **{k: q[k] for k in ("shard", "slice", "run", "reason")}}
+        for q in report.quarantined
+    ]
+    return out
+
+
+def _batch_erasure(requests: Sequence[dict[str, Any]], sweep: ErasureReport, secret: bytes) -> dict[str, Any]:
+    """What a batch's certificate says its erasure did: the requests' erasures at acceptance, plus the sweep.
+
+    One erasure can cover several requests (a crash recovered), so each distinct report counts once.
+    """
+    total = _public(sweep, secret)
+    seen: set[str] = set()
+    for request in requests:
+        part = request.get("erasure")
+        key = json.dumps(part, sort_keys=True)
+        if not part or key in seen:
+            continue
+        seen.add(key)
+        pairs = {tuple(p) for p in [*total["rotated_slices"], *part["rotated_slices"]]}
+        total["rotated_slices"] = [list(p) for p in sorted(pairs)]
+        for name in ("rotated_runs", "reencrypted", "checkpoint_keys"):
+            total[name] += part[name]
+        total["seconds"] = round(total["seconds"] + part["seconds"], 4)
+        total["quarantined"] = [*part["quarantined"], *total["quarantined"]]
+    return total
+
+
 def finish_interrupted(planner: Planner) -> list[dict[str, Any]]:
     """Apply exactly the requests a crash interrupted (pending, not deferred); what opening a store does.
+
+    First finishes any erasure a crash cut short (:func:`recover_erasure`), deferred
+    requests' too, so no journaled id stays decryptable while a retrain waits.
 
     Returns:
         Their certificates (none when nothing was interrupted).
     """
+    recover_erasure(planner.store)
     interrupted = [r["request_id"] for r in pending(planner.store) if not r["defer"]]
     if not interrupted:
         return []

@@ -2,8 +2,10 @@
 
 A request is one fsync'd LMDB transaction that removes the samples, tombstones their
 keyed hashes, drops every checkpoint whose manifest holds them and takes the affected
-shards out of service (per ``unlearn.policy``). Everything after it is idempotent, so a
-crash anywhere is finished by the next apply.
+shards out of service (per ``unlearn.policy``). Its erasure (the touched runs re-keyed,
+the old keys destroyed) follows at once and is recorded as ``erased_at``; the retrain
+may wait. Everything after the journal entry is idempotent, so a crash anywhere is
+finished by the next writable open.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sisa.store.digests import keyed_hash
 from sisa.store.records import id_key, shard_key, stage_key
 from sisa.train.domain import domain_id
 
-__all__ = ["mark_applied", "pending", "record_request", "requests"]
+__all__ = ["mark_applied", "mark_erased", "pending", "record_request", "requests", "unerased"]
 
 
 def requests(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
@@ -34,6 +36,11 @@ def pending(store: Store) -> list[dict[str, Any]]:
     """Requests journaled but not yet applied, oldest first."""
     with store.read() as txn:
         return [r for r in requests(store, txn) if r["state"] == "pending"]
+
+
+def unerased(store: Store) -> list[dict[str, Any]]:
+    """Pending requests whose erasure has not finished (a crash cut it short), oldest first."""
+    return [r for r in pending(store) if not r.get("erased_at")]
 
 
 def record_request(
@@ -112,6 +119,7 @@ def record_request(
         "id_hashes": sorted(keyed_hash(secret, sid) for sid in ids),
         "deleted": len(ids),
         "shards": shards,
+        "erased_at": None,  # set once the runs are re-keyed and the old keys gone from every file
         **meta,
     }
     txn.put(struct.pack(">Q", request_id), json.dumps(request, sort_keys=True).encode(), db=store.db("requests"))
@@ -119,7 +127,39 @@ def record_request(
 
 
 def mark_applied(store: Store, txn: lmdb.Transaction, request: dict[str, Any], applied_at: float) -> None:
-    """Record in the journal that ``request`` was applied (in the caller's write transaction)."""
-    updated = {**request, "state": "applied", "applied_at": applied_at}
+    """Record in the journal that ``request`` was applied (in the caller's write transaction).
+
+    The stored request is read again in ``txn``: its erasure may have been recorded after
+    the caller listed it.
+    """
+    raw = txn.get(struct.pack(">Q", request["request_id"]), db=store.db("requests"))
+    stored = json.loads(bytes(raw)) if raw is not None else request
+    updated = {**stored, "state": "applied", "applied_at": applied_at}
     value = json.dumps(updated, sort_keys=True).encode()
     txn.put(struct.pack(">Q", request["request_id"]), value, db=store.db("requests"))
+
+
+def mark_erased(
+    store: Store, txn: lmdb.Transaction, request_ids: Sequence[int], erased_at: float, erasure: dict[str, Any]
+) -> None:
+    """Record that the requests' erasure finished (in the caller's write transaction).
+
+    Each request is read again in ``txn``, so a field written since it was listed is kept.
+
+    Args:
+        store: A writable store.
+        txn: The write transaction that clears the key file's compaction marker.
+        request_ids: The requests the erasure covered.
+        erased_at: When the key file was compacted (their old keys gone from every file).
+        erasure: The erasure's report, as certificates hold it (no raw id).
+    """
+    for request_id in request_ids:
+        key = struct.pack(">Q", request_id)
+        raw = txn.get(key, db=store.db("requests"))
+        if raw is None:
+            continue
+        request = json.loads(bytes(raw))
+        if request.get("erased_at"):
+            continue
+        request.update(erased_at=erased_at, erasure=erasure)
+        txn.put(key, json.dumps(request, sort_keys=True).encode(), db=store.db("requests"))

@@ -512,7 +512,7 @@ path, snapshot, victim = sys.argv[1], sys.argv[2], int(sys.argv[3])
 real_compact = sisa.store.keyring.KeyRing.compact
 
 def compact_on_a_full_disk(self):
-    # Retrained and re-keyed; the old key's bytes are still in the key file's free pages. Keep
+    # Journaled and re-keyed (before any retrain); the old key's bytes are in the key file's free pages. Keep
     # the file as it is now, then let no file grow past 4 KiB: the compacted copy cannot be written.
     shutil.copyfile(self.path / "data.mdb", snapshot)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
@@ -573,7 +573,7 @@ def test_a_deletion_whose_key_file_cannot_be_compacted_stays_pending_until_resum
         assert [r["request_id"] for r in ens.pending()] == [waiting["request_id"]]
         done = ens.resume()
         assert [c["request_id"] for c in done["applied"]] == [waiting["request_id"]]
-        assert done["trained"] == {}  # the retrain was finished before the disk filled up
+        assert done["trained"] == {}  # apply retrained the shard; fit after it found nothing left
         assert ens.pending() == []
         assert live_state(ens) == expected
         audit = ens.audit()

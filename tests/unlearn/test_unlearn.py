@@ -520,8 +520,8 @@ def test_apply_of_requests_that_are_not_pending_is_refused(ens: Ensemble) -> Non
 
 
 def test_a_run_emptied_by_a_deferred_deletion_and_refilled_before_apply_is_still_erased(tmp_path: Path) -> None:
-    # Every id of one run deleted (deferred), then new samples land in the same slice before apply: they
-    # get the emptied run's number and, until apply, its old key. The apply must still destroy that key.
+    # Every id of one run deleted (deferred): its key is destroyed before delete returns. New samples that
+    # land in the same slice before apply get the emptied run's number under a fresh key, and still load.
     ens = make(tmp_path / "st")
     with ens.store.read() as txn:
         run = ens.store.place(txn, 0)
@@ -529,13 +529,13 @@ def test_a_run_emptied_by_a_deferred_deletion_and_refilled_before_apply_is_still
         members = [int(i) for i in ens.store.run_ids(txn, *run)]
     _, old_keys = sample_evidence(ens, members[0])
     ens.delete(members, defer=True)
+    assert all(files_containing(ens.path, k) == [] for k in old_keys)  # erased when accepted, deferred or not
     rng = np.random.default_rng(1)
     extra_x, extra_y = rng.normal(size=(400, 10)).astype(np.float32), rng.integers(0, 3, 400)
     ens.ingest(extra_x, extra_y, ids=np.arange(10_000, 10_400))
     with ens.store.read() as txn:
         refilled = [i for i in range(10_000, 10_400) if ens.store.place(txn, i) == run]
     assert refilled  # the emptied run's number came back
-    assert all(files_containing(ens.path, k) for k in old_keys)  # not erased before apply (deferred)
     ens.apply()
     assert all(files_containing(ens.path, k) == [] for k in old_keys)
     with ens.store.read() as txn:  # the new samples were re-encrypted under the run's new key and load
@@ -548,7 +548,7 @@ def test_a_run_emptied_by_a_deferred_deletion_and_refilled_before_apply_is_still
 # The certificate's fields, as the README lists them: a new field is documented before it is certified.
 CERTIFICATE_FIELDS = {
     "request_id", "state", "requested_at", "applied_at", "seconds", "apply_seconds", "id_hashes", "deleted",
-    "already_deleted", "policy", "retrained_shards", "runner", "audit_seq", "shards", "batch",
+    "already_deleted", "policy", "retrained_shards", "runner", "audit_seq", "shards", "batch", "erased_at",
 }  # fmt: skip
 SHARD_FIELDS = {
     "from_slice", "restart_stage", "removed_checkpoints", "new_checkpoints", "live_checkpoint", "live_weights",
@@ -556,7 +556,9 @@ SHARD_FIELDS = {
     "compute_seconds",
 }  # fmt: skip
 BATCH_FIELDS = {"requests", "retrain_seconds", "erasure"}
-ERASURE_FIELDS = {"rotated_slices", "rotated_runs", "reencrypted", "checkpoint_keys", "key_file_bytes", "seconds"}
+ERASURE_FIELDS = {
+    "rotated_slices", "rotated_runs", "reencrypted", "checkpoint_keys", "key_file_bytes", "seconds", "quarantined",
+}  # fmt: skip
 
 
 def _values(obj: object) -> list[object]:
