@@ -57,6 +57,10 @@ def print_status(result: dict[str, Any]) -> None:
     # "checkpoint key": the content address of the live stage (recipe, ids, domain), not the digest of
     # its weights, which `sisa verify` shows as "weights digest".
     print(table(["shard", "samples", "per slice", "stages", "live checkpoint key", "domain", "serving"], rows))
+    for q in result.get("quarantined", []):
+        print(f"quarantined sample {q['id']} (shard {q['shard']} slice {q['slice']} run {q['run']}): {q['reason']}")
+    if result.get("key_compaction_pending"):
+        print("an erasure was cut short: the next writable open compacts the key file")
 
 
 def _serving(shard: dict[str, Any]) -> str:
@@ -75,11 +79,17 @@ def print_certificate(cert: dict[str, Any]) -> None:
     if cert["state"] == "noop":
         print(f"nothing to do: {cert['already_deleted']} id(s) were already deleted")
         return
-    what = "journaled (deferred; run `sisa apply`)" if cert["state"] == "pending" else "applied"
+    what = "erased, retrain deferred (run `sisa apply`)" if cert["state"] == "pending" else "applied"
     print(
         f"request {cert['request_id']} {what}: {cert['deleted']} sample(s) deleted, "
         f"{cert['already_deleted']} already deleted before"
     )
+    erasure = cert.get("erasure") or cert.get("batch", {}).get("erasure") or {}
+    for q in erasure.get("quarantined", []):
+        print(
+            f"quarantined a sample that failed to decrypt (id hash {q['id_hash'][:16]}, shard {q['shard']} "
+            f"slice {q['slice']}): {q['reason']}; `sisa status` names it"
+        )
     rows = [
         [
             k,

@@ -75,6 +75,10 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         "backbone": backbone,
         "trained_shards": len(live),
         "per_shard": shards,
+        # survivors an erasure could not re-encrypt (damaged bytes): dropped from the store, named here
+        "quarantined": list(meta.get("quarantined", [])),
+        # a key was dropped but keys/data.mdb not compacted yet (the next writable open compacts it)
+        "key_compaction_pending": bool(meta.get("keys_compaction_pending")),
     }
 
 
