@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from sisa.errors import IntegrityError, StoreError, StoreLockedError
+from sisa.errors import StoreError, StoreLockedError
 from sisa.store import environment
+from sisa.store import secret as secret_file
 from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.keyring import KEY_DIR, KeyRing
 from sisa.store.records import TABLES, Records, id_key, run_key, shard_key, stage_key
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 # keys/ (erasure destroys keys), samples in their native dtype.
 FORMAT_VERSION = 3
 _LOCK_NAME = "writer.lock"
-_SECRET_NAME = "hmac.key"  # per-store HMAC secret for keyed hashes of ids and the audit chain
 
 T = TypeVar("T")
 
@@ -144,18 +144,14 @@ class Store(Records):
         if secret is not None and len(secret) != 32:
             raise StoreError(f"an HMAC secret has 32 bytes, not {len(secret)}")
         cls.check_new_path(p)
+        secret_file.preflight(secret)  # a bad SISA_SECRET_FILE fails before anything is written
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(p, 0o700)
         fd = cls._lock(p)
-        fd_secret = os.open(p / _SECRET_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd_secret, os.urandom(32) if secret is None else secret)
-            os.fsync(fd_secret)
-        finally:
-            os.close(fd_secret)
+        where = secret_file.create(p, secret)  # hmac.key here, or the file SISA_SECRET_FILE names
         store = cls(p, cls._open_env(p, readonly=False, create=True), fd)
         store._keyring = KeyRing(p, readonly=False, create=True)
-        store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta}))
+        store.write(lambda txn: store._put_meta(txn, {"format": FORMAT_VERSION, **meta, "secret": where}))
         return store
 
     @staticmethod
@@ -271,18 +267,14 @@ class Store(Records):
             self._lock_fd = None
 
     def secret(self) -> bytes:
-        """The store's 32-byte HMAC secret (file ``hmac.key``, owner-only).
+        """The store's 32-byte HMAC secret: ``hmac.key`` (owner-only), or the file ``SISA_SECRET_FILE`` names.
 
         Raises:
-            IntegrityError: If the file is missing or has the wrong size.
+            IntegrityError: If the store's ``hmac.key`` is missing or has the wrong size.
+            ConfigError: If the store keeps its secret outside and ``SISA_SECRET_FILE`` is
+                unset, unreadable or another store's (see :mod:`sisa.store.secret`).
         """
-        try:
-            key = (self.path / _SECRET_NAME).read_bytes()
-        except OSError as exc:
-            raise IntegrityError(f"store {self.path}: its HMAC secret {_SECRET_NAME} cannot be read ({exc})") from exc
-        if len(key) != 32:
-            raise IntegrityError(f"store {self.path}: its HMAC secret {_SECRET_NAME} is corrupt")
-        return key
+        return secret_file.read(self.path, self.meta().get("secret"))
 
     @property
     def writable(self) -> bool:
