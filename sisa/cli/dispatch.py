@@ -36,6 +36,7 @@ _HANDLERS = {
     "resume": ("sisa.cli.cmd_unlearn", "cmd_resume"),
     "verify": ("sisa.cli.cmd_unlearn", "cmd_verify"),
     "evaluate": ("sisa.cli.evaluate", "cmd_evaluate"),
+    "serve": ("sisa.cli.cmd_serve", "cmd_serve"),
 }
 # Commands that change a store: what an interruption leaves, and how to finish it, is theirs to say.
 _WRITERS = ("train", "delete", "apply", "add", "resume")

@@ -47,6 +47,7 @@ COMMANDS = (
     "compact",
     "migrate",
     "evaluate",
+    "serve",
 )
 # What a warm worker takes (:mod:`sisa.cli.worker`): the small training jobs. ``train`` creates stores
 # and trains every shard, where a few seconds of start-up do not matter.
@@ -193,7 +194,49 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     mi.add_argument("--to", required=True, metavar="DIR", help="new directory for the migrated store")
 
     _add_evaluate(sub)
+    _add_serve(sub, common, ray_opt)
     return parser
+
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser, ray_opt: argparse.ArgumentParser) -> None:
+    """``sisa serve``: its flags here (light), its work in :mod:`sisa.cli.cmd_serve`."""
+    se = sub.add_parser(
+        "serve",
+        parents=[common, ray_opt],
+        help="serve the ensemble over HTTP with Ray Serve; replicas follow every deletion (until SIGTERM / Ctrl-C)",
+    )
+    se.add_argument("--host", default="127.0.0.1", help="HTTP host of Ray Serve's proxy (default 127.0.0.1)")
+    se.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    se.add_argument("--replicas", type=int, default=1, help="number of replicas (default 1)")
+    se.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least this many replicas")
+    se.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most this many replicas")
+    se.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    se.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    se.add_argument(
+        "--policy",
+        choices=["exclude", "serve-clean", "serve-stale"],
+        default=None,
+        help="while a deletion is pending, answer only with clean models (exclude), also the clean earlier slice's "
+        "(serve-clean), or whatever the store serves (serve-stale; default: the store's own, set at delete time)",
+    )
+    se.add_argument("--name", default="sisa", help="Ray Serve application name (default sisa)")
+    se.add_argument("--route-prefix", default="/", help="route prefix of the application (default /)")
+    se.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MB (default 16; 413 above)")
+    se.add_argument(
+        "--lease",
+        type=_seconds,
+        default=15.0,
+        metavar="SECONDS",
+        help="a replica that cannot reach the store's publisher this long stops answering (default 15)",
+    )
+    se.add_argument(
+        "--await-replicas",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="start nothing: wait until every replica of the running application serves the store as it is now "
+        "(after a delete, say), up to SECONDS; exit 0 when confirmed, 1 on timeout",
+    )
 
 
 def _add_evaluate(sub: Any) -> None:

@@ -27,7 +27,7 @@ from sisa.train.backbone import Backbone, load_stored
 from sisa.train.trainer import load_checkpoint
 from sisa.unlearn.journal import requests
 
-__all__ = ["Serving", "dataset_features"]
+__all__ = ["Serving", "checked_inputs", "dataset_features"]
 
 
 def _is_dataset(x: Any) -> bool:
@@ -61,6 +61,30 @@ def dataset_features(ds: Any) -> np.ndarray:
     if not rows:
         raise DataError("the Dataset to predict on is empty; give at least one sample")
     return np.stack(rows)
+
+
+def checked_inputs(xa: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+    """Features ``xa`` as the float32 model inputs of a store whose metadata is ``meta``.
+
+    Shared by in-process prediction and the Ray Serve replicas (:mod:`sisa.serve.app`), which hold
+    a copy of the store's metadata and never the store: both refuse the same inputs alike.
+
+    Raises:
+        DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
+    """
+    stored = meta.get("feature_shape")
+    shape = tuple(stored) if stored is not None else None
+    if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
+        raise DataError(f"inputs must be numeric features, not {xa.dtype}; convert them (e.g. x.astype(np.float32))")
+    if shape is not None and tuple(xa.shape[1:]) != shape:
+        raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
+    with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
+        # Integers are raw values, scaled as a shard's samples are; floats are model inputs.
+        xf = request_inputs(xa, meta.get("feature_scale"), meta.get("feature_dtype"))
+    bad = int((~np.isfinite(xf)).sum())
+    if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
+        raise DataError(f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first")
+    return torch.from_numpy(xf)
 
 
 class Serving:
@@ -160,25 +184,8 @@ class Serving:
         Raises:
             DataError: If the inputs are not numeric, hold NaN/inf, or the sample shape differs.
         """
-        meta = self._store.meta()
-        stored = meta.get("feature_shape")
-        shape = tuple(stored) if stored is not None else None
         xa = x.x if isinstance(x, LabeledArrays) else dataset_features(x) if _is_dataset(x) else to_numpy(x)
-        if xa.dtype.kind not in "iuf":  # bool, str, object: as ingest refuses them
-            raise DataError(
-                f"inputs must be numeric features, not {xa.dtype}; convert them (e.g. x.astype(np.float32))"
-            )
-        if shape is not None and tuple(xa.shape[1:]) != shape:
-            raise DataError(f"inputs have sample shape {tuple(xa.shape[1:])}, the ensemble expects {shape}")
-        with np.errstate(over="ignore"):  # overflow becomes inf and is reported below
-            # Integers are raw values, scaled as a shard's samples are; floats are model inputs.
-            xf = request_inputs(xa, meta.get("feature_scale"), meta.get("feature_dtype"))
-        bad = int((~np.isfinite(xf)).sum())
-        if bad:  # a NaN input gives NaN scores whose argmax is class 0: refuse, do not guess
-            raise DataError(
-                f"inputs hold {bad} NaN/inf value(s) (after float32 conversion); clean or impute them first"
-            )
-        return torch.from_numpy(xf)
+        return checked_inputs(xa, self._store.meta())
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
         """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
