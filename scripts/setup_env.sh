@@ -43,6 +43,33 @@ PY
   touch "$extras/.installed-ray-$ray_version"
 fi
 
+# Ray Serve's own packages (what `ray[serve]` adds beyond ray[default], without numpy: the venv's stays) for
+# `sisa serve` and its tests (tests/serve). Beside the venv for the same reason as the dashboard's: in it, every local
+# ray.init() would start the full dashboard agent. sisa.serve.deps puts this folder on the path of `sisa serve`.
+serve_dir=.venv/ray-serve
+if [ ! -f "$serve_dir/.installed-ray-$ray_version" ]; then
+  rm -rf "$serve_dir"
+  mapfile -t reqs < <(.venv/bin/python - <<'PY'
+import importlib.metadata as m
+from packaging.requirements import Requirement
+def extra(name):
+    out = {}
+    for text in m.requires("ray") or []:
+        req = Requirement(text)
+        if req.marker and req.marker.evaluate({"extra": name}) and not req.marker.evaluate({"extra": ""}):
+            req.marker = None
+            out[req.name.lower()] = str(req)
+    return out
+default = extra("default")
+for name, req in extra("serve").items():
+    if name not in default and name != "numpy":
+        print(req)
+PY
+)
+  .venv/bin/pip install -q --target "$serve_dir" "${reqs[@]}"
+  touch "$serve_dir/.installed-ray-$ray_version"
+fi
+
 # Fashion-MNIST from Debian when possible; otherwise sisa downloads it and checks its sha256.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] \
    && command -v apt-get >/dev/null; then
