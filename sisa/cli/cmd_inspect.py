@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sisa.cli.inputs import load_command_config, open_writer
 from sisa.cli.render import print_audit, print_eval, print_pending, print_status
 from sisa.data.loaders import LabeledArrays, load_split
 from sisa.ensemble import Ensemble
-from sisa.errors import DataError
+from sisa.errors import DataError, StoreLockedError
 
 __all__ = [
     "CheckFailed",
@@ -158,15 +162,65 @@ def cmd_compact(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> dict[str, Any]:
-    """Copy a format-2 store into a new format-3 directory (the old one is only read)."""
+    """Copy a store of an older format into a new directory; with ``--remove-source``, delete the old one after.
+
+    The old directory still holds every sample it held (a format-2 store in plaintext), so the
+    output says so. ``--remove-source`` holds the old store's writer lock from before the copy
+    (no process may write it meanwhile) and removes it only after the migration succeeded.
+    """
     from sisa.store.migrate import migrate  # rarely used: keep it off the start-up path
 
-    result = migrate(args.store, args.to).to_dict()
+    source = Path(args.store)
+    lock = _lock_source(source) if args.remove_source else None
+    try:
+        result = migrate(source, args.to).to_dict()
+        result["source_removed"] = False
+        if lock is not None:
+            shutil.rmtree(source)
+            result["source_removed"] = True
+    finally:
+        if lock is not None:
+            os.close(lock)
+    held = (
+        "its samples in plaintext (format 2)"
+        if result.get("source_format") == 2
+        else "every sample, decryptable with the keys beside them"
+    )
     if not args.json:
         form = result["feature_dtype"] + ("" if result["feature_scale"] is None else f" / {result['feature_scale']:g}")
         print(
             f"migrated {result['samples']} samples ({form}) and {result['checkpoints']} checkpoints into "
-            f"{result['target']}: {result['bytes_before']:,} -> {result['bytes_after']:,} bytes; "
-            f"{result['source']} is unchanged. Use --store {result['target']} from now on"
+            f"{result['target']}: {result['bytes_before']:,} -> {result['bytes_after']:,} bytes. "
+            f"Use --store {result['target']} from now on"
         )
+        if result["source_removed"]:
+            print(
+                f"removed {result['source']}, which held {held}; its files are unlinked, not overwritten: "
+                "their blocks stay on the disk until reused (an encrypted volume is what makes them unreadable)"
+            )
+        else:
+            print(
+                f"{result['source']} is unchanged and still holds {held}: once the new store works, remove it "
+                "(run the migration with --remove-source, or delete the directory yourself)"
+            )
     return result
+
+
+def _lock_source(path: Path) -> int | None:
+    """Take the old store's writer lock for the migration and removal (None: not a store; migrate says so).
+
+    Raises:
+        StoreLockedError: If another process holds it (nothing is copied or removed).
+    """
+    if not (path / "data.mdb").is_file():
+        return None
+    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(
+            f"store {path} is in use by another process: nothing was migrated or removed; stop it and run the "
+            "migration again"
+        ) from None
+    return fd

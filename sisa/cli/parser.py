@@ -192,6 +192,12 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         "migrate", parents=[common], help="copy a store of the previous format (2) into a new directory"
     )
     mi.add_argument("--to", required=True, metavar="DIR", help="new directory for the migrated store")
+    mi.add_argument(
+        "--remove-source",
+        action="store_true",
+        help="delete the old directory once the migration succeeded (it still holds every sample; format 2 in "
+        "plaintext); its writer lock is held from the start, so no process writes it meanwhile",
+    )
 
     _add_evaluate(sub)
     _add_serve(sub, common, ray_opt)
