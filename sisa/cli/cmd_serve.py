@@ -77,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sisa.serve.client import stop_publisher
 
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # One HTTP proxy, on the head node: --host/--port name one address (on a cluster of several
+        # nodes on one machine, a proxy per node would contend for it).
+        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=args.name, route_prefix=args.route_prefix, blocking=False)
     except SisaError:
         stop_publisher(args.store)

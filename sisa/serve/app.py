@@ -114,9 +114,16 @@ class SisaEnsemble:
 
     def info(self) -> dict[str, Any]:
         """The version and state this replica serves, its id and how many swaps it made."""
+        import os
+
+        import ray
+
         view = self._follower.view()
         return {
             "replica": self._follower.id,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "publisher_pid": self._follower.publisher_pid,
             "version": view.version,
             "state": view.digest,
             "swaps": self._follower.swaps,
@@ -131,8 +138,10 @@ class SisaEnsemble:
                 return JSONResponse(self.info())
             except StaleReplicaError as exc:
                 return _error(503, str(exc))
+        if path == "await" and request.method == "GET":
+            return await self._await(request.query_params.get("timeout", "30"))
         if path != "predict":
-            return _error(404, f"no such endpoint {request.url.path!r}; POST /predict or GET /info")
+            return _error(404, f"no such endpoint {request.url.path!r}; POST /predict, GET /info or GET /await")
         if request.method != "POST":
             return _error(405, f"/predict takes POST, not {request.method}")
         body = await self._body(request)
@@ -149,6 +158,17 @@ class SisaEnsemble:
         except (NotTrainedError, StaleReplicaError) as exc:
             return _error(503, str(exc))
         return JSONResponse(result)
+
+    async def _await(self, timeout: str) -> JSONResponse:
+        """``GET /await?timeout=S``: 200 once every replica serves the store as it is now, 504 if not within S."""
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            return _error(400, f"timeout must be a number of seconds, got {timeout!r}")
+        if not 0 < seconds <= 600:
+            return _error(400, f"timeout must be in (0, 600] seconds, got {seconds:g}")
+        result = await asyncio.get_running_loop().run_in_executor(None, self._follower.confirm, seconds)
+        return JSONResponse(result, status_code=200 if result["ok"] else 504)
 
     async def _body(self, request: Request) -> bytes | JSONResponse:
         """The body, or 413 as soon as it is known to exceed the limit (never read whole into memory)."""

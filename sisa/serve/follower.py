@@ -50,6 +50,7 @@ class Follower:
         self._heard = 0.0  # monotonic send time of the last poll that was answered
         self._closed = threading.Event()
         self.swaps = 0
+        self.publisher_pid = 0  # the process of the publisher that sent the current view
         deadline = time.monotonic() + first_timeout
         error: Exception | None = None
         while self._view is None:
@@ -89,6 +90,7 @@ class Follower:
         blobs = dict(zip(missing, ray.get(list(missing.values())), strict=True)) if missing else {}
         self._view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache)  # the swap
         self.swaps += 1
+        self.publisher_pid = int(reply.get("pid", 0))
         log.info("%s serves version %d (state %s)", self.id, reply["version"], reply["digest"])
 
     def _run(self) -> None:
@@ -116,6 +118,17 @@ class Follower:
                 "does not answer, since a deletion may have retired its models; it answers again once it reconnects"
             )
         return self._view
+
+    def confirm(self, timeout: float) -> dict[str, Any]:
+        """Ask the publisher to read the store now and wait until every replica serves that state.
+
+        See :meth:`sisa.serve.publisher.StorePublisher.confirm` for the result.
+        """
+        import ray
+
+        publisher = self._publisher()
+        version = ray.get(publisher.refresh.remote(), timeout=timeout + 30)
+        return dict(ray.get(publisher.confirm.remote(version, timeout), timeout=timeout + 30))
 
     def close(self) -> None:
         """Stop following and tell the publisher this replica left."""

@@ -101,7 +101,13 @@ class StorePublisher:
             self._version = max(self._version + 1, time.time_ns())
             self._digest = digest
             self._refs = refs  # models no longer live are dropped here (their objects freed once unborrowed)
-            self._publication = {"version": self._version, "digest": digest, "state": state, "refs": refs}
+            self._publication = {
+                "version": self._version,
+                "digest": digest,
+                "state": state,
+                "refs": refs,
+                "pid": os.getpid(),
+            }
             self._published_at[self._version] = time.time()
             self._cond.notify_all()
         log.info("published version %d (state %s, %d shards)", self._version, digest, len(state["shards"]))
@@ -169,7 +175,7 @@ class StorePublisher:
                 "version": self._version,
                 "digest": self._digest,
                 "store": str(self._store.path),
-                "node_pid": os.getpid(),
+                "pid": os.getpid(),
                 "shards": [dict(e) for e in self._publication.get("state", {}).get("shards", [])],
                 "replicas": {
                     r: {"version": int(v["version"]), "age_s": now - v["seen"]} for r, v in self._replicas.items()

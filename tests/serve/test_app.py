@@ -1,0 +1,232 @@
+"""``sisa serve`` for real: its own local Ray, Ray Serve replicas, HTTP on loopback, deletions from this process.
+
+One store and one ``sisa serve --replicas 2`` process for the module (starting Serve costs
+tens of seconds on 2 cores). Deletions are made here through a writable ``Ensemble`` (no Ray:
+``address="local"``) while closed-loop clients load the service; ``sisa serve --await-replicas``
+confirms that every replica serves the store as it is after the deletion, and the soak's
+provenance checker (``scripts/soak.py``: ``served_retired``) replays every response's provenance
+against the checkpoints each deletion retired.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, small_config
+from tests.serve.service import Load, Service, get, post, post_large, predict, start_service
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import soak  # noqa: E402
+
+D = 10
+X, _ = blobs(8, d=D, seed=7)
+FEATURES = X.tolist()
+CONFIG = ("shards=3", "slices=2")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    pytest.importorskip("sisa.serve.app", reason="Ray Serve missing: bash scripts/setup_env.sh installs it")
+    work = tmp_path_factory.mktemp("serve")
+    store = work / "store"
+    x, y = blobs(600, d=D)
+    with Ensemble.create(store, small_config(*CONFIG), address="local") as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    svc = start_service(store, work, "--replicas", "2", "--lease", "8")
+    try:
+        yield svc
+    finally:
+        svc.stop(signal.SIGKILL)
+
+
+def live_keys(store: Path) -> dict[str, str]:
+    with Ensemble.open(store, readonly=True) as ens, ens.store.read() as txn:
+        return {str(s): r["key"] for s, r in ens.store.live(txn).items()}
+
+
+def delete(store: Path, ids: list[int], *, defer: bool = False) -> dict[str, Any]:
+    """Delete ``ids`` from this process; returns the request record the provenance checker reads."""
+    with Ensemble.open(store, address="local", lock_timeout=60) as ens:
+        before = soak.retired_keys(ens)
+        cert = ens.delete(ids, defer=defer)
+        return {"retired": soak.keys_retired_by(before, cert["shards"]), "cert": cert}
+
+
+def test_predict_answers_like_the_in_process_ensemble_with_the_live_checkpoints(service: Service) -> None:
+    status, out = predict(service.url, FEATURES)
+    assert status == 200, out
+    with Ensemble.open(service.store, readonly=True) as ens:
+        expected = ens.predict_proba(X)
+    np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, rtol=1e-5, atol=1e-6)
+    assert out["labels"] == expected.argmax(axis=1).tolist()
+    assert out["provenance"] == live_keys(service.store)
+    # The same through an npy body, with the policy in the query string.
+    buf = io.BytesIO()
+    np.save(buf, X)
+    status, npy = post(service.url + "?policy=exclude", buf.getvalue(), "application/x-npy")
+    assert status == 200 and npy["labels"] == out["labels"] and npy["policy"] == "exclude"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "names"),
+    [
+        (json.dumps({"features": X[:, :4].tolist()}).encode(), "application/json", 400, "sample shape (4,)"),
+        (b'{"features": [[NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9]]}', "application/json", 400, "NaN"),
+        (b"features=1,2,3", "application/json", 400, "not JSON"),
+        (json.dumps({"features": FEATURES, "policy": "forget-later"}).encode(), "application/json", 400, "policy"),
+        (json.dumps({"features": FEATURES, "method": "median"}).encode(), "application/json", 400, "method"),
+        (json.dumps({"rows": FEATURES}).encode(), "application/json", 400, '"features"'),
+        (json.dumps({"features": [[1, 2], [3]]}).encode(), "application/json", 400, "rows"),
+        (b"\x93NUMPY garbage", "application/x-npy", 400, "npy"),
+    ],
+    ids=["feature-count", "nan", "not-json", "policy", "method", "no-features", "ragged", "bad-npy"],
+)
+def test_a_bad_request_gets_a_4xx_naming_the_problem_and_the_service_keeps_serving(
+    service: Service, body: bytes, content_type: str, status: int, names: str
+) -> None:
+    got, out = post(service.url, body, content_type)
+    assert got == status, out
+    assert names in out["error"], out
+    ok, good = predict(service.url, FEATURES)
+    assert ok == 200 and len(good["labels"]) == len(FEATURES)
+
+
+def test_a_100_mb_body_gets_413_and_the_service_keeps_serving(service: Service) -> None:
+    status, out = post_large(service.url, 100 * 2**20)
+    assert status == 413 and "over the limit" in out["error"], out
+    assert predict(service.url, FEATURES)[0] == 200
+
+
+def test_unknown_paths_and_methods_are_refused(service: Service) -> None:
+    assert get(service.base + "/nothing")[0] == 404
+    assert get(service.url)[0] == 405
+
+
+def test_deletions_reach_every_replica_and_no_retired_model_answers_after_confirmation(service: Service) -> None:
+    load = Load(service.url, FEATURES, clients=2).start()
+    requests = []
+    try:
+        time.sleep(1.0)
+        for ids, defer in (([1, 2], False), ([40], True), ([300, 301], False)):
+            rec = delete(service.store, ids, defer=defer)
+            rec["acked_at"] = load.now()
+            # Once through the command (`sisa serve --await-replicas`, joining Ray), then over HTTP (GET /await).
+            confirm = service.await_replicas() if not requests else service.confirm()
+            rec["confirmed_at"] = load.now()
+            assert confirm["ok"] and (confirm.get("exit") == 0 or confirm.get("status") == 200), confirm
+            assert len(confirm["replicas"]) == 2 and not confirm["lagging"]
+            status, out = predict(service.url, FEATURES)
+            assert status == 200
+            # exclude (the store's policy): a deferred request's shard is out of every answer until applied
+            assert out["provenance"] == live_keys(service.store)
+            if defer:
+                assert str(next(iter(rec["cert"]["shards"]))) not in out["provenance"]
+            requests.append(rec)
+        with Ensemble.open(service.store, address="local", lock_timeout=60) as ens:
+            ens.apply()
+        assert service.confirm()["ok"]
+        time.sleep(1.0)
+    finally:
+        load.stop()
+    reader = load.reader()
+    # 503 only while every shard was out of service (exclude, a deferred request pending): never an error
+    assert sum(1 for s in reader["status"] if s == 0) > 10 and 2 not in reader["status"], load.errors
+    retired = [{**r, "journaled_at": r["confirmed_at"]} for r in requests]
+    assert soak.served_retired(retired, reader, "confirmed_at") == []
+    assert all(r["retired"] for r in requests)
+    # Not vacuous: the retired checkpoints did answer, before their deletions.
+    assert soak.served_retired([{**r, "confirmed_at": -1.0} for r in retired], reader, "confirmed_at")
+
+
+def test_serving_policies_are_never_looser_than_the_store(service: Service) -> None:
+    with Ensemble.open(service.store, address="local", lock_timeout=60) as ens:
+        ens.reconfigure(small_config(*CONFIG, "unlearn.policy=serve-stale"))
+    try:
+        rec = delete(service.store, [77], defer=True)  # the shard keeps serving its (stale) model until applied
+        assert service.confirm()["ok"]
+        shard = str(next(iter(rec["cert"]["shards"])))
+        stale = live_keys(service.store)[shard]
+        assert stale in rec["retired"]
+        answers = {p: predict(service.url, FEATURES, policy=p)[1] for p in ("serve-stale", "serve-clean", "exclude")}
+        assert answers["serve-stale"]["provenance"][shard] == stale
+        assert shard not in answers["serve-clean"]["provenance"] and shard not in answers["exclude"]["provenance"]
+        assert predict(service.url, FEATURES)[1]["provenance"][shard] == stale  # no policy: the store's
+    finally:
+        with Ensemble.open(service.store, address="local", lock_timeout=60) as ens:
+            ens.apply()
+            ens.reconfigure(small_config(*CONFIG))
+    assert service.confirm()["ok"]
+    assert stale not in predict(service.url, FEATURES)[1]["provenance"].values()
+
+
+def test_a_deployment_handle_answers_like_http(service: Service) -> None:
+    code = (
+        "import json, sys, ray\n"
+        "from sisa.serve.deps import require_serve\n"
+        "require_serve()\n"
+        "from ray import serve\n"
+        f"ray.init(address={service.ray_address!r}, log_to_driver=False)\n"
+        "h = serve.get_app_handle('sisa')\n"
+        f"print(json.dumps(h.predict.remote({FEATURES!r}).result()))\n"
+    )
+    import subprocess
+
+    from tests.serve.service import serve_env
+
+    env = {**serve_env(), "RAY_AUTH_MODE": "token"}  # the local instance's token is ~/.ray/auth_token
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["labels"] == predict(service.url, FEATURES)[1]["labels"]
+    assert answer["provenance"] == live_keys(service.store)
+
+
+def test_killed_replica_then_killed_publisher_the_next_state_still_reaches_every_replica(service: Service) -> None:
+    load = Load(service.url, FEATURES, clients=2).start()
+    try:
+        before = service.replicas(2)
+        assert len(before) == 2
+        victim = next(iter(before.values()))
+        os.kill(victim["pid"], signal.SIGKILL)
+        delete(service.store, [500])
+        confirm = service.confirm()
+        assert confirm["ok"], confirm
+        after = service.replicas(2)
+        assert len(after) == 2 and victim["replica"] not in after  # Serve replaced it; both serve the new state
+        assert {i["version"] for i in after.values()} == {max(confirm["replicas"].values())}
+
+        publisher = victim["publisher_pid"]
+        os.kill(publisher, signal.SIGKILL)  # Ray restarts it on the store's node; replicas find it by name
+        delete(service.store, [501])
+        confirm = service.confirm(timeout=120)
+        assert confirm["ok"], confirm
+        infos = service.replicas(2)
+        assert all(i["publisher_pid"] not in (0, publisher) for i in infos.values())
+        assert predict(service.url, FEATURES)[1]["provenance"] == live_keys(service.store)
+        mark = load.now()
+        time.sleep(2.0)
+    finally:
+        load.stop()
+    settled = [r for r in load.records if r[0] > mark]
+    assert settled and all(r[2] == 200 for r in settled), load.errors
+
+
+def test_sigterm_stops_the_application_and_exits_143(service: Service) -> None:
+    code = service.stop(signal.SIGTERM)
+    assert code == 143, service.log.read_text()[-3000:]
+    assert "stopping application" in service.log.read_text()
+    with pytest.raises(OSError):
+        post(service.url, b"{}", timeout=5)
