@@ -219,10 +219,12 @@ def progress(_result):
 
 if phase == "timer":
     threading.Timer(arg, die).start()
-elif phase == "journal":  # the request is durable; the retrain has not started
-    Planner.fit = die
-elif phase == "rotate":  # retrained; samples re-encrypted under the new key, the old key not yet deleted
+elif phase == "accepted":  # the request is durable; nothing erased yet (no new key, old keys on disk)
+    sisa.unlearn.deletion.erase = die
+elif phase == "rotate":  # re-keyed: samples re-encrypted under the new key, the old key not yet deleted
     sisa.store.keyring.KeyRing.drop_older_generations = die
+elif phase == "dropped":  # old keys deleted from keys/, still in its free pages: the key file not compacted
+    sisa.store.keyring.KeyRing.compact = die
 elif phase == "compact-copy":  # keys re-keyed; the compacted copy of keys/ is written but not swapped in
     real_fsync = sisa.store.environment.fsync_path
     def fsync_then_die(p):
@@ -236,16 +238,35 @@ elif phase == "compact-swap":  # the copy replaced keys/data.mdb; directory not 
         real_replace(a, b)
         die()
     os.replace = replace_then_die
-elif phase == "certify":  # retrained and erased; the certificate is not written
+elif phase == "unrecorded":  # the key file compacted; the journal does not say the request is erased
+    sisa.unlearn.deletion.mark_erased = die
+elif phase == "erased":  # erased and recorded; the retrain has not started
+    Planner.fit = die
+elif phase == "sweep":  # retrained; the retired checkpoints' keys deleted, the key file not compacted again
+    real_compact = sisa.store.keyring.KeyRing.compact
+    calls = []
+    def second_compact_dies(self):
+        calls.append(1)
+        if len(calls) > 1:
+            die()
+        return real_compact(self)
+    sisa.store.keyring.KeyRing.compact = second_compact_dies
+elif phase == "certify":  # retrained and swept; the certificate is not written
     sisa.unlearn.deletion.append_entry = die
 ens = Ensemble.open(path, address="local")
 ens.delete(victims, progress=progress)
 """
-PHASES = ("journal", "retrain", "rotate", "compact-copy", "compact-swap", "certify", "timer")
+# In the order a deletion goes through them: accepted (journaled) .. erased before any retrain, then
+# the retrain, the sweep of retired checkpoints' keys and the certificate; the timer kills anywhere.
+PHASES = (
+    "accepted", "rotate", "dropped", "compact-copy", "compact-swap", "unrecorded", "erased", "retrain", "sweep",
+    "certify", "timer",
+)  # fmt: skip
+ERASED_BEFORE_RETRAIN = ("erased", "retrain", "sweep", "certify")  # killed after delete's erasure finished
 
 
 @pytest.mark.faults
-def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: str, env_python: dict) -> None:
+def test_deletion_survives_kills_at_every_phase(tmp_path: Path, ray_address: str, env_python: dict) -> None:
     x, y = blobs(1500, d=10)
     cfg = small_config("shards=3", "slices=4", "train.epochs=12")
     template = tmp_path / "template"
@@ -269,7 +290,8 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
 
     rng = random.Random(5)
     seen_phases: dict[str, int] = {}
-    for trial in range(KILLS):
+    trials = max(KILLS, 2 * len(PHASES))
+    for trial in range(trials):
         phase = PHASES[trial % len(PHASES)]
         arg = {"retrain": rng.randrange(0, 8), "timer": rng.uniform(1.5, 2.5 + 1.5 * delete_seconds)}.get(phase, 0)
         work = tmp_path / f"trial{trial}"
@@ -278,6 +300,10 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
             CHILD_DELETE, [str(work), ray_address, phase, str(arg), ",".join(map(str, victims))], env_python, None
         )
         seen_phases[phase] = seen_phases.get(phase, 0) + (code == -signal.SIGKILL)
+        if phase in ERASED_BEFORE_RETRAIN:
+            # Killed after the erasure, before or during the retrain and before any writable open: the
+            # erasure came first, so the victims' keys and plaintext are on no file already.
+            assert [files_containing(work, needle) for needle in needles] == [[]] * len(needles), phase
         assert_consistent(work)
         with Ensemble.open(work, readonly=True) as reader:
             with reader.store.read() as txn:
@@ -298,7 +324,7 @@ def test_deletion_survives_20_kills_at_every_phase(tmp_path: Path, ray_address: 
             # Same weights digests as the uninterrupted deletion: the check `verify` makes against a
             # replay; the replay itself runs once, on the last trial, to keep the loop short.
             assert live_state(ens) == expected
-            if trial == KILLS - 1:
+            if trial == trials - 1:
                 assert ens.verify()["ok"]
             audit = ens.audit()
             assert audit.ok and audit.entries == 2, audit.problems
@@ -580,3 +606,46 @@ def test_a_deletion_whose_key_file_cannot_be_compacted_stays_pending_until_resum
         assert audit.ok and audit.entries == 1, audit.problems
     for key in old_keys:
         assert files_containing(store, key) == []
+
+
+CHILD_APPLY_NO_COMPACT = """
+import os, signal, sys
+import sisa.store.keyring
+from sisa.ensemble import Ensemble
+
+def die(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+# Retrained; the retired checkpoints' keys are deleted from keys/ but the key file is not compacted.
+sisa.store.keyring.KeyRing.compact = die
+with Ensemble.open(sys.argv[1], address="local") as ens:
+    ens.apply()
+"""
+
+
+def test_a_key_dropped_just_before_a_crash_is_compacted_away_by_the_next_writable_open(
+    tmp_path: Path, env_python: dict
+) -> None:
+    x, y = blobs(600, d=10)
+    path = tmp_path / "st"
+    with Ensemble.create(path, small_config("unlearn.policy=serve-stale"), address="local") as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        with ens.store.read() as txn:
+            victim = int(ens.store.slice_ids(txn, 1, 0)[2])
+        # Erased now; the stale model, which saw the victim, serves (and keeps its key) until the apply.
+        ens.delete([victim], defer=True)
+        tokens = ens.store.checkpoint_tokens()
+        with ens.store.keys.read() as ktxn:
+            keys = {t: ens.store.keys.checkpoint_key(ktxn, t) for t in tokens}
+    assert run_child(CHILD_APPLY_NO_COMPACT, [str(path)], env_python, None) == -signal.SIGKILL
+    with Ensemble.open(path, readonly=True) as reader:
+        retired = [k for t, k in keys.items() if k is not None and t not in reader.store.checkpoint_tokens()]
+        assert reader.status()["key_compaction_pending"]
+    assert retired  # the stale model's checkpoint at least
+    # Deleted from the key table, but its bytes are still in a free page of keys/data.mdb.
+    assert any(files_containing(path / "keys", k) for k in retired)
+    with Ensemble.open(path, resume=False) as ens:  # a writable open that applies nothing
+        assert not ens.status()["key_compaction_pending"]
+        assert [r["request_id"] for r in ens.pending()] == [1]  # the deferred request is still pending
+    assert all(files_containing(path, k) == [] for k in retired)
