@@ -219,6 +219,12 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser, ray_opt: argparse.Argu
     se.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
     se.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
     se.add_argument(
+        "--resources",
+        default=None,
+        metavar="JSON",
+        help="custom Ray resources per replica, for placement, e.g. '{\"serving_node\": 0.01}'",
+    )
+    se.add_argument(
         "--policy",
         choices=["exclude", "serve-clean", "serve-stale"],
         default=None,
