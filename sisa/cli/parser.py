@@ -137,7 +137,9 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     de = sub.add_parser("delete", parents=[common, ray_opt, writer], help="forget samples: retrain, erase, certify")
     de.add_argument("--ids", nargs="+", metavar="ID", help="sample ids to delete, separated by spaces")
     de.add_argument("--ids-file", metavar="FILE", help=IDS_FILE_HELP)
-    de.add_argument("--defer", action="store_true", help="only journal now (ids tombstoned); `sisa apply` later")
+    de.add_argument(
+        "--defer", action="store_true", help="journal and erase now (keys destroyed); retrain with `sisa apply` later"
+    )
 
     sub.add_parser("apply", parents=[common, ray_opt, writer], help="apply deferred deletions as one batch")
     sub.add_parser("pending", parents=[common], help="deletion requests not yet applied")

@@ -513,6 +513,9 @@ def cluster() -> Iterator[Cluster]:
             "Ray's dashboard dependencies (ray[default]) are missing: "
             f"bash scripts/setup_env.sh puts them in {DASHBOARD_DEPS}"
         )
+    serve_dir = Path(sys.prefix) / "ray-serve"  # Ray Serve's packages (setup_env.sh), for the serving test
+    if serve_dir.is_dir():
+        pythonpath = os.pathsep.join(p for p in (pythonpath, str(serve_dir)) if p)
     # Short paths: Ray's unix sockets live under the temp dirs and are limited to 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="sisa-cl-", dir="/tmp"))
     c: Cluster | None = None
@@ -1007,3 +1010,61 @@ def test_a_ray_dataset_computed_on_the_cluster_streams_into_the_driver_store(
             xa, ya = a.store.load_samples(ta, sample, (10,))
             xb, yb = b.store.load_samples(tb, sample, (10,))
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+@pytest.mark.cluster
+def test_serve_replicas_on_the_nodes_without_the_store_serve_the_retrained_model_after_a_deletion(
+    cluster: Cluster, workload: Workload, reference: dict[str, Any]
+) -> None:
+    """``sisa serve`` as a job on the head (the store's node); its replicas on worker nodes, which cannot see it."""
+    if not (Path(sys.prefix) / "ray-serve").is_dir() and importlib.util.find_spec("starlette") is None:
+        pytest.skip("Ray Serve missing: bash scripts/setup_env.sh installs it")
+    from tests.serve.service import free_port, get, predict
+
+    store = workload.driver / "served"
+    shutil.copytree(reference["store"], store)
+    port = free_port()
+    sid = f"sisa-serve-{secrets.token_hex(4)}"
+    serve = ["serve", "--store", str(store), "--port", str(port), "--replicas", "2", "--json"]
+    cluster.submit(workload.workdir, [[*serve, "--resources", '{"sisa_worker": 0.01}']], wait=False, submission_id=sid)
+    url = f"http://127.0.0.1:{port}"
+    x = np.load(workload.driver / "test.npz")["x"][:16].tolist()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("serving" in line for line in json_lines(cluster.job_logs(sid))):
+            job = cluster.job(sid)
+            assert job["status"] in ("PENDING", "RUNNING"), cluster.job_logs(sid)[-4000:]
+            assert time.monotonic() < deadline, cluster.job_logs(sid)[-4000:]
+            time.sleep(1.0)
+
+        def live_keys() -> dict[str, str]:
+            with Ensemble.open(store, readonly=True) as ens, ens.store.read() as txn:
+                return {str(s): r["key"] for s, r in ens.store.live(txn).items()}
+
+        before = live_keys()
+        status, out = predict(url + "/predict", x)
+        assert status == 200 and out["provenance"] == before, out
+        alive = cluster.alive_nodes()
+        head = alive[HEAD_IP]["node_id"]
+        replicas: dict[str, Any] = {}
+        while len(replicas) < 2:
+            info = get(url + "/info")[1]
+            replicas[info["replica"]] = info
+        assert all(r["node"] != head for r in replicas.values()), (replicas, head)
+
+        # A deletion from another process on the store's node: the replicas get the retrained model through Ray.
+        with Ensemble.open(store, address="local", lock_timeout=60) as ens:
+            cert = ens.delete([33, 2001])
+        status, confirm = get(url + "/await?timeout=120", timeout=200)
+        assert status == 200 and confirm["ok"] and len(confirm["replicas"]) == 2, confirm
+        after = live_keys()
+        assert after != before
+        for _ in range(8):  # answers from both replicas (requests land at random)
+            status, out = predict(url + "/predict", x)
+            assert status == 200 and out["provenance"] == after, out
+        for shard in cert["retrained_shards"]:
+            assert after[str(shard)] != before[str(shard)]
+    finally:
+        subprocess.run([RAY, "job", "stop", "--address", cluster.url, sid], env=cluster.env, capture_output=True)
+    job = cluster.wait_job(sid, timeout=120)
+    assert job["status"] == "STOPPED", job
