@@ -71,7 +71,7 @@ from sisa.data.arrays import LabeledArrays  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.store import erasure  # noqa: E402
-from sisa.store.records import DIGEST_SIZE, RUN_MAX  # noqa: E402
+from sisa.store.records import RUN_MAX, SEAL_OVERHEAD  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
@@ -243,7 +243,7 @@ def sample_storage(sizes: Sequence[int], rekey_runs: int, repeats: int, workdir:
         "scale": train.scale,
         "feature_values": width,
         "raw_bytes_per_sample": width * train.x.dtype.itemsize + 1,  # the IDX files: pixels + a 1-byte label
-        "record_bytes": LABEL_BYTES + width * train.x.dtype.itemsize + DIGEST_SIZE,
+        "record_bytes": LABEL_BYTES + width * train.x.dtype.itemsize + SEAL_OVERHEAD,
         "stores": rows,
         "bytes_per_sample_marginal": per_sample,
         "shards": cfg.shards,

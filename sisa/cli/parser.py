@@ -191,7 +191,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         help="rewrite data.mdb without free pages (reclaims space; also drops deleted ids' numbers from them)",
     )
     mi = sub.add_parser(
-        "migrate", parents=[common], help="copy a store of the previous format (2) into a new directory"
+        "migrate", parents=[common], help="copy a store of an older format (2 or 3) into a new format-4 directory"
     )
     mi.add_argument("--to", required=True, metavar="DIR", help="new directory for the migrated store")
     mi.add_argument(

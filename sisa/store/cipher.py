@@ -1,28 +1,59 @@
-"""The store's cipher: every sample and checkpoint is kept encrypted, so erasure can destroy keys.
+"""The store's cipher: every sample, checkpoint and backbone is sealed with AES-256-GCM (an AEAD).
 
-Cryptographic erase (NIST SP 800-88 r1, Purge): once the key that encrypted some bytes is
-gone from every file, those bytes are unrecoverable wherever copies of them lie, in free
-LMDB pages or in the blocks of an unlinked file. Only the small key environment then has
-to be rewritten to erase, never the bulk of the store.
+Sealing does two jobs. Confidentiality makes erasure cheap: once the key that sealed some
+bytes is gone from every file, those bytes are unrecoverable wherever copies of them lie (free
+LMDB pages, blocks of an unlinked file), so only the small key environment is rewritten to
+erase. Authentication makes the records trustworthy: the GCM tag is keyed, and covers the
+ciphertext and *associated data* naming what the record is (kind, id, shard, slice, run and key
+generation for a sample; token and store key for a checkpoint or the backbone). Without the key
+nobody can change a record, fix up a check value, or move a ciphertext to another id, run or
+checkpoint: :func:`open_record` fails, and the store raises an
+:class:`~sisa.errors.IntegrityError` naming the record.
 
-The keystream is SHAKE-256 (FIPS 202) over a domain tag, a 128-bit random key and the
-record's name (its id, or a checkpoint's random token), used as a stream cipher: the XOF
-keyed this way is a pseudo-random function, and no (key, name) pair ever encrypts two
-different plaintexts (a slice key encrypts each id once; a re-ingested id after a rolled
-back ingest gets a new key; a checkpoint gets a fresh key and token at every commit).
-Integrity is not the cipher's job: every plaintext carries its own digest, checked after
-decryption, so a flipped ciphertext byte is caught as before.
+AES-256-GCM comes from ``cryptography`` (OpenSSL underneath, AES-NI and carry-less multiply
+in hardware). Measured here (2 cores with AES-NI/VAES): 1.5 GB/s on 1 KB records and 8.7 GB/s
+on 5 MiB blobs, against 0.7 and 3.4 GB/s for ChaCha20-Poly1305, and 0.11 GB/s for the SHAKE-256
+keystream it replaces (docs/benchmarks.md, ``scripts/bench_erasure.py``).
+
+Why a (key, nonce) pair never seals two plaintexts. GCM loses both secrecy and authenticity if
+one key seals two messages under one nonce, so:
+
+- Every seal draws a fresh 96-bit nonce from the OS's CSPRNG and stores it in front of the
+  ciphertext. Nothing about the nonce depends on store state (ids, generations, counters), so
+  no crash, rolled-back ingest or retried transaction can replay one: a repeat needs two random
+  draws to collide.
+- Every key seals few records. A run key seals the ids of one run, at most
+  :data:`~sisa.store.records.RUN_MAX` (508) at a time, once each, and a run that loses ids gets
+  a new key (a deletion, a taken-back ingest); a checkpoint or backbone key seals exactly one
+  blob. Counting retries, crashes and refills generously, a key seals q < 2**20 records, so the
+  chance that any two of its nonces collide is below q**2 / 2**97 < 2**-57, far under NIST SP
+  800-38D's 2**-32 bound for random nonces (which allows 2**32 seals per key).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
-__all__ = ["KEY_SIZE", "TOKEN_SIZE", "new_key", "new_token", "xor_stream"]
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-KEY_SIZE = 16  # bytes of every key: 128 bits
-TOKEN_SIZE = 16  # bytes of a checkpoint's random name, stored in front of its ciphertext
+__all__ = [
+    "KEY_SIZE",
+    "NONCE_SIZE",
+    "OVERHEAD",
+    "TAG_SIZE",
+    "TOKEN_SIZE",
+    "new_key",
+    "new_token",
+    "open_record",
+    "seal_record",
+]
+
+KEY_SIZE = 32  # bytes of every key: AES-256
+NONCE_SIZE = 12  # bytes of GCM's nonce: 96 bits, drawn at random for every seal
+TAG_SIZE = 16  # bytes of GCM's authentication tag (the full 128 bits; never truncated)
+OVERHEAD = NONCE_SIZE + TAG_SIZE  # what sealing adds to a plaintext: the nonce in front, the tag behind
+TOKEN_SIZE = 16  # bytes of a checkpoint's random name, stored in front of its sealed bytes
 
 
 def new_key() -> bytes:
@@ -35,21 +66,37 @@ def new_token() -> bytes:
     return os.urandom(TOKEN_SIZE)
 
 
-def xor_stream(key: bytes, tag: bytes, name: bytes, data: bytes | memoryview) -> bytes:
-    """Encrypt or decrypt ``data`` (the same operation) under ``key`` for the record ``name``.
+def seal_record(key: bytes, plaintext: bytes | memoryview, associated: bytes) -> bytes:
+    """Encrypt and authenticate ``plaintext`` under ``key``, bound to ``associated``.
 
     Args:
         key: A :data:`KEY_SIZE`-byte key.
-        tag: Domain tag of the record kind (``b"sample"``, ``b"ckpt"``), so one key can
-            never produce the same stream for two kinds.
-        name: The record's name within its key (an id key, a token).
-        data: Plaintext or ciphertext.
+        plaintext: The record's bytes.
+        associated: What the record is (kind, name, place, generation): not stored, but
+            needed again, byte for byte, to open it.
 
     Returns:
-        ``data`` XOR the keystream, as bytes.
+        ``nonce || ciphertext || tag``: :data:`OVERHEAD` bytes longer than ``plaintext``.
     """
-    n = len(data)
-    stream = hashlib.shake_256(b"sisa-" + tag + b"|" + key + name).digest(n)
-    # Python's big integers XOR a whole record in one C loop: faster than numpy for the
-    # ~1 KB records of a sample, and as fast for a checkpoint's megabytes.
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+    nonce = os.urandom(NONCE_SIZE)  # random per seal: see the module docstring for why it never repeats
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+
+
+def open_record(key: bytes, sealed: bytes | memoryview, associated: bytes) -> bytes | None:
+    """The plaintext of a :func:`seal_record` output, or None if it fails to authenticate.
+
+    None means: another key, other associated data (the record was moved or mislabelled), or
+    bytes changed after sealing. The caller names the record in its error.
+
+    Args:
+        key: A :data:`KEY_SIZE`-byte key.
+        sealed: ``nonce || ciphertext || tag``.
+        associated: The associated data it was sealed with.
+    """
+    if len(sealed) < OVERHEAD:
+        return None
+    view = memoryview(sealed)
+    try:
+        return AESGCM(key).decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], associated)
+    except InvalidTag:
+        return None

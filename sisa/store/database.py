@@ -37,21 +37,33 @@ __all__ = ["FORMAT_VERSION", "Store", "format_message", "id_key", "run_key", "sh
 log = logging.getLogger(__name__)
 
 # 2: sample records carry a BLAKE2b digest. 3: samples and checkpoints encrypted under keys in
-# keys/ (erasure destroys keys), samples in their native dtype.
-FORMAT_VERSION = 3
+# keys/ (erasure destroys keys), samples in their native dtype. 4: sealed with AES-256-GCM, bound to
+# what each record is (the keystream and unkeyed digests of format 3 were forgeable).
+FORMAT_VERSION = 4
 _LOCK_NAME = "writer.lock"
+# Meta key: the (shard, slice, run) of every sample a taken-back ingest removed, until their keys are replaced.
+ROLLBACK_RUNS = "rollback_runs"
 
 T = TypeVar("T")
 
 
 def format_message(path: Path, version: object) -> str:
     """What to tell the user whose store has another format than this sisa reads."""
+    convert = (
+        f"Convert it into a new directory with `sisa migrate --store {path} --to NEW`, "
+        "then use NEW (the old directory is left as it was)"
+    )
     if version == 2:
         return (
             f"{path} has store format 2 (float32 samples in the clear, erased by rewriting the whole file); "
-            f"this sisa reads format {FORMAT_VERSION} (encrypted samples in their own dtype, erased by destroying "
-            f"keys). Convert it into a new directory with `sisa migrate --store {path} --to NEW`, "
-            "then use NEW (the old directory is left as it was)"
+            f"this sisa reads format {FORMAT_VERSION} (samples sealed with AES-256-GCM in their own dtype, erased "
+            f"by destroying keys). {convert}"
+        )
+    if version == 3:
+        return (
+            f"{path} has store format 3 (samples and checkpoints under a SHAKE-256 keystream with unkeyed "
+            f"check values, which anyone who knows a sample can forge); this sisa reads format {FORMAT_VERSION} "
+            f"(every record sealed with AES-256-GCM, bound to what it is). {convert}"
         )
     return (
         f"{path} has store format {version!r}; this sisa reads format {FORMAT_VERSION}: "
@@ -233,24 +245,40 @@ class Store(Records):
         transaction publishes them all; until then no reader sees them. Removing them in
         bounded transactions too keeps a crash here harmless: the next writable open goes on.
 
+        The taken-back samples' ciphertext stays in free pages under their runs' keys, so those
+        runs are re-keyed (and the key file compacted) before the keys are used again. Which runs
+        is recorded durably (the meta's ``rollback_runs``) in the very transaction that unstages
+        their samples, and cleared only after the re-keying: a crash at any step leaves the
+        record, and the next writable open finishes the work before anything else is written.
+
+        Args:
+            batch: Staged samples removed per write transaction.
+
         Returns:
             Samples removed.
         """
-        from sisa.store.erasure import finish_rotations, rotate  # erasure builds on this module
+        from sisa.store.erasure import finish_erasure, finish_rotations, rotate  # erasure builds on this module
 
-        removed, touched = 0, set()
-        while True:
-            n, slices = self.write(lambda txn: self.unstage(txn, batch))
+        def unstage(txn: lmdb.Transaction) -> int:
+            n, touched = self.unstage(txn, batch)
+            if touched:
+                runs = {tuple(r) for r in self.meta(txn).get(ROLLBACK_RUNS, [])} | touched
+                self.put_meta(txn, **{ROLLBACK_RUNS: [list(r) for r in sorted(runs)]})
+            return n
+
+        removed = 0
+        while n := self.write(unstage):
             removed += n
-            touched |= slices
-            if n == 0:
-                break
+        runs = [(int(s), int(r), int(u)) for s, r, u in self.meta().get(ROLLBACK_RUNS, [])]
+        if runs:
+            # Fresh keys for every run a taken-back sample was in: its old key, which sealed the
+            # taken-back bytes, goes (rotate marks the key file for compaction before the drop).
+            rotate(self, runs, fresh=True)
+            self.write(lambda txn: txn.delete(ROLLBACK_RUNS.encode(), db=self._dbs["meta"]))
         if removed:
-            # The rolled-back samples' ciphertext is in free pages under their slices' keys; an id
-            # ingested again must never be encrypted under the same key with other bytes.
-            rotate(self, touched, fresh=True)
             log.info("rolled back %d samples of an ingest that did not finish in %s", removed, self.path)
         finish_rotations(self)  # a rotation a crash cut short (a scan of the small key file)
+        finish_erasure(self)  # compact the key file if a key was dropped since its last compaction
         return removed
 
     def close(self) -> None:

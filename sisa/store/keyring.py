@@ -2,14 +2,14 @@
 
 ``keys/`` inside the store directory is its own LMDB environment with three tables:
 
-- ``slice``: (shard, slice, run, generation) -> key + the request id the key was made for.
+- ``slice``: (shard, slice, run, generation) -> 32-byte AES-256 key + the request id it was made for.
   A *run* is the unit of a slice's membership (up to 508 ids, see
   :data:`~sisa.store.records.RUN_MAX`); every sample of a run is encrypted under the run's
   newest key, and a deletion *rotates* the runs it touched (new key, re-encrypt the at most
   507 samples left, delete the old key), so the deleted samples' ciphertext, wherever it
   lies, is under a key that no longer exists. The cost of a deletion's erasure is thus a
   few hundred records, whatever the size of the store.
-- ``ckpt``: checkpoint token -> key. Each committed checkpoint has its own key; a retired
+- ``ckpt``: checkpoint token -> 32-byte key. Each committed checkpoint has its own key; a retired
   checkpoint's key is deleted by the sweep that follows every apply.
 - ``meta``: the format record (compaction needs one record to seal the copy).
 
@@ -37,7 +37,7 @@ from sisa.store.cipher import KEY_SIZE, new_key
 __all__ = ["KEY_DIR", "KeyRing", "SliceKey"]
 
 KEY_DIR = "keys"
-KEY_FORMAT = 1
+KEY_FORMAT = 2  # 1: 128-bit keystream keys (store format 3); 2: 256-bit AES-GCM keys (store format 4)
 _TABLES = environment.Tables(fixed=("meta", "slice", "ckpt"))
 _SLICE = struct.Struct(">IIQI")  # shard, slice, run, generation
 _RUN = struct.Struct(">IIQ")  # the prefix of one run's keys

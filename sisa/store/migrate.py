@@ -1,23 +1,24 @@
-"""Migration of a format-2 store (float32 samples in the clear) into a new format-3 directory.
+"""``sisa migrate``: copy a format-2 or format-3 store into a new format-4 directory.
 
-Format 3 encrypts samples and checkpoints under keys in ``keys/`` and keeps samples in
-their own dtype. A format-2 store is read as it is (never written) and copied record by
-record into a new directory: every sample checked against its old digest and encrypted
-under a new slice key, in the narrowest dtype that gives training the very same float32
-values (uint8 for images ingested as bytes, or as pixels scaled to [0, 1]); every checkpoint re-encrypted under a fresh
-key; the config, assignments, stage and live records, journal, tombstones and audit log
-copied as they are, with the store's HMAC secret, so audit MACs and keyed id hashes stay
-valid. The models are the same bytes, so ``verify`` passes on the new store as it did on
-the old one.
+Format 4 seals every sample, checkpoint and the backbone with AES-256-GCM, bound to what each
+record is (:mod:`sisa.store.cipher`). The old store is read as it is (never written,
+:mod:`sisa.store.legacy`) and copied record by record into a new directory: every sample
+checked against its old digest and sealed under a new run key; every checkpoint checked
+against its record's sha256 and sealed under a fresh key; the config, stage and live records,
+journal, tombstones, core set and audit log copied as they are, with the store's HMAC secret,
+so audit MACs and keyed id hashes stay valid. The models are the same bytes, so ``verify``
+passes on the new store as it did on the old one.
+
+Format 2 kept float32 samples in the clear; they are stored in the narrowest dtype that gives
+training the very same float32 values (uint8 for images ingested as bytes, or as pixels scaled to
+[0, 1]). Format 3 already kept each sample in its own dtype, which is kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,20 +28,20 @@ import lmdb
 import numpy as np
 
 from sisa.data.inputs import model_inputs
-from sisa.errors import IntegrityError, StoreError
+from sisa.errors import StoreError
 from sisa.store.database import FORMAT_VERSION, Store
-from sisa.store.records import DBS
+from sisa.store.legacy import LegacyRecord, V2Reader, V3Reader, open_legacy
+from sisa.store.records import TABLES
 
 __all__ = ["MigrationReport", "migrate"]
 
 log = logging.getLogger(__name__)
 
-_OLD_FORMAT = 2
-_OLD_DIGEST = 16  # format 2: BLAKE2b-128 over the id key and the body
 _BATCH = 10_000
-# Copied as they are: everything but the samples (re-encoded), their assignment (written with
-# them), the checkpoints (re-encrypted) and the staged marks (an unfinished ingest is left out).
-_VERBATIM = ("stages", "live", "requests", "deleted", "audit")
+# Not copied as they are: the samples (re-sealed), their assignment and membership (written with
+# them), the checkpoints (re-sealed), the staged marks (an unfinished ingest is left out) and the meta
+# (written by create).
+_DERIVED = {"meta", "samples", "assign", "members", "ckpt", "staged"}
 # Narrowest first: the first (dtype, scale) that gives back every stored float32 value exactly is
 # kept. (uint8, 255) is pixels a loader scaled to [0, 1]: stored raw, divided again when loaded.
 _CANDIDATES: tuple[tuple[str, float | None], ...] = (
@@ -58,8 +59,9 @@ class MigrationReport:
     """What a migration copied.
 
     Attributes:
-        source: The format-2 store (unchanged).
-        target: The new format-3 store.
+        source: The old store (unchanged).
+        target: The new format-4 store.
+        source_format: The old store's format (2 or 3).
         samples: Samples copied.
         feature_dtype: The dtype the new store keeps its samples in.
         feature_scale: What the stored values are divided by when loaded (255: pixels), or None.
@@ -71,6 +73,7 @@ class MigrationReport:
 
     source: str
     target: str
+    source_format: int
     samples: int
     feature_dtype: str
     feature_scale: float | None
@@ -82,27 +85,6 @@ class MigrationReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return asdict(self)
-
-
-def _old_records(txn: lmdb.Transaction, dbs: dict[str, Any], width: int, staged: set[bytes]) -> Iterator[tuple]:
-    """(id, label, features as float32, shard, slice) of every published sample, each checked."""
-    body_len = 8 + 4 * width
-    for key, raw in txn.cursor(db=dbs["samples"]):
-        key = bytes(key)
-        if key in staged:
-            continue
-        sid = struct.unpack(">Q", key)[0]
-        view = memoryview(raw)
-        h = hashlib.blake2b(key, digest_size=_OLD_DIGEST)
-        h.update(view[:body_len])
-        if len(view) != body_len + _OLD_DIGEST or view[body_len:] != h.digest():
-            raise IntegrityError(f"sample {sid} of the format-2 store does not match its digest; nothing was migrated")
-        place = txn.get(key, db=dbs["assign"])
-        if place is None:
-            raise IntegrityError(f"sample {sid} of the format-2 store has no assignment; nothing was migrated")
-        shard, slice_ = struct.unpack(">II", bytes(place))
-        label = struct.unpack_from("<q", view)[0]
-        yield sid, label, np.frombuffer(view, dtype="<f4", offset=8, count=width), shard, slice_
 
 
 def _raw(x: np.ndarray, dtype: str, scale: float | None) -> np.ndarray:
@@ -117,12 +99,10 @@ def _fits(x: np.ndarray, dtype: str, scale: float | None) -> bool:
     return bool(np.array_equal(back, x))
 
 
-def _narrowest(
-    txn: lmdb.Transaction, dbs: dict[str, Any], width: int, staged: set[bytes]
-) -> tuple[np.dtype[Any], float | None]:
-    """The narrowest form that holds every stored feature value exactly (one pass over the samples)."""
+def _narrowest(reader: V2Reader) -> tuple[np.dtype[Any], float | None]:
+    """The narrowest form that holds every stored feature value of a format-2 store exactly (one pass)."""
     fits = list(_CANDIDATES[:-1])
-    for _, _, x, _, _ in _old_records(txn, dbs, width, staged):
+    for _, _, x, _, _ in reader.records():
         fits = [c for c in fits if _fits(x, *c)]
         if not fits:
             break
@@ -130,19 +110,29 @@ def _narrowest(
     return np.dtype(dtype), scale
 
 
+def _form(reader: V2Reader | V3Reader) -> tuple[np.dtype[Any], float | None]:
+    """The dtype and scale the new store keeps its samples in."""
+    if not reader.width:
+        return np.dtype("<f4"), None
+    if isinstance(reader, V2Reader):
+        return _narrowest(reader)
+    scale = reader.meta.get("feature_scale")
+    return reader.dtype, None if scale is None else float(scale)
+
+
 def migrate(source: str | Path, target: str | Path) -> MigrationReport:
-    """Copy a format-2 store into a new format-3 directory; the source is only read.
+    """Copy a format-2 or format-3 store into a new format-4 directory; the source is only read.
 
     Args:
-        source: The format-2 store directory.
-        target: A new (or empty) directory for the format-3 store.
+        source: The old store directory.
+        target: A new (or empty) directory for the format-4 store.
 
     Returns:
         What was copied.
 
     Raises:
-        StoreError: If ``source`` is not a format-2 store, or ``target`` is not new; a
-            failed migration removes what it wrote under ``target``.
+        StoreError: If ``source`` is not a format-2 or -3 store (one of this format is named as
+            such), or ``target`` is not new; a failed migration removes what it wrote under ``target``.
         IntegrityError: If a record of the source does not match its digest.
     """
     src, dst = Path(source), Path(target)
@@ -153,90 +143,90 @@ def migrate(source: str | Path, target: str | Path) -> MigrationReport:
             f"{dst} exists and is not empty; name a new directory for the migrated store (--to). A migration "
             "that was killed leaves a partial one there: delete it and run the command again"
         )
-    env = lmdb.open(str(src), readonly=True, lock=False, max_dbs=len(DBS) + 8, subdir=True)
     try:
-        dbs: dict[str, Any] = {name: env.open_db(name.encode(), create=False) for name in DBS}
+        reader = open_legacy(src)
+    except StoreError as exc:
+        if f"format {FORMAT_VERSION}" in str(exc) or f"format {FORMAT_VERSION!r}" in str(exc):
+            raise StoreError(f"{src} has store format {FORMAT_VERSION}: it is already in this format") from None
+        raise
+    try:
+        form = _form(reader)
+        created = not dst.exists()
         try:
-            dbs["staged"] = env.open_db(b"staged", create=False)
-        except lmdb.NotFoundError:
-            dbs["staged"] = None
-        with env.begin() as txn:
-            meta = {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=dbs["meta"])}
-            if meta.get("format") != _OLD_FORMAT:
-                version = meta.get("format")
-                hint = "it is already in this format" if version == FORMAT_VERSION else "this sisa cannot read it"
-                raise StoreError(f"{src} has store format {version!r}, not {_OLD_FORMAT}; {hint}")
-            staged = set() if dbs["staged"] is None else {bytes(k) for k, _ in txn.cursor(db=dbs["staged"])}
-            shape = tuple(meta.get("feature_shape") or ())
-            width = int(np.prod(shape)) if shape else 0
-            dtype, scale = _narrowest(txn, dbs, width, staged) if width else (np.dtype("<f4"), None)
-            created = not dst.exists()
-            try:
-                report = _copy(src, dst, txn, dbs, meta, (dtype, scale), width, staged)
-            except BaseException:
-                if created:
-                    shutil.rmtree(dst, ignore_errors=True)
-                else:
-                    for child in dst.iterdir():
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
-                raise
+            report = _copy(reader, dst, form)
+        except BaseException:
+            if created:
+                shutil.rmtree(dst, ignore_errors=True)
+            else:
+                for child in dst.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
     finally:
-        env.close()
-    log.info("migrated %s -> %s: %d samples as %s", src, dst, report.samples, report.feature_dtype)
+        reader.close()
+    log.info(
+        "migrated %s (format %d) -> %s: %d samples as %s",
+        src,
+        reader.version,
+        dst,
+        report.samples,
+        report.feature_dtype,
+    )
     return report
 
 
-def _copy(
-    src: Path,
-    dst: Path,
-    txn: lmdb.Transaction,
-    dbs: dict[str, Any],
-    meta: dict[str, Any],
-    form: tuple[np.dtype[Any], float | None],
-    width: int,
-    staged: set[bytes],
-) -> MigrationReport:
-    """Write the new store from the old one's read transaction (see :func:`migrate`)."""
+def _batches(records: Iterator[LegacyRecord]) -> Iterator[list[LegacyRecord]]:
+    batch: list[LegacyRecord] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) >= _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _put_batch(store: Store, batch: list[LegacyRecord], form: tuple[np.dtype[Any], float | None], clear: bool) -> None:
+    """Seal one batch of old samples into the new store, in their (shard, slice), one write transaction."""
     dtype, scale = form
-    fields = {k: v for k, v in meta.items() if k != "format"}
-    if width:
+    ids = np.asarray([b[0] for b in batch], dtype=np.int64)
+    y = np.asarray([b[1] for b in batch], dtype=np.int64)
+    stacked = np.stack([b[2] for b in batch])
+    x = _raw(stacked, dtype.str, scale) if clear else stacked  # format 2 kept float32; format 3 its own dtype
+    shard = np.asarray([b[3] for b in batch], dtype=np.int64)
+    slice_ = np.asarray([b[4] for b in batch], dtype=np.int64)
+    store.write(lambda t: store.put_samples(t, ids, x, y, shard, slice_, dtype=dtype))
+
+
+def _copy(reader: V2Reader | V3Reader, dst: Path, form: tuple[np.dtype[Any], float | None]) -> MigrationReport:
+    """Write the new store from the old one's reader (see :func:`migrate`)."""
+    dtype, scale = form
+    fields = {k: v for k, v in reader.meta.items() if k != "format"}
+    if reader.width:
         fields["feature_dtype"] = dtype.str
     if scale:
         fields["feature_scale"] = scale
-    store = Store.create(dst, fields, secret=(src / "hmac.key").read_bytes())
+    secret = reader.path / "hmac.key"
+    store = Store.create(dst, fields, secret=secret.read_bytes())
     try:
         samples = 0
-        batch: list[tuple] = []
-
-        def flush() -> None:
-            ids = np.asarray([b[0] for b in batch], dtype=np.int64)
-            y = np.asarray([b[1] for b in batch], dtype=np.int64)
-            x = _raw(np.stack([b[2] for b in batch]), dtype.str, scale)
-            shard = np.asarray([b[3] for b in batch], dtype=np.int64)
-            slice_ = np.asarray([b[4] for b in batch], dtype=np.int64)
-            store.write(lambda t: store.put_samples(t, ids, x, y, shard, slice_, dtype=dtype))
-
-        for record in _old_records(txn, dbs, width, staged):
-            batch.append(record)
-            samples += 1
-            if len(batch) >= _BATCH:
-                flush()
-                batch = []
-        if batch:
-            flush()
+        for batch in _batches(reader.records()):
+            _put_batch(store, batch, form, clear=reader.version == 2)
+            samples += len(batch)
         checkpoints = 0
-        for key, blob in txn.cursor(db=dbs["ckpt"]):
-            sealed = store.seal_checkpoint(bytes(blob))
+        for name, blob in reader.checkpoints():
+            sealed = store.seal_checkpoint(blob, name)
 
-            def put_checkpoint(t: lmdb.Transaction, k: bytes = bytes(key), v: bytes = sealed) -> None:
+            def put_checkpoint(t: lmdb.Transaction, k: bytes = name.encode(), v: bytes = sealed) -> None:
                 t.put(k, v, db=store.db("ckpt"))
 
             store.write(put_checkpoint)
             checkpoints += 1
-        for name in _VERBATIM:
-            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs[name])]
-            if name == "requests":  # format 3 records the runs a request touched; nothing to erase here
-                rows = [(k, _with_runs(v)) for k, v in rows]
+        for name in (*TABLES.fixed, *TABLES.later):
+            if name in _DERIVED:
+                continue
+            rows = reader.rows(name)
+            if name == "requests":  # the new store never held a deleted id's record: nothing to erase
+                rows = [(k, _without_runs(v)) for k, v in rows]
 
             def put_rows(t: lmdb.Transaction, name: str = name, rows: list = rows) -> None:
                 for k, v in rows:
@@ -247,21 +237,22 @@ def _copy(
         store.close()
     after = sum(f.stat().st_size for f in (dst / "data.mdb", dst / "keys" / "data.mdb"))
     return MigrationReport(
-        source=str(src),
+        source=str(reader.path),
         target=str(dst),
+        source_format=reader.version,
         samples=samples,
         feature_dtype=dtype.name,
         feature_scale=scale,
         checkpoints=checkpoints,
-        bytes_before=(src / "data.mdb").stat().st_size,
+        bytes_before=(reader.path / "data.mdb").stat().st_size,
         bytes_after=after,
-        skipped_staged=len(staged),
+        skipped_staged=len(reader.staged),
     )
 
 
-def _with_runs(raw: bytes) -> bytes:
-    """A journaled request with ``runs`` on every shard (empty: the new store never held its ids)."""
+def _without_runs(raw: bytes) -> bytes:
+    """A journaled request whose ``runs`` are empty on every shard: its ids were never in the new store."""
     request = json.loads(raw)
     for info in request.get("shards", {}).values():
-        info.setdefault("runs", [])
+        info["runs"] = []
     return json.dumps(request, sort_keys=True).encode()

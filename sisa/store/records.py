@@ -8,7 +8,6 @@ change composed of several of them stays atomic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ import numpy as np
 from sisa.config.settings import SisaConfig
 from sisa.data.inputs import model_inputs
 from sisa.errors import IntegrityError, StoreChangedError, StoreError
-from sisa.store.cipher import TOKEN_SIZE, new_key, new_token, xor_stream
+from sisa.store.cipher import OVERHEAD, TOKEN_SIZE, new_key, new_token, open_record, seal_record
 from sisa.store.digests import sha256
 from sisa.store.environment import Tables
 
@@ -35,6 +34,7 @@ __all__ = [
     "Records",
     "id_key",
     "RUN_MAX",
+    "SEAL_OVERHEAD",
     "run_key",
     "open_sample",
     "seal_sample",
@@ -85,35 +85,58 @@ def shard_key(shard: int) -> bytes:
     return struct.pack(">I", shard)
 
 
-# A sample's plaintext: int32 label, its features in the store's dtype, an 8-byte digest. Small on
-# purpose: 5 Fashion-MNIST records (796 bytes each) fill one 4 KiB LMDB page, 4 would not.
-DIGEST_SIZE = 8
+# A sample's plaintext body: int32 label, then its features in the store's dtype. Sealed, it is the
+# body with AES-GCM's nonce in front and tag behind (28 bytes): 4 Fashion-MNIST records (816 bytes)
+# fill a 4 KiB LMDB page. The keystream's 8-byte digest fitted 5, but it was unkeyed (forgeable).
+SEAL_OVERHEAD = OVERHEAD
 _LABEL = struct.Struct("<i")
-_SAMPLE_TAG, _CKPT_TAG = b"sample", b"ckpt"
 DEFAULT_DTYPE = "<f4"  # what a store without samples yet reports
+# Associated data of a sealed sample: what it is and where it lives. The open of a record moved to
+# another id, run (or slice or shard) or key generation, or of another kind, fails to authenticate.
+_SAMPLE_AD = struct.Struct(">8sQIIQI")  # kind, id, shard, slice, run, generation
+_SAMPLE_KIND = b"sisa-smp"
+_CKPT_KIND, _BACKBONE_KIND = b"sisa-ckpt|", b"sisa-backbone|"
 
 
-def _sample_digest(key: bytes, body: bytes | memoryview) -> bytes:
-    """BLAKE2b-64 over the id key and the plaintext body: binds the bytes to their id."""
-    h = hashlib.blake2b(key, digest_size=DIGEST_SIZE)
-    h.update(body)  # no concatenated copy of the body: this runs for every sample a fit loads
-    return h.digest()
+def sample_ad(sid_key: bytes, place: tuple[int, int, int], generation: int) -> bytes:
+    """The associated data a sample is sealed with: kind, id, shard, slice, run and key generation."""
+    return _SAMPLE_AD.pack(_SAMPLE_KIND, struct.unpack(">Q", sid_key)[0], *place, generation)
 
 
-def open_sample(keys: Sequence[SliceKey], sid_key: bytes, sealed: bytes | memoryview, body_len: int) -> bytes | None:
-    """The plaintext body of a sealed sample record, trying each slice key (newest first); None if none fits."""
-    if len(sealed) != body_len + DIGEST_SIZE:
+def checkpoint_ad(token: bytes, name: str) -> bytes:
+    """The associated data of a checkpoint (or the backbone): its token and its key in the ``ckpt`` table."""
+    kind = _BACKBONE_KIND if name.startswith(BACKBONE_PREFIX) else _CKPT_KIND
+    return kind + token + b"|" + name.encode()
+
+
+def open_sample(
+    keys: Sequence[SliceKey],
+    place: tuple[int, int, int],
+    sid_key: bytes,
+    sealed: bytes | memoryview,
+    body_len: int,
+) -> bytes | None:
+    """The plaintext body of a sealed sample record, trying each run key (newest first); None if none opens it.
+
+    Args:
+        keys: The keys of the sample's run (each with its generation, which the seal is bound to).
+        place: The sample's (shard, slice, run).
+        sid_key: The sample's id key (:func:`id_key`).
+        sealed: The stored record.
+        body_len: The plaintext's length (label + features), from the store's shape and dtype.
+    """
+    if len(sealed) != body_len + SEAL_OVERHEAD:
         return None
     for entry in keys:
-        plain = xor_stream(entry.key, _SAMPLE_TAG, sid_key, sealed)
-        if plain[body_len:] == _sample_digest(sid_key, plain[:body_len]):
-            return plain[:body_len]
+        plain = open_record(entry.key, sealed, sample_ad(sid_key, place, entry.generation))
+        if plain is not None:
+            return plain
     return None
 
 
-def seal_sample(key: bytes, sid_key: bytes, body: bytes) -> bytes:
-    """Encrypt a sample's plaintext body (label + features) with its digest appended."""
-    return xor_stream(key, _SAMPLE_TAG, sid_key, body + _sample_digest(sid_key, body))
+def seal_sample(key: SliceKey, place: tuple[int, int, int], sid_key: bytes, body: bytes) -> bytes:
+    """Seal a sample's plaintext body (label + features) under its run's key, bound to id, place and generation."""
+    return seal_record(key.key, body, sample_ad(sid_key, place, key.generation))
 
 
 class Records:
@@ -247,7 +270,7 @@ class Records:
         y = np.empty(len(ids), dtype=np.int64)
         samples, assign = self._dbs["samples"], self._dbs["assign"]
         at = f" ({where})" if where else ""
-        cache: dict[bytes, list[SliceKey]] = {}
+        cache: dict[tuple[int, int, int], list[SliceKey]] = {}
         # The key snapshot was taken after the bulk one: keys are deleted only after the records
         # that need them, so every record this snapshot holds still has its key, unless a
         # rotation finished in between (then the record is outdated: StoreChangedError).
@@ -258,11 +281,11 @@ class Records:
                 place = txn.get(k, db=assign)
                 if raw is None or place is None:
                     raise IntegrityError(f"sample {sid}{at} is missing from store {self.path}")
-                place = bytes(place)  # (shard, slice, run): the ids of one run share its key
-                keys = cache.get(place)
+                at_run: tuple[int, int, int] = _PLACE.unpack(bytes(place))  # (shard, slice, run): one run, one key
+                keys = cache.get(at_run)
                 if keys is None:
-                    keys = cache[place] = self.keys.run_keys(ktxn, *_PLACE.unpack(place))
-                plain = open_sample(keys, k, raw, body_len)
+                    keys = cache[at_run] = self.keys.run_keys(ktxn, *at_run)
+                plain = open_sample(keys, at_run, k, raw, body_len)
                 if plain is None:
                     if self.changed_since(txn):
                         raise StoreChangedError(
@@ -270,8 +293,9 @@ class Records:
                             "its slice); read again"
                         )
                     raise IntegrityError(
-                        f"sample {sid}{at} in store {self.path} was modified: its record does not decrypt to its "
-                        "digest; restore the store from a backup or re-ingest the data into a new store"
+                        f"sample {sid}{at} in store {self.path} was modified or moved: its record (shard {at_run[0]} "
+                        f"slice {at_run[1]} run {at_run[2]}) fails to authenticate under its run's {len(keys)} "
+                        "key(s); restore the store from a backup or re-ingest the data into a new store"
                     )
                 y[i] = _LABEL.unpack_from(plain)[0]
                 x[i] = np.frombuffer(plain, dtype=dtype, offset=_LABEL.size, count=width)
@@ -341,7 +365,7 @@ class Records:
         self.put_meta(txn, backbone=record)
 
     def _open_checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any], where: str) -> bytes:
-        """Decrypt the ``ckpt`` entry named by ``record["key"]`` and check it against ``record["sha256"]``."""
+        """Open the ``ckpt`` entry named by ``record["key"]`` (bound to that name) and check ``record["sha256"]``."""
         raw = txn.get(record["key"].encode(), db=self._dbs["ckpt"])
         if raw is None:
             raise IntegrityError(f"checkpoint of {where} is missing from store {self.path}")
@@ -357,7 +381,13 @@ class Records:
                 f"checkpoint of {where} in store {self.path} has no key (keys/ is damaged or was replaced); "
                 "restore the store from a backup"
             )
-        blob = xor_stream(key, _CKPT_TAG, token, memoryview(raw)[TOKEN_SIZE:])
+        blob = open_record(key, memoryview(raw)[TOKEN_SIZE:], checkpoint_ad(token, record["key"]))
+        if blob is None:
+            raise IntegrityError(
+                f"checkpoint of {where} (store key {record['key']}) in store {self.path} was modified or moved: "
+                "its bytes fail to authenticate under its key; `sisa resume` after removing it, or restore the "
+                "store from a backup"
+            )
         if sha256(blob) != record["sha256"]:
             raise IntegrityError(
                 f"checkpoint of {where} was modified: its sha256 does not match the record; "
@@ -391,15 +421,20 @@ class Records:
                 out[int(sid)] = (shard, slice_)
         return out
 
-    def seal_checkpoint(self, blob: bytes) -> bytes:
-        """Encrypt checkpoint bytes under a fresh key, committed to the key environment first.
+    def seal_checkpoint(self, blob: bytes, name: str) -> bytes:
+        """Seal checkpoint bytes under a fresh key, committed to the key environment first.
+
+        Args:
+            blob: The checkpoint (or backbone) bytes.
+            name: Its key in the ``ckpt`` table (a stage record's ``key``, or the backbone's):
+                the seal is bound to it, so the bytes open under no other name.
 
         Returns:
-            What :meth:`commit_stage` stores: the key's token, then the ciphertext.
+            What :meth:`commit_stage` stores: the key's token, then the sealed bytes.
         """
         token, key = new_token(), new_key()
         self.keys.put_checkpoint_key(token, key)
-        return token + xor_stream(key, _CKPT_TAG, token, blob)
+        return token + seal_record(key, blob, checkpoint_ad(token, name))
 
     def checkpoint_keys(self, txn: lmdb.Transaction) -> list[str]:
         """Key of every checkpoint stored (live, stage or retained stale), sorted."""
@@ -445,7 +480,8 @@ class Records:
         keys = self.keys.ensure_run_keys(zip(shard.tolist(), slice_.tolist(), runs.tolist(), strict=True))
         for i, sid in enumerate(ids.tolist()):
             k, s, r = id_key(sid), int(shard[i]), int(slice_[i])
-            sealed = seal_sample(keys[(s, r, int(runs[i]))].key, k, _LABEL.pack(int(y[i])) + rows[i].tobytes())
+            at_run = (s, r, int(runs[i]))
+            sealed = seal_sample(keys[at_run], at_run, k, _LABEL.pack(int(y[i])) + rows[i].tobytes())
             if not txn.put(k, sealed, db=samples, overwrite=False, append=append):
                 raise StoreError(f"sample id {sid} is already in the store")
             txn.put(k, _PLACE.pack(s, r, int(runs[i])), db=assign, append=append)

@@ -152,7 +152,7 @@ class Planner:
         blob = backbones.encode(fresh)
         new: dict[str, Any] = {"key": BACKBONE_PREFIX + fresh.digest, "sha256": sha256(blob), "digest": fresh.digest}
         new.update(bytes=len(blob), **fresh.info)
-        sealed = store.seal_checkpoint(blob)  # its key is committed first
+        sealed = store.seal_checkpoint(blob, new["key"])  # its key is committed first
         store.write(lambda txn: store.put_backbone(txn, new, sealed))
         # The replaced backbone's bytes stay in free pages until reused: destroying their key now (and
         # compacting the key file) makes them unreadable at once, not at the next deletion's sweep.
@@ -369,7 +369,7 @@ class Planner:
 
         def commit(result: StageResult) -> None:
             record, last = stage_record(result), result.stage == total_slices[result.shard]
-            sealed = store.seal_checkpoint(result.checkpoint)  # its key is committed first
+            sealed = store.seal_checkpoint(result.checkpoint, record["key"])  # its key is committed first
 
             def change(txn: Any) -> None:
                 store.commit_stage(txn, record, sealed, last)

@@ -95,7 +95,10 @@ def test_a_value_the_store_dtype_cannot_hold_is_refused_and_changes_nothing(tmp_
         assert np.array_equal(x, raw[:4].astype(np.float32))
 
 
-def test_fashion_mnist_costs_at_most_1_15x_its_raw_bytes_per_sample(tmp_path: Path) -> None:
+def test_fashion_mnist_costs_at_most_1_45x_its_raw_bytes_per_sample(tmp_path: Path) -> None:
+    # A sealed record is the 788-byte body + AES-GCM's 12-byte nonce and 16-byte tag = 816 bytes:
+    # 4 fit a 4 KiB page (5 would need <= 798, which no 16-byte tag allows), so about 1,024 bytes a
+    # sample plus the assignment. Format 3's unkeyed 8-byte digest fitted 5 (measured 891), forgeably.
     data = load_fashion_mnist("train", raw=True)
     sizes = {}
     for n in (12000, 24000):
@@ -105,8 +108,8 @@ def test_fashion_mnist_costs_at_most_1_15x_its_raw_bytes_per_sample(tmp_path: Pa
 
             ens.ingest(LabeledArrays(data.x[:n], data.y[:n], data.ids[:n], scale=255.0))
         sizes[n] = sum(f.stat().st_size for f in (path / "data.mdb", path / "keys" / "data.mdb"))
-    per_sample = (sizes[24000] - sizes[12000]) / 12000  # the marginal bytes: what grows with N (measured 891)
-    assert per_sample <= 1.15 * (28 * 28 + 1), per_sample
+    per_sample = (sizes[24000] - sizes[12000]) / 12000  # the marginal bytes: what grows with N (measured 1097)
+    assert per_sample <= 1.45 * (28 * 28 + 1), per_sample
 
 
 def test_float64_is_stored_as_the_float32_values_training_sees(tmp_path: Path) -> None:

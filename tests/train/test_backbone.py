@@ -272,7 +272,7 @@ def plant_backbone(path: Path, blob: bytes) -> None:
         with store.read() as txn:
             record = dict(store.meta(txn)["backbone"])
         record.update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
-        sealed = store.seal_checkpoint(blob)
+        sealed = store.seal_checkpoint(blob, record["key"])
         store.write(lambda txn: store.put_backbone(txn, record, sealed))
 
 

@@ -1,0 +1,146 @@
+"""Format-3 stores, written by the sisa that wrote them, are refused by name and carried into format 4 by migrate.
+
+The old code is the repository at :data:`OLD` (the last commit whose store format was 3: a
+SHAKE-256 keystream with unkeyed BLAKE2b check values), unpacked from git history into a
+temporary directory and run in a child process. The migrated store must give back the very same
+models, verify and audit, keep the deferred request pending and apply it.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sisa.cli.main import main
+from sisa.ensemble import Ensemble
+from sisa.errors import IntegrityError, StoreError
+from sisa.store.migrate import migrate
+from tests.conftest import ROOT, blobs, live_state, small_config, store_digest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+OLD = "8d0ec4a65b34cf128481f0043b087eadd96e9a08"  # store format 3, before AES-GCM (issue 26)
+X, Y = blobs(400, d=8)
+
+WRITE_OLD = """
+import json, sys
+import numpy as np
+import sisa
+from sisa import load_config
+from sisa.ensemble import Ensemble
+from sisa.store.database import FORMAT_VERSION
+
+path, overrides = sys.argv[1], json.loads(sys.argv[2])
+data = np.load(sys.argv[3])
+with Ensemble.create(path, load_config(None, overrides), address="local") as ens:
+    ens.ingest(data["x"], data["y"])
+    ens.fit()
+    ens.delete([5])
+    ens.delete([7], defer=True)
+    with ens.store.read() as txn:
+        live = {s: [r["sha256"], r["weights"]] for s, r in ens.store.live(txn).items()}
+    proba = ens.predict_proba(data["x"][:20]).tolist()
+print(json.dumps({"file": sisa.__file__, "format": FORMAT_VERSION, "live": live, "proba": proba}))
+"""
+
+
+@pytest.fixture(scope="module")
+def old_sisa(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``sisa`` package as of :data:`OLD`, unpacked from git history."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs the repository's git history (the old code is unpacked from it)")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD, "sisa"], capture_output=True, check=False)
+    assert archive.returncode == 0, f"git archive {OLD} failed (a shallow clone?): {archive.stderr.decode()}"
+    out = tmp_path_factory.mktemp("old_sisa")
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def format3(old_sisa: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A format-3 store written by the old code (fit, a deletion, a deferred deletion), and what it served."""
+    work = tmp_path_factory.mktemp("format3")
+    np.savez(work / "data.npz", x=X, y=Y)
+    overrides = ["shards=3", "slices=3", "data.num_classes=3", "model.hidden=[16]", "train.epochs=4"]
+    env = dict(os.environ, PYTHONPATH=str(old_sisa))
+    child = subprocess.run(
+        [sys.executable, "-c", WRITE_OLD, str(work / "old"), json.dumps(overrides), str(work / "data.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,  # not the repository: its sisa must not shadow the old one
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    state = json.loads(child.stdout.strip().splitlines()[-1])
+    assert state["format"] == 3 and state["file"].startswith(str(old_sisa)), state["file"]
+    return work / "old", state
+
+
+def test_a_format_3_store_is_refused_with_the_command_that_migrates_it(format3: tuple[Path, dict]) -> None:
+    path, _ = format3
+    before = store_digest(path)
+    with pytest.raises(StoreError, match=r"format 3 .*forge.*sisa migrate --store .* --to NEW"):
+        Ensemble.open(path)
+    with pytest.raises(StoreError, match=r"format 3"):
+        Ensemble.open(path, readonly=True)
+    assert store_digest(path) == before
+
+
+def test_migrate_carries_a_format_3_store_into_format_4_with_the_same_models(
+    format3: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, state = format3
+    before = store_digest(path)
+    new = tmp_path / "new"
+    assert main(["migrate", "--store", str(path), "--to", str(new), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source_format"] == 3 and report["samples"] == len(X) - 2 and report["checkpoints"] > 0
+    assert report["feature_dtype"] == "float32"
+    assert store_digest(path) == before  # only read
+    with Ensemble.open(new) as ens:
+        assert ens.store.meta()["format"] == 4
+        assert {str(s): list(v) for s, v in live_state(ens).items()} == state["live"]
+        assert np.array_equal(ens.predict_proba(X[:20]), np.asarray(state["proba"], dtype=np.float32))
+        assert [r["request_id"] for r in ens.pending()] == [2]  # the deferred request stays pending
+        audit = ens.audit()
+        assert audit.ok and audit.entries >= 1, audit.problems
+        report = ens.verify()  # every shard in service replays to its live model
+        assert all(info["ok"] for info in report["shards"].values() if info["live_weights"] is not None)
+        cert = ens.apply()[0]  # and the deferred request applies in the new store
+        assert cert["request_id"] == 2 and ens.verify()["ok"] and ens.audit().ok
+        assert [r["deleted"] for r in ens.lookup([5, 7, 9])] == [True, True, False]  # keyed hashes: same secret
+
+
+def test_a_tampered_format_3_sample_stops_the_migration_and_leaves_no_target(
+    format3: tuple[Path, dict], tmp_path: Path
+) -> None:
+    path, _ = format3
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    # Flip the first byte after the 8-byte id key of sample 0's record, found by its key in data.mdb's pages.
+    import lmdb
+
+    env = lmdb.open(str(copy), max_dbs=16)
+    samples = env.open_db(b"samples", create=False)
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(struct.pack(">Q", 0), db=samples))
+        raw[3] ^= 0x01
+        txn.put(struct.pack(">Q", 0), bytes(raw), db=samples)
+    env.close()
+    with pytest.raises(IntegrityError, match=r"sample 0 .*format-3 store .*nothing was migrated"):
+        migrate(copy, tmp_path / "target")
+    assert not (tmp_path / "target").exists()
+
+
+def test_migrate_refuses_a_store_of_this_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Ensemble.create(tmp_path / "current", small_config()) as ens:
+        ens.ingest(X, Y)
+    assert main(["migrate", "--store", str(tmp_path / "current"), "--to", str(tmp_path / "n")]) == 2
+    assert "already in this format" in capsys.readouterr().err and not (tmp_path / "n").exists()
