@@ -1,4 +1,4 @@
-"""What one deletion costs besides the retrain, for the old store layout and this checkout's, side by side.
+"""What erasure costs, for the old store (cipher and layout) and this checkout's, side by side in one run.
 
 For each N and each layout, a fresh child process builds a store of N synthetic samples
 (784 ``uint8`` features, a pure function of the id; labels ``id % 10``; uniform partition,
@@ -18,11 +18,30 @@ records:
   and ``erasure_bytes`` = written - checkpoint bytes, the estimate of what the erasure
   itself wrote.
 
+Besides the deletions, each child measures, through the store's own code:
+
+* ``rekey``: re-encryption records/s: :func:`sisa.store.erasure.rotate` (``fresh=True``) of
+  the first runs of the store, up to :data:`REKEY_SAMPLES` samples (new keys, every sample
+  opened and sealed again in bounded LMDB transactions, old keys dropped);
+* ``checkpoints``: checkpoint open MB/s (``store.checkpoint`` of every stage: read, decrypt,
+  check) and seal MB/s (``store.seal_checkpoint`` of the same bytes: a fresh key committed to
+  ``keys/``, then the cipher), best of 3;
+* ``deferred``: the time from ``delete(defer=True)`` to the deleted id's old run key being gone
+  from ``keys/``: the call alone where the request is erased when accepted, the call plus the
+  ``apply`` (retrain included) where erasure waits for the retrain.
+
+And the parent times the two ciphers alone, without a store (``cipher``): re-encrypting a
+788-byte Fashion-MNIST record (open + seal) and sealing / opening a 5 MiB blob, with format 3's
+SHAKE-256 keystream and BLAKE2b check value (a copy of its code is kept in this script) against
+this checkout's :mod:`sisa.store.cipher` (AES-256-GCM).
+
 The layouts:
 
-* ``old``: git revision 710eb75 (every apply compacts the whole ``data.mdb``; features
-  stored as float32), run from a git worktree the script creates (``--old-worktree``,
-  default ``/tmp/sisa-erasure-old``) with that worktree first on ``sys.path``;
+* ``old``: git revision 8d0ec4a (store format 3: SHAKE-256 keystream, unkeyed BLAKE2b check
+  values, erasure after the retrain), run from a git worktree the script creates
+  (``--old-worktree``, default ``/tmp/sisa-erasure-old``) with that worktree first on
+  ``sys.path``. ``--old-rev 710eb75`` compares with the layout before encryption (every apply
+  compacts the whole ``data.mdb``) as docs/benchmarks.md's older section did;
 * ``new``: this checkout's working tree (HEAD plus any uncommitted changes; recorded).
 
 Each child checks that ``sisa`` was imported from its layout's tree and records
@@ -44,6 +63,8 @@ Writes ``docs/bench/erasure.json`` and ``docs/bench/erasure.png`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -59,7 +80,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD_REV = "710eb75"
+OLD_REV = "8d0ec4a"  # store format 3: the SHAKE-256 keystream that AES-256-GCM replaced (issue 26)
 LAYOUTS = ("old", "new")
 FEATURES = 784
 BATCH = 8192
@@ -67,6 +88,9 @@ SIZES = [60_000, 600_000, 3_000_000]
 QUICK_SIZES = [6_000, 30_000]
 BATCH_DELETE = 100
 DEFAULT_WORKTREE = Path("/tmp/sisa-erasure-old")
+REKEY_SAMPLES = 60_000  # samples re-encrypted by the rekey measurement (all of a smaller store)
+CIPHER_RECORD = 788  # bytes of a Fashion-MNIST sample's plaintext: int32 label + 784 uint8 pixels
+CIPHER_BLOB = 5 << 20  # bytes of the blob the cipher-only checkpoint measurement seals and opens
 # The store's config before the command line's overrides: the default MLP (784-128-10), S=8, R=4.
 BASE_OVERRIDES = [
     "shards=8",
@@ -236,6 +260,119 @@ def stored_checkpoint_bytes(ens: Any, shards: int) -> int | None:
         return None
 
 
+def best_of(runs: int, fn: Any) -> float:
+    """The fastest of ``runs`` timed calls of ``fn()``, in seconds."""
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_checkpoints(ens: Any, shards: int) -> dict[str, Any] | None:
+    """Open MB/s (``store.checkpoint`` of every stage) and seal MB/s (``store.seal_checkpoint`` of the same bytes)."""
+    store = ens.store
+    with store.read() as txn:
+        records = [rec for s in range(shards) for rec in store.stage_records(txn, s)]
+    if not records:
+        return None
+
+    def open_all() -> list[bytes]:
+        with store.read() as txn:
+            return [store.checkpoint(txn, rec) for rec in records]
+
+    blobs = open_all()
+    total = sum(len(b) for b in blobs)
+    named = len(inspect.signature(store.seal_checkpoint).parameters) > 1  # format 4 binds the seal to a name
+
+    def seal_all() -> None:
+        for rec, blob in zip(records, blobs, strict=True):
+            store.seal_checkpoint(blob, rec["key"]) if named else store.seal_checkpoint(blob)
+
+    open_s, seal_s = best_of(3, open_all), best_of(3, seal_all)
+    return {
+        "checkpoints": len(records),
+        "bytes": total,
+        "open_s": open_s,
+        "seal_s": seal_s,
+        "open_mb_s": total / open_s / 1e6,
+        "seal_mb_s": total / seal_s / 1e6,
+        "seal_note": "each seal commits a fresh key to keys/ (one LMDB write transaction) before the cipher runs",
+    }
+
+
+def measure_rekey(ens: Any, limit: int) -> dict[str, Any] | None:
+    """Re-encryption records/s: rotate the store's first runs (up to ``limit`` samples) with fresh keys."""
+    try:
+        from sisa.store.erasure import rotate
+    except ImportError:  # a layout before keys (710eb75)
+        return None
+    store = ens.store
+    with store.keys.read() as ktxn:
+        runs = sorted(store.keys.all_runs(ktxn))
+    chosen, count = [], 0
+    with store.read() as txn:
+        for run in runs:
+            size = len(store.run_ids(txn, *run))
+            if chosen and count + size > limit:
+                break
+            chosen.append(run)
+            count += size
+    t0 = time.perf_counter()
+    report = rotate(store, chosen, fresh=True)
+    seconds = time.perf_counter() - t0
+    return {
+        "runs": len(chosen),
+        "reencrypted": report.reencrypted,
+        "seconds": seconds,
+        "records_per_s": report.reencrypted / seconds if seconds > 0 else None,
+    }
+
+
+def run_key_of(ens: Any, sample_id: int) -> tuple[tuple[int, int, int], bytes] | None:
+    """Where ``sample_id`` lives and its run's newest key now (``None`` for a layout without keys)."""
+    store = ens.store
+    if not hasattr(store, "keys"):
+        return None
+    with store.read() as txn:
+        place = store.place(txn, sample_id)
+    with store.keys.read() as ktxn:
+        keys = store.keys.run_keys(ktxn, *place)
+    return tuple(place), keys[0].key
+
+
+def key_gone(ens: Any, place: tuple[int, int, int], key: bytes) -> bool:
+    """Whether ``key`` is no longer a key of run ``place`` (and not in the key file's bytes)."""
+    with ens.store.keys.read() as ktxn:
+        held = [k.key for k in ens.store.keys.run_keys(ktxn, *place)]
+    return key not in held and key not in (Path(ens.store.path) / "keys" / "data.mdb").read_bytes()
+
+
+def measure_deferred(ens: Any, sample_id: int) -> dict[str, Any] | None:
+    """Seconds from ``delete(defer=True)`` to the id's old run key being destroyed (applied after either way)."""
+    before = run_key_of(ens, sample_id)
+    if before is None:
+        return None
+    place, key = before
+    t0 = time.perf_counter()
+    ens.delete([sample_id], defer=True)
+    defer_s = time.perf_counter() - t0
+    erased_at_acceptance = key_gone(ens, place, key)
+    t0 = time.perf_counter()
+    ens.apply()
+    apply_s = time.perf_counter() - t0
+    if not key_gone(ens, place, key):
+        raise RuntimeError(f"the key of run {place} survived the apply of a deletion of id {sample_id}")
+    return {
+        "id": sample_id,
+        "defer_s": defer_s,
+        "apply_s": apply_s,
+        "erased_at_acceptance": erased_at_acceptance,
+        "to_keys_destroyed_s": defer_s if erased_at_acceptance else defer_s + apply_s,
+    }
+
+
 def timed_delete(ens: Any, ids: list[int], peaks: PeakAnon, phase: str) -> dict[str, Any]:
     """Delete ``ids`` in one call and measure it: seconds, retrain seconds, bytes written."""
     peaks.enter(phase)
@@ -307,17 +444,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         row["ingested"] = int(ingested)
         row["disk_after_fit"] = disk_usage(store)
         row["checkpoints_stored_bytes"] = stored_checkpoint_bytes(ens, cfg.shards)
-        single, single_how = pick_ids(ens, n, cfg.slices, 1 + int(spec["batch_delete"]))
+        peaks.enter("checkpoints")
+        row["checkpoints"] = measure_checkpoints(ens, cfg.shards)
+        peaks.enter("rekey")
+        row["rekey"] = measure_rekey(ens, REKEY_SAMPLES)
+        single, single_how = pick_ids(ens, n, cfg.slices, 2 + int(spec["batch_delete"]))
         row["ids_chosen"] = single_how
         row["single"] = timed_delete(ens, single[:1], peaks, "delete_single")
         row["single"]["id"] = single[0]
-        row["batch"] = timed_delete(ens, single[1:], peaks, "delete_batch")
+        row["batch"] = timed_delete(ens, single[1:-1], peaks, "delete_batch")
+        peaks.enter("deferred")
+        row["deferred"] = measure_deferred(ens, single[-1])
         row["disk_after_deletes"] = disk_usage(store)
         row["samples_after"] = ens.status().get("samples")
     peak = peaks.stop()
     row["baseline_anon_mib"] = baseline
     row["peak_anon_mib"] = peak
     row["ingest_peak_anon_mib"] = peak.get("ingest")
+    row["ingest_samples_per_s"] = n / row["ingest_s"]
     row["vmhwm_mib"] = proc_status_kib("VmHWM") / 1024
     on_disk = row["disk_after_fit"]["bytes_on_disk"]
     row["bytes_on_disk_per_sample"] = on_disk / n
@@ -326,6 +470,87 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     # the samples' share: the store's bytes on disk less its checkpoints (which do not grow with N)
     row["bytes_on_disk_per_sample_excl_checkpoints"] = None if ckpts is None else (on_disk - ckpts) / n
     return row
+
+
+# --------------------------------------------------------------------------- the ciphers alone
+def old_keystream(key: bytes, tag: bytes, name: bytes, data: bytes | memoryview) -> bytes:
+    """Store format 3's cipher (sisa/store/cipher.py at 8d0ec4a, verbatim): ``data`` XOR SHAKE-256."""
+    n = len(data)
+    stream = hashlib.shake_256(b"sisa-" + tag + b"|" + key + name).digest(n)
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def old_digest(key: bytes, body: bytes | memoryview) -> bytes:
+    """Format 3's unkeyed BLAKE2b-64 check value over the id key and the body."""
+    h = hashlib.blake2b(key, digest_size=8)
+    h.update(body)
+    return h.digest()
+
+
+def measure_ciphers(records: int = 20_000) -> dict[str, Any]:
+    """Re-encrypt records/s (open under one key, seal under another) and blob seal/open MB/s, old and new."""
+    from sisa.store import cipher
+
+    rng = np.random.default_rng(0)
+    body = rng.integers(0, 256, CIPHER_RECORD, dtype=np.uint8).tobytes()
+    blob = rng.integers(0, 256, CIPHER_BLOB, dtype=np.uint8).tobytes()
+    sid = (12345).to_bytes(8, "big")
+    k1, k2 = os.urandom(16), os.urandom(16)
+    old_sealed = old_keystream(k1, b"sample", sid, body + old_digest(sid, body))
+
+    def old_rekey() -> None:
+        for _ in range(records):
+            plain = old_keystream(k1, b"sample", sid, old_sealed)
+            if plain[CIPHER_RECORD:] != old_digest(sid, plain[:CIPHER_RECORD]):
+                raise RuntimeError("old cipher: digest mismatch")
+            old_keystream(k2, b"sample", sid, plain[:CIPHER_RECORD] + old_digest(sid, plain[:CIPHER_RECORD]))
+
+    n1, n2, ad1, ad2 = (
+        cipher.new_key(),
+        cipher.new_key(),
+        b"sisa-smp" + sid + bytes(24),
+        b"sisa-smp" + sid + bytes(23) + b"1",
+    )
+    new_sealed = cipher.seal_record(n1, body, ad1)
+
+    def new_rekey() -> None:
+        for _ in range(records):
+            plain = cipher.open_record(n1, new_sealed, ad1)
+            if plain is None:
+                raise RuntimeError("new cipher: record failed to open")
+            cipher.seal_record(n2, plain, ad2)
+
+    token = os.urandom(16)
+    old_blob = old_keystream(k1, b"ckpt", token, blob)
+    new_blob = cipher.seal_record(n1, blob, b"sisa-ckpt|" + token)
+    out: dict[str, Any] = {"record_bytes": CIPHER_RECORD, "blob_bytes": CIPHER_BLOB, "records": records}
+    for name, rekey, seal, open_ in (
+        (
+            "old",
+            old_rekey,
+            lambda: old_keystream(k1, b"ckpt", token, blob),
+            lambda: hashlib.sha256(old_keystream(k1, b"ckpt", token, old_blob)).digest(),
+        ),
+        (
+            "new",
+            new_rekey,
+            lambda: cipher.seal_record(n1, blob, b"sisa-ckpt|" + token),
+            lambda: cipher.open_record(n1, new_blob, b"sisa-ckpt|" + token),
+        ),
+    ):
+        rekey_s = best_of(3, rekey)
+        seal_s, open_s = best_of(5, seal), best_of(5, open_)
+        out[name] = {
+            "rekey_records_per_s": records / rekey_s,
+            "rekey_mb_s": records * CIPHER_RECORD / rekey_s / 1e6,
+            "blob_seal_mb_s": CIPHER_BLOB / seal_s / 1e6,
+            "blob_open_mb_s": CIPHER_BLOB / open_s / 1e6,
+        }
+    out["old"]["what"] = "SHAKE-256 keystream XOR + BLAKE2b-64 (open: decrypt + check; seal: digest + encrypt)"
+    out["new"]["what"] = "AES-256-GCM from cryptography (a fresh 96-bit nonce per seal, 16-byte tag)"
+    out["old"]["blob_open_note"] = "format 3 checked a checkpoint by its sha256 after decrypting: included"
+    out["rekey_new_over_old"] = out["new"]["rekey_records_per_s"] / out["old"]["rekey_records_per_s"]
+    return out
 
 
 # --------------------------------------------------------------------------- parent side
@@ -417,6 +642,17 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"{kind}_{key}"] = ratio(old[kind][key], new[kind][key])
         row["bytes_on_disk"] = ratio(old["disk_after_fit"]["bytes_on_disk"], new["disk_after_fit"]["bytes_on_disk"])
         row["ingest_s"] = ratio(old["ingest_s"], new["ingest_s"])
+        # new / old for rates (higher is better for the new layout), like the other ratios' old / new of costs
+        row["ingest_samples_per_s_new_over_old"] = ratio(
+            new.get("ingest_samples_per_s"), old.get("ingest_samples_per_s")
+        )
+        rekey_old, rekey_new = old.get("rekey") or {}, new.get("rekey") or {}
+        row["rekey_records_per_s_new_over_old"] = ratio(rekey_new.get("records_per_s"), rekey_old.get("records_per_s"))
+        ck_old, ck_new = old.get("checkpoints") or {}, new.get("checkpoints") or {}
+        row["checkpoint_open_mb_s_new_over_old"] = ratio(ck_new.get("open_mb_s"), ck_old.get("open_mb_s"))
+        row["checkpoint_seal_mb_s_new_over_old"] = ratio(ck_new.get("seal_mb_s"), ck_old.get("seal_mb_s"))
+        d_old, d_new = old.get("deferred") or {}, new.get("deferred") or {}
+        row["to_keys_destroyed_s"] = ratio(d_old.get("to_keys_destroyed_s"), d_new.get("to_keys_destroyed_s"))
         row["ingest_peak_anon"] = ratio(old["ingest_peak_anon_mib"], new["ingest_peak_anon_mib"])
         out.append(row)
     return out
@@ -448,6 +684,20 @@ def print_row(row: dict[str, Any]) -> None:
         f"{mb(s['erasure_bytes']):>8} | "
         f"{b['wall_s']:7.2f} {b['retrain_s']:7.2f} {b['non_retrain_s']:7.2f} {mb(b['written_bytes']):>8} "
         f"{mb(b['erasure_bytes']):>8}",
+        flush=True,
+    )
+
+
+def print_extra(row: dict[str, Any]) -> None:
+    """The rates of one child: ingest, re-encryption, checkpoints, deferred deletion to keys destroyed."""
+    rekey, ck, deferred = row.get("rekey") or {}, row.get("checkpoints") or {}, row.get("deferred") or {}
+    print(
+        f"{row['n']:>9} {row['layout']:<4} ingest {row['ingest_samples_per_s']:,.0f} samples/s; "
+        f"re-encryption {num(rekey.get('records_per_s'))} records/s ({rekey.get('reencrypted', '-')} records); "
+        f"checkpoints open {num(ck.get('open_mb_s'))} MB/s, seal {num(ck.get('seal_mb_s'))} MB/s; "
+        f"delete(defer=True) -> keys destroyed {deferred.get('to_keys_destroyed_s', float('nan')):.2f} s "
+        f"(call {deferred.get('defer_s', float('nan')):.2f} s, erased at acceptance: "
+        f"{deferred.get('erased_at_acceptance')})",
         flush=True,
     )
 
@@ -541,6 +791,15 @@ def main() -> int:
     per_sample: dict[str, float] = {}
     runs: list[dict[str, Any]] = []
     revisions = ", ".join(f"{k}={v['revision'][:10]}" for k, v in trees.items())
+    ciphers = measure_ciphers() if "new" in layouts else None
+    if ciphers is not None:
+        for name in ("old", "new"):
+            c = ciphers[name]
+            print(
+                f"cipher {name}: re-encrypt {c['rekey_records_per_s']:,.0f} records/s of {CIPHER_RECORD} B; "
+                f"{CIPHER_BLOB >> 20} MiB blob seal {c['blob_seal_mb_s']:,.0f} MB/s, "
+                f"open {c['blob_open_mb_s']:,.0f} MB/s"
+            )
     print(f"stores in {work}; layouts {revisions}")
     print(HEADER)
     try:
@@ -574,12 +833,20 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     compared = ratios(runs)
+    for row in runs:
+        print_extra(row)
     for r in compared:
         print(
             f"N={r['n']:>9} old/new: non-retrain 1 id {times(r['single_non_retrain_s'])}, "
             f"{BATCH_DELETE} ids {times(r['batch_non_retrain_s'])}; "
             f"written 1 id {times(r['single_written_bytes'])}, {BATCH_DELETE} ids {times(r['batch_written_bytes'])}; "
-            f"bytes on disk {times(r['bytes_on_disk'])}"
+            f"bytes on disk {times(r['bytes_on_disk'])}; defer-to-keys-destroyed {times(r['to_keys_destroyed_s'])}"
+        )
+        print(
+            f"N={r['n']:>9} new/old: ingest samples/s {times(r['ingest_samples_per_s_new_over_old'])}, "
+            f"re-encryption records/s {times(r['rekey_records_per_s_new_over_old'])}, checkpoint open MB/s "
+            f"{times(r['checkpoint_open_mb_s_new_over_old'])}, "
+            f"seal MB/s {times(r['checkpoint_seal_mb_s_new_over_old'])}"
         )
     result = {
         "machine": benchlib.machine_info(),
@@ -594,6 +861,7 @@ def main() -> int:
         "old_rev": args.old_rev if "old" in layouts else None,
         "erasure_bytes_method": ERASURE_BYTES_METHOD,
         "non_retrain_s_method": "wall seconds of Ensemble.delete minus the certificate's batch.retrain_seconds",
+        "cipher": ciphers,
         "runs": runs,
         "ratios_old_over_new": compared,
         "loadavg_end": benchlib.loadavg(),

@@ -59,7 +59,19 @@ def test_new_layout_tiny_run(tmp_path: Path, env_python: dict[str, str]) -> None
         assert disk["files"] and all(on_disk >= 0 and size >= 0 for on_disk, size in disk["files"].values())
     assert row["bytes_on_disk_per_sample"] > 0 and row["checkpoints_stored_bytes"] > 0
     assert 0 < row["bytes_on_disk_per_sample_excl_checkpoints"] < row["bytes_on_disk_per_sample"]
-    assert row["samples_after"] == 2000 - 1 - bench_erasure.BATCH_DELETE
+    assert row["samples_after"] == 2000 - 2 - bench_erasure.BATCH_DELETE  # one id, a batch, one deferred id
+
+    # the rates beside the deletions: through the store's own code, both ciphers alone in the parent
+    assert row["ingest_samples_per_s"] == pytest.approx(2000 / row["ingest_s"])
+    assert row["rekey"]["reencrypted"] > 0 and row["rekey"]["records_per_s"] > 0
+    ck = row["checkpoints"]
+    assert ck["checkpoints"] > 0 and ck["bytes"] > 0 and ck["open_mb_s"] > 0 and ck["seal_mb_s"] > 0
+    deferred = row["deferred"]
+    assert deferred["erased_at_acceptance"] is True  # this checkout erases when a request is accepted
+    assert deferred["to_keys_destroyed_s"] == deferred["defer_s"] > 0
+    for name in ("old", "new"):
+        cipher = result["cipher"][name]
+        assert cipher["rekey_records_per_s"] > 0 and cipher["blob_seal_mb_s"] > 0 and cipher["blob_open_mb_s"] > 0
 
     for kind, ids in (("single", 1), ("batch", bench_erasure.BATCH_DELETE)):
         cost = row[kind]
