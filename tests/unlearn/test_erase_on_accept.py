@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from sisa.store.digests import keyed_hash
 from tests.behaviour.test_faults import flip_byte_in_file
@@ -48,7 +49,7 @@ def test_a_deferred_deletion_leaves_no_key_or_plaintext_of_its_ids_before_any_ap
 
 
 def test_a_survivor_that_fails_to_decrypt_is_quarantined_and_never_blocks_the_erasure(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "st"
     ens = make(path)
@@ -88,6 +89,11 @@ def test_a_survivor_that_fails_to_decrypt_is_quarantined_and_never_blocks_the_er
             x, _ = ens.store.load_samples(txn, np.asarray(kept), (10,))
         assert np.array_equal(x, X[kept])
         assert ens.verify()["ok"]
+    # `sisa status` names it for the operator, with its place and the reason.
+    assert main(["status", "--store", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"quarantined sample {damaged} (shard {run[0]} slice {run[1]} run {run[2]}): it decrypts under" in out
+    with Ensemble.open(path, address="local") as ens:
         # Not a deletion: its genuine bytes may be ingested again from the source.
         ens.ingest(X[[damaged]], Y[[damaged]], ids=np.asarray([damaged]))
         with ens.store.read() as txn:
