@@ -32,6 +32,7 @@ one key seals two messages under one nonce, so:
 
 from __future__ import annotations
 
+import functools
 import os
 
 from cryptography.exceptions import InvalidTag
@@ -66,6 +67,18 @@ def new_token() -> bytes:
     return os.urandom(TOKEN_SIZE)
 
 
+@functools.lru_cache(maxsize=256)
+def _aead(key: bytes) -> AESGCM:
+    """The AES-GCM context of ``key``, kept for the next records under it.
+
+    Building one costs about as much as sealing a 1 KB record (the key schedule), and a
+    re-encryption opens and seals hundreds of records under the same two keys. The cache holds
+    the last 256 keys this process used: like every key a process has read, a destroyed one may
+    linger in memory until then (erasure is about the store's files; README, Erasure).
+    """
+    return AESGCM(key)
+
+
 def seal_record(key: bytes, plaintext: bytes | memoryview, associated: bytes) -> bytes:
     """Encrypt and authenticate ``plaintext`` under ``key``, bound to ``associated``.
 
@@ -79,7 +92,7 @@ def seal_record(key: bytes, plaintext: bytes | memoryview, associated: bytes) ->
         ``nonce || ciphertext || tag``: :data:`OVERHEAD` bytes longer than ``plaintext``.
     """
     nonce = os.urandom(NONCE_SIZE)  # random per seal: see the module docstring for why it never repeats
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+    return nonce + _aead(key).encrypt(nonce, plaintext, associated)
 
 
 def open_record(key: bytes, sealed: bytes | memoryview, associated: bytes) -> bytes | None:
@@ -97,6 +110,6 @@ def open_record(key: bytes, sealed: bytes | memoryview, associated: bytes) -> by
         return None
     view = memoryview(sealed)
     try:
-        return AESGCM(key).decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], associated)
+        return _aead(key).decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], associated)
     except InvalidTag:
         return None

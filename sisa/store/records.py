@@ -93,14 +93,14 @@ _LABEL = struct.Struct("<i")
 DEFAULT_DTYPE = "<f4"  # what a store without samples yet reports
 # Associated data of a sealed sample: what it is and where it lives. The open of a record moved to
 # another id, run (or slice or shard) or key generation, or of another kind, fails to authenticate.
-_SAMPLE_AD = struct.Struct(">8sQIIQI")  # kind, id, shard, slice, run, generation
-_SAMPLE_KIND = b"sisa-smp"
+_SAMPLE_KIND = b"sisa-smp"  # then the id key (big-endian id), then _SAMPLE_PLACE
+_SAMPLE_PLACE = struct.Struct(">IIQI")  # shard, slice, run, generation
 _CKPT_KIND, _BACKBONE_KIND = b"sisa-ckpt|", b"sisa-backbone|"
 
 
 def sample_ad(sid_key: bytes, place: tuple[int, int, int], generation: int) -> bytes:
     """The associated data a sample is sealed with: kind, id, shard, slice, run and key generation."""
-    return _SAMPLE_AD.pack(_SAMPLE_KIND, struct.unpack(">Q", sid_key)[0], *place, generation)
+    return _SAMPLE_KIND + sid_key + _SAMPLE_PLACE.pack(*place, generation)
 
 
 def checkpoint_ad(token: bytes, name: str) -> bytes:
