@@ -25,7 +25,7 @@ from sisa.store.digests import checkpoint_key
 from sisa.train import domain as domains
 from sisa.train.local_runner import LocalRunner
 from sisa.train.trainer import train_shard
-from tests.conftest import ROOT, blobs, live_state, small_config, store_digest
+from tests.conftest import ROOT, blobs, files_containing, live_state, sample_evidence, small_config, store_digest
 
 X, Y = blobs()
 
@@ -263,6 +263,7 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
         ens.fit()
         assert {s["domain"]["id"] for s in ens.status()["per_shard"]} == {here.id}
         victim = id_in_second_slice(ens, 2)
+        _, victim_keys = sample_evidence(ens, victim)  # what decrypts the victim's ciphertext
         ens.reconfigure(small_config("resources.cpu_isa=native", "resources.on_missing_domain=refuse"))
     # A process at another kernel level than this one (native: no pins), so in another domain.
     other = "avx2" if here.cpu_kernels == "DEFAULT" else "default"
@@ -296,7 +297,9 @@ def test_native_store_elsewhere_verify_refuses_then_refuse_waits_and_rebind_retr
     rc, result, err = cli("delete", "--store", str(path), "--ids", str(victim), "--address", "local", **elsewhere)
     assert rc == 2 and result["error"] == "DomainUnavailableError", (result, err)
     assert f"shard 2: no node here trains in its determinism domain {here.id}" in result["message"]
-    assert "stay pending" in result["message"]
+    assert "stay pending" in result["message"] and "their samples are erased from the store" in result["message"]
+    # The retrain failed, the erasure did not wait for it: the victim's key is in no file already.
+    assert all(files_containing(path, k) == [] for k in victim_keys)
     with Ensemble.open(path, readonly=True) as ens:
         assert [r["shards"] for r in ens.pending()] == [{"2": ens.pending()[0]["shards"]["2"]}]
         untouched = live_state(ens)
