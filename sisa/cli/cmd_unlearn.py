@@ -16,7 +16,7 @@ __all__ = ["cmd_apply", "cmd_delete", "cmd_resume", "cmd_verify"]
 
 
 def cmd_delete(args: argparse.Namespace) -> dict[str, Any]:
-    """Forget samples by id: journal, retrain affected shards, erase, certify."""
+    """Forget samples by id: journal, erase (before any retrain), retrain affected shards, certify."""
     ids = delete_ids(args)
     with open_writer(args) as ens, stage_progress(args.json, "retraining") as tick:
         cert = ens.delete(ids, defer=args.defer, progress=tick)

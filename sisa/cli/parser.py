@@ -134,7 +134,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     )
     sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
 
-    de = sub.add_parser("delete", parents=[common, ray_opt, writer], help="forget samples: retrain, erase, certify")
+    de = sub.add_parser("delete", parents=[common, ray_opt, writer], help="forget samples: erase now, retrain, certify")
     de.add_argument("--ids", nargs="+", metavar="ID", help="sample ids to delete, separated by spaces")
     de.add_argument("--ids-file", metavar="FILE", help=IDS_FILE_HELP)
     de.add_argument(
