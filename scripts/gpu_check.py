@@ -410,6 +410,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     cuda, config, shards, gpus, overrides, cfg = settings(args)
     isa = cfg.resources.cpu_isa
     info = device_info(cuda)
+    result.update(mode="gpu" if cuda else "cpu-smoke", device=info)  # first: in the JSON even if the alarm comes early
     print(f"mode {'gpu' if cuda else 'cpu-smoke'}: {info['device_name']}, torch {info['torch']}", flush=True)
     print(f"config {config} overrides {overrides}", flush=True)
     train, source = load_train(cfg)

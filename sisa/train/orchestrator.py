@@ -60,6 +60,7 @@ __all__ = [
     "connect",
     "connect_unless_local",
     "execute",
+    "gpu_assignment_problem",
     "plan_runner",
     "run_jobs",
     "runner_override",
