@@ -1,0 +1,365 @@
+r"""Serving benchmark: Ray Serve replicas under closed-loop HTTP load while deletions stream in; time-to-forget.
+
+One trained store, one local Ray instance, one Ray Serve (HTTP on loopback), side by side in one run:
+
+* **in-process**: ``Ensemble.predict_proba`` on the same batch, back to back (no HTTP, no Ray);
+* **plain**: one plain torch model of one shard's size (the same network, untrained weights do
+  not matter for timing) served by Ray Serve, under the same closed-loop HTTP load: the floor of
+  Serve + HTTP + JSON, so ``ensemble / plain`` is what the ensemble and its store-following cost;
+* **steady**: the sisa application (``sisa.serve.app``), same load, no deletions;
+* **stream, per policy** (``exclude``, then ``serve-clean``): the same load while ``--events``
+  deletion requests of ``--ids-per-request`` ids arrive every ``--every`` seconds. Each request
+  is ``delete(ids, defer=True)`` (durable, erased: the acknowledgement), then ``apply()`` (the
+  retrain), from a writable handle in this process (its retrain runs in a child process).
+
+**Time-to-forget** of a request: from ``delete`` returning until no replica answers with a model
+that saw the ids. Under ``exclude`` that is when every replica has dropped the affected shards;
+under ``serve-clean`` when every replica serves the retrained models (it includes ``apply``'s
+retrain). Each is measured two ways: **confirmed**, when ``GET /await`` returned (the publisher
+read the store after the step and every replica in contact acknowledged that version: an upper
+bound, what ``sisa serve --await-replicas`` gives a deleting client), and **observed**, the start
+of the last response that still named a retired checkpoint (a lower bound; 0 when none did).
+
+Reports throughput, p50/p99 latency (overall, steady, and during swaps: responses that overlap a
+request's acknowledgement-to-confirmation window), errors (non-200 other than 503 while every
+shard is out of service), time-to-forget p50/p99 per policy, ``delete`` latency alone and with
+the wait for the replicas, and the provenance check of ``scripts/soak.py`` (``served_retired``):
+no response that started after a request's confirmation used a checkpoint it retired.
+JSON plus a PNG beside it.
+
+Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 8 minutes)::
+
+    .venv/bin/python scripts/bench_serving.py --out docs/bench/bench_serving.json
+
+Quick smoke run (``configs/tiny.yaml``)::
+
+    .venv/bin/python scripts/bench_serving.py --quick --out results/bench_serving_quick.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    loadavg,
+    machine_info,
+    pyplot,
+    run_folder,
+    run_header,
+    save_figure,
+    script_parser,
+    write_results,
+)
+from soak import keys_retired_by, percentiles, retired_keys, served_retired  # noqa: E402
+
+from sisa.config.settings import load_config  # noqa: E402
+from sisa.data.loaders import load_split  # noqa: E402
+from sisa.ensemble import Ensemble  # noqa: E402
+from tests.serve.service import Load, free_port, get  # noqa: E402
+
+FULL_CONFIG = Path("configs/fashion_mnist.yaml")
+FULL_OVERRIDES = ("data.train_limit=6000", "data.test_limit=1000")
+QUICK_CONFIG = Path("configs/tiny.yaml")
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The command line; trailing ``key=value`` are config overrides."""
+    parser = script_parser(__doc__)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--clients", type=int, default=4, help="closed-loop HTTP clients (concurrency)")
+    parser.add_argument("--batch", type=int, default=16, help="images per request")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--phase", type=float, default=None, help="seconds of each steady phase (default 20; quick 8)")
+    parser.add_argument("--events", type=int, default=None, help="deletion requests per policy (default 8; quick 3)")
+    parser.add_argument("--every", type=float, default=3.0, help="seconds between deletion requests")
+    parser.add_argument("--ids-per-request", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/bench_serving.json"))
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_args(argv)
+
+
+def summary(load: Load, t_from: float, t_to: float, windows: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Throughput, latency percentiles (all, and inside ``windows``) and errors of the records in [t_from, t_to]."""
+    rows = [r for r in load.records if t_from <= r[0] <= t_to]
+    ok = [(s, e) for s, e, st, _ in rows if st == 200]
+    lat = [(e - s) * 1e3 for s, e in ok]
+    out: dict[str, Any] = {
+        "seconds": t_to - t_from,
+        "requests": len(rows),
+        "ok": len(ok),
+        "unavailable_503": sum(1 for r in rows if r[2] == 503),
+        "errors": sum(1 for r in rows if r[2] not in (200, 503)),
+        "throughput_rps": len(ok) / (t_to - t_from) if t_to > t_from else None,
+        "latency_ms": percentiles(lat),
+    }
+    if windows is not None:
+        inside = [(e - s) * 1e3 for s, e in ok if any(s < b and e > a for a, b in windows)]
+        out["latency_ms_during_swaps"] = percentiles(inside)
+    return out
+
+
+def in_process(store: Path, x: np.ndarray, seconds: float) -> dict[str, Any]:
+    """``Ensemble.predict_proba`` back to back for ``seconds`` (one thread, no HTTP)."""
+    lat = []
+    with Ensemble.open(store, readonly=True) as ens:
+        ens.predict_proba(x)  # models loaded
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            ens.predict_proba(x)
+            lat.append((time.perf_counter() - t) * 1e3)
+    return {"requests": len(lat), "throughput_rps": len(lat) / seconds, "latency_ms": percentiles(lat)}
+
+
+def plain_deployment(cfg: Any, shape: tuple[int, ...]) -> Any:
+    """One plain torch model of one shard's size as a Ray Serve deployment (JSON in, labels out)."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from sisa.train.adapters import build_shard_model
+
+    @serve.deployment(name="plain", ray_actor_options={"num_cpus": 0.5})
+    class Plain:
+        def __init__(self) -> None:
+            import torch
+
+            torch.set_num_threads(1)
+            self.model = build_shard_model(cfg, shape, cfg.data.num_classes).eval()
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            import torch
+
+            x = torch.tensor(json.loads(await request.body())["features"], dtype=torch.float32)
+            with torch.inference_mode():
+                p = torch.softmax(self.model(x), dim=1)
+            return JSONResponse({"labels": p.argmax(1).tolist(), "probabilities": p.tolist()})
+
+    return Plain.bind()
+
+
+def stream(
+    store: Path, base: str, load: Load, events: int, every: float, per: int, pool: list[int]
+) -> list[dict[str, Any]]:
+    """``events`` requests: defer-delete (acknowledged), confirm, apply, confirm; one every ``every`` seconds."""
+    records = []
+    for i in range(events):
+        started = time.monotonic()
+        ids = [pool.pop() for _ in range(per)]
+        with Ensemble.open(store, address="local", lock_timeout=120) as ens:
+            before = retired_keys(ens)
+            t_sent = load.now()
+            req = ens.delete(ids, defer=True)
+            t_ack = load.now()
+            status, c1 = get(f"{base}/await?timeout=60", timeout=120)
+            t_out = load.now()  # every replica in contact serves the state with the shards excluded or interim
+            t_apply = load.now()
+            ens.apply()
+            t_applied = load.now()
+        status2, c2 = get(f"{base}/await?timeout=60", timeout=120)
+        t_clean = load.now()  # every replica serves the retrained models
+        records.append(
+            {
+                "event": i,
+                "ids": ids,
+                "shards": sorted(int(s) for s in req["shards"]),
+                "retired": keys_retired_by(before, req["shards"]),
+                "sent_at": t_sent,
+                "acked_at": t_ack,
+                "confirmed_out_at": t_out,
+                "apply_start": t_apply,
+                "applied_at": t_applied,
+                "confirmed_clean_at": t_clean,
+                "confirm_ok": bool(c1.get("ok") and c2.get("ok") and status == status2 == 200),
+                "delete_s": t_ack - t_sent,
+                "delete_and_wait_s": t_out - t_sent,
+            }
+        )
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
+    return records
+
+
+def forget_times(records: list[dict[str, Any]], reader: dict[str, Any], policy: str) -> dict[str, Any]:
+    """Time-to-forget per request (confirmed and observed) and the provenance check."""
+    done = "confirmed_out_at" if policy == "exclude" else "confirmed_clean_at"
+    confirmed = [r[done] - r["acked_at"] for r in records]
+    observed = []
+    sets = [{k for _, k in ks} for ks in reader["key_sets"]]
+    for r in records:
+        retired = set(r["retired"])
+        last = max(
+            (
+                s
+                for s, idx, st in zip(reader["start"], reader["key_set"], reader["status"], strict=True)
+                if st == 0 and s > r["acked_at"] and sets[idx] & retired
+            ),
+            default=None,
+        )
+        observed.append(0.0 if last is None else last - r["acked_at"])
+    bad = served_retired([{**r, "at": r[done]} for r in records], reader, "at")
+    return {
+        "ttf_confirmed_s": percentiles(confirmed),
+        "ttf_observed_s": percentiles(observed),
+        "provenance_check": {"ok": not bad, "violations": len(bad), "examples": bad[:3]},
+        "delete_s": percentiles([r["delete_s"] for r in records]),
+        "delete_and_wait_for_replicas_s": percentiles([r["delete_and_wait_s"] for r in records]),
+        "apply_s": percentiles([r["applied_at"] - r["apply_start"] for r in records]),
+        "all_confirmed": all(r["confirm_ok"] for r in records),
+    }
+
+
+def run(args: Any) -> dict[str, Any]:
+    """Train, serve, load, stream; return everything measured."""
+    from sisa.serve.deps import require_serve
+
+    require_serve(workers=True)
+    from ray import serve
+
+    from sisa.serve.app import ServeOptions, build_app
+    from sisa.train import orchestrator
+
+    config = args.config or (QUICK_CONFIG if args.quick else FULL_CONFIG)
+    overrides = [*(() if args.quick or args.config else FULL_OVERRIDES), *args.overrides]
+    cfg = load_config(config, overrides)
+    phase = args.phase or (8.0 if args.quick else 20.0)
+    events = args.events or (3 if args.quick else 8)
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    x = np.asarray(test.x[: args.batch], dtype=np.float32)
+    features = x.tolist()
+    out: dict[str, Any] = {**run_header(config, overrides, args.quick, cfg), "machine": machine_info()}
+    with run_folder(args.workdir, "bench_serving-") as work:
+        store = work / "store"
+        t = time.perf_counter()
+        with Ensemble.create(store, cfg, address="local") as ens:
+            ens.ingest(train)
+            ens.fit()
+            shape = ens.feature_shape
+        out["fit_s"] = time.perf_counter() - t
+        print(f"trained S={cfg.shards} R={cfg.slices} on {len(train)} samples in {out['fit_s']:.1f}s", flush=True)
+        out["in_process"] = in_process(store, x, phase)
+        print(f"in-process: {out['in_process']['throughput_rps']:.1f} predictions/s", flush=True)
+
+        orchestrator.connect(None)
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        # Fractional CPUs: 2 replicas and the plain model must all fit a 2-core machine
+        options = ServeOptions(store=str(store), replicas=args.replicas, num_cpus=0.5)
+        serve.run(build_app(options), name="sisa", route_prefix="/")
+        serve.run(plain_deployment(cfg, tuple(shape or ())), name="plain", route_prefix="/plain")
+        base = f"http://127.0.0.1:{port}"
+
+        def loaded(url: str, seconds: float) -> dict[str, Any]:
+            load = Load(url, features, clients=args.clients).start()
+            time.sleep(seconds)
+            load.stop()
+            return summary(load, 1.0, seconds)  # the first second warms up
+
+        out["plain_serve"] = loaded(f"{base}/plain", phase)
+        out["steady"] = loaded(f"{base}/predict", phase)
+        print(f"plain: {out['plain_serve']['throughput_rps']:.1f}/s, ensemble: {out['steady']['throughput_rps']:.1f}/s")
+
+        rng = np.random.default_rng(0)
+        pool = rng.choice(np.asarray(train.ids), size=2 * events * args.ids_per_request, replace=False).tolist()
+        out["policies"] = {}
+        series: dict[str, Any] = {}
+        for policy in ("exclude", "serve-clean"):
+            with Ensemble.open(store, address="local", lock_timeout=120) as ens:
+                ens.reconfigure(load_config(config, [*overrides, f"unlearn.policy={policy}"]))
+            get(f"{base}/await?timeout=60", timeout=120)
+            load = Load(f"{base}/predict", features, clients=args.clients).start()
+            time.sleep(2.0)
+            records = stream(store, base, load, events, args.every, args.ids_per_request, pool)
+            time.sleep(2.0)
+            load.stop()
+            reader = load.reader()
+            last = "confirmed_out_at" if policy == "exclude" else "confirmed_clean_at"
+            windows = [(r["acked_at"], r[last]) for r in records]
+            result = {"load": summary(load, 0.0, load.now(), windows), **forget_times(records, reader, policy)}
+            result["requests"] = records
+            out["policies"][policy] = result
+            series[policy] = {"records": load.records, "windows": windows}
+            f = result
+            print(
+                f"{policy}: ttf confirmed p50 {f['ttf_confirmed_s']['p50']:.3f}s "
+                f"p99 {f['ttf_confirmed_s']['p99']:.3f}s, "
+                f"observed p99 {f['ttf_observed_s']['p99']:.3f}s; errors {f['load']['errors']}; provenance "
+                f"{'ok' if f['provenance_check']['ok'] else 'VIOLATED'}",
+                flush=True,
+            )
+        serve.shutdown()
+    out["machine"]["loadavg_end"] = loadavg()
+    out["_series"] = series
+    return out
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Latency over time per policy (swap windows shaded) and the side-by-side throughput/latency bars."""
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(11, 11))
+    for ax, policy in zip(axes[:2], ("exclude", "serve-clean"), strict=True):
+        s = res["_series"][policy]
+        for a, b in s["windows"]:
+            ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
+        ok = [(r[0], (r[1] - r[0]) * 1e3) for r in s["records"] if r[2] == 200]
+        bad = [r[0] for r in s["records"] if r[2] != 200]
+        ax.plot([o[0] for o in ok], [o[1] for o in ok], ".", ms=2, label="response (200)")
+        if bad:
+            ax.plot(bad, [1.0] * len(bad), "x", color="red", label="non-200")
+        ax.set_yscale("log")
+        ttf = res["policies"][policy]["ttf_confirmed_s"]
+        ax.set_title(
+            f"{policy}: latency; shaded = delete returned -> every replica confirmed (ttf p99 {ttf['p99']:.2f}s)"
+        )
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    names = ["in-process", "plain Serve", "sisa steady", "sisa exclude", "sisa serve-clean"]
+    p50 = [
+        res["in_process"]["latency_ms"]["p50"],
+        res["plain_serve"]["latency_ms"]["p50"],
+        res["steady"]["latency_ms"]["p50"],
+        res["policies"]["exclude"]["load"]["latency_ms"]["p50"],
+        res["policies"]["serve-clean"]["load"]["latency_ms"]["p50"],
+    ]
+    p99 = [
+        res["in_process"]["latency_ms"]["p99"],
+        res["plain_serve"]["latency_ms"]["p99"],
+        res["steady"]["latency_ms"]["p99"],
+        res["policies"]["exclude"]["load"]["latency_ms"]["p99"],
+        res["policies"]["serve-clean"]["load"]["latency_ms"]["p99"],
+    ]
+    pos = np.arange(len(names))
+    axes[2].bar(pos - 0.2, p50, 0.4, label="p50")
+    axes[2].bar(pos + 0.2, p99, 0.4, label="p99")
+    axes[2].set_xticks(pos, names)
+    axes[2].set_ylabel("latency (ms)")
+    axes[2].legend()
+    save_figure(fig, path, "bench_serving: latency side by side, one run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, print, write JSON + PNG; exit 1 if a target check failed (errors, provenance)."""
+    args = parse_args(argv)
+    res = run(args)
+    ok = all(
+        p["load"]["errors"] == 0 and p["provenance_check"]["ok"] and p["all_confirmed"]
+        for p in res["policies"].values()
+    )
+    res["ok"] = ok
+
+    write_results(args.out, {k: v for k, v in res.items() if k != "_series"}, lambda png: plot(res, png))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
