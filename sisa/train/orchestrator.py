@@ -202,8 +202,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
     if address is None:
         log.info("starting a local Ray instance")
         # Ray's own "local": a new instance, never a cluster `ray start` left on this machine.
-        with _keeping_sigterm_handler():
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        try:
+            with _keeping_sigterm_handler():
+                ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        # Ray raises a bare Exception when its node does not come up in time ("timed out during
+        # startup ... GCS has become overloaded"): seen on a 2-core machine under load.
+        except Exception as exc:
+            raise ClusterConnectionError(
+                f"could not start a local Ray instance ({exc}). The machine may be overloaded or short of "
+                "shared memory (/dev/shm): retry when it is quieter, or train without Ray (--address local). "
+                "Work already committed, and a deletion already journaled, are kept: the same command finishes them"
+            ) from exc
         _started_local = True
         return
     _check_reachable(address, timeout)

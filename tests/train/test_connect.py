@@ -94,3 +94,40 @@ def test_ctrl_c_during_train_says_how_to_resume(tmp_path: Path, env_python: dict
     assert f"`sisa resume --store {store}` (or the same `sisa train` command)" in err
     with Ensemble.open(store, readonly=True) as ens:  # what was written is a consistent store
         assert ens.status()["samples"] == 4000
+
+
+CHILD_RAY_WONT_START = """
+import sys
+import ray
+from sisa.cli.main import main
+
+def node_timed_out(*args, **kwargs):  # what Ray raises when its node does not come up in time
+    raise Exception("The current node timed out during startup. The GCS has become overloaded.")
+
+ray.init = node_timed_out
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_local_ray_that_will_not_start_is_a_clear_error_and_the_same_command_finishes(
+    tmp_path: Path, env_python: dict[str, str]
+) -> None:
+    x, y = blobs(300, d=6)
+    with Ensemble.create(tmp_path / "st", small_config(), address="local") as ens:
+        ens.ingest(x, y)
+        ens.fit()
+    env = {**env_python, "SISA_RUNNER": "ray"}  # SISA_WORKER=0 comes from conftest
+    env.pop("RAY_ADDRESS", None)
+    args = ["delete", "--store", str(tmp_path / "st"), "--ids", "5"]
+    failed = subprocess.run(
+        [sys.executable, "-c", CHILD_RAY_WONT_START, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert failed.returncode == 2, failed.stderr  # as every ClusterConnectionError
+    assert "could not start a local Ray instance (The current node timed out" in failed.stderr
+    assert "Traceback" not in failed.stderr and "the same command finishes them" in failed.stderr
+    with Ensemble.open(tmp_path / "st", readonly=True) as ens:
+        assert [r["deleted"] for r in ens.pending()] == [1]  # journaled, not applied, not reported done
+    again = sisa(args, {**env, "SISA_RUNNER": "local"})
+    assert again.returncode == 0, again.stderr
+    with Ensemble.open(tmp_path / "st", readonly=True) as ens:
+        assert ens.pending() == [] and len(ens.certificates()) == 1
