@@ -174,22 +174,11 @@ def test_serving_policies_are_never_looser_than_the_store(service: Service) -> N
 
 def test_a_deployment_handle_answers_like_http(service: Service) -> None:
     code = (
-        "import json, sys, ray\n"
-        "from sisa.serve.deps import require_serve\n"
-        "require_serve()\n"
         "from ray import serve\n"
-        f"ray.init(address={service.ray_address!r}, log_to_driver=False)\n"
         "h = serve.get_app_handle('sisa')\n"
         f"print(json.dumps(h.predict.remote({FEATURES!r}).result()))\n"
     )
-    import subprocess
-
-    from tests.serve.service import serve_env
-
-    env = {**serve_env(), "RAY_AUTH_MODE": "token"}  # the local instance's token is ~/.ray/auth_token
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    answer = json.loads(run_driver(service, code).strip().splitlines()[-1])
     assert answer["labels"] == predict(service.url, FEATURES)[1]["labels"]
     assert answer["provenance"] == live_keys(service.store)
 
@@ -222,6 +211,44 @@ def test_killed_replica_then_killed_publisher_the_next_state_still_reaches_every
         load.stop()
     settled = [r for r in load.records if r[0] > mark]
     assert settled and all(r[2] == 200 for r in settled), load.errors
+
+
+def run_driver(service: Service, code: str) -> str:
+    """Run ``code`` as a Ray driver joined to the service's Ray instance; returns its stdout."""
+    import subprocess
+
+    from tests.serve.service import serve_env
+
+    prologue = (
+        "import json, sys, ray\n"
+        "from sisa.serve.deps import require_serve\n"
+        "require_serve()\n"
+        f"ray.init(address={service.ray_address!r}, log_to_driver=False)\n"
+    )
+    env = {**serve_env(), "RAY_AUTH_MODE": "token"}  # the local instance's token is ~/.ray/auth_token
+    out = subprocess.run([sys.executable, "-c", prologue + code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_a_replica_cut_off_from_the_publisher_stops_answering_after_its_lease_then_recovers(service: Service) -> None:
+    store = str(service.store)
+    run_driver(
+        service,
+        "from sisa.serve.publisher import NAMESPACE, publisher_name\n"
+        f"ray.kill(ray.get_actor(publisher_name({store!r}), namespace=NAMESPACE), no_restart=True)\n",
+    )
+    deadline = time.monotonic() + 60
+    while True:  # lease 8 s: every replica refuses once its last answered poll is older
+        statuses = {predict(service.url, FEATURES)[0] for _ in range(6)}
+        if statuses == {503} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    status, out = predict(service.url, FEATURES)
+    assert status == 503 and "has not reached the store's publisher" in out["error"], out
+    run_driver(service, f"from sisa.serve.publisher import start_publisher\nstart_publisher({store!r}, lease=8.0)\n")
+    assert service.confirm(timeout=120)["ok"]
+    assert predict(service.url, FEATURES)[1]["provenance"] == live_keys(service.store)
 
 
 def test_sigterm_stops_the_application_and_exits_143(service: Service) -> None:
