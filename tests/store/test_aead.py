@@ -182,3 +182,41 @@ def test_checkpoints_flipped_or_moved_are_refused_by_name(tmp_path: Path) -> Non
         store.write(move)
         with store.read() as txn, pytest.raises(IntegrityError, match=rf"checkpoint of shard 0 stage 2 .*{two['key']}"):
             store.checkpoint(txn, moved)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_backbone_flipped_or_replaced_by_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    head = (
+        "backbone.source=core",
+        "backbone.name=mlp",
+        "backbone.hidden=[16]",
+        "backbone.epochs=2",
+        "model.adapter=head",
+    )
+    with Ensemble.create(tmp_path / "st", small_config(*head), address="local") as ens:
+        ens.ingest(X, Y, core=np.arange(0, len(X), 10))
+        ens.fit()
+        store = ens.store
+        with store.read() as txn:
+            backbone = store.meta(txn)["backbone"]
+            stage = store.stage_record(txn, 0, 1)
+            assert stage is not None
+            sealed_backbone = store.sealed_checkpoint(txn, backbone)
+            sealed_stage = store.sealed_checkpoint(txn, stage)
+        assert sealed_backbone is not None and sealed_stage is not None
+        ckpt = store.db("ckpt")
+
+        bad = bytearray(sealed_backbone)
+        bad[-1] ^= 0x10  # the tag's last byte
+        store.write(lambda txn: txn.put(backbone["key"].encode(), bytes(bad), db=ckpt))
+        with store.read() as txn, pytest.raises(IntegrityError, match=r"the shared backbone .*modified or moved"):
+            store.backbone_bytes(txn)
+
+        # A stage checkpoint's sealed bytes in the backbone's place, its sha256 copied into the backbone's record.
+        def swap(txn: object) -> None:
+            txn.put(backbone["key"].encode(), sealed_stage, db=ckpt)  # type: ignore[attr-defined]
+            store.put_meta(txn, backbone=dict(backbone, sha256=stage["sha256"]))  # type: ignore[arg-type]
+
+        store.write(swap)
+        with store.read() as txn, pytest.raises(IntegrityError, match=r"the shared backbone .*modified or moved"):
+            store.backbone_bytes(txn)
