@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError
 from tests.conftest import blobs, small_config
 from tests.serve.service import Load, Service, get, post, post_large, predict, start_service
 
@@ -45,7 +46,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with Ensemble.create(store, small_config(*CONFIG), address="local") as ens:
         ens.ingest(x, y)
         ens.fit()
-    svc = start_service(store, work, "--replicas", "2", "--lease", "8")
+    # Half a CPU each: a third replica (the builder test's second application) must still fit 2 cores
+    svc = start_service(store, work, "--replicas", "2", "--lease", "8", "--num-cpus", "0.5")
     try:
         yield svc
     finally:
@@ -181,6 +183,34 @@ def test_a_deployment_handle_answers_like_http(service: Service) -> None:
     answer = json.loads(run_driver(service, code).strip().splitlines()[-1])
     assert answer["labels"] == predict(service.url, FEATURES)[1]["labels"]
     assert answer["provenance"] == live_keys(service.store)
+
+
+def test_the_import_path_builder_deploys_a_second_application_on_the_same_store(service: Service) -> None:
+    # What `serve run sisa.serve.app:build store=... replicas=1` calls: string arguments, as the Serve CLI passes them.
+    args = {"store": str(service.store), "replicas": "1", "num_cpus": "0.25", "policy": "exclude"}
+    run_driver(
+        service,
+        "from ray import serve\n"
+        "from sisa.serve.app import build\n"
+        f"serve.run(build({args!r}), name='second', route_prefix='/second')\n",
+    )
+    try:
+        status, out = predict(service.base + "/second/predict", FEATURES)
+        assert status == 200 and out["policy"] == "exclude", out
+        assert out["provenance"] == live_keys(service.store)
+        assert out["labels"] == predict(service.url, FEATURES)[1]["labels"]
+    finally:
+        run_driver(service, "from ray import serve\nserve.delete('second')\n")
+
+
+def test_the_builder_refuses_unknown_arguments_and_bad_values() -> None:
+    app = pytest.importorskip("sisa.serve.app", reason="Ray Serve missing: bash scripts/setup_env.sh installs it")
+    with pytest.raises(ConfigError, match="takes store="):
+        app.build({"store": "x", "replica": 2})
+    with pytest.raises(ConfigError, match="unknown serving policy 'later'"):
+        app.ServeOptions(store="x", policy="later")
+    with pytest.raises(ConfigError, match="lease must be longer"):
+        app.ServeOptions(store="x", lease=1.0)
 
 
 def test_killed_replica_then_killed_publisher_the_next_state_still_reaches_every_replica(service: Service) -> None:
