@@ -32,8 +32,19 @@ def _options(args: argparse.Namespace) -> Any:
             "max_replicas": high,
             "initial_replicas": max(low, min(high, args.replicas)),
         }
+    resources: dict[str, float] = {}
+    if args.resources:
+        import json
+
+        try:
+            resources = json.loads(args.resources)
+        except ValueError as exc:
+            raise ConfigError(f"--resources must be a JSON object of resource -> amount ({exc})") from None
+        if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+            raise ConfigError(f"--resources must be a JSON object of resource -> amount, got {args.resources!r}")
     return ServeOptions(
         store=args.store,
+        resources=resources,
         policy=args.policy,
         replicas=args.replicas,
         num_cpus=args.num_cpus,

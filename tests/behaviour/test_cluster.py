@@ -1025,7 +1025,7 @@ def test_serve_replicas_on_the_nodes_without_the_store_serve_the_retrained_model
     shutil.copytree(reference["store"], store)
     port = free_port()
     sid = f"sisa-serve-{secrets.token_hex(4)}"
-    serve = ["serve", "--store", str(store), "--port", str(port), "--replicas", "2", "--json"]
+    serve = ["serve", "--store", str(store), "--port", str(port), "--replicas", "2", "--num-cpus", "0.5", "--json"]
     cluster.submit(workload.workdir, [[*serve, "--resources", '{"sisa_worker": 0.01}']], wait=False, submission_id=sid)
     url = f"http://127.0.0.1:{port}"
     x = np.load(workload.driver / "test.npz")["x"][:16].tolist()
@@ -1047,9 +1047,13 @@ def test_serve_replicas_on_the_nodes_without_the_store_serve_the_retrained_model
         alive = cluster.alive_nodes()
         head = alive[HEAD_IP]["node_id"]
         replicas: dict[str, Any] = {}
-        while len(replicas) < 2:
-            info = get(url + "/info")[1]
-            replicas[info["replica"]] = info
+        for _ in range(200):  # requests land on replicas at random
+            status, info = get(url + "/info")
+            if status == 200:
+                replicas[info["replica"]] = info
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2, replicas
         assert all(r["node"] != head for r in replicas.values()), (replicas, head)
 
         # A deletion from another process on the store's node: the replicas get the retrained model through Ray.
