@@ -61,7 +61,9 @@ class StorePublisher:
         self._publication: dict[str, Any] = {}
         self._refs: dict[str, Any] = {}  # checkpoint key -> ObjectRef of its weights
         self._replicas: dict[str, dict[str, float]] = {}  # replica id -> {"seen": monotonic, "version": int}
-        self._published_at: dict[int, float] = {}
+        # One refresh at a time (the follow thread and /await's call): two overlapping ones could publish an
+        # older read after a newer one, and replicas would go back to models a deletion had retired.
+        self._refresh_lock = threading.Lock()
         self.refresh()
         threading.Thread(target=self._follow, name="sisa-publisher", daemon=True).start()
 
@@ -78,6 +80,10 @@ class StorePublisher:
 
     def refresh(self) -> int:
         """Read the store now; publish a new version if its serving state changed. Returns the current version."""
+        with self._refresh_lock:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         import ray
 
         from sisa.serve.modelset import read_models, read_state
@@ -108,7 +114,6 @@ class StorePublisher:
                 "refs": refs,
                 "pid": os.getpid(),
             }
-            self._published_at[self._version] = time.time()
             self._cond.notify_all()
         log.info("published version %d (state %s, %d shards)", self._version, digest, len(state["shards"]))
         return self._version
