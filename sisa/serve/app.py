@@ -51,7 +51,7 @@ class ServeOptions:
             ``serve-stale``, or None for what the store serves (the deleting process's policy).
         replicas: Fixed number of replicas (ignored with ``autoscaling``).
         num_cpus: CPUs per replica.
-        num_gpus: GPUs per replica (the models still run on CPU unless the store's config says otherwise).
+        num_gpus: GPUs per replica, reserved only: the replicas run their models on CPU (no GPU inference yet).
         autoscaling: Ray Serve's ``autoscaling_config`` (e.g. ``{"min_replicas": 1, "max_replicas": 4}``).
         resources: Custom Ray resources per replica (placement, e.g. ``{"sisa_worker": 0.01}``).
         max_body_mb: Largest request body accepted; larger ones get 413.
