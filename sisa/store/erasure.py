@@ -131,29 +131,32 @@ def rotate(store: Store, runs: Iterable[Run], *, since: int | None = None, fresh
 def _rotate(store: Store, wanted: dict[Run, int | None], fresh: bool) -> ErasureReport:
     """:func:`rotate`, each run with its own ``since``."""
     report = ErasureReport()
-    chosen: dict[Run, list[SliceKey]] = {}
     with store.keys.read(follow=False) as ktxn:
         current = {run: store.keys.run_keys(ktxn, *run) for run in wanted}
+    renew: dict[Run, int] = {}  # runs that get a new key, and the request it is made for
+    unfinished: list[Run] = []  # runs left with two keys by a rotation a crash cut short
     for run, since in sorted(wanted.items()):
         keys = current[run]
         if not keys:
             continue  # nothing was ever stored in it
-        renew = fresh or (since is not None and keys[0].since < since)
-        if not renew and len(keys) == 1:
-            continue
-        target = store.keys.add_generation(*run, max(since or 0, keys[0].since)) if renew else keys[0]
-        chosen[run] = [target, *[k for k in keys if k.generation != target.generation]]
+        if fresh or (since is not None and keys[0].since < since):
+            renew[run] = max(since or 0, keys[0].since)
+        elif len(keys) > 1:
+            unfinished.append(run)
+    # Every new key in one commit: the keys are durable before any sample is re-encrypted under them.
+    made = store.keys.add_generations(renew) if renew else {}
+    chosen: dict[Run, list[SliceKey]] = {}
+    for run in sorted([*renew, *unfinished]):
+        target = made.get(run, current[run][0])
+        chosen[run] = [target, *[k for k in current[run] if k.generation != target.generation]]
     if not chosen:
         return report
     report.reencrypted, report.quarantined = _reencrypt(store, chosen)
     with store.read() as txn:
         empty = {run for run in chosen if len(store.run_ids(txn, *run)) == 0}
     _mark_compaction_pending(store)  # durable before any key leaves: a crash after the drop gets compacted
-    for run in chosen:
-        if run in empty:
-            store.keys.drop_run(*run)  # its last samples were deleted: no key is needed
-        else:
-            store.keys.drop_older_generations(*run)
+    # One commit for the batch; a run whose last samples were deleted needs no key at all.
+    store.keys.drop_keys(older_of=[r for r in chosen if r not in empty], all_of=sorted(empty))
     report.rotated_runs = len(chosen)
     report.rotated_slices = [list(p) for p in sorted({(s, r) for s, r, _ in chosen})]
     return report

@@ -23,7 +23,7 @@ it to read again.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,39 +151,48 @@ class KeyRing:
             found.update(made)
         return found
 
-    def add_generation(self, shard: int, slice_: int, run: int, since: int) -> SliceKey:
-        """Make and commit the run's next key (a rotation's first step); returns it."""
+    def add_generations(self, since: Mapping[tuple[int, int, int], int]) -> dict[tuple[int, int, int], SliceKey]:
+        """Make and commit the next key of every run in ``since`` in one transaction (a rotation's first step).
 
-        def change(txn: lmdb.Transaction) -> SliceKey:
-            keys = self.run_keys(txn, shard, slice_, run)
-            gen = keys[0].generation + 1 if keys else 0
-            entry = SliceKey((gen, new_key(), since))
-            txn.put(_SLICE.pack(shard, slice_, run, gen), entry.key + _SINCE.pack(since), db=self._db("slice"))
-            return entry
+        One commit (two fsyncs) for the whole batch instead of one per run: at a few dozen
+        runs per deletion that was most of a rotation's time besides the cipher.
+
+        Args:
+            since: (shard, slice, run) -> the request id the new key is made for.
+
+        Returns:
+            The new key of each run.
+        """
+
+        def change(txn: lmdb.Transaction) -> dict[tuple[int, int, int], SliceKey]:
+            made = {}
+            for (shard, slice_, run), request in sorted(since.items()):
+                keys = self.run_keys(txn, shard, slice_, run)
+                gen = keys[0].generation + 1 if keys else 0
+                entry = SliceKey((gen, new_key(), request))
+                txn.put(_SLICE.pack(shard, slice_, run, gen), entry.key + _SINCE.pack(request), db=self._db("slice"))
+                made[(shard, slice_, run)] = entry
+            return made
 
         return self.write(change)
 
-    def drop_older_generations(self, shard: int, slice_: int, run: int) -> int:
-        """Delete every key of the run but the newest (a rotation's last step). Returns how many went."""
+    def drop_keys(self, older_of: Iterable[tuple[int, int, int]], all_of: Iterable[tuple[int, int, int]]) -> int:
+        """In one transaction, delete every key but the newest of the runs ``older_of``, and every key of ``all_of``.
+
+        A rotation's last step for a whole batch: ``all_of`` are runs whose last samples were
+        deleted, which need no key at all. Returns how many keys went.
+        """
 
         def change(txn: lmdb.Transaction) -> int:
-            keys = self.run_keys(txn, shard, slice_, run)
-            for old in keys[1:]:
-                txn.delete(_SLICE.pack(shard, slice_, run, old.generation), db=self._db("slice"))
-            return max(0, len(keys) - 1)
+            gone = 0
+            for (shard, slice_, run), keep in [*((r, 1) for r in older_of), *((r, 0) for r in all_of)]:
+                for old in self.run_keys(txn, shard, slice_, run)[keep:]:
+                    txn.delete(_SLICE.pack(shard, slice_, run, old.generation), db=self._db("slice"))
+                    gone += 1
+            return gone
 
         return self.write(change)
 
-    def drop_run(self, shard: int, slice_: int, run: int) -> None:
-        """Delete every key of a run that holds no sample any more."""
-
-        def change(txn: lmdb.Transaction) -> None:
-            for old in self.run_keys(txn, shard, slice_, run):
-                txn.delete(_SLICE.pack(shard, slice_, run, old.generation), db=self._db("slice"))
-
-        self.write(change)
-
-    # ----------------------------------------------------------- checkpoint keys
     def put_checkpoint_key(self, token: bytes, key: bytes) -> None:
         """Commit a checkpoint's key (before the checkpoint's bytes are committed)."""
         self.write(lambda txn: txn.put(token, key, db=self._db("ckpt")))

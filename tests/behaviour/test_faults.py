@@ -222,7 +222,7 @@ if phase == "timer":
 elif phase == "accepted":  # the request is durable; nothing erased yet (no new key, old keys on disk)
     sisa.unlearn.deletion.erase = die
 elif phase == "rotate":  # re-keyed: samples re-encrypted under the new key, the old key not yet deleted
-    sisa.store.keyring.KeyRing.drop_older_generations = die
+    sisa.store.keyring.KeyRing.drop_keys = die
 elif phase == "dropped":  # old keys deleted from keys/, still in its free pages: the key file not compacted
     sisa.store.keyring.KeyRing.compact = die
 elif phase == "compact-copy":  # keys re-keyed; the compacted copy of keys/ is written but not swapped in

@@ -91,10 +91,9 @@ if mode == "fail":
 
     records.Records.unstage = unstage
     if phase == "rotate":
-        keyring.KeyRing.add_generation = die  # everything unstaged; no run re-keyed yet
+        keyring.KeyRing.add_generations = die  # everything unstaged; no run re-keyed yet
     if phase == "drop":
-        keyring.KeyRing.drop_older_generations = die  # re-encrypted under the new keys; old keys still there
-        keyring.KeyRing.drop_run = die
+        keyring.KeyRing.drop_keys = die  # re-encrypted under the new keys; old keys still there
     if phase == "compact":
         keyring.KeyRing.compact = die  # old keys dropped; their bytes still in the key file's free pages
 
