@@ -38,6 +38,12 @@ def require_serve(workers: bool = False) -> None:
         importlib.invalidate_caches()
         for name in [m for m in sys.modules if m == "ray.serve" or m.startswith("ray.serve.")]:
             del sys.modules[name]  # half-imported before its dependencies were found
+        # Ray decided once, at its first import, that pydantic was missing; now it is importable,
+        # and a Ray module imported later (ray.util.state, which ray.data reaches) would mix the
+        # two answers and fail. Let Ray decide again.
+        compat = sys.modules.get("ray._common.pydantic_compat")
+        if compat is not None:
+            importlib.reload(compat)
         try:
             importlib.import_module("ray.serve")
             return
