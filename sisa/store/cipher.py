@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -48,6 +49,7 @@ __all__ = [
     "new_token",
     "open_record",
     "seal_record",
+    "seal_records",
 ]
 
 KEY_SIZE = 32  # bytes of every key: AES-256
@@ -91,8 +93,30 @@ def seal_record(key: bytes, plaintext: bytes | memoryview, associated: bytes) ->
     Returns:
         ``nonce || ciphertext || tag``: :data:`OVERHEAD` bytes longer than ``plaintext``.
     """
-    nonce = os.urandom(NONCE_SIZE)  # random per seal: see the module docstring for why it never repeats
-    return nonce + _aead(key).encrypt(nonce, plaintext, associated)
+    return seal_records(key, [(plaintext, associated)])[0]
+
+
+def seal_records(key: bytes, items: Sequence[tuple[bytes | memoryview, bytes]]) -> list[bytes]:
+    """:func:`seal_record` for many records under one key: one CSPRNG draw for all their nonces.
+
+    Each nonce is still 96 fresh random bits (a slice of one ``os.urandom`` read is as random
+    as a read of its own); one read per batch saves a system call per record, which showed in
+    re-encryption and ingest, where the cipher itself takes about a microsecond a record.
+
+    Args:
+        key: A :data:`KEY_SIZE`-byte key.
+        items: ``(plaintext, associated)`` of each record.
+
+    Returns:
+        Each record's ``nonce || ciphertext || tag``, in order.
+    """
+    aead = _aead(key)
+    pool = os.urandom(NONCE_SIZE * len(items))  # random per seal: see the module docstring for why it never repeats
+    out = []
+    for i, (plaintext, associated) in enumerate(items):
+        nonce = pool[i * NONCE_SIZE : (i + 1) * NONCE_SIZE]
+        out.append(nonce + aead.encrypt(nonce, plaintext, associated))
+    return out
 
 
 def open_record(key: bytes, sealed: bytes | memoryview, associated: bytes) -> bytes | None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from sisa.store.records import SEAL_OVERHEAD, Records, id_key, open_sample, seal_sample
+from sisa.store.records import Records, RunCipher, id_key
 
 if TYPE_CHECKING:
     from sisa.store.keyring import SliceKey
@@ -183,31 +183,38 @@ def _reencrypt(store: Store, chosen: dict[Run, list[SliceKey]]) -> tuple[int, li
     which = np.concatenate([np.full(len(p), i) for p, i in parts])
     order = np.argsort(ids, kind="stable")
     ids, which = ids[order], which[order]
-    places, keyring = list(chosen), list(chosen.values())
+    # Per run: its old keys (what its samples are under, the common case) and its new one.
+    olds = [RunCipher(keys[1:], run) for run, keys in chosen.items()]
+    news = [RunCipher(keys[:1], run) for run, keys in chosen.items()]
     done, bad = 0, []
     for start in range(0, len(ids), _BATCH):
         part = list(zip(ids[start : start + _BATCH].tolist(), which[start : start + _BATCH].tolist(), strict=True))
 
         def change(txn: lmdb.Transaction, part: list[tuple[int, int]] = part) -> tuple[int, list[dict[str, Any]]]:
-            samples, n, found = store.db("samples"), 0, []
+            samples, found = store.db("samples"), []
+            opened: dict[int, list[tuple[bytes, bytes]]] = {}  # run index -> (id key, plaintext) to seal anew
             for sid, w in part:
-                keys = keyring[w]
                 k = id_key(sid)
                 raw = txn.get(k, db=samples)
                 if raw is None:
                     continue
-                body_len = len(raw) - SEAL_OVERHEAD
-                plain = open_sample(keys[1:], places[w], k, raw, body_len)  # the common case: still under an old key
+                plain = olds[w].open(k, raw)
                 if plain is None:
-                    if open_sample(keys[:1], places[w], k, raw, body_len) is not None:
+                    if news[w].open(k, raw) is not None:
                         continue  # already under the new key (a rotation that a crash cut short)
-                    found.append(_quarantine(store, txn, sid, places[w]))
+                    found.append(_quarantine(store, txn, sid, olds[w].place))
                     continue
-                txn.put(k, seal_sample(keys[0], places[w], k, plain), db=samples)
-                n += 1
+                opened.setdefault(w, []).append((k, plain))
+            resealed = [
+                (k, record)
+                for w, items in opened.items()
+                for (k, _), record in zip(items, news[w].seal(items), strict=True)
+            ]
+            resealed.sort()  # id order: each page of data.mdb is rewritten once
+            txn.cursor(db=samples).putmulti(resealed)
             if found:
                 store.put_meta(txn, **{QUARANTINED: [*store.meta(txn).get(QUARANTINED, []), *found]})
-            return n, found
+            return len(resealed), found
 
         n, found = store.write(change)
         done += n

@@ -4,7 +4,8 @@ Each trial copies one store (300 published samples), runs an ingest in a child p
 source fails after 200 staged samples, SIGKILLs the child at one step of taking them back, reopens
 the store in a second child (which finishes the work) and re-ingests *other* bytes under the same
 ids. Every child logs each seal it makes (key, nonce, digest of the plaintext, associated data) by
-wrapping :func:`sisa.store.records.seal_record`; the test then checks, over all of them:
+wrapping :func:`sisa.store.records.seal_records` (every sample seal goes through it); the test then
+checks, over all of them:
 
 - no (key, nonce) pair sealed two different plaintexts;
 - no key that sealed a taken-back sample is left anywhere in the key file (its bytes, free pages
@@ -55,21 +56,22 @@ def die(*_args, **_kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-real_seal = records.seal_record
+real_seal = records.seal_records
 
 
-def seal_record(key, plaintext, associated):
-    sealed = real_seal(key, plaintext, associated)
-    line = [mode, key.hex(), sealed[:12].hex(), hashlib.sha256(bytes(plaintext)).hexdigest(), associated.hex()]
-    os.write(log, (json.dumps(line) + "\n").encode())  # one write per line: a SIGKILL loses none written
+def seal_records(key, items):
+    sealed = real_seal(key, items)
+    for (plaintext, associated), record in zip(items, sealed):
+        line = [mode, key.hex(), record[:12].hex(), hashlib.sha256(bytes(plaintext)).hexdigest(), associated.hex()]
+        os.write(log, (json.dumps(line) + "\n").encode())  # one write per line: a SIGKILL loses none written
     if rolling[0]:
-        seals[0] += 1
-        if mode == "fail" and phase == "reencrypt" and seals[0] == 3:
+        seals[0] += len(items)
+        if mode == "fail" and phase == "reencrypt" and seals[0] >= 3:
             die()  # the new keys are committed; the re-encryption's transaction is not
     return sealed
 
 
-records.seal_record = seal_record
+records.seal_records = seal_records
 
 real_roll_back = Store.roll_back_ingest
 
