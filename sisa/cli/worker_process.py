@@ -7,8 +7,10 @@ caller asked for, loads the commands and serves.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,9 @@ def main(argv: list[str]) -> int:
         # another sisa shadows this one): serving would run the caller's commands in another domain.
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} worker key {own} is not {key}; not serving", file=sys.stderr)
         return 0
+    # `kill -USR1 PID` writes every thread's stack to the worker's log: the one way to see where a
+    # worker that does not end is stuck, without a debugger on the machine.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     from sisa.cli.worker_server import Worker  # the heavy imports come with the first command's modules
 
     _warm_up()

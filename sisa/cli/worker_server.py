@@ -173,6 +173,7 @@ class Worker:
                 when the command is not one the worker runs (:func:`sisa.cli.worker_process.run`).
         """
         self.sock_path, self.key, self.idle, self.run = sock_path, key, idle, run
+        self.log_fd = 2  # the worker's log: the stderr it was started with
         self.state = _State()
         self.commands = 0
         # Set while a caller is being served; cleared as its last message goes out, so that a caller
@@ -186,6 +187,14 @@ class Worker:
         state.caller_signal = None
         if not from_caller:
             state.stop = signum
+            # One line in the worker's log, written straight to its descriptor: a handler may run
+            # while the main thread is inside a buffered write to the same stream.
+            with contextlib.suppress(OSError):
+                os.write(
+                    self.log_fd,
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} got signal {signum} from outside "
+                    f"({'during command ' + str(state.running) if state.running else 'idle'}): ending\n".encode(),
+                )
         if state.running is not None:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(f"signal {signum}")
         if not from_caller:

@@ -227,27 +227,42 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, timeout:
 
 @contextlib.contextmanager
 def _keeping_sigterm_handler() -> Iterator[None]:
-    """Put back the application's own SIGTERM handler after ``ray.init`` replaced it.
+    """Keep the application's own SIGTERM handler in force through ``ray.init`` or ``ray.shutdown``.
 
-    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit(15)`` in the driver. Where the
+    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit(15)`` in the driver, and the
+    local node it starts one that kills Ray's processes and calls ``sys.exit(1)``. Where the
     application has its own (the ``sisa`` command and its worker end a command with exit 143
     and say what was kept), Ray's would end the process silently in the middle of a deletion;
-    a process without one keeps Ray's.
+    worse, a SIGTERM landing while ``ray.init`` runs raises its ``SystemExit`` wherever the
+    interpreter is, also inside a finaliser, where Python prints it as "ignored" and goes on:
+    the signal was lost, and a worker told to end served on (seen under load). So, while the
+    call runs, Ray's installer is turned into a no-op and the application's handler stays the
+    one that runs. ``ray.shutdown`` resets SIGTERM to its default action below Python (Python
+    still reports the old handler): the handler is installed again afterwards. A process
+    without a handler of its own keeps Ray's.
     """
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
+    if not callable(before):
+        yield
+        return
+    utils = ray._private.utils
+    installer = getattr(utils, "set_sigterm_handler", None)
+    if installer is not None:
+        utils.set_sigterm_handler = lambda handler: None
     try:
         yield
     except SystemExit as exc:
-        if callable(before) and exc.code == signal.SIGTERM:
-            # SIGTERM came while ray.init ran, and Ray's handler turned it into sys.exit(15): deliver
-            # it to the application's handler instead, which raises what the application expects.
+        if exc.code == signal.SIGTERM:
+            # A Ray that installs its handler some other way turned SIGTERM into sys.exit(15):
+            # deliver it to the application's handler instead, which raises what it expects.
             signal.signal(signal.SIGTERM, before)
             before(signal.SIGTERM, None)
         raise
     finally:
-        if callable(before):
-            signal.signal(signal.SIGTERM, before)
+        if installer is not None:
+            utils.set_sigterm_handler = installer
+        signal.signal(signal.SIGTERM, before)
 
 
 def _named(address: str | None) -> str | None:
@@ -481,7 +496,8 @@ def shutdown() -> None:
     """
     global _started_local
     if ray.is_initialized():
-        ray.shutdown()
+        with _keeping_sigterm_handler():
+            ray.shutdown()
     _started_local = False
 
 

@@ -104,7 +104,12 @@ def test_a_signal_to_the_worker_ends_the_command_and_the_worker(
     proc = start_sisa(["delete", "--store", store, "--ids", *map(str, ids[1:40])], run_dir)
     signal_mid_retrain(worker, signum, store)
     out, err = proc.communicate(timeout=300)
-    worker.wait(timeout=60)  # the worker ends after the command it was running
+    try:
+        worker.wait(timeout=60)  # the worker ends after the command it was running
+    except psutil.TimeoutExpired:
+        worker.send_signal(signal.SIGUSR1)  # the worker writes every thread's stack to its log
+        time.sleep(1)
+        raise AssertionError(f"the worker did not end; its log:\n{worker_log(run_dir)}") from None
     if proc.returncode == 0:
         # The signal landed where Python swallows it (a finaliser as the command ended) and came
         # back only after the command had finished: then its work must really be done.
@@ -142,6 +147,10 @@ def test_sigterm_at_any_moment_never_reports_success_for_unfinished_work(
     pending = pending_requests(store)
     if proc.returncode == 0:  # it had finished before the signal: then nothing may be pending
         assert pending == [] and "applied" in out
+    elif proc.returncode == -signal.SIGTERM:
+        # On a loaded machine the signal can land before the interpreter installed its handler:
+        # the process dies by SIGTERM's default action, before it read its arguments.
+        assert out == "" and pending == [], (out, err)
     else:
         assert proc.returncode == 143, (out, err)
     finish_and_check(store, ids[1:40], run_dir, certificates=2)

@@ -131,3 +131,62 @@ def test_a_local_ray_that_will_not_start_is_a_clear_error_and_the_same_command_f
     assert again.returncode == 0, again.stderr
     with Ensemble.open(tmp_path / "st", readonly=True) as ens:
         assert ens.pending() == [] and len(ens.certificates()) == 1
+
+
+SIGTERM_CHILD = r"""
+import os, signal, sys, threading, time
+import psutil
+from sisa.train import orchestrator
+
+class Ended(BaseException):
+    pass
+
+calls = []
+
+def handler(signum, frame):
+    calls.append(signum)
+    raise Ended
+
+signal.signal(signal.SIGTERM, handler)
+seen = {}
+
+def signal_mid_init():
+    # Once Ray's first process is up, ray.init is still running: the moment Ray's own handler
+    # (sys.exit) was in force, and a SIGTERM could be swallowed as an "ignored" SystemExit.
+    while not any(c.name().startswith("gcs_server") for c in psutil.Process().children(recursive=True)):
+        time.sleep(0.01)
+    seen["handler during ray.init"] = signal.getsignal(signal.SIGTERM) is handler
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=signal_mid_init, daemon=True).start()
+outcome = "connected"
+try:
+    orchestrator.connect(None, num_cpus=1)
+    time.sleep(60)  # a signal delivered late still lands here
+except Ended:
+    outcome = "Ended"
+except SystemExit as exc:
+    outcome = f"SystemExit({exc.code})"
+orchestrator.connect(None, num_cpus=1)
+orchestrator.shutdown()
+status = open("/proc/self/status").read()
+caught = int(next(l for l in status.splitlines() if l.startswith("SigCgt")).split()[1], 16)
+print(outcome, calls, seen, signal.getsignal(signal.SIGTERM) is handler, bool(caught & (1 << (signal.SIGTERM - 1))))
+"""
+
+
+def test_a_sigterm_during_ray_init_reaches_the_application_and_its_handler_outlives_ray(
+    env_python: dict[str, str],
+) -> None:
+    """Ray's own SIGTERM handlers never take over, and ``ray.shutdown`` leaves the application's in force.
+
+    The worker's handler ends a command with exit 143 and the worker after it; a SIGTERM caught
+    by Ray's ``sys.exit`` handler inside ``ray.init`` was once swallowed as an "ignored"
+    ``SystemExit``, and after ``ray.shutdown`` SIGTERM's action below Python was the default
+    (the process would die without a word) while Python still reported the handler.
+    """
+    env = {k: v for k, v in env_python.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", SIGTERM_CHILD], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last == "Ended [15] {'handler during ray.init': True} True True", out.stdout + out.stderr[-3000:]
