@@ -432,9 +432,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     peaks.start("ingest")
     row: dict[str, Any] = {"layout": spec["layout"], "n": n, "sisa_file": str(sisa_file)}
     with sisa.Ensemble.create(store, cfg, address=address) as ens:
-        io0, t0 = proc_io(), time.perf_counter()
+        io0, t0, cpu0 = proc_io(), time.perf_counter(), time.process_time()
         ingested = ens.ingest(batches(n), batch_size=BATCH)
         row["ingest_s"] = time.perf_counter() - t0
+        row["ingest_cpu_s"] = time.process_time() - cpu0
+        if spec.get("ingest_only"):
+            row["ingest_samples_per_s"] = n / row["ingest_s"]
+            return row
         row["ingest_written_bytes"] = proc_io()["write_bytes"] - io0["write_bytes"]
         peaks.enter("fit")
         t0 = time.perf_counter()
@@ -756,10 +760,92 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the stores (their folder is printed)")
     parser.add_argument("--runner", choices=("local", "auto"), default="local", help="local: no Ray (default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per child (default: none)")
+    parser.add_argument(
+        "--ingest-rounds",
+        type=int,
+        default=0,
+        help="only ingest: each N this many rounds of old, new (alternating, a fresh child each), wall and CPU",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value after the defaults, e.g. shards=2")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
+
+
+def ingest_rounds(
+    args: argparse.Namespace,
+    sizes: list[int],
+    layouts: list[str],
+    roots: dict[str, Path],
+    trees: dict[str, Any],
+    work: Path,
+) -> int:
+    """``--ingest-rounds K``: ingest only, old and new alternating K times per N; wall and CPU seconds.
+
+    On a shared machine one child's wall time moves with everything else running; alternating the
+    stores and reporting CPU seconds beside wall seconds separates the store's cost from the noise.
+    """
+    import benchlib
+
+    runs: list[dict[str, Any]] = []
+    try:
+        for n in sizes:
+            for round_ in range(args.ingest_rounds):
+                for layout in layouts:
+                    store = work / f"{layout}-{n}-{round_}"
+                    check_disk(work, n, GUESS_BYTES_PER_SAMPLE)
+                    spec = {
+                        "layout": layout,
+                        "root": str(roots[layout]),
+                        "n": n,
+                        "store": str(store),
+                        "overrides": list(args.overrides),
+                        "runner": args.runner,
+                        "batch_delete": BATCH_DELETE,
+                        "ingest_only": True,
+                    }
+                    row = run_child(spec, args.timeout)
+                    row["round"], row["loadavg"] = round_, benchlib.loadavg()
+                    runs.append(row)
+                    load = (row["loadavg"] or ["?"])[0]
+                    print(
+                        f"N={n} round {round_} {layout}: {row['ingest_samples_per_s']:,.0f} samples/s, "
+                        f"{row['ingest_s']:.1f} s wall, {row['ingest_cpu_s']:.1f} s CPU (load {load})"
+                    )
+                    shutil.rmtree(store, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "machine": benchlib.machine_info(),
+        "command": " ".join(sys.argv),
+        "mode": "ingest rounds",
+        "features": FEATURES,
+        "ingest_batch": BATCH,
+        "config_overrides": [*BASE_OVERRIDES, *args.overrides],
+        "layouts": trees,
+        "old_rev": args.old_rev if "old" in layouts else None,
+        "runs": runs,
+        "loadavg_end": benchlib.loadavg(),
+    }
+    benchlib.write_results(args.out, result, lambda png: draw_ingest(result, png))
+    return 0
+
+
+def draw_ingest(result: dict[str, Any], png: Path) -> None:
+    """Ingest samples/s and CPU seconds per round, one bar per store."""
+    import benchlib
+
+    plt = benchlib.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = result["runs"]
+    labels = [f"N={r['n']:,}\nround {r['round']}\n{r['layout']}" for r in runs]
+    colors = [{"old": "C0", "new": "C1"}[r["layout"]] for r in runs]
+    left.bar(range(len(runs)), [r["ingest_samples_per_s"] for r in runs], color=colors)
+    right.bar(range(len(runs)), [r["ingest_cpu_s"] for r in runs], color=colors)
+    for axis, label in ((left, "ingest samples/s (wall)"), (right, "ingest CPU seconds")):
+        axis.set_xticks(range(len(runs)), labels, fontsize=7)
+        axis.set_ylabel(label)
+    benchlib.save_figure(fig, png, "ingest, old store and new alternating (fresh process each)")
 
 
 def main() -> int:
@@ -801,6 +887,8 @@ def main() -> int:
                 f"open {c['blob_open_mb_s']:,.0f} MB/s"
             )
     print(f"stores in {work}; layouts {revisions}")
+    if args.ingest_rounds:
+        return ingest_rounds(args, sizes, layouts, roots, trees, work)
     print(HEADER)
     try:
         for n in sizes:
