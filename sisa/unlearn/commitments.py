@@ -1,0 +1,31 @@
+"""Manifest commitments: the sorted commitments of the samples a model trained on, and a sample's opening.
+
+A sample's opening is its keyed hash under the store's secret (the value certificates already name it
+by); its commitment is :func:`sisa.receipt.entries.sample_commitment` of the id and the opening. Only
+the store can compute an opening, so the published commitments reveal no ids, and a data subject
+given their id's opening in a receipt recomputes their own commitment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sisa.receipt.entries import sample_commitment
+from sisa.store.digests import keyed_hash
+
+__all__ = ["manifest_commitments", "opening"]
+
+
+def opening(secret: bytes, sample_id: int) -> bytes:
+    """The opening of ``sample_id``'s commitment: its keyed hash under the store's secret (32 bytes)."""
+    return bytes.fromhex(keyed_hash(secret, sample_id))
+
+
+def manifest_commitments(secret: bytes, slice_ids: Sequence[np.ndarray]) -> list[bytes]:
+    """The sorted commitments of every id in ``slice_ids`` (the slices a model trained on)."""
+    if not len(slice_ids):
+        return []
+    ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in slice_ids]).tolist()
+    return sorted(sample_commitment(i, opening(secret, i)) for i in ids)
