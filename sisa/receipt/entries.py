@@ -16,10 +16,10 @@ from typing import Any
 
 from sisa.receipt.merkle import hash_leaf
 
-__all__ = ["MODEL_PUBLISHED", "canonical", "entry_leaf", "is_certificate", "sample_commitment"]
+__all__ = ["COMMIT_LABEL", "MODEL_PUBLISHED", "canonical", "entry_leaf", "is_certificate", "sample_commitment"]
 
 MODEL_PUBLISHED = "model_published"  # the ``kind`` of a "model published" entry (certificates carry no kind)
-_COMMIT_LABEL = b"sisa-sample-commitment-v1"
+COMMIT_LABEL = b"sisa-sample-commitment-v1"
 
 
 def canonical(value: Any) -> bytes:
@@ -45,4 +45,4 @@ def sample_commitment(sample_id: int, opening: bytes) -> bytes:
     """
     if not 0 <= sample_id < 2**63 or len(opening) != 32:
         raise ValueError("a sample commitment takes an id in [0, 2**63) and a 32-byte opening")
-    return hashlib.sha256(_COMMIT_LABEL + struct.pack(">Q", sample_id) + opening).digest()
+    return hashlib.sha256(COMMIT_LABEL + struct.pack(">Q", sample_id) + opening).digest()
