@@ -3,8 +3,8 @@
 A log entry (a deletion certificate, a "model published" record) is a JSON object; its leaf in the
 transparency log is the RFC 6962 leaf hash of its canonical JSON (sorted keys, no spaces). A sample
 is committed to as ``SHA-256("sisa-sample-commitment-v1" || id as 8 bytes big-endian || opening)``,
-where the opening is the store's keyed hash of the id (the value certificates name the id by): without
-the opening the commitment reveals nothing about the id, and whoever holds both recomputes it.
+where the opening is a keyed hash of the id under the store's secret (:mod:`sisa.unlearn.commitments`):
+without the opening the commitment reveals nothing about the id, and whoever holds both recomputes it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The checks, in order; the first that fails is named:
 
 1. the checkpoint is a signed note by the key, and the receipt's own signature is the key's;
 2. the certificate is a leaf of the log under that checkpoint (inclusion proof) and names the id's
-   opening among its keyed id hashes;
+   keyed hash (which the signed receipt binds to the id) among its id hashes;
 3. for every shard the certificate names: the shard's "model published" entry is a leaf under the
    checkpoint, and the id's commitment (recomputed from the id and its opening) lies strictly between
    two adjacent leaves of that entry's manifest commitment (each leaf proven by its inclusion proof),
@@ -133,8 +133,9 @@ def verify_receipt(receipt: Any, verifier: Verifier, consistency: dict[str, Any]
     cert = _leaf_under(receipt.get("certificate"), cp, "certificate")
     if not is_certificate(cert) or cert.get("state") != "applied":
         raise ProofError("certificate: the entry is not an applied deletion certificate")
-    if opening.hex() not in cert.get("id_hashes", []):
-        raise ProofError("certificate: does not name this id's opening among its id hashes")
+    # The certificate names ids by keyed hash only; the receipt's signature binds this id to its hash.
+    if not isinstance(receipt.get("id_hash"), str) or receipt["id_hash"] not in cert.get("id_hashes", []):
+        raise ProofError("certificate: does not name this id's keyed hash among its id hashes")
     done.append(f"certificate of request {cert.get('request_id')} is in the log and names the id")
     target = sample_commitment(sample_id, opening)
     wanted = sorted(int(s) for s in cert.get("shards", {}))

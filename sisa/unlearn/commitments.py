@@ -1,28 +1,33 @@
 """Manifest commitments: the sorted commitments of the samples a model trained on, and a sample's opening.
 
-A sample's opening is its keyed hash under the store's secret (the value certificates already name it
-by); its commitment is :func:`sisa.receipt.entries.sample_commitment` of the id and the opening. Only
-the store can compute an opening, so the published commitments reveal no ids, and a data subject
-given their id's opening in a receipt recomputes their own commitment.
+A sample's opening is ``HMAC-SHA256(store secret, "sisa-opening|" || id as 8 bytes big-endian)``; its
+commitment is :func:`sisa.receipt.entries.sample_commitment` of the id and the opening. Only the store
+can compute an opening, so the published commitments reveal no ids, and a data subject given their id's
+opening in a receipt recomputes their own commitment. The opening is deliberately not the keyed id hash
+that certificates publish: a commitment seen as a neighbour in someone's receipt, together with a later
+certificate's id hash, would otherwise let anyone test candidate ids against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Sequence
 
 import numpy as np
 
 from sisa.receipt.entries import COMMIT_LABEL
-from sisa.store.digests import ID_LABEL, keyed_hash
 
-__all__ = ["manifest_commitments", "opening"]
+__all__ = ["OPENING_LABEL", "manifest_commitments", "opening"]
+
+
+OPENING_LABEL = b"sisa-opening|"
 
 
 def opening(secret: bytes, sample_id: int) -> bytes:
-    """The opening of ``sample_id``'s commitment: its keyed hash under the store's secret (32 bytes)."""
-    return bytes.fromhex(keyed_hash(secret, sample_id))
+    """The opening of ``sample_id``'s commitment (32 bytes; only the store's secret computes it)."""
+    return hmac.digest(secret, OPENING_LABEL + struct.pack(">Q", sample_id), "sha256")
 
 
 def manifest_commitments(secret: bytes, slice_ids: Sequence[np.ndarray]) -> list[bytes]:
@@ -39,6 +44,6 @@ def manifest_commitments(secret: bytes, slice_ids: Sequence[np.ndarray]) -> list
     out = []
     for k in range(0, len(packed), 8):
         word = packed[k : k + 8]
-        out.append(sha256(COMMIT_LABEL + word + digest(secret, ID_LABEL + word, "sha256")).digest())
+        out.append(sha256(COMMIT_LABEL + word + digest(secret, OPENING_LABEL + word, "sha256")).digest())
     out.sort()
     return out

@@ -119,7 +119,8 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
     receipt: dict[str, Any] = {
         "format": FORMAT,
         "id": sample_id,
-        "opening": digest,
+        "id_hash": digest,  # the certificate's name for the id; this signed receipt binds the two
+        "opening": opening(secret, sample_id).hex(),
         "issued_at": time.time(),
         "checkpoint": state.checkpoint,
         "certificate": _included(state, found[0], size),

@@ -72,6 +72,11 @@ def test_delete_returns_receipts_that_verify(deleted: tuple[Path, dict[str, Any]
         assert entry["kind"] == MODEL_PUBLISHED and entry["weights"] == cert["shards"][shard]["live_weights"]
         assert entry["manifest"] == cert["shards"][shard]["manifest"]
     assert len(json.dumps(receipt)) < 64 * 1024
+    # the opening is the subject's alone: in no certificate (they publish the keyed id hash), no log entry
+    certificate = {k: v for k, v in cert.items() if k != "receipts"}
+    assert receipt["id_hash"] in cert["id_hashes"] and receipt["opening"] not in json.dumps(certificate)
+    with Ensemble.open(deleted[0], readonly=True) as ens:
+        assert receipt["opening"] not in json.dumps(ens.certificates())
 
 
 def test_the_receipt_is_not_logged_nor_stored(
@@ -192,7 +197,7 @@ def test_a_checkpoint_signed_by_another_key_is_refused(
 def test_a_proof_for_another_id_is_refused(deleted: tuple[Path, dict[str, Any], dict[int, dict[str, Any]]]) -> None:
     receipts = deleted[2]
     # id 42's certificate and proofs, under id 17's name and opening (both ids are in the same certificate)
-    swapped = resign({**receipts[42], "id": 17, "opening": receipts[17]["opening"]})
+    swapped = resign({**receipts[42], **{k: receipts[17][k] for k in ("id", "opening", "id_hash")}})
     with pytest.raises(ProofError, match="for another commitment"):
         verify_receipt(swapped, KEY)
 
@@ -245,7 +250,7 @@ def test_a_manifest_that_still_contains_the_id_is_refused() -> None:
     manifest = Tree([hash_leaf(c) for c in commitments])
     with pytest.raises(IntegrityError, match="still contains this id"):
         non_membership(commitments, manifest, target)
-    cert = {"request_id": 1, "state": "applied", "id_hashes": [opening.hex()], "shards": {"0": {}}}
+    cert = {"request_id": 1, "state": "applied", "id_hashes": ["ab" * 32], "shards": {"0": {}}}
     published = {
         "kind": MODEL_PUBLISHED,
         "shard": 0,
@@ -265,6 +270,7 @@ def test_a_manifest_that_still_contains_the_id_is_refused() -> None:
             {
                 "format": FORMAT,
                 "id": 7,
+                "id_hash": "ab" * 32,
                 "opening": opening.hex(),
                 "checkpoint": note,
                 "certificate": {"index": 0, "entry": cert, "proof": [p.hex() for p in log.inclusion_proof(0)]},
