@@ -11,10 +11,11 @@ import pytest
 
 from sisa.cli.main import main
 from sisa.ensemble import Ensemble
+from sisa.errors import ProofError
 from sisa.receipt.entries import MODEL_PUBLISHED, entry_leaf, is_certificate
 from sisa.receipt.keys import load_signer
 from sisa.receipt.merkle import Tree
-from sisa.receipt.notes import generate, parse_checkpoint
+from sisa.receipt.notes import Checkpoint, format_checkpoint, generate, parse_checkpoint, sign_note
 from sisa.receipt.verify import verify_receipt
 from sisa.unlearn import tlog
 from sisa.unlearn.audit import AUDIT_DB, append_entry, read_entries
@@ -22,7 +23,8 @@ from tests.conftest import blobs, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-KEY = load_signer().verifier
+SIGNER = load_signer()
+KEY = SIGNER.verifier
 
 
 def as_before_the_log(path: Path) -> list[bytes]:
@@ -104,6 +106,11 @@ def test_audit_names_an_edited_entry_an_unsigned_one_and_another_key(
         ]
         assert main(["audit", "--store", str(path), "--key", other.verifier.encode()]) == 1
         capsys.readouterr()
+        elsewhere = sign_note(format_checkpoint(Checkpoint("sisa.log/another", 1, bytes(32))), SIGNER)
+        with pytest.raises(ProofError, match="the kept checkpoint is of log 'sisa.log/another'"):
+            ens.consistency(elsewhere)
+        with pytest.raises(ProofError, match="not signed by the key"):
+            ens.consistency(sign_note(format_checkpoint(Checkpoint("x", 1, bytes(32))), other))
 
         def edit(txn: Any) -> None:  # an old entry rewritten together with its HMAC chain is still caught
             raw = json.loads(bytes(txn.get(struct.pack(">Q", 1), db=store.db(AUDIT_DB))))
