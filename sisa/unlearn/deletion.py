@@ -6,9 +6,11 @@ erasure (the runs that held them re-keyed, their old keys destroyed and the key 
 compacted: :mod:`sisa.store.erasure`), recorded in the journal as ``erased_at``. From
 then on the deleted data is unrecoverable from the store. Applying a request is the
 planner's ``fit`` (which retrains exactly the stale stages), a sweep of the keys of the
-checkpoints the retrain retired, and a certificate appended to the audit log, in that
-order. Each step is idempotent, so a crash anywhere is finished by the next writable open
-(:func:`recover_erasure`, then :func:`finish_interrupted`).
+checkpoints the retrain retired, and one transaction that appends a "model published" entry
+per retrained model and the certificates to the audit log and signs the transparency log's
+checkpoint (:mod:`sisa.unlearn.tlog`), in that order. Each step is idempotent, so a crash
+anywhere is finished by the next writable open (:func:`recover_erasure`, then
+:func:`finish_interrupted`).
 """
 
 from __future__ import annotations
