@@ -464,12 +464,15 @@ def check(
 
 def final_state(ens: Ensemble, deleted: Sequence[int]) -> dict[str, Any]:
     """Pending requests, audit chain and log, verify, and the deleted ids in the final store."""
+    from sisa.receipt.entries import is_certificate
     from sisa.store.tombstones import deleted_ids
     from sisa.unlearn.audit import read_entries
 
     audit = ens.audit()
     with ens.store.read() as txn:
-        log_ids = [r.get("entry", {}).get("request_id") for r in read_entries(ens.store, txn)]
+        # the certificates only: the log also holds a "model published" entry per retrained model
+        entries = [r.get("entry", {}) for r in read_entries(ens.store, txn)]
+        log_ids = [e.get("request_id") for e in entries if is_certificate(e)]
         present = sum(ens.store.has_sample(txn, i) for i in deleted)
         live = ens.store.live(txn)
     started = time.perf_counter()

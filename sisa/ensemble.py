@@ -19,12 +19,15 @@ from sisa.config.settings import SisaConfig, config_to_dict
 from sisa.config.stored import config_from_stored, refuse_config_at_open, require_config, require_same_fixed
 from sisa.data.arrays import check_labels
 from sisa.data.batches import DEFAULT_BATCH, Columns
+from sisa.errors import ConfigError, ProofError
+from sisa.receipt.keys import load_signer
+from sisa.receipt.notes import Verifier
 from sisa.serve.serving import Serving
 from sisa.store import ingest as ingesting
 from sisa.store.database import Store
 from sisa.store.report import locate, status
 from sisa.train.planner import FitReport, Planner, Progress
-from sisa.unlearn import audit
+from sisa.unlearn import audit, receipts, tlog
 
 __all__ = ["Ensemble", "FitReport"]
 
@@ -102,6 +105,7 @@ class Ensemble:
         try:
             if not readonly:
                 unlearn.recover_erasure(ens.store)  # no Ray, no retrain: keys only
+                tlog.publish(ens.planner)  # a log written before it was signed gets its first checkpoint
             if resume and not readonly:
                 unlearn.finish_interrupted(ens.planner)
         except BaseException:
@@ -185,7 +189,9 @@ class Ensemble:
 
     def fit(self, progress: Progress | None = None, *, shards: Sequence[int] | None = None) -> FitReport:
         """Train every missing or stale stage, in parallel on Ray; see :meth:`sisa.train.planner.Planner.fit`."""
-        return self.planner.fit(progress, shards=shards)
+        report = self.planner.fit(progress, shards=shards)
+        tlog.publish(self.planner)  # the changed live models, in the transparency log under a signed checkpoint
+        return report
 
     def add(
         self,
@@ -209,12 +215,29 @@ class Ensemble:
         self.ingest(x, y, ids, new_slice=trained, probabilities=probabilities, core=core, scale=scale)
         return self.fit(progress)
 
-    def delete(self, ids: Any, *, defer: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    def delete(
+        self, ids: Any, *, defer: bool = False, progress: Progress | None = None, receipts: bool = False
+    ) -> dict[str, Any]:
         """Forget samples; returns when the data is erased from the store and (unless ``defer``) the model is clean.
 
-        See :func:`sisa.unlearn.delete` for the steps and the returned certificate.
+        See :func:`sisa.unlearn.delete` for the steps and the returned certificate. With
+        ``receipts``, an applied certificate also carries ``receipts``: each deleted id's receipt
+        (:meth:`receipt`), by id. Receipts name ids: they are returned here, never logged or stored.
         """
-        return unlearn.delete(self.planner, ids, defer=defer, progress=progress, on_journal=self._serving.clear)
+        out = unlearn.delete(self.planner, ids, defer=defer, progress=progress, on_journal=self._serving.clear)
+        if receipts and out.get("state") == "applied":
+            out["receipts"] = {i: self.receipt(i) for i in unlearn.normalize_ids(ids)}
+        return out
+
+    def receipt(self, sample_id: int) -> dict[str, Any]:
+        """The signed receipt of a deleted id, for its data subject; see :func:`sisa.unlearn.receipts.issue_receipt`.
+
+        Raises:
+            DataError: If the id was never deleted or its deletion is still pending.
+            ConfigError: If the operator's signing key is not found (``sisa keys``).
+        """
+        [checked] = unlearn.normalize_ids([sample_id])
+        return receipts.issue_receipt(self.store, load_signer(create=False, store_root=self.path), checked)
 
     def apply(self, progress: Progress | None = None, *, requests: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """Apply pending (deferred or interrupted) requests as one batch; see :func:`sisa.unlearn.apply`."""
@@ -234,9 +257,35 @@ class Ensemble:
         """Retrain shards from scratch and compare with the live models; ``ok`` only if bit-identical."""
         return unlearn.verify(self.planner, shards, progress)
 
-    def audit(self) -> audit.AuditReport:
-        """Recompute the audit log's hash chain; returns an :class:`~sisa.unlearn.audit.AuditReport`."""
-        return audit.check_chain(self.store, self.store.secret())
+    def audit(self, key: str | None = None) -> audit.AuditReport:
+        """Check the audit log: its HMAC chain, its Merkle tree and the latest signed checkpoint.
+
+        Args:
+            key: The verifier key (``name+hash+base64``) to check the checkpoint with; default the
+                operator's own (:func:`sisa.receipt.keys.load_signer`).
+
+        Returns:
+            An :class:`~sisa.unlearn.audit.AuditReport`; ``ok`` only if the chain, the tree and the signature hold.
+        """
+        report = audit.check_chain(self.store, self.store.secret())
+        verifier = _verifier(key)
+        problems, info = tlog.check_log(self.store, verifier)
+        report.problems += problems
+        report.ok = report.ok and not problems
+        report.log_size, report.checkpoint = info["log_size"], info["checkpoint"]
+        return report
+
+    def checkpoint(self) -> str | None:
+        """The latest signed checkpoint of the transparency log (a C2SP signed note), or None before the first."""
+        with self.store.read() as txn:
+            return tlog.log_state(self.store, txn).checkpoint
+
+    def consistency(self, old_checkpoint: str, key: str | None = None) -> dict[str, Any]:
+        """Prove the log only grew since a kept signed checkpoint; see :func:`sisa.unlearn.tlog.consistency`."""
+        verifier = _verifier(key)
+        with self.store.read() as txn:
+            state = tlog.log_state(self.store, txn)
+        return tlog.consistency(state, old_checkpoint, verifier)
 
     def certificates(self) -> list[dict[str, Any]]:
         """Every deletion certificate in the audit log, oldest first, each with its ``audit_seq``."""
@@ -286,3 +335,20 @@ class Ensemble:
     def status(self) -> dict[str, Any]:
         """Shards, slices, sample counts and live checkpoint digests; see :func:`sisa.store.report.status`."""
         return status(self.store, self.config)
+
+
+def _verifier(key: str | None) -> Verifier:
+    """The verifier key given (``name+hash+base64``), else the operator's own.
+
+    Raises:
+        ConfigError: If no key is given and this user has no signing key (an auditor passes ``key``).
+    """
+    if key:
+        try:
+            return Verifier.decode(key)
+        except ProofError as exc:
+            raise ConfigError(f"--key: {exc}") from exc
+    try:
+        return load_signer(create=False).verifier
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; an auditor without the operator's key passes its verifier key (--key)") from exc

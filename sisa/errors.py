@@ -17,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "ModelError",
     "NotTrainedError",
+    "ProofError",
     "SisaError",
     "StoreChangedError",
     "StoreError",
@@ -72,6 +73,10 @@ class TrainingError(SisaError):
 
 class NotTrainedError(SisaError):
     """Prediction was asked of an ensemble with no live shard models."""
+
+
+class ProofError(SisaError, ValueError):
+    """A signature, a signed note or a Merkle proof does not check, or is not in its format."""
 
 
 class ClusterConnectionError(SisaError):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # its own process, as the test means, and none outlives the session. tests/cli/test_cli_worker.py
 # turns it on for its own commands.
 os.environ["SISA_WORKER"] = "0"
+# The operator's signing key of the whole session (created on first use), never the user's own key in
+# ~/.config/sisa: children inherit it, so every process of the session signs with the same key.
+os.environ["SISA_SIGNING_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="sisa-test-key-")) / "signing.key")
 
 
 @pytest.fixture(scope="session")

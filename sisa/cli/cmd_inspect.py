@@ -84,11 +84,31 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     from sisa.unlearn.ids import parse_id_args
 
     lookup_ids = parse_id_args(args.lookup_ids, "--id") if args.lookup_ids else None
+    key = _read_key(args.key) if args.key else None
+    old = _read_text(args.consistency, "--consistency") if args.consistency else None
     with Ensemble.open(args.store, readonly=True) as ens:
-        report = ens.audit()
+        if args.checkpoint:
+            note = ens.checkpoint()
+            if note is None:
+                raise DataError(
+                    f"store {args.store} has no signed checkpoint yet: open it writable once (`sisa resume`)"
+                )
+            if not args.json:
+                print(note, end="")
+            return {"checkpoint": note}
+        if old is not None:
+            proof = ens.consistency(old, key)
+            if not args.json:
+                verdict = "the log only grew" if proof["ok"] else "NOT CONSISTENT: the log was rewritten"
+                print(f"consistency {proof['old']['size']} -> {proof['new']['size']}: {verdict}")
+            if not proof["ok"]:
+                raise CheckFailed(proof, EXIT_FAILED_CHECK)
+            return proof
+        report = ens.audit(key)
         certificates = ens.certificates() if args.show else None
         lookups = ens.lookup(lookup_ids) if lookup_ids else None
     result: dict[str, Any] = {"ok": report.ok, "entries": report.entries, "problems": report.problems}
+    result.update(log_size=report.log_size, checkpoint=report.checkpoint)
     if certificates is not None:
         result["certificates"] = certificates
     if lookups is not None:
@@ -98,6 +118,18 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     if not report.ok:
         raise CheckFailed(result, EXIT_FAILED_CHECK)
     return result
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{option} {path}: cannot read it ({exc})") from exc
+
+
+def _read_key(value: str) -> str:
+    """A verifier key given as ``name+hash+base64`` or as a file holding it."""
+    return value if value.count("+") >= 2 and not Path(value).exists() else _read_text(value, "--key").strip()
 
 
 def cmd_domains(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,8 @@ _HANDLERS = {
     "status": ("sisa.cli.cmd_inspect", "cmd_status"),
     "pending": ("sisa.cli.cmd_inspect", "cmd_pending"),
     "audit": ("sisa.cli.cmd_inspect", "cmd_audit"),
+    "receipt": ("sisa.cli.cmd_receipt", "cmd_receipt"),
+    "keys": ("sisa.cli.cmd_receipt", "cmd_keys"),
     "domains": ("sisa.cli.cmd_inspect", "cmd_domains"),
     "compact": ("sisa.cli.cmd_inspect", "cmd_compact"),
     "migrate": ("sisa.cli.cmd_inspect", "cmd_migrate"),

@@ -26,7 +26,9 @@ from sisa.cli.parser import parse
 __all__ = ["main"]
 
 # Commands whose every file and store is closed when they return (``evaluate`` keeps the normal exit).
-_EXIT_NOW = frozenset({"train", "eval", "status", "delete", "pending", "apply", "verify", "audit", "add", "resume"})
+_EXIT_NOW = frozenset(
+    {"train", "eval", "status", "delete", "pending", "apply", "verify", "audit", "add", "resume", "receipt", "keys"}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,8 @@ COMMANDS = (
     "pending",
     "verify",
     "audit",
+    "receipt",
+    "keys",
     "add",
     "resume",
     "domains",
@@ -138,6 +140,11 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     de.add_argument("--ids", nargs="+", metavar="ID", help="sample ids to delete, separated by spaces")
     de.add_argument("--ids-file", metavar="FILE", help=IDS_FILE_HELP)
     de.add_argument(
+        "--receipts",
+        metavar="DIR",
+        help="also write each deleted id's receipt to DIR/receipt-ID.json (owner-only; personal data, keep private)",
+    )
+    de.add_argument(
         "--defer", action="store_true", help="journal and erase now (keys destroyed); retrain with `sisa apply` later"
     )
 
@@ -158,6 +165,30 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         metavar="ID",
         help="was this id deleted, when, by which request? (named by its keyed hash under the store's key)",
     )
+    au.add_argument(
+        "--checkpoint", action="store_true", help="print the transparency log's latest signed checkpoint and stop"
+    )
+    au.add_argument(
+        "--consistency",
+        metavar="OLD",
+        help="a signed checkpoint kept earlier (a file): prove the log only grew since (JSON proof with --json)",
+    )
+    au.add_argument(
+        "--key", help="verifier key (name+hash+base64, or a file) to check signatures with (default: the operator's)"
+    )
+
+    rc = sub.add_parser(
+        "receipt", parents=[common], help="write the deletion receipt of an id (personal data: keep it private)"
+    )
+    rc.add_argument("--id", dest="receipt_id", required=True, metavar="ID", help="a deleted sample id")
+    rc.add_argument("--out", metavar="FILE", help="write the receipt here (owner-only; default: standard output)")
+
+    ke = sub.add_parser("keys", help="the operator's signing key (outside every store) and its verifier key")
+    ke.add_argument("--public", action="store_true", help="print only the verifier key (name+hash+base64)")
+    ke.add_argument("--generate", action="store_true", help="create the signing key (refused if one exists)")
+    ke.add_argument("--name", help="key name of a new key (default: sisa-HOSTNAME)")
+    ke.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ke.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     ad = sub.add_parser(
         "add", parents=[common, ray_opt, writer], help="add samples (npz, CSV or IDX) as new slices and train them"

@@ -185,6 +185,9 @@ def print_audit(result: dict[str, Any]) -> None:
         print()
     for found in result.get("lookups") or []:
         print_lookup(found)
+    if "log_size" in result:
+        signed = "signed checkpoint" if result.get("checkpoint") else "no signed checkpoint"
+        print(f"transparency log: {result['log_size']} leaves (certificates and models published), {signed}")
     print(f"audit: {result['entries']} entries, " + ("chain OK" if result["ok"] else "CHAIN BROKEN"))
     for problem in result["problems"]:
         print(f"  {problem}")

@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["checkpoint_key", "keyed_hash", "manifest_digest", "sha256", "weights_digest"]
+ID_LABEL = b"sisa-id|"  # what a keyed id hash prefixes to the id (commitments compute it in bulk)
+
+__all__ = ["ID_LABEL", "checkpoint_key", "keyed_hash", "manifest_digest", "sha256", "weights_digest"]
 
 
 def sha256(data: bytes) -> str:
@@ -99,4 +101,4 @@ def keyed_hash(secret: bytes, sample_id: int) -> str:
     Returns:
         The hex digest.
     """
-    return hmac.new(secret, b"sisa-id|" + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()
+    return hmac.new(secret, ID_LABEL + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()

@@ -3,7 +3,9 @@
 Each entry's MAC is an HMAC (per-store secret) over its sequence number, the previous
 entry's MAC and the entry's canonical JSON; the head (count and last MAC) lives in the
 store's metadata. Editing, reordering, removing or hand-appending an entry breaks the
-chain, and without the secret nobody can recompute it.
+chain, and without the secret nobody can recompute it. The entries are also the leaves of the
+transparency log (:mod:`sisa.unlearn.tlog`): deletion certificates and "model published" entries,
+under checkpoints signed with the operator's key, which outsiders can check.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import lmdb
 
+from sisa.receipt.entries import is_certificate
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
 
@@ -75,11 +78,16 @@ def read_entries(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
 
 @dataclass
 class AuditReport:
-    """Result of checking the chain: ``ok`` only if every check passed."""
+    """Result of checking the log: ``ok`` only if every check passed.
+
+    ``entries`` counts the certificates; ``log_size`` every leaf (certificates and models published).
+    """
 
     ok: bool
     entries: int
     problems: list[str] = field(default_factory=list)
+    log_size: int = 0  # leaves of the transparency log (every entry: certificates and models published)
+    checkpoint: str | None = None  # the latest signed checkpoint (a C2SP signed note)
 
 
 def check_chain(store: Store, secret: bytes) -> AuditReport:
@@ -97,6 +105,7 @@ def check_chain(store: Store, secret: bytes) -> AuditReport:
         records = read_entries(store, txn)
         head = store.meta(txn).get("audit_head") or {"count": 0, "mac": GENESIS}
         applied = sum(1 for _ in _applied_requests(store, txn))
+    certified = sum(1 for r in records if isinstance(r.get("entry"), dict) and is_certificate(r["entry"]))
     prev = GENESIS
     for i, rec in enumerate(records):
         if rec.get("corrupt"):
@@ -117,9 +126,9 @@ def check_chain(store: Store, secret: bytes) -> AuditReport:
             f"head says {head['count']} entries ending in {head['mac'][:12]}, log has {len(records)} "
             f"ending in {prev[:12]} (entries removed or appended by hand)"
         )
-    if applied != len(records):
-        problems.append(f"{applied} requests are marked applied but the log has {len(records)} entries")
-    return AuditReport(ok=not problems, entries=len(records), problems=problems)
+    if applied != certified:
+        problems.append(f"{applied} requests are marked applied but the log has {certified} certificates")
+    return AuditReport(ok=not problems, entries=certified, problems=problems, log_size=len(records))
 
 
 def _applied_requests(store: Store, txn: lmdb.Transaction) -> Any:
@@ -142,7 +151,7 @@ def certificates(store: Store) -> list[dict[str, Any]]:
     return [
         {**rec["entry"], "audit_seq": rec.get("seq")}
         for rec in records
-        if not rec.get("corrupt") and isinstance(rec.get("entry"), dict)
+        if not rec.get("corrupt") and isinstance(rec.get("entry"), dict) and is_certificate(rec["entry"])
     ]
 
 
@@ -169,7 +178,7 @@ def lookup_ids(store: Store, secret: bytes, ids: list[int]) -> list[dict[str, An
         by_request = {
             rec["entry"].get("request_id"): rec
             for rec in read_entries(store, txn)
-            if not rec.get("corrupt") and isinstance(rec.get("entry"), dict)
+            if not rec.get("corrupt") and isinstance(rec.get("entry"), dict) and is_certificate(rec["entry"])
         }
         for sample_id in ids:
             digest = keyed_hash(secret, sample_id)

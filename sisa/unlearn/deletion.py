@@ -6,9 +6,11 @@ erasure (the runs that held them re-keyed, their old keys destroyed and the key 
 compacted: :mod:`sisa.store.erasure`), recorded in the journal as ``erased_at``. From
 then on the deleted data is unrecoverable from the store. Applying a request is the
 planner's ``fit`` (which retrains exactly the stale stages), a sweep of the keys of the
-checkpoints the retrain retired, and a certificate appended to the audit log, in that
-order. Each step is idempotent, so a crash anywhere is finished by the next writable open
-(:func:`recover_erasure`, then :func:`finish_interrupted`).
+checkpoints the retrain retired, and one transaction that appends a "model published" entry
+per retrained model and the certificates to the audit log and signs the transparency log's
+checkpoint (:mod:`sisa.unlearn.tlog`), in that order. Each step is idempotent, so a crash
+anywhere is finished by the next writable open (:func:`recover_erasure`, then
+:func:`finish_interrupted`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import lmdb
 
 from sisa.errors import CoreSetError, DataError, DomainUnavailableError
+from sisa.receipt.keys import load_signer
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
 from sisa.store.erasure import ErasureReport, erase, finish_erasure
@@ -31,6 +34,7 @@ from sisa.train.planner import Planner, Progress
 from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
 from sisa.unlearn.journal import mark_applied, mark_erased, pending, record_request, unerased
+from sisa.unlearn.tlog import publish_models, sign_checkpoint
 
 __all__ = ["apply", "delete", "erase_pending", "finish_interrupted", "recover_erasure"]
 
@@ -192,6 +196,7 @@ def apply(
             )
     if not chosen:
         return []
+    signer = load_signer(store_root=store.path)  # before any work: a missing or misplaced key fails first
     started = time.time()
     erase_pending(store)  # a request whose erasure a crash cut short: erased before anything waits on Ray
     shards = None if requests is None else sorted({int(s) for r in chosen for s in r["shards"]})
@@ -214,6 +219,9 @@ def apply(
     erasure = _batch_erasure([journal.get(r["request_id"], r) for r in chosen], sweep, secret)
 
     def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
+        # The retrained models first: their "model published" entries bind the new weights to manifest
+        # commitments without the deleted ids, and the certificates below then name those weights.
+        publish_models(store, txn, secret, store.recipe_digest(txn, planner.config))
         live = store.live(txn)
         certificates = []
         for request in chosen:
@@ -259,6 +267,7 @@ def apply(
             certificate["audit_seq"] = record["seq"]
             mark_applied(store, txn, request, applied_at)
             certificates.append(certificate)
+        sign_checkpoint(store, txn, signer)  # one signed checkpoint over the whole batch
         return certificates
 
     certificates = store.write(certify)

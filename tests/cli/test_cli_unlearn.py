@@ -40,7 +40,11 @@ def test_delete_verify_audit_json(store: Path, capsys: pytest.CaptureFixture[str
     one = run_json(capsys, "verify", "--store", str(store), "--shard", "1")
     assert set(one["shards"]) == {"1"}
     audit = run_json(capsys, "audit", "--store", str(store))
-    assert audit == {"ok": True, "entries": 1, "problems": []}
+    checkpoint = run_json(capsys, "audit", "--store", str(store), "--checkpoint")["checkpoint"]
+    # the log: 3 models published at fit, one per retrained shard, the certificate
+    size = 3 + len(cert["retrained_shards"]) + 1
+    assert checkpoint.split("\n")[1] == str(size)
+    assert audit == {"ok": True, "entries": 1, "problems": [], "log_size": size, "checkpoint": checkpoint}
     again = run_json(capsys, "delete", "--store", str(store), "--ids", "17")
     assert again["state"] == "noop" and again["already_deleted"] == 1
 

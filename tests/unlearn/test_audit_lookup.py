@@ -45,11 +45,15 @@ def test_show_lists_the_certificates(audited: tuple[Path, dict], capsys: pytest.
     out = json.loads(run(capsys, "audit", "--store", str(store), "--show", "--json"))
     assert out["ok"] is True and out["entries"] == 1
     [shown] = out["certificates"]
-    assert shown["audit_seq"] == 0 and shown["request_id"] == cert["request_id"] == 1
+    # The log's leaves: the 3 shards' models published at fit, one per shard the deletion retrained, then
+    # the certificate.
+    seq = 3 + len(cert["retrained_shards"])
+    assert shown["audit_seq"] == cert["audit_seq"] == seq and shown["request_id"] == cert["request_id"] == 1
+    assert out["log_size"] == seq + 1 and out["checkpoint"].split("\n")[1] == str(seq + 1)
     assert shown["applied_at"] == cert["applied_at"] and shown["shards"] == cert["shards"]
     assert shown["id_hashes"] == sorted(documented_hash(store, i) for i in (17, 42))
     text = run(capsys, "audit", "--store", str(store), "--show")
-    assert "audit entry 0: request 1, requested " in text and "2 id hash(es)" in text
+    assert f"audit entry {seq}: request 1, requested " in text and "2 id hash(es)" in text
     assert "2 sample(s) deleted" in text and text.rstrip().endswith("audit: 1 entries, chain OK")
     with Ensemble.open(store, readonly=True) as ens:
         assert [c["request_id"] for c in ens.certificates()] == [1]
@@ -65,7 +69,7 @@ def test_lookup_by_id_answers_when_and_by_which_request(
     deleted, pending, kept, unknown = out["lookups"]
     assert deleted["deleted"] is True and deleted["request_id"] == 1 and deleted["state"] == "applied"
     assert deleted["applied_at"] == cert["applied_at"] and deleted["requested_at"] == cert["requested_at"]
-    assert deleted["audit_seq"] == 0 and deleted["certificate_names_it"] is True
+    assert deleted["audit_seq"] == cert["audit_seq"] and deleted["certificate_names_it"] is True
     assert deleted["id_hash"] == documented_hash(store, 17)
     assert pending["deleted"] is True and pending["request_id"] == 2 and pending["state"] == "pending"
     assert pending["audit_seq"] is None and pending["applied_at"] is None
@@ -78,7 +82,8 @@ def test_lookup_by_id_answers_when_and_by_which_request(
     }
     assert unknown["deleted"] is False and unknown["in_store"] is False and "never deleted" in unknown["message"]
     text = run(capsys, "audit", "--store", str(store), "--id", "42", "5")
-    assert "id 42: deleted by request 1, requested " in text and "certificate in audit entry 0" in text
+    assert "id 42: deleted by request 1, requested " in text
+    assert f"certificate in audit entry {cert['audit_seq']}" in text
     assert "id 5 was never deleted (the store holds it)" in text
     with Ensemble.open(store, readonly=True) as ens:
         assert [r["request_id"] for r in ens.lookup([42, 99])] == [1, 2]

@@ -1,0 +1,130 @@
+"""Deletion receipts: what a data subject keeps to check, with a public key alone, that their id was forgotten.
+
+A receipt holds the id and its opening, the certificate that deleted it with its inclusion proof, the
+latest signed checkpoint, and for every shard the certificate names, the shard's newest "model
+published" entry (with its inclusion proof) and a non-membership proof of the id's commitment in that
+entry's manifest commitment: the two adjacent leaves around it, each with its inclusion proof. The
+operator signs the whole receipt too, so no field can be edited. A receipt is personal data (it names
+the id): it is returned to the caller and never logged or stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import time
+from typing import Any
+
+from sisa.errors import DataError, IntegrityError
+from sisa.receipt.entries import canonical, is_certificate, sample_commitment
+from sisa.receipt.merkle import Tree, hash_leaf
+from sisa.receipt.notes import Signer
+from sisa.receipt.verify import FORMAT, SIGNATURE_LABEL
+from sisa.store.database import Store
+from sisa.store.digests import keyed_hash
+from sisa.unlearn.commitments import manifest_commitments, opening
+from sisa.unlearn.tlog import LogState, latest_published, log_state
+
+__all__ = ["issue_receipt", "non_membership"]
+
+
+def non_membership(commitments: list[bytes], tree: Tree, target: bytes) -> dict[str, Any]:
+    """The proof that ``target`` is not among the sorted ``commitments`` (the leaves of ``tree``).
+
+    Raises:
+        IntegrityError: If it is among them (the manifest still holds the id).
+    """
+    at = bisect.bisect_left(commitments, target)
+    if at < len(commitments) and commitments[at] == target:
+        raise IntegrityError("the live manifest still contains this id: no non-membership proof exists")
+
+    def neighbour(i: int) -> dict[str, Any] | None:
+        if not 0 <= i < len(commitments):
+            return None
+        return {"index": i, "commitment": commitments[i].hex(), "proof": [p.hex() for p in tree.inclusion_proof(i)]}
+
+    return {"commitment": target.hex(), "size": tree.size, "left": neighbour(at - 1), "right": neighbour(at)}
+
+
+def _included(state: LogState, index: int, size: int) -> dict[str, Any]:
+    proof = state.tree.inclusion_proof(index, size)
+    return {"index": index, "entry": state.entries[index]["entry"], "proof": [p.hex() for p in proof]}
+
+
+def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any]:
+    """Build and sign the receipt of a deleted id.
+
+    Args:
+        store: The store (read only).
+        signer: The operator's signer (the key the log's checkpoints are signed with).
+        sample_id: A validated sample id.
+
+    Returns:
+        The receipt (JSON-able), ending in its ``signature``.
+
+    Raises:
+        DataError: If the id was never deleted, its request is not applied yet, or a shard it names
+            has no live model now (a pending deletion took it out of service).
+        IntegrityError: If the log has no checkpoint covering the certificate, or a live manifest
+            disagrees with its published commitment or still holds the id.
+    """
+    secret = store.secret()
+    digest = keyed_hash(secret, sample_id)
+    with store.read() as txn:
+        value = txn.get(digest.encode(), db=store.db("deleted"))
+        if value is None:
+            raise DataError(f"id {sample_id} was never deleted: there is no receipt to give")
+        request_id = int(bytes(value))
+        state = log_state(store, txn)
+        live = store.live(txn)
+        slices = {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in live.items()}
+    found = [
+        i
+        for i, rec in enumerate(state.entries)
+        if isinstance(rec.get("entry"), dict)
+        and is_certificate(rec["entry"])
+        and rec["entry"].get("request_id") == request_id
+    ]
+    if not found:
+        raise DataError(f"id {sample_id}'s deletion (request {request_id}) is not applied yet: `sisa apply` first")
+    if state.checkpoint is None:
+        raise IntegrityError("the log has no signed checkpoint: open the store writable once to sign one")
+    size = int(state.checkpoint.split("\n")[1])
+    if found[0] >= size:
+        raise IntegrityError("the certificate is not under the latest signed checkpoint yet")
+    certificate = state.entries[found[0]]["entry"]
+    target = sample_commitment(sample_id, opening(secret, sample_id))
+    published = latest_published(state.entries, size)
+    shards = []
+    for shard in sorted(int(s) for s in certificate["shards"]):
+        if shard not in published:
+            raise IntegrityError(f"shard {shard} has no model published in the log")
+        index, entry = published[shard]
+        if shard not in slices and entry["checkpoint"] is not None:
+            raise DataError(
+                f"shard {shard} has no live model now (a pending deletion took it out of service): its receipt "
+                "proves non-membership in the live model, so it can be issued once `sisa apply` retrains the shard"
+            )
+        commitments = manifest_commitments(secret, slices[shard]) if entry["checkpoint"] is not None else []
+        tree = Tree([hash_leaf(c) for c in commitments])
+        if tree.root().hex() != entry["manifest_commitment"] or live.get(shard, {}).get("key") != entry["checkpoint"]:
+            raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
+        shards.append(
+            {
+                "shard": shard,
+                "published": _included(state, index, size),
+                "absent": non_membership(commitments, tree, target),
+            }
+        )
+    receipt: dict[str, Any] = {
+        "format": FORMAT,
+        "id": sample_id,
+        "id_hash": digest,  # the certificate's name for the id; this signed receipt binds the two
+        "opening": opening(secret, sample_id).hex(),
+        "issued_at": time.time(),
+        "checkpoint": state.checkpoint,
+        "certificate": _included(state, found[0], size),
+        "shards": shards,
+    }
+    receipt["signature"] = base64.b64encode(signer.sign(SIGNATURE_LABEL + canonical(receipt))).decode()
+    return receipt
