@@ -75,8 +75,9 @@ class Follower:
         import ray
 
         have = self._view.version if self._view is not None else 0
+        held = sorted(self._view.models) if self._view is not None else []
         sent = time.monotonic()
-        reply = ray.get(self._publisher().poll.remote(self.id, have, timeout), timeout=timeout + 30)
+        reply = ray.get(self._publisher().poll.remote(self.id, have, timeout, held), timeout=timeout + 30)
         if reply["version"] != have:
             self._swap(reply)
         self._heard = sent
@@ -86,6 +87,7 @@ class Follower:
 
         old = self._view
         cache = old.models if old is not None else {}
+        # The publisher sends refs only for the keys this replica did not hold when it polled.
         missing = {key: ref for key, ref in reply["refs"].items() if key not in cache}
         blobs = dict(zip(missing, ray.get(list(missing.values())), strict=True)) if missing else {}
         self._view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache)  # the swap

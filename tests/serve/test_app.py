@@ -26,7 +26,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from tests.conftest import blobs, small_config
-from tests.serve.service import Load, Service, get, post, post_large, predict, start_service
+from tests.serve.service import Load, Service, get, post, post_large, post_timed, predict, start_service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import soak  # noqa: E402
@@ -84,6 +84,10 @@ def test_predict_answers_like_the_in_process_ensemble_with_the_live_checkpoints(
     np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, rtol=1e-5, atol=1e-6)
     assert out["labels"] == expected.argmax(axis=1).tolist()
     assert out["provenance"] == live_keys(service.store)
+    # Each answer says where its time went (Server-Timing): receiving the body, the models, the whole handler.
+    status, _, timing = post_timed(service.url, json.dumps({"features": FEATURES}).encode())
+    assert status == 200 and set(timing) == {"body", "predict", "replica"}, timing
+    assert 0 < timing["predict"] <= timing["replica"] and timing["body"] <= timing["replica"]
     # The same through an npy body, with the policy in the query string.
     buf = io.BytesIO()
     np.save(buf, X)
@@ -210,6 +214,80 @@ def test_the_import_path_builder_deploys_a_second_application_on_the_same_store(
         assert out["labels"] == predict(service.url, FEATURES)[1]["labels"]
     finally:
         run_driver(service, "from ray import serve\nserve.delete('second')\n")
+
+
+def replicas_at(base: str, want: int, timeout: float = 60) -> dict[str, dict[str, Any]]:
+    """``GET base/info`` until ``want`` distinct replicas of that application answered."""
+    found: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < want and time.monotonic() < deadline:
+        status, info = get(base + "/info")
+        if status == 200:
+            found[info["replica"]] = info
+    return found
+
+
+AUTO_DETAILS = (
+    "from ray.serve.context import _get_global_client\n"
+    "d = _get_global_client().get_serve_details()['applications']['auto']['deployments']['sisa-ensemble']\n"
+    "print(json.dumps({'autoscaling': d['deployment_config'].get('autoscaling_config'), "
+    "'target': d['target_num_replicas'], 'running': sum(r['state'] == 'RUNNING' for r in d['replicas'])}))\n"
+)
+
+
+def test_autoscaling_reaches_the_deployment_and_replicas_added_later_serve_the_current_state(
+    service: Service,
+) -> None:
+    # Through the command's options (--min-replicas/--max-replicas), as `sisa serve` builds them.
+    argv = ["serve", "--store", str(service.store), "--min-replicas", "1", "--max-replicas", "2", "--num-cpus", "0.25"]
+    first = run_driver(
+        service,
+        "from ray import serve\n"
+        "from sisa.cli.cmd_serve import _options\n"
+        "from sisa.cli.parser import build_parser\n"
+        "from sisa.serve.app import build_app\n"
+        f"options = _options(build_parser().parse_args({argv!r}))\n"
+        "serve.run(build_app(options), name='auto', route_prefix='/auto')\n" + AUTO_DETAILS,
+    )
+    auto = service.base + "/auto"
+    try:
+        details = json.loads(first.strip().splitlines()[-1])
+        scaling = details["autoscaling"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (1, 2, 1), details
+        assert details["target"] == details["running"] == 1
+        before = replicas_at(auto, 1)
+        delete(service.store, [120, 121])  # the store moves on before the next replica exists
+        assert service.confirm()["ok"]
+        # Through the import-path builder (string arguments, as `serve run` passes them): at least 2 replicas now.
+        args = {
+            "store": str(service.store),
+            "autoscaling": json.dumps({"min_replicas": 2, "max_replicas": 3}),
+            "num_cpus": "0.25",
+        }
+        second = run_driver(
+            service,
+            "from ray import serve\n"
+            "from sisa.serve.app import build\n"
+            f"serve.run(build({args!r}), name='auto', route_prefix='/auto')\n" + AUTO_DETAILS,
+        )
+        details = json.loads(second.strip().splitlines()[-1])
+        assert (details["autoscaling"]["min_replicas"], details["autoscaling"]["max_replicas"]) == (2, 3), details
+        assert details["target"] == details["running"] == 2
+        after = replicas_at(auto, 2)
+        assert len(after) == 2 and set(after) - set(before), (before, after)  # a replica that started later
+        assert {i["state"] for i in after.values()} == {replicas_at(service.base, 1).popitem()[1]["state"]}
+        assert predict(auto + "/predict", FEATURES)[1]["provenance"] == live_keys(service.store)
+        # And it keeps following: the next deletion reaches it, the service's replicas and the first one.
+        delete(service.store, [122])
+        confirm = service.confirm()
+        assert confirm["ok"] and not confirm["lagging"], confirm
+        assert set(after) <= set(confirm["replicas"])
+        assert {i["state"] for i in replicas_at(auto, 2).values()} == {
+            replicas_at(service.base, 1).popitem()[1]["state"]
+        }
+        assert predict(auto + "/predict", FEATURES)[1]["provenance"] == live_keys(service.store)
+    finally:
+        run_driver(service, "from ray import serve\nserve.delete('auto')\n")
 
 
 def test_the_builder_refuses_unknown_arguments_and_bad_values() -> None:
