@@ -86,7 +86,7 @@ class StorePublisher:
     def _refresh(self) -> int:
         import ray
 
-        from sisa.serve.modelset import read_models, read_state
+        from sisa.serve.modelset import read_models, read_state, wanted_keys
 
         for attempt in range(3):
             try:
@@ -99,7 +99,7 @@ class StorePublisher:
             except StoreChangedError:  # a deletion retired a checkpoint mid-read: read the newer state
                 if attempt == 2:
                     raise
-        refs = {key: self._refs[key] for key in (e["key"] for e in state["shards"]) if key in self._refs}
+        refs = {key: self._refs[key] for key in wanted_keys(state) if key in self._refs}
         refs.update({key: ray.put(blob) for key, blob in weights.items()})
         with self._cond:
             # Versions grow across restarts of this actor too: a replica's version from before a

@@ -290,6 +290,49 @@ def test_autoscaling_reaches_the_deployment_and_replicas_added_later_serve_the_c
         run_driver(service, "from ray import serve\nserve.delete('auto')\n")
 
 
+# A shared frozen backbone trained on a core set (ids that are multiples of 10), a head per shard.
+BACKBONE = ("backbone.source=core", "backbone.name=mlp", "backbone.hidden=[16]", "backbone.epochs=3")
+
+
+def test_a_store_with_a_shared_backbone_is_served_and_follows_deletions(service: Service, tmp_path: Path) -> None:
+    store = tmp_path / "backbone"
+    x, y = blobs(600, d=D)
+    with Ensemble.create(store, small_config(*CONFIG, *BACKBONE, "model.adapter=head"), address="local") as ens:
+        ens.ingest(x, y, np.arange(len(x)), core=np.arange(0, len(x), 10))
+        ens.fit()
+    args = {"store": str(store), "replicas": "1", "num_cpus": "0.25"}
+    run_driver(
+        service,
+        "from ray import serve\n"
+        "from sisa.serve.app import build\n"
+        f"serve.run(build({args!r}), name='backbone', route_prefix='/backbone')\n",
+    )
+    base = service.base + "/backbone"
+
+    def answers_like_in_process() -> None:
+        status, out = predict(base + "/predict", FEATURES)
+        assert status == 200, out
+        with Ensemble.open(store, readonly=True) as ens:
+            expected = ens.predict_proba(X)
+        np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, rtol=1e-5, atol=1e-6)
+        assert out["provenance"] == live_keys(store)
+
+    try:
+        answers_like_in_process()
+        retired = delete(store, [3, 4])["retired"]  # not core ids: only the heads of their shards retrain
+        status, confirm = get(base + "/await?timeout=90", timeout=150)
+        assert status == 200 and confirm["ok"], confirm
+        answers_like_in_process()
+        assert retired and not set(retired) & set(live_keys(store).values())
+    finally:
+        run_driver(
+            service,
+            "from ray import serve\n"
+            "from sisa.serve.client import stop_publisher\n"
+            f"serve.delete('backbone')\nstop_publisher({str(store)!r})\n",
+        )
+
+
 def test_the_builder_refuses_unknown_arguments_and_bad_values() -> None:
     app = serve_app()
     with pytest.raises(ConfigError, match="takes store="):
