@@ -10,7 +10,19 @@ One trained store, one local Ray instance, one Ray Serve (HTTP on loopback), sid
 * **stream, per policy** (``exclude``, then ``serve-clean``): the same load while ``--events``
   deletion requests of ``--ids-per-request`` ids arrive every ``--every`` seconds. Each request
   is ``delete(ids, defer=True)`` (durable, erased: the acknowledgement), then ``apply()`` (the
-  retrain), from a writable handle in this process (its retrain runs in a child process).
+  retrain), from a writable handle in a child process (a deleting client is not the HTTP
+  clients' process), warmed up by one deletion before the load starts (its training runner is
+  a Python child that imports torch: seconds of CPU that a running deleter paid long before);
+* **exclude again, deletions in the clients' process**: the first runs' setup, for comparison.
+
+Where the time goes: each response carries the replica's ``Server-Timing`` (``body``: receiving
+it from Serve's proxy, ``predict``: the models, ``replica``: the whole handler); ``outside`` is
+client latency minus ``replica`` (proxy, routing, loopback, the client's own process). Besides
+the steady arm's p99, each stream arm's p99 during swaps is set against the same arm's p99
+outside deletions (responses that overlap no request's acknowledgement-to-retrained-models
+window: the same minutes, so the same load from everything else on the machine); the p99 of the
+responses that overlap such a whole window (both swaps of an ``exclude`` request, and ``apply``)
+is reported too.
 
 **Time-to-forget** of a request: from ``delete`` returning until no replica answers with a model
 that saw the ids. Under ``exclude`` that is when every replica has dropped the affected shards;
@@ -27,7 +39,7 @@ the wait for the replicas, and the provenance check of ``scripts/soak.py`` (``se
 no response that started after a request's confirmation used a checkpoint it retired.
 JSON plus a PNG beside it.
 
-Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 8 minutes)::
+Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 4 minutes)::
 
     .venv/bin/python scripts/bench_serving.py --out docs/bench/bench_serving.json
 
@@ -105,8 +117,20 @@ def split(ok: list[tuple[float, float, dict[str, float]]]) -> dict[str, Any]:
     }
 
 
-def summary(load: Load, t_from: float, t_to: float, windows: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """Throughput, latency percentiles (all, and inside ``windows``) and errors of the records in [t_from, t_to]."""
+def summary(
+    load: Load,
+    t_from: float,
+    t_to: float,
+    windows: list[tuple[float, float]] | None = None,
+    busy: list[tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """Throughput, latency percentiles and errors of the records in [t_from, t_to].
+
+    With ``windows`` (each request's acknowledgement to its time-to-forget confirmation) also the
+    latency of the responses that overlap one; with ``busy`` (acknowledgement to the retrained
+    models' confirmation: every swap a request causes, and its retrain) the latency of those that
+    overlap one, and of those that overlap none ("outside swaps").
+    """
     rows = [r for r in load.records if t_from <= r[0] <= t_to]
     ok = [(r[0], r[1], r[4]) for r in rows if r[2] == 200]
     parts = split(ok)
@@ -121,9 +145,18 @@ def summary(load: Load, t_from: float, t_to: float, windows: list[tuple[float, f
         "parts": parts,
     }
     if windows is not None:
-        inside = split([(s, e, t) for s, e, t in ok if any(s < b and e > a for a, b in windows)])
+        during = [any(s < b and e > a for a, b in windows) for s, e, _ in ok]
+        inside = split([r for r, d in zip(ok, during, strict=True) if d])
         out["latency_ms_during_swaps"] = inside.pop("latency_ms")
         out["parts_during_swaps"] = inside
+    if busy is not None:
+        # Under exclude a request swaps twice (its shards out, then their retrained models in after apply): the
+        # second swap and the retrain fall outside its time-to-forget window but are no quieter for that.
+        touched = [any(s < b and e > a for a, b in busy) for s, e, _ in ok]
+        out["latency_ms_during_deletions"] = split([r for r, d in zip(ok, touched, strict=True) if d])["latency_ms"]
+        # The same arm's responses that overlap no deletion at all: the same minutes, so the same load from
+        # everything else on the machine (the steady arm ran minutes earlier, and this machine's load drifts).
+        out["latency_ms_outside_swaps"] = split([r for r, d in zip(ok, touched, strict=True) if not d])["latency_ms"]
     return out
 
 
@@ -364,7 +397,8 @@ def run(args: Any) -> dict[str, Any]:
             reader = load.reader()
             last = "confirmed_out_at" if policy == "exclude" else "confirmed_clean_at"
             windows = [(r["acked_at"], r[last]) for r in records]
-            result = {"load": summary(load, 0.0, load.now(), windows), **forget_times(records, reader, policy)}
+            busy = [(r["acked_at"], r["confirmed_clean_at"]) for r in records]
+            result = {"load": summary(load, 0.0, load.now(), windows, busy), **forget_times(records, reader, policy)}
             result["policy"] = policy
             result["deleter"] = "the clients' process" if inline else "a child process"
             result["requests"] = records
@@ -372,10 +406,20 @@ def run(args: Any) -> dict[str, Any]:
             series[arm] = {"records": load.records, "windows": windows}
             f = result
             swaps, steady = f["load"]["latency_ms_during_swaps"], out["steady"]["latency_ms"]
+            calm = f["load"]["latency_ms_outside_swaps"]
             ratio = swaps["p99"] / steady["p99"] if swaps["p99"] and steady["p99"] else None
+            f["load"]["p99_swaps_over_steady"] = ratio
+            f["load"]["p99_swaps_over_outside"] = swaps["p99"] / calm["p99"] if swaps["p99"] and calm["p99"] else None
+            f["load"]["p99_deletions_over_outside"] = (
+                f["load"]["latency_ms_during_deletions"]["p99"] / calm["p99"]
+                if f["load"]["latency_ms_during_deletions"]["p99"] and calm["p99"]
+                else None
+            )
             print(
                 f"{arm}: p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
-                f"({ratio or float('nan'):.2f}x steady, n={swaps['n']}); "
+                f"({ratio or float('nan'):.2f}x steady, n={swaps['n']}; "
+                f"{f['load']['p99_swaps_over_outside'] or float('nan'):.2f}x this arm's p99 outside deletions; "
+                f"whole deletions incl. apply {f['load']['p99_deletions_over_outside'] or float('nan'):.2f}x); "
                 f"ttf confirmed p50 {f['ttf_confirmed_s']['p50']:.3f}s "
                 f"p99 {f['ttf_confirmed_s']['p99']:.3f}s, "
                 f"observed p99 {f['ttf_observed_s']['p99']:.3f}s; errors {f['load']['errors']}; provenance "
