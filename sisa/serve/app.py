@@ -52,7 +52,8 @@ class ServeOptions:
             ``serve-stale``, or None for what the store serves (the deleting process's policy).
         replicas: Fixed number of replicas (ignored with ``autoscaling``).
         num_cpus: CPUs per replica.
-        num_gpus: GPUs per replica, reserved only: the replicas run their models on CPU (no GPU inference yet).
+        num_gpus: GPUs per replica; a replica given one runs its models on it (CUDA), else on CPU
+            (``GET /info`` says which). Only the CPU path is tested here (no GPU on the test machine).
         autoscaling: Ray Serve's ``autoscaling_config`` (e.g. ``{"min_replicas": 1, "max_replicas": 4}``).
         resources: Custom Ray resources per replica (placement, e.g. ``{"sisa_worker": 0.01}``).
         max_body_mb: Largest request body accepted; larger ones get 413.
@@ -95,12 +96,15 @@ class SisaEnsemble:
 
     def __init__(self, publisher: str, policy: str | None, max_body: int, lease: float) -> None:
         """Follow ``publisher`` (blocks until the first model set arrives: a replica never answers without one)."""
+        import ray
         import torch
 
         torch.set_num_threads(1)
         self._policy = policy
         self._max_body = max_body
-        self._follower = Follower(publisher, NAMESPACE, lease=lease)
+        # A replica that Ray gave a GPU (num_gpus > 0) runs its models there; Ray sets CUDA_VISIBLE_DEVICES to it.
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self._follower = Follower(publisher, NAMESPACE, lease=lease, device=device)
 
     def predict(self, features: Any, policy: str | None = None, method: str | None = None) -> dict[str, Any]:
         """Labels, probabilities and provenance (shard -> checkpoint key) of ``features``; for DeploymentHandles.
@@ -128,6 +132,7 @@ class SisaEnsemble:
             "version": view.version,
             "state": view.digest,
             "swaps": self._follower.swaps,
+            "device": view.device,
             "shards": {str(e.shard): {"key": e.key, "status": e.status} for e in view.entries},
         }
 

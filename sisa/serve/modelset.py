@@ -180,8 +180,13 @@ class ModelView:
         state: dict[str, Any],
         weights: dict[str, bytes],
         cache: dict[str, nn.Module] | None = None,
+        device: str = "cpu",
     ) -> None:
         """Build the models of ``state`` from ``weights`` (key -> bytes), reusing ``cache`` (key -> model).
+
+        New models (and a new backbone) go to ``device``; cached ones are there already (a replica
+        keeps one device for its life). Inputs follow the models' device in
+        :func:`sisa.serve.aggregate.predict_proba`; outputs come back to the CPU.
 
         Raises:
             ModelError: If a model's weights do not fit the network the stored config builds.
@@ -190,6 +195,7 @@ class ModelView:
 
         self.version = version
         self.digest = digest
+        self.device = device
         self.config: SisaConfig = config_from_stored(state["config"])
         self.meta: dict[str, Any] = state["meta"]
         self.entries = [ShardEntry(**{k: v for k, v in e.items() if k != "stage"}) for e in state["shards"]]
@@ -210,7 +216,7 @@ class ModelView:
                     f"the live model of shard {entry.shard} does not fit the stored config's network: "
                     f"{str(exc).splitlines()[0]}"
                 ) from exc
-            self.models[entry.key] = model.eval()
+            self.models[entry.key] = model.to(device).eval()
 
     def _backbone(
         self, state: dict[str, Any], shape: tuple[int, ...], weights: dict[str, bytes], cache: dict[str, nn.Module]
@@ -231,6 +237,8 @@ class ModelView:
         module = cache.get(key)
         if module is None:
             module = decode(weights[key], build_network(self.config, shape), str(state["backbone"])).module
+            # Before the heads are built on it: an adapter holds it unregistered, so their .to() would not move it.
+            module = module.to(self.device)
         self.models[key] = module
         return module
 

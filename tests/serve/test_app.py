@@ -125,6 +125,12 @@ def test_a_100_mb_body_gets_413_and_the_service_keeps_serving(service: Service) 
     assert predict(service.url, FEATURES)[0] == 200
 
 
+def test_replicas_without_a_gpu_run_their_models_on_the_cpu(service: Service) -> None:
+    # --num-gpus 0 (the default): no GPU assigned, so every replica says it runs on the CPU.
+    infos = service.replicas(2)
+    assert len(infos) == 2 and {i["device"] for i in infos.values()} == {"cpu"}, infos
+
+
 def test_unknown_paths_and_methods_are_refused(service: Service) -> None:
     assert get(service.base + "/nothing")[0] == 404
     assert get(service.url)[0] == 405
