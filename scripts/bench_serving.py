@@ -10,7 +10,19 @@ One trained store, one local Ray instance, one Ray Serve (HTTP on loopback), sid
 * **stream, per policy** (``exclude``, then ``serve-clean``): the same load while ``--events``
   deletion requests of ``--ids-per-request`` ids arrive every ``--every`` seconds. Each request
   is ``delete(ids, defer=True)`` (durable, erased: the acknowledgement), then ``apply()`` (the
-  retrain), from a writable handle in this process (its retrain runs in a child process).
+  retrain), from a writable handle in a child process (a deleting client is not the HTTP
+  clients' process), warmed up by one deletion before the load starts (its training runner is
+  a Python child that imports torch: seconds of CPU that a running deleter paid long before);
+* **exclude again, deletions in the clients' process**: the first runs' setup, for comparison.
+
+Where the time goes: each response carries the replica's ``Server-Timing`` (``body``: receiving
+it from Serve's proxy, ``predict``: the models, ``replica``: the whole handler); ``outside`` is
+client latency minus ``replica`` (proxy, routing, loopback, the client's own process). Besides
+the steady arm's p99, each stream arm's p99 during swaps is set against the same arm's p99
+outside deletions (responses that overlap no request's acknowledgement-to-retrained-models
+window: the same minutes, so the same load from everything else on the machine); the p99 of the
+responses that overlap such a whole window (both swaps of an ``exclude`` request, and ``apply``)
+is reported too.
 
 **Time-to-forget** of a request: from ``delete`` returning until no replica answers with a model
 that saw the ids. Under ``exclude`` that is when every replica has dropped the affected shards;
@@ -27,7 +39,7 @@ the wait for the replicas, and the provenance check of ``scripts/soak.py`` (``se
 no response that started after a request's confirmation used a checkpoint it retired.
 JSON plus a PNG beside it.
 
-Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 8 minutes)::
+Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 4 minutes)::
 
     .venv/bin/python scripts/bench_serving.py --out docs/bench/bench_serving.json
 
@@ -88,11 +100,40 @@ def parse_args(argv: list[str] | None = None) -> Any:
     return parser.parse_args(argv)
 
 
-def summary(load: Load, t_from: float, t_to: float, windows: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """Throughput, latency percentiles (all, and inside ``windows``) and errors of the records in [t_from, t_to]."""
+def split(ok: list[tuple[float, float, dict[str, float]]]) -> dict[str, Any]:
+    """Latency percentiles of ``ok`` (start, end, Server-Timing), and where it went.
+
+    ``latency_ms`` is what the client measured; ``replica_ms`` the replica's handler (its
+    ``Server-Timing``), ``body_ms`` its wait for the body from Serve's proxy, ``predict_ms`` the
+    model work; ``outside_ms`` (client minus
+    replica) is Serve's proxy and routing, the loopback network, and the client's own process.
+    """
+    return {
+        "latency_ms": percentiles([(e - s) * 1e3 for s, e, _ in ok]),
+        "replica_ms": percentiles([t["replica"] for _, _, t in ok if "replica" in t]),
+        "body_ms": percentiles([t["body"] for _, _, t in ok if "body" in t]),
+        "predict_ms": percentiles([t["predict"] for _, _, t in ok if "predict" in t]),
+        "outside_ms": percentiles([(e - s) * 1e3 - t["replica"] for s, e, t in ok if "replica" in t]),
+    }
+
+
+def summary(
+    load: Load,
+    t_from: float,
+    t_to: float,
+    windows: list[tuple[float, float]] | None = None,
+    busy: list[tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """Throughput, latency percentiles and errors of the records in [t_from, t_to].
+
+    With ``windows`` (each request's acknowledgement to its time-to-forget confirmation) also the
+    latency of the responses that overlap one; with ``busy`` (acknowledgement to the retrained
+    models' confirmation: every swap a request causes, and its retrain) the latency of those that
+    overlap one, and of those that overlap none ("outside swaps").
+    """
     rows = [r for r in load.records if t_from <= r[0] <= t_to]
-    ok = [(s, e) for s, e, st, _ in rows if st == 200]
-    lat = [(e - s) * 1e3 for s, e in ok]
+    ok = [(r[0], r[1], r[4]) for r in rows if r[2] == 200]
+    parts = split(ok)
     out: dict[str, Any] = {
         "seconds": t_to - t_from,
         "requests": len(rows),
@@ -100,11 +141,22 @@ def summary(load: Load, t_from: float, t_to: float, windows: list[tuple[float, f
         "unavailable_503": sum(1 for r in rows if r[2] == 503),
         "errors": sum(1 for r in rows if r[2] not in (200, 503)),
         "throughput_rps": len(ok) / (t_to - t_from) if t_to > t_from else None,
-        "latency_ms": percentiles(lat),
+        "latency_ms": parts.pop("latency_ms"),
+        "parts": parts,
     }
     if windows is not None:
-        inside = [(e - s) * 1e3 for s, e in ok if any(s < b and e > a for a, b in windows)]
-        out["latency_ms_during_swaps"] = percentiles(inside)
+        during = [any(s < b and e > a for a, b in windows) for s, e, _ in ok]
+        inside = split([r for r, d in zip(ok, during, strict=True) if d])
+        out["latency_ms_during_swaps"] = inside.pop("latency_ms")
+        out["parts_during_swaps"] = inside
+    if busy is not None:
+        # Under exclude a request swaps twice (its shards out, then their retrained models in after apply): the
+        # second swap and the retrain fall outside its time-to-forget window but are no quieter for that.
+        touched = [any(s < b and e > a for a, b in busy) for s, e, _ in ok]
+        out["latency_ms_during_deletions"] = split([r for r, d in zip(ok, touched, strict=True) if d])["latency_ms"]
+        # The same arm's responses that overlap no deletion at all: the same minutes, so the same load from
+        # everything else on the machine (the steady arm ran minutes earlier, and this machine's load drifts).
+        out["latency_ms_outside_swaps"] = split([r for r, d in zip(ok, touched, strict=True) if not d])["latency_ms"]
     return out
 
 
@@ -149,25 +201,33 @@ def plain_deployment(cfg: Any, shape: tuple[int, ...]) -> Any:
 
 
 def stream(
-    store: Path, base: str, load: Load, events: int, every: float, per: int, pool: list[int]
+    store: Path, base: str, t0: float, events: int, every: float, per: int, pool: list[int]
 ) -> list[dict[str, Any]]:
-    """``events`` requests: defer-delete (acknowledged), confirm, apply, confirm; one every ``every`` seconds."""
+    """``events`` requests: defer-delete (acknowledged), confirm, apply, confirm; one every ``every`` seconds.
+
+    Times are seconds since ``t0`` (``time.monotonic``, one clock for every process of the machine),
+    so this runs in the clients' process or in another one alike.
+    """
+
+    def now() -> float:
+        return time.monotonic() - t0
+
     records = []
     for i in range(events):
         started = time.monotonic()
         ids = [pool.pop() for _ in range(per)]
         with Ensemble.open(store, address="local", lock_timeout=120) as ens:
             before = retired_keys(ens)
-            t_sent = load.now()
+            t_sent = now()
             req = ens.delete(ids, defer=True)
-            t_ack = load.now()
+            t_ack = now()
             status, c1 = get(f"{base}/await?timeout=60", timeout=120)
-            t_out = load.now()  # every replica in contact serves the state with the shards excluded or interim
-            t_apply = load.now()
+            t_out = now()  # every replica in contact serves the state with the shards excluded or interim
+            t_apply = now()
             ens.apply()
-            t_applied = load.now()
+            t_applied = now()
         status2, c2 = get(f"{base}/await?timeout=60", timeout=120)
-        t_clean = load.now()  # every replica serves the retrained models
+        t_clean = now()  # every replica serves the retrained models
         records.append(
             {
                 "event": i,
@@ -187,6 +247,50 @@ def stream(
         )
         time.sleep(max(0.0, every - (time.monotonic() - started)))
     return records
+
+
+def _stream_child(store: Path, base: str, warm_ids: list[int], inbox: Any, outbox: Any) -> None:
+    """:func:`stream` in a child process (a deleting client is not the HTTP clients' process).
+
+    It warms up first, before the load starts: one deletion of ``warm_ids`` and its ``apply``
+    start the process's training runner (a Python child that imports torch: seconds of CPU), as
+    a deleting service that has been running has done long before. Then it waits for the
+    stream's arguments.
+    """
+    with Ensemble.open(store, address="local", lock_timeout=120) as ens:
+        ens.delete(warm_ids, defer=True)
+        ens.apply()
+    get(f"{base}/await?timeout=60", timeout=120)
+    outbox.put("ready")
+    outbox.put(stream(store, base, *inbox.get()))
+
+
+class Deleter:
+    """The deletion stream of one arm: in this process (``inline``) or in a warmed-up child process."""
+
+    def __init__(self, inline: bool, store: Path, base: str, warm_ids: list[int]) -> None:
+        self.inline, self.store, self.base = inline, store, base
+        if inline:  # this process's runner is warm from the fit
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Ray and client threads
+        self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
+        self._child = ctx.Process(
+            target=_stream_child, args=(store, base, warm_ids, self._inbox, self._outbox), name="bench-deleter"
+        )
+        self._child.start()
+        if self._outbox.get(timeout=600) != "ready":
+            raise RuntimeError("the deleting child process did not warm up")
+
+    def run(self, t0: float, events: int, every: float, per: int, pool: list[int]) -> list[dict[str, Any]]:
+        """:func:`stream`'s records."""
+        if self.inline:
+            return stream(self.store, self.base, t0, events, every, per, pool)
+        self._inbox.put((t0, events, every, per, pool))
+        records: list[dict[str, Any]] = self._outbox.get(timeout=1800)
+        self._child.join(60)
+        return records
 
 
 def forget_times(records: list[dict[str, Any]], reader: dict[str, Any], policy: str) -> dict[str, Any]:
@@ -269,28 +373,54 @@ def run(args: Any) -> dict[str, Any]:
         print(f"plain: {out['plain_serve']['throughput_rps']:.1f}/s, ensemble: {out['steady']['throughput_rps']:.1f}/s")
 
         rng = np.random.default_rng(0)
-        pool = rng.choice(np.asarray(train.ids), size=2 * events * args.ids_per_request, replace=False).tolist()
+        pool = rng.choice(np.asarray(train.ids), size=3 * (events + 1) * args.ids_per_request, replace=False).tolist()
         out["policies"] = {}
         series: dict[str, Any] = {}
-        for policy in ("exclude", "serve-clean"):
+        # The policies' arms delete from a child process, as a deleting client would; the last arm repeats
+        # `exclude` with the deletions in this process, beside the HTTP clients' threads (the setup of the
+        # first runs), to show what sharing the clients' process and GIL adds to their latency.
+        for arm, policy, inline in (
+            ("exclude", "exclude", False),
+            ("serve-clean", "serve-clean", False),
+            ("exclude, deletions in the clients' process", "exclude", True),
+        ):
             with Ensemble.open(store, address="local", lock_timeout=120) as ens:
                 ens.reconfigure(load_config(config, [*overrides, f"unlearn.policy={policy}"]))
             get(f"{base}/await?timeout=60", timeout=120)
+            deleter = Deleter(inline, store, base, [pool.pop() for _ in range(args.ids_per_request)])
             load = Load(f"{base}/predict", features, clients=args.clients).start()
             time.sleep(2.0)
-            records = stream(store, base, load, events, args.every, args.ids_per_request, pool)
+            chunk = [pool.pop() for _ in range(events * args.ids_per_request)]
+            records = deleter.run(load.t0, events, args.every, args.ids_per_request, chunk)
             time.sleep(2.0)
             load.stop()
             reader = load.reader()
             last = "confirmed_out_at" if policy == "exclude" else "confirmed_clean_at"
             windows = [(r["acked_at"], r[last]) for r in records]
-            result = {"load": summary(load, 0.0, load.now(), windows), **forget_times(records, reader, policy)}
+            busy = [(r["acked_at"], r["confirmed_clean_at"]) for r in records]
+            result = {"load": summary(load, 0.0, load.now(), windows, busy), **forget_times(records, reader, policy)}
+            result["policy"] = policy
+            result["deleter"] = "the clients' process" if inline else "a child process"
             result["requests"] = records
-            out["policies"][policy] = result
-            series[policy] = {"records": load.records, "windows": windows}
+            out["policies"][arm] = result
+            series[arm] = {"records": load.records, "windows": windows}
             f = result
+            swaps, steady = f["load"]["latency_ms_during_swaps"], out["steady"]["latency_ms"]
+            calm = f["load"]["latency_ms_outside_swaps"]
+            ratio = swaps["p99"] / steady["p99"] if swaps["p99"] and steady["p99"] else None
+            f["load"]["p99_swaps_over_steady"] = ratio
+            f["load"]["p99_swaps_over_outside"] = swaps["p99"] / calm["p99"] if swaps["p99"] and calm["p99"] else None
+            f["load"]["p99_deletions_over_outside"] = (
+                f["load"]["latency_ms_during_deletions"]["p99"] / calm["p99"]
+                if f["load"]["latency_ms_during_deletions"]["p99"] and calm["p99"]
+                else None
+            )
             print(
-                f"{policy}: ttf confirmed p50 {f['ttf_confirmed_s']['p50']:.3f}s "
+                f"{arm}: p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
+                f"({ratio or float('nan'):.2f}x steady, n={swaps['n']}; "
+                f"{f['load']['p99_swaps_over_outside'] or float('nan'):.2f}x this arm's p99 outside deletions; "
+                f"whole deletions incl. apply {f['load']['p99_deletions_over_outside'] or float('nan'):.2f}x); "
+                f"ttf confirmed p50 {f['ttf_confirmed_s']['p50']:.3f}s "
                 f"p99 {f['ttf_confirmed_s']['p99']:.3f}s, "
                 f"observed p99 {f['ttf_observed_s']['p99']:.3f}s; errors {f['load']['errors']}; provenance "
                 f"{'ok' if f['provenance_check']['ok'] else 'VIOLATED'}",
@@ -323,25 +453,21 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("seconds")
         ax.set_ylabel("ms")
         ax.legend(fontsize=7)
-    names = ["in-process", "plain Serve", "sisa steady", "sisa exclude", "sisa serve-clean"]
-    p50 = [
-        res["in_process"]["latency_ms"]["p50"],
-        res["plain_serve"]["latency_ms"]["p50"],
-        res["steady"]["latency_ms"]["p50"],
-        res["policies"]["exclude"]["load"]["latency_ms"]["p50"],
-        res["policies"]["serve-clean"]["load"]["latency_ms"]["p50"],
+    names = ["in-process", "plain Serve", "sisa steady", "exclude", "serve-clean", "exclude,\ninline deleter"]
+    arms = [
+        res["in_process"],
+        res["plain_serve"],
+        res["steady"],
+        *(p["load"] for p in res["policies"].values()),
     ]
-    p99 = [
-        res["in_process"]["latency_ms"]["p99"],
-        res["plain_serve"]["latency_ms"]["p99"],
-        res["steady"]["latency_ms"]["p99"],
-        res["policies"]["exclude"]["load"]["latency_ms"]["p99"],
-        res["policies"]["serve-clean"]["load"]["latency_ms"]["p99"],
-    ]
+    p50 = [a["latency_ms"]["p50"] for a in arms]
+    p99 = [a["latency_ms"]["p99"] for a in arms]
+    swaps = [0.0] * 3 + [a["latency_ms_during_swaps"]["p99"] or 0.0 for a in arms[3:]]
     pos = np.arange(len(names))
-    axes[2].bar(pos - 0.2, p50, 0.4, label="p50")
-    axes[2].bar(pos + 0.2, p99, 0.4, label="p99")
-    axes[2].set_xticks(pos, names)
+    axes[2].bar(pos - 0.27, p50, 0.27, label="p50")
+    axes[2].bar(pos, p99, 0.27, label="p99")
+    axes[2].bar(pos + 0.27, swaps, 0.27, label="p99 during swaps")
+    axes[2].set_xticks(pos, names, fontsize=8)
     axes[2].set_ylabel("latency (ms)")
     axes[2].legend()
     save_figure(fig, path, "bench_serving: latency side by side, one run")

@@ -16,6 +16,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -51,7 +52,8 @@ class ServeOptions:
             ``serve-stale``, or None for what the store serves (the deleting process's policy).
         replicas: Fixed number of replicas (ignored with ``autoscaling``).
         num_cpus: CPUs per replica.
-        num_gpus: GPUs per replica, reserved only: the replicas run their models on CPU (no GPU inference yet).
+        num_gpus: GPUs per replica; a replica given one runs its models on it (CUDA), else on CPU
+            (``GET /info`` says which). Only the CPU path is tested here (no GPU on the test machine).
         autoscaling: Ray Serve's ``autoscaling_config`` (e.g. ``{"min_replicas": 1, "max_replicas": 4}``).
         resources: Custom Ray resources per replica (placement, e.g. ``{"sisa_worker": 0.01}``).
         max_body_mb: Largest request body accepted; larger ones get 413.
@@ -94,12 +96,15 @@ class SisaEnsemble:
 
     def __init__(self, publisher: str, policy: str | None, max_body: int, lease: float) -> None:
         """Follow ``publisher`` (blocks until the first model set arrives: a replica never answers without one)."""
+        import ray
         import torch
 
         torch.set_num_threads(1)
         self._policy = policy
         self._max_body = max_body
-        self._follower = Follower(publisher, NAMESPACE, lease=lease)
+        # A replica that Ray gave a GPU (num_gpus > 0) runs its models there; Ray sets CUDA_VISIBLE_DEVICES to it.
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self._follower = Follower(publisher, NAMESPACE, lease=lease, device=device)
 
     def predict(self, features: Any, policy: str | None = None, method: str | None = None) -> dict[str, Any]:
         """Labels, probabilities and provenance (shard -> checkpoint key) of ``features``; for DeploymentHandles.
@@ -127,11 +132,13 @@ class SisaEnsemble:
             "version": view.version,
             "state": view.digest,
             "swaps": self._follower.swaps,
+            "device": view.device,
             "shards": {str(e.shard): {"key": e.key, "status": e.status} for e in view.entries},
         }
 
     async def __call__(self, request: Request) -> JSONResponse:
         """HTTP: ``POST /predict`` (JSON or npy body), ``GET /info``; every refusal is a 4xx naming the problem."""
+        started = time.perf_counter()
         path = request.url.path.rstrip("/").rsplit("/", 1)[-1]
         if path == "info" and request.method == "GET":
             try:
@@ -147,17 +154,33 @@ class SisaEnsemble:
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
+        received = (time.perf_counter() - started) * 1e3  # the body streams in from Serve's proxy
         parsed = self._parse(body, request.headers.get("content-type", ""), dict(request.query_params))
         if isinstance(parsed, JSONResponse):
             return parsed
         features, policy, method = parsed
         try:
-            result = await asyncio.get_running_loop().run_in_executor(None, self.predict, features, policy, method)
+            result, compute = await asyncio.get_running_loop().run_in_executor(
+                None, self._timed_predict, features, policy, method
+            )
         except DataError as exc:
             return _error(400, str(exc))
         except (NotTrainedError, StaleReplicaError) as exc:
             return _error(503, str(exc))
-        return JSONResponse(result)
+        response = JSONResponse(result)
+        # Where a response's time goes, in the standard header (W3C Server-Timing): "body" is receiving the body
+        # from Serve's proxy, "predict" the model work in the executor, "replica" all of this handler (body, parse,
+        # executor queue, predict, JSON encoding). The serving benchmark splits client latency with it.
+        replica = (time.perf_counter() - started) * 1e3
+        timing = f"body;dur={received:.3f}, predict;dur={compute:.3f}, replica;dur={replica:.3f}"
+        response.headers["Server-Timing"] = timing
+        return response
+
+    def _timed_predict(self, features: Any, policy: str | None, method: str | None) -> tuple[dict[str, Any], float]:
+        """:meth:`predict` and its duration in milliseconds (run in the executor)."""
+        started = time.perf_counter()
+        result = self.predict(features, policy, method)
+        return result, (time.perf_counter() - started) * 1e3
 
     async def _await(self, timeout: str) -> JSONResponse:
         """``GET /await?timeout=S``: 200 once every replica serves the store as it is now, 504 if not within S."""

@@ -31,7 +31,15 @@ class StaleReplicaError(SisaError):
 class Follower:
     """Follows one publisher; :meth:`view` is the model set every response must use."""
 
-    def __init__(self, publisher: str, namespace: str, *, lease: float = 15.0, first_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        publisher: str,
+        namespace: str,
+        *,
+        lease: float = 15.0,
+        first_timeout: float = 120.0,
+        device: str = "cpu",
+    ) -> None:
         """Fetch the current models (blocking, up to ``first_timeout`` s), then follow in the background.
 
         Args:
@@ -39,12 +47,14 @@ class Follower:
             namespace: Its Ray namespace.
             lease: Seconds without a successful poll after which this replica stops answering.
             first_timeout: Seconds to wait for the first model set.
+            device: Where the models run (``cpu``, or ``cuda`` when Ray assigned this replica a GPU).
 
         Raises:
             SisaError: If no model set arrives in time (the publisher is missing or failing).
         """
         self.id = f"replica-{uuid.uuid4().hex[:12]}"
         self._name, self._namespace, self._lease = publisher, namespace, lease
+        self.device = device
         self._handle: Any = None
         self._view: ModelView | None = None
         self._heard = 0.0  # monotonic send time of the last poll that was answered
@@ -75,8 +85,9 @@ class Follower:
         import ray
 
         have = self._view.version if self._view is not None else 0
+        held = sorted(self._view.models) if self._view is not None else []
         sent = time.monotonic()
-        reply = ray.get(self._publisher().poll.remote(self.id, have, timeout), timeout=timeout + 30)
+        reply = ray.get(self._publisher().poll.remote(self.id, have, timeout, held), timeout=timeout + 30)
         if reply["version"] != have:
             self._swap(reply)
         self._heard = sent
@@ -86,9 +97,11 @@ class Follower:
 
         old = self._view
         cache = old.models if old is not None else {}
+        # The publisher sends refs only for the keys this replica did not hold when it polled.
         missing = {key: ref for key, ref in reply["refs"].items() if key not in cache}
         blobs = dict(zip(missing, ray.get(list(missing.values())), strict=True)) if missing else {}
-        self._view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache)  # the swap
+        view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache, self.device)
+        self._view = view  # the swap: one assignment, after the build
         self.swaps += 1
         self.publisher_pid = int(reply.get("pid", 0))
         log.info("%s serves version %d (state %s)", self.id, reply["version"], reply["digest"])

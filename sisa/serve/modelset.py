@@ -26,7 +26,17 @@ from sisa.store.database import Store
 from sisa.train.adapters import build_shard_model
 from sisa.train.trainer import load_checkpoint
 
-__all__ = ["METHODS", "POLICIES", "ModelView", "ShardEntry", "read_models", "read_state", "served_by"]
+__all__ = [
+    "METHODS",
+    "POLICIES",
+    "ModelView",
+    "ShardEntry",
+    "backbone_key",
+    "read_models",
+    "read_state",
+    "served_by",
+    "wanted_keys",
+]
 
 POLICIES = UNLEARN_POLICIES  # exclude, serve-clean, serve-stale: what a response may use while a deletion is pending
 METHODS = ("mean", "vote", "weighted")
@@ -99,25 +109,49 @@ def read_state(store: Store, txn: lmdb.Transaction) -> tuple[str, dict[str, Any]
                 "stage": record["stage"],
             }
         )
+    backbone = meta.get("backbone")
     state = {
         "shards": shards,
         "config": meta["config"],
         "meta": {k: meta.get(k) for k in _META_KEYS},
+        # The shared frozen backbone's digest (None without one): its weights travel once, like a model's.
+        "backbone": backbone["digest"] if backbone else None,
     }
     digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     return digest, state
+
+
+def backbone_key(state: dict[str, Any]) -> str | None:
+    """The key the shared backbone's weights travel under in ``state`` (None: no backbone)."""
+    digest = state.get("backbone")
+    return f"backbone:{digest}" if digest else None
+
+
+def wanted_keys(state: dict[str, Any]) -> list[str]:
+    """Every key whose weights a replica needs to serve ``state``: each shard's model, and the backbone."""
+    keys = [entry["key"] for entry in state["shards"]]
+    bkey = backbone_key(state)
+    return [*keys, bkey] if bkey else keys
 
 
 def read_models(store: Store, txn: lmdb.Transaction, state: dict[str, Any], have: set[str]) -> dict[str, bytes]:
     """The weights (a ``state_dict`` saved by torch) of every model in ``state`` whose key is not in ``have``.
 
     Read in the same transaction as ``state``. Only the weights travel: a checkpoint's
-    optimizer state and RNG are for training, not serving.
+    optimizer state and RNG are for training, not serving. A shared backbone travels once,
+    under :func:`backbone_key`, as the bytes the store holds (:func:`sisa.train.backbone.encode`);
+    checkpoints then hold only each shard's head or adapters.
 
     Raises:
         IntegrityError: If a stored checkpoint was modified.
     """
     out: dict[str, bytes] = {}
+    bkey = backbone_key(state)
+    if bkey is not None and bkey not in have:
+        got = store.backbone_bytes(txn)
+        if got is None:  # pragma: no cover - its record was read in this transaction
+            raise NotTrainedError(f"store {store.path} has no backbone yet; run fit (sisa train) first")
+        out[bkey] = got[1]
     for entry in state["shards"]:
         if entry["key"] in have or entry["key"] in out:
             continue
@@ -146,8 +180,13 @@ class ModelView:
         state: dict[str, Any],
         weights: dict[str, bytes],
         cache: dict[str, nn.Module] | None = None,
+        device: str = "cpu",
     ) -> None:
         """Build the models of ``state`` from ``weights`` (key -> bytes), reusing ``cache`` (key -> model).
+
+        New models (and a new backbone) go to ``device``; cached ones are there already (a replica
+        keeps one device for its life). Inputs follow the models' device in
+        :func:`sisa.serve.aggregate.predict_proba`; outputs come back to the CPU.
 
         Raises:
             ModelError: If a model's weights do not fit the network the stored config builds.
@@ -156,21 +195,19 @@ class ModelView:
 
         self.version = version
         self.digest = digest
+        self.device = device
         self.config: SisaConfig = config_from_stored(state["config"])
         self.meta: dict[str, Any] = state["meta"]
         self.entries = [ShardEntry(**{k: v for k, v in e.items() if k != "stage"}) for e in state["shards"]]
-        if self.config.backbone.enabled:
-            raise ModelError(
-                "serving a store whose shards share a backbone through Ray Serve is not supported; serve it in-process "
-                "(Ensemble.predict) or train it without backbone"
-            )
-        shape = self.meta.get("feature_shape")
+        shape = tuple(self.meta.get("feature_shape") or ())
+        # Every model of this view, by key; a shared backbone too (under backbone_key), so the next view reuses it.
         self.models: dict[str, nn.Module] = {}
+        backbone = self._backbone(state, shape, weights, cache or {})
         for entry in self.entries:
             if cache is not None and entry.key in cache:
                 self.models[entry.key] = cache[entry.key]
                 continue
-            model = build_shard_model(self.config, tuple(shape or ()), self.config.data.num_classes)
+            model = build_shard_model(self.config, shape, self.config.data.num_classes, backbone)
             state_dict = torch.load(io.BytesIO(weights[entry.key]), weights_only=True)
             try:
                 model.load_state_dict(state_dict)
@@ -179,7 +216,31 @@ class ModelView:
                     f"the live model of shard {entry.shard} does not fit the stored config's network: "
                     f"{str(exc).splitlines()[0]}"
                 ) from exc
-            self.models[entry.key] = model.eval()
+            self.models[entry.key] = model.to(device).eval()
+
+    def _backbone(
+        self, state: dict[str, Any], shape: tuple[int, ...], weights: dict[str, bytes], cache: dict[str, nn.Module]
+    ) -> nn.Module | None:
+        """The shared frozen backbone of ``state`` (None without one): from ``cache``, else decoded and checked.
+
+        Its key holds its digest, and the digest enters every shard's checkpoint key: a new
+        backbone comes with new keys, so no cached head ever runs on another backbone.
+
+        Raises:
+            IntegrityError: If its bytes do not fit the config's network or do not hash to the digest.
+        """
+        from sisa.train.backbone import build_network, decode
+
+        key = backbone_key(state)
+        if key is None:
+            return None
+        module = cache.get(key)
+        if module is None:
+            module = decode(weights[key], build_network(self.config, shape), str(state["backbone"])).module
+            # Before the heads are built on it: an adapter holds it unregistered, so their .to() would not move it.
+            module = module.to(self.device)
+        self.models[key] = module
+        return module
 
     def predict(self, features: Any, policy: str | None = None, method: str | None = None) -> dict[str, Any]:
         """Labels, probabilities and provenance for ``features`` under the serving ``policy``.

@@ -86,7 +86,7 @@ class StorePublisher:
     def _refresh(self) -> int:
         import ray
 
-        from sisa.serve.modelset import read_models, read_state
+        from sisa.serve.modelset import read_models, read_state, wanted_keys
 
         for attempt in range(3):
             try:
@@ -99,7 +99,7 @@ class StorePublisher:
             except StoreChangedError:  # a deletion retired a checkpoint mid-read: read the newer state
                 if attempt == 2:
                     raise
-        refs = {key: self._refs[key] for key in (e["key"] for e in state["shards"]) if key in self._refs}
+        refs = {key: self._refs[key] for key in wanted_keys(state) if key in self._refs}
         refs.update({key: ray.put(blob) for key, blob in weights.items()})
         with self._cond:
             # Versions grow across restarts of this actor too: a replica's version from before a
@@ -119,12 +119,19 @@ class StorePublisher:
         return self._version
 
     # ------------------------------------------------------------------ the replicas' side
-    def poll(self, replica: str, have: int, timeout: float = 2.0) -> dict[str, Any]:
+    def poll(self, replica: str, have: int, timeout: float = 2.0, held: list[str] | None = None) -> dict[str, Any]:
         """Called by a replica serving version ``have``: returns at once if a newer one exists, else after ``timeout``.
+
+        Args:
+            replica: The replica's id.
+            have: The version it serves.
+            timeout: Seconds to wait for a newer version.
+            held: Checkpoint keys whose models the replica holds already (None: send every ref).
 
         Returns:
             The publication (``version``, ``digest``, ``state``, ``refs``: checkpoint key ->
-            ObjectRef of its weights) when it differs from ``have``; else ``{"version": have}``.
+            ObjectRef of its weights, only for the keys not in ``held``) when it differs from
+            ``have``; else ``{"version": have}``.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -134,7 +141,13 @@ class StorePublisher:
                 if left <= 0:
                     return {"version": have}
                 self._cond.wait(left)
-            return dict(self._publication)
+            reply = dict(self._publication)
+        if held is not None:
+            # Every ref in a reply makes the replica a borrower of that object (ownership messages to this actor
+            # and back, on the shared cores, while requests are being answered): send only what it lacks.
+            keep = set(held)
+            reply["refs"] = {key: ref for key, ref in reply["refs"].items() if key not in keep}
+        return reply
 
     def leave(self, replica: str) -> None:
         """A replica that shuts down stops counting (else it would count until its lease runs out)."""

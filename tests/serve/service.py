@@ -36,16 +36,36 @@ def free_port() -> int:
 
 def post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 60) -> tuple[int, Any]:
     """POST ``body``; returns ``(status, parsed JSON)`` for 2xx and error statuses alike."""
+    status, out, _ = post_timed(url, body, content_type, timeout)
+    return status, out
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """``{"predict": ms, "replica": ms}`` from a ``Server-Timing`` header (empty when absent)."""
+    out: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                out[name] = float(value)
+    return out
+
+
+def post_timed(
+    url: str, body: bytes, content_type: str = "application/json", timeout: float = 60
+) -> tuple[int, Any, dict[str, float]]:
+    """:func:`post`, plus the replica's own timings (its ``Server-Timing`` header, in ms)."""
     req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
     try:
         with OPENER.open(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, json.loads(resp.read()), server_timing(resp.headers.get("Server-Timing"))
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
-            return exc.code, json.loads(raw)
+            return exc.code, json.loads(raw), {}
         except ValueError:
-            return exc.code, {"error": raw.decode(errors="replace")}
+            return exc.code, {"error": raw.decode(errors="replace")}, {}
 
 
 def post_large(url: str, size: int, chunk: int = 2**20) -> tuple[int, Any]:
@@ -206,7 +226,8 @@ class Load:
     features: list[list[float]]
     clients: int = 2
     t0: float = field(default_factory=time.monotonic)
-    records: list[tuple[float, float, int, dict[str, str]]] = field(default_factory=list)  # start, end, status, prov
+    # start, end, status, provenance, the replica's Server-Timing (ms)
+    records: list[tuple[float, float, int, dict[str, str], dict[str, float]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -216,12 +237,12 @@ class Load:
         while not self._stop.is_set():
             start = time.monotonic() - self.t0
             try:
-                status, out = post(self.url, body, timeout=60)
+                status, out, timing = post_timed(self.url, body, timeout=60)
             except OSError as exc:  # connection refused or reset: counted as an error
-                status, out = 0, {"error": str(exc)}
+                status, out, timing = 0, {"error": str(exc)}, {}
             end = time.monotonic() - self.t0
             prov = out.get("provenance", {}) if status == 200 else {}
-            self.records.append((start, end, status, prov))
+            self.records.append((start, end, status, prov, timing))
             if status != 200 and len(self.errors) < 20:
                 self.errors.append(f"{status}: {out.get('error', out)}"[:300])
 
@@ -243,7 +264,7 @@ class Load:
         """The records in the shape ``scripts/soak.py``'s provenance checker (``served_retired``) reads."""
         key_sets: dict[tuple[tuple[int, str], ...], int] = {}
         used = []
-        for _, _, status, prov in self.records:
+        for _, _, status, prov, _ in self.records:
             live = tuple(sorted((int(s), k) for s, k in prov.items())) if status == 200 else ()
             used.append(key_sets.setdefault(live, len(key_sets)))
         return {

@@ -26,7 +26,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from tests.conftest import blobs, small_config
-from tests.serve.service import Load, Service, get, post, post_large, predict, start_service
+from tests.serve.service import Load, Service, get, post, post_large, post_timed, predict, start_service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import soak  # noqa: E402
@@ -84,6 +84,10 @@ def test_predict_answers_like_the_in_process_ensemble_with_the_live_checkpoints(
     np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, rtol=1e-5, atol=1e-6)
     assert out["labels"] == expected.argmax(axis=1).tolist()
     assert out["provenance"] == live_keys(service.store)
+    # Each answer says where its time went (Server-Timing): receiving the body, the models, the whole handler.
+    status, _, timing = post_timed(service.url, json.dumps({"features": FEATURES}).encode())
+    assert status == 200 and set(timing) == {"body", "predict", "replica"}, timing
+    assert 0 < timing["predict"] <= timing["replica"] and timing["body"] <= timing["replica"]
     # The same through an npy body, with the policy in the query string.
     buf = io.BytesIO()
     np.save(buf, X)
@@ -119,6 +123,12 @@ def test_a_100_mb_body_gets_413_and_the_service_keeps_serving(service: Service) 
     status, out = post_large(service.url, 100 * 2**20)
     assert status == 413 and "over the limit" in out["error"], out
     assert predict(service.url, FEATURES)[0] == 200
+
+
+def test_replicas_without_a_gpu_run_their_models_on_the_cpu(service: Service) -> None:
+    # --num-gpus 0 (the default): no GPU assigned, so every replica says it runs on the CPU.
+    infos = service.replicas(2)
+    assert len(infos) == 2 and {i["device"] for i in infos.values()} == {"cpu"}, infos
 
 
 def test_unknown_paths_and_methods_are_refused(service: Service) -> None:
@@ -210,6 +220,123 @@ def test_the_import_path_builder_deploys_a_second_application_on_the_same_store(
         assert out["labels"] == predict(service.url, FEATURES)[1]["labels"]
     finally:
         run_driver(service, "from ray import serve\nserve.delete('second')\n")
+
+
+def replicas_at(base: str, want: int, timeout: float = 60) -> dict[str, dict[str, Any]]:
+    """``GET base/info`` until ``want`` distinct replicas of that application answered."""
+    found: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < want and time.monotonic() < deadline:
+        status, info = get(base + "/info")
+        if status == 200:
+            found[info["replica"]] = info
+    return found
+
+
+AUTO_DETAILS = (
+    "from ray.serve.context import _get_global_client\n"
+    "d = _get_global_client().get_serve_details()['applications']['auto']['deployments']['sisa-ensemble']\n"
+    "print(json.dumps({'autoscaling': d['deployment_config'].get('autoscaling_config'), "
+    "'target': d['target_num_replicas'], 'running': sum(r['state'] == 'RUNNING' for r in d['replicas'])}))\n"
+)
+
+
+def test_autoscaling_reaches_the_deployment_and_replicas_added_later_serve_the_current_state(
+    service: Service,
+) -> None:
+    # Through the command's options (--min-replicas/--max-replicas), as `sisa serve` builds them.
+    argv = ["serve", "--store", str(service.store), "--min-replicas", "1", "--max-replicas", "2", "--num-cpus", "0.25"]
+    first = run_driver(
+        service,
+        "from ray import serve\n"
+        "from sisa.cli.cmd_serve import _options\n"
+        "from sisa.cli.parser import build_parser\n"
+        "from sisa.serve.app import build_app\n"
+        f"options = _options(build_parser().parse_args({argv!r}))\n"
+        "serve.run(build_app(options), name='auto', route_prefix='/auto')\n" + AUTO_DETAILS,
+    )
+    auto = service.base + "/auto"
+    try:
+        details = json.loads(first.strip().splitlines()[-1])
+        scaling = details["autoscaling"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (1, 2, 1), details
+        assert details["target"] == details["running"] == 1
+        before = replicas_at(auto, 1)
+        delete(service.store, [120, 121])  # the store moves on before the next replica exists
+        assert service.confirm()["ok"]
+        # Through the import-path builder (string arguments, as `serve run` passes them): at least 2 replicas now.
+        args = {
+            "store": str(service.store),
+            "autoscaling": json.dumps({"min_replicas": 2, "max_replicas": 3}),
+            "num_cpus": "0.25",
+        }
+        second = run_driver(
+            service,
+            "from ray import serve\n"
+            "from sisa.serve.app import build\n"
+            f"serve.run(build({args!r}), name='auto', route_prefix='/auto')\n" + AUTO_DETAILS,
+        )
+        details = json.loads(second.strip().splitlines()[-1])
+        assert (details["autoscaling"]["min_replicas"], details["autoscaling"]["max_replicas"]) == (2, 3), details
+        assert details["target"] == details["running"] == 2
+        after = replicas_at(auto, 2)
+        assert len(after) == 2 and set(after) - set(before), (before, after)  # a replica that started later
+        assert {i["state"] for i in after.values()} == {replicas_at(service.base, 1).popitem()[1]["state"]}
+        assert predict(auto + "/predict", FEATURES)[1]["provenance"] == live_keys(service.store)
+        # And it keeps following: the next deletion reaches it, the service's replicas and the first one.
+        delete(service.store, [122])
+        confirm = service.confirm()
+        assert confirm["ok"] and not confirm["lagging"], confirm
+        assert set(after) <= set(confirm["replicas"])
+        assert {i["state"] for i in replicas_at(auto, 2).values()} == {
+            replicas_at(service.base, 1).popitem()[1]["state"]
+        }
+        assert predict(auto + "/predict", FEATURES)[1]["provenance"] == live_keys(service.store)
+    finally:
+        run_driver(service, "from ray import serve\nserve.delete('auto')\n")
+
+
+# A shared frozen backbone trained on a core set (ids that are multiples of 10), a head per shard.
+BACKBONE = ("backbone.source=core", "backbone.name=mlp", "backbone.hidden=[16]", "backbone.epochs=3")
+
+
+def test_a_store_with_a_shared_backbone_is_served_and_follows_deletions(service: Service, tmp_path: Path) -> None:
+    store = tmp_path / "backbone"
+    x, y = blobs(600, d=D)
+    with Ensemble.create(store, small_config(*CONFIG, *BACKBONE, "model.adapter=head"), address="local") as ens:
+        ens.ingest(x, y, np.arange(len(x)), core=np.arange(0, len(x), 10))
+        ens.fit()
+    args = {"store": str(store), "replicas": "1", "num_cpus": "0.25"}
+    run_driver(
+        service,
+        "from ray import serve\n"
+        "from sisa.serve.app import build\n"
+        f"serve.run(build({args!r}), name='backbone', route_prefix='/backbone')\n",
+    )
+    base = service.base + "/backbone"
+
+    def answers_like_in_process() -> None:
+        status, out = predict(base + "/predict", FEATURES)
+        assert status == 200, out
+        with Ensemble.open(store, readonly=True) as ens:
+            expected = ens.predict_proba(X)
+        np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, rtol=1e-5, atol=1e-6)
+        assert out["provenance"] == live_keys(store)
+
+    try:
+        answers_like_in_process()
+        retired = delete(store, [3, 4])["retired"]  # not core ids: only the heads of their shards retrain
+        status, confirm = get(base + "/await?timeout=90", timeout=150)
+        assert status == 200 and confirm["ok"], confirm
+        answers_like_in_process()
+        assert retired and not set(retired) & set(live_keys(store).values())
+    finally:
+        run_driver(
+            service,
+            "from ray import serve\n"
+            "from sisa.serve.client import stop_publisher\n"
+            f"serve.delete('backbone')\nstop_publisher({str(store)!r})\n",
+        )
 
 
 def test_the_builder_refuses_unknown_arguments_and_bad_values() -> None:
