@@ -772,6 +772,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def child_spec(args: argparse.Namespace, layout: str, root: Path, n: int, store: Path) -> dict[str, Any]:
+    """What one child measures: the layout, the tree it imports sisa from, N, its store and the settings."""
+    return {
+        "layout": layout,
+        "root": str(root),
+        "n": n,
+        "store": str(store),
+        "overrides": list(args.overrides),
+        "runner": args.runner,
+        "batch_delete": BATCH_DELETE,
+    }
+
+
 def ingest_rounds(
     args: argparse.Namespace,
     sizes: list[int],
@@ -794,16 +807,7 @@ def ingest_rounds(
                 for layout in layouts:
                     store = work / f"{layout}-{n}-{round_}"
                     check_disk(work, n, GUESS_BYTES_PER_SAMPLE)
-                    spec = {
-                        "layout": layout,
-                        "root": str(roots[layout]),
-                        "n": n,
-                        "store": str(store),
-                        "overrides": list(args.overrides),
-                        "runner": args.runner,
-                        "batch_delete": BATCH_DELETE,
-                        "ingest_only": True,
-                    }
+                    spec = {**child_spec(args, layout, roots[layout], n, store), "ingest_only": True}
                     row = run_child(spec, args.timeout)
                     row["round"], row["loadavg"] = round_, benchlib.loadavg()
                     runs.append(row)
@@ -895,15 +899,7 @@ def main() -> int:
             for layout in layouts:
                 store = work / f"{layout}-{n}"
                 disk = check_disk(work, n, per_sample.get(layout, GUESS_BYTES_PER_SAMPLE))
-                spec = {
-                    "layout": layout,
-                    "root": str(roots[layout]),
-                    "n": n,
-                    "store": str(store),
-                    "overrides": list(args.overrides),
-                    "runner": args.runner,
-                    "batch_delete": BATCH_DELETE,
-                }
+                spec = child_spec(args, layout, roots[layout], n, store)
                 row = run_child(spec, args.timeout)
                 row["disk_free_before"] = disk["free"]
                 if not Path(row["sisa_file"]).is_relative_to(roots[layout]):
