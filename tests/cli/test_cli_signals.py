@@ -178,12 +178,17 @@ def test_an_interrupt_python_swallows_in_a_finaliser_is_delivered_again() -> Non
         def __del__(self) -> None:
             raise KeyboardInterrupt  # as a Ctrl-C landing while a finaliser runs: Python prints and drops it
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # else nothing could be delivered
-    with pytest.raises(KeyboardInterrupt), redeliver_swallowed_interrupts():
-        Finaliser()  # collected at once: its KeyboardInterrupt goes to sys.unraisablehook
-        # The redelivered signal lands at the next bytecodes once the delivering thread ran: on a
-        # loaded machine that thread can wait its turn for over a second, so wait for it (a
-        # swallowed interrupt that never comes back fails here after 60 s).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(0.001)
+    # A test run started in the background by a shell inherits SIGINT ignored, and Python then keeps
+    # it so: nothing could be delivered. Ctrl-C's usual handler, for this test only.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), redeliver_swallowed_interrupts():
+            Finaliser()  # collected at once: its KeyboardInterrupt goes to sys.unraisablehook
+            # The redelivered signal lands at the next bytecodes once the delivering thread ran: on a
+            # loaded machine that thread can wait its turn for over a second, so wait for it (a
+            # swallowed interrupt that never comes back fails here after 60 s).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+    finally:
+        signal.signal(signal.SIGINT, previous)
