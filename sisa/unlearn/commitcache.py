@@ -31,7 +31,7 @@ from sisa.receipt.merkle import EMPTY_ROOT
 from sisa.store.database import Store
 from sisa.unlearn.commitments import commitments_of
 
-__all__ = ["BUCKETS", "COMMITS_DB", "ShardManifest", "drop_shard", "shard_manifest"]
+__all__ = ["BUCKETS", "COMMITS_DB", "ShardManifest", "bucket_leaves", "drop_shard", "recompute", "shard_manifest"]
 
 COMMITS_DB = "commits"
 # 256 buckets (a commitment's first byte): measured at 375k commitments per shard, one bucket's
@@ -125,6 +125,11 @@ def drop_shard(store: Store, txn: lmdb.Transaction, shard: int) -> None:
         txn.delete(key, db=db)
 
 
+def recompute(secret: bytes, slices: Sequence[np.ndarray]) -> ShardManifest:
+    """The shard's manifest computed whole, from its slices alone (no cache read or written)."""
+    return _scratch(secret, [_words(s) for s in slices])
+
+
 def _scratch(secret: bytes, words: Sequence[bytes]) -> ShardManifest:
     everything = sorted(commitments_of(secret, b"".join(words)))
     buckets = split(everything, BUCKETS)
@@ -152,8 +157,9 @@ def _delta(
         removed.append(np.setdiff1d(before, after))
         added.append(np.setdiff1d(after, before))
     out, into = (np.concatenate(x) if x else np.zeros(0, dtype=">u8") for x in (removed, added))
-    # An id that moved between slices is in both: it stays in the manifest.
-    return np.setdiff1d(out, into), np.setdiff1d(into, out), changed
+    # An id that moved between slices is in both: it stays in the manifest. (``concatenate`` gives native
+    # byte order: back to big-endian, the byte order commitments hash ids in.)
+    return np.setdiff1d(out, into).astype(">u8"), np.setdiff1d(into, out).astype(">u8"), changed
 
 
 def _update(

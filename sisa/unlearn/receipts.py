@@ -26,7 +26,7 @@ from sisa.receipt.notes import Signer
 from sisa.receipt.verify import FORMAT, SIGNATURE_LABEL
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
-from sisa.unlearn.commitcache import BUCKETS, ShardManifest, bucket_leaves, shard_manifest
+from sisa.unlearn.commitcache import BUCKETS, ShardManifest, bucket_leaves, recompute, shard_manifest
 from sisa.unlearn.commitments import manifest_commitments, opening
 from sisa.unlearn.tlog import LogState, latest_published, log_state
 
@@ -122,6 +122,10 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
         manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
         bucket = bucket_of(target, BUCKETS)
         leaves = {s: bucket_leaves(store, txn, m, s, bucket) for s, m in manifests.items()}
+        for s, inside in leaves.items():
+            if inside is None:  # the cached bucket is missing or damaged: the whole shard again, in memory
+                manifests[s] = recompute(secret, slices[s])
+                leaves[s] = manifests[s].buckets[bucket]
     found = [
         i
         for i, rec in enumerate(state.entries)
