@@ -4,7 +4,8 @@ Table ``commits`` (a later table of the store), per shard ``s`` (4 bytes big-end
 
 * ``s + b"h"``: the header: bucket count, the SHA-256 of each slice's ids the cache was computed
   for, every bucket's size and root, and a SHA-256 of all of that (a torn or edited header is seen);
-* ``s + b"s" + slice``: that slice's ids (8 bytes big-endian each), to find what a change removed;
+* ``s + b"s" + slice``: that slice's ids (8 bytes big-endian each), to find what a change removed
+  (a deletion takes its ids out of them in its journal transaction: :func:`follow`);
 * ``s + b"b" + bucket``: the bucket's sorted commitments, 32 bytes each (absent when empty).
 
 Everything in it derives from the store (the slices' ids and the secret), so it is only ever a
@@ -31,7 +32,16 @@ from sisa.receipt.merkle import EMPTY_ROOT
 from sisa.store.database import Store
 from sisa.unlearn.commitments import commitments_of
 
-__all__ = ["BUCKETS", "COMMITS_DB", "ShardManifest", "bucket_leaves", "drop_shard", "recompute", "shard_manifest"]
+__all__ = [
+    "BUCKETS",
+    "COMMITS_DB",
+    "ShardManifest",
+    "bucket_leaves",
+    "drop_shard",
+    "follow",
+    "recompute",
+    "shard_manifest",
+]
 
 COMMITS_DB = "commits"
 # 256 buckets (a commitment's first byte): measured at 375k commitments per shard, one bucket's
@@ -123,6 +133,28 @@ def drop_shard(store: Store, txn: lmdb.Transaction, shard: int) -> None:
             keys.append(bytes(key))
     for key in keys:
         txn.delete(key, db=db)
+
+
+def follow(store: Store, txn: lmdb.Transaction, secret: bytes, shards: Sequence[int]) -> None:
+    """Bring the caches of ``shards`` to their slices' ids now, in a deletion's journal transaction.
+
+    The cache keeps each slice's ids in the clear, like the membership records; a deleted id must
+    leave it in the same transaction that takes it out of those (the store names deleted ids by keyed
+    hash only), not at the retrain, which a deferred deletion puts off. The shard's buckets follow
+    (only the touched ones), so the later publication finds nothing left to change. A cache that
+    cannot be read is dropped whole.
+    """
+    db = _db(store)
+    if db is None:
+        return
+    for shard in shards:
+        raw = txn.get(_key(shard, b"h"), db=db)
+        header = _parse(bytes(raw) if raw is not None else None)
+        if header is None:
+            drop_shard(store, txn, shard)
+            continue
+        slices = [store.slice_ids(txn, shard, r) for r in range(len(header[0]))]
+        shard_manifest(store, txn, secret, shard, slices, write=True)
 
 
 def recompute(secret: bytes, slices: Sequence[np.ndarray]) -> ShardManifest:

@@ -92,6 +92,27 @@ def test_cache_matches_scratch_after_fit_deletes_adds_and_refit(tmp_path: Path, 
         assert len(counted) > 3
 
 
+def cached_words(store: Store) -> bytes:
+    """Every value of the commitment cache, concatenated."""
+    with store.read() as txn:
+        return b"".join(bytes(v) for _, v in txn.cursor(db=store.db(COMMITS_DB)))
+
+
+def test_a_deleted_id_leaves_the_cache_when_it_is_journaled(tmp_path: Path, counted: list[int]) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        word = (77).to_bytes(8, "big")
+        commitment = sample_commitment(77, opening(ens.store.secret(), 77))
+        assert word in cached_words(ens.store) and commitment in cached_words(ens.store)
+        ens.delete([77], defer=True)  # journaled and erased; the retrain waits
+        assert word not in cached_words(ens.store) and commitment not in cached_words(ens.store)
+        ens.apply()
+        check_all(ens.store)
+        assert len(counted) == 3
+
+
 def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, counted: list[int]) -> None:
     x, y = blobs(600, d=10)
     with Ensemble.create(tmp_path / "st", small_config()) as ens:
