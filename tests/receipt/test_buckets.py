@@ -22,7 +22,7 @@ from sisa.receipt.merkle import EMPTY_ROOT, Tree, hash_leaf
 from sisa.receipt.notes import Checkpoint, format_checkpoint, sign_note
 from sisa.receipt.verify import FORMAT, verify_receipt
 from sisa.unlearn.commitcache import BUCKETS, ShardManifest
-from sisa.unlearn.receipts import bucketed_non_membership
+from sisa.unlearn.receipts import bucketed_non_membership, non_membership
 
 SIGNER = load_signer()
 KEY = SIGNER.verifier
@@ -42,8 +42,8 @@ def manifest(commitments: list[bytes]) -> ShardManifest:
     return ShardManifest([len(b) for b in buckets], [bucket_root(b) for b in buckets], dict(enumerate(buckets)))
 
 
-def receipt(man: ShardManifest, absent: dict[str, Any], fmt: str = FORMAT) -> dict[str, Any]:
-    """A signed receipt of id 7 whose one shard's published manifest is ``man``."""
+def receipt(man: ShardManifest | Tree, absent: dict[str, Any], fmt: str = FORMAT) -> dict[str, Any]:
+    """A signed receipt of id 7 whose shard 0 published ``man`` (a flat tree: an entry from before buckets)."""
     cert = {"request_id": 1, "state": "applied", "id_hashes": ["ab" * 32], "shards": {"0": {}}}
     published = {
         "kind": MODEL_PUBLISHED,
@@ -51,8 +51,9 @@ def receipt(man: ShardManifest, absent: dict[str, Any], fmt: str = FORMAT) -> di
         "weights": "w",
         "manifest_commitment": man.root().hex(),
         "manifest_size": man.size,
-        "manifest_buckets": BUCKETS,
     }
+    if isinstance(man, ShardManifest):
+        published["manifest_buckets"] = BUCKETS
     log = Tree([entry_leaf(cert), entry_leaf(published)])
     note = sign_note(format_checkpoint(Checkpoint("sisa.log/test", 2, log.root())), SIGNER)
     body: dict[str, Any] = {
@@ -187,3 +188,16 @@ def test_a_v1_receipt_of_a_bucketed_manifest_and_an_unknown_format_are_refused()
         verify_receipt(receipt(man, absent, "sisa-receipt-v1"), KEY)
     with pytest.raises(ProofError, match="not a receipt of a known format"):
         verify_receipt(receipt(man, absent, "sisa-receipt-v3"), KEY)
+
+
+def test_a_v1_receipt_of_a_flat_manifest_still_verifies_by_its_old_rule() -> None:
+    commitments = sorted([*OTHERS, *BELOW, *ABOVE])
+    flat = Tree([hash_leaf(c) for c in commitments])
+    absent = non_membership(commitments, flat, TARGET)
+    assert set(absent) == {"commitment", "size", "left", "right"}  # the v1 proof: two neighbours in one tree
+    for fmt in ("sisa-receipt-v1", FORMAT):  # a v2 receipt of an entry published before buckets: the same rule
+        assert verify_receipt(receipt(flat, absent, fmt), KEY)[-1].endswith("trained without the id")
+    with pytest.raises(ProofError, match="right neighbour is not a leaf of the published manifest"):
+        bent = copy.deepcopy(absent)
+        bent["right"] = {**bent["right"], "index": bent["right"]["index"] + 1}
+        verify_receipt(receipt(flat, bent, "sisa-receipt-v1"), KEY)
