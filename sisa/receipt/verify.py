@@ -6,9 +6,14 @@ The checks, in order; the first that fails is named:
 2. the certificate is a leaf of the log under that checkpoint (inclusion proof) and names the id's
    keyed hash (which the signed receipt binds to the id) among its id hashes;
 3. for every shard the certificate names: the shard's "model published" entry is a leaf under the
-   checkpoint, and the id's commitment (recomputed from the id and its opening) lies strictly between
-   two adjacent leaves of that entry's manifest commitment (each leaf proven by its inclusion proof),
-   so the manifest the published weights were trained on does not contain the id;
+   checkpoint, and the id's commitment (recomputed from the id and its opening) is not in that entry's
+   manifest commitment, so the manifest the published weights were trained on does not contain the id.
+   A bucketed manifest (the entry names ``manifest_buckets``: :mod:`sisa.receipt.buckets`): the
+   bucket the commitment falls in is proven at its index in the top tree with its size and root, and
+   within it the commitment lies strictly between two adjacent leaves (each proven by its inclusion
+   proof), or before the first / after the last, or the bucket is empty. A flat manifest (entries
+   published before buckets, the only kind a ``sisa-receipt-v1`` receipt names): the same between
+   two adjacent leaves of the one tree;
 4. with a later consistency proof (``sisa audit --consistency`` of the receipt's checkpoint), that the
    log only grew since the receipt was issued.
 
@@ -23,14 +28,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from sisa.errors import ProofError
+from sisa.receipt.buckets import bucket_leaf, bucket_of, valid_buckets
 from sisa.receipt.entries import MODEL_PUBLISHED, canonical, entry_leaf, is_certificate, sample_commitment
 from sisa.receipt.merkle import EMPTY_ROOT, hash_leaf, verify_consistency, verify_inclusion
 from sisa.receipt.notes import Checkpoint, Verifier, parse_checkpoint
 
-__all__ = ["FORMAT", "SIGNATURE_LABEL", "verify_receipt"]
+__all__ = ["FORMAT", "FORMATS", "SIGNATURE_LABEL", "verify_receipt"]
 
-FORMAT = "sisa-receipt-v1"
-SIGNATURE_LABEL = b"sisa-receipt-v1\n"  # what the receipt signature signs, before the receipt's canonical JSON
+# v2: bucketed manifest commitments. A v1 receipt (flat manifests only) still verifies by its own rule:
+# its proofs are the same checks on the one tree, and its entries stay in the log unchanged.
+FORMAT = "sisa-receipt-v2"
+FORMATS = ("sisa-receipt-v1", FORMAT)
+SIGNATURE_LABEL = b"sisa-receipt-v2\n"  # what the receipt signature signs, before the receipt's canonical JSON
 
 
 def _hex(value: Any, what: str, size: int = 32) -> bytes:
@@ -59,8 +68,11 @@ def _leaf_under(item: Any, cp: Checkpoint, what: str) -> dict[str, Any]:
     return entry
 
 
-def _absent(shard: int, absent: Any, entry: dict[str, Any], target: bytes) -> None:
-    """Check the non-membership proof of ``target`` in the published manifest commitment of ``entry``."""
+def _absent(shard: int, absent: Any, entry: dict[str, Any], target: bytes, bucketed: bool) -> None:
+    """Check the non-membership proof of ``target`` in the published manifest commitment of ``entry``.
+
+    ``bucketed``: whether the receipt's format knows bucketed manifests (a v1 receipt does not).
+    """
     where = f"shard {shard}"
     if not isinstance(absent, dict):
         raise ProofError(f"{where}: no non-membership proof")
@@ -69,7 +81,27 @@ def _absent(shard: int, absent: Any, entry: dict[str, Any], target: bytes) -> No
     root, size = _hex(entry.get("manifest_commitment"), f"{where}: manifest commitment"), entry.get("manifest_size")
     if not isinstance(size, int) or absent.get("size") != size:
         raise ProofError(f"{where}: the proof's manifest size differs from the published one")
-    left, right = absent.get("left"), absent.get("right")
+    buckets = entry.get("manifest_buckets")
+    if buckets is None:  # a flat manifest (published before buckets): the layout is the entry's, not the receipt's
+        _between(where, target, root, size, absent.get("left"), absent.get("right"))
+        return
+    if not bucketed or not valid_buckets(buckets) or absent.get("buckets") != buckets:
+        raise ProofError(f"{where}: the proof's bucket layout differs from the published manifest's")
+    index, count = bucket_of(target, buckets), absent.get("bucket_size")
+    if absent.get("bucket") != index:
+        raise ProofError(f"{where}: the proof is for another bucket than the id's commitment falls in")
+    broot = _hex(absent.get("bucket_root"), f"{where}: bucket root")
+    if not isinstance(count, int) or not 0 <= count <= size:
+        raise ProofError(f"{where}: the bucket size is not a count")
+    proof = _proof(absent.get("bucket_proof"), f"{where}: bucket proof")
+    if not verify_inclusion(bucket_leaf(count, broot), index, buckets, proof, root):
+        raise ProofError(f"{where}: the bucket is not in the published manifest commitment")
+    where = f"{where} bucket {index}"
+    _between(where, target, broot, count, absent.get("left"), absent.get("right"))
+
+
+def _between(where: str, target: bytes, root: bytes, size: int, left: Any, right: Any) -> None:
+    """Check that ``target`` lies between two adjacent leaves (or past an edge) of the tree (``size``, ``root``)."""
     if size == 0:
         if root != EMPTY_ROOT or left is not None or right is not None:
             raise ProofError(f"{where}: an empty manifest must have the empty root and no neighbours")
@@ -115,8 +147,9 @@ def verify_receipt(receipt: Any, verifier: Verifier, consistency: dict[str, Any]
     Raises:
         ProofError: Naming the first check that fails.
     """
-    if not isinstance(receipt, dict) or receipt.get("format") != FORMAT:
-        raise ProofError(f"not a {FORMAT} receipt")
+    if not isinstance(receipt, dict) or receipt.get("format") not in FORMATS:
+        raise ProofError(f"not a receipt of a known format ({', '.join(FORMATS)})")
+    version = str(receipt["format"])
     cp = parse_checkpoint(str(receipt.get("checkpoint", "")), verifier)
     done = [f"checkpoint of {cp.origin} at size {cp.size} is signed by {verifier.name}"]
     body = {k: v for k, v in receipt.items() if k != "signature"}
@@ -124,7 +157,7 @@ def verify_receipt(receipt: Any, verifier: Verifier, consistency: dict[str, Any]
         signature = base64.b64decode(str(receipt.get("signature", "")), validate=True)
     except binascii.Error:
         signature = b""
-    if not verifier.verify(SIGNATURE_LABEL + canonical(body), signature):
+    if not verifier.verify(version.encode() + b"\n" + canonical(body), signature):
         raise ProofError("receipt signature: the receipt was changed after it was signed (or signed by another key)")
     done.append("receipt signature checks")
     sample_id, opening = receipt.get("id"), _hex(receipt.get("opening"), "the opening")
@@ -149,7 +182,7 @@ def verify_receipt(receipt: Any, verifier: Verifier, consistency: dict[str, Any]
         entry = _leaf_under(item.get("published"), cp, f"shard {shard}: model published")
         if entry.get("kind") != MODEL_PUBLISHED or entry.get("shard") != shard:
             raise ProofError(f"shard {shard}: the entry is not this shard's model-published entry")
-        _absent(shard, item.get("absent"), entry, target)
+        _absent(shard, item.get("absent"), entry, target, bucketed=version != "sisa-receipt-v1")
         done.append(f"shard {shard}: published model {str(entry.get('weights'))[:12]} trained without the id")
     if consistency is not None:
         done.append(_consistent(cp, consistency, verifier))

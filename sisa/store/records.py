@@ -53,7 +53,8 @@ DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "reques
 # The shared backbone's bytes live in ``ckpt`` under :data:`BACKBONE_PREFIX` + its digest (sealed like a
 # checkpoint, so the key sweep keeps its key), described by the meta's ``backbone`` record.
 # ``core``: ids of the core set (never deletable; they train the shared backbone), key -> b"".
-LATER_DBS = ("staged", "core")
+# ``commits``: per shard, the cached bucketed manifest commitment (:mod:`sisa.unlearn.commitcache`).
+LATER_DBS = ("staged", "core", "commits")
 TABLES = Tables(fixed=DBS, later=LATER_DBS)
 BACKBONE_PREFIX = "backbone-"
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import numpy as np
 
 from sisa.receipt.entries import COMMIT_LABEL
 
-__all__ = ["OPENING_LABEL", "manifest_commitments", "opening"]
+__all__ = ["OPENING_LABEL", "commitments_of", "manifest_commitments", "opening"]
 
 
 OPENING_LABEL = b"sisa-opening|"
@@ -40,10 +40,14 @@ def manifest_commitments(secret: bytes, slice_ids: Sequence[np.ndarray]) -> list
     if not len(slice_ids):
         return []
     packed = np.concatenate([np.asarray(s, dtype=np.int64) for s in slice_ids]).astype(">u8").tobytes()
+    return sorted(commitments_of(secret, packed))
+
+
+def commitments_of(secret: bytes, packed: bytes) -> list[bytes]:
+    """The commitments of the ids in ``packed`` (8-byte big-endian words), in their order."""
     digest, sha256 = hmac.digest, hashlib.sha256
     out = []
     for k in range(0, len(packed), 8):
         word = packed[k : k + 8]
         out.append(sha256(COMMIT_LABEL + word + digest(secret, OPENING_LABEL + word, "sha256")).digest())
-    out.sort()
     return out

@@ -31,6 +31,7 @@ from sisa.store.erasure import ErasureReport, erase, finish_erasure
 from sisa.store.tombstones import deleting_requests
 from sisa.train.domain import domain_id
 from sisa.train.planner import Planner, Progress
+from sisa.unlearn import commitcache
 from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
 from sisa.unlearn.journal import mark_applied, mark_erased, pending, record_request, unerased
@@ -127,7 +128,14 @@ def delete(
     own: int | None = None
     if present:
         meta = {"already_deleted": len(gone), "defer": defer, "policy": planner.config.unlearn.policy}
-        request = store.write(lambda txn: record_request(store, txn, present, secret, meta))
+
+        def journal(txn: lmdb.Transaction) -> dict[str, Any]:
+            out = record_request(store, txn, present, secret, meta)
+            # The ids leave the commitment cache with their membership records (no deleted id in the clear).
+            commitcache.follow(store, txn, secret, [int(s) for s in out["shards"]])
+            return out
+
+        request = store.write(journal)
         if on_journal is not None:
             on_journal()
         own = request["request_id"]

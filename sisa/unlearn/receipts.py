@@ -3,7 +3,8 @@
 A receipt holds the id and its opening, the certificate that deleted it with its inclusion proof, the
 latest signed checkpoint, and for every shard the certificate names, the shard's newest "model
 published" entry (with its inclusion proof) and a non-membership proof of the id's commitment in that
-entry's manifest commitment: the two adjacent leaves around it, each with its inclusion proof. The
+entry's manifest commitment: the two adjacent leaves around it, each with its inclusion proof, within
+the bucket it falls in (proven in the top tree) when the manifest is bucketed. The
 operator signs the whole receipt too, so no field can be edited. A receipt is personal data (it names
 the id): it is returned to the caller and never logged or stored.
 """
@@ -15,17 +16,21 @@ import bisect
 import time
 from typing import Any
 
+import numpy as np
+
 from sisa.errors import DataError, IntegrityError
+from sisa.receipt.buckets import bucket_leaf, bucket_of
 from sisa.receipt.entries import canonical, is_certificate, sample_commitment
 from sisa.receipt.merkle import Tree, hash_leaf
 from sisa.receipt.notes import Signer
 from sisa.receipt.verify import FORMAT, SIGNATURE_LABEL
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
+from sisa.unlearn.commitcache import BUCKETS, ShardManifest, bucket_leaves, recompute, shard_manifest
 from sisa.unlearn.commitments import manifest_commitments, opening
 from sisa.unlearn.tlog import LogState, latest_published, log_state
 
-__all__ = ["issue_receipt", "non_membership"]
+__all__ = ["bucketed_non_membership", "issue_receipt", "non_membership"]
 
 
 def non_membership(commitments: list[bytes], tree: Tree, target: bytes) -> dict[str, Any]:
@@ -46,9 +51,42 @@ def non_membership(commitments: list[bytes], tree: Tree, target: bytes) -> dict[
     return {"commitment": target.hex(), "size": tree.size, "left": neighbour(at - 1), "right": neighbour(at)}
 
 
+def bucketed_non_membership(man: ShardManifest, leaves: list[bytes], target: bytes) -> dict[str, Any]:
+    """The proof that ``target`` is not in the bucketed manifest ``man``, whose bucket of ``target`` is ``leaves``.
+
+    Raises:
+        IntegrityError: If it is among them, or ``leaves`` is not the bucket the manifest commits to.
+    """
+    buckets = len(man.sizes)
+    b = bucket_of(target, buckets)
+    tree = Tree([hash_leaf(c) for c in leaves])
+    if tree.size != man.sizes[b] or tree.root() != man.roots[b]:
+        raise IntegrityError(f"bucket {b}'s commitments do not hash to the manifest's bucket root")
+    top = Tree([bucket_leaf(n, r) for n, r in zip(man.sizes, man.roots, strict=True)])
+    inner = non_membership(leaves, tree, target)
+    return {
+        **inner,
+        "size": man.size,
+        "buckets": buckets,
+        "bucket": b,
+        "bucket_size": tree.size,
+        "bucket_root": tree.root().hex(),
+        "bucket_proof": [p.hex() for p in top.inclusion_proof(b)],
+    }
+
+
 def _included(state: LogState, index: int, size: int) -> dict[str, Any]:
     proof = state.tree.inclusion_proof(index, size)
     return {"index": index, "entry": state.entries[index]["entry"], "proof": [p.hex() for p in proof]}
+
+
+def _flat(secret: bytes, slices: list[Any], entry: dict[str, Any], shard: int, target: bytes) -> dict[str, Any]:
+    """The non-membership proof in a flat manifest (a "model published" entry from before buckets)."""
+    commitments = manifest_commitments(secret, slices)
+    tree = Tree([hash_leaf(c) for c in commitments])
+    if tree.root().hex() != entry["manifest_commitment"]:
+        raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
+    return non_membership(commitments, tree, target)
 
 
 def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any]:
@@ -78,6 +116,16 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
         state = log_state(store, txn)
         live = store.live(txn)
         slices = {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in live.items()}
+        # Each live shard's bucketed manifest, from its cache (no write: a read transaction) and the
+        # bucket the id falls in; a stale cache is recomputed in memory.
+        target = sample_commitment(sample_id, opening(secret, sample_id))
+        manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
+        bucket = bucket_of(target, BUCKETS)
+        leaves = {s: bucket_leaves(store, txn, m, s, bucket) for s, m in manifests.items()}
+        for s, inside in leaves.items():
+            if inside is None:  # the cached bucket is missing or damaged: the whole shard again, in memory
+                manifests[s] = recompute(secret, slices[s])
+                leaves[s] = manifests[s].buckets[bucket]
     found = [
         i
         for i, rec in enumerate(state.entries)
@@ -93,7 +141,6 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
     if found[0] >= size:
         raise IntegrityError("the certificate is not under the latest signed checkpoint yet")
     certificate = state.entries[found[0]]["entry"]
-    target = sample_commitment(sample_id, opening(secret, sample_id))
     published = latest_published(state.entries, size)
     shards = []
     for shard in sorted(int(s) for s in certificate["shards"]):
@@ -105,17 +152,26 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
                 f"shard {shard} has no live model now (a pending deletion took it out of service): its receipt "
                 "proves non-membership in the live model, so it can be issued once `sisa apply` retrains the shard"
             )
-        commitments = manifest_commitments(secret, slices[shard]) if entry["checkpoint"] is not None else []
-        tree = Tree([hash_leaf(c) for c in commitments])
-        if tree.root().hex() != entry["manifest_commitment"] or live.get(shard, {}).get("key") != entry["checkpoint"]:
+        if live.get(shard, {}).get("key") != entry["checkpoint"]:
             raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
-        shards.append(
-            {
-                "shard": shard,
-                "published": _included(state, index, size),
-                "absent": non_membership(commitments, tree, target),
-            }
-        )
+        if any(bool(np.any(ids == sample_id)) for ids in slices.get(shard, [])):
+            # Checked on the store's slices themselves, whatever a cache says.
+            raise IntegrityError("the live manifest still contains this id: no non-membership proof exists")
+        if entry.get("manifest_buckets") is None:
+            absent = _flat(
+                secret, slices.get(shard, []) if entry["checkpoint"] is not None else [], entry, shard, target
+            )
+        else:
+            man = manifests.get(shard, ShardManifest([0] * BUCKETS, [Tree([]).root()] * BUCKETS))
+            inside = leaves.get(shard, [])
+            if (
+                entry["manifest_buckets"] != BUCKETS
+                or man.root().hex() != entry["manifest_commitment"]
+                or inside is None
+            ):
+                raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
+            absent = bucketed_non_membership(man, inside, target)
+        shards.append({"shard": shard, "published": _included(state, index, size), "absent": absent})
     receipt: dict[str, Any] = {
         "format": FORMAT,
         "id": sample_id,

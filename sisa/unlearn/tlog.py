@@ -5,7 +5,8 @@ leaf: its entry's canonical JSON, hashed as RFC 6962 says. So the entries writte
 tree become its first leaves unchanged, and nothing is lost. Besides the deletion certificates, a
 "model published" entry is appended whenever a fit or an apply changes a shard's live model: the shard,
 its live checkpoint and weights digest, the manifest digest and the manifest commitment (a Merkle root
-over the sorted commitments of the samples it trained on, :mod:`sisa.unlearn.commitments`), the recipe
+over the sorted commitments of the samples it trained on, split in ``manifest_buckets`` buckets by prefix:
+:mod:`sisa.receipt.buckets`, cached per shard by :mod:`sisa.unlearn.commitcache`), the recipe
 digest and the determinism domain. After each change, the driver signs a C2SP checkpoint (origin, tree
 size, root) with the operator's key (:mod:`sisa.receipt.keys`, never in the store, never in a Ray task)
 and keeps the signed note in the store's metadata; a store whose log has no checkpoint yet (one written
@@ -31,7 +32,7 @@ from sisa.store.database import Store
 from sisa.store.digests import manifest_digest
 from sisa.train.planner import Planner
 from sisa.unlearn.audit import append_entry, read_entries
-from sisa.unlearn.commitments import manifest_commitments
+from sisa.unlearn.commitcache import BUCKETS, ShardManifest, drop_shard, shard_manifest
 
 __all__ = [
     "LogState",
@@ -119,7 +120,9 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
         entry: dict[str, Any] = {"kind": MODEL_PUBLISHED, "shard": shard, "published_at": time.time()}
         if rec is None:
             entry.update(checkpoint=None, weights=None, manifest=None, recipe=recipe, domain=None)
-            entry.update(manifest_commitment=Tree([]).root().hex(), manifest_size=0)
+            empty = ShardManifest([0] * BUCKETS, [Tree([]).root()] * BUCKETS)
+            entry.update(manifest_commitment=empty.root().hex(), manifest_size=0, manifest_buckets=BUCKETS)
+            drop_shard(store, txn, shard)
         else:
             slices = [store.slice_ids(txn, shard, r) for r in range(int(rec["stage"]))]
             if manifest_digest(slices) != rec["manifest"]:
@@ -127,13 +130,15 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
                 # its manifest is no longer the store's, so nothing can be committed for it now.
                 log.info("shard %d: live model awaits a retrain; not published", shard)
                 continue
-            commitments = manifest_commitments(secret, slices)
+            # From the shard's cache: a deletion rehashes only the buckets its ids fall in.
+            man = shard_manifest(store, txn, secret, shard, slices, write=True)
             entry.update(
                 checkpoint=rec["key"],
                 weights=rec["weights"],
                 manifest=rec["manifest"],
-                manifest_commitment=Tree([hash_leaf(c) for c in commitments]).root().hex(),
-                manifest_size=len(commitments),
+                manifest_commitment=man.root().hex(),
+                manifest_size=man.size,
+                manifest_buckets=BUCKETS,
                 recipe=recipe,
                 domain=rec.get("domain"),
             )

@@ -28,3 +28,5 @@ def test_tiny_run(tmp_path: Path, env_python: dict[str, str]) -> None:
     assert len(one["retrained_shards"]) == 1 and one["log_leaves_added"] == 2
     assert one["commit_s"] > 0 and one["sign_s"] > 0 and one["non_retrain_s"] > one["commit_s"]
     assert 0 < one["receipt_bytes"] < 64 * 1024 and one["verify_s"] > 0
+    assert one["flat_commit_s"] > 0 and one["scratch_commit_s"] > 0 and one["flat_share"] > 0
+    assert run["median_flat_commit_s"] == one["flat_commit_s"] and run["median_share"] == one["share"]

@@ -1,0 +1,164 @@
+"""The per-shard commitment cache: always the from-scratch root, and a deletion touches only its buckets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sisa.ensemble import Ensemble
+from sisa.receipt.buckets import bucket_of, bucket_root, manifest_root, split
+from sisa.receipt.entries import sample_commitment
+from sisa.receipt.keys import load_signer
+from sisa.receipt.verify import verify_receipt
+from sisa.store.database import Store
+from sisa.unlearn import commitcache
+from sisa.unlearn.commitcache import BUCKETS, COMMITS_DB, shard_manifest
+from sisa.unlearn.commitments import manifest_commitments, opening
+from sisa.unlearn.tlog import latest_published, log_state
+from tests.conftest import blobs, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def scratch_root(secret: bytes, slices: list[np.ndarray]) -> bytes:
+    """The bucketed manifest commitment computed the documented way, with no cache code at all."""
+    buckets = split(manifest_commitments(secret, slices), BUCKETS)
+    return manifest_root([len(b) for b in buckets], [bucket_root(b) for b in buckets])
+
+
+def live_slices(store: Store, txn: Any) -> dict[int, list[np.ndarray]]:
+    return {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in store.live(txn).items()}
+
+
+def check_all(store: Store) -> None:
+    """Every live shard: the cache is current, and its root is the from-scratch one and the published one."""
+    secret = store.secret()
+    with store.read() as txn:
+        published = latest_published(log_state(store, txn).entries)
+        for shard, slices in live_slices(store, txn).items():
+            man = shard_manifest(store, txn, secret, shard, slices, write=False)
+            assert man.source == "cache" and not man.buckets  # nothing changed since it was written
+            assert man.root() == scratch_root(secret, slices)
+            assert published[shard][1]["manifest_commitment"] == man.root().hex()
+            assert published[shard][1]["manifest_size"] == sum(len(s) for s in slices)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many shards were computed from scratch (the cache could not be used)."""
+    calls: list[int] = []
+    whole = commitcache._scratch
+
+    def spy(secret: bytes, words: Any) -> Any:
+        calls.append(len(words))
+        return whole(secret, words)
+
+    monkeypatch.setattr(commitcache, "_scratch", spy)
+    return calls
+
+
+def test_cache_matches_scratch_after_fit_deletes_adds_and_refit(tmp_path: Path, counted: list[int]) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        assert len(counted) == 3  # the first fit: each shard from scratch, once
+        check_all(ens.store)
+        ens.delete([17, 42, 100])
+        ens.delete([5], defer=True)
+        ens.apply()
+        check_all(ens.store)
+        x2, y2 = blobs(90, d=10, seed=1)
+        ens.add(x2, y2)  # a new slice per shard
+        check_all(ens.store)
+        ens.delete([601, 3])
+        check_all(ens.store)
+        ens.fit()
+        check_all(ens.store)
+        assert len(counted) == 3  # every later change: only the touched buckets
+        # Every cached bucket lost: a receipt recomputes the shards in memory and still verifies.
+        store = ens.store
+
+        def lose(txn: Any) -> None:
+            db = store.db(COMMITS_DB)
+            for key in [bytes(k) for k in txn.cursor(db=db).iternext(values=False) if bytes(k)[4:5] == b"b"]:
+                txn.delete(key, db=db)
+
+        store.write(lose)
+        assert verify_receipt(ens.receipt(601), load_signer().verifier)
+        assert len(counted) > 3
+
+
+def cached_words(store: Store) -> bytes:
+    """Every value of the commitment cache, concatenated."""
+    with store.read() as txn:
+        return b"".join(bytes(v) for _, v in txn.cursor(db=store.db(COMMITS_DB)))
+
+
+def test_a_deleted_id_leaves_the_cache_when_it_is_journaled(tmp_path: Path, counted: list[int]) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        word = (77).to_bytes(8, "big")
+        commitment = sample_commitment(77, opening(ens.store.secret(), 77))
+        assert word in cached_words(ens.store) and commitment in cached_words(ens.store)
+        ens.delete([77], defer=True)  # journaled and erased; the retrain waits
+        assert word not in cached_words(ens.store) and commitment not in cached_words(ens.store)
+        ens.apply()
+        check_all(ens.store)
+        assert len(counted) == 3
+
+
+def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, counted: list[int]) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        store, secret = ens.store, ens.store.secret()
+        with store.read() as txn:
+            slices = live_slices(store, txn)[0]
+        gone = int(slices[0][0])
+        fewer = [s[s != gone] for s in slices]  # shard 0 less one id (what a deletion leaves)
+        want, bucket = scratch_root(secret, fewer), bucket_of(sample_commitment(gone, opening(secret, gone)), BUCKETS)
+        db = store.db(COMMITS_DB)
+        head, bucket_key, slice_key = b"\0\0\0\0h", b"\0\0\0\0b" + bucket.to_bytes(4, "big"), b"\0\0\0\0s\0\0\0\0"
+
+        def corrupt(key: bytes, value: bytes | None) -> None:
+            def edit(txn: Any) -> None:
+                if value is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, value, db=db)
+
+            store.write(edit)
+
+        def manifest() -> commitcache.ShardManifest:
+            with store.read() as txn:
+                return shard_manifest(store, txn, secret, 0, fewer, write=False)
+
+        assert manifest().source == "cache" and manifest().root() == want and not counted[3:]
+        with store.read() as txn:
+            saved = {k: bytes(txn.get(k, db=db)) for k in (head, bucket_key, slice_key)}
+        flipped = {k: v[:20] + bytes([v[20] ^ 1]) + v[21:] for k, v in saved.items()}
+        for key in (head, bucket_key, slice_key):
+            for value in (flipped[key], None):
+                corrupt(key, value)
+                man = manifest()
+                assert (man.source, man.root()) == ("scratch", want), (key, value is None)
+                corrupt(key, saved[key])
+        assert len(counted) == 3 + 6
+        # With the slices unchanged the header is trusted, but a bucket read for a receipt is checked against its root.
+        corrupt(bucket_key, None)
+        with store.read() as txn:
+            same = shard_manifest(store, txn, secret, 0, slices, write=False)
+            assert same.source == "cache" and commitcache.bucket_leaves(store, txn, same, 0, bucket) is None
+        # A write after a change that touches the missing bucket recomputes the shard and writes the whole cache
+        # again; the change back is then incremental.
+        assert store.write(lambda txn: shard_manifest(store, txn, secret, 0, fewer, write=True)).source == "scratch"
+        back = store.write(lambda txn: shard_manifest(store, txn, secret, 0, slices, write=True))
+        assert (back.source, back.root()) == ("cache", scratch_root(secret, slices)) and len(counted) == 3 + 7
+        check_all(store)
