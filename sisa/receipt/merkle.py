@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "EMPTY_ROOT",
+    "Frontier",
     "Tree",
     "hash_children",
     "hash_leaf",
@@ -115,6 +116,51 @@ class Tree:
         if m <= k:
             return [*self._subproof(m, start, start + k, whole), self._range(start + k, end)]
         return [*self._subproof(m - k, start + k, end, False), self._range(start, start + k)]
+
+
+class Frontier:
+    """The right edge of an append-only RFC 6962 tree: its head after each append in O(log n) hashes.
+
+    A tree of ``n`` leaves is, from the left, one perfect subtree per set bit of ``n`` (largest first:
+    the RFC's split at the largest power of two below ``n``, repeated on the rest), so the roots of
+    those subtrees are all that an append or the head needs. This is what lets the log sign a checkpoint
+    after each deletion without rehashing its whole history.
+
+    Args:
+        size: The number of leaves the ``nodes`` stand for.
+        nodes: The roots of its perfect subtrees, largest first (one per set bit of ``size``).
+
+    Raises:
+        ValueError: If ``nodes`` does not have one 32-byte hash per set bit of ``size``.
+    """
+
+    def __init__(self, size: int = 0, nodes: Sequence[bytes] = ()) -> None:
+        if size < 0 or len(nodes) != bin(size).count("1") or any(len(h) != 32 for h in nodes):
+            raise ValueError(f"a frontier of {size} leaves has {bin(max(size, 0)).count('1')} 32-byte nodes")
+        self.size = size
+        self.nodes = list(nodes)
+
+    def append(self, leaf: bytes) -> None:
+        """Add one leaf hash at the right."""
+        if len(leaf) != 32:
+            raise ValueError("a leaf hash is 32 bytes (SHA-256)")
+        self.nodes.append(leaf)
+        self.size += 1
+        # Two subtrees of equal size merge, as the binary carry of size + 1 does.
+        carry = self.size
+        while not carry & 1:
+            right = self.nodes.pop()
+            self.nodes[-1] = hash_children(self.nodes[-1], right)
+            carry >>= 1
+
+    def root(self) -> bytes:
+        """The tree head: the subtrees folded from the right, MTH(D[0:size])."""
+        if not self.nodes:
+            return EMPTY_ROOT
+        head = self.nodes[-1]
+        for node in reversed(self.nodes[:-1]):
+            head = hash_children(node, head)
+        return head
 
 
 def root_of(leaves: Sequence[bytes]) -> bytes:

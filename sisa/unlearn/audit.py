@@ -31,6 +31,7 @@ __all__ = [
     "check_chain",
     "keyed_hash",
     "lookup_ids",
+    "parse_record",
     "read_entries",
 ]
 
@@ -65,15 +66,19 @@ def append_entry(store: Store, txn: lmdb.Transaction, secret: bytes, entry: dict
 
 def read_entries(store: Store, txn: lmdb.Transaction) -> list[dict[str, Any]]:
     """All audit records in key order (raw, unchecked)."""
-    out = []
-    for key, value in txn.cursor(db=store.db(AUDIT_DB)):
-        try:
-            record = json.loads(bytes(value))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = {"seq": None, "corrupt": True}
-        record["_key"] = struct.unpack(">Q", bytes(key))[0] if len(key) == 8 else None
-        out.append(record)
-    return out
+    return [parse_record(bytes(key), bytes(value)) for key, value in txn.cursor(db=store.db(AUDIT_DB))]
+
+
+def parse_record(key: bytes, value: bytes) -> dict[str, Any]:
+    """One stored audit record as read, unchecked: ``corrupt`` when it is not JSON, ``_key`` its sequence key."""
+    try:
+        record = json.loads(bytes(value))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = {"seq": None, "corrupt": True}
+    if not isinstance(record, dict):
+        record = {"seq": None, "corrupt": True}
+    record["_key"] = struct.unpack(">Q", bytes(key))[0] if len(key) == 8 else None
+    return record
 
 
 @dataclass

@@ -16,6 +16,7 @@ before this) gets its first at its next writable open.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,19 +27,21 @@ import lmdb
 from sisa.errors import ConfigError, ProofError
 from sisa.receipt.entries import MODEL_PUBLISHED, entry_leaf
 from sisa.receipt.keys import load_signer
-from sisa.receipt.merkle import Tree, hash_leaf
+from sisa.receipt.merkle import Frontier, Tree, hash_leaf
 from sisa.receipt.notes import Checkpoint, Signer, Verifier, format_checkpoint, parse_checkpoint, sign_note
 from sisa.store.database import Store
 from sisa.store.digests import manifest_digest
 from sisa.train.planner import Planner
-from sisa.unlearn.audit import append_entry, read_entries
+from sisa.unlearn.audit import AUDIT_DB, append_entry, parse_record, read_entries
 from sisa.unlearn.commitcache import BUCKETS, ShardManifest, drop_shard, shard_manifest
 
 __all__ = [
+    "LogIndex",
     "LogState",
     "check_log",
     "consistency",
     "latest_published",
+    "log_index",
     "log_state",
     "publish",
     "publish_models",
@@ -64,6 +67,72 @@ def _leaf(record: dict[str, Any]) -> bytes:
     return entry_leaf(entry) if isinstance(entry, dict) and not record.get("corrupt") else hash_leaf(b"corrupt")
 
 
+INDEX_KEY = "log_index"  # metadata key of the LogIndex
+
+
+@dataclass
+class LogIndex:
+    """What appending and signing need of the log, kept in the store's metadata: O(log n) per deletion.
+
+    Signing a checkpoint needs the tree head, and publishing needs each shard's last "model published"
+    entry; both used to re-read and rehash every entry, so a deletion's cost grew with the log's whole
+    history. The index keeps the tree's right edge (:class:`~sisa.receipt.merkle.Frontier`) and that
+    map, with the log size they stand for; :func:`log_index` reads in only the entries appended after it.
+    It is a shortcut, never the authority: ``sisa audit`` recomputes the whole tree from the entries and
+    checks it against the signed checkpoint.
+
+    Attributes:
+        frontier: The tree's right edge (its ``size`` is the number of entries indexed).
+        published: Shard -> (entry index, live checkpoint key or ``None``) of its latest "model published" entry.
+    """
+
+    frontier: Frontier
+    published: dict[int, tuple[int, str | None]]
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata value."""
+        return {
+            "size": self.frontier.size,
+            "frontier": [h.hex() for h in self.frontier.nodes],
+            "published": {str(s): [i, key] for s, (i, key) in sorted(self.published.items())},
+        }
+
+
+def _stored_index(raw: Any, entries: int) -> LogIndex:
+    """The index kept in the metadata, or an empty one when absent, unreadable or longer than the log."""
+    try:
+        frontier = Frontier(int(raw["size"]), [bytes.fromhex(h) for h in raw["frontier"]])
+        published = {int(s): (int(v[0]), None if v[1] is None else str(v[1])) for s, v in raw["published"].items()}
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError):
+        return LogIndex(Frontier(), {})
+    if frontier.size > entries or any(i >= frontier.size for i, _ in published.values()):
+        return LogIndex(Frontier(), {})  # entries removed since (``sisa audit`` names that): index them again
+    return LogIndex(frontier, published)
+
+
+def log_index(store: Store, txn: lmdb.Transaction) -> LogIndex:
+    """The log's index, brought up to the last entry (reads only the entries after the stored index).
+
+    A store written before the index (or whose index is unreadable) is indexed from its first entry,
+    once; a write transaction then keeps the result (:func:`sign_checkpoint`).
+    """
+    db = store.db(AUDIT_DB)
+    index = _stored_index(store.meta(txn).get(INDEX_KEY), int(txn.stat(db)["entries"]))
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(struct.pack(">Q", index.frontier.size)):
+        for key, value in cursor:
+            record = parse_record(bytes(key), bytes(value))
+            at = index.frontier.size
+            index.frontier.append(_leaf(record))
+            entry = record.get("entry")
+            if isinstance(entry, dict) and not record.get("corrupt") and entry.get("kind") == MODEL_PUBLISHED:
+                try:
+                    index.published[int(entry["shard"])] = (at, entry.get("checkpoint"))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    return index
+
+
 def log_state(store: Store, txn: lmdb.Transaction) -> LogState:
     """The log's entries, tree and latest signed checkpoint, read in ``txn``."""
     records = read_entries(store, txn)
@@ -77,10 +146,11 @@ def sign_checkpoint(store: Store, txn: lmdb.Transaction, signer: Signer) -> str:
     Returns:
         The signed note.
     """
-    state = log_state(store, txn)
-    origin = state.origin or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for its whole life
-    note = sign_note(format_checkpoint(Checkpoint(origin, state.tree.size, state.tree.root())), signer)
+    index = log_index(store, txn)
+    origin = store.meta(txn).get("log_origin") or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
+    note = sign_note(format_checkpoint(Checkpoint(origin, index.frontier.size, index.frontier.root())), signer)
     store.put_meta(txn, log_origin=origin, log_checkpoint=note, log_key=signer.verifier.encode())
+    store.put_meta(txn, **{INDEX_KEY: index.to_json()})
     return note
 
 
@@ -110,12 +180,11 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
         The entries appended.
     """
     live = store.live(txn)
-    published = latest_published(read_entries(store, txn))
+    published = log_index(store, txn).published
     appended = []
     for shard in sorted(set(live) | set(published)):
         rec = live.get(shard)
-        before = published.get(shard, (None, {}))[1]
-        if (rec["key"] if rec else None) == before.get("checkpoint"):
+        if shard in published and (rec["key"] if rec else None) == published[shard][1]:
             continue
         entry: dict[str, Any] = {"kind": MODEL_PUBLISHED, "shard": shard, "published_at": time.time()}
         if rec is None:
@@ -203,20 +272,20 @@ def publish(planner: Planner, signer: Signer | None = None) -> list[dict[str, An
         return []
     signer = signer or load_signer(store_root=store.path)
     with store.read() as txn:
-        state = log_state(store, txn)
-        published = latest_published(state.entries)
+        index = log_index(store, txn)
+        checkpoint = store.meta(txn).get("log_checkpoint")
         live = {shard: rec["key"] for shard, rec in store.live(txn).items()}
-    stale = any(published.get(s, (0, {}))[1].get("checkpoint") != key for s, key in live.items()) or any(
-        entry.get("checkpoint") is not None and s not in live for s, (_, entry) in published.items()
+    published = index.published
+    stale = any(s not in published or published[s][1] != key for s, key in live.items()) or any(
+        key is not None and s not in live for s, (_, key) in published.items()
     )
-    if not stale and (state.tree.size == 0 or _covers(state, signer.verifier)):
+    if not stale and (index.frontier.size == 0 or _covers(checkpoint, index.frontier, signer.verifier)):
         # Nothing to publish or sign (an empty log waits for its first entry): no write transaction at all.
         return []
 
     def change(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         appended = publish_models(store, txn, secret, store.recipe_digest(txn, planner.config))
-        state = log_state(store, txn)
-        signed = state.checkpoint is not None and _covers(state, signer.verifier)
+        signed = _covers(store.meta(txn).get("log_checkpoint"), log_index(store, txn).frontier, signer.verifier)
         if appended or not signed:
             sign_checkpoint(store, txn, signer)
         return appended
@@ -227,13 +296,13 @@ def publish(planner: Planner, signer: Signer | None = None) -> list[dict[str, An
     return appended
 
 
-def _covers(state: LogState, verifier: Verifier) -> bool:
-    """Whether the stored checkpoint is this key's and covers the whole log."""
+def _covers(checkpoint: str | None, frontier: Frontier, verifier: Verifier) -> bool:
+    """Whether the stored checkpoint is this key's and covers the whole log (whose right edge is ``frontier``)."""
     try:
-        cp = parse_checkpoint(state.checkpoint or "", verifier)
+        cp = parse_checkpoint(checkpoint or "", verifier)
     except ProofError:
         return False
-    return cp.size == state.tree.size and cp.root == state.tree.root()
+    return cp.size == frontier.size and cp.root == frontier.root()
 
 
 def check_log(store: Store, verifier: Verifier) -> tuple[list[str], dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sisa.receipt.merkle import EMPTY_ROOT, Tree, hash_leaf, verify_consistency, verify_inclusion
+from sisa.receipt.merkle import EMPTY_ROOT, Frontier, Tree, hash_leaf, verify_consistency, verify_inclusion
 
 # The reference entries and tree heads of the Certificate Transparency test data (sizes 0..8).
 ENTRIES = [bytes.fromhex(h) for h in ["", "00", "10", "2021", "3031", "40414243", "5051525354555657",
@@ -44,6 +44,25 @@ def test_tree_heads_match_the_reference_for_every_size() -> None:
     assert EMPTY_ROOT.hex() == ROOTS[0]
     assert [tree.root(n).hex() for n in range(9)] == ROOTS
     assert [Tree(LEAVES[:n]).root().hex() for n in range(9)] == ROOTS
+
+
+def test_the_frontier_gives_every_head_of_a_growing_log() -> None:
+    frontier, heads = Frontier(), [Frontier().root().hex()]
+    for leaf in LEAVES:
+        frontier.append(leaf)
+        heads.append(frontier.root().hex())
+    assert heads == ROOTS  # the reference vectors, appended one by one
+    many = [hash_leaf(bytes([i % 256, i // 256])) for i in range(300)]
+    grown, tree = Frontier(), Tree(many)
+    for n, leaf in enumerate(many, 1):
+        grown.append(leaf)
+        assert grown.size == n and len(grown.nodes) == bin(n).count("1") and grown.root() == tree.root(n), n
+    # Rebuilt from what a store keeps (size and nodes), it goes on as if never stopped.
+    again = Frontier(grown.size, grown.nodes)
+    again.append(LEAVES[1])
+    assert again.root() == Tree([*many, LEAVES[1]]).root()
+    with pytest.raises(ValueError, match="nodes"):
+        Frontier(5, grown.nodes[:1])
 
 
 @pytest.mark.parametrize(("index", "size", "proof"), INCLUSION)

@@ -14,7 +14,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ProofError
 from sisa.receipt.entries import MODEL_PUBLISHED, entry_leaf, is_certificate
 from sisa.receipt.keys import load_signer
-from sisa.receipt.merkle import Tree
+from sisa.receipt.merkle import Frontier, Tree
 from sisa.receipt.notes import Checkpoint, format_checkpoint, generate, parse_checkpoint, sign_note
 from sisa.receipt.verify import verify_receipt
 from sisa.unlearn import tlog
@@ -41,7 +41,7 @@ def as_before_the_log(path: Path) -> list[bytes]:
             records = read_entries(store, txn)
             for rec in records:
                 txn.delete(struct.pack(">Q", rec["_key"]), db=store.db(AUDIT_DB))
-            store.put_meta(txn, audit_head=None, log_checkpoint=None, log_origin=None, log_key=None)
+            store.put_meta(txn, audit_head=None, log_checkpoint=None, log_origin=None, log_key=None, log_index=None)
             for rec in records:
                 if is_certificate(rec["entry"]):
                     append_entry(store, txn, secret, rec["entry"])
@@ -91,6 +91,48 @@ def test_an_hmac_only_log_becomes_the_first_leaves_at_the_next_writable_open(
     assert store_digest(path) == before
     assert main(["audit", "--store", str(path), "--checkpoint"]) == 0
     assert capsys.readouterr().out == state.checkpoint
+
+
+def test_each_checkpoint_signs_the_whole_trees_head_from_the_index_even_a_lost_or_stale_one(tmp_path: Path) -> None:
+    def check(ens: Ensemble) -> dict[str, Any]:
+        """The index and the signed checkpoint agree with the whole log recomputed; returns the stored index."""
+        with ens.store.read() as txn:
+            index, state = tlog.log_index(ens.store, txn), tlog.log_state(ens.store, txn)
+            stored = ens.store.meta(txn)["log_index"]
+        assert (index.frontier.size, index.frontier.root()) == (state.tree.size, state.tree.root())
+        want = {s: (i, e["checkpoint"]) for s, (i, e) in tlog.latest_published(state.entries).items()}
+        assert index.published == want
+        cp = parse_checkpoint(str(state.checkpoint), KEY)
+        assert (cp.size, cp.root) == (state.tree.size, state.tree.root())
+        assert ens.audit().ok
+        return dict(stored)
+
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        after_fit = check(ens)
+        ens.delete([17, 300])
+        ens.delete([5], defer=True)
+        ens.apply()
+        grown = check(ens)
+        assert grown["size"] > after_fit["size"]
+        # A store whose index is lost (or written before it) is indexed again from its first entry ...
+        ens.store.write(lambda txn: ens.store.put_meta(txn, log_index=None))
+        ens.delete([42])
+        check(ens)
+        # ... and a stale one (an older index) catches up over the entries after it.
+        ens.store.write(lambda txn: ens.store.put_meta(txn, log_index=after_fit))
+        ens.delete([43])
+        check(ens)
+        # One that claims more entries than the log has is not trusted.
+        longer = Frontier(grown["size"], [bytes.fromhex(h) for h in grown["frontier"]])
+        for _ in range(50):
+            longer.append(bytes(32))
+        claim = {**grown, "size": longer.size, "frontier": [h.hex() for h in longer.nodes]}
+        ens.store.write(lambda txn: ens.store.put_meta(txn, log_index=claim))
+        ens.delete([44])
+        check(ens)
 
 
 def test_audit_names_an_edited_entry_an_unsigned_one_and_another_key(
