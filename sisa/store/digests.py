@@ -18,7 +18,15 @@ import torch
 
 ID_LABEL = b"sisa-id|"  # what a keyed id hash prefixes to the id (commitments compute it in bulk)
 
-__all__ = ["ID_LABEL", "checkpoint_key", "keyed_hash", "manifest_digest", "sha256", "weights_digest"]
+__all__ = [
+    "ID_LABEL",
+    "checkpoint_key",
+    "keyed_hash",
+    "manifest_digest",
+    "manifest_digest_of_words",
+    "sha256",
+    "weights_digest",
+]
 
 
 def sha256(data: bytes) -> str:
@@ -35,12 +43,23 @@ def manifest_digest(slice_ids: Sequence[np.ndarray]) -> str:
     Returns:
         Hex SHA-256 that changes when any id is added, removed or moved between slices.
     """
+    return manifest_digest_of_words([np.ascontiguousarray(np.asarray(ids, dtype=">i8")).tobytes() for ids in slice_ids])
+
+
+def manifest_digest_of_words(words: Sequence[bytes]) -> str:
+    """:func:`manifest_digest` of slices already packed as 8-byte big-endian ids (what a cache keeps).
+
+    Args:
+        words: For each slice, its sorted ids as 8-byte big-endian words.
+
+    Returns:
+        The same hex digest as :func:`manifest_digest` of those ids.
+    """
     h = hashlib.sha256(b"sisa-manifest-v1")
-    for j, ids in enumerate(slice_ids):
-        arr = np.ascontiguousarray(np.asarray(ids, dtype=">i8"))
+    for j, packed in enumerate(words):
         # Lengths are hashed too, so slice boundaries are unambiguous.
-        h.update(struct.pack(">II", j, arr.size))
-        h.update(arr.tobytes())
+        h.update(struct.pack(">II", j, len(packed) // 8))
+        h.update(packed)
     return h.hexdigest()
 
 

@@ -2,34 +2,45 @@
 
 Table ``commits`` (a later table of the store), per shard ``s`` (4 bytes big-endian):
 
-* ``s + b"h"``: the header: bucket count, the SHA-256 of each slice's ids the cache was computed
-  for, every bucket's size and root, and a SHA-256 of all of that (a torn or edited header is seen);
+* ``s + b"h"``: the header: the bucket count, the manifest digest of the cached ids (the live record's
+  ``manifest`` format), the SHA-256 of each slice's ids, every bucket's size and root, the top tree's
+  nodes, and a SHA-256 of all of that (a torn or edited header is seen);
 * ``s + b"s" + slice``: that slice's ids (8 bytes big-endian each), to find what a change removed
   (a deletion takes its ids out of them in its journal transaction: :func:`follow`);
 * ``s + b"b" + bucket``: the bucket's sorted commitments, 32 bytes each (absent when empty).
 
+A deletion's cost here does not grow with the shard beyond one SHA-256 pass over its ids:
+:func:`follow` is told the deleted ids (no slice is read from the membership records or sorted),
+rewrites the slices and buckets they were in and the top tree's path above those buckets, and keeps
+the new manifest digest; publishing the retrained model (:func:`for_publication`) then only compares
+that digest with the model's. The bucket count grows with the shard (:func:`buckets_for`) so a bucket
+stays small.
+
 Everything in it derives from the store (the slices' ids and the secret), so it is only ever a
-shortcut: :func:`shard_manifest` compares the slices' digests with the header's, recomputes only
-the buckets whose ids changed, and checks each bucket it rewrites against its cached root first.
-A missing, stale or inconsistent cache (a bad checksum, a slice whose cached ids do not match their
-digest, a bucket that does not hash to its root or lacks an id to remove) falls back to computing
-the whole shard from scratch, so it never yields a wrong root, only a slower one.
+shortcut: a cache whose manifest digest is not the model's (an ``add`` the cache did not follow, a
+deferred deletion not yet retrained) goes the general way, :func:`shard_manifest`, which compares the
+slices' digests with the header's, recomputes only the buckets whose ids changed, and checks each
+bucket it rewrites against its cached root first. A missing, stale or inconsistent cache (a bad
+checksum, a slice whose cached ids do not match their digest, a bucket that does not hash to its root
+or lacks an id to remove) falls back to computing the whole shard from scratch, so it never yields a
+wrong root, only a slower one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
 import numpy as np
 
-from sisa.receipt.buckets import bucket_of, bucket_root, manifest_root, split
-from sisa.receipt.merkle import EMPTY_ROOT
+from sisa.receipt.buckets import bucket_leaf, bucket_of, bucket_root, manifest_root, split
+from sisa.receipt.merkle import EMPTY_ROOT, Tree, hash_children
 from sisa.store.database import Store
+from sisa.store.digests import manifest_digest, manifest_digest_of_words
 from sisa.unlearn.commitments import commitments_of
 
 __all__ = [
@@ -37,18 +48,29 @@ __all__ = [
     "COMMITS_DB",
     "ShardManifest",
     "bucket_leaves",
+    "buckets_for",
     "drop_shard",
     "follow",
+    "for_publication",
     "recompute",
     "shard_manifest",
 ]
 
 COMMITS_DB = "commits"
-# 256 buckets (a commitment's first byte): measured at 375k commitments per shard, one bucket's
-# rehash plus the top tree takes ~1.9 ms with 256, ~1.6 ms with 1024, ~8 ms with 4096 (the top tree
-# dominates) and ~5.5 ms with 64; 256 keeps the header (36 bytes a bucket) small too.
+# The fewest buckets a shard gets (and the count of an empty manifest). Measured at 375k commitments
+# per shard (docs/benchmarks.md), one bucket's rehash plus a whole top tree took ~1.9 ms with 256
+# buckets and ~8 ms with 4096; with the top tree's nodes cached (a path of log2 B hashes per touched
+# bucket), more buckets only cost header bytes, so a shard gets about 256 commitments a bucket.
 BUCKETS = 256
-_MAGIC = b"sisa-commits-v1|"
+MAX_BUCKETS = 4096  # the header then holds 4096 x 104 bytes (~420 KB), read and written once a deletion
+_PER_BUCKET = 256
+_MAGIC = b"sisa-commits-v2|"
+
+
+def buckets_for(size: int) -> int:
+    """The bucket count of a shard of ``size`` commitments: a power of two, ~256 a bucket, in 256..4096."""
+    want = max(1, -(-size // _PER_BUCKET))
+    return min(MAX_BUCKETS, max(BUCKETS, 1 << (want - 1).bit_length()))
 
 
 @dataclass
@@ -60,12 +82,14 @@ class ShardManifest:
         roots: Each bucket's RFC 6962 root.
         buckets: The commitments of the buckets known in memory (all when computed from scratch).
         source: ``"cache"`` (updated from the cache) or ``"scratch"`` (computed whole).
+        levels: The top tree over the buckets, level by level (leaves first), when known.
     """
 
     sizes: list[int]
     roots: list[bytes]
     buckets: dict[int, list[bytes]] = field(default_factory=dict)
     source: str = "scratch"
+    levels: list[list[bytes]] | None = None
 
     @property
     def size(self) -> int:
@@ -74,22 +98,54 @@ class ShardManifest:
 
     def root(self) -> bytes:
         """The manifest commitment."""
+        if self.levels is not None:
+            return self.levels[-1][0]
         return manifest_root(self.sizes, self.roots)
+
+
+@dataclass
+class _Header:
+    """A parsed cache header (see the module docstring)."""
+
+    manifest: str
+    digests: list[bytes]
+    sizes: list[int]
+    roots: list[bytes]
+    levels: list[list[bytes]]
+
+
+def _top(sizes: Sequence[int], roots: Sequence[bytes]) -> list[list[bytes]]:
+    """The top tree's levels over a power-of-two bucket count (a perfect tree: :class:`Tree` stores every node)."""
+    return Tree([bucket_leaf(n, r) for n, r in zip(sizes, roots, strict=True)]).levels
+
+
+def _retop(levels: list[list[bytes]], sizes: Sequence[int], roots: Sequence[bytes], touched: Sequence[int]) -> None:
+    """Rehash the top tree's paths above the ``touched`` buckets, in place (log2 B hashes each)."""
+    changed = set(touched)
+    for b in changed:
+        levels[0][b] = bucket_leaf(sizes[b], roots[b])
+    for depth in range(1, len(levels)):
+        changed = {i // 2 for i in changed}
+        below = levels[depth - 1]
+        for i in changed:
+            levels[depth][i] = hash_children(below[2 * i], below[2 * i + 1])
 
 
 def _key(shard: int, kind: bytes, index: int | None = None) -> bytes:
     return struct.pack(">I", shard) + kind + (b"" if index is None else struct.pack(">I", index))
 
 
-def _header(buckets: int, digests: Sequence[bytes], sizes: Sequence[int], roots: Sequence[bytes]) -> bytes:
-    body = _MAGIC + struct.pack(">II", buckets, len(digests)) + b"".join(digests)
-    body += struct.pack(f">{buckets}Q", *sizes) + b"".join(roots)
+def _header(head: _Header) -> bytes:
+    buckets = len(head.sizes)
+    body = _MAGIC + struct.pack(">II", buckets, len(head.digests)) + bytes.fromhex(head.manifest)
+    body += b"".join(head.digests) + struct.pack(f">{buckets}Q", *head.sizes) + b"".join(head.roots)
+    body += b"".join(node for level in head.levels for node in level)
     return body + hashlib.sha256(body).digest()
 
 
-def _parse(raw: bytes | None) -> tuple[list[bytes], list[int], list[bytes]] | None:
-    """(slice digests, sizes, roots) of a header, or ``None`` when absent, of another layout or corrupt."""
-    if raw is None or len(raw) < len(_MAGIC) + 8 + 32 or not raw.startswith(_MAGIC):
+def _parse(raw: bytes | None) -> _Header | None:
+    """A header, or ``None`` when absent, of another layout or corrupt."""
+    if raw is None or len(raw) < len(_MAGIC) + 8 + 64 or not raw.startswith(_MAGIC):
         return None
     body, check = raw[:-32], raw[-32:]
     if hashlib.sha256(body).digest() != check:
@@ -97,14 +153,29 @@ def _parse(raw: bytes | None) -> tuple[list[bytes], list[int], list[bytes]] | No
     at = len(_MAGIC)
     buckets, count = struct.unpack_from(">II", body, at)
     at += 8
-    if buckets != BUCKETS or len(body) != at + 32 * count + 40 * buckets:
+    if not BUCKETS <= buckets <= MAX_BUCKETS or buckets & (buckets - 1):
         return None
+    if len(body) != at + 32 + 32 * count + 40 * buckets + 32 * (2 * buckets - 1):
+        return None
+    manifest = body[at : at + 32].hex()
+    at += 32
     digests = [body[at + 32 * i : at + 32 * i + 32] for i in range(count)]
     at += 32 * count
     sizes = list(struct.unpack_from(f">{buckets}Q", body, at))
     at += 8 * buckets
     roots = [body[at + 32 * i : at + 32 * i + 32] for i in range(buckets)]
-    return digests, sizes, roots
+    at += 32 * buckets
+    levels, width = [], buckets
+    while width:
+        levels.append([body[at + 32 * i : at + 32 * i + 32] for i in range(width)])
+        at += 32 * width
+        width //= 2
+    return _Header(manifest, digests, sizes, roots, levels)
+
+
+def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
+    raw = txn.get(_key(shard, b"h"), db=db) if db is not None else None
+    return _parse(bytes(raw) if raw is not None else None)
 
 
 def _words(ids: np.ndarray) -> bytes:
@@ -135,26 +206,104 @@ def drop_shard(store: Store, txn: lmdb.Transaction, shard: int) -> None:
         txn.delete(key, db=db)
 
 
-def follow(store: Store, txn: lmdb.Transaction, secret: bytes, shards: Sequence[int]) -> None:
-    """Bring the caches of ``shards`` to their slices' ids now, in a deletion's journal transaction.
+def follow(store: Store, txn: lmdb.Transaction, secret: bytes, removed: Mapping[int, np.ndarray]) -> None:
+    """Take a deletion's ids out of their shards' caches, in the deletion's journal transaction.
 
     The cache keeps each slice's ids in the clear, like the membership records; a deleted id must
     leave it in the same transaction that takes it out of those (the store names deleted ids by keyed
     hash only), not at the retrain, which a deferred deletion puts off. The shard's buckets follow
-    (only the touched ones), so the later publication finds nothing left to change. A cache that
-    cannot be read is dropped whole.
+    (only the touched ones), and the manifest digest of what is left, so publishing the retrained
+    model finds nothing left to do. A cache that does not hold every id it is told to remove (it missed
+    an ``add``) is brought to the shard's slices the general way; one that cannot be read is dropped.
+
+    Args:
+        store: The store.
+        txn: The journal's write transaction (after the ids left the membership records).
+        secret: The store's secret.
+        removed: Shard -> the ids deleted from it.
     """
     db = _db(store)
     if db is None:
         return
-    for shard in shards:
-        raw = txn.get(_key(shard, b"h"), db=db)
-        header = _parse(bytes(raw) if raw is not None else None)
+    for shard, ids in removed.items():
+        header = _read_header(txn, db, shard)
         if header is None:
             drop_shard(store, txn, shard)
-            continue
-        slices = [store.slice_ids(txn, shard, r) for r in range(len(header[0]))]
-        shard_manifest(store, txn, secret, shard, slices, write=True)
+        elif not _remove(txn, db, secret, shard, header, _distinct(ids)):
+            slices = [store.slice_ids(txn, shard, r) for r in range(len(header.digests))]
+            shard_manifest(store, txn, secret, shard, slices, write=True)
+
+
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct uint64 ids (``np.unique`` imports ``numpy.ma`` on first use: ~25 ms in a deletion)."""
+    out = np.sort(np.asarray(ids, dtype=np.uint64))
+    return out[np.concatenate(([True], out[1:] != out[:-1]))] if len(out) else out
+
+
+def _remove(txn: lmdb.Transaction, db: Any, secret: bytes, shard: int, head: _Header, ids: np.ndarray) -> bool:
+    """Remove ``ids`` (sorted, distinct) from a shard's cache without reading its slices; ``False``: could not."""
+    words: list[bytes] = []
+    changed: dict[int, bytes] = {}
+    left = ids.astype(">u8")
+    for r, digest in enumerate(head.digests):
+        raw = txn.get(_key(shard, b"s", r), db=db)
+        if raw is None:
+            return False
+        cached = bytes(raw)
+        if len(left):
+            arr = np.frombuffer(cached, dtype=">u8")
+            at = np.minimum(np.searchsorted(arr, left), max(len(arr) - 1, 0))
+            hit = arr[at] == left if len(arr) else np.zeros(len(left), dtype=bool)
+            if bool(hit.any()):
+                if hashlib.sha256(cached).digest() != digest:
+                    return False
+                cached = np.delete(arr, at[hit]).tobytes()
+                changed[r] = cached
+                left = left[~hit]
+        words.append(cached)
+    if len(left):
+        return False  # the cache never had an id the store had: it missed a change
+    rewritten = _update(txn, db, shard, head.sizes, head.roots, ids.astype(">u8").tobytes(), b"", secret)
+    if rewritten is None:
+        return False
+    for b, leaves in rewritten.items():
+        head.sizes[b], head.roots[b] = len(leaves), bucket_root(leaves) if leaves else EMPTY_ROOT
+    _retop(head.levels, head.sizes, head.roots, list(rewritten))
+    for r, cached in changed.items():
+        head.digests[r] = hashlib.sha256(cached).digest()
+        txn.put(_key(shard, b"s", r), cached, db=db)
+    head.manifest = manifest_digest_of_words(words)
+    _put_buckets(txn, db, shard, rewritten)
+    txn.put(_key(shard, b"h"), _header(head), db=db)
+    return True
+
+
+def for_publication(
+    store: Store, txn: lmdb.Transaction, secret: bytes, shard: int, stage: int, manifest: str
+) -> ShardManifest | None:
+    """The manifest commitment of a live model about to be published, from the cache where it is current.
+
+    Args:
+        store: The store.
+        txn: The publishing write transaction.
+        secret: The store's secret.
+        shard: The shard.
+        stage: The live model's stage (it trained on slices ``0..stage-1``).
+        manifest: The live model's manifest digest.
+
+    Returns:
+        The commitment; ``None`` when the store's slices are no longer what the model trained on (a
+        deferred deletion took ids out and the retrain is still to come: nothing can be committed now).
+    """
+    db = _db(store)
+    head = _read_header(txn, db, shard)
+    if head is not None and len(head.digests) == stage and head.manifest == manifest:
+        # The cache holds exactly the ids the model trained on (its manifest digest says so): nothing to read.
+        return ShardManifest(head.sizes, head.roots, {}, "cache", head.levels)
+    slices = [store.slice_ids(txn, shard, r) for r in range(stage)]
+    if manifest_digest(slices) != manifest:
+        return None
+    return shard_manifest(store, txn, secret, shard, slices, write=True)
 
 
 def recompute(secret: bytes, slices: Sequence[np.ndarray]) -> ShardManifest:
@@ -164,10 +313,9 @@ def recompute(secret: bytes, slices: Sequence[np.ndarray]) -> ShardManifest:
 
 def _scratch(secret: bytes, words: Sequence[bytes]) -> ShardManifest:
     everything = sorted(commitments_of(secret, b"".join(words)))
-    buckets = split(everything, BUCKETS)
-    return ShardManifest(
-        [len(b) for b in buckets], [bucket_root(b) for b in buckets], dict(enumerate(buckets)), "scratch"
-    )
+    buckets = split(everything, buckets_for(len(everything)))
+    sizes, roots = [len(b) for b in buckets], [bucket_root(b) for b in buckets]
+    return ShardManifest(sizes, roots, dict(enumerate(buckets)), "scratch", _top(sizes, roots))
 
 
 def _delta(
@@ -237,7 +385,7 @@ def _update(
     touched: dict[int, tuple[set[bytes], set[bytes]]] = {}
     for i, words in enumerate((gone, new)):
         for c in commitments_of(secret, words):
-            touched.setdefault(bucket_of(c, BUCKETS), (set(), set()))[i].add(c)
+            touched.setdefault(bucket_of(c, len(sizes)), (set(), set()))[i].add(c)
     out = {}
     for b, (minus, plus) in touched.items():
         raw = txn.get(_key(shard, b"b", b), db=db) if sizes[b] else b""
@@ -254,10 +402,22 @@ def _update(
     return out
 
 
+def _put_buckets(txn: lmdb.Transaction, db: Any, shard: int, buckets: Mapping[int, list[bytes]]) -> None:
+    for b, leaves in buckets.items():
+        if leaves:
+            txn.put(_key(shard, b"b", b), b"".join(leaves), db=db)
+        else:
+            txn.delete(_key(shard, b"b", b), db=db)
+
+
 def shard_manifest(
     store: Store, txn: lmdb.Transaction, secret: bytes, shard: int, slices: Sequence[np.ndarray], *, write: bool
 ) -> ShardManifest:
     """The bucketed manifest commitment of the samples in ``slices``, from the cache where it can be.
+
+    The general way: the slices are compared with the cache's slice by slice, so it serves any change
+    (an ``add``, a deletion the cache did not follow). A deletion's own path is :func:`follow` then
+    :func:`for_publication`, which do not read the slices.
 
     Args:
         store: The store.
@@ -274,20 +434,20 @@ def shard_manifest(
     words = [_words(s) for s in slices]
     digests = [hashlib.sha256(w).digest() for w in words]
     db = _db(store)
-    header = _parse(bytes(raw) if db is not None and (raw := txn.get(_key(shard, b"h"), db=db)) is not None else None)
+    head = _read_header(txn, db, shard)
     man: ShardManifest | None = None
-    if header is not None and db is not None:
-        old, sizes, roots = header
-        delta = _delta(txn, db, shard, old, words, digests)
+    if head is not None and db is not None:
+        delta = _delta(txn, db, shard, head.digests, words, digests)
         if delta is not None:
             gone, new, changed = delta
             if not changed:
-                return ShardManifest(sizes, roots, {}, "cache")
-            rewritten = _update(txn, db, shard, sizes, roots, gone.tobytes(), new.tobytes(), secret)
+                return ShardManifest(head.sizes, head.roots, {}, "cache", head.levels)
+            rewritten = _update(txn, db, shard, head.sizes, head.roots, gone.tobytes(), new.tobytes(), secret)
             if rewritten is not None:
                 for b, leaves in rewritten.items():
-                    sizes[b], roots[b] = len(leaves), bucket_root(leaves) if leaves else EMPTY_ROOT
-                man = ShardManifest(sizes, roots, rewritten, "cache")
+                    head.sizes[b], head.roots[b] = len(leaves), bucket_root(leaves) if leaves else EMPTY_ROOT
+                _retop(head.levels, head.sizes, head.roots, list(rewritten))
+                man = ShardManifest(head.sizes, head.roots, rewritten, "cache", head.levels)
                 if write:
                     for r in changed:
                         if r < len(words):
@@ -301,12 +461,10 @@ def shard_manifest(
             for r, w in enumerate(words):
                 txn.put(_key(shard, b"s", r), w, db=db)
     if write and db is not None:
-        for b, leaves in man.buckets.items():
-            if leaves:
-                txn.put(_key(shard, b"b", b), b"".join(leaves), db=db)
-            else:
-                txn.delete(_key(shard, b"b", b), db=db)
-        txn.put(_key(shard, b"h"), _header(BUCKETS, digests, man.sizes, man.roots), db=db)
+        assert man.levels is not None  # both ways above build the top tree
+        _put_buckets(txn, db, shard, man.buckets)
+        head = _Header(manifest_digest_of_words(words), digests, man.sizes, man.roots, man.levels)
+        txn.put(_key(shard, b"h"), _header(head), db=db)
     return man
 
 

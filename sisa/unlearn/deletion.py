@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lmdb
+import numpy as np
 
 from sisa.errors import CoreSetError, DataError, DomainUnavailableError
 from sisa.receipt.keys import load_signer
@@ -130,9 +131,14 @@ def delete(
         meta = {"already_deleted": len(gone), "defer": defer, "policy": planner.config.unlearn.policy}
 
         def journal(txn: lmdb.Transaction) -> dict[str, Any]:
+            of_shard: dict[int, list[int]] = {}
+            for sid in present:
+                place = store.place(txn, sid)
+                if place is not None:
+                    of_shard.setdefault(place[0], []).append(sid)
             out = record_request(store, txn, present, secret, meta)
             # The ids leave the commitment cache with their membership records (no deleted id in the clear).
-            commitcache.follow(store, txn, secret, [int(s) for s in out["shards"]])
+            commitcache.follow(store, txn, secret, {s: np.asarray(ids) for s, ids in of_shard.items()})
             return out
 
         request = store.write(journal)

@@ -120,12 +120,12 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
         # bucket the id falls in; a stale cache is recomputed in memory.
         target = sample_commitment(sample_id, opening(secret, sample_id))
         manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
-        bucket = bucket_of(target, BUCKETS)
-        leaves = {s: bucket_leaves(store, txn, m, s, bucket) for s, m in manifests.items()}
+        # Each shard has its own bucket count (it grows with the shard): the id's bucket in each.
+        leaves = {s: bucket_leaves(store, txn, m, s, bucket_of(target, len(m.sizes))) for s, m in manifests.items()}
         for s, inside in leaves.items():
             if inside is None:  # the cached bucket is missing or damaged: the whole shard again, in memory
                 manifests[s] = recompute(secret, slices[s])
-                leaves[s] = manifests[s].buckets[bucket]
+                leaves[s] = manifests[s].buckets[bucket_of(target, len(manifests[s].sizes))]
     found = [
         i
         for i, rec in enumerate(state.entries)
@@ -165,7 +165,7 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
             man = manifests.get(shard, ShardManifest([0] * BUCKETS, [Tree([]).root()] * BUCKETS))
             inside = leaves.get(shard, [])
             if (
-                entry["manifest_buckets"] != BUCKETS
+                entry["manifest_buckets"] != len(man.sizes)
                 or man.root().hex() != entry["manifest_commitment"]
                 or inside is None
             ):

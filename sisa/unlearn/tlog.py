@@ -30,10 +30,9 @@ from sisa.receipt.keys import load_signer
 from sisa.receipt.merkle import Frontier, Tree, hash_leaf
 from sisa.receipt.notes import Checkpoint, Signer, Verifier, format_checkpoint, parse_checkpoint, sign_note
 from sisa.store.database import Store
-from sisa.store.digests import manifest_digest
 from sisa.train.planner import Planner
 from sisa.unlearn.audit import AUDIT_DB, append_entry, parse_record, read_entries
-from sisa.unlearn.commitcache import BUCKETS, ShardManifest, drop_shard, shard_manifest
+from sisa.unlearn.commitcache import BUCKETS, ShardManifest, drop_shard, for_publication
 
 __all__ = [
     "LogIndex",
@@ -193,21 +192,20 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
             entry.update(manifest_commitment=empty.root().hex(), manifest_size=0, manifest_buckets=BUCKETS)
             drop_shard(store, txn, shard)
         else:
-            slices = [store.slice_ids(txn, shard, r) for r in range(int(rec["stage"]))]
-            if manifest_digest(slices) != rec["manifest"]:
+            # From the shard's cache: a deletion rehashed only the buckets its ids fell in (commitcache.follow).
+            man = for_publication(store, txn, secret, shard, int(rec["stage"]), rec["manifest"])
+            if man is None:
                 # A deferred deletion took samples out of this shard and the model is not retrained yet:
                 # its manifest is no longer the store's, so nothing can be committed for it now.
                 log.info("shard %d: live model awaits a retrain; not published", shard)
                 continue
-            # From the shard's cache: a deletion rehashes only the buckets its ids fall in.
-            man = shard_manifest(store, txn, secret, shard, slices, write=True)
             entry.update(
                 checkpoint=rec["key"],
                 weights=rec["weights"],
                 manifest=rec["manifest"],
                 manifest_commitment=man.root().hex(),
                 manifest_size=man.size,
-                manifest_buckets=BUCKETS,
+                manifest_buckets=len(man.sizes),
                 recipe=recipe,
                 domain=rec.get("domain"),
             )

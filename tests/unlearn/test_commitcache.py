@@ -14,6 +14,7 @@ from sisa.receipt.entries import sample_commitment
 from sisa.receipt.keys import load_signer
 from sisa.receipt.verify import verify_receipt
 from sisa.store.database import Store
+from sisa.store.digests import manifest_digest
 from sisa.unlearn import commitcache
 from sisa.unlearn.commitcache import BUCKETS, COMMITS_DB, shard_manifest
 from sisa.unlearn.commitments import manifest_commitments, opening
@@ -87,9 +88,22 @@ def test_cache_matches_scratch_after_fit_deletes_adds_and_refit(tmp_path: Path, 
             for key in [bytes(k) for k in txn.cursor(db=db).iternext(values=False) if bytes(k)[4:5] == b"b"]:
                 txn.delete(key, db=db)
 
+        secret = store.secret()
+        with store.read() as txn:
+            mans = {
+                s: shard_manifest(store, txn, secret, s, sl, write=False) for s, sl in live_slices(store, txn).items()
+            }
         store.write(lose)
-        assert verify_receipt(ens.receipt(601), load_signer().verifier)
-        assert len(counted) > 3
+        deleted = [17, 42, 100, 5, 601, 3]
+        needed = False
+        for sid in deleted:
+            receipt = ens.receipt(sid)
+            assert verify_receipt(receipt, load_signer().verifier)
+            # It needs the id's bucket in each shard that held it: recomputed only where that bucket is not empty.
+            target = sample_commitment(sid, opening(secret, sid))
+            held = [int(part["shard"]) for part in receipt["shards"]]
+            needed |= any(mans[s].sizes[bucket_of(target, len(mans[s].sizes))] > 0 for s in held)
+        assert (len(counted) > 3) == needed
 
 
 def cached_words(store: Store) -> bytes:
@@ -162,3 +176,38 @@ def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, co
         back = store.write(lambda txn: shard_manifest(store, txn, secret, 0, slices, write=True))
         assert (back.source, back.root()) == ("cache", scratch_root(secret, slices)) and len(counted) == 3 + 7
         check_all(store)
+
+
+def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_reading_its_slices(tmp_path: Path) -> None:
+    x, y = blobs(60, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        store, secret = ens.store, ens.store.secret()
+        # Shard 9 has no membership records at all: whatever reads the store's slices for it gets nothing.
+        slices = [np.arange(0, 140_000, 2, dtype=np.int64), np.arange(1, 140_001, 2, dtype=np.int64)]
+        assert commitcache.buckets_for(140_000) == 1024 and commitcache.buckets_for(7_500) == BUCKETS
+
+        def scratch(parts: list[np.ndarray]) -> bytes:
+            buckets = split(manifest_commitments(secret, parts), 1024)
+            return manifest_root([len(b) for b in buckets], [bucket_root(b) for b in buckets])
+
+        man = store.write(lambda txn: shard_manifest(store, txn, secret, 9, slices, write=True))
+        assert (len(man.sizes), man.source, man.root()) == (1024, "scratch", scratch(slices))
+        gone = np.array([139_999, 4, 7], dtype=np.int64)
+        fewer = [s[~np.isin(s, gone)] for s in slices]
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: gone}))
+        with store.read() as txn:
+            db = store.db(COMMITS_DB)
+            kept = [np.frombuffer(bytes(txn.get(b"\0\0\0\x09s" + r.to_bytes(4, "big"), db=db)), ">u8") for r in (0, 1)]
+        assert [k.astype(np.int64).tolist() for k in kept] == [f.tolist() for f in fewer]  # the ids left it now
+        with store.read() as txn:
+            after = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest(fewer))
+            # A model that trained on anything else (here: before the deletion) is not published from the cache.
+            before = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest(slices))
+        assert after is not None and (after.source, after.root()) == ("cache", scratch(fewer))
+        assert before is None
+        # An id the cache never had: it missed a change, so it is brought to the store's slices (none here).
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: np.array([140_002])}))
+        with store.read() as txn:
+            now = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest([slices[0][:0]] * 2))
+        assert now is not None and now.size == 0
