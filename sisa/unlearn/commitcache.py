@@ -46,6 +46,7 @@ from sisa.unlearn.commitments import commitments_of
 __all__ = [
     "BUCKETS",
     "COMMITS_DB",
+    "Hashes",
     "ShardManifest",
     "bucket_leaves",
     "buckets_for",
@@ -67,6 +68,42 @@ _PER_BUCKET = 256
 _MAGIC = b"sisa-commits-v2|"
 
 
+class Hashes(Sequence[bytes]):
+    """32-byte hashes kept end to end in one buffer, read and replaced by index.
+
+    A cache header holds thousands of them (bucket roots, the top tree's nodes); one ``bytes`` object
+    each would cost more to build than the rest of a deletion's commitment work.
+
+    Args:
+        data: The hashes, concatenated (a multiple of 32 bytes).
+    """
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self.data = bytearray(data)
+
+    @classmethod
+    def of(cls, hashes: Sequence[bytes]) -> Hashes:
+        """The buffer of a list of hashes."""
+        return cls(b"".join(hashes))
+
+    def __len__(self) -> int:
+        return len(self.data) // 32
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return bytes(self.data[32 * i : 32 * i + 32])
+
+    def __setitem__(self, i: int, value: bytes) -> None:
+        self.data[32 * i : 32 * i + 32] = value
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def buckets_for(size: int) -> int:
     """The bucket count of a shard of ``size`` commitments: a power of two, ~256 a bucket, in 256..4096."""
     want = max(1, -(-size // _PER_BUCKET))
@@ -86,10 +123,10 @@ class ShardManifest:
     """
 
     sizes: list[int]
-    roots: list[bytes]
+    roots: Sequence[bytes]
     buckets: dict[int, list[bytes]] = field(default_factory=dict)
     source: str = "scratch"
-    levels: list[list[bytes]] | None = None
+    levels: list[Hashes] | None = None
 
     @property
     def size(self) -> int:
@@ -110,16 +147,16 @@ class _Header:
     manifest: str
     digests: list[bytes]
     sizes: list[int]
-    roots: list[bytes]
-    levels: list[list[bytes]]
+    roots: Hashes
+    levels: list[Hashes]
 
 
-def _top(sizes: Sequence[int], roots: Sequence[bytes]) -> list[list[bytes]]:
+def _top(sizes: Sequence[int], roots: Sequence[bytes]) -> list[Hashes]:
     """The top tree's levels over a power-of-two bucket count (a perfect tree: :class:`Tree` stores every node)."""
-    return Tree([bucket_leaf(n, r) for n, r in zip(sizes, roots, strict=True)]).levels
+    return [Hashes.of(level) for level in Tree([bucket_leaf(n, r) for n, r in zip(sizes, roots, strict=True)]).levels]
 
 
-def _retop(levels: list[list[bytes]], sizes: Sequence[int], roots: Sequence[bytes], touched: Sequence[int]) -> None:
+def _retop(levels: list[Hashes], sizes: Sequence[int], roots: Sequence[bytes], touched: Sequence[int]) -> None:
     """Rehash the top tree's paths above the ``touched`` buckets, in place (log2 B hashes each)."""
     changed = set(touched)
     for b in changed:
@@ -138,8 +175,8 @@ def _key(shard: int, kind: bytes, index: int | None = None) -> bytes:
 def _header(head: _Header) -> bytes:
     buckets = len(head.sizes)
     body = _MAGIC + struct.pack(">II", buckets, len(head.digests)) + bytes.fromhex(head.manifest)
-    body += b"".join(head.digests) + struct.pack(f">{buckets}Q", *head.sizes) + b"".join(head.roots)
-    body += b"".join(node for level in head.levels for node in level)
+    body += b"".join(head.digests) + struct.pack(f">{buckets}Q", *head.sizes) + head.roots.data
+    body += b"".join(level.data for level in head.levels)
     return body + hashlib.sha256(body).digest()
 
 
@@ -163,11 +200,11 @@ def _parse(raw: bytes | None) -> _Header | None:
     at += 32 * count
     sizes = list(struct.unpack_from(f">{buckets}Q", body, at))
     at += 8 * buckets
-    roots = [body[at + 32 * i : at + 32 * i + 32] for i in range(buckets)]
+    roots = Hashes(body[at : at + 32 * buckets])
     at += 32 * buckets
     levels, width = [], buckets
     while width:
-        levels.append([body[at + 32 * i : at + 32 * i + 32] for i in range(width)])
+        levels.append(Hashes(body[at : at + 32 * width]))
         at += 32 * width
         width //= 2
     return _Header(manifest, digests, sizes, roots, levels)
@@ -314,7 +351,7 @@ def recompute(secret: bytes, slices: Sequence[np.ndarray]) -> ShardManifest:
 def _scratch(secret: bytes, words: Sequence[bytes]) -> ShardManifest:
     everything = sorted(commitments_of(secret, b"".join(words)))
     buckets = split(everything, buckets_for(len(everything)))
-    sizes, roots = [len(b) for b in buckets], [bucket_root(b) for b in buckets]
+    sizes, roots = [len(b) for b in buckets], Hashes.of([bucket_root(b) for b in buckets])
     return ShardManifest(sizes, roots, dict(enumerate(buckets)), "scratch", _top(sizes, roots))
 
 
@@ -376,7 +413,7 @@ def _update(
     db: Any,
     shard: int,
     sizes: list[int],
-    roots: list[bytes],
+    roots: Sequence[bytes],
     gone: bytes,
     new: bytes,
     secret: bytes,
@@ -463,7 +500,8 @@ def shard_manifest(
     if write and db is not None:
         assert man.levels is not None  # both ways above build the top tree
         _put_buckets(txn, db, shard, man.buckets)
-        head = _Header(manifest_digest_of_words(words), digests, man.sizes, man.roots, man.levels)
+        roots = man.roots if isinstance(man.roots, Hashes) else Hashes.of(man.roots)
+        head = _Header(manifest_digest_of_words(words), digests, man.sizes, roots, man.levels)
         txn.put(_key(shard, b"h"), _header(head), db=db)
     return man
 
