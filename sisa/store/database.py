@@ -417,3 +417,8 @@ class Store(Records):
             with self.read() as t:
                 return self.meta(t)
         return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=self._dbs["meta"])}
+
+    def meta_value(self, txn: lmdb.Transaction, key: str, default: Any = None) -> Any:
+        """One metadata key's value (``default`` when unset), without decoding the others."""
+        raw = txn.get(key.encode(), db=self._dbs["meta"])
+        return default if raw is None else json.loads(bytes(raw))

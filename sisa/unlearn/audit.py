@@ -56,7 +56,7 @@ def append_entry(store: Store, txn: lmdb.Transaction, secret: bytes, entry: dict
     Returns:
         The stored record: ``seq``, ``prev``, ``mac``, ``entry``.
     """
-    head = store.meta(txn).get("audit_head") or {"count": 0, "mac": GENESIS}
+    head = store.meta_value(txn, "audit_head") or {"count": 0, "mac": GENESIS}
     seq = head["count"]
     record = {"seq": seq, "prev": head["mac"], "entry": entry, "mac": _mac(secret, seq, head["mac"], entry)}
     txn.put(struct.pack(">Q", seq), json.dumps(record, sort_keys=True).encode(), db=store.db(AUDIT_DB))

@@ -116,7 +116,7 @@ def log_index(store: Store, txn: lmdb.Transaction) -> LogIndex:
     once; a write transaction then keeps the result (:func:`sign_checkpoint`).
     """
     db = store.db(AUDIT_DB)
-    index = _stored_index(store.meta(txn).get(INDEX_KEY), int(txn.stat(db)["entries"]))
+    index = _stored_index(store.meta_value(txn, INDEX_KEY), int(txn.stat(db)["entries"]))
     cursor = txn.cursor(db=db)
     if cursor.set_range(struct.pack(">Q", index.frontier.size)):
         for key, value in cursor:
@@ -146,10 +146,11 @@ def sign_checkpoint(store: Store, txn: lmdb.Transaction, signer: Signer) -> str:
         The signed note.
     """
     index = log_index(store, txn)
-    origin = store.meta(txn).get("log_origin") or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
+    origin = store.meta_value(txn, "log_origin") or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
     note = sign_note(format_checkpoint(Checkpoint(origin, index.frontier.size, index.frontier.root())), signer)
-    store.put_meta(txn, log_origin=origin, log_checkpoint=note, log_key=signer.verifier.encode())
-    store.put_meta(txn, **{INDEX_KEY: index.to_json()})
+    store.put_meta(
+        txn, log_origin=origin, log_checkpoint=note, log_key=signer.verifier.encode(), **{INDEX_KEY: index.to_json()}
+    )
     return note
 
 
@@ -271,7 +272,7 @@ def publish(planner: Planner, signer: Signer | None = None) -> list[dict[str, An
     signer = signer or load_signer(store_root=store.path)
     with store.read() as txn:
         index = log_index(store, txn)
-        checkpoint = store.meta(txn).get("log_checkpoint")
+        checkpoint = store.meta_value(txn, "log_checkpoint")
         live = {shard: rec["key"] for shard, rec in store.live(txn).items()}
     published = index.published
     stale = any(s not in published or published[s][1] != key for s, key in live.items()) or any(
@@ -283,7 +284,7 @@ def publish(planner: Planner, signer: Signer | None = None) -> list[dict[str, An
 
     def change(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         appended = publish_models(store, txn, secret, store.recipe_digest(txn, planner.config))
-        signed = _covers(store.meta(txn).get("log_checkpoint"), log_index(store, txn).frontier, signer.verifier)
+        signed = _covers(store.meta_value(txn, "log_checkpoint"), log_index(store, txn).frontier, signer.verifier)
         if appended or not signed:
             sign_checkpoint(store, txn, signer)
         return appended
