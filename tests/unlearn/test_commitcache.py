@@ -24,9 +24,9 @@ from tests.conftest import blobs, small_config
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def scratch_root(secret: bytes, slices: list[np.ndarray]) -> bytes:
-    """The bucketed manifest commitment computed the documented way, with no cache code at all."""
-    buckets = split(manifest_commitments(secret, slices), BUCKETS)
+def scratch_root(secret: bytes, slices: list[np.ndarray], count: int = BUCKETS) -> bytes:
+    """The bucketed manifest commitment (``count`` buckets) computed the documented way, with no cache code at all."""
+    buckets = split(manifest_commitments(secret, slices), count)
     return manifest_root([len(b) for b in buckets], [bucket_root(b) for b in buckets])
 
 
@@ -42,7 +42,8 @@ def check_all(store: Store) -> None:
         for shard, slices in live_slices(store, txn).items():
             man = shard_manifest(store, txn, secret, shard, slices, write=False)
             assert man.source == "cache" and not man.buckets  # nothing changed since it was written
-            assert man.root() == scratch_root(secret, slices)
+            assert len(man.sizes) == commitcache.buckets_for(sum(len(s) for s in slices))
+            assert man.root() == scratch_root(secret, slices, len(man.sizes))
             assert published[shard][1]["manifest_commitment"] == man.root().hex()
             assert published[shard][1]["manifest_size"] == sum(len(s) for s in slices)
 
@@ -211,3 +212,21 @@ def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_rea
         with store.read() as txn:
             now = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest([slices[0][:0]] * 2))
         assert now is not None and now.size == 0
+
+
+def test_a_receipt_from_a_shard_of_more_than_256_buckets_verifies(tmp_path: Path) -> None:
+    # 70,000 samples in one shard: 512 buckets. One short epoch keeps the fit to seconds.
+    x, y = blobs(70_000, d=4)
+    with Ensemble.create(
+        tmp_path / "st", small_config("shards=1", "slices=2", "train.epochs=1", "train.batch_size=4096")
+    ) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        with ens.store.read() as txn:
+            published = latest_published(log_state(ens.store, txn).entries)
+        assert published[0][1]["manifest_buckets"] == 512
+        ens.delete([69_999])
+        check_all(ens.store)
+        receipt = ens.receipt(69_999)
+        assert receipt["shards"][0]["absent"]["buckets"] == 512
+        assert verify_receipt(receipt, load_signer().verifier)
