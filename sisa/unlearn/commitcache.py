@@ -7,7 +7,9 @@ Table ``commits`` (a later table of the store), per shard ``s`` (4 bytes big-end
   nodes, and a SHA-256 of all of that (a torn or edited header is seen);
 * ``s + b"s" + slice``: that slice's ids (8 bytes big-endian each), to find what a change removed
   (a deletion takes its ids out of them in its journal transaction: :func:`follow`);
-* ``s + b"b" + bucket``: the bucket's sorted commitments, 32 bytes each (absent when empty).
+* ``s + b"b" + bucket``: the bucket's sorted commitments, 32 bytes each, then its root and a SHA-256 of both
+  (absent when empty): a change checks the bucket it rewrites by that one hash and the root against the
+  header's, rather than rehashing its tree twice.
 
 A deletion's cost here does not grow with the shard beyond one SHA-256 pass over its ids:
 :func:`follow` is told the deleted ids (no slice is read from the membership records or sorted),
@@ -310,7 +312,7 @@ def _remove(txn: lmdb.Transaction, db: Any, secret: bytes, shard: int, head: _He
         head.digests[r] = hashlib.sha256(cached).digest()
         txn.put(_key(shard, b"s", r), cached, db=db)
     head.manifest = manifest_digest_of_words(words)
-    _put_buckets(txn, db, shard, rewritten)
+    _put_buckets(txn, db, shard, rewritten, head.roots)
     txn.put(_key(shard, b"h"), _header(head), db=db)
     return True
 
@@ -425,12 +427,8 @@ def _update(
             touched.setdefault(bucket_of(c, len(sizes)), (set(), set()))[i].add(c)
     out = {}
     for b, (minus, plus) in touched.items():
-        raw = txn.get(_key(shard, b"b", b), db=db) if sizes[b] else b""
-        if raw is None or len(raw) != 32 * sizes[b]:
-            return None
-        raw = bytes(raw)
-        leaves = [raw[k : k + 32] for k in range(0, len(raw), 32)]
-        if (bucket_root(leaves) if leaves else EMPTY_ROOT) != roots[b]:
+        leaves = _read_bucket(txn, db, shard, b, sizes[b], roots[b])
+        if leaves is None:
             return None
         have = set(leaves)
         if not minus <= have or plus & have:
@@ -439,10 +437,27 @@ def _update(
     return out
 
 
-def _put_buckets(txn: lmdb.Transaction, db: Any, shard: int, buckets: Mapping[int, list[bytes]]) -> None:
+def _read_bucket(txn: lmdb.Transaction, db: Any, shard: int, b: int, size: int, root: bytes) -> list[bytes] | None:
+    """A cached bucket's sorted commitments if it is intact and has the ``root`` it should; else ``None``."""
+    if not size:
+        return [] if root == EMPTY_ROOT else None
+    raw = txn.get(_key(shard, b"b", b), db=db)
+    if raw is None or len(raw) != 32 * size + 64:
+        return None
+    raw = bytes(raw)
+    body, check = raw[:-32], raw[-32:]
+    if hashlib.sha256(body).digest() != check or body[-32:] != root:
+        return None
+    return [body[k : k + 32] for k in range(0, 32 * size, 32)]
+
+
+def _put_buckets(
+    txn: lmdb.Transaction, db: Any, shard: int, buckets: Mapping[int, list[bytes]], roots: Sequence[bytes]
+) -> None:
     for b, leaves in buckets.items():
         if leaves:
-            txn.put(_key(shard, b"b", b), b"".join(leaves), db=db)
+            body = b"".join(leaves) + roots[b]
+            txn.put(_key(shard, b"b", b), body + hashlib.sha256(body).digest(), db=db)
         else:
             txn.delete(_key(shard, b"b", b), db=db)
 
@@ -499,7 +514,7 @@ def shard_manifest(
                 txn.put(_key(shard, b"s", r), w, db=db)
     if write and db is not None:
         assert man.levels is not None  # both ways above build the top tree
-        _put_buckets(txn, db, shard, man.buckets)
+        _put_buckets(txn, db, shard, man.buckets, man.roots)
         roots = man.roots if isinstance(man.roots, Hashes) else Hashes.of(man.roots)
         head = _Header(manifest_digest_of_words(words), digests, man.sizes, roots, man.levels)
         txn.put(_key(shard, b"h"), _header(head), db=db)
@@ -512,12 +527,5 @@ def bucket_leaves(
     """A bucket's sorted commitments: from memory, else the cache (``None`` if it is not there as the root says)."""
     if bucket in man.buckets:
         return man.buckets[bucket]
-    if not man.sizes[bucket]:
-        return []
     db = _db(store)
-    raw = txn.get(_key(shard, b"b", bucket), db=db) if db is not None else None
-    if raw is None:
-        return None
-    raw = bytes(raw)
-    leaves = [raw[k : k + 32] for k in range(0, len(raw), 32)]
-    return leaves if len(leaves) == man.sizes[bucket] and bucket_root(leaves) == man.roots[bucket] else None
+    return None if db is None else _read_bucket(txn, db, shard, bucket, man.sizes[bucket], man.roots[bucket])
