@@ -136,9 +136,12 @@ def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, co
         store, secret = ens.store, ens.store.secret()
         with store.read() as txn:
             slices = live_slices(store, txn)[0]
-        gone = int(slices[0][0])
+        # An id whose bucket holds another commitment too: that other one is what the bucket's edit below changes.
+        of = {int(i): sample_commitment(int(i), opening(secret, int(i))) for i in slices[0]}
+        taken = [bucket_of(c, BUCKETS) for c in manifest_commitments(secret, slices)]
+        gone = next(i for i, c in of.items() if taken.count(bucket_of(c, BUCKETS)) >= 2)
         fewer = [s[s != gone] for s in slices]  # shard 0 less one id (what a deletion leaves)
-        want, bucket = scratch_root(secret, fewer), bucket_of(sample_commitment(gone, opening(secret, gone)), BUCKETS)
+        want, bucket = scratch_root(secret, fewer), bucket_of(of[gone], BUCKETS)
         db = store.db(COMMITS_DB)
         head, bucket_key, slice_key = b"\0\0\0\0h", b"\0\0\0\0b" + bucket.to_bytes(4, "big"), b"\0\0\0\0s\0\0\0\0"
 
@@ -158,7 +161,10 @@ def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, co
         assert manifest().source == "cache" and manifest().root() == want and not counted[3:]
         with store.read() as txn:
             saved = {k: bytes(txn.get(k, db=db)) for k in (head, bucket_key, slice_key)}
-        flipped = {k: v[:20] + bytes([v[20] ^ 1]) + v[21:] for k, v in saved.items()}
+        # In the bucket, a byte of a commitment other than the removed one (found only by the bucket's own hash).
+        at = {k: 20 for k in saved}
+        at[bucket_key] = 20 + (32 if saved[bucket_key][:32] == of[gone] else 0)
+        flipped = {k: v[: at[k]] + bytes([v[at[k]] ^ 1]) + v[at[k] + 1 :] for k, v in saved.items()}
         for key in (head, bucket_key, slice_key):
             for value in (flipped[key], None):
                 corrupt(key, value)
