@@ -13,6 +13,7 @@ store at the same time.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -134,7 +135,9 @@ class Store(Records):
 
     @classmethod
     def _open_env(cls, path: Path, readonly: bool, create: bool = False) -> environment.SharedEnv:
-        return environment.acquire(path, TABLES, readonly=readonly, create=create)
+        # Later tables only in a store of this format: one of another is refused below and must stay unchanged.
+        tables = dataclasses.replace(TABLES, version=("meta", "format", FORMAT_VERSION))
+        return environment.acquire(path, tables, readonly=readonly, create=create)
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], *, secret: bytes | None = None) -> Store:

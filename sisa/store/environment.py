@@ -10,6 +10,7 @@ checkpoints, journal, audit) and the small key environment that erasure compacts
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -57,10 +58,14 @@ class Tables:
         fixed: Tables every environment of this kind has (created with it).
         later: Tables added after the format was fixed: a writable open creates them, a
             read-only open of an older environment reads them as absent (``None``).
+        version: ``(table, key, value)``: a writable open creates the ``later`` tables only where that
+            fixed table holds that JSON value under that key (or in a new environment), so opening one of
+            another format, which its opener then refuses, leaves it exactly as it was.
     """
 
     fixed: tuple[str, ...]
     later: tuple[str, ...] = ()
+    version: tuple[str, str, object] | None = None
 
     @property
     def max_dbs(self) -> int:
@@ -182,16 +187,29 @@ class SharedEnv:
             dbs: dict[str, Any] = {
                 name: env.open_db(name.encode(), create=create and not self.env_readonly) for name in self.tables.fixed
             }
+            creatable = not self.env_readonly and (create or self._current(env, dbs))
             for name in self.tables.later:
                 try:
-                    dbs[name] = env.open_db(name.encode(), create=not self.env_readonly)
+                    dbs[name] = env.open_db(name.encode(), create=creatable)
                 except lmdb.NotFoundError:
-                    dbs[name] = None  # a read-only look at a store from before the table: empty
+                    dbs[name] = None  # a read-only look at a store from before the table (or a refused one): empty
         except lmdb.Error:
             env.close()  # else this process could never open the directory again
             raise
         self.ident = file_ident(data)
         return env, dbs
+
+    def _current(self, env: lmdb.Environment, dbs: dict[str, Any]) -> bool:
+        """Whether the environment has the format ``tables.version`` names (no version: any)."""
+        if self.tables.version is None:
+            return True
+        table, key, value = self.tables.version
+        with env.begin(db=dbs[table]) as txn:
+            raw = txn.get(key.encode())
+        try:
+            return raw is not None and json.loads(bytes(raw)) == value
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
 
     def reopen(self) -> None:
         """Open the directory's data.mdb again (after compaction replaced it); hold ``lock`` exclusively."""
