@@ -11,9 +11,10 @@ deletions run one after another (ids from the last slice, so each retrain is one
 * per deletion: ``wall_s`` (the ``delete`` call), ``retrain_s`` (the certificate's
   ``batch.retrain_seconds``), ``non_retrain_s`` (wall - retrain: journal, erasure, compaction,
   certificate, and now the commitments and signature too), ``commit_s`` (the apply's "model published"
-  step: the retrained shard's bucketed manifest commitment, updated from the shard's cache, plus the
+  step: the retrained shard's bucketed manifest commitment, read from the shard's cache, plus the
   journal transaction's update of that cache, :func:`sisa.unlearn.commitcache.follow`) and
-  ``sign_s`` (the checkpoint: the log's tree and an Ed25519 signature), and ``share`` = (commit_s +
+  ``sign_s`` (the checkpoint: the log index's right edge brought up to date, the tree head and an
+  Ed25519 signature), ``buckets`` (the retrained shard's bucket count), and ``share`` = (commit_s +
   sign_s) / (non_retrain_s - commit_s - sign_s): what the receipts' machinery adds to a deletion's
   non-retrain time (target < 5%);
 * per deletion, beside it (timed after the deletion on the same retrained shard's slices, not inside
@@ -185,6 +186,7 @@ def one_size(n: int, workdir: Path, deletes: int) -> dict[str, Any]:
                     "flat_share": (flat + sign) / max(non_retrain - commit - sign, 1e-9),
                     "scratch_commit_s": scratch,
                     "retrained_shards": cert["retrained_shards"],
+                    "buckets": receipt["shards"][0]["absent"].get("buckets"),
                     "receipt_issue_s": issue,
                     "receipt_bytes": len(json.dumps(receipt, sort_keys=True).encode()),
                     "verify_s": verify,

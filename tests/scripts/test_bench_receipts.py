@@ -25,7 +25,7 @@ def test_tiny_run(tmp_path: Path, env_python: dict[str, str]) -> None:
     [run] = result["runs"]
     [one] = run["deletions"]
     assert run["n"] == 3000 and run["fit_commit_s"] > 0 and run["fit_sign_s"] > 0
-    assert len(one["retrained_shards"]) == 1 and one["log_leaves_added"] == 2
+    assert len(one["retrained_shards"]) == 1 and one["log_leaves_added"] == 2 and one["buckets"] == 256
     assert one["commit_s"] > 0 and one["sign_s"] > 0 and one["non_retrain_s"] > one["commit_s"]
     assert 0 < one["receipt_bytes"] < 64 * 1024 and one["verify_s"] > 0
     assert one["flat_commit_s"] > 0 and one["scratch_commit_s"] > 0 and one["flat_share"] > 0
