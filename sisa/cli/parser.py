@@ -67,12 +67,27 @@ class _Parser(argparse.ArgumentParser):
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
+    def error(self, message: str) -> NoReturn:
+        super().error(message + ids_hint(message))
+
+
+def ids_hint(message: str) -> str:
+    """The fix for a parse error that bare sample ids caused (``sisa delete --store S 5 17``), else ``""``."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return ""
+    extra = message[len(prefix) :].split()
+    if not extra or not all(t.replace(",", "").isdigit() for t in extra):
+        return ""
+    ids = " ".join(i for t in extra for i in t.split(",") if i)
+    return f" (sample ids go after an option: `sisa delete --ids {ids}`, `sisa audit --id N`, `sisa receipt --id N`)"
+
 
 class _QuietParser(_Parser):
     """A parser that raises :class:`ParseError` where argparse would print usage and exit."""
 
     def error(self, message: str) -> NoReturn:
-        raise ParseError(message)
+        raise ParseError(message + ids_hint(message))
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise ParseError(message or f"exit {status}")

@@ -102,6 +102,18 @@ def test_non_integer_ids_exit_2_naming_the_fix(
     assert store_digest(store) == before
 
 
+@pytest.mark.parametrize(("bare", "ids"), [(["5", "17"], "5 17"), (["5,17"], "5 17")])
+def test_bare_ids_exit_2_naming_the_option(
+    store: Path, capsys: pytest.CaptureFixture[str], bare: list[str], ids: str
+) -> None:
+    before = store_digest(store)
+    with pytest.raises(SystemExit) as exited:
+        main(["delete", "--store", str(store), *bare])
+    assert exited.value.code == 2
+    assert f"`sisa delete --ids {ids}`" in capsys.readouterr().err
+    assert store_digest(store) == before
+
+
 def test_ids_file_dash_reads_standard_input(
     store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
