@@ -188,6 +188,8 @@ def print_audit(result: dict[str, Any]) -> None:
     if "log_size" in result:
         signed = "signed checkpoint" if result.get("checkpoint") else "no signed checkpoint"
         print(f"transparency log: {result['log_size']} leaves (certificates and models published), {signed}")
-    print(f"audit: {result['entries']} entries, " + ("chain OK" if result["ok"] else "CHAIN BROKEN"))
+    # ``entries`` counts deletion certificates (a request of many ids is one); the log's leaves are above.
+    state = "log and chain OK" if result["ok"] else "CHAIN BROKEN"
+    print(f"audit: {result['entries']} deletion certificate(s), {state}")
     for problem in result["problems"]:
         print(f"  {problem}")

@@ -1,4 +1,4 @@
-"""``sisa-verify-receipt RECEIPT --key PUBKEY`` (or ``python -m sisa.receipt``): check a deletion receipt.
+"""``sisa-verify-receipt RECEIPT [RECEIPT ...] --key PUBKEY`` (or ``python -m sisa.receipt``): check deletion receipts.
 
 Exit 0 when every signature and proof checks; 1 naming the first that fails; 2 when a file cannot be read.
 Standard library and ``cryptography`` only.
@@ -29,7 +29,9 @@ def _load(path: str, what: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the verifier; returns the exit code."""
     parser = argparse.ArgumentParser(prog="sisa-verify-receipt", description=__doc__.splitlines()[0])
-    parser.add_argument("receipt", help="the receipt JSON (`sisa receipt --id N` writes it)")
+    parser.add_argument(
+        "receipt", nargs="+", help="the receipt JSON (`sisa receipt --id N` writes it); several are checked one by one"
+    )
     parser.add_argument(
         "--key", required=True, help="the operator's verifier key (name+hash+base64) or a file holding it"
     )
@@ -40,18 +42,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = args.key if args.key.count("+") >= 2 and not Path(args.key).exists() else _load(args.key, "key").strip()
     try:
         verifier = Verifier.decode(key)
-        receipt = json.loads(_load(args.receipt, "receipt"))
-        doc = json.loads(_load(args.consistency, "consistency proof")) if args.consistency else None
-        done = verify_receipt(receipt, verifier, doc)
-    except json.JSONDecodeError as exc:
-        print(f"FAIL: not JSON: {exc}", file=sys.stderr)
-        return 1
     except ProofError as exc:
         print(f"FAIL: {exc}", file=sys.stderr)
         return 1
-    for line in done:
-        print(f"ok: {line}")
-    return 0
+    doc = json.loads(_load(args.consistency, "consistency proof")) if args.consistency else None
+    failed = 0
+    for path in args.receipt:
+        # One receipt prints as before; several name their file on each line.
+        name = f"{path}: " if len(args.receipt) > 1 else ""
+        try:
+            done = verify_receipt(json.loads(_load(path, "receipt")), verifier, doc)
+        except json.JSONDecodeError as exc:
+            print(f"{name}FAIL: not JSON: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        except ProofError as exc:
+            print(f"{name}FAIL: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for line in done:
+            print(f"{name}ok: {line}")
+    if failed and len(args.receipt) > 1:
+        print(f"{failed} of {len(args.receipt)} receipts failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -141,6 +141,15 @@ def test_cli_receipt_and_verifier_with_only_cryptography(
     cmd[cmd.index(str(out))] = str(tmp_path / "bent.json")
     failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "FAIL: receipt signature" in failed.stderr
+    # Several receipts at once (`rc/*` after `delete --receipts rc`): each line names its file, one bad one fails all.
+    cmd[cmd.index(str(tmp_path / "bent.json"))] = str(out)
+    cmd.insert(cmd.index(str(out)) + 1, str(out))
+    both = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert both.returncode == 0 and both.stdout.count(f"{out}: ok: receipt signature checks") == 2
+    cmd.insert(cmd.index(str(out)) + 1, str(tmp_path / "bent.json"))
+    mixed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 1 and f"{tmp_path / 'bent.json'}: FAIL: receipt signature" in mixed.stderr
+    assert "1 of 3 receipts failed" in mixed.stderr and mixed.stdout.count("ok: receipt signature checks") == 2
 
 
 def leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
