@@ -202,3 +202,19 @@ def test_address_joins_an_existing_ray_cluster(tmp_path: Path, env_python: dict)
     assert json.loads(out.stdout)["trained"] == {"0": [1, 2], "1": [1, 2]}
     assert f"Connecting to existing Ray cluster at address: {address}" in out.stderr, out.stderr
     assert "Started a local Ray instance" not in out.stderr
+
+
+def test_train_on_a_csv_without_test_data_trains_and_says_it_measured_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ray_session: None
+) -> None:
+    from tests.conftest import blobs
+
+    x, y = blobs(120, d=4)
+    lines = ["a,b,c,d,label", *(",".join([*map(str, row.tolist()), str(int(k))]) for row, k in zip(x, y, strict=True))]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    argv = ["train", "--store", str(tmp_path / "st"), "data.dataset=csv", f"data.train={tmp_path / 'd.csv'}"]
+    argv += ["data.num_classes=3", "shards=2", "slices=1", "model.hidden=[8]", "train.epochs=1"]
+    assert main(argv) == 0
+    assert "no test data (data.test is not set): accuracy not measured" in capsys.readouterr().out
+    again = run_json(capsys, "train", "--store", str(tmp_path / "st"))  # resumed: nothing to train, still no test
+    assert again["accuracy"] is None and again["test_samples"] == 0 and again["skipped"] == [0, 1]

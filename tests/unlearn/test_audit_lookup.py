@@ -54,7 +54,9 @@ def test_show_lists_the_certificates(audited: tuple[Path, dict], capsys: pytest.
     assert shown["id_hashes"] == sorted(documented_hash(store, i) for i in (17, 42))
     text = run(capsys, "audit", "--store", str(store), "--show")
     assert f"audit entry {seq}: request 1, requested " in text and "2 id hash(es)" in text
-    assert "2 sample(s) deleted" in text and text.rstrip().endswith("audit: 1 deletion certificate(s), log and chain OK")
+    assert "2 sample(s) deleted" in text and text.rstrip().endswith(
+        "audit: 1 deletion certificate(s), log and chain OK"
+    )
     with Ensemble.open(store, readonly=True) as ens:
         assert [c["request_id"] for c in ens.certificates()] == [1]
     assert store_digest(store) == before
