@@ -509,6 +509,14 @@ def load_split(cfg: DataConfig, split: str, *, raw: bool = False) -> LabeledArra
     path = cfg.train if split == "train" else cfg.test
     k = cfg.num_classes
     if cfg.dataset == "fashion-mnist":
+        if path is not None:
+            # data.dataset defaults to fashion-mnist, which reads its own files: a user's data.train would be ignored.
+            kind = Path(path).suffix.lstrip(".").lower()
+            hint = kind if kind in ("csv", "npz", "parquet") else "csv, npz, parquet or idx"
+            raise DataError(
+                f"data.{split}={path} is set, but data.dataset is fashion-mnist (the default), which reads its own "
+                f"files and would ignore it: set data.dataset={hint}"
+            )
         if k != 10:
             raise DataError(f"fashion-mnist has 10 classes, not data.num_classes={k}; set it to 10")
         data = load_fashion_mnist(split, root=cfg.root, raw=raw)

@@ -434,6 +434,11 @@ def test_load_split_with_limits(tmp_path: Path) -> None:
         load_split(DataConfig(dataset="npz", train=cfg.train, num_classes=3), "test")
     with pytest.raises(DataError, match="'train' or 'test'"):
         load_split(cfg, "valid")
+    # A file named while data.dataset stays at its default would be ignored: refused, naming the setting.
+    with pytest.raises(
+        DataError, match=r"data\.train=.*train\.npz is set, but data\.dataset is fashion-mnist.*data\.dataset=npz"
+    ):
+        load_split(DataConfig(train=cfg.train, num_classes=10), "train")
 
 
 def test_load_split_idx_csv_and_fashion(tmp_path: Path) -> None:
