@@ -488,8 +488,14 @@ def run(args: Any) -> dict[str, Any]:
 def plot(res: dict[str, Any], path: Path) -> None:
     """Latency over time per policy (swap windows shaded) and the side-by-side throughput/latency bars."""
     plt = pyplot()
-    fig, axes = plt.subplots(3, 1, figsize=(11, 11))
-    for ax, policy in zip(axes[:2], ("exclude", "serve-clean"), strict=True):
+    series = [arm for arm, p in res["policies"].items() if p["deleter"] == "a child process"]
+    rows = (len(series) + 1) // 2
+    fig = plt.figure(figsize=(14, 3.6 * rows + 4))
+    grid = fig.add_gridspec(rows + 1, 2)
+    axes = [fig.add_subplot(grid[i // 2, i % 2]) for i in range(len(series))]
+    bars = fig.add_subplot(grid[rows, :])
+    top = max((r[1] - r[0]) * 1e3 for arm in series for r in res["_series"][arm]["records"] if r[2] == 200)
+    for ax, policy in zip(axes, series, strict=True):
         s = res["_series"][policy]
         for a, b in s["windows"]:
             ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
@@ -499,9 +505,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
         if bad:
             ax.plot(bad, [1.0] * len(bad), "x", color="red", label="non-200")
         ax.set_yscale("log")
+        ax.set_ylim(10, top * 1.2)  # one scale for every arm
         ttf = res["policies"][policy]["ttf_confirmed_s"]
         ax.set_title(
-            f"{policy}: latency; shaded = delete returned -> every replica confirmed (ttf p99 {ttf['p99']:.2f}s)"
+            f"{policy}: latency; shaded = delete returned -> confirmed (ttf p99 {ttf['p99']:.2f}s)", fontsize=9
         )
         ax.set_xlabel("seconds")
         ax.set_ylabel("ms")
@@ -523,12 +530,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
     p99 = [a["latency_ms"]["p99"] for a in arms]
     swaps = [0.0] * 3 + [a["latency_ms_during_swaps"]["p99"] or 0.0 for a in arms[3:]]
     pos = np.arange(len(names))
-    axes[2].bar(pos - 0.27, p50, 0.27, label="p50")
-    axes[2].bar(pos, p99, 0.27, label="p99")
-    axes[2].bar(pos + 0.27, swaps, 0.27, label="p99 during swaps")
-    axes[2].set_xticks(pos, names, fontsize=8)
-    axes[2].set_ylabel("latency (ms)")
-    axes[2].legend()
+    bars.bar(pos - 0.27, p50, 0.27, label="p50")
+    bars.bar(pos, p99, 0.27, label="p99")
+    bars.bar(pos + 0.27, swaps, 0.27, label="p99 during swaps")
+    bars.set_xticks(pos, names, fontsize=8)
+    bars.set_ylabel("latency (ms)")
+    bars.legend()
     save_figure(fig, path, f"bench_serving: latency side by side, one run ({res['body']} request bodies)")
 
 
