@@ -75,8 +75,9 @@ def _command(args: argparse.Namespace) -> Any:
 def _niced(args: argparse.Namespace) -> Iterator[None]:
     """A command that may train (``--nice``) runs at its niceness, this process and its training children alike.
 
-    The command is the training job (it usually trains in place), so it lowers its own priority;
-    per command, since a warm worker runs many.
+    The command is the training job (it usually trains in place), so it lowers its own priority
+    (never raises it: a process may not lower its niceness without privilege); per command, since a
+    warm worker runs many.
     """
     from sisa.train import priority
 
@@ -85,11 +86,11 @@ def _niced(args: argparse.Namespace) -> Iterator[None]:
         return
     nice = priority.training_nice() if args.nice is None else args.nice
     if not priority.apply_here(nice):
-        log.warning(
-            "this process runs at niceness %d, above the %d that --nice %d asks for, and may not lower it "
-            "(a warm worker keeps the niceness an earlier command gave it)",
+        # Started under `nice`, or a warm worker that an earlier --nice command started niced: loud only when asked.
+        (log.warning if args.nice is not None else log.info)(
+            "this process runs at niceness %d, above the %d asked for, and may not lower it (it started niced, or it "
+            "is a warm worker that an earlier --nice command started)",
             priority.niceness(),
-            priority.target_niceness(nice),
             nice,
         )
     log.info("this command runs at niceness %d (--nice %d)", priority.niceness(), nice)

@@ -92,8 +92,8 @@ def _nice(text: str) -> int:
 
 
 NICE_HELP = (
-    "CPU niceness added to the training child processes (0-19; default $SISA_TRAIN_NICE, else 10): a retrain "
-    "yields the cores to serving on the same node; Ray tasks and in-place training are not niced"
+    "CPU niceness of this command and its training child processes (0-19; default $SISA_TRAIN_NICE, else 0): a "
+    "retrain yields the cores to serving on the same node; Ray tasks are not niced"
 )
 
 

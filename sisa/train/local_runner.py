@@ -76,7 +76,7 @@ class LocalRunner:
         # child=True: always a child process, also when this one is pinned (one of parallel_runner's slots).
         self.in_process = not child and domains.pinned_from_start(cpu_isa, device)
         self._child: subprocess.Popen[bytes] | None = None
-        self._nice: int | None = None  # the niceness increment the child runs at (sisa.train.priority)
+        self._nice: int | None = None  # the niceness setting the child runs at (sisa.train.priority)
         self._domain: domains.Domain | None = None
 
     def __enter__(self) -> LocalRunner:
@@ -104,7 +104,7 @@ class LocalRunner:
             self._nice = priority.training_nice()
             if self._nice:
                 priority.renice(self._child.pid, self._nice)
-                log.info("training child %d runs at niceness +%d", self._child.pid, self._nice)
+                log.info("training child %d runs at niceness %d", self._child.pid, priority.niceness(self._child.pid))
         return self._child
 
     def _renice(self) -> None:

@@ -3,8 +3,8 @@
 A deletion's retrain is batch work; on a node that also answers predictions (``sisa serve``
 replicas, Ray Serve's proxy) it competes with them for the same cores, and on a small node its
 CPU time lands in the responses' tail latency. The training child processes of the ``local``
-and ``parallel`` runners (:mod:`sisa.train.local_runner`) can therefore run *niced*: ``N`` above
-the niceness of the process that starts them (like ``nice -n N``), capped at 19. Niceness only
+and ``parallel`` runners (:mod:`sisa.train.local_runner`) can therefore run *niced*: at niceness
+``N`` (0-19; the niceness of the process that starts them if that is higher already). Niceness only
 matters when the cores are contended: on an idle machine a niced retrain runs exactly as fast,
 and what it trains is the same bytes (priority is not part of the determinism domain).
 
@@ -53,11 +53,10 @@ MAX_NICE = 19  # the lowest priority POSIX niceness allows
 DEFAULT_NICE = 0
 
 _override: int | None = None
-_BASE = os.getpriority(os.PRIO_PROCESS, 0)  # this process's niceness when sisa loaded: the increments count from it
 
 
 def check_nice(value: object, source: str = "nice") -> int:
-    """``value`` as a niceness increment in ``[0, 19]``.
+    """``value`` as a niceness in ``[0, 19]``.
 
     Args:
         value: An int, or a string holding one (an environment variable, a CLI argument).
@@ -78,7 +77,7 @@ def check_nice(value: object, source: str = "nice") -> int:
 
 
 def training_nice() -> int:
-    """The niceness increment training child processes get now.
+    """The niceness training child processes get now (at least; never below this process's own).
 
     :func:`set_training_nice`'s, else ``$SISA_TRAIN_NICE``'s, else :data:`DEFAULT_NICE`.
 
@@ -94,7 +93,7 @@ def training_nice() -> int:
 
 
 def set_training_nice(nice: int | None) -> None:
-    """Set this process's niceness increment for training child processes (None: back to the environment's).
+    """Set the niceness of this process's training child processes (None: back to the environment's).
 
     Runners already started are reniced before their next job.
 
@@ -128,12 +127,13 @@ def niceness(pid: int = 0) -> int:
 
 
 def target_niceness(nice: int) -> int:
-    """The niceness the increment ``nice`` means: this process's niceness when sisa loaded, plus ``nice``, at most 19.
+    """The niceness the setting ``nice`` means here: ``nice``, or this process's own if that is higher.
 
-    Counted from the start, not from now, so a ``sisa`` command that niced itself (:func:`apply_here`)
-    gives its training children the same niceness, not twice the increment.
+    A process that runs niced already (started under ``nice``, or a ``sisa`` command that niced
+    itself with :func:`apply_here`) never gets children at a higher priority than its own: they
+    inherit its niceness, and an unprivileged process could not lower theirs anyway.
     """
-    return min(MAX_NICE, _BASE + nice)
+    return min(MAX_NICE, max(niceness(), nice))
 
 
 def apply_here(nice: int) -> bool:
@@ -143,10 +143,11 @@ def apply_here(nice: int) -> bool:
     lowers its own priority; a library caller's process is never reniced.
 
     Returns:
-        False if that needs a lower niceness than the process has (a warm worker niced by an
-        earlier command), which an unprivileged process may not set; it then keeps its own.
+        True if the process runs at ``nice`` now; False if it runs at a higher niceness already (a
+        warm worker that an earlier command niced: no process may lower it without privilege).
     """
-    return renice(os.getpid(), nice)
+    renice(os.getpid(), nice)
+    return niceness() == min(MAX_NICE, nice)
 
 
 def renice(pid: int, nice: int) -> bool:
