@@ -104,7 +104,7 @@ class LocalRunner:
             self._nice = priority.training_nice()
             if self._nice:
                 priority.renice(self._child.pid, self._nice)
-                log.info("training child %d runs at niceness %d", self._child.pid, priority.niceness(self._child.pid))
+                log.info("training child %d runs niced (setting %d)", self._child.pid, self._nice)
         return self._child
 
     def _renice(self) -> None:
