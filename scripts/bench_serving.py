@@ -13,7 +13,13 @@ One trained store, one local Ray instance, one Ray Serve (HTTP on loopback), sid
   retrain), from a writable handle in a child process (a deleting client is not the HTTP
   clients' process), warmed up by one deletion before the load starts (its training runner is
   a Python child that imports torch: seconds of CPU that a running deleter paid long before);
+  each policy runs twice, the deleting process at niceness 0 (the default) and at ``--nice``
+  (default 10: the process and its training child, as ``sisa delete --nice 10`` runs,
+  :mod:`sisa.train.priority`);
 * **exclude again, deletions in the clients' process**: the first runs' setup, for comparison.
+
+Every client sends the same ``--batch`` images as JSON (``--body json``, the default) or as an
+``.npy`` body of float32 (``--body npy``); the plain model takes either.
 
 Where the time goes: each response carries the replica's ``Server-Timing`` (``body``: receiving
 it from Serve's proxy, ``predict``: the models, ``replica``: the whole handler); ``outside`` is
@@ -39,9 +45,10 @@ the wait for the replicas, and the provenance check of ``scripts/soak.py`` (``se
 no response that started after a request's confirmation used a checkpoint it retired.
 JSON plus a PNG beside it.
 
-Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 4 minutes)::
+Full run (Fashion-MNIST, MLP 784-128-10, S=8, R=4, 6,000 training images; about 5 minutes each)::
 
     .venv/bin/python scripts/bench_serving.py --out docs/bench/bench_serving.json
+    .venv/bin/python scripts/bench_serving.py --body npy --out docs/bench/bench_serving_npy.json
 
 Quick smoke run (``configs/tiny.yaml``)::
 
@@ -93,9 +100,25 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--events", type=int, default=None, help="deletion requests per policy (default 8; quick 3)")
     parser.add_argument("--every", type=float, default=3.0, help="seconds between deletion requests")
     parser.add_argument("--ids-per-request", type=int, default=2)
+    parser.add_argument(
+        "--body", choices=("json", "npy"), default="json", help="request body of every client: JSON or .npy (float32)"
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="training niceness of the extra arms (the deleting process's retrains, sisa.train.priority); "
+        "the first arms train at 0, the default",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/bench_serving.json"))
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--series", type=Path, default=None, help="also write every response (start, end, status, timing) as JSON here"
+    )
+    parser.add_argument(
+        "--arms", default=None, help="';'-separated names of the deletion arms to run (default all; for exploring)"
+    )
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args(argv)
 
@@ -190,9 +213,15 @@ def plain_deployment(cfg: Any, shape: tuple[int, ...]) -> Any:
             self.model = build_shard_model(cfg, shape, cfg.data.num_classes).eval()
 
         async def __call__(self, request: Request) -> JSONResponse:
+            import io
+
             import torch
 
-            x = torch.tensor(json.loads(await request.body())["features"], dtype=torch.float32)
+            raw = await request.body()
+            if request.headers.get("content-type", "").startswith("application/x-npy"):
+                x = torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
+            else:
+                x = torch.tensor(json.loads(raw)["features"], dtype=torch.float32)
             with torch.inference_mode():
                 p = torch.softmax(self.model(x), dim=1)
             return JSONResponse({"labels": p.argmax(1).tolist(), "probabilities": p.tolist()})
@@ -249,14 +278,19 @@ def stream(
     return records
 
 
-def _stream_child(store: Path, base: str, warm_ids: list[int], inbox: Any, outbox: Any) -> None:
+def _stream_child(store: Path, base: str, warm_ids: list[int], nice: int, inbox: Any, outbox: Any) -> None:
     """:func:`stream` in a child process (a deleting client is not the HTTP clients' process).
 
     It warms up first, before the load starts: one deletion of ``warm_ids`` and its ``apply``
     start the process's training runner (a Python child that imports torch: seconds of CPU), as
     a deleting service that has been running has done long before. Then it waits for the
-    stream's arguments.
+    stream's arguments. It runs at niceness ``nice``, its training child too, as a ``sisa delete --nice``
+    command does (:mod:`sisa.train.priority`): the journal and the erasure as well as the retrain.
     """
+    from sisa.train.priority import apply_here, set_training_nice
+
+    apply_here(nice)
+    set_training_nice(nice)
     with Ensemble.open(store, address="local", lock_timeout=120) as ens:
         ens.delete(warm_ids, defer=True)
         ens.apply()
@@ -268,8 +302,8 @@ def _stream_child(store: Path, base: str, warm_ids: list[int], inbox: Any, outbo
 class Deleter:
     """The deletion stream of one arm: in this process (``inline``) or in a warmed-up child process."""
 
-    def __init__(self, inline: bool, store: Path, base: str, warm_ids: list[int]) -> None:
-        self.inline, self.store, self.base = inline, store, base
+    def __init__(self, inline: bool, store: Path, base: str, warm_ids: list[int], nice: int) -> None:
+        self.inline, self.store, self.base, self.nice = inline, store, base, nice
         if inline:  # this process's runner is warm from the fit
             return
         import multiprocessing
@@ -277,7 +311,7 @@ class Deleter:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Ray and client threads
         self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
         self._child = ctx.Process(
-            target=_stream_child, args=(store, base, warm_ids, self._inbox, self._outbox), name="bench-deleter"
+            target=_stream_child, args=(store, base, warm_ids, nice, self._inbox, self._outbox), name="bench-deleter"
         )
         self._child.start()
         if self._outbox.get(timeout=600) != "ready":
@@ -286,7 +320,10 @@ class Deleter:
     def run(self, t0: float, events: int, every: float, per: int, pool: list[int]) -> list[dict[str, Any]]:
         """:func:`stream`'s records."""
         if self.inline:
-            return stream(self.store, self.base, t0, events, every, per, pool)
+            from sisa.train.priority import training_nice_as
+
+            with training_nice_as(self.nice):
+                return stream(self.store, self.base, t0, events, every, per, pool)
         self._inbox.put((t0, events, every, per, pool))
         records: list[dict[str, Any]] = self._outbox.get(timeout=1800)
         self._child.join(60)
@@ -341,6 +378,7 @@ def run(args: Any) -> dict[str, Any]:
     x = np.asarray(test.x[: args.batch], dtype=np.float32)
     features = x.tolist()
     out: dict[str, Any] = {**run_header(config, overrides, args.quick, cfg), "machine": machine_info()}
+    out["body"] = args.body
     with run_folder(args.workdir, "bench_serving-") as work:
         store = work / "store"
         t = time.perf_counter()
@@ -363,7 +401,7 @@ def run(args: Any) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
 
         def loaded(url: str, seconds: float) -> dict[str, Any]:
-            load = Load(url, features, clients=args.clients).start()
+            load = Load(url, features, clients=args.clients, body=args.body).start()
             time.sleep(seconds)
             load.stop()
             return summary(load, 1.0, seconds)  # the first second warms up
@@ -373,22 +411,30 @@ def run(args: Any) -> dict[str, Any]:
         print(f"plain: {out['plain_serve']['throughput_rps']:.1f}/s, ensemble: {out['steady']['throughput_rps']:.1f}/s")
 
         rng = np.random.default_rng(0)
-        pool = rng.choice(np.asarray(train.ids), size=3 * (events + 1) * args.ids_per_request, replace=False).tolist()
         out["policies"] = {}
         series: dict[str, Any] = {}
         # The policies' arms delete from a child process, as a deleting client would; the last arm repeats
         # `exclude` with the deletions in this process, beside the HTTP clients' threads (the setup of the
         # first runs), to show what sharing the clients' process and GIL adds to their latency.
-        for arm, policy, inline in (
-            ("exclude", "exclude", False),
-            ("serve-clean", "serve-clean", False),
-            ("exclude, deletions in the clients' process", "exclude", True),
-        ):
+        # Each policy twice: its retrains at niceness 0 (the default) and at --nice (sisa.train.priority), side by side.
+        arms = [
+            ("exclude", "exclude", False, 0),
+            (f"exclude, training at nice {args.nice}", "exclude", False, args.nice),
+            ("serve-clean", "serve-clean", False, 0),
+            (f"serve-clean, training at nice {args.nice}", "serve-clean", False, args.nice),
+            ("exclude, deletions in the clients' process", "exclude", True, 0),
+        ]
+        if args.nice == 0:
+            arms = [a for a in arms if a[0] == a[1] or a[2]]
+        wanted = args.arms.split(";") if args.arms else [a[0] for a in arms]
+        size = len(arms) * (events + 1) * args.ids_per_request
+        pool = rng.choice(np.asarray(train.ids), size=size, replace=False).tolist()
+        for arm, policy, inline, nice in (a for a in arms if a[0] in wanted):
             with Ensemble.open(store, address="local", lock_timeout=120) as ens:
                 ens.reconfigure(load_config(config, [*overrides, f"unlearn.policy={policy}"]))
             get(f"{base}/await?timeout=60", timeout=120)
-            deleter = Deleter(inline, store, base, [pool.pop() for _ in range(args.ids_per_request)])
-            load = Load(f"{base}/predict", features, clients=args.clients).start()
+            deleter = Deleter(inline, store, base, [pool.pop() for _ in range(args.ids_per_request)], nice)
+            load = Load(f"{base}/predict", features, clients=args.clients, body=args.body).start()
             time.sleep(2.0)
             chunk = [pool.pop() for _ in range(events * args.ids_per_request)]
             records = deleter.run(load.t0, events, args.every, args.ids_per_request, chunk)
@@ -401,9 +447,16 @@ def run(args: Any) -> dict[str, Any]:
             result = {"load": summary(load, 0.0, load.now(), windows, busy), **forget_times(records, reader, policy)}
             result["policy"] = policy
             result["deleter"] = "the clients' process" if inline else "a child process"
+            result["train_nice"] = nice
             result["requests"] = records
             out["policies"][arm] = result
-            series[arm] = {"records": load.records, "windows": windows}
+            series[arm] = {
+                "records": load.records,
+                "windows": windows,
+                "busy": busy,
+                "requests": records,
+                "t0": load.t0,
+            }
             f = result
             swaps, steady = f["load"]["latency_ms_during_swaps"], out["steady"]["latency_ms"]
             calm = f["load"]["latency_ms_outside_swaps"]
@@ -416,7 +469,7 @@ def run(args: Any) -> dict[str, Any]:
                 else None
             )
             print(
-                f"{arm}: p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
+                f"{arm} (training nice {nice}): p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
                 f"({ratio or float('nan'):.2f}x steady, n={swaps['n']}; "
                 f"{f['load']['p99_swaps_over_outside'] or float('nan'):.2f}x this arm's p99 outside deletions; "
                 f"whole deletions incl. apply {f['load']['p99_deletions_over_outside'] or float('nan'):.2f}x); "
@@ -435,8 +488,14 @@ def run(args: Any) -> dict[str, Any]:
 def plot(res: dict[str, Any], path: Path) -> None:
     """Latency over time per policy (swap windows shaded) and the side-by-side throughput/latency bars."""
     plt = pyplot()
-    fig, axes = plt.subplots(3, 1, figsize=(11, 11))
-    for ax, policy in zip(axes[:2], ("exclude", "serve-clean"), strict=True):
+    series = [arm for arm, p in res["policies"].items() if p["deleter"] == "a child process"]
+    rows = (len(series) + 1) // 2
+    fig = plt.figure(figsize=(14, 3.6 * rows + 4))
+    grid = fig.add_gridspec(rows + 1, 2)
+    axes = [fig.add_subplot(grid[i // 2, i % 2]) for i in range(len(series))]
+    bars = fig.add_subplot(grid[rows, :])
+    top = max((r[1] - r[0]) * 1e3 for arm in series for r in res["_series"][arm]["records"] if r[2] == 200)
+    for ax, policy in zip(axes, series, strict=True):
         s = res["_series"][policy]
         for a, b in s["windows"]:
             ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
@@ -446,14 +505,21 @@ def plot(res: dict[str, Any], path: Path) -> None:
         if bad:
             ax.plot(bad, [1.0] * len(bad), "x", color="red", label="non-200")
         ax.set_yscale("log")
+        ax.set_ylim(10, top * 1.2)  # one scale for every arm
         ttf = res["policies"][policy]["ttf_confirmed_s"]
         ax.set_title(
-            f"{policy}: latency; shaded = delete returned -> every replica confirmed (ttf p99 {ttf['p99']:.2f}s)"
+            f"{policy}: latency; shaded = delete returned -> confirmed (ttf p99 {ttf['p99']:.2f}s)", fontsize=9
         )
         ax.set_xlabel("seconds")
         ax.set_ylabel("ms")
         ax.legend(fontsize=7)
-    names = ["in-process", "plain Serve", "sisa steady", "exclude", "serve-clean", "exclude,\ninline deleter"]
+    short = {"deletions in the clients' process": "inline deleter", "training at ": ""}
+    labels = []
+    for arm in res["policies"]:
+        for old, new in short.items():
+            arm = arm.replace(old, new)
+        labels.append(arm.replace(", ", ",\n"))
+    names = ["in-process", "plain Serve", "sisa steady", *labels]
     arms = [
         res["in_process"],
         res["plain_serve"],
@@ -464,13 +530,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
     p99 = [a["latency_ms"]["p99"] for a in arms]
     swaps = [0.0] * 3 + [a["latency_ms_during_swaps"]["p99"] or 0.0 for a in arms[3:]]
     pos = np.arange(len(names))
-    axes[2].bar(pos - 0.27, p50, 0.27, label="p50")
-    axes[2].bar(pos, p99, 0.27, label="p99")
-    axes[2].bar(pos + 0.27, swaps, 0.27, label="p99 during swaps")
-    axes[2].set_xticks(pos, names, fontsize=8)
-    axes[2].set_ylabel("latency (ms)")
-    axes[2].legend()
-    save_figure(fig, path, "bench_serving: latency side by side, one run")
+    bars.bar(pos - 0.27, p50, 0.27, label="p50")
+    bars.bar(pos, p99, 0.27, label="p99")
+    bars.bar(pos + 0.27, swaps, 0.27, label="p99 during swaps")
+    bars.set_xticks(pos, names, fontsize=8)
+    bars.set_ylabel("latency (ms)")
+    bars.legend()
+    save_figure(fig, path, f"bench_serving: latency side by side, one run ({res['body']} request bodies)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     res["ok"] = ok
 
-    write_results(args.out, {k: v for k, v in res.items() if k != "_series"}, lambda png: plot(res, png))
+    if args.series is not None:
+        args.series.parent.mkdir(parents=True, exist_ok=True)
+        args.series.write_text(json.dumps(res["_series"]))
+    draw = None if args.arms else lambda png: plot(res, png)  # the figure shows every arm
+    write_results(args.out, {k: v for k, v in res.items() if k != "_series"}, draw)
     return 0 if ok else 1
 
 

@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from sisa.cli.exits import EXIT_BROKEN_PIPE, EXIT_ERROR, Terminated, exit_code_of
 
 __all__ = ["interrupted_message", "run_command"]
+
+log = logging.getLogger(__name__)
 
 # Each command's module and function, imported only when that command runs: `sisa status` never
 # loads what `sisa train` needs.
@@ -68,6 +71,33 @@ def _command(args: argparse.Namespace) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+@contextlib.contextmanager
+def _niced(args: argparse.Namespace) -> Iterator[None]:
+    """A command that may train (``--nice``) runs at its niceness, this process and its training children alike.
+
+    The command is the training job (it usually trains in place), so it lowers its own priority
+    (never raises it: a process may not lower its niceness without privilege); per command, since a
+    warm worker runs many.
+    """
+    from sisa.train import priority
+
+    if not hasattr(args, "nice"):  # a command that never trains
+        yield
+        return
+    nice = priority.training_nice() if args.nice is None else args.nice
+    if not priority.apply_here(nice):
+        # Started under `nice`, or a warm worker that an earlier --nice command started niced: loud only when asked.
+        (log.warning if args.nice is not None else log.info)(
+            "this process runs at niceness %d, above the %d asked for, and may not lower it (it started niced, or it "
+            "is a warm worker that an earlier --nice command started)",
+            priority.niceness(),
+            nice,
+        )
+    log.info("this command runs at niceness %d (--nice %d)", priority.niceness(), nice)
+    with priority.training_nice_as(nice):
+        yield
+
+
 def run_command(args: argparse.Namespace, *, own_process: bool) -> int:
     """Run the parsed command ``args`` and return its exit code (printing its result or its error).
 
@@ -94,7 +124,8 @@ def run_command(args: argparse.Namespace, *, own_process: bool) -> int:
     try:
         try:
             ray_log = RayLog.start(args.command, args.verbose)
-            result = _command(args)(args)
+            with _niced(args):
+                result = _command(args)(args)
         finally:
             ray_logged = ray_log is not None and ray_log.stop()
     except (KeyboardInterrupt, Terminated) as interrupt:

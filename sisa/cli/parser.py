@@ -96,6 +96,22 @@ class _QuietParser(_Parser):
         raise ParseError("help asked for")  # printed by the command itself, once
 
 
+def _nice(text: str) -> int:
+    from sisa.errors import ConfigError
+    from sisa.train.priority import check_nice
+
+    try:
+        return check_nice(text, "--nice")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+NICE_HELP = (
+    "CPU niceness of this command and its training child processes (0-19; default $SISA_TRAIN_NICE, else 0): a "
+    "retrain yields the cores to serving on the same node; Ray tasks are not niced"
+)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -134,11 +150,15 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     )
     ray_opt = cls(add_help=False)
     ray_opt.add_argument("--address", default=None, help=ADDRESS_HELP)
+    trainer = cls(add_help=False)  # the commands that may train
+    trainer.add_argument("--nice", type=_nice, default=None, metavar="N", help=NICE_HELP)
 
     parser = cls(prog="sisa", description="Exact machine unlearning with SISA training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cls)
 
-    train = sub.add_parser("train", parents=[common, ray_opt, writer], help="ingest the configured data and train")
+    train = sub.add_parser(
+        "train", parents=[common, ray_opt, trainer, writer], help="ingest the configured data and train"
+    )
     train.add_argument("--config", help="YAML config (e.g. configs/fashion_mnist.yaml)")
     train.add_argument("--core-ids", metavar="FILE", help=CORE_HELP)
     train.add_argument(
@@ -151,7 +171,9 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     )
     sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
 
-    de = sub.add_parser("delete", parents=[common, ray_opt, writer], help="forget samples: erase now, retrain, certify")
+    de = sub.add_parser(
+        "delete", parents=[common, ray_opt, trainer, writer], help="forget samples: erase now, retrain, certify"
+    )
     de.add_argument("--ids", nargs="+", metavar="ID", help="sample ids to delete, separated by spaces")
     de.add_argument("--ids-file", metavar="FILE", help=IDS_FILE_HELP)
     de.add_argument(
@@ -163,10 +185,12 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         "--defer", action="store_true", help="journal and erase now (keys destroyed); retrain with `sisa apply` later"
     )
 
-    sub.add_parser("apply", parents=[common, ray_opt, writer], help="apply deferred deletions as one batch")
+    sub.add_parser("apply", parents=[common, ray_opt, trainer, writer], help="apply deferred deletions as one batch")
     sub.add_parser("pending", parents=[common], help="deletion requests not yet applied")
 
-    ve = sub.add_parser("verify", parents=[common, ray_opt], help="retrain from scratch; bit-identical or fail")
+    ve = sub.add_parser(
+        "verify", parents=[common, ray_opt, trainer], help="retrain from scratch; bit-identical or fail"
+    )
     ve.add_argument("--shard", type=int, action="append", help="shard to verify (repeatable; default all)")
 
     au = sub.add_parser(
@@ -206,7 +230,9 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     ke.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
     ad = sub.add_parser(
-        "add", parents=[common, ray_opt, writer], help="add samples (npz, CSV or IDX) as new slices and train them"
+        "add",
+        parents=[common, ray_opt, trainer, writer],
+        help="add samples (npz, CSV or IDX) as new slices and train them",
     )
     ad.add_argument(
         "--input",
@@ -218,7 +244,9 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     ad.add_argument("--labels", help="IDX labels file for IDX images")
     ad.add_argument("--core-ids", metavar="FILE", help=CORE_HELP + "; the backbone and every shard retrain")
 
-    sub.add_parser("resume", parents=[common, ray_opt, writer], help="finish interrupted deletions and training")
+    sub.add_parser(
+        "resume", parents=[common, ray_opt, trainer, writer], help="finish interrupted deletions and training"
+    )
 
     do = sub.add_parser(
         "domains", parents=[ray_opt], help="determinism domains of the nodes, and which shards need which"

@@ -100,7 +100,7 @@ class Follower:
         # The publisher sends refs only for the keys this replica did not hold when it polled.
         missing = {key: ref for key, ref in reply["refs"].items() if key not in cache}
         blobs = dict(zip(missing, ray.get(list(missing.values())), strict=True)) if missing else {}
-        view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache, self.device)
+        view = ModelView(reply["version"], reply["digest"], reply["state"], blobs, cache, self.device, previous=old)
         self._view = view  # the swap: one assignment, after the build
         self.swaps += 1
         self.publisher_pid = int(reply.get("pid", 0))

@@ -181,8 +181,12 @@ class ModelView:
         weights: dict[str, bytes],
         cache: dict[str, nn.Module] | None = None,
         device: str = "cpu",
+        previous: ModelView | None = None,
     ) -> None:
         """Build the models of ``state`` from ``weights`` (key -> bytes), reusing ``cache`` (key -> model).
+
+        With ``previous`` (the view this one replaces) an unchanged stored config is not parsed again:
+        a swap that only takes shards out (``exclude``) then builds nothing but the new entries.
 
         New models (and a new backbone) go to ``device``; cached ones are there already (a replica
         keeps one device for its life). Inputs follow the models' device in
@@ -196,7 +200,11 @@ class ModelView:
         self.version = version
         self.digest = digest
         self.device = device
-        self.config: SisaConfig = config_from_stored(state["config"])
+        self._stored_config: dict[str, Any] = state["config"]
+        if previous is not None and previous._stored_config == state["config"]:
+            self.config: SisaConfig = previous.config  # frozen dataclasses: shared, never changed
+        else:
+            self.config = config_from_stored(state["config"])
         self.meta: dict[str, Any] = state["meta"]
         self.entries = [ShardEntry(**{k: v for k, v in e.items() if k != "stage"}) for e in state["shards"]]
         shape = tuple(self.meta.get("feature_shape") or ())

@@ -135,7 +135,12 @@ class StorePublisher:
         """
         deadline = time.monotonic() + timeout
         with self._cond:
+            previous = self._replicas.get(replica)
             self._replicas[replica] = {"seen": time.monotonic(), "version": have}
+            if previous is None or previous["version"] != have:
+                # A replica that reports a version it did not serve before may be the one a confirm() waits for:
+                # wake it now, not at its next one-second check (that second was most of time-to-forget).
+                self._cond.notify_all()
             while self._version == have:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -175,7 +180,8 @@ class StorePublisher:
                 if now >= deadline:
                     ok = False
                     break
-                # Woken by every poll; a lapsing lease is noticed within a second.
+                # Woken by every publication and by every poll that reports a new version; a lapsing lease is
+                # noticed within a second.
                 self._cond.wait(min(1.0, deadline - now))
         return {
             "ok": ok,

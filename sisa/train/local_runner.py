@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from sisa.errors import SisaError, TrainingError
 from sisa.train import domain as domains
+from sisa.train import priority
 from sisa.train.trainer import ShardJob, StageResult, train_shard
 
 __all__ = ["LocalRunner", "close_all", "materialise", "pool", "shared", "warm_children"]
@@ -75,6 +76,7 @@ class LocalRunner:
         # child=True: always a child process, also when this one is pinned (one of parallel_runner's slots).
         self.in_process = not child and domains.pinned_from_start(cpu_isa, device)
         self._child: subprocess.Popen[bytes] | None = None
+        self._nice: int | None = None  # the niceness setting the child runs at (sisa.train.priority)
         self._domain: domains.Domain | None = None
 
     def __enter__(self) -> LocalRunner:
@@ -98,9 +100,29 @@ class LocalRunner:
                 stdout=subprocess.PIPE,
                 env=env,
             )
+            # Before it imports torch (seconds away): every thread it starts inherits the niceness.
+            self._nice = priority.training_nice()
+            if self._nice:
+                priority.renice(self._child.pid, self._nice)
+                log.info("training child %d runs niced (setting %d)", self._child.pid, self._nice)
         return self._child
 
+    def _renice(self) -> None:
+        """Apply the current :func:`sisa.train.priority.training_nice` to a running child before a job.
+
+        Raising a niceness is always allowed; lowering it is not (unprivileged), so a child that
+        must run at a higher priority than it does is replaced by a fresh one.
+        """
+        nice = priority.training_nice()
+        if self._child is None or nice == self._nice:
+            return
+        if priority.renice(self._child.pid, nice):
+            self._nice = nice
+        else:
+            self.close()
+
     def _call(self, message: Any) -> Iterator[Any]:
+        self._renice()
         child = self._start()
         assert child.stdin is not None and child.stdout is not None
         answered = False

@@ -225,6 +225,7 @@ class Load:
     url: str
     features: list[list[float]]
     clients: int = 2
+    body: str = "json"  # or "npy": the features as np.save's float32 bytes (Content-Type: application/x-npy)
     t0: float = field(default_factory=time.monotonic)
     # start, end, status, provenance, the replica's Server-Timing (ms)
     records: list[tuple[float, float, int, dict[str, str], dict[str, float]]] = field(default_factory=list)
@@ -232,12 +233,23 @@ class Load:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
+    def _encoded(self) -> tuple[bytes, str]:
+        if self.body == "npy":
+            import io
+
+            import numpy as np
+
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(self.features, dtype=np.float32), allow_pickle=False)
+            return buf.getvalue(), "application/x-npy"
+        return json.dumps({"features": self.features}).encode(), "application/json"
+
     def _client(self) -> None:
-        body = json.dumps({"features": self.features}).encode()
+        body, content_type = self._encoded()
         while not self._stop.is_set():
             start = time.monotonic() - self.t0
             try:
-                status, out, timing = post_timed(self.url, body, timeout=60)
+                status, out, timing = post_timed(self.url, body, content_type, timeout=60)
             except OSError as exc:  # connection refused or reset: counted as an error
                 status, out, timing = 0, {"error": str(exc)}, {}
             end = time.monotonic() - self.t0
