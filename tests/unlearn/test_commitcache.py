@@ -236,3 +236,25 @@ def test_a_receipt_from_a_shard_of_more_than_256_buckets_verifies(tmp_path: Path
         receipt = ens.receipt(69_999)
         assert receipt["shards"][0]["absent"]["buckets"] == 512
         assert verify_receipt(receipt, load_signer().verifier)
+
+
+def test_a_damaged_cached_slice_under_a_deletion_is_never_published_wrong(tmp_path: Path, counted: list[int]) -> None:
+    x, y = blobs(600, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        ens.fit()
+        store = ens.store
+        shard, slice_ = ens.locate([77])[77][:2]
+        key = shard.to_bytes(4, "big") + b"s" + slice_.to_bytes(4, "big")
+
+        def damage(txn: Any) -> None:  # another id of the same slice replaced by one the store never had
+            db = store.db(COMMITS_DB)
+            words = np.frombuffer(bytes(txn.get(key, db=db)), ">u8").copy()
+            other = int(np.flatnonzero(words != 77)[-1])  # its largest: the words stay sorted, as the journal needs
+            words[other] = 10_000_000
+            txn.put(key, words.tobytes(), db=db)
+
+        store.write(damage)
+        ens.delete([77])  # the journal takes 77 out of the damaged words; publication finds the digest wrong
+        check_all(store)
+        assert len(counted) == 4  # that shard once more from scratch, the others untouched
