@@ -39,7 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, loadavg, machine_info, pyplot, run_folder, save_figure, script_parser, usable_cpus  # noqa: E402
 
-from sisa.config.settings import SisaConfig, load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402

@@ -66,7 +66,7 @@ import lmdb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info, run_folder, script_parser, stage_records, start_ray  # noqa: E402
 
-from sisa.config.settings import load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
 from sisa.data.arrays import LabeledArrays  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402

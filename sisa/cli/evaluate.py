@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sisa.cli.format import progress_bar, table
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.evaluate.approximate import APPROXIMATE_METHODS
 from sisa.evaluate.harness import (
     METHODS,

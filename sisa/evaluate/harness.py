@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.data.inputs import as_model_inputs
 from sisa.data.loaders import load_split

@@ -22,7 +22,7 @@ from sisa.config.settings import SisaConfig
 from sisa.data.inputs import model_inputs
 from sisa.errors import IntegrityError, StoreChangedError, StoreError
 from sisa.store.cipher import OVERHEAD, TOKEN_SIZE, new_key, new_token, open_record, seal_record, seal_records
-from sisa.store.digests import sha256
+from sisa.store.digests import recipe_digest, sha256
 from sisa.store.environment import Tables
 
 if TYPE_CHECKING:
@@ -360,9 +360,9 @@ class Records:
         stored stage has, so nothing counts as trained until the backbone exists.
         """
         if not config.backbone.enabled:
-            return config.recipe_digest()
+            return recipe_digest(config)
         record = self.meta(txn).get("backbone")
-        return config.recipe_digest(record["digest"] if record else "none stored")
+        return recipe_digest(config, record["digest"] if record else "none stored")
 
     def backbone_bytes(self, txn: lmdb.Transaction) -> tuple[dict[str, Any], bytes] | None:
         """The shared backbone's record (meta ``backbone``) and its bytes, checked; None if none is stored.

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.errors import DataError
 from sisa.store.digests import manifest_digest
 from sisa.train.backbone import Backbone, build_network, feature_width, freeze

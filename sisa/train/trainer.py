@@ -31,7 +31,7 @@ from torch import nn
 from sisa.config.settings import SisaConfig
 from sisa.errors import DomainMismatchError, GpuMemoryError, IntegrityError, TrainingError
 from sisa.partition.assign import splitmix64
-from sisa.store.digests import checkpoint_key, manifest_digest, sha256, weights_digest
+from sisa.store.digests import checkpoint_key, manifest_digest, recipe_digest, sha256, weights_digest
 from sisa.train import domain as domains
 from sisa.train import gpu
 from sisa.train.adapters import AdaptedModel, build_shard_model
@@ -473,7 +473,7 @@ def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None
     if job.backbone is not None:
         job.backbone.check()  # the bytes the recipe names, whatever carried them here
         frozen = job.backbone.module if device.type == "cpu" else copy.deepcopy(job.backbone.module).to(device)
-    recipe_digest = cfg.recipe_digest(job.backbone.digest if job.backbone is not None else None)
+    recipe = recipe_digest(cfg, job.backbone.digest if job.backbone is not None else None)
     epochs = cfg.train.stage_epochs(cfg.slices)
 
     torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
@@ -496,7 +496,7 @@ def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None
         with deterministic(cfg.resources.threads_per_shard, device), _out_of_memory(job, stage, cap):
             before = rows.feature_seconds
             rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
-            result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
+            result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe, epochs, here)
         if rows.feature_seconds > before:  # the feature pass of the slices this stage loaded is its compute too
             result = dataclasses.replace(result, seconds=result.seconds + rows.feature_seconds - before)
         if cap is not None:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from sisa.cli.main import main
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
