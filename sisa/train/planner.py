@@ -24,7 +24,7 @@ from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
 from sisa.store.digests import checkpoint_key, manifest_digest, sha256
 from sisa.store.erasure import erase
-from sisa.store.records import BACKBONE_PREFIX
+from sisa.store.layout import BACKBONE_PREFIX
 from sisa.train import backbone as backbones
 from sisa.train import runner_choice
 from sisa.train.backbone import Backbone

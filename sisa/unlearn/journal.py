@@ -21,7 +21,7 @@ import lmdb
 from sisa.errors import StoreError
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
-from sisa.store.records import id_key, shard_key, stage_key
+from sisa.store.layout import id_key, shard_key, stage_key
 from sisa.train.domain import domain_id
 
 __all__ = ["mark_applied", "mark_erased", "pending", "record_request", "requests", "unerased"]
