@@ -44,7 +44,7 @@ from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402
-from sisa.train.trainer import ShardJob, StageResult  # noqa: E402
+from sisa.train.jobs import ShardJob, StageResult  # noqa: E402
 
 MODES = ("eager", "lazy", "streamed", "streamed+limit")
 MB = 1024 * 1024

@@ -20,6 +20,7 @@ from sisa.config.settings import ResourcesConfig
 from sisa.errors import ConfigError
 from sisa.train import local_runner, parallel_runner, routing, runner_choice
 from sisa.train.domain import pinned_from_start
+from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.ray_runner import RemoteSlices, Retry, Unavailable, gpu_assignment_problem, refuse, run_jobs, ship
 from sisa.train.ray_session import (
     LOCAL,
@@ -30,7 +31,6 @@ from sisa.train.ray_session import (
     shutdown,
     started_local_instance,
 )
-from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = [
     "LOCAL",

@@ -30,8 +30,8 @@ from sisa.train import runner_choice
 from sisa.train.backbone import Backbone
 from sisa.train.core import core_source_key, train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
+from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.slices import StoredSlices
-from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = ["FitReport", "Planner", "stage_record"]
 

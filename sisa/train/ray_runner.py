@@ -35,7 +35,8 @@ from sisa.config.settings import ResourcesConfig
 from sisa.errors import DomainUnavailableError, GpuMemoryError, SisaError, TrainingError
 from sisa.train import gpu, routing
 from sisa.train.domain import Domain, unavailable_message
-from sisa.train.trainer import LazySlices, ShardJob, SliceData, StageResult, train_shard
+from sisa.train.jobs import LazySlices, ShardJob, SliceData, StageResult
+from sisa.train.trainer import train_shard
 
 __all__ = ["RemoteSlices", "Retry", "Unavailable", "gpu_assignment_problem", "refuse", "run_jobs", "ship"]
 
@@ -92,7 +93,7 @@ class RemoteSlices(LazySlices):
     next slice overlaps the training of this stage. Only the refs are pickled.
 
     Args:
-        refs: One object ref per slice, each holding a :class:`~sisa.train.trainer.SliceData`.
+        refs: One object ref per slice, each holding a :class:`~sisa.train.jobs.SliceData`.
     """
 
     def __init__(self, refs: Sequence[Any]) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 
 from sisa.errors import DataError
 from sisa.train.domain import Domain, domain_id, unavailable_message
+from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.planner import Planner, Progress
-from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = ["verify"]
 

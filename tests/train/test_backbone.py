@@ -20,7 +20,8 @@ from sisa.errors import ConfigError, CoreSetError, DataError, IntegrityError, Mo
 from sisa.serve import aggregate
 from sisa.store.digests import recipe, recipe_digest, weights_digest
 from sisa.train.adapters import AdaptedModel
-from sisa.train.trainer import load_checkpoint, train_shard
+from sisa.train.checkpoint import load_checkpoint
+from sisa.train.trainer import train_shard
 from tests.conftest import blobs, files_containing, live_state, nearest_centroid_accuracy, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

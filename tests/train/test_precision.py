@@ -20,7 +20,8 @@ from sisa.config.settings import TrainConfig
 from sisa.errors import ConfigError, TrainingError
 from sisa.store.digests import recipe, recipe_digest
 from sisa.train import orchestrator
-from sisa.train.trainer import load_checkpoint, nondeterministic_op, train_epochs, train_shard
+from sisa.train.checkpoint import load_checkpoint
+from sisa.train.trainer import nondeterministic_op, train_epochs, train_shard
 from tests.conftest import small_config
 from tests.train.test_trainer import make_job
 

@@ -16,8 +16,9 @@ from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, TrainingError
 from sisa.store.digests import recipe_digest
 from sisa.train import orchestrator
+from sisa.train.jobs import ShardJob, SliceData, StageResult
 from sisa.train.slices import StoredSlices
-from sisa.train.trainer import ShardJob, SliceData, StageResult, train_shard
+from sisa.train.trainer import train_shard
 from tests.conftest import blobs, live_state, small_config
 from tests.train.test_trainer import make_job
 
