@@ -71,7 +71,6 @@ _NPZ_FIX = "save it with np.savez(path, x=..., y=..., ids=...)"
 _ID_NAMES = frozenset({"id", "ids", "sample_id", "sample id"})
 
 
-# eq=False: the generated __eq__ would compare arrays elementwise and raise.
 def _head(data: LabeledArrays, limit: int | None) -> LabeledArrays:
     """The first ``limit`` samples, copied so that the full arrays can be freed."""
     if limit is None or limit >= len(data):

@@ -215,7 +215,8 @@ def abandon_local_instance() -> bool:
     """Kill the local Ray instance this process started, at once, without waiting for it to stop.
 
     For a command-line process about to exit (``os._exit``): ``ray.shutdown()`` stops the
-    instance gracefully and waits (about 1.4 s), which a finished command need not. Every
+    instance gracefully and waits (docs/benchmarks.md, "Start-up costs the command line is shaped
+    around"), which a finished command need not. Every
     process of the node (raylet, GCS, agents) and every descendant of theirs (workers, and
     whatever a task started) gets SIGKILL, so none is left running. Not for a library caller
     that goes on using Ray.
