@@ -343,6 +343,40 @@ class Planner:
             raise NotTrainedError(f"store {store.path} holds no samples; ingest data before fit")
         if refresh_backbone:
             self.ensure_backbone()
+        plan, total_slices, all_slices = self._stale(report, shards)
+        commit, unavailable = self._committer(report, total_slices, progress), self._rebinder(report)
+        jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
+        processes = None
+        if plan:
+            seconds = self.predicted_seconds(plan, dict(enumerate(all_slices)))
+            choice = orchestrator.plan_runner(self.address, len(plan), seconds, cfg.resources)
+            report.runner, processes = choice.runner, choice.processes
+            log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
+        retries = orchestrator.execute(
+            self.address, jobs, commit, unavailable, runner=report.runner, processes=processes
+        )
+        for shard, info in report.rebound.items():
+            with store.read() as txn:
+                info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))
+        report.retries = [asdict(r) for r in retries]
+        report.seconds = time.perf_counter() - started
+        log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
+        return report
+
+    def _stale(
+        self, report: FitReport, shards: Sequence[int] | None
+    ) -> tuple[list[tuple[int, int]], dict[int, int], list[list[np.ndarray]]]:
+        """The plan of a fit: ``(shard, stages still valid)`` of each shard to train, from one snapshot.
+
+        Empty and up-to-date shards go into ``report`` instead.
+
+        Returns:
+            The plan, each planned shard's number of slices, and every shard's slice ids.
+
+        Raises:
+            ConfigError: At the first fit, if a shard holds fewer samples than slices (or none).
+        """
+        cfg, store = self.config, self.store
         plan: list[tuple[int, int]] = []
         total_slices: dict[int, int] = {}
         with store.read() as txn:
@@ -366,6 +400,13 @@ class Planner:
                 # only later data, say): replay the last stage, which re-derives the same bytes.
                 plan.append((shard, min(done, len(slice_ids) - 1)))
                 total_slices[shard] = len(slice_ids)
+        return plan, total_slices, all_slices
+
+    def _committer(
+        self, report: FitReport, total_slices: Mapping[int, int], progress: Progress | None
+    ) -> Callable[[StageResult], None]:
+        """What commits each stage a fit receives (one write transaction each), counted in ``report``."""
+        store = self.store
 
         def commit(result: StageResult) -> None:
             record, last = stage_record(result), result.stage == total_slices[result.shard]
@@ -381,6 +422,12 @@ class Planner:
             if progress is not None:
                 progress(result)
 
+        return commit
+
+    def _rebinder(self, report: FitReport) -> Callable[[ShardJob, list[Domain]], ShardJob]:
+        """What a fit does with a job whose determinism domain has no node: refuse, or rebind it (in ``report``)."""
+        cfg, store = self.config, self.store
+
         def unavailable(job: ShardJob, available: list[Domain]) -> ShardJob:
             with store.read() as txn:
                 needed = (store.stage_record(txn, job.shard, job.start_stage) or {}).get("domain")
@@ -393,20 +440,4 @@ class Planner:
             report.rebound[job.shard] = {"from_domain": job.domain, "reason": reason}
             return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
 
-        jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
-        processes = None
-        if plan:
-            seconds = self.predicted_seconds(plan, dict(enumerate(all_slices)))
-            choice = orchestrator.plan_runner(self.address, len(plan), seconds, cfg.resources)
-            report.runner, processes = choice.runner, choice.processes
-            log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
-        retries = orchestrator.execute(
-            self.address, jobs, commit, unavailable, runner=report.runner, processes=processes
-        )
-        for shard, info in report.rebound.items():
-            with store.read() as txn:
-                info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))
-        report.retries = [asdict(r) for r in retries]
-        report.seconds = time.perf_counter() - started
-        log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
-        return report
+        return unavailable
