@@ -22,13 +22,11 @@ from sisa.config.settings import SisaConfig
 from sisa.errors import DomainUnavailableError, NotTrainedError, StoreError
 from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
-from sisa.store.digests import checkpoint_key, manifest_digest, sha256
-from sisa.store.erasure import erase
-from sisa.store.layout import BACKBONE_PREFIX
+from sisa.store.digests import checkpoint_key, manifest_digest
 from sisa.train import backbone as backbones
 from sisa.train import runner_choice
 from sisa.train.backbone import Backbone
-from sisa.train.core import core_source_key, train_core
+from sisa.train.core import train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
 from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.slices import StoredSlices
@@ -118,47 +116,14 @@ class Planner:
         return self._backbone
 
     def ensure_backbone(self) -> Backbone | None:
-        """Make the stored backbone the one the config names now, storing a new one if it changed.
-
-        ``pretrained``: the callable is called and its weights hashed; other weights replace
-        the stored ones. ``core``: a backbone whose source key (config, recipe, core ids)
-        differs is retrained on the core set. Either way the new digest changes the recipe,
-        so every per-shard checkpoint of the old backbone is stale and retrains.
+        """Make the stored backbone the one the config names now (:func:`sisa.train.backbone.ensure_stored`).
 
         Returns:
             The backbone (None when the config shares none).
         """
-        cfg, store = self.config, self.store
-        if not cfg.backbone.enabled:
+        if not self.config.backbone.enabled:
             return None
-        with store.read() as txn:
-            meta = store.meta(txn)
-            shape = tuple(meta["feature_shape"])
-            record = meta.get("backbone")
-            core = store.core_ids(txn) if cfg.backbone.source == "core" else None
-        if core is not None:
-            key = core_source_key(cfg, core)
-            if record is not None and record.get("source_key") == key:
-                with store.read() as txn:
-                    return self.backbone(txn)
-            with store.read() as txn:
-                x, y = store.load_samples(txn, core, shape, "the core set")
-            fresh = train_core(cfg, core, x, y, shape, cfg.data.num_classes)
-        else:
-            fresh = backbones.load_pretrained(cfg, shape)
-            if record is not None and record["digest"] == fresh.digest:
-                with store.read() as txn:
-                    return self.backbone(txn)
-        blob = backbones.encode(fresh)
-        new: dict[str, Any] = {"key": BACKBONE_PREFIX + fresh.digest, "sha256": sha256(blob), "digest": fresh.digest}
-        new.update(bytes=len(blob), **fresh.info)
-        sealed = store.seal_checkpoint(blob, new["key"])  # its key is committed first
-        store.write(lambda txn: store.put_backbone(txn, new, sealed))
-        # The replaced backbone's bytes stay in free pages until reused: destroying their key now (and
-        # compacting the key file) makes them unreadable at once, not at the next deletion's sweep.
-        erase(store, [])
-        log.info("stored a new %s backbone %s... (%d bytes)", cfg.backbone.source, fresh.digest[:16], len(blob))
-        self._backbone = Backbone(fresh.module, fresh.digest, new)
+        self._backbone = backbones.ensure_stored(self.store, self.config, self._backbone, train_core)
         return self._backbone
 
     def slice_counts(self, txn: Any) -> list[int]:
