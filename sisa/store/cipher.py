@@ -101,7 +101,8 @@ def seal_records(key: bytes, items: Sequence[tuple[bytes | memoryview, bytes]]) 
 
     Each nonce is still 96 fresh random bits (a slice of one ``os.urandom`` read is as random
     as a read of its own); one read per batch saves a system call per record, which showed in
-    re-encryption and ingest, where the cipher itself takes about a microsecond a record.
+    re-encryption and ingest, where the cipher itself costs little per record (docs/benchmarks.md,
+    "Erasure with AES-256-GCM against the keystream").
 
     Args:
         key: A :data:`KEY_SIZE`-byte key.

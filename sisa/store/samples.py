@@ -40,8 +40,9 @@ class RunCipher:
     """The keys of one membership run, ready to open and seal many of its samples.
 
     A run's samples share their associated data but for the id, so its tail (place and key
-    generation) is packed once per key, not once per record: at about a microsecond of cipher
-    per record, the Python around it is what re-encryption, ingest and reads wait on.
+    generation) is packed once per key, not once per record: the cipher costs so little per record
+    (docs/benchmarks.md, "Erasure with AES-256-GCM against the keystream") that the Python around
+    it is what re-encryption, ingest and reads wait on.
 
     Args:
         keys: The run's keys, newest first (each with the generation a seal is bound to).
