@@ -85,7 +85,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import CoreSetError  # noqa: E402

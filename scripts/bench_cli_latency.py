@@ -51,7 +51,7 @@ import sys
 if __name__ == "__main__" and not os.environ.get("SISA_BENCH_PINNED"):
     import argparse as _argparse
 
-    from sisa.config.settings import load_config as _load_config
+    from sisa.config.loader import load_config as _load_config
     from sisa.train.domain import pin_env as _pin_env
 
     _pre = _argparse.ArgumentParser(add_help=False)

@@ -54,10 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchlib import machine_info, pyplot, save_figure, script_parser  # noqa: E402
 
-from sisa.config.settings import load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.train import domain as domains  # noqa: E402
-from sisa.train.trainer import ShardJob, SliceData, train_shard  # noqa: E402
+from sisa.train.jobs import ShardJob, SliceData  # noqa: E402
+from sisa.train.trainer import train_shard  # noqa: E402
 
 LEVELS = domains.CPU_ISAS
 # The kernel level torch must report under each pinned level.

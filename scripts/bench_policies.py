@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info, pyplot, run_folder, save_figure, script_parser  # noqa: E402
 
-from sisa.config.settings import load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 

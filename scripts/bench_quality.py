@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
 from sisa.cli.evaluate import format_rows  # noqa: E402
-from sisa.config.settings import load_config  # noqa: E402
-from sisa.evaluate.harness import METHODS, evaluate, parse_forget, split_forgets  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.evaluate.forgets import METHODS, parse_forget, split_forgets  # noqa: E402
+from sisa.evaluate.harness import evaluate  # noqa: E402
 from sisa.evaluate.plot import plot_evaluation  # noqa: E402
 from sisa.evaluate.settings import load_evaluate_config  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402

@@ -79,7 +79,7 @@ from benchlib import (  # noqa: E402
 )
 from soak import keys_retired_by, percentiles, retired_keys, served_retired  # noqa: E402
 
-from sisa.config.settings import load_config  # noqa: E402
+from sisa.config import load_config  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from tests.serve.service import Load, free_port, get  # noqa: E402

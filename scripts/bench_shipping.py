@@ -39,11 +39,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import head, loadavg, machine_info, pyplot, run_folder, save_figure, script_parser, usable_cpus  # noqa: E402
 
-from sisa.config.settings import SisaConfig, load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402
-from sisa.train.trainer import ShardJob, StageResult  # noqa: E402
+from sisa.train.jobs import ShardJob, StageResult  # noqa: E402
 
 MODES = ("eager", "lazy", "streamed", "streamed+limit")
 MB = 1024 * 1024

@@ -48,7 +48,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchlib  # noqa: E402
 
-from sisa.config.settings import SisaConfig, load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.evaluate.monolithic import single_stage_job  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402

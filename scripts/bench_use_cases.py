@@ -41,8 +41,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info, script_parser  # noqa: E402
 
-from sisa.config.settings import config_to_dict, load_config  # noqa: E402
-from sisa.evaluate.harness import METHODS, evaluate, parse_forget, parse_methods  # noqa: E402
+from sisa.config.fields import config_to_dict  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.evaluate.forgets import METHODS, parse_forget, parse_methods  # noqa: E402
+from sisa.evaluate.harness import evaluate  # noqa: E402
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config  # noqa: E402
 from sisa.train import orchestrator  # noqa: E402
 

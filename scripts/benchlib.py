@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.data.loaders import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.evaluate.monolithic import usable_threads

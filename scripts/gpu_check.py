@@ -90,7 +90,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from sisa.config.settings import BackboneConfig, SisaConfig, config_to_dict, load_config  # noqa: E402
+from sisa.config.fields import config_to_dict  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import BackboneConfig, SisaConfig  # noqa: E402
 from sisa.data.loaders import FASHION_CACHE_DIR, FASHION_DEBIAN_DIR, LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import DataError, SisaError  # noqa: E402

@@ -66,17 +66,17 @@ import lmdb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info, run_folder, script_parser, stage_records, start_ray  # noqa: E402
 
-from sisa.config.settings import load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
 from sisa.data.arrays import LabeledArrays  # noqa: E402
 from sisa.data.loaders import load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.store import erasure  # noqa: E402
-from sisa.store.records import RUN_MAX, SEAL_OVERHEAD  # noqa: E402
+from sisa.store.layout import RUN_MAX, SEAL_OVERHEAD  # noqa: E402
 from sisa.train.models import build_model  # noqa: E402
 
 CONFIGS = {"mlp": "configs/fashion_mnist.yaml", "cnn": "configs/fashion_mnist_cnn.yaml"}
 MIN_SLOPE_SIZE = 12_000  # smaller stores give a noisy per-sample slope
-LABEL_BYTES = 4  # int32 label in a sample record (sisa.store.records._LABEL)
+LABEL_BYTES = 4  # int32 label in a sample record (sisa.store.layout.LABEL)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

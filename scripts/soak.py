@@ -91,7 +91,8 @@ from benchlib import (  # noqa: E402
     write_results,
 )
 
-from sisa.config.settings import SisaConfig, load_config  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
+from sisa.config.settings import SisaConfig  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.ensemble import Ensemble  # noqa: E402
 from sisa.errors import NotTrainedError  # noqa: E402

@@ -32,11 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import machine_info  # noqa: E402
 
-from sisa.config.settings import config_to_dict, load_config  # noqa: E402
+from sisa.config.fields import config_to_dict  # noqa: E402
+from sisa.config.loader import load_config  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
 from sisa.evaluate.approximate import APPROXIMATE_METHODS  # noqa: E402
-from sisa.evaluate.harness import MethodRow, Scorer, build_sets, model_fn, parse_forget, retrain_reference  # noqa: E402
+from sisa.evaluate.forgets import parse_forget  # noqa: E402
 from sisa.evaluate.monolithic import train_monolithic, usable_threads  # noqa: E402
+from sisa.evaluate.scoring import MethodRow, Scorer, model_fn, retrain_reference  # noqa: E402
+from sisa.evaluate.sets import build_sets  # noqa: E402
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config  # noqa: E402
 
 GRID: dict[str, dict[str, Sequence[Any]]] = {

@@ -31,8 +31,8 @@ from sisa import errors
 from sisa.errors import *  # noqa: F403 - the error types are light, and every caller may catch one
 
 if TYPE_CHECKING:  # what type checkers see of the lazily imported names below (explicit re-exports)
+    from sisa.config.loader import load_config as load_config
     from sisa.config.settings import SisaConfig as SisaConfig
-    from sisa.config.settings import load_config as load_config
     from sisa.data.loaders import LabeledArrays as LabeledArrays
     from sisa.data.loaders import as_arrays as as_arrays
     from sisa.data.loaders import load_split as load_split
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # what type checkers see of the lazily imported names below (
 # eager ``import sisa`` of the facade would defeat.
 _LAZY = {
     "SisaConfig": "sisa.config.settings",
-    "load_config": "sisa.config.settings",
+    "load_config": "sisa.config.loader",
     "LabeledArrays": "sisa.data.loaders",
     "as_arrays": "sisa.data.loaders",
     "load_split": "sisa.data.loaders",

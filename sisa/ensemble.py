@@ -15,7 +15,8 @@ import numpy as np
 from torch import nn
 
 from sisa import unlearn
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.config.stored import config_from_stored, refuse_config_at_open, require_config, require_same_fixed
 from sisa.data.arrays import check_labels
 from sisa.data.batches import DEFAULT_BATCH, Columns

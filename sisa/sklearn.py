@@ -74,7 +74,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from sisa import sklearn_preprocess as prep
-from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, load_config
+from sisa.config.fields import config_to_dict
+from sisa.config.loader import config_from_dict, load_config
+from sisa.config.settings import SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import StoreError
 from sisa.partition.assign import uniform_assignment

@@ -28,7 +28,9 @@ import torch
 from sklearn.base import clone
 from torch import nn
 
-from sisa.config.settings import ModelConfig, SisaConfig, config_from_dict, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.loader import config_from_dict
+from sisa.config.settings import ModelConfig, SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, CoreSetError, DataError, IntegrityError
 from sisa.partition.assign import uniform_assignment

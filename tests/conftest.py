@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config.settings import SisaConfig, load_config
+from sisa.config.loader import load_config
+from sisa.config.settings import SisaConfig
 from sisa.ensemble import Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def write_config(cfg: SisaConfig, path: Path) -> Path:
     """Write ``cfg`` as the YAML file ``path`` (for CLI tests that take ``--config``)."""
     import yaml
 
-    from sisa.config.settings import config_to_dict
+    from sisa.config.fields import config_to_dict
 
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     return path

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sisa.config.settings import config_to_dict
+from sisa.config.fields import config_to_dict
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from sisa.store import environment

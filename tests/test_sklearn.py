@@ -305,7 +305,7 @@ def _bad_state(name: str, marker: Path) -> str:
     "bad", ["pickle", "raw-pickle", "untrusted-class", "function-transformer", "pipeline-with-a-cache"]
 )
 def test_a_planted_preprocessor_state_is_refused_and_never_run(tmp_path: Path, bad: str, option: str) -> None:
-    from sisa.config.settings import config_to_dict
+    from sisa.config.fields import config_to_dict
     from sisa.ensemble import Ensemble
     from sisa.errors import ConfigError, IntegrityError, ModelError
 

@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sisa.cli.format import progress_bar, table
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.evaluate.approximate import APPROXIMATE_METHODS
-from sisa.evaluate.harness import (
-    METHODS,
-    ForgetSpec,
-    evaluate,
-    parse_forget,
-    parse_methods,
-    refuse_repeats,
-    split_forgets,
-)
+from sisa.evaluate.forgets import METHODS, ForgetSpec, parse_forget, parse_methods, refuse_repeats, split_forgets
+from sisa.evaluate.harness import evaluate
 from sisa.evaluate.plot import plot_evaluation, require_matplotlib
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
 

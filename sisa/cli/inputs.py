@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sisa.config.settings import SisaConfig, config_from_dict, config_to_dict, load_config
+from sisa.config.fields import config_to_dict
+from sisa.config.loader import config_from_dict, load_config
+from sisa.config.settings import SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import DataError
 from sisa.evaluate.settings import load_evaluate_config

@@ -4,7 +4,7 @@ torch, MKL and oneDNN read their kernel-level pins once per process (see
 :mod:`sisa.train.domain`), so a command that trains without Ray (a deletion that
 retrains one shard, ``--address local``) can train in its own process only when that
 process *started* with the pins of the store's ``resources.cpu_isa``; otherwise the
-local runner starts a pinned child process, which pays a second torch import (1-2 s).
+local runner starts a pinned child process, which pays a second torch import.
 :func:`reexec_pinned` avoids that: run before the heavy imports of :mod:`sisa.cli.main`,
 it reads the store's ``cpu_isa`` (LMDB and JSON only) and, when the pins are missing,
 replaces the process with the same command line plus the pins (``os.execve``). Only
@@ -224,8 +224,9 @@ def start_worker_after(argv: Sequence[str], env: Mapping[str, str]) -> None:
     """Start the warm worker for the next command, once this one has finished in place.
 
     Called by the ``sisa`` command after its own command's output is out: a worker started
-    beside the command would compete with it for the cores (measured: the first command took
-    twice as long), while one started after it is warm by the next command. Nothing is started
+    beside the command would compete with it for the cores (measured: docs/benchmarks.md,
+    "Start-up costs the command line is shaped around"), while one started after it is warm by
+    the next command. Nothing is started
     for a command the worker does not take, with workers off, or when one answers already.
 
     Args:

@@ -25,7 +25,8 @@ from sisa.cli.parser import parse
 
 __all__ = ["main"]
 
-# Commands whose every file and store is closed when they return (``evaluate`` keeps the normal exit).
+# Commands whose every file and store is closed when they return, so the process may end with os._exit;
+# the others (``evaluate``, ``serve``, ``domains``, ``compact``, ``migrate``) keep the interpreter's normal exit.
 _EXIT_NOW = frozenset(
     {"train", "eval", "status", "delete", "pending", "apply", "verify", "audit", "add", "resume", "receipt", "keys"}
 )
@@ -81,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _may_exit_now(command: str) -> bool:
     """Whether the ``sisa`` process may end at once with ``os._exit``, without the interpreter's teardown.
 
-    A Python process that loaded torch and Ray takes about a second more to tear its modules
-    down, and a graceful ``ray.shutdown()`` of a local instance it started takes over a second,
-    neither of which a finished command needs to wait for. Not for ``evaluate`` (it keeps the
-    normal exit), nor for a process joined to a cluster: that one exits normally, so Ray
+    A Python process that loaded torch and Ray takes a while to tear its modules down, and a
+    graceful ``ray.shutdown()`` of a local instance it started longer (docs/benchmarks.md,
+    "Start-up costs the command line is shaped around"); a finished command need wait for neither.
+    Only for the commands of ``_EXIT_NOW`` (not ``evaluate``, ``serve``, ``domains``, ``compact``,
+    ``migrate``), and not for a process joined to a cluster: that one exits normally, so Ray
     disconnects its driver cleanly.
     """
     if command not in _EXIT_NOW:

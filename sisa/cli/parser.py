@@ -122,6 +122,8 @@ def _seconds(text: str) -> float:
     return value
 
 
+# Long on purpose (about 130 lines): a flat declaration, one add_parser per command in --help's order
+# with its options beside it, which reads as the command line's reference; split, it would scatter that.
 @functools.cache
 def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     """The argument parser of the ``sisa`` command.

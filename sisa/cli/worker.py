@@ -1,8 +1,9 @@
 """A warm ``sisa`` worker, the caller's side: hand a small command to it, relay its output and exit code.
 
-A new process that trains pays for importing torch (about 1.2 s here) and for the import of
-``torch._dynamo`` that torch's optimizer makes at its first step (about 1 s), however small
-the job: a one-id deletion that retrains one shard for a second costs three. So the ``sisa``
+A new process that trains pays for importing torch and for the import of ``torch._dynamo``
+that torch's optimizer makes at its first step, however small the job: a one-id deletion that
+retrains one shard for a second costs several (measured: docs/benchmarks.md, "Start-up costs the
+command line is shaped around"). So the ``sisa``
 command hands its training commands that name no cluster (``delete``, ``apply``, ``add``,
 ``resume``, ``verify``) to a worker process of the same user and identity
 (:mod:`sisa.cli.worker_identity`), started after the first such command finishes and ended

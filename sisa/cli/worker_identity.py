@@ -69,8 +69,9 @@ def _distributions() -> list[str]:
 
     Read from the ``*.dist-info`` / ``*.egg-info`` folder names (``name-version``, PEP 376) and
     their modification times, so a reinstall of the same version (another build) counts too.
-    Listing the folders costs well under a millisecond; reading every distribution's metadata
-    through ``importlib.metadata`` cost 60 ms here, on every command.
+    Listing the folders is what every command can afford; reading every distribution's metadata
+    through ``importlib.metadata`` is not (docs/benchmarks.md, "Start-up costs the command line is
+    shaped around").
     """
     dirs = [*site.getsitepackages(), site.getusersitepackages()]
     found: list[str] = []

@@ -1,39 +1,25 @@
-"""Frozen configuration dataclasses, loaded from YAML with dotted ``key=value`` overrides.
+"""The config schema: frozen dataclasses, one per section, each field declared with its role.
 
-Every section validates itself in ``__post_init__`` and says how to fix a bad value;
-unknown keys are rejected with the list of allowed ones, so a typo never silently
-falls back to a default. A config file may also hold sections of higher layers
-(:data:`OTHER_SECTIONS`: ``evaluate``), which :func:`config_from_dict` sets aside for
-them; :func:`build_config`, :func:`config_tree` and :func:`read_config_file` are the
-pieces those layers load their own sections with.
+Every section validates itself in ``__post_init__`` and says how to fix a bad value.
+Each field says how it bears on an existing store (:mod:`sisa.config.fields`: part of
+the recipe, fixed at creation, or free to change). Loading from YAML is
+:mod:`sisa.config.loader`; the recipe built from these fields is :func:`sisa.store.digests.recipe`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import Any
 
-import yaml
-
+from sisa.config.fields import FIXED, FREE, RECIPE, field_roles, setting
 from sisa.config.rules import choice as _choice
-from sisa.config.rules import load_yaml as _load_yaml
 from sisa.config.rules import require as _require
-from sisa.errors import ConfigError
 
 __all__ = [
     "FIELD_ROLES",
-    "FIXED",
-    "FREE",
-    "OTHER_SECTIONS",
-    "RECIPE",
     "AggregateConfig",
     "BackboneConfig",
     "DataConfig",
@@ -43,14 +29,6 @@ __all__ = [
     "SisaConfig",
     "TrainConfig",
     "UnlearnConfig",
-    "build_config",
-    "config_fields",
-    "config_from_dict",
-    "config_to_dict",
-    "config_tree",
-    "fixed_changes",
-    "load_config",
-    "read_config_file",
 ]
 
 DATASETS = ("fashion-mnist", "npz", "csv", "idx", "parquet")
@@ -65,15 +43,11 @@ UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
 MISSING_DOMAIN_ACTIONS = ("rebind", "refuse")
 BACKBONE_SOURCES = ("none", "pretrained", "core")
 ADAPTERS = ("none", "head", "lora")
-# Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
 # CPU kernel levels of `resources.cpu_isa`: `native` pins nothing (each node's own best
 # kernels); the others pin ATen, MKL and oneDNN (sisa.train.domain holds the switches).
 CPU_ISAS = ("native", "avx2", "baseline")
+# Ray resources that have their own task option (num_cpus, num_gpus, memory): never in resources.custom.
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-# Top-level sections of a config file that belong to a higher layer, not to SisaConfig: the loader sets
-# them aside unread (that layer loads and validates them), so they never reach a store or a shard task.
-# `evaluate`: the harness's settings, sisa.evaluate.settings.load_evaluate_config.
-OTHER_SECTIONS = ("evaluate",)
 
 
 @dataclass(frozen=True)
@@ -99,18 +73,21 @@ class DataConfig:
         test_limit: Use only the first N test samples.
     """
 
-    dataset: str = "fashion-mnist"
-    train: str | None = None
-    test: str | None = None
-    train_labels: str | None = None
-    test_labels: str | None = None
-    root: str | None = None
-    num_classes: int = 10
-    label_column: str = "label"
-    id_column: str | None = None
-    feature_columns: tuple[str, ...] | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
+    # Where data is read from is free: what a store holds is the samples themselves.
+    dataset: str = setting("fashion-mnist", role=FREE)
+    train: str | None = setting(None, role=FREE)
+    test: str | None = setting(None, role=FREE)
+    train_labels: str | None = setting(None, role=FREE)
+    test_labels: str | None = setting(None, role=FREE)
+    root: str | None = setting(None, role=FREE)
+    # The stored labels were checked against it, and it sizes every model's output layer: another value is
+    # another task (a new store); fixed, which also keeps it out of the recipe, so no stored key changes.
+    num_classes: int = setting(10, role=FIXED)
+    label_column: str = setting("label", role=FREE)
+    id_column: str | None = setting(None, role=FREE)
+    feature_columns: tuple[str, ...] | None = setting(None, role=FREE)
+    train_limit: int | None = setting(None, role=FREE)
+    test_limit: int | None = setting(None, role=FREE)
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
@@ -142,17 +119,24 @@ class ModelConfig:
         channels: Convolution channels of the CNN.
         dropout: Dropout probability before the output layer.
         options: Extra keyword arguments for a custom callable, spread into its call.
+        adapter: What each shard trains on a shared backbone (``backbone.source`` other than
+            none): ``none`` (no backbone: the whole network), ``head`` (a head on the
+            backbone's features) or ``lora`` (low-rank adapters on backbone layers, plus a head).
+        rank: The LoRA rank (``lora`` only).
+        alpha: The LoRA scale numerator: adapters add ``alpha / rank`` times their product.
+        targets: Names of the backbone layers that get LoRA adapters (``lora`` only; empty: every
+            linear and convolution layer).
     """
 
-    name: str = "mlp"
-    hidden: tuple[int, ...] = (128,)
-    channels: tuple[int, ...] = (32, 64)
-    dropout: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)
-    adapter: str = "none"
-    rank: int = 4
-    alpha: float = 8.0
-    targets: tuple[str, ...] = ()
+    name: str = setting("mlp", role=RECIPE)
+    hidden: tuple[int, ...] = setting((128,), role=RECIPE)
+    channels: tuple[int, ...] = setting((32, 64), role=RECIPE)
+    dropout: float = setting(0.0, role=RECIPE)
+    options: dict[str, Any] = setting(role=RECIPE, factory=dict)
+    adapter: str = setting("none", role=RECIPE)
+    rank: int = setting(4, role=RECIPE)
+    alpha: float = setting(8.0, role=RECIPE)
+    targets: tuple[str, ...] = setting((), role=RECIPE)
 
     def __post_init__(self) -> None:
         _require(
@@ -169,21 +153,6 @@ class ModelConfig:
             self.adapter == "lora" or not self.targets,
             "model.targets names the backbone layers that get LoRA adapters; set model.adapter: lora or remove it",
         )
-
-    def recipe(self) -> dict[str, Any]:
-        """This section as it enters the recipe: the adapter keys only when an adapter is set.
-
-        Leaving them out of a plain model's recipe keeps the checkpoint keys of stores from
-        before adapters existed.
-        """
-        out = config_to_dict(self)
-        if self.adapter == "none":
-            for name in ("adapter", "rank", "alpha", "targets"):
-                del out[name]
-        elif self.adapter == "head":
-            for name in ("rank", "alpha", "targets"):
-                del out[name]  # a head has no LoRA: these cannot change its bytes
-        return out
 
 
 @dataclass(frozen=True)
@@ -208,12 +177,13 @@ class BackboneConfig:
             rate and batch size are the ``train`` section's.
     """
 
-    source: str = "none"
-    name: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    hidden: tuple[int, ...] = (128,)
-    channels: tuple[int, ...] = (32, 64)
-    epochs: int = 10
+    # Its settings and its weights' digest are in the recipe.
+    source: str = setting("none", role=RECIPE)
+    name: str | None = setting(None, role=RECIPE)
+    options: dict[str, Any] = setting(role=RECIPE, factory=dict)
+    hidden: tuple[int, ...] = setting((128,), role=RECIPE)
+    channels: tuple[int, ...] = setting((32, 64), role=RECIPE)
+    epochs: int = setting(10, role=RECIPE)
 
     def __post_init__(self) -> None:
         _choice("backbone.source", self.source, BACKBONE_SOURCES)
@@ -260,14 +230,14 @@ class TrainConfig:
             (still bit-reproducible) weights.
     """
 
-    epochs: int = 10
-    epoch_schedule: str = "recalibrated"
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    precision: str = "fp32"
+    epochs: int = setting(10, role=RECIPE)
+    epoch_schedule: str = setting("recalibrated", role=RECIPE)
+    batch_size: int = setting(64, role=RECIPE)
+    optimizer: str = setting("adam", role=RECIPE)
+    lr: float = setting(1e-3, role=RECIPE)
+    weight_decay: float = setting(0.0, role=RECIPE)
+    momentum: float = setting(0.9, role=RECIPE)
+    precision: str = setting("fp32", role=RECIPE)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -321,10 +291,12 @@ class PartitionConfig:
             deletion prior, with either strategy.
     """
 
-    strategy: str = "uniform"
-    probabilities: str | None = None
-    bound: float | None = None
-    slice_order: str = "hashed"
+    # Where samples live: the partition is persisted at ingest.
+    strategy: str = setting("uniform", role=FIXED)
+    # Read only at ingest; every placement is persisted, so another file (one covering data to add) moves nothing.
+    probabilities: str | None = setting(None, role=FREE)
+    bound: float | None = setting(None, role=FIXED)
+    slice_order: str = setting("hashed", role=FIXED)
 
     def __post_init__(self) -> None:
         _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
@@ -361,8 +333,8 @@ class AggregateConfig:
             (one forward per shard), or ``auto`` (measured choice per device and batch).
     """
 
-    method: str = "mean"
-    backend: str = "auto"
+    method: str = setting("mean", role=FREE)
+    backend: str = setting("auto", role=FREE)
 
     def __post_init__(self) -> None:
         _choice("aggregate.method", self.method, AGGREGATE_METHODS)
@@ -385,7 +357,7 @@ class UnlearnConfig:
             can leak their membership), so use it only where availability outweighs that.
     """
 
-    policy: str = "exclude"
+    policy: str = setting("exclude", role=FREE)
 
     def __post_init__(self) -> None:
         _choice("unlearn.policy", self.policy, UNLEARN_POLICIES)
@@ -427,15 +399,15 @@ class ResourcesConfig:
             request stays pending until such a node joins. ``verify`` never rebinds.
     """
 
-    cpus_per_shard: float = 1.0
-    gpus_per_shard: float = 0.0
-    threads_per_shard: int = 1
-    max_retries: int = 3
-    custom: dict[str, float] = field(default_factory=dict)
-    stream_slices: bool = False
-    max_shards_in_flight: int = 0
-    cpu_isa: str = "avx2"
-    on_missing_domain: str = "rebind"
+    cpus_per_shard: float = setting(1.0, role=FREE)
+    gpus_per_shard: float = setting(0.0, role=RECIPE)  # through the device: 0 trains on the CPU, > 0 on CUDA
+    threads_per_shard: int = setting(1, role=RECIPE)
+    max_retries: int = setting(3, role=FREE)
+    custom: dict[str, float] = setting(role=FREE, factory=dict)
+    stream_slices: bool = setting(False, role=FREE)
+    max_shards_in_flight: int = setting(0, role=FREE)
+    cpu_isa: str = setting("avx2", role=RECIPE)
+    on_missing_domain: str = setting("rebind", role=FREE)
 
     def __post_init__(self) -> None:
         _require(
@@ -493,9 +465,10 @@ class SisaConfig:
         slices: Number of slices R per shard.
     """
 
-    seed: int = 0
-    shards: int = 8
-    slices: int = 4
+    # Where samples live (the partition is persisted at ingest); the seed also seeds every stage.
+    seed: int = setting(0, role=FIXED)
+    shards: int = setting(8, role=FIXED)
+    slices: int = setting(4, role=FIXED)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -521,332 +494,7 @@ class SisaConfig:
             "backbone.source: pretrained or core (with backbone.name), or model.adapter: none",
         )
 
-    def recipe(self, backbone: str | None = None) -> dict[str, Any]:
-        """The settings that determine a shard's weights, bit for bit.
 
-        Args:
-            backbone: Digest of the shared backbone's weights (``backbone.source`` other than
-                none); it enters the recipe, so a changed backbone changes every checkpoint key.
-
-        Returns:
-            A JSON-able dict; its digest is part of every checkpoint key, so a
-            checkpoint is never reused under another recipe.
-
-        Raises:
-            ConfigError: If the config has a backbone and no digest is given (or the reverse).
-        """
-        _require(
-            (backbone is not None) == self.backbone.enabled,
-            "a recipe with a shared backbone needs the backbone's digest (and one without takes none)",
-        )
-        train = config_to_dict(self.train)
-        if train["precision"] == "fp32":
-            # The default is left out, so recipes (and checkpoint keys) from before the key existed still match.
-            del train["precision"]
-        recipe = {
-            "seed": self.seed,
-            "model": self.model.recipe(),
-            "train": train,
-            "threads": self.resources.threads_per_shard,
-            "device": self.resources.device,
-        }
-        if self.resources.cpu_isa != "native":
-            # Stores from before the key existed trained natively; leaving native out keeps their keys.
-            recipe["cpu_isa"] = self.resources.cpu_isa
-        if backbone is not None:
-            recipe["backbone"] = {**config_to_dict(self.backbone), "digest": backbone}
-        return recipe
-
-    def recipe_digest(self, backbone: str | None = None) -> str:
-        """Hex SHA-256 of the canonical JSON of :meth:`recipe` (``backbone``: the backbone's digest)."""
-        blob = json.dumps(self.recipe(backbone), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-
-# How each config field bears on an existing store. Every leaf field of SisaConfig is listed
-# (tests/config/test_config.py walks the dataclasses and fails on one that is not), so a new field
-# must be placed here, in the recipe or in the fixed set, before it can ship.
-RECIPE = "recipe"  # changes the trained bytes: part of SisaConfig.recipe(), so every checkpoint key covers it
-FIXED = "fixed"  # decided when the store is created; Ensemble.reconfigure (and `sisa train k=v`) refuses a change
-FREE = "free"  # neither: changing it on an existing store retrains nothing and moves nothing
-FIELD_ROLES: dict[str, str] = {
-    # where samples live (the partition is persisted at ingest); seed also seeds every stage
-    "seed": FIXED,
-    "shards": FIXED,
-    "slices": FIXED,
-    "partition.strategy": FIXED,
-    "partition.bound": FIXED,
-    "partition.slice_order": FIXED,
-    # read only at ingest; every placement is persisted, so another file (one covering data to add) moves nothing
-    "partition.probabilities": FREE,
-    # the labels stored were checked against it, and it sizes every model's output layer: another value
-    # is another task (a new store); refusing it also keeps it out of the recipe, so no stored key changes
-    "data.num_classes": FIXED,
-    # where data is read from; what is stored is the samples themselves
-    "data.dataset": FREE,
-    "data.train": FREE,
-    "data.test": FREE,
-    "data.train_labels": FREE,
-    "data.test_labels": FREE,
-    "data.root": FREE,
-    "data.label_column": FREE,
-    "data.id_column": FREE,
-    "data.feature_columns": FREE,
-    "data.train_limit": FREE,
-    "data.test_limit": FREE,
-    "model.name": RECIPE,
-    "model.hidden": RECIPE,
-    "model.channels": RECIPE,
-    "model.dropout": RECIPE,
-    "model.options": RECIPE,
-    "model.adapter": RECIPE,
-    "model.rank": RECIPE,
-    "model.alpha": RECIPE,
-    "model.targets": RECIPE,
-    # the shared backbone: its settings and its weights' digest are in the recipe
-    "backbone.source": RECIPE,
-    "backbone.name": RECIPE,
-    "backbone.options": RECIPE,
-    "backbone.hidden": RECIPE,
-    "backbone.channels": RECIPE,
-    "backbone.epochs": RECIPE,
-    "train.epochs": RECIPE,
-    "train.epoch_schedule": RECIPE,
-    "train.batch_size": RECIPE,
-    "train.optimizer": RECIPE,
-    "train.lr": RECIPE,
-    "train.weight_decay": RECIPE,
-    "train.momentum": RECIPE,
-    "train.precision": RECIPE,
-    "aggregate.method": FREE,
-    "aggregate.backend": FREE,
-    "unlearn.policy": FREE,
-    "resources.cpus_per_shard": FREE,
-    "resources.gpus_per_shard": RECIPE,  # through the device: 0 trains on the CPU, > 0 on CUDA
-    "resources.threads_per_shard": RECIPE,
-    "resources.max_retries": FREE,
-    "resources.custom": FREE,
-    "resources.stream_slices": FREE,
-    "resources.max_shards_in_flight": FREE,
-    "resources.cpu_isa": RECIPE,
-    "resources.on_missing_domain": FREE,
-}
-
-
-def config_fields(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf field of a config dataclass by dotted name (``train.lr``), with its value.
-
-    Mappings (``model.options``, ``resources.custom``) are leaves, not walked into.
-    """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(config_fields(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out
-
-
-def fixed_changes(old: SisaConfig, new: SisaConfig) -> list[str]:
-    """The fields fixed at a store's creation (:data:`FIELD_ROLES`) that differ between two configs.
-
-    A field missing from :data:`FIELD_ROLES` counts as fixed, so an unclassified field is refused, never let slip.
-    """
-    before, after = config_fields(old), config_fields(new)
-    return [name for name in before if FIELD_ROLES.get(name, FIXED) == FIXED and before[name] != after[name]]
-
-
-T = TypeVar("T")
-
-# Scalar annotation -> (whether a YAML value is one, what the message calls it, the conversion).
-# A bool is never taken for a number.
-_SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
-    bool: (lambda v: isinstance(v, bool), "true or false", lambda v: v),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", lambda v: v),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", float),
-    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
-}
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``where``."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping of keys, got {value!r}")
-        return build_config(hint, value, where + ".")  # type: ignore[arg-type]
-    if origin is tuple:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    scalar = _SCALARS.get(hint) if isinstance(hint, type) else None
-    if scalar is not None:
-        accepts, kind, convert = scalar
-        if not accepts(value):
-            raise ConfigError(f"{where} must be {kind}, got {value!r}")
-        return convert(value)
-    return value
-
-
-def build_config(cls: type[T], raw: Mapping[str, Any], prefix: str = "") -> T:
-    """Build and validate a config dataclass (sections nested) from a mapping of plain data.
-
-    Other layers build their own sections with it (``sisa.evaluate.settings``), so every
-    config is checked the same way.
-
-    Args:
-        cls: The frozen dataclass.
-        raw: Its keys, as found in a YAML file; missing keys take the defaults.
-        prefix: Dotted path of ``raw`` in the file (``"evaluate."``), for the messages.
-
-    Returns:
-        The validated instance.
-
-    Raises:
-        ConfigError: On unknown keys (with the allowed ones), wrong types, or values out of range.
-    """
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"allowed here: {', '.join(prefix + n for n in names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - defensive: field mismatch
-        raise ConfigError(f"bad config under {prefix or 'top level'}: {exc}") from exc
-
-
-def _apply_override(tree: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value, e.g. shards=8 or train.lr=0.01")
-    key, _, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r} has an empty key part")
-    try:
-        value = _load_yaml(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def config_tree(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A deep copy of a whole config mapping as plain data, with dotted overrides applied; nothing validated.
-
-    Args:
-        raw: Nested mapping as found in a YAML file.
-        overrides: Dotted ``key=value`` strings applied on top, values parsed as YAML.
-
-    Returns:
-        The new tree (``raw`` is not changed).
-
-    Raises:
-        ConfigError: If ``raw`` is not a mapping of plain data, or an override is malformed.
-    """
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"a config must be a mapping of keys (as in a YAML file), got {type(raw).__name__}")
-    try:
-        tree: dict[str, Any] = json.loads(json.dumps(dict(raw)))  # deep copy, JSON-able only
-    except (TypeError, ValueError) as exc:  # YAML dates, sets, binary, or NaN keys
-        raise ConfigError(
-            f"a config value is not plain data ({exc}); quote dates and use numbers, strings, lists"
-        ) from exc
-    for override in overrides:
-        _apply_override(tree, override)
-    return tree
-
-
-def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> SisaConfig:
-    """Build a validated :class:`SisaConfig` from a nested mapping.
-
-    A top-level key of :data:`OTHER_SECTIONS` (``evaluate``) is set aside unread and unchecked:
-    it belongs to a higher layer, which validates it itself. Any other unknown key is refused.
-    So a stored config from before ``evaluate`` left :class:`SisaConfig` still loads.
-
-    Args:
-        raw: Nested mapping as found in a YAML file.
-        overrides: Dotted ``key=value`` strings applied on top, values parsed as YAML.
-
-    Returns:
-        The frozen config.
-
-    Raises:
-        ConfigError: On unknown keys, wrong types, or values out of range.
-    """
-    tree = config_tree(raw, overrides)
-    for name in OTHER_SECTIONS:
-        tree.pop(name, None)
-    return build_config(SisaConfig, tree)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Turn a config dataclass into plain JSON-able dicts and lists."""
-    out = dataclasses.asdict(cfg)
-    return typing.cast(dict[str, Any], json.loads(json.dumps(out)))
-
-
-def read_config_file(path: str | Path | None) -> dict[str, Any]:
-    """The top-level mapping of a YAML config file, unvalidated (``{}`` for ``None`` or an empty file).
-
-    Raises:
-        ConfigError: If the file is missing, not UTF-8, not YAML, or not a mapping at the top level.
-    """
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise ConfigError(f"config file {p} {what}; pass an existing YAML file")
-    try:
-        raw = _load_yaml(p.read_text()) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {p} is not UTF-8 text ({exc}); pass a YAML file") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return dict(raw)
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SisaConfig:
-    """Load a YAML config file and apply dotted overrides.
-
-    The file's ``evaluate:`` section (and an ``evaluate.*`` override) is not part of
-    :class:`SisaConfig` and is ignored here, unchecked: only ``sisa evaluate`` reads it, through
-    :func:`sisa.evaluate.settings.load_evaluate_config`. (The ``sisa`` command line checks it on
-    every command that reads a config file, so a typo there still fails fast.)
-
-    Args:
-        path: YAML file; ``None`` starts from the defaults.
-        overrides: ``key=value`` strings such as ``shards=8`` or ``train.lr=0.01``.
-
-    Returns:
-        The validated, frozen config.
-
-    Raises:
-        ConfigError: If the file is missing, not YAML, or holds bad keys or values.
-    """
-    return config_from_dict(read_config_file(path), overrides)
+# Every leaf field by dotted name with its role (recipe, fixed, free), read from the fields' metadata;
+# building it here refuses, at import, a field declared without a role.
+FIELD_ROLES: Mapping[str, str] = MappingProxyType(field_roles(SisaConfig))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sisa.config.settings import SisaConfig, config_fields, config_from_dict, fixed_changes
+from sisa.config.fields import config_fields, fixed_changes
+from sisa.config.loader import config_from_dict
+from sisa.config.settings import SisaConfig
 from sisa.errors import ConfigError
 
 __all__ = ["config_from_stored", "refuse_config_at_open", "require_config", "require_same_fixed"]

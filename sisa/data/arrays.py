@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_ID = 2**63 - 2
 
 
+# eq=False: the generated __eq__ would compare arrays elementwise and raise.
 @dataclass(frozen=True, eq=False)
 class LabeledArrays:
     """Validated samples: features, labels and stable sample ids.

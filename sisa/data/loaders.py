@@ -71,7 +71,6 @@ _NPZ_FIX = "save it with np.savez(path, x=..., y=..., ids=...)"
 _ID_NAMES = frozenset({"id", "ids", "sample_id", "sample id"})
 
 
-# eq=False: the generated __eq__ would compare arrays elementwise and raise.
 def _head(data: LabeledArrays, limit: int | None) -> LabeledArrays:
     """The first ``limit`` samples, copied so that the full arrays can be freed."""
     if limit is None or limit >= len(data):
@@ -211,29 +210,7 @@ def load_csv(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file {p} does not exist; check data.train / data.test")
-    try:
-        with p.open(newline="") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            if not header:
-                raise DataError(f"{p} is empty; a header row naming the columns is required")
-            for col, key in ((label_column, "label_column"), (id_column, "id_column")):
-                if col is not None and col not in header:
-                    raise DataError(f"{p} has no column {col!r}; {_columns_hint(col, header)}; set data.{key}")
-            if len(set(header)) != len(header):
-                raise DataError(f"{p} repeats a column name in its header {header}; make names unique")
-            rows: list[tuple[int, list[str]]] = []
-            for row in reader:
-                if row and len(row) != len(header):
-                    raise DataError(
-                        f"{p} line {reader.line_num} has {len(row)} cells, the header {len(header)}; fix that row"
-                    )
-                if row:  # blank lines (e.g. a trailing newline) carry no sample
-                    rows.append((reader.line_num, row))
-    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, a NUL byte, a runaway quote
-        raise DataError(f"{p} is not a readable CSV text file ({exc}); save it as UTF-8 CSV with a header row") from exc
-    if not rows:
-        raise DataError(f"{p} has a header but no data rows; give at least one sample")
+    header, rows = _read_csv(p, label_column, id_column)
     if id_column is None:
         named = [h for h in header if h.lower() in _ID_NAMES and h != label_column]
         if named:
@@ -246,28 +223,82 @@ def load_csv(
     feats = [i for i, h in enumerate(header) if h not in (label_column, id_column)]
     if not feats:
         raise DataError(f"{p} has no feature columns besides the label/id columns")
-
-    def column(cols: Sequence[int], parse: Callable[[str], Any], dtype: type) -> np.ndarray:
-        try:  # numpy parses numeric strings in one pass; on failure, find the cell to blame
-            return np.array([[row[c] for c in cols] for _, row in rows], dtype=dtype)
-        except (ValueError, OverflowError) as exc:
-            for line, row in rows:
-                for c in cols:
-                    try:
-                        parse(row[c])
-                    except (ValueError, OverflowError):
-                        what = "a whole number" if parse is int else "a number"
-                        raise DataError(
-                            f"{p} line {line}, column {header[c]!r}: {row[c]!r} is not {what}; fix or drop that row"
-                        ) from None
-            names = [header[c] for c in cols]
-            raise DataError(f"{p}: cannot read column(s) {names} as numbers ({exc}); check their range") from exc
-
-    x = column(feats, float, np.float64)
-    y = column([header.index(label_column)], float, np.float64)[:, 0]
+    x = _csv_numbers(p, rows, header, feats, float, np.float64)
+    y = _csv_numbers(p, rows, header, [header.index(label_column)], float, np.float64)[:, 0]
     _check_csv_rows(p, rows, header, feats, x, y, label_column, num_classes)
     ids = None if id_column is None else _csv_ids(p, rows, header.index(id_column), id_column)
     return validated(x, y, ids, num_classes, copy=False)
+
+
+def _read_csv(path: Path, label_column: str, id_column: str | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with their line numbers) of a CSV file, checked for shape.
+
+    Raises:
+        DataError: On an empty file, a missing label or id column, repeated names, a ragged row,
+            no data rows, or bytes that are not CSV text.
+    """
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
+                raise DataError(f"{path} is empty; a header row naming the columns is required")
+            for col, key in ((label_column, "label_column"), (id_column, "id_column")):
+                if col is not None and col not in header:
+                    raise DataError(f"{path} has no column {col!r}; {_columns_hint(col, header)}; set data.{key}")
+            if len(set(header)) != len(header):
+                raise DataError(f"{path} repeats a column name in its header {header}; make names unique")
+            rows: list[tuple[int, list[str]]] = []
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(
+                        f"{path} line {reader.line_num} has {len(row)} cells, the header {len(header)}; fix that row"
+                    )
+                if row:  # blank lines (e.g. a trailing newline) carry no sample
+                    rows.append((reader.line_num, row))
+    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, a NUL byte, a runaway quote
+        raise DataError(
+            f"{path} is not a readable CSV text file ({exc}); save it as UTF-8 CSV with a header row"
+        ) from exc
+    if not rows:
+        raise DataError(f"{path} has a header but no data rows; give at least one sample")
+    return header, rows
+
+
+def _csv_numbers(
+    path: Path,
+    rows: Sequence[tuple[int, list[str]]],
+    header: Sequence[str],
+    cols: Sequence[int],
+    parse: Callable[[str], Any],
+    dtype: type,
+) -> np.ndarray:
+    """Columns ``cols`` of ``rows`` as a ``(rows, cols)`` array of ``dtype``.
+
+    Raises:
+        DataError: Naming the line and column of the first cell ``parse`` refuses.
+    """
+    try:  # numpy parses numeric strings in one pass; on failure, find the cell to blame
+        return np.array([[row[c] for c in cols] for _, row in rows], dtype=dtype)
+    except (ValueError, OverflowError) as exc:
+        bad = next(((line, c, row[c]) for line, row in rows for c in cols if not _parses(parse, row[c])), None)
+        if bad is not None:
+            line, c, cell = bad
+            what = "a whole number" if parse is int else "a number"
+            raise DataError(
+                f"{path} line {line}, column {header[c]!r}: {cell!r} is not {what}; fix or drop that row"
+            ) from None
+        names = [header[c] for c in cols]
+        raise DataError(f"{path}: cannot read column(s) {names} as numbers ({exc}); check their range") from exc
+
+
+def _parses(parse: Callable[[str], Any], cell: str) -> bool:
+    """Whether ``parse`` accepts ``cell``."""
+    try:
+        parse(cell)
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def _csv_ids(path: Path, rows: Sequence[tuple[int, list[str]]], col: int, name: str) -> list[int]:

@@ -20,8 +20,10 @@ from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.data.inputs import model_inputs
 from sisa.serve.aggregate import shard_probas
+from sisa.train.checkpoint import load_checkpoint
+from sisa.train.jobs import ShardJob, SliceData
 from sisa.train.models import build_model
-from sisa.train.trainer import ShardJob, SliceData, load_checkpoint, train_shard
+from sisa.train.trainer import train_shard
 
 __all__ = ["monolithic_config", "predict_proba", "single_stage_job", "train_monolithic", "usable_threads"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sisa.config.loader import build_config, config_tree, read_config_file
 from sisa.config.rules import choice, require
-from sisa.config.settings import build_config, config_tree, read_config_file
 from sisa.errors import ConfigError
 
 __all__ = [

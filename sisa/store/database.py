@@ -31,7 +31,9 @@ from sisa.store import environment
 from sisa.store import secret as secret_file
 from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.keyring import KEY_DIR, KeyRing
-from sisa.store.records import TABLES, Records, id_key, run_key, shard_key, stage_key
+from sisa.store.layout import TABLES, id_key, run_key, shard_key, stage_key
+from sisa.store.records import CheckpointRecords
+from sisa.store.samples import SampleRecords
 
 __all__ = ["FORMAT_VERSION", "Store", "format_message", "id_key", "run_key", "shard_key", "stage_key"]
 
@@ -72,8 +74,8 @@ def format_message(path: Path, version: object) -> str:
     )
 
 
-class Store(Records):
-    """An open store directory (record-level reads and writes come from :class:`Records`).
+class Store(SampleRecords, CheckpointRecords):
+    """An open store directory: samples from :class:`SampleRecords`, models from :class:`CheckpointRecords`.
 
     Use :meth:`create` or :meth:`open`; close with :meth:`close` or a ``with`` block.
     """

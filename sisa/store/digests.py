@@ -1,20 +1,27 @@
-"""Content digests: of training manifests, of weights, the content address of a checkpoint, keyed id hashes.
+"""Content digests: the recipe, training manifests, weights, the content address of a checkpoint, keyed id hashes.
 
 These are what make a checkpoint's provenance checkable: its key is a hash of the
-recipe, the shard, the stage, exactly the ids it trained on (slice by slice), its
-parent checkpoint and the determinism domain it was trained in, so a checkpoint that
-saw a deleted id can never be mistaken for one that did not (invariant 3 of the design).
+recipe (:func:`recipe`: the settings that decide a shard's bits), the shard, the stage,
+exactly the ids it trained on (slice by slice), its parent checkpoint and the determinism
+domain it was trained in, so a checkpoint that saw a deleted id can never be mistaken for one
+that did not (invariant 3 of the design).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from sisa.config.fields import config_to_dict
+from sisa.config.rules import require
+from sisa.config.settings import ModelConfig, SisaConfig
 
 ID_LABEL = b"sisa-id|"  # what a keyed id hash prefixes to the id (commitments compute it in bulk)
 
@@ -24,6 +31,8 @@ __all__ = [
     "keyed_hash",
     "manifest_digest",
     "manifest_digest_of_words",
+    "recipe",
+    "recipe_digest",
     "sha256",
     "weights_digest",
 ]
@@ -32,6 +41,70 @@ __all__ = [
 def sha256(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def recipe(config: SisaConfig, backbone: str | None = None) -> dict[str, Any]:
+    """The settings that determine a shard's weights, bit for bit (the fields of role ``recipe``).
+
+    Keys added after stores existed are left out at their old value (``train.precision: fp32``,
+    ``resources.cpu_isa: native``, a model without an adapter), so those stores keep their
+    checkpoint keys.
+
+    Args:
+        config: The ensemble's config.
+        backbone: Digest of the shared backbone's weights (``backbone.source`` other than
+            none); it enters the recipe, so a changed backbone changes every checkpoint key.
+
+    Returns:
+        A JSON-able dict; its digest is part of every checkpoint key, so a
+        checkpoint is never reused under another recipe.
+
+    Raises:
+        ConfigError: If the config has a backbone and no digest is given (or the reverse).
+    """
+    require(
+        (backbone is not None) == config.backbone.enabled,
+        "a recipe with a shared backbone needs the backbone's digest (and one without takes none)",
+    )
+    train = config_to_dict(config.train)
+    if train["precision"] == "fp32":
+        # The default is left out, so recipes (and checkpoint keys) from before the key existed still match.
+        del train["precision"]
+    out = {
+        "seed": config.seed,
+        "model": _model_recipe(config.model),
+        "train": train,
+        "threads": config.resources.threads_per_shard,
+        "device": config.resources.device,
+    }
+    if config.resources.cpu_isa != "native":
+        # Stores from before the key existed trained natively; leaving native out keeps their keys.
+        out["cpu_isa"] = config.resources.cpu_isa
+    if backbone is not None:
+        out["backbone"] = {**config_to_dict(config.backbone), "digest": backbone}
+    return out
+
+
+def _model_recipe(model: ModelConfig) -> dict[str, Any]:
+    """The model section as it enters the recipe: the adapter keys only when an adapter is set.
+
+    Leaving them out of a plain model's recipe keeps the checkpoint keys of stores from
+    before adapters existed.
+    """
+    out = config_to_dict(model)
+    if model.adapter == "none":
+        for name in ("adapter", "rank", "alpha", "targets"):
+            del out[name]
+    elif model.adapter == "head":
+        for name in ("rank", "alpha", "targets"):
+            del out[name]  # a head has no LoRA: these cannot change its bytes
+    return out
+
+
+def recipe_digest(config: SisaConfig, backbone: str | None = None) -> str:
+    """Hex SHA-256 of the canonical JSON of :func:`recipe` (``backbone``: the backbone's digest)."""
+    blob = json.dumps(recipe(config, backbone), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def manifest_digest(slice_ids: Sequence[np.ndarray]) -> str:

@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from sisa.store.records import Records, RunCipher, id_key
+from sisa.store.layout import id_key
+from sisa.store.samples import RunCipher, SampleRecords
 
 if TYPE_CHECKING:
     from sisa.store.keyring import SliceKey
 
-Store = Records  # what these functions use of a store; the database module builds on this one
+Store = (
+    SampleRecords  # what these functions use of a store (samples and the host); the database module builds on this one
+)
 Run = tuple[int, int, int]  # (shard, slice, run)
 
 __all__ = [

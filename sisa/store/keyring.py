@@ -4,7 +4,7 @@
 
 - ``slice``: (shard, slice, run, generation) -> 32-byte AES-256 key + the request id it was made for.
   A *run* is the unit of a slice's membership (up to 508 ids, see
-  :data:`~sisa.store.records.RUN_MAX`); every sample of a run is encrypted under the run's
+  :data:`~sisa.store.layout.RUN_MAX`); every sample of a run is encrypted under the run's
   newest key, and a deletion *rotates* the runs it touched (new key, re-encrypt the at most
   507 samples left, delete the old key), so the deleted samples' ciphertext, wherever it
   lies, is under a key that no longer exists. The cost of a deletion's erasure is thus a

@@ -30,8 +30,8 @@ import numpy as np
 from sisa.data.inputs import model_inputs
 from sisa.errors import StoreError
 from sisa.store.database import FORMAT_VERSION, Store
+from sisa.store.layout import TABLES
 from sisa.store.legacy import LegacyRecord, V2Reader, V3Reader, open_legacy
-from sisa.store.records import TABLES
 
 __all__ = ["MigrationReport", "migrate"]
 

@@ -5,39 +5,52 @@ exactness (a deletion retrains only each shard's head or adapters). Its identity
 digest of its weights, which enters the recipe: another backbone gives other checkpoint
 keys, so every per-shard checkpoint trained on the old one is stale. Its bytes are stored
 once per store (weights only, loaded without executing pickled code); checkpoints hold
-only the per-shard part.
+only the per-shard part. :func:`ensure_stored` keeps the stored one the one the config names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from sisa.config.fields import config_to_dict
 from sisa.config.settings import SisaConfig
 from sisa.errors import IntegrityError, ModelError, NotTrainedError
 from sisa.store.database import Store
-from sisa.store.digests import weights_digest
+from sisa.store.digests import manifest_digest, sha256, weights_digest
+from sisa.store.erasure import erase
+from sisa.store.layout import BACKBONE_PREFIX
 from sisa.train.models import feature_network
 
 __all__ = [
     "BACKBONE_FORMAT",
     "FEATURE_CHUNK",
     "Backbone",
+    "CoreTrainer",
     "build_network",
+    "core_source_key",
     "decode",
     "encode",
+    "ensure_stored",
     "extract_features",
     "feature_width",
     "freeze",
     "load_pretrained",
     "load_stored",
 ]
+
+log = logging.getLogger(__name__)
 
 BACKBONE_FORMAT = 1
 
@@ -201,3 +214,70 @@ def load_stored(store: Store, cfg: SisaConfig, txn: Any, cached: Backbone | None
         raise NotTrainedError(f"store {store.path} has no backbone yet; run fit (sisa train) first")
     loaded = decode(got[1], build_network(cfg, tuple(meta["feature_shape"])), record["digest"])
     return Backbone(loaded.module, loaded.digest, dict(record))
+
+
+def core_source_key(cfg: SisaConfig, core_ids: np.ndarray) -> str:
+    """Digest of everything the core-trained backbone's bytes depend on: config, recipe, core ids."""
+    train = config_to_dict(cfg.train)
+    train.pop("epochs")  # backbone.epochs counts for the core training
+    train.pop("epoch_schedule")
+    parts = {
+        "backbone": config_to_dict(cfg.backbone),
+        "train": train,
+        "seed": cfg.seed,
+        "threads": cfg.resources.threads_per_shard,
+        "core": manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))]),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# Trains a backbone on the core set: sisa.train.core.train_core, passed in by the caller, since
+# it needs the trainer, which needs this module.
+CoreTrainer = Callable[[SisaConfig, np.ndarray, np.ndarray, np.ndarray, Sequence[int], int], Backbone]
+
+
+def ensure_stored(store: Store, cfg: SisaConfig, cached: Backbone | None, train_core: CoreTrainer) -> Backbone:
+    """Make the stored backbone the one ``cfg`` names now, storing a new one if it changed.
+
+    ``pretrained``: the callable is called and its weights hashed; other weights replace
+    the stored ones. ``core``: a backbone whose source key (config, recipe, core ids)
+    differs is retrained on the core set. Either way the new digest changes the recipe,
+    so every per-shard checkpoint of the old backbone is stale and retrains.
+
+    Args:
+        store: A writable store holding samples.
+        cfg: Its config; it shares a backbone (``backbone.source`` other than none).
+        cached: A backbone loaded before (see :func:`load_stored`).
+        train_core: :func:`sisa.train.core.train_core`.
+
+    Returns:
+        The backbone now stored.
+    """
+    with store.read() as txn:
+        meta = store.meta(txn)
+        shape = tuple(meta["feature_shape"])
+        record = meta.get("backbone")
+        core = store.core_ids(txn) if cfg.backbone.source == "core" else None
+    if core is not None:
+        key = core_source_key(cfg, core)
+        if record is not None and record.get("source_key") == key:
+            with store.read() as txn:
+                return typing.cast(Backbone, load_stored(store, cfg, txn, cached))
+        with store.read() as txn:
+            x, y = store.load_samples(txn, core, shape, "the core set")
+        fresh = train_core(cfg, core, x, y, shape, cfg.data.num_classes)
+    else:
+        fresh = load_pretrained(cfg, shape)
+        if record is not None and record["digest"] == fresh.digest:
+            with store.read() as txn:
+                return typing.cast(Backbone, load_stored(store, cfg, txn, cached))
+    blob = encode(fresh)
+    new: dict[str, Any] = {"key": BACKBONE_PREFIX + fresh.digest, "sha256": sha256(blob), "digest": fresh.digest}
+    new.update(bytes=len(blob), **fresh.info)
+    sealed = store.seal_checkpoint(blob, new["key"])  # its key is committed first
+    store.write(lambda txn: store.put_backbone(txn, new, sealed))
+    # The replaced backbone's bytes stay in free pages until reused: destroying their key now (and
+    # compacting the key file) makes them unreadable at once, not at the next deletion's sweep.
+    erase(store, [])
+    log.info("stored a new %s backbone %s... (%d bytes)", cfg.backbone.source, fresh.digest[:16], len(blob))
+    return Backbone(fresh.module, fresh.digest, new)

@@ -10,8 +10,6 @@ config would train, so a fit retrains it only when one of those changed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -20,33 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.errors import DataError
-from sisa.store.digests import manifest_digest
-from sisa.train.backbone import Backbone, build_network, feature_width, freeze
+from sisa.train.backbone import Backbone, build_network, core_source_key, feature_width, freeze
 from sisa.train.trainer import derive_seed, deterministic, make_optimizer, train_epochs
 
-__all__ = ["CORE_STREAM", "core_source_key", "train_core"]
+__all__ = ["CORE_STREAM", "train_core"]
 
 log = logging.getLogger(__name__)
 
 # The "shard" number the core training's seeds derive from: beyond any real shard (at most 4096).
 CORE_STREAM = 1 << 20
-
-
-def core_source_key(cfg: SisaConfig, core_ids: np.ndarray) -> str:
-    """Digest of everything the core-trained backbone's bytes depend on: config, recipe, core ids."""
-    train = config_to_dict(cfg.train)
-    train.pop("epochs")  # backbone.epochs counts for the core training
-    train.pop("epoch_schedule")
-    parts = {
-        "backbone": config_to_dict(cfg.backbone),
-        "train": train,
-        "seed": cfg.seed,
-        "threads": cfg.resources.threads_per_shard,
-        "core": manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))]),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def train_core(

@@ -25,7 +25,8 @@ from typing import IO, Any
 from sisa.errors import SisaError, TrainingError
 from sisa.train import domain as domains
 from sisa.train import priority
-from sisa.train.trainer import ShardJob, StageResult, train_shard
+from sisa.train.jobs import ShardJob, StageResult
+from sisa.train.trainer import train_shard
 
 __all__ = ["LocalRunner", "close_all", "materialise", "pool", "shared", "warm_children"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from sisa.train import local_runner
 from sisa.train.domain import Domain
-from sisa.train.trainer import ShardJob, StageResult
+from sisa.train.jobs import ShardJob, StageResult
 
 __all__ = ["run"]
 

@@ -22,16 +22,14 @@ from sisa.config.settings import SisaConfig
 from sisa.errors import DomainUnavailableError, NotTrainedError, StoreError
 from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
-from sisa.store.digests import checkpoint_key, manifest_digest, sha256
-from sisa.store.erasure import erase
-from sisa.store.records import BACKBONE_PREFIX
+from sisa.store.digests import checkpoint_key, manifest_digest
 from sisa.train import backbone as backbones
 from sisa.train import runner_choice
 from sisa.train.backbone import Backbone
-from sisa.train.core import core_source_key, train_core
+from sisa.train.core import train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
+from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.slices import StoredSlices
-from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = ["FitReport", "Planner", "stage_record"]
 
@@ -118,47 +116,14 @@ class Planner:
         return self._backbone
 
     def ensure_backbone(self) -> Backbone | None:
-        """Make the stored backbone the one the config names now, storing a new one if it changed.
-
-        ``pretrained``: the callable is called and its weights hashed; other weights replace
-        the stored ones. ``core``: a backbone whose source key (config, recipe, core ids)
-        differs is retrained on the core set. Either way the new digest changes the recipe,
-        so every per-shard checkpoint of the old backbone is stale and retrains.
+        """Make the stored backbone the one the config names now (:func:`sisa.train.backbone.ensure_stored`).
 
         Returns:
             The backbone (None when the config shares none).
         """
-        cfg, store = self.config, self.store
-        if not cfg.backbone.enabled:
+        if not self.config.backbone.enabled:
             return None
-        with store.read() as txn:
-            meta = store.meta(txn)
-            shape = tuple(meta["feature_shape"])
-            record = meta.get("backbone")
-            core = store.core_ids(txn) if cfg.backbone.source == "core" else None
-        if core is not None:
-            key = core_source_key(cfg, core)
-            if record is not None and record.get("source_key") == key:
-                with store.read() as txn:
-                    return self.backbone(txn)
-            with store.read() as txn:
-                x, y = store.load_samples(txn, core, shape, "the core set")
-            fresh = train_core(cfg, core, x, y, shape, cfg.data.num_classes)
-        else:
-            fresh = backbones.load_pretrained(cfg, shape)
-            if record is not None and record["digest"] == fresh.digest:
-                with store.read() as txn:
-                    return self.backbone(txn)
-        blob = backbones.encode(fresh)
-        new: dict[str, Any] = {"key": BACKBONE_PREFIX + fresh.digest, "sha256": sha256(blob), "digest": fresh.digest}
-        new.update(bytes=len(blob), **fresh.info)
-        sealed = store.seal_checkpoint(blob, new["key"])  # its key is committed first
-        store.write(lambda txn: store.put_backbone(txn, new, sealed))
-        # The replaced backbone's bytes stay in free pages until reused: destroying their key now (and
-        # compacting the key file) makes them unreadable at once, not at the next deletion's sweep.
-        erase(store, [])
-        log.info("stored a new %s backbone %s... (%d bytes)", cfg.backbone.source, fresh.digest[:16], len(blob))
-        self._backbone = Backbone(fresh.module, fresh.digest, new)
+        self._backbone = backbones.ensure_stored(self.store, self.config, self._backbone, train_core)
         return self._backbone
 
     def slice_counts(self, txn: Any) -> list[int]:
@@ -343,6 +308,40 @@ class Planner:
             raise NotTrainedError(f"store {store.path} holds no samples; ingest data before fit")
         if refresh_backbone:
             self.ensure_backbone()
+        plan, total_slices, all_slices = self._stale(report, shards)
+        commit, unavailable = self._committer(report, total_slices, progress), self._rebinder(report)
+        jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
+        processes = None
+        if plan:
+            seconds = self.predicted_seconds(plan, dict(enumerate(all_slices)))
+            choice = orchestrator.plan_runner(self.address, len(plan), seconds, cfg.resources)
+            report.runner, processes = choice.runner, choice.processes
+            log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
+        retries = orchestrator.execute(
+            self.address, jobs, commit, unavailable, runner=report.runner, processes=processes
+        )
+        for shard, info in report.rebound.items():
+            with store.read() as txn:
+                info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))
+        report.retries = [asdict(r) for r in retries]
+        report.seconds = time.perf_counter() - started
+        log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
+        return report
+
+    def _stale(
+        self, report: FitReport, shards: Sequence[int] | None
+    ) -> tuple[list[tuple[int, int]], dict[int, int], list[list[np.ndarray]]]:
+        """The plan of a fit: ``(shard, stages still valid)`` of each shard to train, from one snapshot.
+
+        Empty and up-to-date shards go into ``report`` instead.
+
+        Returns:
+            The plan, each planned shard's number of slices, and every shard's slice ids.
+
+        Raises:
+            ConfigError: At the first fit, if a shard holds fewer samples than slices (or none).
+        """
+        cfg, store = self.config, self.store
         plan: list[tuple[int, int]] = []
         total_slices: dict[int, int] = {}
         with store.read() as txn:
@@ -366,6 +365,13 @@ class Planner:
                 # only later data, say): replay the last stage, which re-derives the same bytes.
                 plan.append((shard, min(done, len(slice_ids) - 1)))
                 total_slices[shard] = len(slice_ids)
+        return plan, total_slices, all_slices
+
+    def _committer(
+        self, report: FitReport, total_slices: Mapping[int, int], progress: Progress | None
+    ) -> Callable[[StageResult], None]:
+        """What commits each stage a fit receives (one write transaction each), counted in ``report``."""
+        store = self.store
 
         def commit(result: StageResult) -> None:
             record, last = stage_record(result), result.stage == total_slices[result.shard]
@@ -381,6 +387,12 @@ class Planner:
             if progress is not None:
                 progress(result)
 
+        return commit
+
+    def _rebinder(self, report: FitReport) -> Callable[[ShardJob, list[Domain]], ShardJob]:
+        """What a fit does with a job whose determinism domain has no node: refuse, or rebind it (in ``report``)."""
+        cfg, store = self.config, self.store
+
         def unavailable(job: ShardJob, available: list[Domain]) -> ShardJob:
             with store.read() as txn:
                 needed = (store.stage_record(txn, job.shard, job.start_stage) or {}).get("domain")
@@ -393,20 +405,4 @@ class Planner:
             report.rebound[job.shard] = {"from_domain": job.domain, "reason": reason}
             return replace(job, start_stage=0, parent=None, parent_key=None, domain=None)
 
-        jobs = self.shard_jobs(plan, dict(enumerate(all_slices)))
-        processes = None
-        if plan:
-            seconds = self.predicted_seconds(plan, dict(enumerate(all_slices)))
-            choice = orchestrator.plan_runner(self.address, len(plan), seconds, cfg.resources)
-            report.runner, processes = choice.runner, choice.processes
-            log.info("training %d shard(s) on the %s runner", len(plan), report.runner)
-        retries = orchestrator.execute(
-            self.address, jobs, commit, unavailable, runner=report.runner, processes=processes
-        )
-        for shard, info in report.rebound.items():
-            with store.read() as txn:
-                info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))
-        report.retries = [asdict(r) for r in retries]
-        report.seconds = time.perf_counter() - started
-        log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
-        return report
+        return unavailable

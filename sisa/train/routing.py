@@ -53,7 +53,7 @@ def _probe(threads: int, device: str) -> domains.Domain:
     return domains.current(threads, device)
 
 
-# A GPU probe gets a fresh worker, as a GPU shard task does (orchestrator._gpu_shard_task): a
+# A GPU probe gets a fresh worker, as a GPU shard task does (ray_runner._gpu_shard_task): a
 # reused worker would report the GPU it first saw, and a probe that initialised CUDA must not
 # hand its worker on to a shard of another GPU.
 @ray.remote(max_retries=0, max_calls=1)

@@ -1,6 +1,6 @@
 """A shard's slices as a lazy sequence that reads one slice from the store when indexed.
 
-The driver side of a :class:`~sisa.train.trainer.ShardJob`: nothing is loaded until the
+The driver side of a :class:`~sisa.train.jobs.ShardJob`: nothing is loaded until the
 trainer (in-process) or the orchestrator (shipping to Ray) asks for a slice, so the
 driver never needs every shard's data in memory at once. It never leaves the driver:
 workers do not open the store, and pickling one is refused.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sisa.train.trainer import LazySlices, SliceData
+from sisa.train.jobs import LazySlices, SliceData
 
 if TYPE_CHECKING:
     from sisa.store.database import Store

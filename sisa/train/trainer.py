@@ -1,7 +1,8 @@
 """Pure-torch training of one shard, slice by slice, with a checkpoint after every stage.
 
-No Ray and no store here: the orchestrator ships a :class:`ShardJob` in and gets
-:class:`StageResult` objects back. Stage r trains on slices 1..r; every random
+No Ray and no store here: a runner ships a :class:`~sisa.train.jobs.ShardJob` in and gets
+:class:`~sisa.train.jobs.StageResult` objects back (:mod:`sisa.train.jobs`); the checkpoint
+bytes are :mod:`sisa.train.checkpoint`'s. Stage r trains on slices 1..r; every random
 source is seeded from (seed, shard, stage) and the data order derives from the
 sorted ids, so the same job always yields the same bytes (invariant 2). A job's
 slices may be a lazy sequence: the trainer reads slice r only when stage r starts,
@@ -13,166 +14,46 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import io
 import logging
 import re
 import time
 import warnings
-from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, overload
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from sisa.config.settings import SisaConfig
-from sisa.errors import DomainMismatchError, GpuMemoryError, IntegrityError, TrainingError
+from sisa.errors import DomainMismatchError, GpuMemoryError, TrainingError
 from sisa.partition.assign import splitmix64
-from sisa.store.digests import checkpoint_key, manifest_digest, sha256, weights_digest
+from sisa.store.digests import checkpoint_key, manifest_digest, recipe_digest, sha256, weights_digest
 from sisa.train import domain as domains
 from sisa.train import gpu
 from sisa.train.adapters import AdaptedModel, build_shard_model
-from sisa.train.backbone import Backbone, extract_features
+from sisa.train.backbone import extract_features
+from sisa.train.checkpoint import encode_checkpoint, load_checkpoint
+from sisa.train.jobs import ShardJob, StageResult
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "LazySlices",
-    "ShardJob",
-    "SliceData",
-    "StageResult",
     "autocast",
     "derive_seed",
     "deterministic",
-    "nondeterministic_op",
-    "load_checkpoint",
-    "on_cpu",
+    "load_checkpoint",  # the codec's (sisa.train.checkpoint), here for the readers that load a stage's model
     "make_optimizer",
+    "nondeterministic_op",
     "train_epochs",
     "train_shard",
 ]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-
 # torch's message when use_deterministic_algorithms(True) meets an op without a deterministic kernel:
 # "<op> does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'..."
 _NONDETERMINISTIC = re.compile(r"(\S+) does not have a deterministic implementation")
-
-
-@dataclass(frozen=True)
-class SliceData:
-    """One slice of a shard: its sorted ids, features and labels."""
-
-    ids: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-
-
-class LazySlices(Sequence[SliceData]):
-    """A shard's slices, each loaded only when indexed; subclasses say from where.
-
-    The driver's side reads the store (:class:`~sisa.train.slices.StoredSlices`), a
-    task's side Ray's object store (:class:`~sisa.train.orchestrator.RemoteSlices`).
-    """
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def load(self, index: int) -> SliceData:
-        """Load slice ``index`` (``0 <= index < len(self)``)."""
-
-    @overload
-    def __getitem__(self, index: int) -> SliceData: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> tuple[SliceData, ...]: ...
-
-    def __getitem__(self, index: int | slice) -> SliceData | tuple[SliceData, ...]:
-        if isinstance(index, slice):
-            return tuple(self.load(i) for i in range(*index.indices(len(self))))
-        return self.load(range(len(self))[index])  # normalises negatives, raises IndexError
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """Everything needed to (re)train one shard from a given stage onwards.
-
-    Attributes:
-        config: The ensemble's config (recipe, seed, resources).
-        shard: Shard index.
-        slices: The shard's slices in order; stage r trains on ``slices[:r]``. A
-            tuple, or a lazy sequence that loads a slice when it is indexed (from
-            the store in the driver, from Ray's object store in a task); the
-            trainer indexes each slice once, slice r when stage r starts.
-        start_stage: Number of stages already done; training starts at stage
-            ``start_stage + 1``.
-        parent: Bytes of the stage ``start_stage`` checkpoint, or ``None`` when
-            ``start_stage == 0``.
-        parent_key: Key of that checkpoint.
-        input_shape: Shape of one sample.
-        num_classes: Number of classes.
-        slice_sizes: Rows of each slice, so that a lazy ``slices`` need not be
-            loaded to size the training buffer; empty means "ask ``slices``".
-        domain: Id of the determinism domain the job must run in (that of its parent
-            checkpoint, or of the live model a replay is compared with); a worker in
-            another domain refuses. ``None``: any domain (training from scratch).
-        backbone: The shared frozen backbone (``backbone.source`` other than none); its
-            digest is part of the recipe, so of every checkpoint key.
-        backbone_ref: Where the orchestrator put the backbone instead (a Ray object ref,
-            put once for all of a fit's tasks); the task resolves it into ``backbone``.
-    """
-
-    config: SisaConfig
-    shard: int
-    slices: Sequence[SliceData]
-    start_stage: int
-    parent: bytes | None
-    parent_key: str | None
-    input_shape: tuple[int, ...]
-    num_classes: int
-    slice_sizes: tuple[int, ...] = field(default=())
-    domain: str | None = None
-    backbone: Backbone | None = None
-    backbone_ref: Any = None
-
-    def sizes(self) -> tuple[int, ...]:
-        """Rows of each slice (from ``slice_sizes``, else by loading ``slices``)."""
-        if self.slice_sizes:
-            return self.slice_sizes
-        return tuple(len(s.ids) for s in self.slices)
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """A finished stage: the checkpoint bytes and what they are provably made of."""
-
-    shard: int
-    stage: int
-    key: str
-    checkpoint: bytes
-    sha256: str
-    manifest: str
-    weights: str
-    parent: str | None
-    n_samples: int
-    epochs: int
-    seconds: float
-    domain: dict[str, Any] = field(default_factory=dict)
-    # On a GPU: ``device`` (index), ``total_bytes``, ``fraction`` (the allocator cap, None when
-    # uncapped) and ``peak_bytes`` (the most the stage's tensors held); empty on the CPU.
-    gpu: dict[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        # Not the checkpoint: its bytes (hundreds of KB) would flood a log or a progress callback.
-        return (
-            f"StageResult(shard={self.shard}, stage={self.stage}, key={self.key[:16]}..., "
-            f"n_samples={self.n_samples}, seconds={self.seconds:.3f}, domain={self.domain.get('id')})"
-        )
 
 
 def derive_seed(seed: int, shard: int, stage: int) -> int:
@@ -208,60 +89,6 @@ def make_optimizer(cfg: SisaConfig, model: nn.Module, lr: float | None = None) -
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=rate, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=rate, weight_decay=t.weight_decay)
-
-
-def load_checkpoint(blob: bytes, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Decode checkpoint bytes without executing any pickled code.
-
-    Args:
-        blob: Bytes written by the trainer.
-        expected_sha256: Digest recorded in the store; checked first when given.
-
-    Returns:
-        The checkpoint dict (``model``, ``optimizer``, ``rng``, ``meta``).
-
-    Raises:
-        IntegrityError: If the digest differs or the bytes are not a checkpoint.
-    """
-    if expected_sha256 is not None and sha256(blob) != expected_sha256:
-        raise IntegrityError("checkpoint bytes do not match their recorded sha256: the store was modified")
-    try:
-        # weights_only=True: a crafted pickle cannot run code on load.
-        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise IntegrityError(f"checkpoint cannot be decoded safely: {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise IntegrityError("checkpoint has an unknown format")
-    return ckpt
-
-
-def on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it (nested in dicts, lists and tuples) moved to the CPU.
-
-    A checkpoint holds CPU tensors only, so any loader opens it without ``map_location``;
-    the optimizer puts its state back on its parameters' device when it loads it. On the
-    CPU this is the identity (the same tensor objects), so CPU checkpoint bytes do not change.
-    """
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(v) for v in value)
-    return value
-
-
-def _encode(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": on_cpu(model.state_dict()),
-        "optimizer": on_cpu(optimizer.state_dict()),
-        "rng": {"torch": torch.get_rng_state()},
-        "meta": meta,
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 def _source_tensor(array: np.ndarray) -> torch.Tensor:
@@ -473,7 +300,7 @@ def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None
     if job.backbone is not None:
         job.backbone.check()  # the bytes the recipe names, whatever carried them here
         frozen = job.backbone.module if device.type == "cpu" else copy.deepcopy(job.backbone.module).to(device)
-    recipe_digest = cfg.recipe_digest(job.backbone.digest if job.backbone is not None else None)
+    recipe = recipe_digest(cfg, job.backbone.digest if job.backbone is not None else None)
     epochs = cfg.train.stage_epochs(cfg.slices)
 
     torch.manual_seed(derive_seed(cfg.seed, job.shard, 0))
@@ -492,11 +319,12 @@ def _train_shard(job: ShardJob, device: torch.device, cap: dict[str, Any] | None
     rows = _ShardRows(job, device, frozen if head_only else None)
     # a head trains on the features computed once per slice
     trained: nn.Module = model.head if isinstance(model, AdaptedModel) and head_only else model
+    run = _ShardRun(job, model, trained, optimizer, rows, recipe, epochs, here)
     for stage in range(job.start_stage + 1, len(job.slices) + 1):
         with deterministic(cfg.resources.threads_per_shard, device), _out_of_memory(job, stage, cap):
             before = rows.feature_seconds
             rows.extend_to(stage)  # slice r is read when stage r starts: a lazy job streams in
-            result = _train_stage(job, model, trained, optimizer, stage, rows, parent_key, recipe_digest, epochs, here)
+            result = _train_stage(run, stage, parent_key)
         if rows.feature_seconds > before:  # the feature pass of the slices this stage loaded is its compute too
             result = dataclasses.replace(result, seconds=result.seconds + rows.feature_seconds - before)
         if cap is not None:
@@ -531,23 +359,35 @@ def _out_of_memory(job: ShardJob, stage: int, cap: dict[str, Any] | None) -> Ite
         ) from exc
 
 
-def _train_stage(
-    job: ShardJob,
-    model: nn.Module,
-    trained: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    stage: int,
-    rows: _ShardRows,
-    parent_key: str | None,
-    recipe_digest: str,
-    epochs: int,
-    here: domains.Domain,
-) -> StageResult:
-    """Train one stage in place and encode its checkpoint.
+@dataclass(frozen=True)
+class _ShardRun:
+    """What every stage of one :func:`train_shard` call shares: the job and the state it trains.
 
-    ``trained`` is what the rows are fed to: ``model`` itself, or its head when the rows
-    are the backbone's features; the checkpoint is ``model``'s state (the per-shard part).
+    Attributes:
+        job: The shard job.
+        model: The shard's model (its state is the checkpoint: the per-shard part).
+        trained: What the rows are fed to: ``model`` itself, or its head when the rows are the
+            frozen backbone's features.
+        optimizer: ``model``'s optimizer, carried from stage to stage.
+        rows: The shard's rows on the training device, filled slice by slice.
+        recipe: The recipe digest every checkpoint key of the shard covers.
+        epochs: Epochs of each stage.
+        here: The determinism domain this process trains in.
     """
+
+    job: ShardJob
+    model: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    rows: _ShardRows
+    recipe: str
+    epochs: int
+    here: domains.Domain
+
+
+def _train_stage(run: _ShardRun, stage: int, parent_key: str | None) -> StageResult:
+    """Train stage ``stage`` of ``run`` in place (after the checkpoint ``parent_key``) and encode its checkpoint."""
+    job, model, rows, epochs, here = run.job, run.model, run.rows, run.epochs, run.here
     cfg = job.config
     device = torch.device(cfg.resources.device)
     started = time.perf_counter()
@@ -561,7 +401,9 @@ def _train_stage(
         order_t = torch.from_numpy(np.argsort(ids, kind="stable")).to(device)
         try:
             t = cfg.train
-            train_epochs(trained, optimizer, x, y, order_t, epochs, t.batch_size, generator, precision=t.precision)
+            train_epochs(
+                run.trained, run.optimizer, x, y, order_t, epochs, t.batch_size, generator, precision=t.precision
+            )
         except RuntimeError as exc:
             op = nondeterministic_op(exc)
             if op is None:
@@ -574,20 +416,20 @@ def _train_stage(
                 f"model){cpu_hint}. torch said: {exc}"
             ) from exc
     manifest = manifest_digest(rows.ids[:stage])
-    key = checkpoint_key(recipe_digest, job.shard, stage, manifest, parent_key, here.id)
+    key = checkpoint_key(run.recipe, job.shard, stage, manifest, parent_key, here.id)
     meta = {
         "shard": job.shard,
         "stage": stage,
         "key": key,
         "parent": parent_key or "",
         "manifest": manifest,
-        "recipe": recipe_digest,
+        "recipe": run.recipe,
         "n_samples": int(ids.size),
         "epochs": epochs,
         "torch": str(torch.__version__),
         "domain": here.id,
     }
-    blob = _encode(model, optimizer, meta)
+    blob = encode_checkpoint(model, run.optimizer, meta)
     seconds = time.perf_counter() - started
     log.debug("shard %d stage %d: %d samples, %.2fs", job.shard, stage, ids.size, seconds)
     return StageResult(

@@ -31,7 +31,7 @@ from sisa.store.digests import keyed_hash
 from sisa.store.erasure import ErasureReport, erase, finish_erasure
 from sisa.store.tombstones import deleting_requests
 from sisa.train.domain import domain_id
-from sisa.train.planner import Planner, Progress
+from sisa.train.planner import FitReport, Planner, Progress
 from sisa.unlearn import commitcache
 from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
@@ -95,26 +95,7 @@ def delete(
     wanted = normalize_ids(ids)
     store = planner.store
     secret = store.secret()
-    with store.read() as txn:
-        present = [i for i in wanted if store.has_sample(txn, i)]
-        core = store.core_members(txn, present)
-        core_size = store.core_count(txn)
-    if core:
-        raise CoreSetError(
-            f"{len(core)} id(s) are in the core set (first: {core[:5]}), the {core_size} samples declared at ingest "
-            "that trained the shared backbone every shard runs on. A core sample cannot be forgotten by retraining "
-            "shards: it would take training a new backbone without it and every shard from scratch, i.e. a new "
-            "store ingested without these ids (and a core set that leaves them out). The whole request was "
-            "rejected and nothing changed; delete only non-core ids"
-        )
-    present_set = set(present)
-    gone = deleting_requests(store, [i for i in wanted if i not in present_set])
-    unknown = sorted(set(wanted) - present_set - set(gone))
-    if unknown:
-        raise DataError(
-            f"{len(unknown)} id(s) are not in the store and were never deleted (first: {unknown[:5]}); "
-            "the whole request was rejected and nothing changed: check the ids"
-        )
+    present, gone = _held_and_gone(store, wanted)
     waiting = {r["request_id"]: r for r in pending(store)}
     named = sorted({rid for rid in gone.values() if rid in waiting})  # journaled, never applied: a retry
     if not present and not named:
@@ -166,6 +147,36 @@ def delete(
     return {**main, "also_applied": others} if others else main
 
 
+def _held_and_gone(store: Store, wanted: list[int]) -> tuple[list[int], dict[int, int]]:
+    """The ids of a request the store holds, and those already deleted (id -> the deleting request).
+
+    Raises:
+        CoreSetError: If an id is in the core set.
+        DataError: If an id is neither held nor ever deleted.
+    """
+    with store.read() as txn:
+        present = [i for i in wanted if store.has_sample(txn, i)]
+        core = store.core_members(txn, present)
+        core_size = store.core_count(txn)
+    if core:
+        raise CoreSetError(
+            f"{len(core)} id(s) are in the core set (first: {core[:5]}), the {core_size} samples declared at ingest "
+            "that trained the shared backbone every shard runs on. A core sample cannot be forgotten by retraining "
+            "shards: it would take training a new backbone without it and every shard from scratch, i.e. a new "
+            "store ingested without these ids (and a core set that leaves them out). The whole request was "
+            "rejected and nothing changed; delete only non-core ids"
+        )
+    present_set = set(present)
+    gone = deleting_requests(store, [i for i in wanted if i not in present_set])
+    unknown = sorted(set(wanted) - present_set - set(gone))
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} id(s) are not in the store and were never deleted (first: {unknown[:5]}); "
+            "the whole request was rejected and nothing changed: check the ids"
+        )
+    return present, gone
+
+
 def apply(
     planner: Planner, progress: Progress | None = None, *, requests: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
@@ -198,33 +209,13 @@ def apply(
         DataError: If a requested id is not a pending request (nothing is changed).
     """
     store = planner.store
-    chosen = pending(store)
-    if requests is not None:
-        wanted = {int(r) for r in requests}
-        chosen = [r for r in chosen if r["request_id"] in wanted]
-        missing = sorted(wanted - {r["request_id"] for r in chosen})
-        if missing:
-            raise DataError(
-                f"request(s) {missing} are not pending (unknown, or applied already); "
-                "pending() lists the requests that can be applied"
-            )
+    chosen = _chosen_requests(store, requests)
     if not chosen:
         return []
     signer = load_signer(store_root=store.path)  # before any work: a missing or misplaced key fails first
     started = time.time()
     erase_pending(store)  # a request whose erasure a crash cut short: erased before anything waits on Ray
-    shards = None if requests is None else sorted({int(s) for r in chosen for s in r["shards"]})
-    try:
-        report = planner.fit(progress, shards=shards, refresh_backbone=False)
-    except DomainUnavailableError as exc:
-        # resources.on_missing_domain: refuse. The requests stay journaled (their samples erased, their
-        # shards' models not retrained yet); say so, and how they get applied.
-        ids = ", ".join(str(r["request_id"]) for r in chosen)
-        raise DomainUnavailableError(
-            f"{exc}. Deletion request(s) {ids} stay pending: their samples are erased from the store (runs "
-            "re-keyed, old keys destroyed), but the shards that held them are not retrained yet (out of service, "
-            "or serving per unlearn.policy); `sisa apply` finishes them once such a node is available"
-        ) from exc
+    report = _retrain(planner, progress, chosen, every=requests is None)
     # The retrain retired checkpoints (a stale or interim model's, say): destroy their keys. The runs of
     # every pending request were re-keyed when it was accepted; erase() finds them done and skips them.
     sweep = erase(store, pending(store))
@@ -239,24 +230,7 @@ def apply(
         live = store.live(txn)
         certificates = []
         for request in chosen:
-            shards = {}
-            for key, info in request["shards"].items():
-                shard = int(key)
-                info = {**info, **_rebind(info, live.get(shard), report.rebound.get(shard))}
-                new = [r for r in store.stage_records(txn, shard) if r["stage"] > info["restart_stage"]]
-                rec = live.get(shard)
-                shards[key] = {
-                    **info,
-                    "new_checkpoints": [r["sha256"] for r in new],
-                    # the retrain's work: what a benchmark or an auditor sums, without opening the store
-                    "sample_epochs": sum(int(r["n_samples"]) * int(r["epochs"]) for r in new),
-                    "compute_seconds": round(sum(float(r["seconds"]) for r in new), 4),
-                    "live_checkpoint": rec["sha256"] if rec else None,
-                    "live_weights": rec["weights"] if rec else None,
-                    "manifest": rec["manifest"] if rec else None,
-                    "samples": rec["n_samples"] if rec else 0,
-                    "domain": rec.get("domain") if rec else None,
-                }
+            shards = {key: _shard_entry(store, txn, key, info, live, report) for key, info in request["shards"].items()}
             applied_at = time.time()
             certificate = {
                 "request_id": request["request_id"],
@@ -287,6 +261,73 @@ def apply(
     certificates = store.write(certify)
     log.info("applied %d request(s); retrained %s", len(certificates), sorted(report.trained))
     return certificates
+
+
+def _chosen_requests(store: Store, requests: Sequence[int] | None) -> list[dict[str, Any]]:
+    """The pending requests an apply takes: those named (all of them must be pending), or every one.
+
+    Raises:
+        DataError: If a named request is not pending.
+    """
+    chosen = pending(store)
+    if requests is not None:
+        wanted = {int(r) for r in requests}
+        chosen = [r for r in chosen if r["request_id"] in wanted]
+        missing = sorted(wanted - {r["request_id"] for r in chosen})
+        if missing:
+            raise DataError(
+                f"request(s) {missing} are not pending (unknown, or applied already); "
+                "pending() lists the requests that can be applied"
+            )
+    return chosen
+
+
+def _retrain(planner: Planner, progress: Progress | None, chosen: list[dict[str, Any]], *, every: bool) -> FitReport:
+    """Retrain the shards of the ``chosen`` requests (``every``: every stale stage, as a fit does).
+
+    Raises:
+        DomainUnavailableError: Under ``resources.on_missing_domain: refuse``, saying that the
+            requests stay pending (erased, not retrained) and how they get applied.
+    """
+    shards = None if every else sorted({int(s) for r in chosen for s in r["shards"]})
+    try:
+        return planner.fit(progress, shards=shards, refresh_backbone=False)
+    except DomainUnavailableError as exc:
+        # resources.on_missing_domain: refuse. The requests stay journaled (their samples erased, their
+        # shards' models not retrained yet); say so, and how they get applied.
+        ids = ", ".join(str(r["request_id"]) for r in chosen)
+        raise DomainUnavailableError(
+            f"{exc}. Deletion request(s) {ids} stay pending: their samples are erased from the store (runs "
+            "re-keyed, old keys destroyed), but the shards that held them are not retrained yet (out of service, "
+            "or serving per unlearn.policy); `sisa apply` finishes them once such a node is available"
+        ) from exc
+
+
+def _shard_entry(
+    store: Store,
+    txn: lmdb.Transaction,
+    key: str,
+    info: dict[str, Any],
+    live: dict[int, dict[str, Any]],
+    report: FitReport,
+) -> dict[str, Any]:
+    """A certificate's entry for one shard: its journal entry, the new checkpoints and the work they took."""
+    shard = int(key)
+    info = {**info, **_rebind(info, live.get(shard), report.rebound.get(shard))}
+    new = [r for r in store.stage_records(txn, shard) if r["stage"] > info["restart_stage"]]
+    rec = live.get(shard)
+    return {
+        **info,
+        "new_checkpoints": [r["sha256"] for r in new],
+        # the retrain's work: what a benchmark or an auditor sums, without opening the store
+        "sample_epochs": sum(int(r["n_samples"]) * int(r["epochs"]) for r in new),
+        "compute_seconds": round(sum(float(r["seconds"]) for r in new), 4),
+        "live_checkpoint": rec["sha256"] if rec else None,
+        "live_weights": rec["weights"] if rec else None,
+        "manifest": rec["manifest"] if rec else None,
+        "samples": rec["n_samples"] if rec else 0,
+        "domain": rec.get("domain") if rec else None,
+    }
 
 
 def _rebind(info: dict[str, Any], live: dict[str, Any] | None, rebound: dict[str, Any] | None) -> dict[str, Any]:

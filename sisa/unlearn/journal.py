@@ -21,7 +21,7 @@ import lmdb
 from sisa.errors import StoreError
 from sisa.store.database import Store
 from sisa.store.digests import keyed_hash
-from sisa.store.records import id_key, shard_key, stage_key
+from sisa.store.layout import id_key, shard_key, stage_key
 from sisa.train.domain import domain_id
 
 __all__ = ["mark_applied", "mark_erased", "pending", "record_request", "requests", "unerased"]
@@ -76,42 +76,10 @@ def record_request(
         txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
         first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
         touched.setdefault(shard, set()).add((slice_, run))
-    shards: dict[str, Any] = {}
-    for shard, slice_ in sorted(first_slice.items()):
-        # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
-        # stage slice_ (0 = the initial model) is the last clean checkpoint.
-        live_raw = txn.get(shard_key(shard), db=dbs["live"])
-        live = json.loads(bytes(live_raw)) if live_raw is not None else None
-        keep_live = live is not None and meta["policy"] == "serve-stale"
-        removed = []
-        clean: dict[str, Any] | None = None  # the last stage that survives: it never saw a deleted id
-        for record in store.stage_records(txn, shard):
-            if record["stage"] > slice_:
-                if not (keep_live and live is not None and record["key"] == live["key"]):
-                    txn.delete(record["key"].encode(), db=dbs["ckpt"])
-                txn.delete(stage_key(shard, record["stage"]), db=dbs["stages"])
-                removed.append(record["sha256"])
-            else:
-                clean = record
-        interim = None
-        if keep_live and live is not None:
-            store.set_live(txn, shard, {**live, "stale": True})
-        elif meta["policy"] == "serve-clean" and live is not None and clean is not None:
-            # Only a shard that was in service keeps serving: one still in its first training
-            # must not start serving a partial model because of a deletion.
-            interim = clean["stage"]
-            store.set_live(txn, shard, {**clean, "interim": True})
-        else:
-            store.set_live(txn, shard, None)  # also drops a stale model's bytes if the policy changed
-        shards[str(shard)] = {
-            "from_slice": slice_ + 1,
-            "restart_stage": slice_,
-            "runs": [list(pair) for pair in sorted(touched[shard])],  # (slice, run): what erasure re-keys
-            "removed_checkpoints": removed,
-            "serving_stage": interim,
-            # the domain the retrain continues in: if the live model comes from another, it was rebound
-            "clean_domain": domain_id(clean),
-        }
+    shards = {
+        str(shard): _retire(store, txn, shard, slice_, touched[shard], meta["policy"], dbs)
+        for shard, slice_ in sorted(first_slice.items())
+    }
     request = {
         "request_id": request_id,
         "state": "pending",
@@ -124,6 +92,57 @@ def record_request(
     }
     txn.put(struct.pack(">Q", request_id), json.dumps(request, sort_keys=True).encode(), db=store.db("requests"))
     return request
+
+
+def _retire(
+    store: Store,
+    txn: lmdb.Transaction,
+    shard: int,
+    slice_: int,
+    touched: set[tuple[int, int]],
+    policy: str,
+    dbs: dict[str, Any],
+) -> dict[str, Any]:
+    """Drop every stage of ``shard`` that saw a deleted id (from slice ``slice_`` on) and set what it serves.
+
+    Returns:
+        The shard's entry in the request: where its retrain starts, the runs erasure re-keys, the
+        checkpoints removed, the stage it serves meanwhile, and the domain of its clean checkpoint.
+    """
+    # Stage r trained on slices 1..r, so stages from slice_+1 on saw a deleted id;
+    # stage slice_ (0 = the initial model) is the last clean checkpoint.
+    live_raw = txn.get(shard_key(shard), db=dbs["live"])
+    live = json.loads(bytes(live_raw)) if live_raw is not None else None
+    keep_live = live is not None and policy == "serve-stale"
+    removed = []
+    clean: dict[str, Any] | None = None  # the last stage that survives: it never saw a deleted id
+    for record in store.stage_records(txn, shard):
+        if record["stage"] > slice_:
+            if not (keep_live and live is not None and record["key"] == live["key"]):
+                txn.delete(record["key"].encode(), db=dbs["ckpt"])
+            txn.delete(stage_key(shard, record["stage"]), db=dbs["stages"])
+            removed.append(record["sha256"])
+        else:
+            clean = record
+    interim = None
+    if keep_live and live is not None:
+        store.set_live(txn, shard, {**live, "stale": True})
+    elif policy == "serve-clean" and live is not None and clean is not None:
+        # Only a shard that was in service keeps serving: one still in its first training
+        # must not start serving a partial model because of a deletion.
+        interim = clean["stage"]
+        store.set_live(txn, shard, {**clean, "interim": True})
+    else:
+        store.set_live(txn, shard, None)  # also drops a stale model's bytes if the policy changed
+    return {
+        "from_slice": slice_ + 1,
+        "restart_stage": slice_,
+        "runs": [list(pair) for pair in sorted(touched)],  # (slice, run): what erasure re-keys
+        "removed_checkpoints": removed,
+        "serving_stage": interim,
+        # the domain the retrain continues in: if the live model comes from another, it was rebound
+        "clean_domain": domain_id(clean),
+    }
 
 
 def mark_applied(store: Store, txn: lmdb.Transaction, request: dict[str, Any], applied_at: float) -> None:

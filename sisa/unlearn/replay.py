@@ -9,8 +9,8 @@ import numpy as np
 
 from sisa.errors import DataError
 from sisa.train.domain import Domain, domain_id, unavailable_message
+from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.planner import Planner, Progress
-from sisa.train.trainer import ShardJob, StageResult
 
 __all__ = ["verify"]
 
@@ -34,12 +34,7 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
     from sisa.train import orchestrator  # the one Ray import
 
     store, cfg = planner.store, planner.config
-    if shards is not None and (isinstance(shards, (str, bytes)) or not isinstance(shards, Iterable)):
-        raise DataError(f"shards must be a list of shard indices, got {type(shards).__name__}; e.g. shards=[0, 2]")
-    chosen = list(range(cfg.shards)) if shards is None else list(shards)
-    bad = [s for s in chosen if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < cfg.shards]
-    if bad:
-        raise DataError(f"shard {bad[0]!r} does not exist; shards are the integers 0..{cfg.shards - 1}")
+    chosen = _chosen(shards, cfg.shards)
     out: dict[str, Any] = {}
     plan: list[tuple[int, int]] = []
     ids: dict[int, list[np.ndarray]] = {}
@@ -89,30 +84,49 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
             runner, processes = choice.runner, choice.processes
         orchestrator.execute(planner.address, jobs, keep, skip, runner=runner, processes=processes)
     for key, info in out.items():
-        result = last.get(int(key))
-        if info["samples"] == 0:
-            info.update(ok=info["live_weights"] is None, reason="empty shard: no model")
-        elif info["live_weights"] is None:
-            info.update(ok=False, reason="no live model: pending deletion or never trained; run sisa apply")
-        elif info["pending"]:
-            why = f"serving a {info['pending']} model until a pending deletion is applied; run sisa apply"
-            info.update(ok=False, reason=why)
-        elif int(key) in unavailable:
-            message, available = unavailable[int(key)]
-            info.update(
-                ok=False,
-                reason="domain_unavailable",
-                message=message,
-                needs=info["domain"],
-                available=[d.to_dict() for d in available],
-            )
-        elif result is not None:
-            info.update(replay_weights=result.weights, replay_manifest=result.manifest, replay_domain=result.domain)
-            info["ok"] = result.weights == info["live_weights"]
-        else:  # planned but neither replayed nor refused: never silently "ok"
-            info.update(ok=False, reason="no replay came back for this shard")
+        _judge(info, last.get(int(key)), unavailable.get(int(key)))
     verdict: dict[str, Any] = {"ok": all(i["ok"] for i in out.values()), "shards": out, "runner": runner}
     failed = [i for i in out.values() if not i["ok"]]
     if failed and all(i.get("reason") == "domain_unavailable" for i in failed):
         verdict["reason"] = "domain_unavailable"
     return verdict
+
+
+def _chosen(shards: Sequence[int] | None, count: int) -> list[int]:
+    """The shards to verify: ``shards`` checked against the store's ``count``, or all of them.
+
+    Raises:
+        DataError: On something other than a list of shard indices, or a shard that does not exist.
+    """
+    if shards is not None and (isinstance(shards, (str, bytes)) or not isinstance(shards, Iterable)):
+        raise DataError(f"shards must be a list of shard indices, got {type(shards).__name__}; e.g. shards=[0, 2]")
+    chosen = list(range(count)) if shards is None else list(shards)
+    bad = [s for s in chosen if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < count]
+    if bad:
+        raise DataError(f"shard {bad[0]!r} does not exist; shards are the integers 0..{count - 1}")
+    return chosen
+
+
+def _judge(info: dict[str, Any], result: StageResult | None, unavailable: tuple[str, list[Domain]] | None) -> None:
+    """Fill in one shard's verdict (``ok`` and why not) from its replay, or from why it had none."""
+    if info["samples"] == 0:
+        info.update(ok=info["live_weights"] is None, reason="empty shard: no model")
+    elif info["live_weights"] is None:
+        info.update(ok=False, reason="no live model: pending deletion or never trained; run sisa apply")
+    elif info["pending"]:
+        why = f"serving a {info['pending']} model until a pending deletion is applied; run sisa apply"
+        info.update(ok=False, reason=why)
+    elif unavailable is not None:
+        message, available = unavailable
+        info.update(
+            ok=False,
+            reason="domain_unavailable",
+            message=message,
+            needs=info["domain"],
+            available=[d.to_dict() for d in available],
+        )
+    elif result is not None:
+        info.update(replay_weights=result.weights, replay_manifest=result.manifest, replay_domain=result.domain)
+        info["ok"] = result.weights == info["live_weights"]
+    else:  # planned but neither replayed nor refused: never silently "ok"
+        info.update(ok=False, reason="no replay came back for this shard")

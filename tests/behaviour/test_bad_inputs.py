@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from sisa.cli.main import main
-from sisa.config.settings import config_from_dict, load_config
+from sisa.config.loader import config_from_dict, load_config
 from sisa.data.arrays import LabeledArrays
 from sisa.data.loaders import load_csv, load_idx, load_npz
 from sisa.ensemble import Ensemble

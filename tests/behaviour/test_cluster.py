@@ -56,9 +56,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
+from sisa.store.digests import recipe_digest
 from sisa.train.domain import PIN_VARS
 from tests.conftest import ROOT, blobs, live_state, store_digest
 
@@ -86,7 +87,7 @@ def test_custom_resources_knob_is_validated() -> None:
     assert load_config(None, ["resources.custom={a: 0.5, b: 2}"]).resources.custom == {"a": 0.5, "b": 2}
     assert load_config(None).resources.custom == {}
     # Placement is not part of the recipe: the same weights wherever a shard runs.
-    assert load_config(None, ["resources.custom.x=1"]).recipe_digest() == load_config(None).recipe_digest()
+    assert recipe_digest(load_config(None, ["resources.custom.x=1"])) == recipe_digest(load_config(None))
     for bad, message in [
         ("resources.custom.CPU=1", "built-in"),
         ("resources.custom.GPU=1", "built-in"),
@@ -964,7 +965,7 @@ RAY_DATA_DRIVER = """
 import json, sys
 import numpy as np
 import ray
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 
 address, config, streamed, in_memory = sys.argv[1:5]

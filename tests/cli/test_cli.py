@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sisa.cli.main import main
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.data.loaders import load_split
 from tests.conftest import ROOT, nearest_centroid_accuracy, store_digest
 
@@ -151,7 +151,7 @@ def test_evaluate_takes_its_settings_from_the_file_and_dotted_overrides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Parse level only: the harness is replaced by a stub that records what it was given."""
-    from sisa.config.settings import load_config
+    from sisa.config.loader import load_config
     from sisa.evaluate.settings import load_evaluate_config
 
     seen: dict = {}

@@ -1,22 +1,16 @@
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from sisa.config.settings import (
-    FIELD_ROLES,
-    FIXED,
-    FREE,
-    RECIPE,
-    SisaConfig,
-    config_fields,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-)
+from sisa.config.fields import FIXED, FREE, RECIPE, config_fields, config_to_dict, field_roles, setting
+from sisa.config.loader import config_from_dict, load_config
+from sisa.config.settings import FIELD_ROLES, SisaConfig
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError
 from sisa.evaluate.settings import EvaluateConfig, load_evaluate_config
+from sisa.store.digests import recipe_digest
 from tests.conftest import store_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,9 +76,9 @@ def test_bad_files(tmp_path: Path) -> None:
 
 def test_recipe_digest_tracks_training_settings_only() -> None:
     base = load_config(None)
-    assert base.recipe_digest() == load_config(None, ["aggregate.method=vote"]).recipe_digest()
-    assert base.recipe_digest() != load_config(None, ["train.lr=0.01"]).recipe_digest()
-    assert base.recipe_digest() != load_config(None, ["resources.threads_per_shard=2"]).recipe_digest()
+    assert recipe_digest(base) == recipe_digest(load_config(None, ["aggregate.method=vote"]))
+    assert recipe_digest(base) != recipe_digest(load_config(None, ["train.lr=0.01"]))
+    assert recipe_digest(base) != recipe_digest(load_config(None, ["resources.threads_per_shard=2"]))
 
 
 @pytest.mark.parametrize(
@@ -127,7 +121,7 @@ def test_evaluate_section_is_not_part_of_the_ensemble_config() -> None:
 def test_recipe_digest_is_unchanged_by_moving_the_evaluate_section() -> None:
     """Computed with the code before `evaluate` left SisaConfig: every stored checkpoint key still matches."""
     cfg = load_config(ROOT / "configs/fashion_mnist.yaml")
-    assert cfg.recipe_digest() == "cc2f3fcc5e8743ea5f04a265da9a6eeb6a792ca55c571af21ccb6484319b9d25"
+    assert recipe_digest(cfg) == "cc2f3fcc5e8743ea5f04a265da9a6eeb6a792ca55c571af21ccb6484319b9d25"
 
 
 def test_a_typo_at_the_top_level_is_still_refused_beside_an_evaluate_section() -> None:
@@ -156,7 +150,7 @@ def test_a_store_whose_stored_config_holds_an_evaluate_section_still_opens(tmp_p
         ens.store.write(lambda txn: ens.store.put_meta(txn, config=old))
     with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
         assert reopened.store.meta()["config"]["evaluate"]["mia_folds"] == 3  # the old meta, as written
-        assert reopened.config == cfg and reopened.config.recipe_digest() == cfg.recipe_digest()
+        assert reopened.config == cfg and recipe_digest(reopened.config) == recipe_digest(cfg)
     with Ensemble.open(tmp_path / "st") as ens:
         ens.reconfigure(load_config(None, ["shards=2", "slices=2", "train.lr=0.01"]))
     with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
@@ -167,7 +161,7 @@ def test_a_store_whose_stored_config_holds_an_evaluate_section_still_opens(tmp_p
 CORE_BACKBONE = ["backbone.source=core", "backbone.name=mlp", "model.adapter=head"]
 
 # For every config field: (overrides of the base, overrides giving the field another value). A field
-# added to the config needs a line here as well as its role in sisa.config.settings.FIELD_ROLES.
+# added to the config needs a line here (its role is declared on the field itself: sisa.config.fields.setting).
 OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "seed": ([], ["seed=1"]),
     "shards": ([], ["shards=4"]),
@@ -229,15 +223,26 @@ OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def test_every_config_field_is_classified() -> None:
+def test_every_config_field_declares_its_role_and_has_another_value_here() -> None:
     fields = set(config_fields(SisaConfig()))
-    unclassified = sorted(fields - set(FIELD_ROLES))
-    assert not unclassified, f"add these fields to sisa.config.FIELD_ROLES (recipe, fixed or free): {unclassified}"
-    assert not set(FIELD_ROLES) - fields, "FIELD_ROLES names fields that no longer exist"
-    assert set(FIELD_ROLES.values()) <= {RECIPE, FIXED, FREE}
+    assert set(FIELD_ROLES) == fields and set(FIELD_ROLES.values()) <= {RECIPE, FIXED, FREE}
     assert not fields - set(OTHER_VALUE), (
         f"give these fields another value in OTHER_VALUE: {sorted(fields - set(OTHER_VALUE))}"
     )
+
+
+def test_a_config_field_without_a_role_is_refused() -> None:
+    """A role is part of a field's declaration, so no field can ship without one."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        kept: int = setting(1, role=FREE)
+        forgot: int = 2
+
+    with pytest.raises(TypeError, match="config field forgot has no role"):
+        field_roles(Section)
+    with pytest.raises(ValueError, match="role 'sometimes'"):
+        setting(1, role="sometimes")
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_VALUE))
@@ -258,7 +263,7 @@ def test_each_field_behaves_as_classified_on_an_existing_store(name: str, tmp_pa
     with Ensemble.open(tmp_path / "st", readonly=True) as reopened:
         assert reopened.config == changed
     digest = "0" * 64  # a stored backbone's, where the config shares one: the same on both sides
-    moved = changed.recipe_digest(digest if changed.backbone.enabled else None) != base.recipe_digest(
-        digest if base.backbone.enabled else None
+    moved = recipe_digest(changed, digest if changed.backbone.enabled else None) != recipe_digest(
+        base, digest if base.backbone.enabled else None
     )
     assert moved == (FIELD_ROLES[name] == RECIPE)

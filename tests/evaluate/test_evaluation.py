@@ -8,22 +8,22 @@ import pytest
 import yaml
 
 from sisa.cli.main import main
-from sisa.config.settings import SisaConfig, config_to_dict
+from sisa.config.fields import config_to_dict
+from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.evaluate.harness import (
+from sisa.evaluate.forgets import (
     METHODS,
     ForgetSpec,
-    MethodRow,
-    _summarise_retrains,
-    evaluate,
     forget_ids,
     parse_forget,
     parse_methods,
     refuse_repeats,
     store_names,
 )
+from sisa.evaluate.harness import evaluate
+from sisa.evaluate.scoring import MethodRow, summarise_retrains
 from sisa.evaluate.settings import load_evaluate_config
 from tests.conftest import blobs, small_config
 
@@ -141,7 +141,7 @@ def test_retrain_summary_floor_excludes_the_reference_seed() -> None:
         )
 
     rows = [seed_row(0, 0.0, 0.0, 0.9, 0.5), seed_row(1, 0.2, 0.1, 0.8, 0.7), seed_row(2, 0.4, 0.5, 0.7, 0.6)]
-    summary = _summarise_retrains(rows)
+    summary = summarise_retrains(rows)
     assert summary.kl_forget == pytest.approx(0.3) and summary.extra["kl_floor_forget"] == pytest.approx(0.3)
     assert summary.kl_test == pytest.approx(0.3) and summary.extra["kl_floor_test"] == pytest.approx(0.3)
     assert summary.test_accuracy == pytest.approx(0.8) and summary.mia_auc == pytest.approx(0.6)
@@ -209,7 +209,7 @@ def test_each_forget_set_keeps_its_own_result_and_store(
     blob_config: SisaConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Force the worst case: every spec's readable folder name is the same.
-    monkeypatch.setattr("sisa.evaluate.harness._slug", lambda _name: "same")
+    monkeypatch.setattr("sisa.evaluate.forgets._slug", lambda _name: "same")
     settings = load_evaluate_config({"evaluate": {"retrain_seeds": 2, "threads": 1}})
     specs = [ForgetSpec("random", 0.1), ForgetSpec("class", 1)]
     result = evaluate(blob_config, specs, ["sisa"], tmp_path, address="local", settings=settings)
@@ -224,7 +224,8 @@ def test_each_forget_set_keeps_its_own_result_and_store(
 
 
 def test_evaluate_refuses_a_shared_backbone_config_and_says_where_it_is_measured(tmp_path: Path) -> None:
-    from sisa.evaluate.harness import evaluate, parse_forget
+    from sisa.evaluate.forgets import parse_forget
+    from sisa.evaluate.harness import evaluate
     from tests.conftest import small_config
 
     cfg = small_config("backbone.source=core", "backbone.name=mlp", "model.adapter=head")

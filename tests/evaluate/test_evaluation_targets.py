@@ -3,7 +3,8 @@
 import pytest
 
 from sisa.cli.evaluate import format_rows, format_targets
-from sisa.evaluate.harness import MethodRow, _targets
+from sisa.evaluate.report import targets
+from sisa.evaluate.scoring import MethodRow
 
 
 def row(method: str, **fields: object) -> MethodRow:
@@ -36,7 +37,7 @@ def test_targets_on_known_values() -> None:
     sisa = row(
         "sisa", mia_auc=0.55, test_accuracy=0.88, kl_forget=0.05, kl_test=0.03, extra={"family_gap_kl_test": 0.06}
     )
-    t = _targets(retrain_row(0.02, 0.01), [retrain_row(0.02, 0.01), sisa])
+    t = targets(retrain_row(0.02, 0.01), [retrain_row(0.02, 0.01), sisa])
     assert t["sisa_mia_within_retrain_spread"] is True
     assert t["sisa_mia_distance_to_retrain_mean"] == pytest.approx(0.03)
     assert t["sisa_kl_test_over_floor"] == pytest.approx(3.0)
@@ -44,8 +45,8 @@ def test_targets_on_known_values() -> None:
     assert t["sisa_test_accuracy_gap"] == pytest.approx(0.02)
     assert t["sisa_kl_test_over_family_gap"] == pytest.approx(0.5)
     outside = row("sisa", mia_auc=0.60, kl_test=0.03)
-    assert _targets(retrain_row(0.02, 0.01), [outside])["sisa_mia_within_retrain_spread"] is False
-    assert _targets(retrain_row(0.02, 0.01), [retrain_row(0.02, 0.01)]) == {}  # no sisa row, no targets
+    assert targets(retrain_row(0.02, 0.01), [outside])["sisa_mia_within_retrain_spread"] is False
+    assert targets(retrain_row(0.02, 0.01), [retrain_row(0.02, 0.01)]) == {}  # no sisa row, no targets
     [line] = format_targets({"class:1": t, "random:0.1": {}})
     assert line == (
         "class:1: sisa MIA AUC 0.5500 vs retrain seed spread [0.5000, 0.5600] (inside); "
@@ -60,7 +61,7 @@ def test_targets_with_a_zero_floor_print_as_not_available() -> None:
     long run, once ``evaluation.json`` was written.
     """
     sisa = row("sisa", mia_auc=0.55, kl_forget=0.05, kl_test=0.03, extra={"family_gap_kl_test": None})
-    t = _targets(retrain_row(0.0, 0.0), [sisa])
+    t = targets(retrain_row(0.0, 0.0), [sisa])
     assert t["sisa_kl_test_over_floor"] is None and t["sisa_kl_forget_over_floor"] is None
     assert t["sisa_kl_test_over_family_gap"] is None
     [line] = format_targets({"class:1": t})

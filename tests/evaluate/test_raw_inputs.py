@@ -13,8 +13,9 @@ import torch
 from sisa.data.arrays import LabeledArrays
 from sisa.data.loaders import load_fashion_mnist
 from sisa.evaluate.approximate import APPROXIMATE_METHODS
-from sisa.evaluate.harness import build_sets, parse_forget
+from sisa.evaluate.forgets import parse_forget
 from sisa.evaluate.monolithic import train_monolithic
+from sisa.evaluate.sets import build_sets
 from sisa.evaluate.settings import EvaluateConfig
 from tests.conftest import small_config
 

@@ -11,9 +11,10 @@ from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
-from sisa.evaluate.harness import build_sets, parse_forget, split_forgets
+from sisa.evaluate.forgets import parse_forget, split_forgets
 from sisa.evaluate.metrics import accuracy
 from sisa.evaluate.scenarios import attack_set, parse_scenario, poison, stamp
+from sisa.evaluate.sets import build_sets
 from tests.conftest import blobs, live_state, small_config, write_config
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.partition.assign import distribution_aware_assignment, greedy_shards, hashed_slices, shard_masses

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.partition.assign import hashed_slices, ordered_slices, uniform_assignment

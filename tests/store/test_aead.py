@@ -16,7 +16,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import IntegrityError
 from sisa.store.cipher import KEY_SIZE, NONCE_SIZE, OVERHEAD, TAG_SIZE, TOKEN_SIZE, open_record, seal_record
-from sisa.store.records import id_key, sample_ad, stage_key
+from sisa.store.layout import id_key, sample_ad, stage_key
 from tests.conftest import blobs, small_config
 
 X, Y = blobs(600, d=10)

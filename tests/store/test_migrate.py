@@ -19,7 +19,7 @@ import pytest
 from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from sisa.errors import StoreError
-from sisa.store.records import DBS, id_key
+from sisa.store.layout import DBS, id_key
 from tests.conftest import blobs, live_state, small_config, store_digest
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -4,7 +4,7 @@ Each trial copies one store (300 published samples), runs an ingest in a child p
 source fails after 200 staged samples, SIGKILLs the child at one step of taking them back, reopens
 the store in a second child (which finishes the work) and re-ingests *other* bytes under the same
 ids. Every child logs each seal it makes (key, nonce, digest of the plaintext, associated data) by
-wrapping :func:`sisa.store.records.seal_records` (every sample seal goes through it); the test then
+wrapping :func:`sisa.store.samples.seal_records` (every sample seal goes through it); the test then
 checks, over all of them:
 
 - no (key, nonce) pair sealed two different plaintexts;
@@ -40,7 +40,7 @@ CHILD = r"""
 import hashlib, json, os, signal, sys
 import numpy as np
 import sisa.store.keyring as keyring
-import sisa.store.records as records
+import sisa.store.samples as samples
 from sisa import load_config
 from sisa.ensemble import Ensemble
 from sisa.store.database import Store
@@ -56,7 +56,7 @@ def die(*_args, **_kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-real_seal = records.seal_records
+real_seal = samples.seal_records
 
 
 def seal_records(key, items):
@@ -71,7 +71,7 @@ def seal_records(key, items):
     return sealed
 
 
-records.seal_records = seal_records
+samples.seal_records = seal_records
 
 real_roll_back = Store.roll_back_ingest
 
@@ -83,7 +83,7 @@ def roll_back(self, batch=10_000):
 Store.roll_back_ingest = roll_back
 if mode == "fail":
     calls = [0]
-    real_unstage = records.Records.unstage
+    real_unstage = samples.SampleRecords.unstage
 
     def unstage(self, txn, limit):
         calls[0] += 1
@@ -91,7 +91,7 @@ if mode == "fail":
             die()  # the first unstage transaction (and its runs, recorded) committed; the rest staged
         return real_unstage(self, txn, limit)
 
-    records.Records.unstage = unstage
+    samples.SampleRecords.unstage = unstage
     if phase == "rotate":
         keyring.KeyRing.add_generations = die  # everything unstaged; no run re-keyed yet
     if phase == "drop":

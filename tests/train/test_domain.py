@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DomainMismatchError
-from sisa.store.digests import checkpoint_key
+from sisa.store.digests import checkpoint_key, recipe, recipe_digest
 from sisa.train import domain as domains
 from sisa.train.local_runner import LocalRunner
 from sisa.train.trainer import train_shard
@@ -95,12 +95,12 @@ def test_pins_and_the_config_key() -> None:
     with pytest.raises(ConfigError, match="resources.on_missing_domain"):
         load_config(None, ["resources.on_missing_domain=wait"])
     # The level is part of the recipe (other bits); what to do without a node is not.
-    digests = {isa: load_config(None, [f"resources.cpu_isa={isa}"]).recipe_digest() for isa in domains.CPU_ISAS}
+    digests = {isa: recipe_digest(load_config(None, [f"resources.cpu_isa={isa}"])) for isa in domains.CPU_ISAS}
     assert len(set(digests.values())) == 3
     refuse = load_config(None, ["resources.on_missing_domain=refuse"])
-    assert refuse.recipe_digest() == load_config(None).recipe_digest()
+    assert recipe_digest(refuse) == recipe_digest(load_config(None))
     # Stores from before the key trained natively and keep their checkpoint keys.
-    assert "cpu_isa" not in load_config(None, ["resources.cpu_isa=native"]).recipe()
+    assert "cpu_isa" not in recipe(load_config(None, ["resources.cpu_isa=native"]))
 
 
 def test_the_domain_is_what_the_process_runs_and_pins_set_at_start_count() -> None:
@@ -166,7 +166,7 @@ def test_every_stage_records_its_pinned_domain_and_its_key_names_it(default_stor
     with Ensemble.open(default_store, readonly=True) as ens:
         records = stage_records(ens)
         status = ens.status()
-        recipe = ens.config.recipe_digest()
+        recipe = recipe_digest(ens.config)
     assert len(records) == 9
     ids = {r["domain"]["id"] for r in records}
     assert len(ids) == 1

@@ -22,7 +22,7 @@ from sisa.ensemble import Ensemble
 from sisa.errors import GpuMemoryError, TrainingError
 from sisa.train import domain as domains
 from sisa.train import gpu, orchestrator, routing
-from sisa.train.trainer import on_cpu
+from sisa.train.checkpoint import on_cpu
 from tests.conftest import blobs, live_state, small_config, store_digest
 from tests.train.oom_model import MARK
 

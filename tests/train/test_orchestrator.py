@@ -11,8 +11,8 @@ import pytest
 
 from sisa.ensemble import Ensemble, FitReport
 from sisa.errors import StoreFullError, TrainingError
+from sisa.train.jobs import ShardJob, SliceData, StageResult
 from sisa.train.orchestrator import run_jobs
-from sisa.train.trainer import ShardJob, SliceData, StageResult
 from tests.conftest import blobs, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -14,7 +14,7 @@ import pytest
 from sisa.ensemble import Ensemble
 from sisa.errors import TrainingError
 from sisa.train import local_runner, orchestrator
-from sisa.train.trainer import ShardJob, StageResult
+from sisa.train.jobs import ShardJob, StageResult
 from tests.conftest import trained_blobs_store
 
 

@@ -18,8 +18,10 @@ from torch import nn
 
 from sisa.config.settings import TrainConfig
 from sisa.errors import ConfigError, TrainingError
+from sisa.store.digests import recipe, recipe_digest
 from sisa.train import orchestrator
-from sisa.train.trainer import load_checkpoint, nondeterministic_op, train_epochs, train_shard
+from sisa.train.checkpoint import load_checkpoint
+from sisa.train.trainer import nondeterministic_op, train_epochs, train_shard
 from tests.conftest import small_config
 from tests.train.test_trainer import make_job
 
@@ -68,11 +70,11 @@ def test_precision_is_validated_and_defaults_to_fp32() -> None:
 
 def test_precision_is_part_of_the_recipe_and_fp32_keeps_old_digests() -> None:
     fp32, bf16 = small_config(), small_config("train.precision=bf16")
-    assert fp32.recipe_digest() != bf16.recipe_digest()
-    assert bf16.recipe()["train"]["precision"] == "bf16"
+    assert recipe_digest(fp32) != recipe_digest(bf16)
+    assert recipe(bf16)["train"]["precision"] == "bf16"
     # The default is omitted, so stores trained before the key existed keep their checkpoint keys.
-    assert "precision" not in fp32.recipe()["train"]
-    assert small_config("train.precision=fp32").recipe_digest() == fp32.recipe_digest()
+    assert "precision" not in recipe(fp32)["train"]
+    assert recipe_digest(small_config("train.precision=fp32")) == recipe_digest(fp32)
 
 
 @pytest.mark.kernels

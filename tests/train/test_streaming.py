@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sisa.config.settings import load_config
+from sisa.config.loader import load_config
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, TrainingError
+from sisa.store.digests import recipe_digest
 from sisa.train import orchestrator
+from sisa.train.jobs import ShardJob, SliceData, StageResult
 from sisa.train.slices import StoredSlices
-from sisa.train.trainer import ShardJob, SliceData, StageResult, train_shard
+from sisa.train.trainer import train_shard
 from tests.conftest import blobs, live_state, small_config
 from tests.train.test_trainer import make_job
 
@@ -166,7 +168,7 @@ def test_streaming_knobs_are_validated_and_not_part_of_the_recipe() -> None:
     assert (base.resources.stream_slices, base.resources.max_shards_in_flight) == (False, 0)
     tuned = load_config(None, ["resources.stream_slices=true", "resources.max_shards_in_flight=4"])
     assert (tuned.resources.stream_slices, tuned.resources.max_shards_in_flight) == (True, 4)
-    assert tuned.recipe_digest() == base.recipe_digest()
+    assert recipe_digest(tuned) == recipe_digest(base)
     with pytest.raises(ConfigError, match="max_shards_in_flight=-1 must be >= 0"):
         load_config(None, ["resources.max_shards_in_flight=-1"])
     with pytest.raises(ConfigError, match="resources.stream_slices must be true or false"):

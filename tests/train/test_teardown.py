@@ -13,17 +13,17 @@ import sys
 import psutil
 import pytest
 
-from sisa.train import orchestrator
+from sisa.train import ray_session
 
 # The child: starts a local Ray instance through sisa, runs a task whose worker starts a
 # grandchild (a long sleep), prints every pid of its own tree, then abandons the instance.
 _CHILD = r"""
 import json, os, subprocess, sys
 import psutil, ray
-from sisa.train import orchestrator
+from sisa.train import ray_session
 
-orchestrator.connect(num_cpus=1)
-assert orchestrator.started_local_instance()
+ray_session.connect(num_cpus=1)
+assert ray_session.started_local_instance()
 
 @ray.remote
 def spawn():
@@ -34,8 +34,8 @@ def spawn():
 worker, grandchild = ray.get(spawn.remote())
 tree = [p.pid for p in psutil.Process().children(recursive=True)]
 print(json.dumps({"worker": worker, "grandchild": grandchild, "tree": tree}), flush=True)
-assert orchestrator.abandon_local_instance()
-assert not orchestrator.started_local_instance()
+assert ray_session.abandon_local_instance()
+assert not ray_session.started_local_instance()
 sys.stdout.flush()
 os._exit(0)
 """
@@ -65,13 +65,13 @@ def test_abandon_kills_every_descendant_of_the_local_instance(env_python: dict[s
 def test_shutdown_forgets_the_local_instance(monkeypatch: pytest.MonkeyPatch) -> None:
     # Stand-ins for Ray: the real shutdown would stop the session's shared instance.
     stopped: list[bool] = []
-    monkeypatch.setattr(orchestrator, "_started_local", True)
-    monkeypatch.setattr(orchestrator.ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(orchestrator.ray, "shutdown", lambda: stopped.append(True))
-    assert orchestrator.started_local_instance()
+    monkeypatch.setattr(ray_session, "_started_local", True)
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray_session.ray, "shutdown", lambda: stopped.append(True))
+    assert ray_session.started_local_instance()
 
-    orchestrator.shutdown()
+    ray_session.shutdown()
 
     assert stopped == [True]
     # A cluster joined afterwards (Ray up again) is not an instance this process started.
-    assert not orchestrator.started_local_instance()
+    assert not ray_session.started_local_instance()

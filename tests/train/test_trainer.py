@@ -10,7 +10,9 @@ import torch
 
 from sisa.errors import IntegrityError
 from sisa.store.digests import manifest_digest
-from sisa.train.trainer import ShardJob, SliceData, derive_seed, deterministic, load_checkpoint, train_shard
+from sisa.train.checkpoint import load_checkpoint
+from sisa.train.jobs import ShardJob, SliceData
+from sisa.train.trainer import derive_seed, deterministic, train_shard
 from tests.conftest import blobs, small_config
 
 
