@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import bisect
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import lmdb
 import numpy as np
 
 from sisa.errors import DataError, IntegrityError
@@ -108,24 +110,63 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
     """
     secret = store.secret()
     digest = keyed_hash(secret, sample_id)
+    target = sample_commitment(sample_id, opening(secret, sample_id))
     with store.read() as txn:
         value = txn.get(digest.encode(), db=store.db("deleted"))
         if value is None:
             raise DataError(f"id {sample_id} was never deleted: there is no receipt to give")
         request_id = int(bytes(value))
         state = log_state(store, txn)
-        live = store.live(txn)
-        slices = {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in live.items()}
-        # Each live shard's bucketed manifest, from its cache (no write: a read transaction) and the
-        # bucket the id falls in; a stale cache is recomputed in memory.
-        target = sample_commitment(sample_id, opening(secret, sample_id))
-        manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
-        # Each shard has its own bucket count (it grows with the shard): the id's bucket in each.
-        leaves = {s: bucket_leaves(store, txn, m, s, bucket_of(target, len(m.sizes))) for s, m in manifests.items()}
-        for s, inside in leaves.items():
-            if inside is None:  # the cached bucket is missing or damaged: the whole shard again, in memory
-                manifests[s] = recompute(secret, slices[s])
-                leaves[s] = manifests[s].buckets[bucket_of(target, len(manifests[s].sizes))]
+        view = _live_view(store, txn, secret, target)
+    at, size = _certificate_at(state, sample_id, request_id)
+    published = latest_published(state.entries, size)
+    shards = []
+    for shard in sorted(int(s) for s in state.entries[at]["entry"]["shards"]):
+        if shard not in published:
+            raise IntegrityError(f"shard {shard} has no model published in the log")
+        index, entry = published[shard]
+        absent = _absent(view, shard, entry, secret, sample_id, target)
+        shards.append({"shard": shard, "published": _included(state, index, size), "absent": absent})
+    receipt: dict[str, Any] = {
+        "format": FORMAT,
+        "id": sample_id,
+        "id_hash": digest,  # the certificate's name for the id; this signed receipt binds the two
+        "opening": opening(secret, sample_id).hex(),
+        "issued_at": time.time(),
+        "checkpoint": state.checkpoint,
+        "certificate": _included(state, at, size),
+        "shards": shards,
+    }
+    receipt["signature"] = base64.b64encode(signer.sign(SIGNATURE_LABEL + canonical(receipt))).decode()
+    return receipt
+
+
+@dataclass
+class _LiveView:
+    """The live models as a receipt reads them: records, slices, bucketed manifests and the id's bucket in each."""
+
+    live: dict[int, dict[str, Any]]
+    slices: dict[int, list[np.ndarray]]
+    manifests: dict[int, ShardManifest]
+    leaves: dict[int, list[bytes] | None]
+
+
+def _live_view(store: Store, txn: lmdb.Transaction, secret: bytes, target: bytes) -> _LiveView:
+    """Each live shard's bucketed manifest, from its cache (no write: a read transaction), and the id's bucket."""
+    live = store.live(txn)
+    slices = {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in live.items()}
+    manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
+    # Each shard has its own bucket count (it grows with the shard): the id's bucket in each.
+    leaves = {s: bucket_leaves(store, txn, m, s, bucket_of(target, len(m.sizes))) for s, m in manifests.items()}
+    for s, inside in leaves.items():
+        if inside is None:  # the cached bucket is missing or damaged: the whole shard again, in memory
+            manifests[s] = recompute(secret, slices[s])
+            leaves[s] = manifests[s].buckets[bucket_of(target, len(manifests[s].sizes))]
+    return _LiveView(live, slices, manifests, leaves)
+
+
+def _certificate_at(state: LogState, sample_id: int, request_id: int) -> tuple[int, int]:
+    """The log index of the request's certificate and the size of the signed checkpoint that covers it."""
     found = [
         i
         for i, rec in enumerate(state.entries)
@@ -140,47 +181,33 @@ def issue_receipt(store: Store, signer: Signer, sample_id: int) -> dict[str, Any
     size = int(state.checkpoint.split("\n")[1])
     if found[0] >= size:
         raise IntegrityError("the certificate is not under the latest signed checkpoint yet")
-    certificate = state.entries[found[0]]["entry"]
-    published = latest_published(state.entries, size)
-    shards = []
-    for shard in sorted(int(s) for s in certificate["shards"]):
-        if shard not in published:
-            raise IntegrityError(f"shard {shard} has no model published in the log")
-        index, entry = published[shard]
-        if shard not in slices and entry["checkpoint"] is not None:
-            raise DataError(
-                f"shard {shard} has no live model now (a pending deletion took it out of service): its receipt "
-                "proves non-membership in the live model, so it can be issued once `sisa apply` retrains the shard"
-            )
-        if live.get(shard, {}).get("key") != entry["checkpoint"]:
-            raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
-        if any(bool(np.any(ids == sample_id)) for ids in slices.get(shard, [])):
-            # Checked on the store's slices themselves, whatever a cache says.
-            raise IntegrityError("the live manifest still contains this id: no non-membership proof exists")
-        if entry.get("manifest_buckets") is None:
-            absent = _flat(
-                secret, slices.get(shard, []) if entry["checkpoint"] is not None else [], entry, shard, target
-            )
-        else:
-            man = manifests.get(shard, ShardManifest([0] * BUCKETS, [Tree([]).root()] * BUCKETS))
-            inside = leaves.get(shard, [])
-            if (
-                entry["manifest_buckets"] != len(man.sizes)
-                or man.root().hex() != entry["manifest_commitment"]
-                or inside is None
-            ):
-                raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
-            absent = bucketed_non_membership(man, inside, target)
-        shards.append({"shard": shard, "published": _included(state, index, size), "absent": absent})
-    receipt: dict[str, Any] = {
-        "format": FORMAT,
-        "id": sample_id,
-        "id_hash": digest,  # the certificate's name for the id; this signed receipt binds the two
-        "opening": opening(secret, sample_id).hex(),
-        "issued_at": time.time(),
-        "checkpoint": state.checkpoint,
-        "certificate": _included(state, found[0], size),
-        "shards": shards,
-    }
-    receipt["signature"] = base64.b64encode(signer.sign(SIGNATURE_LABEL + canonical(receipt))).decode()
-    return receipt
+    return found[0], size
+
+
+def _absent(
+    view: _LiveView, shard: int, entry: dict[str, Any], secret: bytes, sample_id: int, target: bytes
+) -> dict[str, Any]:
+    """The proof that the id is not in ``shard``'s live manifest, which ``entry`` (its last published) commits to."""
+    if shard not in view.slices and entry["checkpoint"] is not None:
+        raise DataError(
+            f"shard {shard} has no live model now (a pending deletion took it out of service): its receipt "
+            "proves non-membership in the live model, so it can be issued once `sisa apply` retrains the shard"
+        )
+    if view.live.get(shard, {}).get("key") != entry["checkpoint"]:
+        raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
+    if any(bool(np.any(ids == sample_id)) for ids in view.slices.get(shard, [])):
+        # Checked on the store's slices themselves, whatever a cache says.
+        raise IntegrityError("the live manifest still contains this id: no non-membership proof exists")
+    if entry.get("manifest_buckets") is None:
+        return _flat(
+            secret, view.slices.get(shard, []) if entry["checkpoint"] is not None else [], entry, shard, target
+        )
+    man = view.manifests.get(shard, ShardManifest([0] * BUCKETS, [Tree([]).root()] * BUCKETS))
+    inside = view.leaves.get(shard, [])
+    if (
+        entry["manifest_buckets"] != len(man.sizes)
+        or man.root().hex() != entry["manifest_commitment"]
+        or inside is None
+    ):
+        raise IntegrityError(f"shard {shard}: the live model is not the one last published in the log")
+    return bucketed_non_membership(man, inside, target)
