@@ -217,6 +217,8 @@ class Worker:
             self.state.caller_signal = signum
             _thread.interrupt_main(signum)
 
+    # About 60 lines on purpose: one caller's whole turn (refuse, take over the streams, environment and
+    # directory, run, put every one of them back); split, each save would sit apart from its restore.
     def _handle(self, conn: Connection) -> None:
         """Run one caller's command, with its output and exit code sent back."""
         channel = _Channel(conn)
