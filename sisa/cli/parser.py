@@ -68,10 +68,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
-        super().error(message + ids_hint(message))
+        super().error(message + _ids_hint(message))
 
 
-def ids_hint(message: str) -> str:
+def _ids_hint(message: str) -> str:
     """The fix for a parse error that bare sample ids caused (``sisa delete --store S 5 17``), else ``""``."""
     prefix = "unrecognized arguments: "
     if not message.startswith(prefix):
@@ -87,7 +87,7 @@ class _QuietParser(_Parser):
     """A parser that raises :class:`ParseError` where argparse would print usage and exit."""
 
     def error(self, message: str) -> NoReturn:
-        raise ParseError(message + ids_hint(message))
+        raise ParseError(message + _ids_hint(message))
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise ParseError(message or f"exit {status}")
