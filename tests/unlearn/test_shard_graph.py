@@ -19,7 +19,7 @@ from sisa.partition.graph import groups, readers
 from sisa.receipt.keys import load_signer
 from sisa.receipt.verify import verify_receipt
 from sisa.store.digests import manifest_digest
-from sisa.unlearn.commitcache import _db, _read_header
+from sisa.unlearn.commitcache import _db, _key, _read_header
 from tests.conftest import blobs, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -133,3 +133,20 @@ def test_graph_none_trains_each_shard_on_its_own_slices(tmp_path: Path) -> None:
             assert all(np.array_equal(a, b) for a, b in zip(ens.store.training_slices(txn, s), own, strict=True))
             for record in ens.store.stage_records(txn, s):
                 assert record["manifest"] == manifest_digest(own[: record["stage"]])
+
+
+def test_a_deferred_deletion_takes_the_id_out_of_every_linked_shards_commitment_cache(tmp_path: Path) -> None:
+    # The cache keeps each manifest's ids in the clear, like the membership records: a deleted id leaves it in
+    # the journal's transaction, in every shard whose manifest covered it, not at a retrain that may come later.
+    with build(tmp_path / "st", "ring:1") as ens:
+        victim = 7
+        holder = ens.locate([victim])[victim][0]
+        ens.delete([victim], defer=True)
+        with ens.store.read() as txn:
+            db = _db(ens.store)
+            for s in readers("ring:1", 0, SHARDS)[holder]:
+                head = _read_header(txn, db, s)
+                assert head is not None
+                cached = [np.frombuffer(bytes(txn.get(_key(s, b"s", r), db=db)), ">u8") for r in range(3)]
+                assert not any(victim in ids for ids in cached)
+                assert head.manifest == manifest_digest(ens.store.training_slices(txn, s, 3))
