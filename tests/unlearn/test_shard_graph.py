@@ -150,3 +150,36 @@ def test_a_deferred_deletion_takes_the_id_out_of_every_linked_shards_commitment_
                 cached = [np.frombuffer(bytes(txn.get(_key(s, b"s", r), db=db)), ">u8") for r in range(3)]
                 assert not any(victim in ids for ids in cached)
                 assert head.manifest == manifest_digest(ens.store.training_slices(txn, s, 3))
+
+
+def test_heads_on_a_core_backbone_under_ring_1_delete_exactly(tmp_path: Path) -> None:
+    # The per-shard part (here a head on a backbone trained on a core set) is what trains on the linked slices.
+    head = (
+        "backbone.source=core",
+        "backbone.name=mlp",
+        "backbone.hidden=[16]",
+        "backbone.epochs=3",
+        "model.adapter=head",
+    )
+    core = np.arange(0, 600, 10)
+
+    def make(path: Path, keep: np.ndarray) -> Ensemble:
+        cfg = small_config(f"shards={SHARDS}", "partition.graph=ring:1", *head)
+        ens = Ensemble.create(path, cfg, address="local")
+        ens.ingest(X[keep], Y[keep], IDS[keep], core=core)
+        ens.fit()
+        return ens
+
+    victims = [5, 123, 461]
+    with make(tmp_path / "a", np.ones(len(IDS), bool)) as ens:
+        holders = {shard for shard, _ in ens.locate(victims).values()}
+        cert = ens.delete(victims)
+        assert cert["retrained_shards"] == sorted({s for t in holders for s in readers("ring:1", 0, SHARDS)[t]})
+        assert ens.verify()["ok"]
+        got = {s: (k, w) for s, (k, _, w) in live(ens).items()}
+        with ens.store.read() as txn:  # each head trained on its own and its link's samples
+            for s, rec in ens.store.live(txn).items():
+                group = groups("ring:1", 0, SHARDS)[s]
+                assert rec["n_samples"] == sum(len(ens.store.slice_ids(txn, m, r)) for m in group for r in range(3))
+    with make(tmp_path / "b", ~np.isin(IDS, victims)) as fresh:
+        assert {s: (k, w) for s, (k, _, w) in live(fresh).items()} == got
