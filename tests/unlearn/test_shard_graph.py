@@ -183,3 +183,26 @@ def test_heads_on_a_core_backbone_under_ring_1_delete_exactly(tmp_path: Path) ->
                 assert rec["n_samples"] == sum(len(ens.store.slice_ids(txn, m, r)) for m in group for r in range(3))
     with make(tmp_path / "b", ~np.isin(IDS, victims)) as fresh:
         assert {s: (k, w) for s, (k, _, w) in live(fresh).items()} == got
+
+
+def test_serve_clean_under_a_graph_serves_each_readers_last_clean_stage_until_applied(tmp_path: Path) -> None:
+    with Ensemble.create(
+        tmp_path / "st", small_config(f"shards={SHARDS}", "partition.graph=ring:1", "unlearn.policy=serve-clean")
+    ) as ens:
+        ens.ingest(X, Y, IDS)
+        ens.fit()
+        with ens.store.read() as txn:
+            victim = int(ens.store.slice_ids(txn, 2, 2)[0])  # shard 2, last slice: readers 1 and 2 keep stage 2
+            stage2 = {s: ens.store.stage_record(txn, s, 2)["key"] for s in range(SHARDS)}
+        pending = ens.delete([victim], defer=True)
+        assert sorted(int(s) for s in pending["shards"]) == [1, 2]
+        assert all(info["serving_stage"] == 2 for info in pending["shards"].values())
+        with ens.store.read() as txn:
+            served = ens.store.live(txn)
+            for s in (1, 2):
+                assert served[s]["key"] == stage2[s] and served[s].get("interim")
+            assert not served[0].get("interim") and not served[3].get("interim")
+        report = ens.verify()
+        assert not report["ok"] and all("clean interim" in report["shards"][s]["reason"] for s in ("1", "2"))
+        ens.apply()
+        assert ens.verify()["ok"]
