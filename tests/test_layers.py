@@ -130,3 +130,19 @@ def test_the_checker_sees_local_and_type_checking_imports(tmp_path: Path) -> Non
     )
     found = imports("sisa.store.probe", source, {"sisa.train.orchestrator", "sisa.serve.serving"})
     assert found == {"sisa.ensemble", "sisa.train.orchestrator", "sisa.serve.serving"}
+
+
+def test_the_readme_architecture_table_names_every_module() -> None:
+    """Each package's row in README's **Architecture** table lists every module in it (a new file is named there)."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Architecture") :]
+    missing = []
+    for package in sorted(p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        rows = [line for line in table.splitlines() if line.startswith(f"| `{package.name}/`")]
+        assert rows, f"README's architecture table has no row for sisa/{package.name}/"
+        missing += [
+            f"sisa/{package.name}/{m.name}"
+            for m in sorted(package.glob("*.py"))
+            if m.name != "__init__.py" and f"`{m.name}`" not in rows[0]
+        ]
+    assert not missing, f"name these modules in README's architecture table: {missing}"
