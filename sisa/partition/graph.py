@@ -1,8 +1,9 @@
 """Shard graphs: which other shards' slices each shard trains on (``partition.graph``), and who must retrain.
 
-With ``ring:k`` shard s is linked to shards s+1..s+k (mod S); with ``random:k`` to the k other
-shards t with the smallest ``SHA-256("sisa-graph-v1|seed|S|k|s|t")`` (big-endian), a pure
-function of (seed, S, k) that no library release can change. Shard s then trains at stage r on
+With ``ring:k`` shard s is linked to shards s+1..s+k (mod S); with ``random:k`` to k other shards
+drawn by a partial Fisher-Yates shuffle of the S-1 others whose i-th swap is decided by
+``SHA-256("sisa-graph-v1|seed|S|k|s|i")`` (:func:`_drawn`): a pure function of (seed, S, k) that
+no library release can change, and O(k) hashes per shard. Shard s then trains at stage r on
 slice r of itself and of every linked shard (its *group*), so a deletion from shard t retrains
 t and every shard linked to t (t's *readers*), each from its own last stage that never saw the id.
 docs/sharding.md ("Shard graphs") explains why this stays exact.
@@ -36,12 +37,27 @@ def links(spec: str, seed: int, shards: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _drawn(seed: int, shards: int, k: int, shard: int) -> list[int]:
-    """The k other shards of ``shard`` under ``random:k``: the smallest hashes of (seed, S, k, shard, other)."""
+    """The k other shards of ``shard`` under ``random:k``.
 
-    def rank(other: int) -> bytes:
-        return hashlib.sha256(f"sisa-graph-v1|{seed}|{shards}|{k}|{shard}|{other}".encode()).digest()
+    The others, in order, are ``0..S-1`` without ``shard``. Step i = 0..k-1 swaps position i with
+    position ``i + h_i mod (S - 1 - i)``, where ``h_i`` is the first 8 bytes (big-endian) of
+    ``SHA-256("sisa-graph-v1|{seed}|{S}|{k}|{shard}|{i}")``; the links are the first k positions.
+    Only the positions touched are held (a dict), so it costs O(k), not O(S).
+    """
+    moved: dict[int, int] = {}  # position -> the other shard there, where a swap changed it
 
-    return sorted((t for t in range(shards) if t != shard), key=rank)[:k]
+    def at(position: int) -> int:
+        default = position if position < shard else position + 1  # skip the shard itself
+        return moved.get(position, default)
+
+    out = []
+    for i in range(k):
+        digest = hashlib.sha256(f"sisa-graph-v1|{seed}|{shards}|{k}|{shard}|{i}".encode()).digest()
+        j = i + int.from_bytes(digest[:8], "big") % (shards - 1 - i)
+        chosen, here = at(j), at(i)
+        moved[j], moved[i] = here, chosen
+        out.append(chosen)
+    return out
 
 
 def groups(spec: str, seed: int, shards: int) -> tuple[tuple[int, ...], ...]:

@@ -1,5 +1,6 @@
 """Shard graphs as pure functions (links, groups, readers) and the cost model that knows them."""
 
+import hashlib
 import itertools
 
 import numpy as np
@@ -61,3 +62,17 @@ def test_ring_k_costs_k_plus_1_squared_on_equal_shards() -> None:
         g = groups(f"ring:{k}", 0, 8)
         assert cm.expected_work_layout(equal, 1, 1, groups=g) == pytest.approx((k + 1) ** 2 * plain)
         assert cm.expected_shards_touched(equal, 1, groups=g) == pytest.approx(k + 1)
+
+
+def test_random_links_follow_the_documented_rule() -> None:
+    # docs/sharding.md: a partial Fisher-Yates shuffle of the other shards, step i decided by a SHA-256.
+    def documented(seed: int, shards: int, k: int, s: int) -> tuple[int, ...]:
+        others = [t for t in range(shards) if t != s]
+        for i in range(k):
+            h = hashlib.sha256(f"sisa-graph-v1|{seed}|{shards}|{k}|{s}|{i}".encode()).digest()
+            j = i + int.from_bytes(h[:8], "big") % (shards - 1 - i)
+            others[i], others[j] = others[j], others[i]
+        return tuple(sorted(others[:k]))
+
+    for seed, shards, k in [(0, 4, 2), (5, 16, 3), (9, 33, 32), (2**62, 100, 7)]:
+        assert links(f"random:{k}", seed, shards) == tuple(documented(seed, shards, k, s) for s in range(shards))
