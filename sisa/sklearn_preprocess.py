@@ -224,7 +224,9 @@ def stored_rows(ens: Ensemble, ids: np.ndarray | None = None) -> tuple[np.ndarra
     planner = ens.planner
     with ens.store.read() as txn:
         if ids is None:
-            parts = [i for shard in range(planner.config.shards) for i in planner.shard_slices(txn, shard)]
+            # Each shard's own slices (not its training slices, which under a shard graph repeat its links' ids).
+            counts = planner.slice_counts(txn)
+            parts = [ens.store.slice_ids(txn, s, r) for s in range(planner.config.shards) for r in range(counts[s])]
             ids = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
         else:
             ids = np.sort(np.asarray(ids, dtype=np.int64))

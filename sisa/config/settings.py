@@ -29,6 +29,7 @@ __all__ = [
     "SisaConfig",
     "TrainConfig",
     "UnlearnConfig",
+    "graph_form",
 ]
 
 DATASETS = ("fashion-mnist", "npz", "csv", "idx", "parquet")
@@ -37,6 +38,7 @@ EPOCH_SCHEDULES = ("recalibrated", "constant")
 PRECISIONS = ("fp32", "bf16")
 PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 SLICE_ORDERS = ("hashed", "probability")
+GRAPH_KINDS = ("none", "ring", "random")  # partition.graph: none, ring:k or random:k (sisa.partition.graph)
 AGGREGATE_METHODS = ("mean", "vote", "weighted")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
@@ -266,6 +268,22 @@ class TrainConfig:
         return max(1, round(2 * self.epochs / (slices + 1)))
 
 
+def graph_form(spec: str) -> tuple[str, int]:
+    """``partition.graph`` parsed: ``("none", 0)``, ``("ring", k)`` or ``("random", k)`` with k >= 1.
+
+    Raises:
+        ConfigError: On any other form, naming the allowed ones (``k < shards`` is checked with the shards).
+    """
+    allowed = "none, ring:k or random:k (k: how many other shards each shard trains with, 1 <= k < shards)"
+    _require(isinstance(spec, str), f"partition.graph={spec!r} must be a string: {allowed}")
+    if spec == "none":
+        return "none", 0
+    kind, sep, count = spec.partition(":")
+    ok = sep == ":" and kind in GRAPH_KINDS[1:] and count.isascii() and count.isdigit() and int(count) >= 1
+    _require(ok, f"partition.graph={spec!r} is not allowed; use {allowed}")
+    return kind, int(count)
+
+
 @dataclass(frozen=True)
 class PartitionConfig:
     """How samples are assigned to shards and slices.
@@ -289,6 +307,10 @@ class PartitionConfig:
             most likely to be deleted sit in the last slice and their deletion retrains
             only the last stages (the paper's "partition and order data"). Needs a
             deletion prior, with either strategy.
+        graph: Shard graph (docs/sharding.md, "Shard graphs"): ``none`` (each shard trains
+            on its own slices), ``ring:k`` (shard s also trains on the slices of shards
+            s+1..s+k mod S) or ``random:k`` (on those of k other shards drawn from the
+            seed). A deletion retrains every shard that trained on the id; 1 <= k < shards.
     """
 
     # Where samples live: the partition is persisted at ingest.
@@ -297,10 +319,14 @@ class PartitionConfig:
     probabilities: str | None = setting(None, role=FREE)
     bound: float | None = setting(None, role=FIXED)
     slice_order: str = setting("hashed", role=FIXED)
+    # Which shards' slices each shard trains on. Not in the recipe: the manifests (so every checkpoint key)
+    # cover the ids a shard trains on, links included, so `none` keeps every key of a store made before it.
+    graph: str = setting("none", role=FIXED)
 
     def __post_init__(self) -> None:
         _choice("partition.strategy", self.strategy, PARTITION_STRATEGIES)
         _choice("partition.slice_order", self.slice_order, SLICE_ORDERS)
+        graph_form(self.graph)
         aware = self.strategy == "distribution-aware"
         _require(
             self.bound is None or (self.bound > 0 and math.isfinite(self.bound)),
@@ -482,6 +508,13 @@ class SisaConfig:
         _require(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
         _require(1 <= self.shards <= 4096, f"shards={self.shards} must be in [1, 4096]")
         _require(1 <= self.slices <= 1024, f"slices={self.slices} must be in [1, 1024]")
+        kind, links = graph_form(self.partition.graph)
+        _require(
+            kind == "none" or links < self.shards,
+            f"partition.graph={self.partition.graph!r} links each shard to {links} others, and there are "
+            f"{self.shards - 1} other shards: use k in [1, {self.shards - 1}]"
+            + (" (or none)" if self.shards > 1 else "; with one shard only none is allowed"),
+        )
         _require(
             not self.backbone.enabled or self.model.adapter != "none",
             f"backbone.source: {self.backbone.source} shares a frozen backbone, so each shard trains only a "

@@ -8,6 +8,13 @@ samples the shard still holds. Expectations are over requests of K ids drawn uni
 live samples (Bourtoule et al., "Machine Unlearning", IEEE S&P 2021, section V).
 
 A layout is an ``(S, R)`` array: ``counts[s, r]`` samples in 0-based slice r of shard s.
+
+Under a shard graph (``partition.graph``, :mod:`sisa.partition.graph`) shard s trains on the slices
+of its *group* (itself and its links), so its stage j covers the group's slices 1..j
+(:func:`graph_layout`), and an id of shard t retrains every shard whose group holds t, each from
+the id's slice. The expectations take the groups (``groups=``) and count exactly that: with
+``ring:k`` on equal shards one id retrains k+1 shards, each on (k+1) N/S samples, so
+(k+1)^2 times the work of the same S without a graph.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ __all__ = [
     "expected_work_closed_form",
     "expected_work_layout",
     "full_sisa_work",
+    "graph_layout",
     "monolithic_work",
     "planned_work",
     "restart_work",
@@ -114,6 +122,22 @@ def full_sisa_work(counts: np.ndarray, epochs: float) -> float:
 def monolithic_work(n: float, epochs: int) -> float:
     """Work of retraining one model on all ``n`` samples for ``epochs`` epochs: ``e * n``."""
     return float(epochs) * float(n)
+
+
+def graph_layout(counts: np.ndarray, groups: Sequence[Sequence[int]] | None) -> np.ndarray:
+    """The layout each shard trains on under a shard graph: ``out[s, r]`` = slice r of every shard in s's group.
+
+    Args:
+        counts: ``(S, R)`` samples per slice, where they are stored.
+        groups: For each shard s, the shards whose slices it trains on (s included; ``None``: no graph).
+
+    Returns:
+        ``(S, R)`` float array (``counts`` itself, as floats, without a graph).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if groups is None:
+        return counts
+    return np.stack([counts[list(group)].sum(axis=0) for group in groups]) if len(groups) else counts
 
 
 # --------------------------------------------------------------------------- expectations
@@ -217,6 +241,7 @@ def expected_work_layout(
     *,
     replacement: bool = True,
     exclude_deleted: bool = False,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> float:
     """Expected retraining work of one request of ``k`` uniform ids, vectorised over a layout.
 
@@ -237,6 +262,9 @@ def expected_work_layout(
             the ``R - t`` stages from t on (all retrained, since the restart is at or before
             t), so exactly ``e' * k * E[R - t]`` sample-epochs are subtracted; exact for
             distinct ids.
+        groups: Under a shard graph, each shard's group (:func:`graph_layout`): shard s restarts at
+            the first slice of its group that holds an id, so ``avoid`` and the work are taken over
+            the group's layout, while ids are drawn from the ``n`` stored samples.
 
     Returns:
         Expected sample-epochs retrained by the request.
@@ -246,23 +274,28 @@ def expected_work_layout(
     n = float(counts.sum())
     if n <= 0 or k <= 0:
         return 0.0
-    prefix = np.concatenate([np.zeros((shards, 1)), np.cumsum(counts, axis=1)], axis=1)  # (S, R + 1)
+    trained = graph_layout(counts, groups)
+    prefix = np.concatenate([np.zeros((shards, 1)), np.cumsum(trained, axis=1)], axis=1)  # (S, R + 1)
     avoid = avoid_probability(prefix, n, k, replacement=replacement)
     p_first = avoid[:, :-1] - avoid[:, 1:]
-    total = float((p_first * restart_work(counts, epochs)).sum())
+    total = float((p_first * restart_work(trained, epochs)).sum())
     if exclude_deleted:
         stages_seen = slices - np.arange(slices, dtype=np.float64)  # a sample of slice t is in stages t+1..R
-        total -= float(epochs) * k * float((counts * stages_seen).sum()) / n
+        # each deleted id was in those stages of every shard that trains on its slice
+        total -= float(epochs) * k * float((trained * stages_seen).sum()) / n
     return total
 
 
-def expected_shards_touched(counts: np.ndarray, k: int, *, replacement: bool = True) -> float:
-    """Expected number of shards a request of ``k`` uniform ids retrains."""
+def expected_shards_touched(
+    counts: np.ndarray, k: int, *, replacement: bool = True, groups: Sequence[Sequence[int]] | None = None
+) -> float:
+    """Expected number of shards a request of ``k`` uniform ids retrains (``groups``: under a shard graph)."""
     counts = np.asarray(counts, dtype=np.float64)
     n = float(counts.sum())
     if n <= 0:
         return 0.0
-    return float((1.0 - avoid_probability(counts.sum(axis=1), n, k, replacement=replacement)).sum())
+    trained = graph_layout(counts, groups)
+    return float((1.0 - avoid_probability(trained.sum(axis=1), n, k, replacement=replacement)).sum())
 
 
 def equal_layout(n: float, shards: int, slices: int) -> np.ndarray:

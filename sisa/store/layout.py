@@ -139,6 +139,10 @@ class StoreHost(Protocol):
         """The store's metadata."""
         ...
 
+    def meta_value(self, txn: lmdb.Transaction, key: str, default: Any = None) -> Any:
+        """One metadata key's value (``default`` when unset)."""
+        ...
+
     def put_meta(self, txn: lmdb.Transaction, **values: Any) -> None:
         """Set metadata keys inside the caller's write transaction."""
         ...

@@ -16,6 +16,7 @@ import numpy as np
 
 from sisa.data.inputs import model_inputs
 from sisa.errors import IntegrityError, StoreChangedError, StoreError
+from sisa.partition import graph
 from sisa.store.cipher import open_record, seal_records
 from sisa.store.layout import (
     DEFAULT_DTYPE,
@@ -138,6 +139,44 @@ class SampleRecords(StoreHost):
             # An ingest in another process is writing in bounded transactions: what it has written
             # is not part of the store until its last transaction commits, so no reader trains on it.
             out = np.asarray([i for i in out.tolist() if not self.is_staged(txn, i)], dtype=np.int64)
+        return out
+
+    def shard_graph(self, txn: lmdb.Transaction) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+        """The stored config's shard graph (``partition.graph``): each shard's group and each shard's readers.
+
+        Returns:
+            ``(groups, readers)``: ``groups[s]`` the shards whose slices s trains on (s first),
+            ``readers[t]`` the shards that train on t's slices (t included); see :mod:`sisa.partition.graph`.
+        """
+        config = self.meta_value(txn, "config") or {}
+        spec = str((config.get("partition") or {}).get("graph", "none"))
+        seed, shards = int(config.get("seed", 0)), int(config.get("shards", 1))
+        return graph.groups(spec, seed, shards), graph.readers(spec, seed, shards)
+
+    def training_slices(self, txn: lmdb.Transaction, shard: int, stages: int | None = None) -> list[np.ndarray]:
+        """The sorted ids each stage of ``shard`` adds to its training set: its manifest's slices.
+
+        Without a shard graph these are the shard's own slices. With one, slice r is the union of
+        slice r of the shard and of every shard it is linked to (a shard with fewer slices adds
+        nothing there), so stage r trains on slices 1..r of all of them and its manifest covers
+        exactly those ids.
+
+        Args:
+            txn: Read transaction.
+            shard: Shard index.
+            stages: How many slices (default: all the group has: the most any of its shards has).
+        """
+        groups, _ = self.shard_graph(txn)
+        group = groups[shard] if shard < len(groups) else (shard,)
+        config = self.meta_value(txn, "config") or {}
+        counts = self.meta_value(txn, "shard_slices") or [int(config.get("slices", 1))] * len(groups)
+        n = max(counts[m] for m in group) if stages is None else stages
+        if len(group) == 1:
+            return [self.slice_ids(txn, shard, r) for r in range(n)]
+        out = []
+        for r in range(n):
+            parts = [self.slice_ids(txn, m, r) for m in group if r < counts[m]]
+            out.append(np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64))
         return out
 
     def load_samples(

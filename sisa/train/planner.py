@@ -131,8 +131,11 @@ class Planner:
         return self.store.slice_counts(txn, self.config.shards, self.config.slices)
 
     def shard_slices(self, txn: Any, shard: int) -> list[np.ndarray]:
-        """The sorted ids of each slice of ``shard``, as read in ``txn``."""
-        return [self.store.slice_ids(txn, shard, r) for r in range(self.slice_counts(txn)[shard])]
+        """The sorted ids each stage of ``shard`` trains on, slice by slice, as read in ``txn``.
+
+        Its own slices, or under a shard graph the union of its group's (``Store.training_slices``).
+        """
+        return self.store.training_slices(txn, shard)
 
     def shard_job(
         self,

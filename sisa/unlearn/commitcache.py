@@ -269,7 +269,7 @@ def follow(store: Store, txn: lmdb.Transaction, secret: bytes, removed: Mapping[
         if header is None:
             drop_shard(store, txn, shard)
         elif not _remove(txn, db, secret, shard, header, _distinct(ids)):
-            slices = [store.slice_ids(txn, shard, r) for r in range(len(header.digests))]
+            slices = store.training_slices(txn, shard, len(header.digests))
             shard_manifest(store, txn, secret, shard, slices, write=True)
 
 
@@ -339,7 +339,7 @@ def for_publication(
     if head is not None and len(head.digests) == stage and head.manifest == manifest:
         # The cache holds exactly the ids the model trained on (its manifest digest says so): nothing to read.
         return ShardManifest(head.sizes, head.roots, {}, "cache", head.levels)
-    slices = [store.slice_ids(txn, shard, r) for r in range(stage)]
+    slices = store.training_slices(txn, shard, stage)
     if manifest_digest(slices) != manifest:
         return None
     return shard_manifest(store, txn, secret, shard, slices, write=True)

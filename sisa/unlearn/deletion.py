@@ -113,10 +113,13 @@ def delete(
 
         def journal(txn: lmdb.Transaction) -> dict[str, Any]:
             of_shard: dict[int, list[int]] = {}
+            _, readers = store.shard_graph(txn)
             for sid in present:
                 place = store.place(txn, sid)
                 if place is not None:
-                    of_shard.setdefault(place[0], []).append(sid)
+                    # A shard's cache holds the ids its manifest covers: under a shard graph its links' too.
+                    for reader in readers[place[0]]:
+                        of_shard.setdefault(reader, []).append(sid)
             out = record_request(store, txn, present, secret, meta)
             # The ids leave the commitment cache with their membership records (no deleted id in the clear).
             commitcache.follow(store, txn, secret, {s: np.asarray(ids) for s, ids in of_shard.items()})

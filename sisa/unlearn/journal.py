@@ -51,6 +51,9 @@ def record_request(
     The durable first step of a deletion: once this transaction commits, the samples are
     gone from the store's records, every stage that trained on them is dropped, and their
     shards are out of service (or serve per ``meta["policy"]``) until the request is applied.
+    Under a shard graph (``partition.graph``) "their shards" are every shard that trained on
+    one of them: the holder and each shard linked to it, each from the slice that held the id;
+    only the holder has runs for erasure to re-key.
 
     Args:
         store: A writable store.
@@ -67,6 +70,7 @@ def record_request(
     request_id = struct.unpack(">Q", last.key())[0] + 1 if last.last() else 1
     first_slice: dict[int, int] = {}
     touched: dict[int, set[tuple[int, int]]] = {}  # shard -> (slice, run) of each deleted id: erasure re-keys them
+    _, readers = store.shard_graph(txn)  # under a shard graph, every shard that trained on a slice of the holder
     for sid in ids:
         place = store.remove_member(txn, sid)
         if place is None:  # the caller passes stored ids only
@@ -74,10 +78,12 @@ def record_request(
         shard, slice_, run = place
         txn.delete(id_key(sid), db=dbs["samples"])
         txn.put(keyed_hash(secret, sid).encode(), str(request_id).encode(), db=dbs["deleted"])
-        first_slice[shard] = min(first_slice.get(shard, slice_), slice_)
+        for reader in readers[shard]:
+            # Stage slice_+1 of each reader added this slice of the holder: its stages from there on saw the id.
+            first_slice[reader] = min(first_slice.get(reader, slice_), slice_)
         touched.setdefault(shard, set()).add((slice_, run))
     shards = {
-        str(shard): _retire(store, txn, shard, slice_, touched[shard], meta["policy"], dbs)
+        str(shard): _retire(store, txn, shard, slice_, touched.get(shard, set()), meta["policy"], dbs)
         for shard, slice_ in sorted(first_slice.items())
     }
     request = {

@@ -154,7 +154,8 @@ class _LiveView:
 def _live_view(store: Store, txn: lmdb.Transaction, secret: bytes, target: bytes) -> _LiveView:
     """Each live shard's bucketed manifest, from its cache (no write: a read transaction), and the id's bucket."""
     live = store.live(txn)
-    slices = {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in live.items()}
+    # What each live model trained on: under a shard graph, its links' slices too.
+    slices = {s: store.training_slices(txn, s, int(rec["stage"])) for s, rec in live.items()}
     manifests = {s: shard_manifest(store, txn, secret, s, ids, write=False) for s, ids in slices.items()}
     # Each shard has its own bucket count (it grows with the shard): the id's bucket in each.
     leaves = {s: bucket_leaves(store, txn, m, s, bucket_of(target, len(m.sizes))) for s, m in manifests.items()}

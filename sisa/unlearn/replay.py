@@ -58,9 +58,8 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
     # writer in another process (verify needs no lock) cannot mix two states of a shard.
     with store.read() as txn:
         live = store.live(txn)
-        slice_counts = planner.slice_counts(txn)
         for shard in chosen:
-            ids[shard] = [store.slice_ids(txn, shard, r) for r in range(slice_counts[shard])]
+            ids[shard] = planner.shard_slices(txn, shard)  # under a shard graph, its links' slices too
             size = sum(len(part) for part in ids[shard])
             rec = live.get(shard) or {}
             # serve-stale / serve-clean: until a pending deletion is applied the shard serves another model

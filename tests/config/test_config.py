@@ -169,6 +169,7 @@ OTHER_VALUE: dict[str, tuple[list[str], list[str]]] = {
     "partition.strategy": ([], ["partition.strategy=distribution-aware"]),
     "partition.bound": (["partition.strategy=distribution-aware"], ["partition.bound=2"]),
     "partition.slice_order": ([], ["partition.slice_order=probability"]),
+    "partition.graph": ([], ["partition.graph=ring:1"]),
     "partition.probabilities": (
         ["partition.slice_order=probability", "partition.probabilities=a.csv"],
         ["partition.probabilities=b.csv"],
@@ -267,3 +268,30 @@ def test_each_field_behaves_as_classified_on_an_existing_store(name: str, tmp_pa
         base, digest if base.backbone.enabled else None
     )
     assert moved == (FIELD_ROLES[name] == RECIPE)
+
+
+@pytest.mark.parametrize(
+    ("shards", "graph", "message"),
+    [
+        (4, "ring:0", "is not allowed; use none, ring:k or random:k"),
+        (4, "ring:4", r"links each shard to 4 others.*use k in \[1, 3\]"),
+        (4, "random:9", r"links each shard to 9 others.*use k in \[1, 3\]"),
+        (4, "random:x", "is not allowed; use none, ring:k or random:k"),
+        (4, "star:1", "is not allowed; use none, ring:k or random:k"),
+        (4, "ring", "is not allowed; use none, ring:k or random:k"),
+        (4, "ring:-1", "is not allowed; use none, ring:k or random:k"),
+        (1, "ring:1", "with one shard only none is allowed"),
+    ],
+)
+def test_a_bad_shard_graph_is_refused_at_load_naming_the_allowed_forms(shards: int, graph: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"shards={shards}", f"partition.graph={graph}"])
+
+
+def test_the_shard_graph_is_not_in_the_recipe_so_none_keeps_every_key() -> None:
+    # The manifests cover what each shard trains on, links included; the recipe (every checkpoint key's first
+    # part) stays what it was before the field existed, under every graph.
+    before = "cc2f3fcc5e8743ea5f04a265da9a6eeb6a792ca55c571af21ccb6484319b9d25"  # main before the field existed
+    for graph in ("none", "ring:1", "random:3"):
+        assert recipe_digest(load_config(None, ["shards=4", f"partition.graph={graph}"])) == before
+    assert FIELD_ROLES["partition.graph"] == FIXED
