@@ -123,13 +123,24 @@ def log_index(store: Store, txn: lmdb.Transaction) -> LogIndex:
             record = parse_record(bytes(key), bytes(value))
             at = index.frontier.size
             index.frontier.append(_leaf(record))
-            entry = record.get("entry")
-            if isinstance(entry, dict) and not record.get("corrupt") and entry.get("kind") == MODEL_PUBLISHED:
-                try:
-                    index.published[int(entry["shard"])] = (at, entry.get("checkpoint"))
-                except (KeyError, TypeError, ValueError):
-                    continue
+            found = _published(record)
+            if found is not None:
+                index.published[found[0]] = (at, found[1].get("checkpoint"))
     return index
+
+
+def _published(record: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """(shard, entry) of a "model published" record; ``None`` for any other (or unreadable) record.
+
+    The one rule both the log index and :func:`latest_published` read the log by.
+    """
+    entry = record.get("entry")
+    if not isinstance(entry, dict) or record.get("corrupt") or entry.get("kind") != MODEL_PUBLISHED:
+        return None
+    try:
+        return int(entry["shard"]), entry
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def log_state(store: Store, txn: lmdb.Transaction) -> LogState:
@@ -158,9 +169,9 @@ def latest_published(records: list[dict[str, Any]], size: int | None = None) -> 
     """Each shard's newest "model published" entry among the first ``size`` records: shard -> (index, entry)."""
     out: dict[int, tuple[int, dict[str, Any]]] = {}
     for i, rec in enumerate(records[:size]):
-        entry = rec.get("entry")
-        if isinstance(entry, dict) and entry.get("kind") == MODEL_PUBLISHED:
-            out[int(entry["shard"])] = (i, entry)
+        found = _published(rec)
+        if found is not None:
+            out[found[0]] = (i, found[1])
     return out
 
 
