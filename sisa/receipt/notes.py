@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -107,17 +108,22 @@ class Signer:
     """A note signer: a key name and an Ed25519 private key (its 32-byte seed)."""
 
     name: str
-    seed: bytes
+    seed: bytes = field(repr=False)  # a logged or printed signer never shows its key
 
-    @property
+    # Derived once per signer: a deletion's checkpoint needs the key four times (decode, sign, the
+    # signature line's key id, the verifier kept with the log), and each derivation is a scalar multiplication.
+    @cached_property
+    def _key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.seed)
+
+    @cached_property
     def verifier(self) -> Verifier:
         """The matching verifier."""
-        key = Ed25519PrivateKey.from_private_bytes(self.seed).public_key()
-        return Verifier(self.name, key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return Verifier(self.name, self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
 
     def sign(self, message: bytes) -> bytes:
         """The Ed25519 signature of ``message``."""
-        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(message)
+        return self._key.sign(message)
 
     def encode(self) -> str:
         """The signing key as ``PRIVATE+KEY+name+hash+base64(0x01 || seed)``."""

@@ -33,7 +33,10 @@ __all__ = [
     "manifest_digest_of_words",
     "recipe",
     "recipe_digest",
+    "packed_ids",
     "sha256",
+    "slice_digest",
+    "slices_digest",
     "weights_digest",
 ]
 
@@ -107,6 +110,11 @@ def recipe_digest(config: SisaConfig, backbone: str | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def packed_ids(ids: np.ndarray) -> bytes:
+    """Sorted ids as 8-byte big-endian words: the bytes manifests, slice digests and commitments hash."""
+    return np.ascontiguousarray(np.asarray(ids, dtype=">i8")).tobytes()
+
+
 def manifest_digest(slice_ids: Sequence[np.ndarray]) -> str:
     """Digest of the exact training set of a stage, slice by slice.
 
@@ -116,7 +124,7 @@ def manifest_digest(slice_ids: Sequence[np.ndarray]) -> str:
     Returns:
         Hex SHA-256 that changes when any id is added, removed or moved between slices.
     """
-    return manifest_digest_of_words([np.ascontiguousarray(np.asarray(ids, dtype=">i8")).tobytes() for ids in slice_ids])
+    return manifest_digest_of_words([packed_ids(ids) for ids in slice_ids])
 
 
 def manifest_digest_of_words(words: Sequence[bytes]) -> str:
@@ -133,6 +141,31 @@ def manifest_digest_of_words(words: Sequence[bytes]) -> str:
         # Lengths are hashed too, so slice boundaries are unambiguous.
         h.update(struct.pack(">II", j, len(packed) // 8))
         h.update(packed)
+    return h.hexdigest()
+
+
+def slice_digest(words: bytes) -> bytes:
+    """SHA-256 of one slice's ids, packed by :func:`packed_ids` (the commitment cache keeps one per slice)."""
+    return hashlib.sha256(words).digest()
+
+
+def slices_digest(digests: Sequence[bytes]) -> str:
+    """A stage's training set named by its slices' :func:`slice_digest` values, in slice order.
+
+    It names the same ids as :func:`manifest_digest` (which keys checkpoints and cannot change), but is
+    composed slice by slice: the commitment cache, which keeps each slice's digest, rehashes only the
+    slice a deletion changed to name what it holds, rather than every id of the shard, and publishing a
+    retrained model compares this with the digest its trainer recorded.
+
+    Args:
+        digests: Each slice's 32-byte digest, slices 1..r in order.
+
+    Returns:
+        Hex SHA-256 (32-byte inputs need no length prefix: the slice boundaries are fixed).
+    """
+    h = hashlib.sha256(b"sisa-slices-v1")
+    for d in digests:
+        h.update(d)
     return h.hexdigest()
 
 

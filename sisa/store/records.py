@@ -169,7 +169,7 @@ class CheckpointRecords(StoreHost):
         txn.put(record["key"].encode(), sealed, db=ckpts)
         txn.put(stage_key(shard, stage), json.dumps(record, sort_keys=True).encode(), db=stages)
         if live:
-            fields = ("stage", "key", "sha256", "weights", "manifest", "n_samples", "domain")
+            fields = ("stage", "key", "sha256", "weights", "manifest", "slices", "n_samples", "domain")
             self.set_live(txn, shard, {k: record[k] for k in fields if k in record})
 
     def set_live(self, txn: lmdb.Transaction, shard: int, record: dict[str, Any] | None) -> None:

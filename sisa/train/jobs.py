@@ -123,6 +123,8 @@ class StageResult:
     # On a GPU: ``device`` (index), ``total_bytes``, ``fraction`` (the allocator cap, None when
     # uncapped) and ``peak_bytes`` (the most the stage's tensors held); empty on the CPU.
     gpu: dict[str, Any] = field(default_factory=dict)
+    # :func:`~sisa.store.digests.slices_digest` of its slices: what the commitment cache is compared with.
+    slices: str = ""
 
     def __repr__(self) -> str:
         # Not the checkpoint: its bytes (hundreds of KB) would flood a log or a progress callback.

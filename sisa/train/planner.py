@@ -81,6 +81,7 @@ def stage_record(result: StageResult) -> dict[str, Any]:
         "sha256": result.sha256,
         "weights": result.weights,
         "manifest": result.manifest,
+        **({"slices": result.slices} if result.slices else {}),
         "parent": result.parent,
         "n_samples": result.n_samples,
         "epochs": result.epochs,

@@ -30,7 +30,16 @@ from torch import nn
 from sisa.config.settings import SisaConfig
 from sisa.errors import DomainMismatchError, GpuMemoryError, TrainingError
 from sisa.partition.assign import splitmix64
-from sisa.store.digests import checkpoint_key, manifest_digest, recipe_digest, sha256, weights_digest
+from sisa.store.digests import (
+    checkpoint_key,
+    manifest_digest_of_words,
+    packed_ids,
+    recipe_digest,
+    sha256,
+    slice_digest,
+    slices_digest,
+    weights_digest,
+)
 from sisa.train import domain as domains
 from sisa.train import gpu
 from sisa.train.adapters import AdaptedModel, build_shard_model
@@ -125,6 +134,9 @@ class _ShardRows:
                 f"shard {job.shard}: job lists {len(self.sizes)} slice sizes for {len(job.slices)} slices"
             )
         self.ids: list[np.ndarray] = []
+        # Each slice's ids packed and digested once: stage r's manifest and slices digest read slices 1..r.
+        self.words: list[bytes] = []
+        self.digests: list[bytes] = []
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.rows = 0
@@ -152,6 +164,8 @@ class _ShardRows:
                 self.x[self.rows : self.rows + n].copy_(x)
                 self.y[self.rows : self.rows + n].copy_(y)
             self.ids.append(np.asarray(part.ids))
+            self.words.append(packed_ids(self.ids[-1]))
+            self.digests.append(slice_digest(self.words[-1]))
             self.rows += n
 
     def stage(self, stage: int) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
@@ -415,7 +429,7 @@ def _train_stage(run: _ShardRun, stage: int, parent_key: str | None) -> StageRes
                 f"to nondeterministic kernels). Fix: replace the layer that calls {op} (or choose another "
                 f"model){cpu_hint}. torch said: {exc}"
             ) from exc
-    manifest = manifest_digest(rows.ids[:stage])
+    manifest = manifest_digest_of_words(rows.words[:stage])
     key = checkpoint_key(run.recipe, job.shard, stage, manifest, parent_key, here.id)
     meta = {
         "shard": job.shard,
@@ -439,6 +453,7 @@ def _train_stage(run: _ShardRun, stage: int, parent_key: str | None) -> StageRes
         checkpoint=blob,
         sha256=sha256(blob),
         manifest=manifest,
+        slices=slices_digest(rows.digests[:stage]),
         weights=weights_digest(model.state_dict()),
         parent=parent_key,
         n_samples=int(ids.size),

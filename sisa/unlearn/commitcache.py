@@ -2,30 +2,31 @@
 
 Table ``commits`` (a later table of the store), per shard ``s`` (4 bytes big-endian):
 
-* ``s + b"h"``: the header: the bucket count, the manifest digest of the cached ids (the live record's
-  ``manifest`` format), the SHA-256 of each slice's ids, every bucket's size and root, the top tree's
-  nodes, and a SHA-256 of all of that (a torn or edited header is seen);
+* ``s + b"h"``: the header: the bucket count, the SHA-256 of each slice's ids
+  (:func:`~sisa.store.digests.slice_digest`), every bucket's size and root, the top tree's nodes, and a
+  SHA-256 of all of that (a torn or edited header is seen);
 * ``s + b"s" + slice``: that slice's ids (8 bytes big-endian each), to find what a change removed
   (a deletion takes its ids out of them in its journal transaction: :func:`follow`);
 * ``s + b"b" + bucket``: the bucket's sorted commitments, 32 bytes each, then its root and a SHA-256 of both
   (absent when empty): a change checks the bucket it rewrites by that one hash and the root against the
   header's, rather than rehashing its tree twice.
 
-A deletion's cost here does not grow with the shard beyond one SHA-256 pass over its ids:
-:func:`follow` is told the deleted ids (no slice is read from the membership records or sorted),
-rewrites the slices and buckets they were in and the top tree's path above those buckets, and keeps
-the new manifest digest; publishing the retrained model (:func:`for_publication`) then only compares
-that digest with the model's. The bucket count grows with the shard (:func:`buckets_for`) so a bucket
-stays small.
+A deletion's cost here grows with the shard only through the slices that held its ids:
+:func:`follow` is told the deleted ids and their slices (nothing is read from the membership records
+or sorted), rewrites those slices, their digests, the buckets the ids were in and the top tree's path
+above those buckets. Publishing the retrained model (:func:`for_publication`) then compares the
+cached slices' digests, folded by :func:`~sisa.store.digests.slices_digest`, with the one its trainer
+recorded from the ids it trained on: no id is hashed again.
 
 Everything in it derives from the store (the slices' ids and the secret), so it is only ever a
-shortcut: a cache whose manifest digest is not the model's (an ``add`` the cache did not follow, a
-deferred deletion not yet retrained) goes the general way, :func:`shard_manifest`, which compares the
-slices' digests with the header's, recomputes only the buckets whose ids changed, and checks each
-bucket it rewrites against its cached root first. A missing, stale or inconsistent cache (a bad
-checksum, a slice whose cached ids do not match their digest, a bucket that does not hash to its root
-or lacks an id to remove) falls back to computing the whole shard from scratch, so it never yields a
-wrong root, only a slower one.
+shortcut: a cache that does not name the model's training set (an ``add`` the cache did not follow, a
+deferred deletion not yet retrained, a damaged slice, a model recorded before slice digests were) goes
+the general way, :func:`shard_manifest`, which checks the store's slices against the model's manifest
+digest, compares them with the cached ones slice by slice, recomputes only the buckets whose ids
+changed, and checks each bucket it rewrites against its cached root first. A missing, stale or
+inconsistent cache (a bad checksum, a slice whose cached ids do not match their digest, a bucket that
+does not hash to its root or lacks an id to remove) falls back to computing the whole shard from
+scratch, so it never yields a wrong root, only a slower one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 from sisa.receipt.buckets import bucket_leaf, bucket_of, bucket_root, manifest_root, split
 from sisa.receipt.merkle import EMPTY_ROOT, Tree, hash_children
 from sisa.store.database import Store
-from sisa.store.digests import manifest_digest, manifest_digest_of_words
+from sisa.store.digests import manifest_digest, packed_ids, slice_digest, slices_digest
 from sisa.unlearn.commitments import commitments_of
 
 __all__ = [
@@ -67,7 +68,7 @@ COMMITS_DB = "commits"
 BUCKETS = 256
 MAX_BUCKETS = 4096  # the header then holds 4096 x 104 bytes (~420 KB), read and written once a deletion
 _PER_BUCKET = 256
-_MAGIC = b"sisa-commits-v2|"
+_MAGIC = b"sisa-commits-v3|"  # v3: the slices digest replaced the manifest digest
 
 
 class Hashes(Sequence[bytes]):
@@ -146,7 +147,6 @@ class ShardManifest:
 class _Header:
     """A parsed cache header (see the module docstring)."""
 
-    manifest: str
     digests: list[bytes]
     sizes: list[int]
     roots: Hashes
@@ -176,7 +176,7 @@ def _key(shard: int, kind: bytes, index: int | None = None) -> bytes:
 
 def _header(head: _Header) -> bytes:
     buckets = len(head.sizes)
-    body = _MAGIC + struct.pack(">II", buckets, len(head.digests)) + bytes.fromhex(head.manifest)
+    body = _MAGIC + struct.pack(">II", buckets, len(head.digests))
     body += b"".join(head.digests) + struct.pack(f">{buckets}Q", *head.sizes) + head.roots.data
     body += b"".join(level.data for level in head.levels)
     return body + hashlib.sha256(body).digest()
@@ -184,7 +184,7 @@ def _header(head: _Header) -> bytes:
 
 def _parse(raw: bytes | None) -> _Header | None:
     """A header, or ``None`` when absent, of another layout or corrupt."""
-    if raw is None or len(raw) < len(_MAGIC) + 8 + 64 or not raw.startswith(_MAGIC):
+    if raw is None or len(raw) < len(_MAGIC) + 8 + 32 or not raw.startswith(_MAGIC):
         return None
     body, check = raw[:-32], raw[-32:]
     if hashlib.sha256(body).digest() != check:
@@ -194,10 +194,8 @@ def _parse(raw: bytes | None) -> _Header | None:
     at += 8
     if not BUCKETS <= buckets <= MAX_BUCKETS or buckets & (buckets - 1):
         return None
-    if len(body) != at + 32 + 32 * count + 40 * buckets + 32 * (2 * buckets - 1):
+    if len(body) != at + 32 * count + 40 * buckets + 32 * (2 * buckets - 1):
         return None
-    manifest = body[at : at + 32].hex()
-    at += 32
     digests = [body[at + 32 * i : at + 32 * i + 32] for i in range(count)]
     at += 32 * count
     sizes = list(struct.unpack_from(f">{buckets}Q", body, at))
@@ -209,7 +207,7 @@ def _parse(raw: bytes | None) -> _Header | None:
         levels.append(Hashes(body[at : at + 32 * width]))
         at += 32 * width
         width //= 2
-    return _Header(manifest, digests, sizes, roots, levels)
+    return _Header(digests, sizes, roots, levels)
 
 
 def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
@@ -218,7 +216,7 @@ def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
 
 
 def _words(ids: np.ndarray) -> bytes:
-    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).astype(">u8")).tobytes()
+    return packed_ids(np.asarray(ids, dtype=np.int64))
 
 
 def _db(store: Store) -> Any:
@@ -245,80 +243,87 @@ def drop_shard(store: Store, txn: lmdb.Transaction, shard: int) -> None:
         txn.delete(key, db=db)
 
 
-def follow(store: Store, txn: lmdb.Transaction, secret: bytes, removed: Mapping[int, np.ndarray]) -> None:
+def follow(store: Store, txn: lmdb.Transaction, secret: bytes, removed: Mapping[int, Mapping[int, np.ndarray]]) -> None:
     """Take a deletion's ids out of their shards' caches, in the deletion's journal transaction.
 
     The cache keeps each slice's ids in the clear, like the membership records; a deleted id must
     leave it in the same transaction that takes it out of those (the store names deleted ids by keyed
-    hash only), not at the retrain, which a deferred deletion puts off. The shard's buckets follow
-    (only the touched ones), and the manifest digest of what is left, so publishing the retrained
-    model finds nothing left to do. A cache that does not hold every id it is told to remove (it missed
-    an ``add``) is brought to the shard's slices the general way; one that cannot be read is dropped.
+    hash only), not at the retrain, which a deferred deletion puts off. Only the slices that held the
+    ids are read and rewritten, with their digests, and the buckets the ids were in, so publishing the
+    retrained model finds nothing left to do. A cache that does not hold every id it is told to remove
+    from a slice it covers (it missed an ``add``) is brought to the shard's slices the general way; one
+    that cannot be read is dropped.
 
     Args:
         store: The store.
         txn: The journal's write transaction (after the ids left the membership records).
         secret: The store's secret.
-        removed: Shard -> the ids deleted from it.
+        removed: Shard -> slice -> the ids deleted from that slice of the shard's training set (under a
+            shard graph, every shard that reads the slice is named).
     """
     db = _db(store)
     if db is None:
         return
-    for shard, ids in removed.items():
+    for shard, by_slice in removed.items():
         header = _read_header(txn, db, shard)
         if header is None:
             drop_shard(store, txn, shard)
-        elif not _remove(txn, db, secret, shard, header, _distinct(ids)):
+        elif not _remove(txn, db, secret, shard, header, {r: _distinct(ids) for r, ids in by_slice.items()}):
             slices = store.training_slices(txn, shard, len(header.digests))
             shard_manifest(store, txn, secret, shard, slices, write=True)
 
 
 def _distinct(ids: np.ndarray) -> np.ndarray:
-    """Sorted distinct uint64 ids (``np.unique`` imports ``numpy.ma`` on first use: ~25 ms in a deletion)."""
-    out = np.sort(np.asarray(ids, dtype=np.uint64))
-    return out[np.concatenate(([True], out[1:] != out[:-1]))] if len(out) else out
+    """Sorted distinct ids as big-endian words (``np.unique`` imports ``numpy.ma`` on first use: ~25 ms)."""
+    out = np.sort(np.asarray(ids, dtype=np.int64))
+    out = out[np.concatenate(([True], out[1:] != out[:-1]))] if len(out) else out
+    return out.astype(">i8")
 
 
-def _remove(txn: lmdb.Transaction, db: Any, secret: bytes, shard: int, head: _Header, ids: np.ndarray) -> bool:
-    """Remove ``ids`` (sorted, distinct) from a shard's cache without reading its slices; ``False``: could not."""
-    words: list[bytes] = []
+def _remove(
+    txn: lmdb.Transaction, db: Any, secret: bytes, shard: int, head: _Header, by_slice: Mapping[int, np.ndarray]
+) -> bool:
+    """Remove ids (slice -> sorted distinct words) from a shard's cache, reading only their slices.
+
+    Returns:
+        ``False`` when it could not (the caller brings the cache to the store's slices).
+    """
     changed: dict[int, bytes] = {}
-    left = ids.astype(">u8")
-    for r in range(len(head.digests)):
+    gone = []
+    for r, ids in sorted(by_slice.items()):
+        if r >= len(head.digests) or not len(ids):
+            continue  # a slice the live model never trained on: its ids were never committed
         raw = txn.get(_key(shard, b"s", r), db=db)
         if raw is None:
             return False
-        cached = bytes(raw)
-        if len(left):
-            arr = np.frombuffer(cached, dtype=">u8")
-            at = np.minimum(np.searchsorted(arr, left), max(len(arr) - 1, 0))
-            hit = arr[at] == left if len(arr) else np.zeros(len(left), dtype=bool)
-            if bool(hit.any()):
-                # Not checked against its digest first (a hash of the slice): publication compares the manifest
-                # digest of every cached id with the model's, and a damaged slice fails that, or the buckets' check.
-                cached = np.delete(arr, at[hit]).tobytes()
-                changed[r] = cached
-                left = left[~hit]
-        words.append(cached)
-    if len(left):
-        return False  # the cache never had an id the store had: it missed a change
-    rewritten = _update(txn, db, shard, head.sizes, head.roots, ids.astype(">u8").tobytes(), b"", secret)
+        arr = np.frombuffer(raw, dtype=">i8")
+        at = np.minimum(np.searchsorted(arr, ids), max(len(arr) - 1, 0))
+        if not len(arr) or not bool(np.all(arr[at] == ids)):
+            return False  # the cache never had an id the store had: it missed a change
+        # Not checked against its digest first (a hash of the slice): the new digest is compared with
+        # the retrained model's at publication, and a damaged slice fails that, or the buckets' check.
+        changed[r] = np.delete(arr, at).tobytes()
+        gone.append(ids)
+    if not changed:
+        return True
+    # Back to big-endian words after the concatenation (which gives native order): the bytes commitments hash.
+    words_gone = np.concatenate(gone).astype(">i8").tobytes()
+    rewritten = _update(txn, db, shard, head.sizes, head.roots, words_gone, b"", secret)
     if rewritten is None:
         return False
     for b, leaves in rewritten.items():
         head.sizes[b], head.roots[b] = len(leaves), bucket_root(leaves) if leaves else EMPTY_ROOT
     _retop(head.levels, head.sizes, head.roots, list(rewritten))
-    for r, cached in changed.items():
-        head.digests[r] = hashlib.sha256(cached).digest()
-        txn.put(_key(shard, b"s", r), cached, db=db)
-    head.manifest = manifest_digest_of_words(words)
+    for r, words in changed.items():
+        head.digests[r] = slice_digest(words)
+        txn.put(_key(shard, b"s", r), words, db=db)
     _put_buckets(txn, db, shard, rewritten, head.roots)
     txn.put(_key(shard, b"h"), _header(head), db=db)
     return True
 
 
 def for_publication(
-    store: Store, txn: lmdb.Transaction, secret: bytes, shard: int, stage: int, manifest: str
+    store: Store, txn: lmdb.Transaction, secret: bytes, shard: int, record: Mapping[str, Any]
 ) -> ShardManifest | None:
     """The manifest commitment of a live model about to be published, from the cache where it is current.
 
@@ -327,20 +332,21 @@ def for_publication(
         txn: The publishing write transaction.
         secret: The store's secret.
         shard: The shard.
-        stage: The live model's stage (it trained on slices ``0..stage-1``).
-        manifest: The live model's manifest digest.
+        record: The live model's record: its ``stage`` (it trained on slices ``0..stage-1``), its
+            ``manifest`` digest and, when its trainer recorded one, its ``slices`` digest.
 
     Returns:
         The commitment; ``None`` when the store's slices are no longer what the model trained on (a
         deferred deletion took ids out and the retrain is still to come: nothing can be committed now).
     """
+    stage, slices_of_model = int(record["stage"]), record.get("slices")
     db = _db(store)
     head = _read_header(txn, db, shard)
-    if head is not None and len(head.digests) == stage and head.manifest == manifest:
-        # The cache holds exactly the ids the model trained on (its manifest digest says so): nothing to read.
+    if head is not None and len(head.digests) == stage and slices_of_model == slices_digest(head.digests):
+        # The cache holds exactly the ids the model trained on (their slices' digests say so): nothing to read.
         return ShardManifest(head.sizes, head.roots, {}, "cache", head.levels)
     slices = store.training_slices(txn, shard, stage)
-    if manifest_digest(slices) != manifest:
+    if manifest_digest(slices) != record["manifest"]:
         return None
     return shard_manifest(store, txn, secret, shard, slices, write=True)
 
@@ -369,7 +375,7 @@ def _delta(
         before = np.zeros(0, dtype=">u8")
         if r < len(old):
             raw = txn.get(_key(shard, b"s", r), db=db)
-            if raw is None or hashlib.sha256(bytes(raw)).digest() != old[r]:
+            if raw is None or slice_digest(bytes(raw)) != old[r]:
                 return None
             before = np.frombuffer(bytes(raw), dtype=">u8")
         after = np.frombuffer(words[r], dtype=">u8") if r < len(words) else np.zeros(0, dtype=">u8")
@@ -484,7 +490,7 @@ def shard_manifest(
         (all of them when computed from scratch).
     """
     words = [_words(s) for s in slices]
-    digests = [hashlib.sha256(w).digest() for w in words]
+    digests = [slice_digest(w) for w in words]
     db = _db(store)
     head = _read_header(txn, db, shard)
     man: ShardManifest | None = None
@@ -516,7 +522,7 @@ def shard_manifest(
         assert man.levels is not None  # both ways above build the top tree
         _put_buckets(txn, db, shard, man.buckets, man.roots)
         roots = man.roots if isinstance(man.roots, Hashes) else Hashes.of(man.roots)
-        head = _Header(manifest_digest_of_words(words), digests, man.sizes, roots, man.levels)
+        head = _Header(digests, man.sizes, roots, man.levels)
         txn.put(_key(shard, b"h"), _header(head), db=db)
     return man
 

@@ -36,7 +36,7 @@ from sisa.unlearn import commitcache
 from sisa.unlearn.audit import append_entry
 from sisa.unlearn.ids import normalize_ids
 from sisa.unlearn.journal import mark_applied, mark_erased, pending, record_request, unerased
-from sisa.unlearn.tlog import publish_models, sign_checkpoint
+from sisa.unlearn.tlog import log_index, publish_models, sign_checkpoint
 
 __all__ = ["apply", "delete", "erase_pending", "finish_interrupted", "recover_erasure"]
 
@@ -112,17 +112,19 @@ def delete(
         meta = {"already_deleted": len(gone), "defer": defer, "policy": planner.config.unlearn.policy}
 
         def journal(txn: lmdb.Transaction) -> dict[str, Any]:
-            of_shard: dict[int, list[int]] = {}
+            of_shard: dict[int, dict[int, list[int]]] = {}
             _, readers = store.shard_graph(txn)
             for sid in present:
                 place = store.place(txn, sid)
                 if place is not None:
-                    # A shard's cache holds the ids its manifest covers: under a shard graph its links' too.
+                    # A shard's cache holds the ids its manifest covers: under a shard graph its links' too,
+                    # in the same slice (slice r of its training set is slice r of every shard it reads).
                     for reader in readers[place[0]]:
-                        of_shard.setdefault(reader, []).append(sid)
+                        of_shard.setdefault(reader, {}).setdefault(place[1], []).append(sid)
             out = record_request(store, txn, present, secret, meta)
             # The ids leave the commitment cache with their membership records (no deleted id in the clear).
-            commitcache.follow(store, txn, secret, {s: np.asarray(ids) for s, ids in of_shard.items()})
+            removed = {s: {r: np.asarray(ids) for r, ids in by.items()} for s, by in of_shard.items()}
+            commitcache.follow(store, txn, secret, removed)
             return out
 
         request = store.write(journal)
@@ -229,7 +231,8 @@ def apply(
     def certify(txn: lmdb.Transaction) -> list[dict[str, Any]]:
         # The retrained models first: their "model published" entries bind the new weights to manifest
         # commitments without the deleted ids, and the certificates below then name those weights.
-        publish_models(store, txn, secret, store.recipe_digest(txn, planner.config))
+        index = log_index(store, txn)  # read once: publishing and signing bring it up to date in place
+        publish_models(store, txn, secret, store.recipe_digest(txn, planner.config), index)
         live = store.live(txn)
         certificates = []
         for request in chosen:
@@ -258,7 +261,7 @@ def apply(
             certificate["audit_seq"] = record["seq"]
             mark_applied(store, txn, request, applied_at)
             certificates.append(certificate)
-        sign_checkpoint(store, txn, signer)  # one signed checkpoint over the whole batch
+        sign_checkpoint(store, txn, signer, index)  # one signed checkpoint over the whole batch
         return certificates
 
     certificates = store.write(certify)

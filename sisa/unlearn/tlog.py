@@ -109,14 +109,24 @@ def _stored_index(raw: Any, entries: int) -> LogIndex:
     return LogIndex(frontier, published)
 
 
-def log_index(store: Store, txn: lmdb.Transaction) -> LogIndex:
+def log_index(store: Store, txn: lmdb.Transaction, since: LogIndex | None = None) -> LogIndex:
     """The log's index, brought up to the last entry (reads only the entries after the stored index).
 
     A store written before the index (or whose index is unreadable) is indexed from its first entry,
     once; a write transaction then keeps the result (:func:`sign_checkpoint`).
+
+    Args:
+        store: The store.
+        txn: A transaction.
+        since: An index read earlier in this same transaction: it is brought up to date in place
+            instead of the stored one being read and parsed again (a deletion publishes, certifies,
+            then signs, in one transaction).
     """
     db = store.db(AUDIT_DB)
-    index = _stored_index(store.meta_value(txn, INDEX_KEY), int(txn.stat(db)["entries"]))
+    if since is None:
+        index = _stored_index(store.meta_value(txn, INDEX_KEY), int(txn.stat(db)["entries"]))
+    else:
+        index = since
     cursor = txn.cursor(db=db)
     if cursor.set_range(struct.pack(">Q", index.frontier.size)):
         for key, value in cursor:
@@ -150,13 +160,19 @@ def log_state(store: Store, txn: lmdb.Transaction) -> LogState:
     return LogState(records, Tree([_leaf(r) for r in records]), meta.get("log_checkpoint"), meta.get("log_origin"))
 
 
-def sign_checkpoint(store: Store, txn: lmdb.Transaction, signer: Signer) -> str:
+def sign_checkpoint(store: Store, txn: lmdb.Transaction, signer: Signer, index: LogIndex | None = None) -> str:
     """Sign a checkpoint of the whole log as it stands in ``txn`` and keep it in the store's metadata.
+
+    Args:
+        store: The store.
+        txn: The write transaction.
+        signer: The operator's signer.
+        index: The log index read earlier in ``txn`` (:func:`log_index`'s ``since``), if any.
 
     Returns:
         The signed note.
     """
-    index = log_index(store, txn)
+    index = log_index(store, txn, index)
     origin = store.meta_value(txn, "log_origin") or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
     note = sign_note(format_checkpoint(Checkpoint(origin, index.frontier.size, index.frontier.root())), signer)
     store.put_meta(
@@ -175,7 +191,9 @@ def latest_published(records: list[dict[str, Any]], size: int | None = None) -> 
     return out
 
 
-def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: str) -> list[dict[str, Any]]:
+def publish_models(
+    store: Store, txn: lmdb.Transaction, secret: bytes, recipe: str, index: LogIndex | None = None
+) -> list[dict[str, Any]]:
     """Append a "model published" entry for every shard whose live model changed since it was last published.
 
     A shard that lost its live model (emptied, or out of service) is published with no checkpoint and
@@ -186,12 +204,13 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
         txn: The write transaction that also signs the checkpoint.
         secret: The store's HMAC secret (the samples' openings derive from it).
         recipe: The recipe digest the live models were trained under.
+        index: The log index read earlier in ``txn`` (:func:`log_index`'s ``since``), if any.
 
     Returns:
         The entries appended.
     """
     live = store.live(txn)
-    published = log_index(store, txn).published
+    published = log_index(store, txn, index).published
     appended = []
     for shard in sorted(set(live) | set(published)):
         rec = live.get(shard)
@@ -205,7 +224,7 @@ def publish_models(store: Store, txn: lmdb.Transaction, secret: bytes, recipe: s
             drop_shard(store, txn, shard)
         else:
             # From the shard's cache: a deletion rehashed only the buckets its ids fell in (commitcache.follow).
-            man = for_publication(store, txn, secret, shard, int(rec["stage"]), rec["manifest"])
+            man = for_publication(store, txn, secret, shard, rec)
             if man is None:
                 # A deferred deletion took samples out of this shard and the model is not retrained yet:
                 # its manifest is no longer the store's, so nothing can be committed for it now.
@@ -294,10 +313,12 @@ def publish(planner: Planner, signer: Signer | None = None) -> list[dict[str, An
         return []
 
     def change(txn: lmdb.Transaction) -> list[dict[str, Any]]:
-        appended = publish_models(store, txn, secret, store.recipe_digest(txn, planner.config))
-        signed = _covers(store.meta_value(txn, "log_checkpoint"), log_index(store, txn).frontier, signer.verifier)
+        index = log_index(store, txn)
+        appended = publish_models(store, txn, secret, store.recipe_digest(txn, planner.config), index)
+        frontier = log_index(store, txn, index).frontier
+        signed = _covers(store.meta_value(txn, "log_checkpoint"), frontier, signer.verifier)
         if appended or not signed:
-            sign_checkpoint(store, txn, signer)
+            sign_checkpoint(store, txn, signer, index)
         return appended
 
     appended = store.write(change)

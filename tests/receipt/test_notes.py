@@ -55,3 +55,14 @@ def test_checkpoint_round_trip() -> None:
     assert parse_checkpoint(note, signer.verifier) == cp
     with pytest.raises(ProofError, match="does not verify"):
         parse_checkpoint(note.replace("\n7\n", "\n8\n"), signer.verifier)
+
+
+def test_a_signer_never_shows_its_key_and_signs_the_same_after_its_first_use() -> None:
+    signer = Signer.decode(GO_SKEY)
+    seed_text = (signer.seed.hex(), repr(signer.seed), str(signer.seed))
+    assert not any(part in repr(signer) or part in str(signer) for part in seed_text)
+    first = sign_note(GO_TEXT, signer)
+    # The key derived once and kept: the same signature (Ed25519 is deterministic) and the same verifier.
+    assert sign_note(GO_TEXT, signer) == first == GO_NOTE
+    assert signer.verifier == Verifier.decode(GO_VKEY)
+    assert signer == Signer.decode(GO_SKEY)  # equality is still by name and key

@@ -14,7 +14,7 @@ from sisa.receipt.entries import sample_commitment
 from sisa.receipt.keys import load_signer
 from sisa.receipt.verify import verify_receipt
 from sisa.store.database import Store
-from sisa.store.digests import manifest_digest
+from sisa.store.digests import manifest_digest, packed_ids, slice_digest, slices_digest
 from sisa.unlearn import commitcache
 from sisa.unlearn.commitcache import BUCKETS, COMMITS_DB, shard_manifest
 from sisa.unlearn.commitments import manifest_commitments, opening
@@ -32,6 +32,15 @@ def scratch_root(secret: bytes, slices: list[np.ndarray], count: int = BUCKETS) 
 
 def live_slices(store: Store, txn: Any) -> dict[int, list[np.ndarray]]:
     return {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in store.live(txn).items()}
+
+
+def model_record(parts: list[np.ndarray]) -> dict[str, Any]:
+    """The live record a trainer writes for a model trained on ``parts``: its stage and both training-set digests."""
+    return {
+        "stage": len(parts),
+        "manifest": manifest_digest(parts),
+        "slices": slices_digest([slice_digest(packed_ids(p)) for p in parts]),
+    }
 
 
 def check_all(store: Store) -> None:
@@ -202,22 +211,51 @@ def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_rea
         assert (len(man.sizes), man.source, man.root()) == (1024, "scratch", scratch(slices))
         gone = np.array([139_999, 4, 7], dtype=np.int64)
         fewer = [s[~np.isin(s, gone)] for s in slices]
-        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: gone}))
+        by_slice = {r: gone[np.isin(gone, s)] for r, s in enumerate(slices)}
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: by_slice}))
         with store.read() as txn:
             db = store.db(COMMITS_DB)
             kept = [np.frombuffer(bytes(txn.get(b"\0\0\0\x09s" + r.to_bytes(4, "big"), db=db)), ">u8") for r in (0, 1)]
         assert [k.astype(np.int64).tolist() for k in kept] == [f.tolist() for f in fewer]  # the ids left it now
         with store.read() as txn:
-            after = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest(fewer))
+            after = commitcache.for_publication(store, txn, secret, 9, model_record(fewer))
             # A model that trained on anything else (here: before the deletion) is not published from the cache.
-            before = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest(slices))
+            before = commitcache.for_publication(store, txn, secret, 9, model_record(slices))
+            # Nor one recorded without a slices digest (before there were any): it goes by the store's slices.
+            legacy = commitcache.for_publication(store, txn, secret, 9, {**model_record(fewer), "slices": None})
         assert after is not None and (after.source, after.root()) == ("cache", scratch(fewer))
-        assert before is None
+        assert before is None and legacy is None
         # An id the cache never had: it missed a change, so it is brought to the store's slices (none here).
-        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: np.array([140_002])}))
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {0: np.array([140_002])}}))
         with store.read() as txn:
-            now = commitcache.for_publication(store, txn, secret, 9, 2, manifest_digest([slices[0][:0]] * 2))
+            now = commitcache.for_publication(store, txn, secret, 9, model_record([slices[0][:0]] * 2))
         assert now is not None and now.size == 0
+
+
+def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path) -> None:
+    x, y = blobs(60, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        store, secret = ens.store, ens.store.secret()
+        # Shard 9 (no membership records): the cache is all there is, so a fallback would empty it.
+        slices = [np.arange(0, 9_000, 3, dtype=np.int64), np.arange(1, 9_000, 3, dtype=np.int64)]
+        store.write(lambda txn: shard_manifest(store, txn, secret, 9, slices, write=True))
+        db = store.db(COMMITS_DB)
+        head_key, other = b"\0\0\0\x09h", b"\0\0\0\x09s" + (1).to_bytes(4, "big")
+        store.write(lambda txn: txn.delete(other, db=db))  # slice 1's cached ids, lost: reading them would fail
+        with store.read() as txn:
+            before = bytes(txn.get(head_key, db=db))
+        # An id of a slice the cached model never trained on (stage 2: slices 0 and 1) changes nothing.
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {2: np.array([9_002])}}))
+        with store.read() as txn:
+            assert bytes(txn.get(head_key, db=db)) == before
+        gone = np.array([3, 3_000], dtype=np.int64)  # both in slice 0
+        store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {0: gone}}))
+        fewer = [slices[0][~np.isin(slices[0], gone)], slices[1]]
+        with store.read() as txn:
+            assert txn.get(other, db=db) is None  # never read, never rewritten
+            man = commitcache.for_publication(store, txn, secret, 9, model_record(fewer))
+        assert man is not None and (man.source, man.root()) == ("cache", scratch_root(secret, fewer))
 
 
 def test_a_receipt_from_a_shard_of_more_than_256_buckets_verifies(tmp_path: Path) -> None:
