@@ -23,6 +23,7 @@ __all__ = ["ENV", "default_name", "key_path", "load_signer"]
 log = logging.getLogger(__name__)
 
 ENV = "SISA_SIGNING_KEY_FILE"
+_loaded: tuple[str, Signer] | None = None  # the last key read: its file's text, and the signer
 
 
 def key_path() -> Path:
@@ -65,17 +66,31 @@ def load_signer(*, create: bool = True, name: str | None = None, store_root: Pat
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, (signer.encode() + "\n").encode())
+            os.write(fd, (signer.encode() + "\n").encode())  # the text _remember keys it by
             os.fsync(fd)
         finally:
             os.close(fd)
         log.info("created the signing key %s (verifier key %s)", path, signer.verifier.encode())
+        _remember(signer.encode() + "\n", signer)
         return signer
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{ENV}/{path}: the signing key cannot be read ({exc})") from exc
+    if _loaded is not None and _loaded[0] == text:
+        return _loaded[1]  # the same key as last time: parsed and derived once per process
     try:
-        return Signer.decode(text)
+        signer = Signer.decode(text)
     except ProofError as exc:
         raise ConfigError(f"{path} is not a sisa signing key: {exc}") from exc
+    _remember(text, signer)
+    return signer
+
+
+def _remember(text: str, signer: Signer) -> None:
+    """Keep the last key read, so that a process signing after each deletion parses and derives it once.
+
+    Keyed by the file's whole text, read every time: a key replaced on disk is never served from memory.
+    """
+    global _loaded
+    _loaded = (text, signer)

@@ -59,3 +59,19 @@ def test_a_damaged_key_file_is_a_config_error_naming_it(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match="sisa keys --generate"):
         keys.load_signer(create=False)
     assert not missing.exists()
+
+
+def test_a_key_replaced_on_disk_is_read_again_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sisa.receipt.notes import generate
+
+    path = tmp_path / "k.key"
+    monkeypatch.setenv(keys.ENV, str(path))
+    first = keys.load_signer()
+    assert keys.load_signer() is first  # the same file: parsed once in this process
+    # Rotated in place within the same instant (same inode, same size: a key of the same name).
+    other = generate(first.name)
+    path.write_text(other.encode() + "\n")
+    assert keys.load_signer() == other != first
+    path.write_text("PRIVATE+KEY+x+00000000+AAAA\n")  # and damaged after: refused, never the key kept in memory
+    with pytest.raises(ConfigError, match="is not a sisa signing key"):
+        keys.load_signer()
