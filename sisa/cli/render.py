@@ -42,6 +42,12 @@ def print_status(result: dict[str, Any]) -> None:
         held = f"digest {stored['digest'][:16]}, {stored['bytes']} bytes" if stored else "not stored yet (fit)"
         core = f", core set of {b['core_samples']} samples (not deletable)" if b["source"] == "core" else ""
         print(f"shared backbone: {b['source']} {b['name']}, {held}; per-shard {b['adapter']}{core}")
+    if result.get("graph", "none") != "none":
+        print(
+            f"shard graph {result['graph']}: each shard also trains on the slices of the shards in its 'trains on' "
+            "column, and a deletion retrains every shard that trained on the id"
+        )
+    linked = result.get("graph", "none") != "none"
     rows = [
         [
             s["shard"],
@@ -51,12 +57,14 @@ def print_status(result: dict[str, Any]) -> None:
             (s["live_checkpoint"] or "-")[:16],
             (s["domain"] or {}).get("id", "-"),
             _serving(s),
+            *([" ".join(map(str, s.get("trains_on", []))) or "-"] if linked else []),
         ]
         for s in result["per_shard"]
     ]
     # "checkpoint key": the content address of the live stage (recipe, ids, domain), not the digest of
     # its weights, which `sisa verify` shows as "weights digest".
-    print(table(["shard", "samples", "per slice", "stages", "live checkpoint key", "domain", "serving"], rows))
+    head = ["shard", "samples", "per slice", "stages", "live checkpoint key", "domain", "serving"]
+    print(table([*head, *(["trains on"] if linked else [])], rows))
     for q in result.get("quarantined", []):
         print(f"quarantined sample {q['id']} (shard {q['shard']} slice {q['slice']} run {q['run']}): {q['reason']}")
     if result.get("key_compaction_pending"):

@@ -27,6 +27,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         slice_counts = store.slice_counts(txn, config.shards, config.slices)
         meta = store.meta(txn)
         masses = meta.get("shard_mass")
+        groups, _ = store.shard_graph(txn)  # the stored graph: fixed at creation, whatever the config says now
         shards = []
         for shard in range(config.shards):
             counts = [int(len(store.slice_ids(txn, shard, r))) for r in range(slice_counts[shard])]
@@ -49,6 +50,8 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
                     "domain": rec.get("domain") if rec else None,
                     # distribution-aware only: prior mass placed here at ingest (deletions keep it)
                     "expected_deletions": masses[shard] if masses else None,
+                    # partition.graph: the other shards whose slices this one trains on (a deletion there retrains it)
+                    "trains_on": list(groups[shard][1:]) if shard < len(groups) else [],
                 }
             )
         n = store.count_samples(txn)
@@ -71,6 +74,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         "feature_shape": list(meta.get("feature_shape") or []),
         "num_classes": config.data.num_classes,
         "model": config.model.name,
+        "graph": str(((meta.get("config") or {}).get("partition") or {}).get("graph", "none")),
         "recipe": recipe,
         "backbone": backbone,
         "trained_shards": len(live),

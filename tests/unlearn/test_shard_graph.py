@@ -8,11 +8,13 @@ the id, and the cost model's planned work is what the certificate says the retra
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sisa.cli.main import main
 from sisa.ensemble import Ensemble
 from sisa.partition import cost_model as cm
 from sisa.partition.graph import groups, readers
@@ -104,6 +106,24 @@ def test_delete_under_a_graph_is_bit_identical_to_a_fresh_store_without_the_ids(
     with build(tmp_path / "b", graph, keep) as fresh:
         assert stages(fresh) == got_stages
         assert live(fresh) == got_live
+
+
+def test_status_shows_the_graph_and_what_each_shard_trains_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Ensemble.create(tmp_path / "st", small_config(f"shards={SHARDS}", "partition.graph=ring:1")) as ens:
+        ens.ingest(X, Y, IDS)
+    assert main(["status", "--store", str(tmp_path / "st"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    want = groups("ring:1", 0, SHARDS)
+    assert result["graph"] == "ring:1" and [s["trains_on"] for s in result["per_shard"]] == [list(g[1:]) for g in want]
+    assert main(["status", "--store", str(tmp_path / "st")]) == 0
+    text = capsys.readouterr().out
+    assert "shard graph ring:1" in text and "trains on" in text
+    with Ensemble.create(tmp_path / "plain", small_config(f"shards={SHARDS}")) as ens:
+        ens.ingest(X, Y, IDS)
+    assert main(["status", "--store", str(tmp_path / "plain")]) == 0
+    assert "trains on" not in capsys.readouterr().out  # no graph, no column
 
 
 def test_receipt_covers_every_shard_that_trained_on_the_id(tmp_path: Path) -> None:
