@@ -74,7 +74,8 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,8 @@ def feature_pass(ens: Ensemble, shard: int, threads: int) -> dict[str, Any]:
     return {"shard": shard, "samples": int(x.shape[0]), "threads": threads, "seconds": min(times)}
 
 
-def run_store(
+@contextmanager
+def fitted_store(
     method: str,
     cfg: SisaConfig,
     train: LabeledArrays,
@@ -203,26 +205,22 @@ def run_store(
     path: Path,
     *,
     core: np.ndarray | None = None,
-    delete_id: int | None = None,
-    probe_features: bool = False,
-) -> dict[str, Any]:
-    """Build, fit, measure and (with ``delete_id``) delete one id from one store; the store is removed after.
+) -> Iterator[tuple[Ensemble, dict[str, Any]]]:
+    """Build, fit and measure one store; yield it open with its row; close and remove it after.
 
     Args:
-        method: ``monolithic``, ``scratch``, ``head`` or ``lora`` (for the printout and the row).
+        method: The row's name (for the printout and the row), e.g. ``scratch`` or ``head``.
         cfg: The store's config.
         train: Training samples.
         test: Test samples.
         path: Store directory (new).
-        core: Core ids (backbone methods).
-        delete_id: A non-core id to delete once; ``None``: no deletion.
-        probe_features: Time the feature pass of the deleted id's shard (head stores).
+        core: Core ids (backbone methods), declared at ingest.
 
-    Returns:
-        Everything measured for this store.
+    Yields:
+        The open ensemble and what was measured: fit wall and compute, training work, checkpoint
+        bytes, the backbone record (backbone methods) and :func:`inference`.
     """
-    tag = f"[{method} S={cfg.shards}]"
-    print(f"{tag} ingest + fit ...", flush=True)
+    print(f"[{method} S={cfg.shards}] ingest + fit ...", flush=True)
     ens = Ensemble.create(path, cfg)
     try:
         t0 = time.perf_counter()
@@ -260,6 +258,81 @@ def run_store(
             + (f", backbone {record['seconds']:.1f}s / {record['bytes'] / 1024:.0f} KiB" if record else ""),
             flush=True,
         )
+        yield ens, row
+    finally:
+        ens.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def delete_one(ens: Ensemble, delete_id: int, tag: str) -> dict[str, Any]:
+    """Delete one id, timed; what it retrained, from its certificate checked against the store.
+
+    Args:
+        ens: An open, fitted ensemble holding ``delete_id`` (not in its core set).
+        delete_id: The id to delete.
+        tag: Prefix of the error message, e.g. ``[head S=16]``.
+
+    Returns:
+        ``delete()`` wall seconds, the retrain's compute, work (sample-epochs) and stages, the
+        shard that held the id, the shards retrained and each one's restart slice.
+
+    Raises:
+        RuntimeError: The deletion was not applied.
+    """
+    shard = ens.locate([delete_id])[delete_id][0]
+    t0 = time.perf_counter()
+    cert = ens.delete([delete_id])
+    wall = time.perf_counter() - t0
+    if cert.get("state") != "applied":
+        raise RuntimeError(f"{tag} deletion of id {delete_id} was not applied: {cert.get('state')}")
+    cost = benchlib.retrain_cost(ens, cert)
+    print(
+        f"  delete id {delete_id} (shard {shard}): {wall:.2f}s wall, {cost['compute_s']:.2f}s compute, "
+        f"work {cost['work']}",
+        flush=True,
+    )
+    return {
+        "id": delete_id,
+        "shard": shard,
+        "wall_s": wall,
+        "retrain_s": float(cert["batch"]["retrain_seconds"]),
+        "compute_s": cost["compute_s"],
+        "work": cost["work"],
+        "stages": cost["stages"],
+        "retrained_samples": cost["samples"],
+        "new_checkpoints_match": cost["new_checkpoints_match"],
+        "retrained_shards": cert["retrained_shards"],
+        "from_slice": {int(k): int(v["from_slice"]) for k, v in cert["shards"].items()},
+    }
+
+
+def run_store(
+    method: str,
+    cfg: SisaConfig,
+    train: LabeledArrays,
+    test: LabeledArrays,
+    path: Path,
+    *,
+    core: np.ndarray | None = None,
+    delete_id: int | None = None,
+    probe_features: bool = False,
+) -> dict[str, Any]:
+    """Build, fit, measure and (with ``delete_id``) delete one id from one store; the store is removed after.
+
+    Args:
+        method: ``monolithic``, ``scratch``, ``head`` or ``lora`` (for the printout and the row).
+        cfg: The store's config.
+        train: Training samples.
+        test: Test samples.
+        path: Store directory (new).
+        core: Core ids (backbone methods).
+        delete_id: A non-core id to delete once; ``None``: no deletion.
+        probe_features: Time the feature pass of the deleted id's shard (head stores).
+
+    Returns:
+        Everything measured for this store.
+    """
+    with fitted_store(method, cfg, train, test, path, core=core) as (ens, row):
         if core is not None and len(core):
             try:
                 ens.delete([int(core[0])])
@@ -267,45 +340,19 @@ def run_store(
             except CoreSetError:
                 row["core_delete_refused"] = True
         if delete_id is not None:
-            shard = ens.locate([delete_id])[delete_id][0]
-            t0 = time.perf_counter()
-            cert = ens.delete([delete_id])
-            wall = time.perf_counter() - t0
-            if cert.get("state") != "applied":
-                raise RuntimeError(f"{tag} deletion of id {delete_id} was not applied: {cert.get('state')}")
-            cost = benchlib.retrain_cost(ens, cert)
-            row["delete"] = {
-                "id": delete_id,
-                "shard": shard,
-                "wall_s": wall,
-                "retrain_s": float(cert["batch"]["retrain_seconds"]),
-                "compute_s": cost["compute_s"],
-                "work": cost["work"],
-                "stages": cost["stages"],
-                "retrained_samples": cost["samples"],
-                "new_checkpoints_match": cost["new_checkpoints_match"],
-                "retrained_shards": cert["retrained_shards"],
-                "from_slice": {int(k): int(v["from_slice"]) for k, v in cert["shards"].items()},
-            }
-            print(
-                f"  delete id {delete_id} (shard {shard}): {wall:.2f}s wall, {cost['compute_s']:.2f}s compute, "
-                f"work {cost['work']}",
-                flush=True,
-            )
+            row["delete"] = d = delete_one(ens, delete_id, f"[{method} S={cfg.shards}]")
             if probe_features:
-                probe = feature_pass(ens, shard, cfg.resources.threads_per_shard)
-                compute = cost["compute_s"]
+                probe = feature_pass(ens, d["shard"], cfg.resources.threads_per_shard)
+                compute = d["compute_s"]
                 probe["retrain_compute_s"] = compute
                 probe["share_of_retrain_compute"] = probe["seconds"] / compute if compute > 0 else math.nan
                 row["feature_pass"] = probe
                 print(
-                    f"  feature pass over shard {shard} ({probe['samples']} samples, {probe['threads']} thread): "
-                    f"{probe['seconds']:.2f}s = {probe['share_of_retrain_compute']:.0%} of the retrain compute",
+                    f"  feature pass over shard {d['shard']} ({probe['samples']} samples, {probe['threads']} "
+                    f"thread): {probe['seconds']:.2f}s = {probe['share_of_retrain_compute']:.0%} of the retrain "
+                    "compute",
                     flush=True,
                 )
-    finally:
-        ens.close()
-        shutil.rmtree(path, ignore_errors=True)
     return row
 
 
