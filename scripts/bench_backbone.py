@@ -135,6 +135,15 @@ def backbone_overrides(base: SisaConfig, adapter: str) -> list[str]:
     ]
 
 
+def store_config(
+    config: Path, overrides: Sequence[str], shards: int, slices: int, extra: Sequence[str] = ()
+) -> SisaConfig:
+    """The config of one store: ``config`` with ``overrides``, S, R, one torch thread per shard, then ``extra``."""
+    return load_config(
+        config, [*overrides, f"shards={shards}", f"slices={slices}", "resources.threads_per_shard=1", *extra]
+    )
+
+
 # --------------------------------------------------------------------------- measurements
 def checkpoint_bytes(ens: Ensemble) -> dict[str, Any]:
     """Sealed (stored, encrypted) bytes of every stage checkpoint of the store now: mean, total, count."""
@@ -516,10 +525,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     feature_s = FEATURE_S if FEATURE_S in shard_counts else shard_counts[len(shard_counts) // 2]
 
     def cfg_for(shards: int, slices: int | None = None, extra: Sequence[str] = ()) -> SisaConfig:
-        r = base.slices if slices is None else slices
-        return load_config(
-            args.config, [*overrides, f"shards={shards}", f"slices={r}", "resources.threads_per_shard=1", *extra]
-        )
+        return store_config(args.config, overrides, shards, base.slices if slices is None else slices, extra)
 
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ the work a fit or a deletion did, and writing the results (JSON, PNG beside it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -61,6 +62,24 @@ def machine_info() -> dict[str, Any]:
 def head(data: LabeledArrays, n: int) -> LabeledArrays:
     """The first ``n`` samples of ``data`` (views; the store copies what it ingests)."""
     return LabeledArrays(data.x[:n], data.y[:n], data.ids[:n])
+
+
+def subset(data: LabeledArrays, n: int, seed: int) -> LabeledArrays:
+    """A seeded uniform draw of ``n`` samples of ``data`` without replacement, kept in id order.
+
+    Args:
+        data: The samples to draw from.
+        n: How many to keep (``n >= len(data)``: all of them).
+        seed: Seed of the draw (``numpy.random.default_rng``).
+
+    Returns:
+        The drawn samples (copies), sorted by position in ``data``.
+    """
+    if n >= len(data):
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+    # replace() keeps ``scale`` (raw pixels stay raw) and ``numbered``.
+    return dataclasses.replace(data, x=data.x[keep], y=data.y[keep], ids=data.ids[keep])
 
 
 def script_parser(doc: str | None, config: Path | None = None) -> argparse.ArgumentParser:
