@@ -425,7 +425,7 @@ def plot(sets: dict[str, dict[str, Any]], methods: Sequence[str], title: str, pa
             [p["speedup"] for p in front],
             [p["accuracy_diff_pp"] for p in front],
             "k-",
-            where="post",
+            where="pre",
             linewidth=1,
             label="Pareto front",
         )
