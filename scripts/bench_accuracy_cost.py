@@ -48,15 +48,15 @@ Full run (CNN, 60k and 20k train / 10k test, S in 8 16 32, 5 arms, 3 deletions e
 
     .venv/bin/python scripts/bench_accuracy_cost.py
 
-Estimated runtime on 2 idle cores: about 2 to 2.5 hours (an estimate, not measured).
-Extrapolated from bench_backbone's documented timings (~45 s per one-thread CNN epoch over
-60k; monolithic ~8 min, SISA from scratch ~4.5 min fit per S, each backbone ~45 s of core
-training, heads ~1 min per S, LoRA a little more than from scratch): on 60k, the monolithic
-plus per S scratch ~4.5 min, head ~2 min, ring:1 ~3 min (each head on 2x the samples),
-ring:3 ~5 min (4x), LoRA ~5 min, about 60 min of fits over 3 S, plus ~20 min of deletions
-(3 per store; scratch and LoRA retrain a CNN shard from its slice, ~1-2 min each at S=8) and
-inference (5 methods x 15 stores on 10k); the 20k subset about a third of that. Longer when
-another job shares the cores.
+Estimated runtime on 2 idle cores: about 2.5 hours (2 to 3; an estimate, not measured),
+extrapolated from bench_backbone's full run in docs/benchmarks.md (59.4 min; CNN, 1 thread per
+shard). On 60k: the monolithic fit ~6.5 min; fits per S ~16 / 11.5 / 10.5 min at S = 8 / 16 / 32
+(scratch ~5 / 3.5 / 3.5, head ~1.3 / 0.9 / 0.8 with the backbone's ~35 s, ring:1 and ring:3 the
+head's shard training x2 and x4, LoRA ~4.5); 3 deletions per store ~18 min (scratch 68 / 27 / 12 s
+each, LoRA 50 / 29 / 13 s, ring:3 ~16x a head deletion's compute); inference ~30 min (4 predict
+calls per store on the 10k test images; S full CNNs take 32 / 51 / 104 s a call): about 1.6 h.
+The 20k subset trains and deletes on a third of that, but predicts on the same 10k: about 0.9 h.
+Longer when another job shares the cores.
 
 Quick smoke run (MLP backbone and model, 3000 train / 1000 test, subset 1500, 2 epochs, S in
 4 8; measured 3.5 min on the 2-core machine at load average ~6, shared with other jobs)::
@@ -223,9 +223,13 @@ def measure_arm(
     train, test = data
     with bench_backbone.fitted_store(arm, cfg, train, test, path, core=core) as (ens, row):
         labels = np.asarray(test.y)
-        # One trained store serves every method: aggregation is chosen per prediction call.
+        # One trained store serves every method: aggregation is chosen per prediction call. The
+        # config's own method was scored by fitted_store already (a full S=32 predict on 10k is ~1.5 min).
         row["accuracy_by_method"] = {
-            m: float((ens.predict_proba(test.x, method=m).argmax(axis=1) == labels).mean()) for m in methods
+            m: row["accuracy"]
+            if m == cfg.aggregate.method
+            else float((ens.predict_proba(test.x, method=m).argmax(axis=1) == labels).mean())
+            for m in methods
         }
         row["graph"] = cfg.partition.graph
         row["cost_model"] = expected_single_work(ens)

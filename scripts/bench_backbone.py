@@ -289,12 +289,7 @@ def delete_one(ens: Ensemble, delete_id: int, tag: str) -> dict[str, Any]:
         RuntimeError: The deletion was not applied.
     """
     shard = ens.locate([delete_id])[delete_id][0]
-    t0 = time.perf_counter()
-    cert = ens.delete([delete_id])
-    wall = time.perf_counter() - t0
-    if cert.get("state") != "applied":
-        raise RuntimeError(f"{tag} deletion of id {delete_id} was not applied: {cert.get('state')}")
-    cost = benchlib.retrain_cost(ens, cert)
+    cert, wall, cost = benchlib.applied_delete(ens, delete_id, f"{tag} ")
     print(
         f"  delete id {delete_id} (shard {shard}): {wall:.2f}s wall, {cost['compute_s']:.2f}s compute, "
         f"work {cost['work']}",

@@ -256,12 +256,7 @@ def timed_delete(ens: Ensemble, sample_id: int, hot: bool, predicted: int) -> di
         hot: Whether the prior counts it as often deleted.
         predicted: Samples the layout says the retrain must train on (checked: ``exact``).
     """
-    t0 = time.perf_counter()
-    cert = ens.delete([sample_id])
-    wall = time.perf_counter() - t0
-    if cert.get("state") != "applied":
-        raise RuntimeError(f"deletion of id {sample_id} was not applied: {cert.get('state')}")
-    cost = benchlib.retrain_cost(ens, cert)
+    cert, wall, cost = benchlib.applied_delete(ens, sample_id)
     # the work and compute from the certificate; samples and the checkpoint match from the store's records
     got = {key: cost[key] for key in ("samples", "work", "compute_s", "stages")}
     got["matches"] = cost["new_checkpoints_match"]

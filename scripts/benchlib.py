@@ -325,6 +325,28 @@ def retrain_cost(ens: Ensemble, cert: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def applied_delete(ens: Ensemble, sample_id: int, tag: str = "") -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Delete one id, timed, and read what its retrain cost (:func:`retrain_cost`).
+
+    Args:
+        ens: A writable, fitted ensemble holding ``sample_id``.
+        sample_id: The id to delete.
+        tag: Prefix of the error message, e.g. ``[head S=16] ``.
+
+    Returns:
+        The certificate, ``delete()`` wall seconds and :func:`retrain_cost` of the certificate.
+
+    Raises:
+        RuntimeError: The deletion was not applied at once.
+    """
+    t0 = time.perf_counter()
+    cert = ens.delete([sample_id])
+    wall = time.perf_counter() - t0
+    if cert.get("state") != "applied":
+        raise RuntimeError(f"{tag}deletion of id {sample_id} was not applied: {cert.get('state')}")
+    return cert, wall, retrain_cost(ens, cert)
+
+
 # --------------------------------------------------------------------------- results
 def pyplot() -> types.ModuleType:
     """``matplotlib.pyplot`` on the file-only ``Agg`` backend (imported here, when a script first plots)."""
