@@ -59,7 +59,7 @@ The 20k subset trains and deletes on a third of that, but predicts on the same 1
 Longer when another job shares the cores.
 
 Quick smoke run (MLP backbone and model, 3000 train / 1000 test, subset 1500, 2 epochs, S in
-4 8; measured 3.5 min on the 2-core machine at load average ~6, shared with other jobs)::
+4 8; measured 1.5 min on the 2-core machine, at load average 9-10 from other jobs)::
 
     .venv/bin/python scripts/bench_accuracy_cost.py --quick --out results/accuracy_cost_quick.json
 
