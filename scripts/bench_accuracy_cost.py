@@ -69,11 +69,12 @@ Trailing ``key=value`` arguments are config overrides applied to every store, e.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ COMBINER = "combiner"  # the core-trained aggregation (issue 30 item 2), measure
 
 
 # --------------------------------------------------------------------------- options
-def parse_args(argv: Sequence[str] | None = None) -> Any:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``): shard counts, subset size, deletions, seed, run options."""
     parser = benchlib.script_parser(__doc__, config=Path("configs/fashion_mnist_cnn.yaml"))
     parser.add_argument(
@@ -480,7 +481,11 @@ def draw_ids(train: LabeledArrays, core_fraction: float, deletes: int, seed: int
 
 
 def run_set(
-    name: str, data: tuple[LabeledArrays, LabeledArrays], args: Any, config_for: Any, workdir: Path
+    name: str,
+    data: tuple[LabeledArrays, LabeledArrays],
+    args: argparse.Namespace,
+    config_for: Callable[..., SisaConfig],
+    workdir: Path,
 ) -> dict[str, Any]:
     """The monolithic model and every arm at every S on one training set; its rows, points and front."""
     train, test = data
@@ -494,7 +499,7 @@ def run_set(
             data,
             workdir / f"{name}-{arm}-s{shards}",
             core=core if ARMS[arm][0] is not None else None,
-            delete_ids=delete_ids,
+            delete_ids=delete_ids.tolist(),
             methods=arm_methods(arm, args.methods),
         )
         for shards in args.shard_counts
