@@ -1,0 +1,216 @@
+"""The combiner (``aggregate.method: combiner``): a stacker fitted on the core set over the live models' outputs.
+
+Exactness: the combiner is a pure function of the models it combines, the core set (never
+deletable) and the config, and it never outlives those models. Its *basis* names them (shard ->
+checkpoint key, each key covering its recipe and training set) and the core set's digest;
+its stored key is ``combiner-`` + the basis digest. Whenever a live record changes (a fit, a
+deletion taking a shard out of service or retraining it, an ``add``), the store drops the
+stored combiner in the same transaction (:meth:`~sisa.store.records.CheckpointRecords.set_live`);
+a fit then stores the one of the new live set (:func:`refit_live`), and a prediction whose
+served set has no stored combiner fits one in memory on exactly what it serves
+(:class:`~sisa.serve.serving.Serving`). ``verify`` refits it from the verified live models
+and compares bytes (:func:`check_live`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.config.settings import SisaConfig
+from sisa.errors import ConfigError, IntegrityError, StoreChangedError
+from sisa.store.database import Store
+from sisa.store.digests import manifest_digest, sha256
+from sisa.store.layout import COMBINER_PREFIX
+from sisa.train.adapters import AdaptedModel
+from sisa.train.backbone import FEATURE_CHUNK, load_stored
+from sisa.train.live import load_live_model
+from sisa.train.stacking import Stacker, fit_stacker, log_probs
+from sisa.train.trainer import deterministic
+
+__all__ = ["Basis", "check_live", "fit_on_core", "read_core", "refit_live", "require_core", "stored_stacker"]
+
+log = logging.getLogger(__name__)
+
+
+class Basis:
+    """What a combiner is fitted on: the models (shard -> checkpoint key) and the core set's digest."""
+
+    def __init__(self, models: Mapping[int, str], core_ids: np.ndarray) -> None:
+        """Name the models (shard -> checkpoint key) and the core ids a combiner is fitted on."""
+        self.models = {int(s): str(k) for s, k in sorted(models.items())}
+        self.core = manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))])
+
+    def header(self) -> dict[str, Any]:
+        """The basis as JSON-able fields, written into the combiner's bytes and its record."""
+        return {"models": {str(s): k for s, k in self.models.items()}, "core": self.core}
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of :meth:`header`: the combiner's store key is ``combiner-`` + this."""
+        return hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode()).hexdigest()
+
+
+def require_core(cfg: SisaConfig, core_count: int) -> None:
+    """Refuse the combiner where there is no core set to fit it on.
+
+    Raises:
+        ConfigError: Without ``backbone.source: core`` or without core ids, naming the fix.
+    """
+    if cfg.backbone.source != "core" or core_count == 0:
+        raise ConfigError(
+            "aggregate.method: combiner is fitted on the core set (samples declared at ingest, never deletable), "
+            f"and this store has {'no core set' if core_count == 0 else 'backbone.source: ' + cfg.backbone.source}: "
+            "set backbone.source: core (with backbone.name and model.adapter) and declare core ids at ingest "
+            "(core=...), or choose aggregate.method: mean, vote or weighted"
+        )
+
+
+def _core_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``(S, n, C)`` logits of each model on ``x``, ``FEATURE_CHUNK`` rows per forward from the first row.
+
+    A shared frozen backbone's features are computed once per chunk for all heads (as serving does).
+    """
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    with torch.no_grad():
+        for start in range(0, x.shape[0], FEATURE_CHUNK):
+            xb = x[start : start + FEATURE_CHUNK]
+            features: dict[int, torch.Tensor] = {}
+            for out, m in zip(outs, models, strict=True):
+                if not isinstance(m, AdaptedModel) or m.shared_backbone is None:
+                    out.append(m(xb))
+                    continue
+                shared = m.shared_backbone
+                if id(shared) not in features:
+                    features[id(shared)] = shared(xb).flatten(1)
+                out.append(m.head(features[id(shared)]))
+    return torch.stack([torch.cat(out) for out in outs])
+
+
+def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], core: tuple[np.ndarray, ...]) -> bytes:
+    """The combiner's bytes for ``models`` (shard -> (checkpoint key, model)), fitted on the core set.
+
+    Deterministic: the forwards run on the CPU under the shards' thread count with deterministic
+    kernels, in fixed chunks, and the fit is :func:`~sisa.train.stacking.fit_stacker`.
+
+    Args:
+        cfg: The store's config (its thread count).
+        models: The models combined, by shard; their order is the shards' order.
+        core: ``(ids, x, y)`` of the core set, as :func:`read_core` returns them.
+    """
+    ids, x, y = core
+    ordered = [models[s][1] for s in sorted(models)]
+    with deterministic(cfg.resources.threads_per_shard, torch.device("cpu")):
+        logits = _core_logits([m.to("cpu").eval() for m in ordered], torch.from_numpy(x))
+    stacker = fit_stacker(log_probs(logits), y)
+    return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
+
+
+def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The core set's sorted ids, features and labels, read in ``txn``.
+
+    Raises:
+        ConfigError: If the store has no core set (see :func:`require_core`).
+    """
+    ids = store.core_ids(txn)
+    require_core(cfg, len(ids))
+    x, y = store.load_samples(txn, ids, tuple(store.meta(txn)["feature_shape"]), "the core set")
+    return ids, x, y
+
+
+def stored_stacker(store: Store, txn: Any, basis: Basis) -> Stacker | None:
+    """The stored combiner if it was fitted on ``basis``, else None.
+
+    Raises:
+        IntegrityError: If its bytes were altered, or name another basis than their record.
+    """
+    got = store.combiner_bytes(txn)
+    if got is None or got[0].get("basis") != basis.digest:
+        return None
+    stacker, head = Stacker.decode(got[1])
+    if head.get("models") != basis.header()["models"]:
+        raise IntegrityError(f"the stored combiner {got[0]['key']} names other models than its record")
+    return stacker
+
+
+def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> dict[int, tuple[str, nn.Module]]:
+    """Every live model, loaded, by shard (with its checkpoint key)."""
+    backbone = load_stored(store, cfg, txn)
+    module = backbone.module if backbone is not None else None
+    shape = tuple(store.meta(txn)["feature_shape"])
+    live = store.live(txn)
+    return {s: (r["key"], load_live_model(store, cfg, txn, s, r, shape, module)) for s, r in sorted(live.items())}
+
+
+def refit_live(store: Store, cfg: SisaConfig) -> str | None:
+    """Store the combiner of the live models now, unless the stored one is theirs already.
+
+    Called at the end of every fit (and so of every deletion's retrain and every ``add``). A
+    live set that changes meanwhile (another process's deletion) drops what this stores.
+
+    Returns:
+        The stored combiner's key (None when no shard is live).
+
+    Raises:
+        ConfigError: Without a core set (:func:`require_core`).
+    """
+    with store.read() as txn:
+        live = store.live(txn)
+        core = read_core(store, cfg, txn)
+        if not live:
+            return None
+        basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
+        record = store.meta(txn).get("combiner")
+        if record is not None and record.get("basis") == basis.digest:
+            return str(record["key"])
+        models = _live_models(store, cfg, txn)
+    blob = fit_on_core(cfg, models, core)
+    key = COMBINER_PREFIX + basis.digest
+    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob)}
+    sealed = store.seal_checkpoint(blob, key)
+
+    def put(txn: Any) -> None:
+        now = {s: r["key"] for s, r in store.live(txn).items()}
+        if now != basis.models:  # the live set changed while this fitted: this one belongs to no state
+            raise StoreChangedError("the live models changed while the combiner was fitted; fit again")
+        store.put_combiner(txn, new, sealed)
+
+    store.write(put)
+    log.info("stored the combiner %s... of %d live model(s)", basis.digest[:16], len(models))
+    return key
+
+
+def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
+    """Verify the stored combiner: refit it from the live models and compare the bytes exactly.
+
+    Returns:
+        ``{"ok", "key", "reason"?}``: ``ok`` only when a combiner of the live models is stored and
+        its bytes equal the refit's.
+    """
+    with store.read() as txn:
+        live = store.live(txn)
+        record = store.meta(txn).get("combiner")
+        key = record["key"] if record else None
+        if any(r.get("stale") or r.get("interim") for r in live.values()):
+            return {"ok": False, "key": key, "reason": "a shard serves a pending model; run sisa apply"}
+        core = read_core(store, cfg, txn)
+        basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
+        if record is None or record.get("basis") != basis.digest:
+            return {"ok": False, "key": key, "reason": "no combiner of the live models is stored; run sisa train"}
+        try:
+            stored = store.combiner_bytes(txn)
+        except IntegrityError as exc:
+            return {"ok": False, "key": key, "reason": f"the stored combiner is damaged: {exc}"}
+        models = _live_models(store, cfg, txn)
+    replay = fit_on_core(cfg, models, core)
+    if stored is None or stored[1] != replay:
+        why = f"the stored combiner {key} differs from its refit on the live models"
+        return {"ok": False, "key": key, "reason": why}
+    return {"ok": True, "key": key, "sha256": sha256(replay)}
