@@ -31,11 +31,21 @@ from sisa.store.digests import manifest_digest, sha256
 from sisa.store.layout import COMBINER_PREFIX
 from sisa.train.adapters import AdaptedModel
 from sisa.train.backbone import FEATURE_CHUNK, load_stored
+from sisa.train.domain import current
 from sisa.train.live import load_live_model
 from sisa.train.stacking import Stacker, fit_stacker, log_probs
 from sisa.train.trainer import deterministic
 
-__all__ = ["Basis", "check_live", "fit_on_core", "read_core", "refit_live", "require_core", "stored_stacker"]
+__all__ = [
+    "Basis",
+    "check_live",
+    "driver_domain",
+    "fit_on_core",
+    "read_core",
+    "refit_live",
+    "require_core",
+    "stored_stacker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +119,13 @@ def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], co
     ordered = [models[s][1] for s in sorted(models)]
     with deterministic(cfg.resources.threads_per_shard, torch.device("cpu")):
         logits = _core_logits([m.to("cpu").eval() for m in ordered], torch.from_numpy(x))
-    stacker = fit_stacker(log_probs(logits), y)
+        stacker = fit_stacker(log_probs(logits), y)
     return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
+
+
+def driver_domain(cfg: SisaConfig) -> str:
+    """Id of the determinism domain a combiner fitted in this process is in (CPU, the shards' threads)."""
+    return current(cfg.resources.threads_per_shard, "cpu").id
 
 
 def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,7 +188,7 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         models = _live_models(store, cfg, txn)
     blob = fit_on_core(cfg, models, core)
     key = COMBINER_PREFIX + basis.digest
-    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob)}
+    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": driver_domain(cfg)}
     sealed = store.seal_checkpoint(blob, key)
 
     def put(txn: Any) -> None:
@@ -208,6 +223,11 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             stored = store.combiner_bytes(txn)
         except IntegrityError as exc:
             return {"ok": False, "key": key, "reason": f"the stored combiner is damaged: {exc}"}
+        if record.get("domain") not in (None, driver_domain(cfg)):
+            # Fitted by a driver of another CPU kernel level, BLAS or torch build: a refit here could differ
+            # without anything being wrong. Never called a match, never a mismatch (as for a shard's replay).
+            why = f"fitted in domain {record['domain']}, this process is in {driver_domain(cfg)}"
+            return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
         models = _live_models(store, cfg, txn)
     replay = fit_on_core(cfg, models, core)
     if stored is None or stored[1] != replay:

@@ -7,7 +7,7 @@ penalty pulls towards) it is the normalised geometric mean of the shards' probab
 The fit is full-batch Newton with a backtracking line search in float64 numpy, from a fixed
 start, with no randomness: the same log-probabilities and labels give the same bytes. Its sums
 are numpy's own loops (``einsum`` without ``optimize``), not a threaded BLAS, so the thread count
-does not change them.
+does not change them; the one linear solve per step runs on torch's threads, which the caller pins.
 """
 
 from __future__ import annotations
@@ -119,7 +119,10 @@ def fit_stacker(logp: np.ndarray, y: np.ndarray) -> Stacker:
             steps -= 1
             break
         hessian = _hessian(z, proba, n)
-        step = np.linalg.solve(hessian, grad.ravel()).reshape(theta.shape)
+        # torch's LAPACK, not numpy's: it runs on torch's intra-op threads, which the caller pins
+        # (numpy's BLAS picks its own thread count per machine, and so its own rounding).
+        step = torch.linalg.solve(torch.from_numpy(hessian), torch.from_numpy(grad.ravel())).numpy()
+        step = step.reshape(theta.shape)
         theta, loss, proba = _line_search(z, y, theta, prior, loss, grad, step)
     return Stacker(theta[:, :s].T.copy(), theta[:, s].copy(), steps)
 

@@ -104,9 +104,20 @@ def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path) -> Non
         assert ens.verify()["ok"]
 
 
+def verify_combiner(ens: Ensemble) -> dict[str, object]:
+    verdict = ens.verify()
+    assert verdict["ok"] == (all(v["ok"] for v in verdict["shards"].values()) and verdict["combiner"]["ok"])
+    return dict(verdict["combiner"])
+
+
 def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(tmp_path: Path) -> None:
     with make(tmp_path / "st") as ens:
         record, blob = stored(ens)
+        assert verify_combiner(ens)["ok"]
+        # Fitted by a driver in another determinism domain: not replayed here, neither a match nor a mismatch.
+        ens.store.write(lambda txn: ens.store.put_meta(txn, combiner={**record, "domain": "0123456789abcdef"}))
+        assert verify_combiner(ens)["reason"] == "domain_unavailable"
+        ens.store.write(lambda txn: ens.store.put_meta(txn, combiner=record))
         stacker, head = Stacker.decode(blob)
         # A validly sealed combiner, recorded for the live models, with other weights (a forged fit).
         forged = Stacker(stacker.weights + 1e-9, stacker.bias, stacker.steps).encode(
