@@ -266,7 +266,7 @@ class ModelView:
             # store, to read a stored one): refused here, never answered by another method.
             raise DataError(
                 "aggregate.method combiner is not served by Ray Serve replicas yet: pass method mean, vote or "
-                "weighted with the request, or predict in-process (Ensemble.predict, sisa predict), which "
+                "weighted with the request, or predict in-process (Ensemble.predict, sisa eval), which "
                 "applies the combiner"
             )
         if method not in METHODS:
