@@ -73,21 +73,14 @@ class CheckpointRecords(StoreHost):
         Raises:
             IntegrityError: If its bytes are missing or altered.
         """
-        record = self.meta(txn).get("backbone")
-        if record is None:
-            return None
-        return record, self._open_checkpoint(txn, record, "the shared backbone")
+        return self._stored_bytes(txn, "backbone", "the shared backbone")
 
     def put_backbone(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes) -> None:
         """Store a backbone (``record``: ``key``, ``sha256``, ``digest``, ...) in place of the old one, in ``txn``.
 
         The old bytes go in the same transaction; their key is destroyed by the next key sweep.
         """
-        old = self.meta(txn).get("backbone")
-        if old is not None and old["key"] != record["key"]:
-            txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
-        txn.put(record["key"].encode(), sealed, db=self._dbs["ckpt"])
-        self.put_meta(txn, backbone=record)
+        self._replace_stored(txn, "backbone", record, sealed)
 
     def combiner_bytes(self, txn: lmdb.Transaction) -> tuple[dict[str, Any], bytes] | None:
         """The stored combiner's record (meta ``combiner``) and its bytes, checked; None if none is stored.
@@ -95,16 +88,26 @@ class CheckpointRecords(StoreHost):
         Raises:
             IntegrityError: If its bytes are missing or altered.
         """
-        record = self.meta(txn).get("combiner")
-        if record is None:
-            return None
-        return record, self._open_checkpoint(txn, record, "the combiner")
+        return self._stored_bytes(txn, "combiner", "the combiner")
 
     def put_combiner(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes) -> None:
-        """Store a combiner (``record``: ``key``, ``sha256``, ``models``, ...) in place of the old one, in ``txn``."""
-        self.drop_combiner(txn)
+        """Store a combiner (``record``: ``key``, ``sha256``, ``basis``, ...) in place of the old one, in ``txn``."""
+        self._replace_stored(txn, "combiner", record, sealed)
+
+    def _stored_bytes(self, txn: lmdb.Transaction, name: str, where: str) -> tuple[dict[str, Any], bytes] | None:
+        """The record of the meta's ``name`` (one per store: the backbone, the combiner) and its checked bytes."""
+        record = self.meta(txn).get(name)
+        if record is None:
+            return None
+        return record, self._open_checkpoint(txn, record, where)
+
+    def _replace_stored(self, txn: lmdb.Transaction, name: str, record: dict[str, Any], sealed: bytes) -> None:
+        """Store the meta's ``name`` (``record`` and its sealed bytes), deleting the old bytes in ``txn``."""
+        old = self.meta(txn).get(name)
+        if old is not None and old["key"] != record["key"]:
+            txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
         txn.put(record["key"].encode(), sealed, db=self._dbs["ckpt"])
-        self.put_meta(txn, combiner=record)
+        self.put_meta(txn, **{name: record})
 
     def drop_combiner(self, txn: lmdb.Transaction) -> None:
         """Delete the stored combiner (bytes and record), in ``txn``; its key goes at the next key sweep."""
