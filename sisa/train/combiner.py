@@ -167,14 +167,16 @@ def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> dict[int, tuple[str
 def refit_live(store: Store, cfg: SisaConfig) -> str | None:
     """Store the combiner of the live models now, unless the stored one is theirs already.
 
-    Called at the end of every fit (and so of every deletion's retrain and every ``add``). A
-    live set that changes meanwhile (another process's deletion) drops what this stores.
+    Called at the end of every fit (and so of every deletion's retrain and every ``add``), by the
+    process that holds the store's writer lock, so the live set cannot change between the read and
+    the write; the write checks it anyway, since a combiner of another live set would be wrong.
 
     Returns:
         The stored combiner's key (None when no shard is live).
 
     Raises:
         ConfigError: Without a core set (:func:`require_core`).
+        StoreChangedError: If the live set changed while the combiner was fitted (nothing is stored).
     """
     with store.read() as txn:
         live = store.live(txn)
