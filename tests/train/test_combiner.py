@@ -13,6 +13,7 @@ from sisa import unlearn
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.serve.modelset import ModelView, read_models, read_state
+from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.digests import sha256
 from sisa.train.combiner import Basis, fit_on_core, read_core
 from sisa.train.stacking import Stacker, apply_weights, fit_stacker, log_probs
@@ -54,15 +55,24 @@ def ckpt_keys(ens: Ensemble) -> list[str]:
         return ens.store.checkpoint_keys(txn)
 
 
+def sealing_key(ens: Ensemble, token: bytes) -> bytes | None:
+    with ens.store.read() as txn, ens.store.key_snapshot(txn) as ktxn:
+        return ens.store.keys.checkpoint_key(ktxn, token)
+
+
 def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_the_ids(tmp_path: Path) -> None:
     with make(tmp_path / "st") as ens:
         old_record, old_bytes = stored(ens)
         assert old_record["key"] in ckpt_keys(ens)
+        with ens.store.read() as txn:
+            token = bytes(ens.store.sealed_checkpoint(txn, old_record) or b"")[:TOKEN_SIZE]
+        assert sealing_key(ens, token) is not None
         ens.delete(VICTIMS)
         record, blob = stored(ens)
         # Refitted on the new live models: a new key, and the old one's bytes gone from the store.
         assert record["key"] != old_record["key"] and blob != old_bytes
         assert old_record["key"] not in ckpt_keys(ens)
+        assert sealing_key(ens, token) is None  # and the key that sealed it destroyed by the deletion's sweep
         with ens.store.read() as txn:
             live = {s: r["key"] for s, r in ens.store.live(txn).items()}
         assert record["basis"] == Basis(live, CORE).digest
