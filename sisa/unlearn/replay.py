@@ -92,7 +92,7 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
         # Refitted from the live models, whose weights the replays above checked, and compared byte for byte.
         verdict["combiner"] = check_live(store, cfg)
         verdict["ok"] = verdict["ok"] and verdict["combiner"]["ok"]
-    failed = [i for i in out.values() if not i["ok"]]
+    failed = [i for i in [*out.values(), verdict.get("combiner", {"ok": True})] if not i["ok"]]
     if failed and all(i.get("reason") == "domain_unavailable" for i in failed):
         verdict["reason"] = "domain_unavailable"
     return verdict

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sisa import unlearn
+from sisa.cli.render import print_verify
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.serve.modelset import ModelView, read_models, read_state
@@ -123,13 +124,17 @@ def verify_combiner(ens: Ensemble) -> dict[str, object]:
     return dict(verdict["combiner"])
 
 
-def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(tmp_path: Path) -> None:
+def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with make(tmp_path / "st") as ens:
         record, blob = stored(ens)
         assert verify_combiner(ens)["ok"]
         # Fitted by a driver in another determinism domain: not replayed here, neither a match nor a mismatch.
         ens.store.write(lambda txn: ens.store.put_meta(txn, combiner={**record, "domain": "0123456789abcdef"}))
-        assert verify_combiner(ens)["reason"] == "domain_unavailable"
+        verdict = ens.verify()
+        assert verdict["combiner"]["reason"] == "domain_unavailable"
+        assert verdict["reason"] == "domain_unavailable"  # not checkable here, not a failed check (CLI exit 2)
         ens.store.write(lambda txn: ens.store.put_meta(txn, combiner=record))
         stacker, head = Stacker.decode(blob)
         # A validly sealed combiner, recorded for the live models, with other weights (a forged fit).
@@ -143,6 +148,9 @@ def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(tmp_
         assert not verdict["ok"]  # ... and the combiner is not
         assert verdict["combiner"]["key"] == record["key"]
         assert "combiner" in verdict["combiner"]["reason"] and "differs" in verdict["combiner"]["reason"]
+        assert "reason" not in verdict  # a failed check (CLI exit 1), named on its own line
+        print_verify(verdict)
+        assert f"combiner {record['key'][:25]}: FAIL, the stored combiner" in capsys.readouterr().out
         # Bytes changed on disk under the seal: refused as damaged, named.
         ens.store.write(lambda txn: txn.put(str(record["key"]).encode(), sealed[:-1] + b"x", db=ens.store.db("ckpt")))
         verdict = ens.verify()
