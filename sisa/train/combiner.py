@@ -165,7 +165,7 @@ def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> dict[int, tuple[str
 
 
 def refit_live(store: Store, cfg: SisaConfig) -> str | None:
-    """Store the combiner of the live models now, unless the stored one is theirs already.
+    """Store the combiner of the live models now, unless the stored one is theirs, fitted in this domain.
 
     Called at the end of every fit (and so of every deletion's retrain and every ``add``), by the
     process that holds the store's writer lock, so the live set cannot change between the read and
@@ -185,12 +185,13 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
             return None
         basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
         record = store.meta(txn).get("combiner")
-        if record is not None and record.get("basis") == basis.digest:
-            return str(record["key"])
+        domain = driver_domain(cfg)
+        if record is not None and record.get("basis") == basis.digest and record.get("domain") == domain:
+            return str(record["key"])  # the stored one is this refit's bytes (a driver elsewhere refits it here)
         models = _live_models(store, cfg, txn)
     blob = fit_on_core(cfg, models, core)
     key = COMBINER_PREFIX + basis.digest
-    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": driver_domain(cfg)}
+    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": domain}
     sealed = store.seal_checkpoint(blob, key)
 
     def put(txn: Any) -> None:

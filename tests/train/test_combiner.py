@@ -135,7 +135,8 @@ def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(
         verdict = ens.verify()
         assert verdict["combiner"]["reason"] == "domain_unavailable"
         assert verdict["reason"] == "domain_unavailable"  # not checkable here, not a failed check (CLI exit 2)
-        ens.store.write(lambda txn: ens.store.put_meta(txn, combiner=record))
+        ens.fit()  # a fit in this driver refits it here: the same bytes, the same key, this domain
+        assert stored(ens) == (record, blob) and verify_combiner(ens)["ok"]
         stacker, head = Stacker.decode(blob)
         # A validly sealed combiner, recorded for the live models, with other weights (a forged fit).
         forged = Stacker(stacker.weights + 1e-9, stacker.bias, stacker.steps).encode(
