@@ -29,9 +29,9 @@ from sisa.errors import ConfigError, IntegrityError, StoreChangedError
 from sisa.store.database import Store
 from sisa.store.digests import manifest_digest, sha256
 from sisa.store.layout import COMBINER_PREFIX
-from sisa.train.adapters import AdaptedModel
-from sisa.train.backbone import FEATURE_CHUNK, load_stored
-from sisa.train.domain import current
+from sisa.train import local_runner
+from sisa.train.adapters import AdaptedModel, build_shard_model
+from sisa.train.backbone import FEATURE_CHUNK, build_network, freeze, load_stored
 from sisa.train.live import load_live_model
 from sisa.train.stacking import Stacker, fit_stacker, log_probs
 from sisa.train.trainer import deterministic
@@ -39,7 +39,9 @@ from sisa.train.trainer import deterministic
 __all__ = [
     "Basis",
     "check_live",
-    "driver_domain",
+    "fit_domain",
+    "fit_from_weights",
+    "fit_in_domain",
     "fit_on_core",
     "read_core",
     "refit_live",
@@ -123,9 +125,65 @@ def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], co
     return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
 
 
-def driver_domain(cfg: SisaConfig) -> str:
-    """Id of the determinism domain a combiner fitted in this process is in (CPU, the shards' threads)."""
-    return current(cfg.resources.threads_per_shard, "cpu").id
+def _runner(cfg: SisaConfig) -> local_runner.LocalRunner:
+    """Where a stored combiner is fitted: here if this process started pinned, else the pinned child.
+
+    This process when it started pinned to ``resources.cpu_isa``, else the pinned child that
+    ``--address local`` trains in: the bytes then do not depend on how the driver was started.
+    """
+    return local_runner.shared(cfg.resources.cpu_isa, cfg.resources.threads_per_shard, "cpu")
+
+
+def fit_domain(cfg: SisaConfig) -> str:
+    """Id of the determinism domain a stored combiner is fitted in: the shards' CPU domain (see :func:`_runner`)."""
+    return _runner(cfg).domain.id
+
+
+def fit_in_domain(
+    cfg: SisaConfig,
+    models: Mapping[int, tuple[str, nn.Module]],
+    core: tuple[np.ndarray, ...],
+    backbone: nn.Module | None,
+) -> bytes:
+    """:func:`fit_on_core` in the domain of :func:`fit_domain` (the models travel as their weights).
+
+    Args:
+        cfg: The store's config.
+        models: The models combined, by shard (checkpoint key, model).
+        core: ``(ids, x, y)`` of the core set.
+        backbone: The stored frozen backbone the models run on (None without one).
+    """
+    runner = _runner(cfg)
+    if runner.in_process:
+        return fit_on_core(cfg, models, core)
+    states = {s: (key, _cpu_state(m)) for s, (key, m) in models.items()}
+    shared = _cpu_state(backbone) if backbone is not None else None
+    return bytes(runner.call(__name__, "fit_from_weights", cfg, shared, states, core))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def fit_from_weights(
+    cfg: SisaConfig,
+    backbone: dict[str, torch.Tensor] | None,
+    states: Mapping[int, tuple[str, dict[str, torch.Tensor]]],
+    core: tuple[np.ndarray, ...],
+) -> bytes:
+    """:func:`fit_on_core` of models rebuilt from their weights (in the pinned child, see :func:`fit_in_domain`)."""
+    shape = tuple(core[1].shape[1:])
+    module = None
+    if backbone is not None:
+        module = build_network(cfg, shape)
+        module.load_state_dict(backbone)
+        module = freeze(module, {}).module
+    models = {}
+    for shard, (key, state) in states.items():
+        model = build_shard_model(cfg, shape, cfg.data.num_classes, module)
+        model.load_state_dict(state)
+        models[shard] = (key, model.eval())
+    return fit_on_core(cfg, models, core)
 
 
 def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,13 +213,14 @@ def stored_stacker(store: Store, txn: Any, basis: Basis) -> Stacker | None:
     return stacker
 
 
-def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> dict[int, tuple[str, nn.Module]]:
-    """Every live model, loaded, by shard (with its checkpoint key)."""
+def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> tuple[dict[int, tuple[str, nn.Module]], nn.Module | None]:
+    """Every live model, loaded, by shard (with its checkpoint key), and the stored backbone they run on."""
     backbone = load_stored(store, cfg, txn)
     module = backbone.module if backbone is not None else None
     shape = tuple(store.meta(txn)["feature_shape"])
     live = store.live(txn)
-    return {s: (r["key"], load_live_model(store, cfg, txn, s, r, shape, module)) for s, r in sorted(live.items())}
+    models = {s: (r["key"], load_live_model(store, cfg, txn, s, r, shape, module)) for s, r in sorted(live.items())}
+    return models, module
 
 
 def refit_live(store: Store, cfg: SisaConfig) -> str | None:
@@ -185,11 +244,11 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
             return None
         basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
         record = store.meta(txn).get("combiner")
-        domain = driver_domain(cfg)
+        domain = fit_domain(cfg)
         if record is not None and record.get("basis") == basis.digest and record.get("domain") == domain:
             return str(record["key"])  # the stored one is this refit's bytes (a driver elsewhere refits it here)
-        models = _live_models(store, cfg, txn)
-    blob = fit_on_core(cfg, models, core)
+        models, backbone = _live_models(store, cfg, txn)
+    blob = fit_in_domain(cfg, models, core, backbone)
     key = COMBINER_PREFIX + basis.digest
     new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": domain}
     sealed = store.seal_checkpoint(blob, key)
@@ -226,13 +285,13 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             stored = store.combiner_bytes(txn)
         except IntegrityError as exc:
             return {"ok": False, "key": key, "reason": f"the stored combiner is damaged: {exc}"}
-        if record.get("domain") not in (None, driver_domain(cfg)):
-            # Fitted by a driver of another CPU kernel level, BLAS or torch build: a refit here could differ
+        if record.get("domain") not in (None, fit_domain(cfg)):
+            # Fitted in another domain (another machine, torch build or cpu_isa): a refit here could differ
             # without anything being wrong. Never called a match, never a mismatch (as for a shard's replay).
-            why = f"fitted in domain {record['domain']}, this process is in {driver_domain(cfg)}"
+            why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
             return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
-        models = _live_models(store, cfg, txn)
-    replay = fit_on_core(cfg, models, core)
+        models, backbone = _live_models(store, cfg, txn)
+    replay = fit_in_domain(cfg, models, core, backbone)
     if stored is None or stored[1] != replay:
         why = f"the stored combiner {key} differs from its refit on the live models"
         return {"ok": False, "key": key, "reason": why}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,17 @@ def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(
         ens.store.write(lambda txn: txn.put(str(record["key"]).encode(), sealed[:-1] + b"x", db=ens.store.db("ckpt")))
         verdict = ens.verify()
         assert not verdict["ok"] and "damaged" in verdict["combiner"]["reason"]
+
+
+def test_the_sisa_command_verifies_a_combiner_this_process_fitted(tmp_path: Path, env_python: dict[str, str]) -> None:
+    # The `sisa` command pins its own process to resources.cpu_isa; this one may not be pinned, and then
+    # fits the stored combiner in the pinned child the shards train in: the command's refit is the same bytes.
+    with make(tmp_path / "st") as ens:
+        record, _ = stored(ens)
+    cli = [sys.executable, "-m", "sisa.cli", "verify", "--store", str(tmp_path / "st"), "--address", "local", "--json"]
+    done = subprocess.run(cli, capture_output=True, text=True, env=env_python, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads(done.stdout)["combiner"] == {"ok": True, "key": record["key"], "sha256": record["sha256"]}
 
 
 def test_the_combiner_is_refused_without_a_core_set(tmp_path: Path) -> None:
