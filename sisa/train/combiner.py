@@ -9,7 +9,8 @@ stored combiner in the same transaction (:meth:`~sisa.store.records.CheckpointRe
 a fit then stores the one of the new live set (:func:`refit_live`), and a prediction whose
 served set has no stored combiner fits one in memory on exactly what it serves
 (:class:`~sisa.serve.serving.Serving`). ``verify`` refits it from the verified live models
-and compares bytes (:func:`check_live`).
+and compares bytes (:func:`check_live`). A stored one is fitted in the shards' pinned CPU domain
+(:func:`fit_in_domain`), so how the driver process was started does not change its bytes.
 """
 
 from __future__ import annotations
