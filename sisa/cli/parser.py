@@ -169,7 +169,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[common], help="test accuracy of the ensemble and of each shard")
     ev.add_argument(
-        "--method", choices=["mean", "vote", "weighted"], default=None, help="aggregation (default: config)"
+        "--method", choices=["mean", "vote", "weighted", "combiner"], default=None, help="aggregation (default: config)"
     )
     sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
 

@@ -148,6 +148,11 @@ def print_verify(result: dict[str, Any]) -> None:
         print(f"shard {k}: {missing_reason(v['needs'], '?', v['available'])}", file=sys.stderr)
     if missing:
         print(DOMAIN_FIX, file=sys.stderr)
+    combiner = result.get("combiner")
+    if combiner is not None:  # aggregate.method: combiner: its bytes against its refit on the live models
+        verdict = "ok" if combiner["ok"] else "NOT CHECKED" if combiner["reason"] == "domain_unavailable" else "FAIL"
+        why = combiner.get("message") or combiner.get("reason") or "bytes identical to its refit on the live models"
+        print(f"combiner {(combiner.get('key') or '-')[:25]}: {verdict}, {why}")
     if result["ok"]:
         print("verify: OK, every live model is bit-identical to a retrain from scratch in its domain")
     elif result.get("reason") == "domain_unavailable":

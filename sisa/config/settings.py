@@ -39,7 +39,7 @@ PRECISIONS = ("fp32", "bf16")
 PARTITION_STRATEGIES = ("uniform", "distribution-aware")
 SLICE_ORDERS = ("hashed", "probability")
 GRAPH_KINDS = ("none", "ring", "random")  # partition.graph: none, ring:k or random:k (sisa.partition.graph)
-AGGREGATE_METHODS = ("mean", "vote", "weighted")
+AGGREGATE_METHODS = ("mean", "vote", "weighted", "combiner")
 AGGREGATE_BACKENDS = ("auto", "vmap", "loop")
 UNLEARN_POLICIES = ("exclude", "serve-clean", "serve-stale")
 MISSING_DOMAIN_ACTIONS = ("rebind", "refuse")
@@ -353,8 +353,11 @@ class AggregateConfig:
     """How shard predictions are combined.
 
     Attributes:
-        method: ``mean`` of probabilities (default), label ``vote``, or
-            ``weighted`` mean by shard size.
+        method: ``mean`` of probabilities (default), label ``vote``, ``weighted`` mean by
+            shard size, or ``combiner``: per-shard, per-class weights over the shards'
+            log-probabilities, fitted (deterministically) on the core set, so it needs
+            ``backbone.source: core``. It is refitted whenever a live model changes and
+            never outlives the models it was fitted on (see :mod:`sisa.train.combiner`).
         backend: ``vmap`` (one batched forward over stacked weights), ``loop``
             (one forward per shard), or ``auto`` (measured choice per device and batch).
     """
@@ -520,6 +523,12 @@ class SisaConfig:
             f"backbone.source: {self.backbone.source} shares a frozen backbone, so each shard trains only a "
             "per-shard part: set model.adapter: head (a head on the backbone's features) or lora (low-rank "
             "adapters on backbone layers, plus a head)",
+        )
+        _require(
+            self.aggregate.method != "combiner" or self.backbone.source == "core",
+            f"aggregate.method: combiner is fitted on the core set, and backbone.source is {self.backbone.source}: "
+            "set backbone.source: core (with backbone.name and model.adapter, and core ids at ingest), or choose "
+            "aggregate.method: mean, vote or weighted",
         )
         _require(
             self.backbone.enabled or self.model.adapter == "none",

@@ -261,6 +261,14 @@ class ModelView:
         if policy is not None and policy not in POLICIES:
             raise DataError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
         method = method or self.config.aggregate.method
+        if method == "combiner":
+            # A replica holds the live models' weights, not the core set a combiner is fitted on (nor the
+            # store, to read a stored one): refused here, never answered by another method.
+            raise DataError(
+                "aggregate.method combiner is not served by Ray Serve replicas yet: pass method mean, vote or "
+                "weighted with the request, or predict in-process (Ensemble.predict, sisa eval), which "
+                "applies the combiner"
+            )
         if method not in METHODS:
             raise DataError(f"unknown aggregation method {method!r}; use one of {', '.join(METHODS)}")
         try:

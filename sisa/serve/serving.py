@@ -19,12 +19,13 @@ from torch import nn
 from sisa.config.settings import SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
 from sisa.data.inputs import request_inputs
-from sisa.errors import DataError, ModelError, NotTrainedError, StoreChangedError
+from sisa.errors import DataError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
-from sisa.train.adapters import build_shard_model
 from sisa.train.backbone import Backbone, load_stored
-from sisa.train.trainer import load_checkpoint
+from sisa.train.combiner import Basis, fit_on_core, read_core, require_core, stored_stacker
+from sisa.train.live import load_live_model
+from sisa.train.stacking import Stacker, apply_weights
 from sisa.unlearn.journal import requests
 
 __all__ = ["Serving", "checked_inputs", "dataset_features"]
@@ -102,6 +103,7 @@ class Serving:
         self._cache: dict[int, tuple[str, nn.Module, int]] = {}  # shard -> (checkpoint key, model, samples)
         self._cache_lock = threading.Lock()  # the cache is shared by the threads predicting with this handle
         self._backbone: Backbone | None = None  # the shared backbone every cached model runs on
+        self._fitted: tuple[str, Stacker] | None = None  # the combiner of one served set: (basis digest, it)
         self._last = threading.local()  # per thread: shard -> checkpoint key of its last prediction's models
 
     @property
@@ -114,6 +116,7 @@ class Serving:
         """Forget every loaded model."""
         with self._cache_lock:
             self._cache.clear()
+            self._fitted = None
 
     def snapshot(self) -> dict[int, tuple[nn.Module, int]]:
         """Every shard in service: its model and its training-set size, from one read snapshot.
@@ -155,22 +158,9 @@ class Serving:
                 cached = self._cache.get(shard)
                 if cached is not None and cached[0] == record["key"]:
                     continue
-                # A stale model kept by the serve-stale policy has only its live record.
-                full = store.stage_record(txn, shard, record["stage"]) or record
-                ckpt = load_checkpoint(store.checkpoint(txn, {**full, "shard": shard}))
-                model = build_shard_model(
-                    cfg, shape, cfg.data.num_classes, backbone.module if backbone is not None else None
-                )
-                try:
-                    model.load_state_dict(ckpt["model"])
-                except RuntimeError as exc:  # another network than the one it was trained as
-                    raise ModelError(
-                        f"the live model of shard {shard} was trained as another network than the store's config "
-                        f"builds now (the model, adapter or backbone settings changed since): run `sisa train "
-                        f"--store {store.path}` (Ensemble.fit) to retrain under the new config. torch said: "
-                        f"{str(exc).splitlines()[0]}"
-                    ) from exc
-                self._cache[shard] = (record["key"], model.eval(), int(record["n_samples"]))
+                module = backbone.module if backbone is not None else None
+                model = load_live_model(store, cfg, txn, shard, record, shape, module)
+                self._cache[shard] = (record["key"], model, int(record["n_samples"]))
         for gone in set(self._cache) - set(live):
             del self._cache[gone]
         return {shard: self._cache[shard] for shard in sorted(live)}
@@ -188,10 +178,20 @@ class Serving:
         return checked_inputs(xa, self._store.meta())
 
     def predict_proba(self, x: Any, method: str, batch_size: int) -> np.ndarray:
-        """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size."""
+        """Aggregated class probabilities, ``(n, num_classes)``; ``weighted`` weighs by shard size.
+
+        ``combiner``: the stored combiner of exactly the models served, else one fitted now on
+        them (kept in memory only, until the served set changes; see :mod:`sisa.train.combiner`).
+        """
         live = self._snapshot()
         self._last.used = {shard: key for shard, (key, _, _) in live.items()}
         models = [model for _, model, _ in live.values()]
+        if method == "combiner":
+            stacker = self._stacker({shard: (key, model) for shard, (key, model, _) in live.items()})
+            logits = aggregate.shard_logits(
+                models, self.as_tensor(x), backend=self._config().aggregate.backend, batch_size=batch_size
+            )
+            return apply_weights(logits, stacker).cpu().numpy()
         weights = [float(n) for _, _, n in live.values()] if method == "weighted" else None
         out = aggregate.predict_proba(
             models,
@@ -202,6 +202,30 @@ class Serving:
             batch_size=batch_size,
         )
         return out.cpu().numpy()
+
+    def _stacker(self, served: dict[int, tuple[str, nn.Module]]) -> Stacker:
+        """The combiner of exactly the ``served`` models (shard -> (checkpoint key, model)).
+
+        The stored one when it was fitted on them; otherwise (a reduced set while a deletion is
+        pending, a config switched to the combiner before a fit) one fitted now on the same
+        inputs, which gives the bytes a fit would store. Never one fitted on other models.
+
+        Raises:
+            ConfigError: If the store has no core set.
+        """
+        store, cfg = self._store, self._config()
+        with store.read() as txn:
+            require_core(cfg, store.core_count(txn))
+            basis = Basis({shard: key for shard, (key, _) in served.items()}, store.core_ids(txn))
+            with self._cache_lock:
+                if self._fitted is not None and self._fitted[0] == basis.digest:
+                    return self._fitted[1]
+            stacker = stored_stacker(store, txn, basis)
+            if stacker is None:
+                stacker, _ = Stacker.decode(fit_on_core(cfg, served, read_core(store, cfg, txn)))
+        with self._cache_lock:
+            self._fitted = (basis.digest, stacker)  # one entry: the served set's; an older one is dropped
+        return stacker
 
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
         """Accuracy of each live shard model on ``(x, y)``.

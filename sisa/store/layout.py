@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKBONE_PREFIX",
+    "COMBINER_PREFIX",
     "DBS",
     "DEFAULT_DTYPE",
     "LABEL",
@@ -56,6 +57,9 @@ DBS = ("meta", "samples", "assign", "members", "ckpt", "stages", "live", "reques
 LATER_DBS = ("staged", "core", "commits")
 TABLES = Tables(fixed=DBS, later=LATER_DBS)
 BACKBONE_PREFIX = "backbone-"
+# The combiner (``aggregate.method: combiner``) lives in ``ckpt`` too, under this prefix + the digest of
+# what it was fitted on, described by the meta's ``combiner`` record (:mod:`sisa.train.combiner`).
+COMBINER_PREFIX = "combiner-"
 
 
 def id_key(sample_id: int) -> bytes:
@@ -95,7 +99,7 @@ DEFAULT_DTYPE = "<f4"  # what a store without samples yet reports
 # another id, run (or slice or shard) or key generation, or of another kind, fails to authenticate.
 SAMPLE_KIND = b"sisa-smp"  # then the id key (big-endian id), then SAMPLE_PLACE
 SAMPLE_PLACE = struct.Struct(">IIQI")  # shard, slice, run, generation
-_CKPT_KIND, _BACKBONE_KIND = b"sisa-ckpt|", b"sisa-backbone|"
+_CKPT_KIND, _BACKBONE_KIND, _COMBINER_KIND = b"sisa-ckpt|", b"sisa-backbone|", b"sisa-combiner|"
 
 
 def sample_ad(sid_key: bytes, place: tuple[int, int, int], generation: int) -> bytes:
@@ -104,8 +108,12 @@ def sample_ad(sid_key: bytes, place: tuple[int, int, int], generation: int) -> b
 
 
 def checkpoint_ad(token: bytes, name: str) -> bytes:
-    """The associated data of a checkpoint (or the backbone): its token and its key in the ``ckpt`` table."""
-    kind = _BACKBONE_KIND if name.startswith(BACKBONE_PREFIX) else _CKPT_KIND
+    """The associated data of a checkpoint (or the backbone, or the combiner): its token and its ``ckpt`` key."""
+    kind = _CKPT_KIND
+    if name.startswith(BACKBONE_PREFIX):
+        kind = _BACKBONE_KIND
+    elif name.startswith(COMBINER_PREFIX):
+        kind = _COMBINER_KIND
     return kind + token + b"|" + name.encode()
 
 

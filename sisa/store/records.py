@@ -1,4 +1,4 @@
-"""A store's models: stage checkpoints and their records, each shard's live model, and the shared backbone.
+"""A store's models: stage checkpoints and their records, each shard's live model, the backbone and the combiner.
 
 Checkpoints are sealed under a key of their own (the key sweep of an erasure destroys the
 keys of retired ones). Every write here runs inside a caller's transaction, so a logical
@@ -73,21 +73,48 @@ class CheckpointRecords(StoreHost):
         Raises:
             IntegrityError: If its bytes are missing or altered.
         """
-        record = self.meta(txn).get("backbone")
-        if record is None:
-            return None
-        return record, self._open_checkpoint(txn, record, "the shared backbone")
+        return self._stored_bytes(txn, "backbone", "the shared backbone")
 
     def put_backbone(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes) -> None:
         """Store a backbone (``record``: ``key``, ``sha256``, ``digest``, ...) in place of the old one, in ``txn``.
 
         The old bytes go in the same transaction; their key is destroyed by the next key sweep.
         """
-        old = self.meta(txn).get("backbone")
+        self._replace_stored(txn, "backbone", record, sealed)
+
+    def combiner_bytes(self, txn: lmdb.Transaction) -> tuple[dict[str, Any], bytes] | None:
+        """The stored combiner's record (meta ``combiner``) and its bytes, checked; None if none is stored.
+
+        Raises:
+            IntegrityError: If its bytes are missing or altered.
+        """
+        return self._stored_bytes(txn, "combiner", "the combiner")
+
+    def put_combiner(self, txn: lmdb.Transaction, record: dict[str, Any], sealed: bytes) -> None:
+        """Store a combiner (``record``: ``key``, ``sha256``, ``basis``, ...) in place of the old one, in ``txn``."""
+        self._replace_stored(txn, "combiner", record, sealed)
+
+    def _stored_bytes(self, txn: lmdb.Transaction, name: str, where: str) -> tuple[dict[str, Any], bytes] | None:
+        """The record of the meta's ``name`` (one per store: the backbone, the combiner) and its checked bytes."""
+        record = self.meta(txn).get(name)
+        if record is None:
+            return None
+        return record, self._open_checkpoint(txn, record, where)
+
+    def _replace_stored(self, txn: lmdb.Transaction, name: str, record: dict[str, Any], sealed: bytes) -> None:
+        """Store the meta's ``name`` (``record`` and its sealed bytes), deleting the old bytes in ``txn``."""
+        old = self.meta(txn).get(name)
         if old is not None and old["key"] != record["key"]:
             txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
         txn.put(record["key"].encode(), sealed, db=self._dbs["ckpt"])
-        self.put_meta(txn, backbone=record)
+        self.put_meta(txn, **{name: record})
+
+    def drop_combiner(self, txn: lmdb.Transaction) -> None:
+        """Delete the stored combiner (bytes and record), in ``txn``; its key goes at the next key sweep."""
+        old = self.meta(txn).get("combiner")
+        if old is not None:
+            txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
+            txn.delete(b"combiner", db=self._dbs["meta"])
 
     def _open_checkpoint(self, txn: lmdb.Transaction, record: dict[str, Any], where: str) -> bytes:
         """Open the ``ckpt`` entry named by ``record["key"]`` (bound to that name) and check ``record["sha256"]``."""
@@ -186,14 +213,21 @@ class CheckpointRecords(StoreHost):
         """
         lives = self._dbs["live"]
         old_raw = txn.get(shard_key(shard), db=lives)
+        new_raw = None if record is None else json.dumps(record, sort_keys=True).encode()
+        if (bytes(old_raw) if old_raw is not None else None) != new_raw:
+            # The combiner is fitted on the live models' outputs: once one of them changes (retrained,
+            # out of service, stale or interim under a pending deletion) it is derived from a model
+            # that no longer serves as it did, maybe one that saw deleted ids. It goes in the same
+            # transaction; a fit refits it, and a prediction meanwhile fits one on what it serves.
+            self.drop_combiner(txn)
         if old_raw is not None:
             old_key = json.loads(bytes(old_raw))["key"]
             if (record is None or record["key"] != old_key) and not self._key_in_stages(txn, shard, old_key):
                 txn.delete(old_key.encode(), db=self._dbs["ckpt"])
-        if record is None:
+        if new_raw is None:
             txn.delete(shard_key(shard), db=lives)
         else:
-            txn.put(shard_key(shard), json.dumps(record, sort_keys=True).encode(), db=lives)
+            txn.put(shard_key(shard), new_raw, db=lives)
 
     def _key_in_stages(self, txn: lmdb.Transaction, shard: int, key: str) -> bool:
         return any(r["key"] == key for r in self.stage_records(txn, shard))

@@ -13,6 +13,7 @@ notebook that fits, deletes and verifies pays for it once.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import pickle
@@ -171,6 +172,17 @@ class LocalRunner:
                 (self._domain,) = list(self._call(("domain", self.threads, self.device)))
         return self._domain
 
+    def call(self, module: str, name: str, *args: Any) -> Any:
+        """``module.name(*args)`` in the jobs' domain: here when this process is pinned, else in the child.
+
+        For work besides training whose bits must come out as a shard's would (the combiner's fit);
+        ``module`` must be one of this package's, and the arguments and result must pickle.
+        """
+        if self.in_process:
+            return _function(module, name)(*args)
+        (out,) = list(self._call(("call", module, name, args)))  # drain the whole answer, as domain does
+        return out
+
     def train(self, job: ShardJob) -> Iterator[StageResult]:
         """Train ``job``, yielding each stage as it finishes."""
         if self.in_process:
@@ -259,8 +271,15 @@ def close_all() -> None:
         runner.close()
 
 
+def _function(module: str, name: str) -> Any:
+    """A function of this package by module and name (imported by name: the modules it names import this one)."""
+    if not module.startswith("sisa."):
+        raise TrainingError(f"the training process runs this package's functions only, not {module}.{name}")
+    return getattr(importlib.import_module(module), name)
+
+
 def _serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
-    """The child's loop: answer domain probes and train jobs until the parent closes the pipe."""
+    """The child's loop: answer domain probes, train jobs and calls until the parent closes the pipe."""
     while True:
         try:
             message = _receive(inbox)
@@ -269,6 +288,8 @@ def _serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
         try:
             if message[0] == "domain":
                 _send(outbox, ("item", domains.current(message[1], message[2])))
+            elif message[0] == "call":
+                _send(outbox, ("item", _function(message[1], message[2])(*message[3])))
             else:
                 for result in train_shard(message[1]):
                     _send(outbox, ("item", result))

@@ -24,7 +24,7 @@ from sisa.partition.placement import check_shard_sizes
 from sisa.store.database import Store
 from sisa.store.digests import checkpoint_key, manifest_digest
 from sisa.train import backbone as backbones
-from sisa.train import runner_choice
+from sisa.train import combiner, runner_choice
 from sisa.train.backbone import Backbone
 from sisa.train.core import train_core
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
@@ -328,6 +328,9 @@ class Planner:
             with store.read() as txn:
                 info["to_domain"] = domain_id(store.stage_record(txn, shard, 1))
         report.retries = [asdict(r) for r in retries]
+        if cfg.aggregate.method == "combiner":
+            # The live set may have changed: store the combiner of the models now live (a no-op when it is stored).
+            combiner.refit_live(store, cfg)
         report.seconds = time.perf_counter() - started
         log.info("fit: trained %s, skipped %s in %.1fs", report.trained, report.skipped, report.seconds)
         return report

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from sisa.errors import DataError
+from sisa.train.combiner import check_live
 from sisa.train.domain import Domain, domain_id, unavailable_message
 from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.planner import Planner, Progress
@@ -29,7 +30,9 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
         only in the live model's determinism domain: a shard whose domain no node offers
         is not replayed and not called a failure (``reason: "domain_unavailable"``, with
         ``needs`` and ``available``); when that is the only problem, the result's
-        ``reason`` is ``domain_unavailable`` too.
+        ``reason`` is ``domain_unavailable`` too. Under ``aggregate.method: combiner`` the result also
+        holds ``combiner`` (:func:`sisa.train.combiner.check_live`): the stored combiner refitted from
+        the live models must match byte for byte, or ``ok`` is False.
     """
     from sisa.train import orchestrator  # the one Ray import
 
@@ -85,7 +88,11 @@ def verify(planner: Planner, shards: Sequence[int] | None = None, progress: Prog
     for key, info in out.items():
         _judge(info, last.get(int(key)), unavailable.get(int(key)))
     verdict: dict[str, Any] = {"ok": all(i["ok"] for i in out.values()), "shards": out, "runner": runner}
-    failed = [i for i in out.values() if not i["ok"]]
+    if cfg.aggregate.method == "combiner":
+        # Refitted from the live models, whose weights the replays above checked, and compared byte for byte.
+        verdict["combiner"] = check_live(store, cfg)
+        verdict["ok"] = verdict["ok"] and verdict["combiner"]["ok"]
+    failed = [i for i in [*out.values(), verdict.get("combiner", {"ok": True})] if not i["ok"]]
     if failed and all(i.get("reason") == "domain_unavailable" for i in failed):
         verdict["reason"] = "domain_unavailable"
     return verdict

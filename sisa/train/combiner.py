@@ -1,0 +1,299 @@
+"""The combiner (``aggregate.method: combiner``): a stacker fitted on the core set over the live models' outputs.
+
+Exactness: the combiner is a pure function of the models it combines, the core set (never
+deletable) and the config, and it never outlives those models. Its *basis* names them (shard ->
+checkpoint key, each key covering its recipe and training set) and the core set's digest;
+its stored key is ``combiner-`` + the basis digest. Whenever a live record changes (a fit, a
+deletion taking a shard out of service or retraining it, an ``add``), the store drops the
+stored combiner in the same transaction (:meth:`~sisa.store.records.CheckpointRecords.set_live`);
+a fit then stores the one of the new live set (:func:`refit_live`), and a prediction whose
+served set has no stored combiner fits one in memory on exactly what it serves
+(:class:`~sisa.serve.serving.Serving`). ``verify`` refits it from the verified live models
+and compares bytes (:func:`check_live`). A stored one is fitted in the shards' pinned CPU domain
+(:func:`fit_in_domain`), so how the driver process was started does not change its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa.config.settings import SisaConfig
+from sisa.errors import ConfigError, IntegrityError, StoreChangedError
+from sisa.store.database import Store
+from sisa.store.digests import manifest_digest, sha256
+from sisa.store.layout import COMBINER_PREFIX
+from sisa.train import local_runner
+from sisa.train.adapters import AdaptedModel, build_shard_model
+from sisa.train.backbone import FEATURE_CHUNK, build_network, freeze, load_stored
+from sisa.train.live import load_live_model
+from sisa.train.stacking import Stacker, fit_stacker, log_probs
+from sisa.train.trainer import deterministic
+
+__all__ = [
+    "Basis",
+    "check_live",
+    "fit_domain",
+    "fit_from_weights",
+    "fit_in_domain",
+    "fit_on_core",
+    "read_core",
+    "refit_live",
+    "require_core",
+    "stored_stacker",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Basis:
+    """What a combiner is fitted on: the models (shard -> checkpoint key) and the core set's digest."""
+
+    def __init__(self, models: Mapping[int, str], core_ids: np.ndarray) -> None:
+        """Name the models (shard -> checkpoint key) and the core ids a combiner is fitted on."""
+        self.models = {int(s): str(k) for s, k in sorted(models.items())}
+        self.core = manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))])
+
+    def header(self) -> dict[str, Any]:
+        """The basis as JSON-able fields, written into the combiner's bytes and its record."""
+        return {"models": {str(s): k for s, k in self.models.items()}, "core": self.core}
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of :meth:`header`: the combiner's store key is ``combiner-`` + this."""
+        return hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode()).hexdigest()
+
+
+def require_core(cfg: SisaConfig, core_count: int) -> None:
+    """Refuse the combiner where there is no core set to fit it on.
+
+    Raises:
+        ConfigError: Without ``backbone.source: core`` or without core ids, naming the fix.
+    """
+    if cfg.backbone.source != "core" or core_count == 0:
+        raise ConfigError(
+            "aggregate.method: combiner is fitted on the core set (samples declared at ingest, never deletable), "
+            f"and this store has {'no core set' if core_count == 0 else 'backbone.source: ' + cfg.backbone.source}: "
+            "set backbone.source: core (with backbone.name and model.adapter) and declare core ids at ingest "
+            "(core=...), or choose aggregate.method: mean, vote or weighted"
+        )
+
+
+def _core_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``(S, n, C)`` logits of each model on ``x``, ``FEATURE_CHUNK`` rows per forward from the first row.
+
+    A shared frozen backbone's features are computed once per chunk for all heads (as serving does).
+    """
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    with torch.no_grad():
+        for start in range(0, x.shape[0], FEATURE_CHUNK):
+            xb = x[start : start + FEATURE_CHUNK]
+            features: dict[int, torch.Tensor] = {}
+            for out, m in zip(outs, models, strict=True):
+                if not isinstance(m, AdaptedModel) or m.shared_backbone is None:
+                    out.append(m(xb))
+                    continue
+                shared = m.shared_backbone
+                if id(shared) not in features:
+                    features[id(shared)] = shared(xb).flatten(1)
+                out.append(m.head(features[id(shared)]))
+    return torch.stack([torch.cat(out) for out in outs])
+
+
+def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], core: tuple[np.ndarray, ...]) -> bytes:
+    """The combiner's bytes for ``models`` (shard -> (checkpoint key, model)), fitted on the core set.
+
+    Deterministic: the forwards run on the CPU under the shards' thread count with deterministic
+    kernels, in fixed chunks, and the fit is :func:`~sisa.train.stacking.fit_stacker`.
+
+    Args:
+        cfg: The store's config (its thread count).
+        models: The models combined, by shard; their order is the shards' order.
+        core: ``(ids, x, y)`` of the core set, as :func:`read_core` returns them.
+    """
+    ids, x, y = core
+    ordered = [models[s][1] for s in sorted(models)]
+    with deterministic(cfg.resources.threads_per_shard, torch.device("cpu")):
+        logits = _core_logits([m.to("cpu").eval() for m in ordered], torch.from_numpy(x))
+        stacker = fit_stacker(log_probs(logits), y)
+    return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
+
+
+def _runner(cfg: SisaConfig) -> local_runner.LocalRunner:
+    """Where a stored combiner is fitted: here if this process started pinned, else the pinned child.
+
+    This process when it started pinned to ``resources.cpu_isa``, else the pinned child that
+    ``--address local`` trains in: the bytes then do not depend on how the driver was started.
+    """
+    return local_runner.shared(cfg.resources.cpu_isa, cfg.resources.threads_per_shard, "cpu")
+
+
+def fit_domain(cfg: SisaConfig) -> str:
+    """Id of the determinism domain a stored combiner is fitted in: the shards' CPU domain (see :func:`_runner`)."""
+    return _runner(cfg).domain.id
+
+
+def fit_in_domain(
+    cfg: SisaConfig,
+    models: Mapping[int, tuple[str, nn.Module]],
+    core: tuple[np.ndarray, ...],
+    backbone: nn.Module | None,
+) -> bytes:
+    """:func:`fit_on_core` in the domain of :func:`fit_domain` (the models travel as their weights).
+
+    Args:
+        cfg: The store's config.
+        models: The models combined, by shard (checkpoint key, model).
+        core: ``(ids, x, y)`` of the core set.
+        backbone: The stored frozen backbone the models run on (None without one).
+    """
+    runner = _runner(cfg)
+    if runner.in_process:
+        return fit_on_core(cfg, models, core)
+    states = {s: (key, _cpu_state(m)) for s, (key, m) in models.items()}
+    shared = _cpu_state(backbone) if backbone is not None else None
+    return bytes(runner.call(__name__, "fit_from_weights", cfg, shared, states, core))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def fit_from_weights(
+    cfg: SisaConfig,
+    backbone: dict[str, torch.Tensor] | None,
+    states: Mapping[int, tuple[str, dict[str, torch.Tensor]]],
+    core: tuple[np.ndarray, ...],
+) -> bytes:
+    """:func:`fit_on_core` of models rebuilt from their weights (in the pinned child, see :func:`fit_in_domain`)."""
+    shape = tuple(core[1].shape[1:])
+    module = None
+    if backbone is not None:
+        module = build_network(cfg, shape)
+        module.load_state_dict(backbone)
+        module = freeze(module, {}).module
+    models = {}
+    for shard, (key, state) in states.items():
+        model = build_shard_model(cfg, shape, cfg.data.num_classes, module)
+        model.load_state_dict(state)
+        models[shard] = (key, model.eval())
+    return fit_on_core(cfg, models, core)
+
+
+def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The core set's sorted ids, features and labels, read in ``txn``.
+
+    Raises:
+        ConfigError: If the store has no core set (see :func:`require_core`).
+    """
+    ids = store.core_ids(txn)
+    require_core(cfg, len(ids))
+    x, y = store.load_samples(txn, ids, tuple(store.meta(txn)["feature_shape"]), "the core set")
+    return ids, x, y
+
+
+def stored_stacker(store: Store, txn: Any, basis: Basis) -> Stacker | None:
+    """The stored combiner if it was fitted on ``basis``, else None.
+
+    Raises:
+        IntegrityError: If its bytes were altered, or name another basis than their record.
+    """
+    got = store.combiner_bytes(txn)
+    if got is None or got[0].get("basis") != basis.digest:
+        return None
+    stacker, head = Stacker.decode(got[1])
+    if head.get("models") != basis.header()["models"]:
+        raise IntegrityError(f"the stored combiner {got[0]['key']} names other models than its record")
+    return stacker
+
+
+def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> tuple[dict[int, tuple[str, nn.Module]], nn.Module | None]:
+    """Every live model, loaded, by shard (with its checkpoint key), and the stored backbone they run on."""
+    backbone = load_stored(store, cfg, txn)
+    module = backbone.module if backbone is not None else None
+    shape = tuple(store.meta(txn)["feature_shape"])
+    live = store.live(txn)
+    models = {s: (r["key"], load_live_model(store, cfg, txn, s, r, shape, module)) for s, r in sorted(live.items())}
+    return models, module
+
+
+def refit_live(store: Store, cfg: SisaConfig) -> str | None:
+    """Store the combiner of the live models now, unless the stored one is theirs, fitted in this domain.
+
+    Called at the end of every fit (and so of every deletion's retrain and every ``add``), by the
+    process that holds the store's writer lock, so the live set cannot change between the read and
+    the write; the write checks it anyway, since a combiner of another live set would be wrong.
+
+    Returns:
+        The stored combiner's key (None when no shard is live).
+
+    Raises:
+        ConfigError: Without a core set (:func:`require_core`).
+        StoreChangedError: If the live set changed while the combiner was fitted (nothing is stored).
+    """
+    with store.read() as txn:
+        live = store.live(txn)
+        core = read_core(store, cfg, txn)
+        if not live:
+            return None
+        basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
+        record = store.meta(txn).get("combiner")
+        domain = fit_domain(cfg)
+        if record is not None and record.get("basis") == basis.digest and record.get("domain") == domain:
+            return str(record["key"])  # the stored one is this refit's bytes (a driver elsewhere refits it here)
+        models, backbone = _live_models(store, cfg, txn)
+    blob = fit_in_domain(cfg, models, core, backbone)
+    key = COMBINER_PREFIX + basis.digest
+    new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": domain}
+    sealed = store.seal_checkpoint(blob, key)
+
+    def put(txn: Any) -> None:
+        now = {s: r["key"] for s, r in store.live(txn).items()}
+        if now != basis.models:  # the live set changed while this fitted: this one belongs to no state
+            raise StoreChangedError("the live models changed while the combiner was fitted; fit again")
+        store.put_combiner(txn, new, sealed)
+
+    store.write(put)
+    log.info("stored the combiner %s... of %d live model(s)", basis.digest[:16], len(models))
+    return key
+
+
+def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
+    """Verify the stored combiner: refit it from the live models and compare the bytes exactly.
+
+    Returns:
+        ``{"ok", "key", "reason"?}``: ``ok`` only when a combiner of the live models is stored and
+        its bytes equal the refit's.
+    """
+    with store.read() as txn:
+        live = store.live(txn)
+        record = store.meta(txn).get("combiner")
+        key = record["key"] if record else None
+        if any(r.get("stale") or r.get("interim") for r in live.values()):
+            return {"ok": False, "key": key, "reason": "a shard serves a pending model; run sisa apply"}
+        core = read_core(store, cfg, txn)
+        basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
+        if record is None or record.get("basis") != basis.digest:
+            return {"ok": False, "key": key, "reason": "no combiner of the live models is stored; run sisa train"}
+        try:
+            stored = store.combiner_bytes(txn)
+        except IntegrityError as exc:
+            return {"ok": False, "key": key, "reason": f"the stored combiner is damaged: {exc}"}
+        if record.get("domain") not in (None, fit_domain(cfg)):
+            # Fitted in another domain (another machine, torch build or cpu_isa): a refit here could differ
+            # without anything being wrong. Never called a match, never a mismatch (as for a shard's replay).
+            why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
+            return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
+        models, backbone = _live_models(store, cfg, txn)
+    replay = fit_in_domain(cfg, models, core, backbone)
+    if stored is None or stored[1] != replay:
+        why = f"the stored combiner {key} differs from its refit on the live models"
+        return {"ok": False, "key": key, "reason": why}
+    return {"ok": True, "key": key, "sha256": sha256(replay)}

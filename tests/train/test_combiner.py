@@ -1,0 +1,212 @@
+"""The core-trained combiner (``aggregate.method: combiner``): exact after deletions, refitted, verified, refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sisa import unlearn
+from sisa.cli.render import print_verify
+from sisa.ensemble import Ensemble
+from sisa.errors import ConfigError, DataError
+from sisa.serve.modelset import ModelView, read_models, read_state
+from sisa.store.cipher import TOKEN_SIZE
+from sisa.store.digests import sha256
+from sisa.train.combiner import Basis, fit_on_core, read_core
+from sisa.train.stacking import Stacker, apply_weights, fit_stacker, log_probs
+from tests.conftest import blobs, small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+X, Y = blobs(600, d=10)
+CORE = np.arange(0, 600, 10)  # 60 core ids, spread over every shard
+COMBINER = (
+    "backbone.source=core",
+    "backbone.name=mlp",
+    "backbone.hidden=[16]",
+    "backbone.epochs=3",
+    "model.adapter=head",
+    "aggregate.method=combiner",
+)
+VICTIMS = [5, 123, 461]
+
+
+def make(path: Path, *overrides: str, keep: np.ndarray | None = None) -> Ensemble:
+    ids = np.arange(len(X)) if keep is None else keep
+    ens = Ensemble.create(path, small_config(*COMBINER, *overrides))
+    ens.ingest(X[ids], Y[ids], ids, core=CORE[np.isin(CORE, ids)])
+    ens.fit()
+    return ens
+
+
+def stored(ens: Ensemble) -> tuple[dict[str, object], bytes]:
+    """The stored combiner's record and bytes (it must exist)."""
+    with ens.store.read() as txn:
+        got = ens.store.combiner_bytes(txn)
+    assert got is not None, "no combiner stored"
+    return got
+
+
+def ckpt_keys(ens: Ensemble) -> list[str]:
+    with ens.store.read() as txn:
+        return ens.store.checkpoint_keys(txn)
+
+
+def sealing_key(ens: Ensemble, token: bytes) -> bytes | None:
+    with ens.store.read() as txn, ens.store.key_snapshot(txn) as ktxn:
+        return ens.store.keys.checkpoint_key(ktxn, token)
+
+
+def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_the_ids(tmp_path: Path) -> None:
+    with make(tmp_path / "st") as ens:
+        old_record, old_bytes = stored(ens)
+        assert old_record["key"] in ckpt_keys(ens)
+        with ens.store.read() as txn:
+            token = bytes(ens.store.sealed_checkpoint(txn, old_record) or b"")[:TOKEN_SIZE]
+        assert sealing_key(ens, token) is not None
+        ens.delete(VICTIMS)
+        record, blob = stored(ens)
+        # Refitted on the new live models: a new key, and the old one's bytes gone from the store.
+        assert record["key"] != old_record["key"] and blob != old_bytes
+        assert old_record["key"] not in ckpt_keys(ens)
+        assert sealing_key(ens, token) is None  # and the key that sealed it destroyed by the deletion's sweep
+        with ens.store.read() as txn:
+            live = {s: r["key"] for s, r in ens.store.live(txn).items()}
+        assert record["basis"] == Basis(live, CORE).digest
+        report = ens.verify()
+        assert report["ok"] and report["combiner"]["ok"], report
+        probabilities = ens.predict_proba(X[:50])
+    keep = np.setdiff1d(np.arange(len(X)), VICTIMS)
+    with make(tmp_path / "fresh", keep=keep) as fresh:
+        fresh_record, fresh_bytes = stored(fresh)
+        assert fresh_bytes == blob and fresh_record["key"] == record["key"]
+        np.testing.assert_array_equal(fresh.predict_proba(X[:50]), probabilities)
+
+
+def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path) -> None:
+    with make(tmp_path / "st", "unlearn.policy=exclude") as ens:
+        old_record, _ = stored(ens)
+        before = ens.predict_proba(X[:40])
+        # Its shard leaves the ensemble until the retrain. Journaled as another process would (this handle's
+        # caches are not told), so the prediction below finds the change in the store alone.
+        unlearn.delete(ens.planner, [VICTIMS[0]], defer=True)
+        # Dropped with the live record, in the journal's transaction; its key swept by the erasure.
+        assert ens.store.meta().get("combiner") is None
+        assert old_record["key"] not in ckpt_keys(ens)
+        # A prediction fits one on exactly the shards it serves, and stores nothing.
+        got = ens.predict_proba(X[:40])
+        served = ens.live_models()
+        assert len(served) == ens.config.shards - 1
+        with ens.store.read() as txn:
+            keys = {s: r["key"] for s, r in ens.store.live(txn).items()}
+            core = read_core(ens.store, ens.config, txn)
+        expected, head = Stacker.decode(fit_on_core(ens.config, {s: (keys[s], m) for s, m in served.items()}, core))
+        assert head["models"] == {str(s): k for s, k in keys.items()}
+        logits = torch.stack([m(torch.from_numpy(X[:40])) for _, m in sorted(served.items())]).detach()
+        np.testing.assert_allclose(got, apply_weights(logits, expected).numpy(), rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(got, before)
+        assert ens.store.meta().get("combiner") is None
+        verdict = ens.verify()
+        assert not verdict["ok"] and not verdict["combiner"]["ok"]
+        ens.apply()
+        record, _ = stored(ens)
+        assert record["key"] != old_record["key"]
+        assert ens.verify()["ok"]
+
+
+def verify_combiner(ens: Ensemble) -> dict[str, object]:
+    verdict = ens.verify()
+    assert verdict["ok"] == (all(v["ok"] for v in verdict["shards"].values()) and verdict["combiner"]["ok"])
+    return dict(verdict["combiner"])
+
+
+def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with make(tmp_path / "st") as ens:
+        record, blob = stored(ens)
+        assert verify_combiner(ens)["ok"]
+        # Fitted by a driver in another determinism domain: not replayed here, neither a match nor a mismatch.
+        ens.store.write(lambda txn: ens.store.put_meta(txn, combiner={**record, "domain": "0123456789abcdef"}))
+        verdict = ens.verify()
+        assert verdict["combiner"]["reason"] == "domain_unavailable"
+        assert verdict["reason"] == "domain_unavailable"  # not checkable here, not a failed check (CLI exit 2)
+        ens.fit()  # a fit in this driver refits it here: the same bytes, the same key, this domain
+        assert stored(ens) == (record, blob) and verify_combiner(ens)["ok"]
+        stacker, head = Stacker.decode(blob)
+        # A validly sealed combiner, recorded for the live models, with other weights (a forged fit).
+        forged = Stacker(stacker.weights + 1e-9, stacker.bias, stacker.steps).encode(
+            {k: v for k, v in head.items() if k in ("models", "core")}
+        )
+        sealed = ens.store.seal_checkpoint(forged, str(record["key"]))
+        ens.store.write(lambda txn: ens.store.put_combiner(txn, {**record, "sha256": sha256(forged)}, sealed))
+        verdict = ens.verify()
+        assert all(v["ok"] for v in verdict["shards"].values())  # every shard model is fine ...
+        assert not verdict["ok"]  # ... and the combiner is not
+        assert verdict["combiner"]["key"] == record["key"]
+        assert "combiner" in verdict["combiner"]["reason"] and "differs" in verdict["combiner"]["reason"]
+        assert "reason" not in verdict  # a failed check (CLI exit 1), named on its own line
+        print_verify(verdict)
+        assert f"combiner {record['key'][:25]}: FAIL, the stored combiner" in capsys.readouterr().out
+        # Bytes changed on disk under the seal: refused as damaged, named.
+        ens.store.write(lambda txn: txn.put(str(record["key"]).encode(), sealed[:-1] + b"x", db=ens.store.db("ckpt")))
+        verdict = ens.verify()
+        assert not verdict["ok"] and "damaged" in verdict["combiner"]["reason"]
+
+
+def test_the_sisa_command_verifies_a_combiner_this_process_fitted(tmp_path: Path, env_python: dict[str, str]) -> None:
+    # The `sisa` command pins its own process to resources.cpu_isa; this one may not be pinned, and then
+    # fits the stored combiner in the pinned child the shards train in: the command's refit is the same bytes.
+    with make(tmp_path / "st") as ens:
+        record, _ = stored(ens)
+    cli = [sys.executable, "-m", "sisa.cli", "verify", "--store", str(tmp_path / "st"), "--address", "local", "--json"]
+    done = subprocess.run(cli, capture_output=True, text=True, env=env_python, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads(done.stdout)["combiner"] == {"ok": True, "key": record["key"], "sha256": record["sha256"]}
+
+
+def test_the_combiner_is_refused_without_a_core_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"combiner.*set backbone\.source: core"):
+        small_config("aggregate.method=combiner")
+    with pytest.raises(ConfigError, match=r"combiner.*set backbone\.source: core"):
+        small_config(
+            "aggregate.method=combiner", "backbone.source=pretrained", "backbone.name=pkg.mod:net", "model.adapter=head"
+        )
+    with Ensemble.create(tmp_path / "plain", small_config()) as ens:
+        ens.ingest(X, Y)
+        ens.fit()
+        # A per-call method on a store without a core set: refused, never answered by another method.
+        with pytest.raises(ConfigError, match=r"combiner is fitted on the core set.*mean, vote or weighted"):
+            ens.predict_proba(X[:5], method="combiner")
+
+
+def test_ray_serve_replicas_refuse_the_combiner(tmp_path: Path) -> None:
+    with make(tmp_path / "st") as ens, ens.store.read() as txn:
+        digest, state = read_state(ens.store, txn)
+        weights = read_models(ens.store, txn, state, set())
+    view = ModelView(1, digest, state, weights)
+    for method in (None, "combiner"):  # the store's own method, or asked for by name
+        with pytest.raises(DataError, match="combiner is not served by Ray Serve replicas"):
+            view.predict(X[:3].tolist(), method=method)
+    assert view.predict(X[:3].tolist(), method="mean")["labels"]
+
+
+def test_the_fit_is_deterministic_and_learns_which_shard_to_trust() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=200)
+    logits = torch.from_numpy(rng.normal(size=(3, 200, 3))).float()
+    logits[0, np.arange(200), y] += 4.0  # shard 0 knows the labels; shards 1 and 2 are noise
+    logp = log_probs(logits)
+    first, again = fit_stacker(logp, y), fit_stacker(copy.deepcopy(logp), y.copy())
+    assert first.encode({}) == again.encode({})
+    assert (first.weights[0] > first.weights[1:]).all()
+    accuracy = (apply_weights(logits, first).argmax(1).numpy() == y).mean()
+    mean = (torch.softmax(logits, -1).mean(0).argmax(1).numpy() == y).mean()
+    assert accuracy >= mean
