@@ -111,7 +111,7 @@ class CheckpointRecords(StoreHost):
 
     def drop_combiner(self, txn: lmdb.Transaction) -> None:
         """Delete the stored combiner (bytes and record), in ``txn``; its key goes at the next key sweep."""
-        old = self.meta(txn).get("combiner")
+        old = self.meta_value(txn, "combiner")  # one key: set_live runs this in every retrain's commit
         if old is not None:
             txn.delete(old["key"].encode(), db=self._dbs["ckpt"])
             txn.delete(b"combiner", db=self._dbs["meta"])
