@@ -787,18 +787,13 @@ def test_mixed_domains_route_each_shard_home_then_verify_refuses_and_deletion_re
     home = {alive[WORKER_IPS[0]]["node_id"]: "worker1", alive[MIXED_IP]["node_id"]: "mixed"}
     store = workload.driver / "mixed"
     config = workload.driver / "mixed.yaml"
-    # Two epochs, not the workload's 24: this store is compared with no other store, only with
-    # verify's replays of itself (exact whatever the epochs), and its jobs train, retrain or replay
-    # a shard ten times (on one node at the slow portable kernel level), which 24 epochs made long.
     config.write_text(
-        workload.config.read_text()
-        .replace(
+        workload.config.read_text().replace(
             "resources: {cpus_per_shard: 1, threads_per_shard: 1, max_retries: 3, custom: {sisa_worker: 1}}",
             "resources: {cpus_per_shard: 2, threads_per_shard: 1, cpu_isa: native, custom: {sisa_mixed: 1}}",
         )
-        .replace("train: {epochs: 24,", "train: {epochs: 2,")
     )
-    assert "cpu_isa: native" in config.read_text() and "epochs: 2," in config.read_text()
+    assert "cpu_isa: native" in config.read_text()
     known = task_keys(cluster.shard_tasks())
     sid = f"sisa-mixed-train-{secrets.token_hex(4)}"
     cluster.submit(
