@@ -2,10 +2,9 @@
 
 The kill loops run a real child process (forked from a server that imported sisa and torch
 once; it trains in its own local training process) and SIGKILL it at seeded random moments or
-at chosen phases; the store must come back
-consistent, finish the work on the next open, and end bit-identical to an uninterrupted
-run. They are marked ``faults`` (``pytest -m faults`` runs only them; the README test
-command runs everything).
+at chosen phases; the store must come back consistent, finish the work on the next open, and
+end bit-identical to an uninterrupted run. They are marked ``faults`` (``pytest -m faults``
+runs only them; the README test command runs everything).
 """
 
 import json
@@ -68,7 +67,8 @@ def assert_consistent(path: Path) -> None:
 # interpreter paid those imports (2-4 s on a loaded 2-core machine) on each of the loops' ~45
 # runs, before it touched the store, so a kill timed from its start mostly landed in them. A
 # forked child is still a process of its own, SIGKILLed as before; it imports nothing new, opens
-# and recovers the store itself, and its local trainer is a fresh process as before.
+# and recovers the store itself, and its local trainer is a fresh process as before. The server
+# only imports (it runs no torch op, so no OpenMP pool exists yet when it forks).
 FORK_SERVER = """
 import atexit, json, os, sys, threading, traceback
 import torch  # noqa: F401
