@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,15 @@ def scratch_root(secret: bytes, slices: list[np.ndarray], count: int = BUCKETS) 
 
 def live_slices(store: Store, txn: Any) -> dict[int, list[np.ndarray]]:
     return {s: [store.slice_ids(txn, s, r) for r in range(int(rec["stage"]))] for s, rec in store.live(txn).items()}
+
+
+@contextmanager
+def small_store(tmp_path: Path) -> Iterator[tuple[Store, bytes]]:
+    """An open store of 60 samples and its secret (tests on a shard with no samples use it as a host)."""
+    x, y = blobs(60, d=10)
+    with Ensemble.create(tmp_path / "st", small_config()) as ens:
+        ens.ingest(x, y)
+        yield ens.store, ens.store.secret()
 
 
 def model_record(parts: list[np.ndarray]) -> dict[str, Any]:
@@ -195,10 +206,7 @@ def test_a_corrupt_or_missing_cache_is_recomputed_never_wrong(tmp_path: Path, co
 
 
 def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_reading_its_slices(tmp_path: Path) -> None:
-    x, y = blobs(60, d=10)
-    with Ensemble.create(tmp_path / "st", small_config()) as ens:
-        ens.ingest(x, y)
-        store, secret = ens.store, ens.store.secret()
+    with small_store(tmp_path) as (store, secret):
         # Shard 9 has no membership records at all: whatever reads the store's slices for it gets nothing.
         slices = [np.arange(0, 140_000, 2, dtype=np.int64), np.arange(1, 140_001, 2, dtype=np.int64)]
         assert commitcache.buckets_for(140_000) == 1024 and commitcache.buckets_for(7_500) == BUCKETS
@@ -233,10 +241,7 @@ def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_rea
 
 
 def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path) -> None:
-    x, y = blobs(60, d=10)
-    with Ensemble.create(tmp_path / "st", small_config()) as ens:
-        ens.ingest(x, y)
-        store, secret = ens.store, ens.store.secret()
+    with small_store(tmp_path) as (store, secret):
         # Shard 9 (no membership records): the cache is all there is, so a fallback would empty it.
         slices = [np.arange(0, 9_000, 3, dtype=np.int64), np.arange(1, 9_000, 3, dtype=np.int64)]
         store.write(lambda txn: shard_manifest(store, txn, secret, 9, slices, write=True))
