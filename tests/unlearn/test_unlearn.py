@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -361,9 +362,9 @@ from sisa.ensemble import Ensemble
 from sisa.unlearn import journal
 ens = Ensemble.open(sys.argv[1])
 point = sys.argv[2]
-if point == "after-journal":
+if point in ("after-journal", "after-deferred-journal"):
     store = ens.store
-    meta = {"already_deleted": 0, "defer": False, "policy": "exclude"}
+    meta = {"already_deleted": 0, "defer": point != "after-journal", "policy": "exclude"}
     store.write(lambda txn: journal.record_request(store, txn, [int(sys.argv[3])], store.secret(), meta))
     os.kill(os.getpid(), signal.SIGKILL)
 elif point == "mid-retrain":
@@ -403,6 +404,36 @@ def test_kill_during_delete_then_open_finishes_it(tmp_path: Path, env_python: di
         runs = reader.store.keys.all_runs(ktxn)
     assert all(len(k) == 1 for k in runs.values()) and any(k[0].since == 1 for k in runs.values())
     assert not (tmp_path / "crash" / ".compact").exists()
+
+
+def test_a_deferred_deletion_killed_before_its_erasure_is_erased_by_the_next_open(
+    tmp_path: Path, env_python: dict
+) -> None:
+    # Accepted (journaled) but killed before the erasure, and deferred: the next writable open applies
+    # nothing, so only its own erasure step (recover_erasure) can make the samples unrecoverable.
+    ens = make(tmp_path / "crash")
+    with ens.store.read() as txn:
+        victim = int(ens.store.slice_ids(txn, 0, 0)[0])
+    ens.close()
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(tmp_path / "crash"), "after-deferred-journal", str(victim)],
+        env=env_python,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+    def run_keys() -> dict[Any, Any]:
+        with Ensemble.open(tmp_path / "crash", readonly=True) as reader, reader.store.keys.read() as ktxn:
+            return reader.store.keys.all_runs(ktxn)
+
+    assert not any(k[0].since for k in run_keys().values())  # not erased yet: every run keeps its first key
+    with Ensemble.open(tmp_path / "crash") as ens:
+        assert len(ens.pending()) == 1  # still deferred: nothing retrained
+    # Erased: the victim's run was re-keyed (its old key, which opened the id's sample, destroyed).
+    runs = run_keys()
+    assert all(len(k) == 1 for k in runs.values()) and any(k[0].since == 1 for k in runs.values())
 
 
 def test_store_secret_is_owner_only(ens: Ensemble) -> None:
