@@ -18,10 +18,17 @@ would try it. For each training set:
      "Shard graphs"); a deletion retrains every shard whose training set held the id;
    - ``lora``: the backbone with LoRA adapters (``model.adapter=lora``) plus the head.
 
+   ``--arms`` picks some of them (default: all).
+
    Each arm's store is trained once and evaluated with every aggregation method in
    ``sisa.config.settings.AGGREGATE_METHODS`` (read at run time, so a method added there,
    such as a core-trained ``combiner``, is measured too), through
    ``Ensemble.predict_proba(x, method=...)``.
+
+3. **The head bound** (when a backbone arm runs): one head (S=1, R=1) on the same core backbone,
+   trained on every sample. No head arm can be expected to beat it, whatever S or graph, so it
+   says how much of a head arm's gap is the backbone's (``bound: true`` in its row; scored with
+   ``mean``, deletions measured like any arm's: each retrains the whole head).
 
 Per arm, S and method: test accuracy (argmax of ``predict_proba``) and its difference to the
 monolithic model in percentage points. Per arm and S: ``--deletes K`` single deletions, one
@@ -134,6 +141,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         what="size of the seeded training subset, measured beside the full set (0: none)",
         full=FULL_SUBSET,
         quick=QUICK_SUBSET,
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=list(ARMS),
+        default=list(ARMS),
+        help=f"arms to measure (default: all: {' '.join(ARMS)})",
     )
     parser.add_argument("--deletes", type=int, default=3, help="single deletions per store (default 3)")
     parser.add_argument(
@@ -288,6 +302,7 @@ def settings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "aggregate": m,
             "accuracy_diff_pp": diff,
             "speedup": r["delete_summary"]["speedup_wall_vs_monolithic"],
+            "bound": bool(r.get("bound")),
         }
         for r in rows
         for m, diff in r["accuracy_diff_pp"].items()
@@ -391,7 +406,7 @@ def print_table(name: str, rows: list[dict[str, Any]], mono: dict[str, Any], met
     for r in rows:
         d = r["delete_summary"]
         print(
-            f"{r['method']:<11} {r['shards']:>3} "
+            f"{r['method'] + ('_bound' if r.get('bound') else ''):<11} {r['shards']:>3} "
             + " ".join(
                 f"{r['accuracy_diff_pp'][m]:>+8.2f}" if m in r["accuracy_diff_pp"] else f"{'-':>8}" for m in methods
             )
@@ -503,8 +518,21 @@ def run_set(
             methods=arm_methods(arm, args.methods),
         )
         for shards in args.shard_counts
-        for arm in ARMS
+        for arm in args.arms
     ]
+    if any(ARMS[arm][0] is not None for arm in args.arms):
+        # One head over every sample: what the backbone allows any head arm (no aggregation to choose).
+        bound = measure_arm(
+            "head",
+            config_for(1, 1, "head", ()),
+            data,
+            workdir / f"{name}-head-bound",
+            core=core,
+            delete_ids=delete_ids.tolist(),
+            methods=["mean"],
+        )
+        bound["bound"] = True
+        rows.append(bound)
     derive(rows, mono)
     points = settings(rows)
     return {
@@ -540,8 +568,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
 
-    def config_for(shards: int, slices: int | None = None, arm: str | None = None) -> SisaConfig:
-        extra = arm_overrides(base, arm, args.methods) if arm is not None else []
+    def config_for(
+        shards: int, slices: int | None = None, arm: str | None = None, methods: Sequence[str] | None = None
+    ) -> SisaConfig:
+        extra = arm_overrides(base, arm, args.methods if methods is None else methods) if arm is not None else []
         return bench_backbone.store_config(args.config, overrides, shards, slices or base.slices, extra)
 
     started = time.perf_counter()
@@ -563,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = {
         **benchlib.run_header(args.config, overrides, args.quick, base),
         "shards": args.shard_counts,
-        "arms": {arm: arm_overrides(base, arm, args.methods) for arm in ARMS},
+        "arms": {arm: arm_overrides(base, arm, args.methods) for arm in args.arms},
         "aggregate_methods": args.methods,
         "seed": args.seed,
         "core_fraction": args.core_fraction,
@@ -586,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "cost_model": "expected_work_layout(store layout before the deletions, e', k=1, replacement=False, "
             "exclude_deleted=True, groups=the store's shard graph); the model draws from every stored id, the "
             "deletions from the non-core ones (the core set is a uniform draw, so each slice holds the same share)",
+            "bound": "the row with bound=true: one head (S=1, R=1) on the core backbone, trained on every "
+            "sample, scored with mean: what the backbone allows any head arm",
             "points": "one per arm, S and method: (speedup, accuracy_diff_pp); pareto_front: their indices that no "
             "other point beats in both",
             "targets": "judged only on a full run at 60000 / 20000 training samples, from the measured points",
