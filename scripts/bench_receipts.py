@@ -41,6 +41,7 @@ Writes ``docs/bench/receipts.json`` and ``docs/bench/receipts.png`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -80,15 +81,34 @@ TIMES: dict[str, list[float]] = {
 }
 
 
+# The interpreter's garbage collections: how long they took in all, and inside each timed call (a collection
+# runs in whatever code allocates when a generation's threshold is crossed, so it can land in the receipts'
+# steps although the retrain's objects made it due).
+GC = {"seconds": 0.0, "collections": 0, "started": 0.0}
+GC_IN: dict[str, list[float]] = {name: [] for name in TIMES}
+
+
+def _gc_timer(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        GC["started"] = time.perf_counter()
+    else:
+        GC["seconds"] += time.perf_counter() - GC["started"]
+        GC["collections"] += 1
+
+
+gc.callbacks.append(_gc_timer)
+
+
 def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn``, appending each call's seconds to ``TIMES[name]``."""
+    """``fn``, appending each call's seconds to ``TIMES[name]`` and its collections' seconds to ``GC_IN[name]``."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, g0 = time.perf_counter(), GC["seconds"]
         try:
             return fn(*args, **kwargs)
         finally:
             TIMES[name].append(time.perf_counter() - t0)
+            GC_IN[name].append(GC["seconds"] - g0)
 
     return wrapper
 
@@ -167,12 +187,14 @@ def one_size(n: int, workdir: Path, deletes: int) -> dict[str, Any]:
         row["fit_sign_s"] = sum(TIMES["sign_checkpoint"])
         row["deletions"] = []
         for sid in last_slice_ids(ens, n, deletes, cfg.slices):
-            for times in TIMES.values():
+            for times in (*TIMES.values(), *GC_IN.values()):
                 times.clear()
+            gc0, collections0 = GC["seconds"], GC["collections"]
             leaves0, bytes0 = audit_bytes(ens)
             t0 = time.perf_counter()
             cert = ens.delete([sid])
             wall = time.perf_counter() - t0
+            gc_wall, collections = GC["seconds"] - gc0, GC["collections"] - collections0
             leaves1, bytes1 = audit_bytes(ens)
             retrain = float(cert["batch"]["retrain_seconds"])
             commit = sum(TIMES["publish_models"]) + sum(TIMES["follow"])
@@ -195,6 +217,10 @@ def one_size(n: int, workdir: Path, deletes: int) -> dict[str, Any]:
                     "commit_s": commit,
                     "sign_s": sign,
                     "share": (commit + sign) / max(non_retrain - commit - sign, 1e-9),
+                    "steps_s": {name: sum(times) for name, times in TIMES.items()},
+                    "gc_s": gc_wall,
+                    "gc_collections": collections,
+                    "gc_in_receipts_s": sum(sum(v) for v in GC_IN.values()),
                     "flat_commit_s": flat,
                     "flat_share": (flat + sign) / max(non_retrain - commit - sign, 1e-9),
                     "scratch_commit_s": scratch,
