@@ -231,7 +231,7 @@ def core_source_key(cfg: SisaConfig, core_ids: np.ndarray) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-# Trains a backbone on the core set: sisa.train.core.train_core, passed in by the caller, since
+# Trains a backbone on the core set: sisa.train.core.train_core_in_domain, passed in by the caller, since
 # it needs the trainer, which needs this module.
 CoreTrainer = Callable[[SisaConfig, np.ndarray, np.ndarray, np.ndarray, Sequence[int], int], Backbone]
 
@@ -248,7 +248,7 @@ def ensure_stored(store: Store, cfg: SisaConfig, cached: Backbone | None, train_
         store: A writable store holding samples.
         cfg: Its config; it shares a backbone (``backbone.source`` other than none).
         cached: A backbone loaded before (see :func:`load_stored`).
-        train_core: :func:`sisa.train.core.train_core`.
+        train_core: :func:`sisa.train.core.train_core_in_domain`.
 
     Returns:
         The backbone now stored.

@@ -126,18 +126,12 @@ def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], co
     return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
 
 
-def _runner(cfg: SisaConfig) -> local_runner.LocalRunner:
-    """Where a stored combiner is fitted: here if this process started pinned, else the pinned child.
-
-    This process when it started pinned to ``resources.cpu_isa``, else the pinned child that
-    ``--address local`` trains in: the bytes then do not depend on how the driver was started.
-    """
-    return local_runner.shared(cfg.resources.cpu_isa, cfg.resources.threads_per_shard, "cpu")
-
-
 def fit_domain(cfg: SisaConfig) -> str:
-    """Id of the determinism domain a stored combiner is fitted in: the shards' CPU domain (see :func:`_runner`)."""
-    return _runner(cfg).domain.id
+    """Id of the determinism domain a stored combiner is fitted in: the shards' CPU domain.
+
+    See :func:`sisa.train.local_runner.cpu_domain`.
+    """
+    return local_runner.cpu_domain(cfg).domain.id
 
 
 def fit_in_domain(
@@ -154,7 +148,7 @@ def fit_in_domain(
         core: ``(ids, x, y)`` of the core set.
         backbone: The stored frozen backbone the models run on (None without one).
     """
-    runner = _runner(cfg)
+    runner = local_runner.cpu_domain(cfg)
     if runner.in_process:
         return fit_on_core(cfg, models, core)
     states = {s: (key, _cpu_state(m)) for s, (key, m) in models.items()}

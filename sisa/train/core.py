@@ -3,7 +3,10 @@
 The backbone network (``backbone.name``) gets a temporary linear classifier and trains
 with the ``train`` section's optimizer, learning rate and batch size for
 ``backbone.epochs`` epochs on every core sample, in sorted-id order, seeded from the
-ensemble's seed alone; then the classifier is dropped and the network frozen. Its
+ensemble's seed alone; then the classifier is dropped and the network frozen. It trains in the
+shards' pinned CPU domain (:func:`train_core_in_domain`), so its bytes do not depend on how the
+driving process was started: a Python-API fit and a ``sisa train`` of the same data and config
+store the same backbone, hence the same shard models. Its
 *source key* (config, recipe, core ids) says when a stored backbone is still the one this
 config would train, so a fit retrains it only when one of those changed.
 """
@@ -20,10 +23,11 @@ from torch import nn
 
 from sisa.config.settings import SisaConfig
 from sisa.errors import DataError
+from sisa.train import local_runner
 from sisa.train.backbone import Backbone, build_network, core_source_key, feature_width, freeze
 from sisa.train.trainer import derive_seed, deterministic, make_optimizer, train_epochs
 
-__all__ = ["CORE_STREAM", "train_core"]
+__all__ = ["CORE_STREAM", "train_core", "train_core_in_domain", "train_core_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +86,36 @@ def train_core(
         "seconds": round(seconds, 4),
     }
     return freeze(network, info)
+
+
+def train_core_in_domain(
+    cfg: SisaConfig, ids: np.ndarray, x: np.ndarray, y: np.ndarray, input_shape: Sequence[int], num_classes: int
+) -> Backbone:
+    """:func:`train_core` in the shards' CPU determinism domain (:func:`sisa.train.local_runner.cpu_domain`).
+
+    Here if this process started pinned, else in the pinned child that ``--address local`` trains in.
+
+    The kernels a process runs depend on how it was started (``ATEN_CPU_CAPABILITY``, MKL's and
+    oneDNN's pins), and a backbone trained under other kernels differs in its last bits, and so does
+    every head trained on its features. Training it where the shards' stages train makes it a function
+    of the data and the config alone, like them. Same arguments and result as :func:`train_core`; the
+    info also names the domain (``domain``: its id).
+    """
+    runner = local_runner.cpu_domain(cfg)
+    if runner.in_process:
+        backbone = train_core(cfg, ids, x, y, input_shape, num_classes)
+    else:
+        state, info = runner.call(__name__, "train_core_weights", cfg, ids, x, y, tuple(input_shape), num_classes)
+        network = build_network(cfg, input_shape)
+        network.load_state_dict(state)
+        backbone = freeze(network, info)
+    backbone.info["domain"] = runner.domain.id
+    return backbone
+
+
+def train_core_weights(
+    cfg: SisaConfig, ids: np.ndarray, x: np.ndarray, y: np.ndarray, input_shape: Sequence[int], num_classes: int
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """:func:`train_core`'s weights and info, for the pinned child of :func:`train_core_in_domain` to send back."""
+    backbone = train_core(cfg, ids, x, y, input_shape, num_classes)
+    return {k: v.detach().cpu() for k, v in backbone.module.state_dict().items()}, backbone.info

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
+from sisa.config.settings import SisaConfig
 from sisa.errors import SisaError, TrainingError
 from sisa.train import domain as domains
 from sisa.train import priority
@@ -232,6 +233,16 @@ def shared(cpu_isa: str, threads: int, device: str) -> LocalRunner:
             atexit.register(close_all)
         _runners[key] = LocalRunner(cpu_isa, threads, device)
     return _runners[key]
+
+
+def cpu_domain(cfg: SisaConfig) -> LocalRunner:
+    """Where work besides the shards' stages must run to come out as a shard's would: the config's CPU domain.
+
+    This process when it started pinned to ``resources.cpu_isa``, else the pinned child that
+    ``--address local`` trains in (:func:`shared`): the core backbone's training and the stored
+    combiner's fit then do not depend on how the driving process was started.
+    """
+    return shared(cfg.resources.cpu_isa, cfg.resources.threads_per_shard, "cpu")
 
 
 def pool(cpu_isa: str, threads: int, device: str, size: int) -> list[LocalRunner]:

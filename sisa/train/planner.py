@@ -26,7 +26,7 @@ from sisa.store.digests import checkpoint_key, manifest_digest
 from sisa.train import backbone as backbones
 from sisa.train import combiner, runner_choice
 from sisa.train.backbone import Backbone
-from sisa.train.core import train_core
+from sisa.train.core import train_core_in_domain
 from sisa.train.domain import Domain, domain_id, missing_reason, unavailable_message
 from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.slices import StoredSlices
@@ -124,7 +124,7 @@ class Planner:
         """
         if not self.config.backbone.enabled:
             return None
-        self._backbone = backbones.ensure_stored(self.store, self.config, self._backbone, train_core)
+        self._backbone = backbones.ensure_stored(self.store, self.config, self._backbone, train_core_in_domain)
         return self._backbone
 
     def slice_counts(self, txn: Any) -> list[int]:

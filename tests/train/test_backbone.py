@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,39 @@ def test_bad_lora_targets_and_configs_say_how_to_fix_them(tmp_path: Path) -> Non
         load_config(None, ["model.adapter=head"])
     with pytest.raises(ConfigError, match="needs backbone.name: 'package.module:callable'"):
         load_config(None, ["backbone.source=pretrained", "backbone.name=mlp", "model.adapter=head"])
+
+
+FIT_IN_CHILD = """
+import json, sys
+import numpy as np
+from sisa.ensemble import Ensemble
+from tests.conftest import blobs, live_state, small_config
+from tests.train.test_backbone import CORE, HEAD, X, Y
+with Ensemble.create(sys.argv[1], small_config(*HEAD), address="local") as ens:
+    ens.ingest(X, Y, np.arange(len(X)), core=CORE)
+    ens.fit()
+    print(json.dumps({"backbone": ens.store.meta()["backbone"]["digest"], "live": live_state(ens)}))
+"""
+
+
+def test_the_core_backbone_trains_in_the_shards_domain_however_the_driver_was_started(
+    tmp_path: Path, env_python: dict[str, str]
+) -> None:
+    # The same fit from this process and from one started with other CPU kernels (ATEN_CPU_CAPABILITY=default):
+    # a backbone trained in the driver would differ in its last bits, and every head with it.
+    with Ensemble.create(tmp_path / "here", small_config(*HEAD), address="local") as ens:
+        ens.ingest(X, Y, np.arange(len(X)), core=CORE)
+        ens.fit()
+        record = ens.store.meta()["backbone"]
+        here = {"backbone": record["digest"], "live": live_state(ens)}
+        with ens.store.read() as txn:
+            shard_domains = {r["domain"]["id"] for r in ens.store.live(txn).values()}
+    env = {**env_python, "ATEN_CPU_CAPABILITY": "default"}
+    code = [sys.executable, "-c", FIT_IN_CHILD, str(tmp_path / "there")]
+    done = subprocess.run(code, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == json.loads(json.dumps(here))
+    assert shard_domains == {record["domain"]}  # the backbone's record names the shards' domain
 
 
 def test_the_backbone_digest_is_part_of_the_recipe() -> None:
