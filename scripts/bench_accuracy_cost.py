@@ -70,6 +70,12 @@ Quick smoke run (MLP backbone and model, 3000 train / 1000 test, subset 1500, 2 
 
     .venv/bin/python scripts/bench_accuracy_cost.py --quick --out results/accuracy_cost_quick.json
 
+Another core fraction or arm against a monolithic model already measured (its rows are copied, with
+``reused_from``; refused when that run's config or overrides differ)::
+
+    .venv/bin/python scripts/bench_accuracy_cost.py --subset 0 --shards 16 --arms head \
+        --core-fraction 0.3 --monolithic-from docs/bench/accuracy_cost_60k_s16.json
+
 Trailing ``key=value`` arguments are config overrides applied to every store, e.g.
 ``train.epochs=5``.
 """
@@ -77,6 +83,7 @@ Trailing ``key=value`` arguments are config overrides applied to every store, e.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -92,6 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_backbone  # noqa: E402
 import benchlib  # noqa: E402
 
+from sisa.config.fields import config_to_dict  # noqa: E402
 from sisa.config.loader import load_config  # noqa: E402
 from sisa.config.settings import AGGREGATE_METHODS, SisaConfig  # noqa: E402
 from sisa.data.loaders import LabeledArrays, load_split  # noqa: E402
@@ -148,6 +156,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(ARMS),
         default=list(ARMS),
         help=f"arms to measure (default: all: {' '.join(ARMS)})",
+    )
+    parser.add_argument(
+        "--monolithic-from",
+        type=Path,
+        default=None,
+        help="reuse the monolithic rows of an earlier run's JSON (same config, overrides and training sets) "
+        "instead of training them again (~10 min at 60k); the rows say where they came from",
     )
     parser.add_argument("--deletes", type=int, default=3, help="single deletions per store (default 3)")
     parser.add_argument(
@@ -488,6 +503,28 @@ def plot(sets: dict[str, dict[str, Any]], methods: Sequence[str], title: str, pa
 
 
 # --------------------------------------------------------------------------- main
+def reused_monolithic(path: Path, base: SisaConfig, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The monolithic row of each training set of an earlier run, if it ran this config and these overrides.
+
+    Raises:
+        SystemExit: If the file cannot be read or ran another config (its models would not be this run's).
+    """
+    try:
+        earlier = json.loads(path.read_text())
+        same = earlier["config"] == json.loads(json.dumps(config_to_dict(base))) and earlier["overrides"] == list(
+            overrides
+        )
+        sets = {name: {**got["monolithic"], "n": got["n"]} for name, got in earlier["sets"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--monolithic-from {path}: not a bench_accuracy_cost result ({exc})") from exc
+    if not same:
+        raise SystemExit(
+            f"--monolithic-from {path}: that run used another config or other overrides ({earlier['overrides']}); "
+            "run without it to train the monolithic model"
+        )
+    return {name: {**row, "reused_from": str(path)} for name, row in sets.items()}
+
+
 def draw_ids(train: LabeledArrays, core_fraction: float, deletes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The core set (sorted) and ``deletes`` distinct non-core ids to delete, drawn from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -504,9 +541,12 @@ def run_set(
 ) -> dict[str, Any]:
     """The monolithic model and every arm at every S on one training set; its rows, points and front."""
     train, test = data
+    reused = args.reused_monolithic.get(name)
+    if reused is not None and reused.pop("n") != len(train):
+        raise SystemExit(f"--monolithic-from: its {name} set has another size than {len(train)}")
     core, delete_ids = draw_ids(train, args.core_fraction, args.deletes, args.seed)
     print(f"\n=== {name}: {len(train)} train; core {len(core)} ids; delete {delete_ids.tolist()}", flush=True)
-    mono = bench_backbone.run_store("monolithic", config_for(1, 1), train, test, workdir / f"{name}-mono")
+    mono = reused or bench_backbone.run_store("monolithic", config_for(1, 1), train, test, workdir / f"{name}-mono")
     rows = [
         measure_arm(
             arm,
@@ -557,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.methods = list(AGGREGATE_METHODS)  # read at run time: a method added there is measured too
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     base = load_config(args.config, overrides)
+    args.reused_monolithic = reused_monolithic(args.monolithic_from, base, overrides) if args.monolithic_from else {}
     info = benchlib.machine_info()
     train, test = load_split(base.data, "train"), load_split(base.data, "test")
     data = {"full": train}
