@@ -118,12 +118,38 @@ def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], co
         models: The models combined, by shard; their order is the shards' order.
         core: ``(ids, x, y)`` of the core set, as :func:`read_core` returns them.
     """
+    keys = {s: k for s, (k, _) in models.items()}
+    return _fit(cfg, keys, {s: m for s, (_, m) in models.items()}, core, {})[0]
+
+
+def _fit(
+    cfg: SisaConfig,
+    keys: Mapping[int, str],
+    models: Mapping[int, nn.Module],
+    core: tuple[np.ndarray, ...],
+    known: Mapping[int, torch.Tensor],
+) -> tuple[bytes, dict[int, torch.Tensor]]:
+    """The combiner of the models ``keys`` names, with the core-set logits of those it had to compute.
+
+    Each model's logits on the core set depend on that model alone (fixed chunks; a shared backbone's
+    features are the same whichever heads share them), so logits computed earlier in the same domain
+    (``known``) are the bytes a forward would give again.
+
+    Args:
+        cfg: The store's config (its thread count).
+        keys: Every model combined: shard -> checkpoint key.
+        models: The models whose logits are computed now, by shard.
+        core: ``(ids, x, y)`` of the core set.
+        known: The other shards' logits ``(n, C)``, computed before in this domain.
+    """
     ids, x, y = core
-    ordered = [models[s][1] for s in sorted(models)]
+    order = sorted(models)
     with deterministic(cfg.resources.threads_per_shard, torch.device("cpu")):
-        logits = _core_logits([m.to("cpu").eval() for m in ordered], torch.from_numpy(x))
+        computed = _core_logits([models[s].to("cpu").eval() for s in order], torch.from_numpy(x)) if order else None
+        fresh = {s: computed[i] for i, s in enumerate(order)} if computed is not None else {}
+        logits = torch.stack([fresh[s] if s in fresh else known[s] for s in sorted(keys)])
         stacker = fit_stacker(log_probs(logits), y)
-    return stacker.encode(Basis({s: k for s, (k, _) in models.items()}, ids).header())
+    return stacker.encode(Basis(keys, ids).header()), fresh
 
 
 def fit_domain(cfg: SisaConfig) -> str:
@@ -136,24 +162,33 @@ def fit_domain(cfg: SisaConfig) -> str:
 
 def fit_in_domain(
     cfg: SisaConfig,
-    models: Mapping[int, tuple[str, nn.Module]],
+    keys: Mapping[int, str],
+    models: Mapping[int, nn.Module],
     core: tuple[np.ndarray, ...],
     backbone: nn.Module | None,
-) -> bytes:
-    """:func:`fit_on_core` in the domain of :func:`fit_domain` (the models travel as their weights).
+    known: Mapping[int, torch.Tensor] | None = None,
+) -> tuple[bytes, dict[int, torch.Tensor]]:
+    """The combiner fitted in the domain of :func:`fit_domain` (the models travel as their weights).
 
     Args:
         cfg: The store's config.
-        models: The models combined, by shard (checkpoint key, model).
+        keys: Every model combined: shard -> checkpoint key.
+        models: The models whose core-set logits are computed now, by shard (all of ``keys`` but ``known``).
         core: ``(ids, x, y)`` of the core set.
         backbone: The stored frozen backbone the models run on (None without one).
+        known: Logits computed before in this domain, for the shards not in ``models``.
+
+    Returns:
+        The combiner's bytes, and the logits computed now, by shard.
     """
     runner = local_runner.cpu_domain(cfg)
+    known = dict(known or {})
     if runner.in_process:
-        return fit_on_core(cfg, models, core)
-    states = {s: (key, _cpu_state(m)) for s, (key, m) in models.items()}
+        return _fit(cfg, keys, models, core, known)
+    states = {s: _cpu_state(m) for s, m in models.items()}
     shared = _cpu_state(backbone) if backbone is not None else None
-    return bytes(runner.call(__name__, "fit_from_weights", cfg, shared, states, core))
+    blob, fresh = runner.call(__name__, "fit_from_weights", cfg, dict(keys), shared, states, core, known)
+    return bytes(blob), fresh
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,11 +197,13 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def fit_from_weights(
     cfg: SisaConfig,
+    keys: Mapping[int, str],
     backbone: dict[str, torch.Tensor] | None,
-    states: Mapping[int, tuple[str, dict[str, torch.Tensor]]],
+    states: Mapping[int, dict[str, torch.Tensor]],
     core: tuple[np.ndarray, ...],
-) -> bytes:
-    """:func:`fit_on_core` of models rebuilt from their weights (in the pinned child, see :func:`fit_in_domain`)."""
+    known: Mapping[int, torch.Tensor],
+) -> tuple[bytes, dict[int, torch.Tensor]]:
+    """:func:`fit_in_domain`'s fit of models rebuilt from their weights (in the pinned child)."""
     shape = tuple(core[1].shape[1:])
     module = None
     if backbone is not None:
@@ -174,11 +211,11 @@ def fit_from_weights(
         module.load_state_dict(backbone)
         module = freeze(module, {}).module
     models = {}
-    for shard, (key, state) in states.items():
+    for shard, state in states.items():
         model = build_shard_model(cfg, shape, cfg.data.num_classes, module)
         model.load_state_dict(state)
-        models[shard] = (key, model.eval())
-    return fit_on_core(cfg, models, core)
+        models[shard] = model.eval()
+    return _fit(cfg, keys, models, core, known)
 
 
 def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,14 +245,25 @@ def stored_stacker(store: Store, txn: Any, basis: Basis) -> Stacker | None:
     return stacker
 
 
-def _live_models(store: Store, cfg: SisaConfig, txn: Any) -> tuple[dict[int, tuple[str, nn.Module]], nn.Module | None]:
-    """Every live model, loaded, by shard (with its checkpoint key), and the stored backbone they run on."""
+def _live_models(
+    store: Store, cfg: SisaConfig, txn: Any, skip: frozenset[int] = frozenset()
+) -> tuple[dict[int, nn.Module], nn.Module | None]:
+    """The live models, loaded, by shard (but those in ``skip``), and the stored backbone they run on."""
     backbone = load_stored(store, cfg, txn)
     module = backbone.module if backbone is not None else None
     shape = tuple(store.meta(txn)["feature_shape"])
     live = store.live(txn)
-    models = {s: (r["key"], load_live_model(store, cfg, txn, s, r, shape, module)) for s, r in sorted(live.items())}
+    models = {
+        s: load_live_model(store, cfg, txn, s, r, shape, module) for s, r in sorted(live.items()) if s not in skip
+    }
     return models, module
+
+
+# Each live model's core-set logits from this process's last refit: (domain id, core digest, checkpoint key,
+# weights digest) -> (n, C). A deletion changes one shard's model, so its refit computes one model's
+# forwards over the core set, not S (for LoRA, S passes of the whole network were most of a deletion).
+# Only the last refit's entries are kept: S tensors of the core set's size times the class count.
+_logits: dict[tuple[str, str, str, str], torch.Tensor] = {}
 
 
 def refit_live(store: Store, cfg: SisaConfig) -> str | None:
@@ -242,8 +290,12 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         domain = fit_domain(cfg)
         if record is not None and record.get("basis") == basis.digest and record.get("domain") == domain:
             return str(record["key"])  # the stored one is this refit's bytes (a driver elsewhere refits it here)
-        models, backbone = _live_models(store, cfg, txn)
-    blob = fit_in_domain(cfg, models, core, backbone)
+        names = {s: (domain, basis.core, r["key"], str(r.get("weights"))) for s, r in live.items()}
+        known = {s: _logits[name] for s, name in names.items() if name in _logits}
+        models, backbone = _live_models(store, cfg, txn, frozenset(known))
+    blob, fresh = fit_in_domain(cfg, basis.models, models, core, backbone, known)
+    _logits.clear()  # the last refit's only
+    _logits.update({names[s]: t for s, t in {**known, **fresh}.items()})
     key = COMBINER_PREFIX + basis.digest
     new = {"key": key, "sha256": sha256(blob), "basis": basis.digest, "bytes": len(blob), "domain": domain}
     sealed = store.seal_checkpoint(blob, key)
@@ -255,7 +307,13 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         store.put_combiner(txn, new, sealed)
 
     store.write(put)
-    log.info("stored the combiner %s... of %d live model(s)", basis.digest[:16], len(models))
+    log.info(
+        "stored the combiner %s... of %d live model(s); core-set logits computed for %d, reused for %d",
+        basis.digest[:16],
+        len(basis.models),
+        len(fresh),
+        len(known),
+    )
     return key
 
 
@@ -286,7 +344,7 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
             return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
         models, backbone = _live_models(store, cfg, txn)
-    replay = fit_in_domain(cfg, models, core, backbone)
+    replay, _ = fit_in_domain(cfg, basis.models, models, core, backbone)  # every forward again: a check reuses nothing
     if stored is None or stored[1] != replay:
         why = f"the stored combiner {key} differs from its refit on the live models"
         return {"ok": False, "key": key, "reason": why}

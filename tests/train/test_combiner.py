@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -64,14 +65,22 @@ def sealing_key(ens: Ensemble, token: bytes) -> bytes | None:
         return ens.store.keys.checkpoint_key(ktxn, token)
 
 
-def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_the_ids(tmp_path: Path) -> None:
+def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_the_ids(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with make(tmp_path / "st") as ens:
         old_record, old_bytes = stored(ens)
         assert old_record["key"] in ckpt_keys(ens)
         with ens.store.read() as txn:
             token = bytes(ens.store.sealed_checkpoint(txn, old_record) or b"")[:TOKEN_SIZE]
         assert sealing_key(ens, token) is not None
-        ens.delete(VICTIMS)
+        with caplog.at_level(logging.INFO, logger="sisa.train.combiner"):
+            cert = ens.delete(VICTIMS)
+        # The refit ran forwards over the core set for the retrained models only; the others' logits were
+        # the fit's (and the bytes below equal a fresh store's, whose fit computed every model's).
+        retrained, shards = len(cert["retrained_shards"]), ens.config.shards
+        assert 0 < retrained < shards
+        assert f"core-set logits computed for {retrained}, reused for {shards - retrained}" in caplog.text
         record, blob = stored(ens)
         # Refitted on the new live models: a new key, and the old one's bytes gone from the store.
         assert record["key"] != old_record["key"] and blob != old_bytes
