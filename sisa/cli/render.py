@@ -42,6 +42,14 @@ def print_status(result: dict[str, Any]) -> None:
         held = f"digest {stored['digest'][:16]}, {stored['bytes']} bytes" if stored else "not stored yet (fit)"
         core = f", core set of {b['core_samples']} samples (not deletable)" if b["source"] == "core" else ""
         print(f"shared backbone: {b['source']} {b['name']}, {held}; per-shard {b['adapter']}{core}")
+    combiner = (result.get("aggregate") or {}).get("combiner")
+    if combiner is not None:
+        held = (
+            f"stored {combiner['key'][:25]}..., fitted on the live models"
+            if combiner["current"]
+            else "none stored for the live models: predictions fit one in memory; `sisa train` stores it"
+        )
+        print(f"aggregation: combiner (fitted on the core set), {held}")
     if result.get("graph", "none") != "none":
         print(
             f"shard graph {result['graph']}: each shard also trains on the slices of the shards in its 'trains on' "

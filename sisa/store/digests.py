@@ -27,6 +27,7 @@ ID_LABEL = b"sisa-id|"  # what a keyed id hash prefixes to the id (commitments c
 
 __all__ = [
     "ID_LABEL",
+    "Basis",
     "checkpoint_key",
     "keyed_hash",
     "manifest_digest",
@@ -227,3 +228,25 @@ def keyed_hash(secret: bytes, sample_id: int) -> str:
         The hex digest.
     """
     return hmac.new(secret, ID_LABEL + struct.pack(">Q", sample_id), hashlib.sha256).hexdigest()
+
+
+class Basis:
+    """What a combiner (``aggregate.method: combiner``) is fitted on: the models and the core set's digest.
+
+    Its digest names a stored combiner (``combiner-`` + digest), so the store's report can tell whether
+    the stored one is the live models' without the training side (:mod:`sisa.train.combiner`).
+    """
+
+    def __init__(self, models: Mapping[int, str], core_ids: np.ndarray) -> None:
+        """Name the models (shard -> checkpoint key) and the core ids a combiner is fitted on."""
+        self.models = {int(s): str(k) for s, k in sorted(models.items())}
+        self.core = manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))])
+
+    def header(self) -> dict[str, Any]:
+        """The basis as JSON-able fields, written into the combiner's bytes and its record."""
+        return {"models": {str(s): k for s, k in self.models.items()}, "core": self.core}
+
+    @property
+    def digest(self) -> str:
+        """Hex SHA-256 of :meth:`header`: the combiner's store key is ``combiner-`` + this."""
+        return hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode()).hexdigest()

@@ -8,6 +8,7 @@ from typing import Any
 from sisa.config.settings import SisaConfig
 from sisa.errors import DataError
 from sisa.store.database import Store
+from sisa.store.digests import Basis
 
 __all__ = ["locate", "status"]
 
@@ -58,6 +59,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         record = meta.get("backbone")
         core = store.core_count(txn)
         recipe = store.recipe_digest(txn, config)
+        aggregate = _aggregate(store, txn, config, live)
     backbone: dict[str, Any] | None = None
     if config.backbone.enabled:
         # Every checkpoint key covers the stored backbone's digest (none before the first fit).
@@ -77,6 +79,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         "graph": str(((meta.get("config") or {}).get("partition") or {}).get("graph", "none")),
         "recipe": recipe,
         "backbone": backbone,
+        "aggregate": aggregate,
         "trained_shards": len(live),
         "per_shard": shards,
         # survivors an erasure could not re-encrypt (damaged bytes): dropped from the store, named here
@@ -84,6 +87,25 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         # a key was dropped but keys/data.mdb not compacted yet (the next writable open compacts it)
         "key_compaction_pending": bool(meta.get("keys_compaction_pending")),
     }
+
+
+def _aggregate(store: Store, txn: Any, config: SisaConfig, live: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The configured aggregation; under ``combiner``, the stored combiner and whether it is the live models'.
+
+    A combiner is current when its basis names exactly the live checkpoints and the core set
+    (:class:`sisa.store.digests.Basis`); otherwise predictions fit one in memory until a fit stores it.
+    """
+    out: dict[str, Any] = {"method": config.aggregate.method}
+    if config.aggregate.method != "combiner":
+        return out
+    record = store.meta(txn).get("combiner")
+    basis = Basis({s: r["key"] for s, r in live.items()}, store.core_ids(txn))
+    out["combiner"] = {
+        "key": record["key"] if record else None,
+        "current": bool(record and live and record.get("basis") == basis.digest),
+        "domain": record.get("domain") if record else None,
+    }
+    return out
 
 
 def locate(store: Store, ids: Sequence[int]) -> dict[int, tuple[int, int]]:

@@ -15,8 +15,6 @@ and compares bytes (:func:`check_live`). A stored one is fitted in the shards' p
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +26,7 @@ from torch import nn
 from sisa.config.settings import SisaConfig
 from sisa.errors import ConfigError, IntegrityError, StoreChangedError
 from sisa.store.database import Store
-from sisa.store.digests import manifest_digest, sha256
+from sisa.store.digests import Basis, sha256
 from sisa.store.layout import COMBINER_PREFIX
 from sisa.train import local_runner
 from sisa.train.adapters import AdaptedModel, build_shard_model
@@ -51,24 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Basis:
-    """What a combiner is fitted on: the models (shard -> checkpoint key) and the core set's digest."""
-
-    def __init__(self, models: Mapping[int, str], core_ids: np.ndarray) -> None:
-        """Name the models (shard -> checkpoint key) and the core ids a combiner is fitted on."""
-        self.models = {int(s): str(k) for s, k in sorted(models.items())}
-        self.core = manifest_digest([np.sort(np.asarray(core_ids, dtype=np.int64))])
-
-    def header(self) -> dict[str, Any]:
-        """The basis as JSON-able fields, written into the combiner's bytes and its record."""
-        return {"models": {str(s): k for s, k in self.models.items()}, "core": self.core}
-
-    @property
-    def digest(self) -> str:
-        """Hex SHA-256 of :meth:`header`: the combiner's store key is ``combiner-`` + this."""
-        return hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode()).hexdigest()
 
 
 def require_core(cfg: SisaConfig, core_count: int) -> None:

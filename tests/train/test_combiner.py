@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sisa import unlearn
-from sisa.cli.render import print_verify
+from sisa.cli.render import print_status, print_verify
 from sisa.ensemble import Ensemble
 from sisa.errors import ConfigError, DataError
 from sisa.serve.modelset import ModelView, read_models, read_state
@@ -99,9 +99,13 @@ def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_t
         np.testing.assert_array_equal(fresh.predict_proba(X[:50]), probabilities)
 
 
-def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path) -> None:
+def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with make(tmp_path / "st", "unlearn.policy=exclude") as ens:
         old_record, _ = stored(ens)
+        assert ens.status()["aggregate"] == {
+            "method": "combiner",
+            "combiner": {"key": old_record["key"], "current": True, "domain": old_record["domain"]},
+        }
         before = ens.predict_proba(X[:40])
         # Its shard leaves the ensemble until the retrain. Journaled as another process would (this handle's
         # caches are not told), so the prediction below finds the change in the store alone.
@@ -122,11 +126,19 @@ def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path) -> Non
         np.testing.assert_allclose(got, apply_weights(logits, expected).numpy(), rtol=1e-5, atol=1e-6)
         assert not np.array_equal(got, before)
         assert ens.store.meta().get("combiner") is None
+        status = ens.status()
+        assert status["aggregate"]["combiner"] == {"key": None, "current": False, "domain": None}
+        print_status(status)
+        shown = capsys.readouterr().out
+        assert "aggregation: combiner (fitted on the core set), none stored for the live models" in shown
         verdict = ens.verify()
         assert not verdict["ok"] and not verdict["combiner"]["ok"]
         ens.apply()
         record, _ = stored(ens)
         assert record["key"] != old_record["key"]
+        print_status(ens.status())
+        shown = capsys.readouterr().out
+        assert f"combiner (fitted on the core set), stored {record['key'][:25]}..., fitted on the live" in shown
         assert ens.verify()["ok"]
 
 
