@@ -55,7 +55,9 @@ Full run (CNN, 60k and 20k train / 10k test, S in 8 16 32, 5 arms, 3 deletions e
 
     .venv/bin/python scripts/bench_accuracy_cost.py
 
-Estimated runtime on 2 idle cores: about 2.5 hours (2 to 3; an estimate, not measured),
+Measured: 42.4 min for the 60k set at S=16 alone (``--subset 0 --shards 16``, 5 arms and the head bound,
+2 cores, 2026-12-06), 30.5 min for 20k at S=16 before the combiner's refit reused unchanged models'
+outputs. The whole grid was estimated, before those runs, at about 2.5 hours (2 to 3),
 extrapolated from bench_backbone's full run in docs/benchmarks.md (59.4 min; CNN, 1 thread per
 shard). On 60k: the monolithic fit ~6.5 min; fits per S ~16 / 11.5 / 10.5 min at S = 8 / 16 / 32
 (scratch ~5 / 3.5 / 3.5, head ~1.3 / 0.9 / 0.8 with the backbone's ~35 s, ring:1 and ring:3 the
