@@ -66,14 +66,37 @@ def require_core(cfg: SisaConfig, core_count: int) -> None:
         )
 
 
-def _core_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+# The shared backbone's features of the core set, chunk by chunk, from this process's last refit that ran
+# it: (backbone digest, core digest) -> one tensor per FEATURE_CHUNK rows. A deletion's refit of heads then
+# runs only the retrained heads, not the backbone over the whole core set again (the features are those
+# chunks' forwards, so the heads see the same bytes). Kept only up to FEATURE_CACHE_BYTES.
+_features: dict[tuple[str, str], list[torch.Tensor]] = {}
+FEATURE_CACHE_BYTES = 1 << 28
+
+
+def _core_logits(
+    models: Sequence[nn.Module], x: torch.Tensor, reuse: tuple[str, str] | None = None
+) -> tuple[torch.Tensor, bool]:
     """``(S, n, C)`` logits of each model on ``x``, ``FEATURE_CHUNK`` rows per forward from the first row.
 
     A shared frozen backbone's features are computed once per chunk for all heads (as serving does).
+
+    Args:
+        models: The models.
+        x: The core set's features.
+        reuse: ``(backbone digest, core digest)`` naming ``x`` and the one shared backbone, to keep its
+            features for the next call (and take them from the last one); None: compute them.
+
+    Returns:
+        The logits, and whether the backbone's features were the kept ones.
     """
     outs: list[list[torch.Tensor]] = [[] for _ in models]
+    shared_ids = {id(m.shared_backbone) for m in models if isinstance(m, AdaptedModel) and m.shared_backbone}
+    reuse = reuse if len(shared_ids) == 1 else None  # one backbone, the one the key names
+    kept = _features.get(reuse) if reuse is not None else None
+    chunks: list[torch.Tensor] = []
     with torch.no_grad():
-        for start in range(0, x.shape[0], FEATURE_CHUNK):
+        for i, start in enumerate(range(0, x.shape[0], FEATURE_CHUNK)):
             xb = x[start : start + FEATURE_CHUNK]
             features: dict[int, torch.Tensor] = {}
             for out, m in zip(outs, models, strict=True):
@@ -82,9 +105,13 @@ def _core_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
                     continue
                 shared = m.shared_backbone
                 if id(shared) not in features:
-                    features[id(shared)] = shared(xb).flatten(1)
+                    features[id(shared)] = kept[i] if kept is not None else shared(xb).flatten(1)
+                    chunks.append(features[id(shared)])
                 out.append(m.head(features[id(shared)]))
-    return torch.stack([torch.cat(out) for out in outs])
+    if reuse is not None and kept is None and sum(c.numel() * c.element_size() for c in chunks) <= FEATURE_CACHE_BYTES:
+        _features.clear()  # the last backbone's only
+        _features[reuse] = chunks
+    return torch.stack([torch.cat(out) for out in outs]), kept is not None
 
 
 def fit_on_core(cfg: SisaConfig, models: Mapping[int, tuple[str, nn.Module]], core: tuple[np.ndarray, ...]) -> bytes:
@@ -108,7 +135,8 @@ def _fit(
     models: Mapping[int, nn.Module],
     core: tuple[np.ndarray, ...],
     known: Mapping[int, torch.Tensor],
-) -> tuple[bytes, dict[int, torch.Tensor]]:
+    reuse: tuple[str, str] | None = None,
+) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """The combiner of the models ``keys`` names, with the core-set logits of those it had to compute.
 
     Each model's logits on the core set depend on that model alone (fixed chunks; a shared backbone's
@@ -121,15 +149,24 @@ def _fit(
         models: The models whose logits are computed now, by shard.
         core: ``(ids, x, y)`` of the core set.
         known: The other shards' logits ``(n, C)``, computed before in this domain.
+        reuse: ``(backbone digest, core digest)``: keep and reuse the shared backbone's core features
+            in this process (:func:`_core_logits`); None: compute them.
+
+    Returns:
+        The combiner's bytes, the logits computed now by shard, and whether the backbone's features
+        were the kept ones.
     """
     ids, x, y = core
     order = sorted(models)
     with deterministic(cfg.resources.threads_per_shard, torch.device("cpu")):
-        computed = _core_logits([models[s].to("cpu").eval() for s in order], torch.from_numpy(x)) if order else None
-        fresh = {s: computed[i] for i, s in enumerate(order)} if computed is not None else {}
+        fresh: dict[int, torch.Tensor] = {}
+        reused = False
+        if order:
+            computed, reused = _core_logits([models[s].to("cpu").eval() for s in order], torch.from_numpy(x), reuse)
+            fresh = {s: computed[i] for i, s in enumerate(order)}
         logits = torch.stack([fresh[s] if s in fresh else known[s] for s in sorted(keys)])
         stacker = fit_stacker(log_probs(logits), y)
-    return stacker.encode(Basis(keys, ids).header()), fresh
+    return stacker.encode(Basis(keys, ids).header()), fresh, reused
 
 
 def fit_domain(cfg: SisaConfig) -> str:
@@ -147,7 +184,8 @@ def fit_in_domain(
     core: tuple[np.ndarray, ...],
     backbone: nn.Module | None,
     known: Mapping[int, torch.Tensor] | None = None,
-) -> tuple[bytes, dict[int, torch.Tensor]]:
+    reuse: tuple[str, str] | None = None,
+) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """The combiner fitted in the domain of :func:`fit_domain` (the models travel as their weights).
 
     Args:
@@ -157,18 +195,21 @@ def fit_in_domain(
         core: ``(ids, x, y)`` of the core set.
         backbone: The stored frozen backbone the models run on (None without one).
         known: Logits computed before in this domain, for the shards not in ``models``.
+        reuse: ``(backbone digest, core digest)``: the process that fits (this one or the pinned
+            child) keeps the backbone's core features for the next refit (see :func:`_core_logits`).
 
     Returns:
-        The combiner's bytes, and the logits computed now, by shard.
+        The combiner's bytes, the logits computed now by shard, and whether the backbone's core
+        features were the ones kept from the last refit.
     """
     runner = local_runner.cpu_domain(cfg)
     known = dict(known or {})
     if runner.in_process:
-        return _fit(cfg, keys, models, core, known)
+        return _fit(cfg, keys, models, core, known, reuse)
     states = {s: _cpu_state(m) for s, m in models.items()}
     shared = _cpu_state(backbone) if backbone is not None else None
-    blob, fresh = runner.call(__name__, "fit_from_weights", cfg, dict(keys), shared, states, core, known)
-    return bytes(blob), fresh
+    blob, fresh, reused = runner.call(__name__, "fit_from_weights", cfg, dict(keys), shared, states, core, known, reuse)
+    return bytes(blob), fresh, bool(reused)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -182,7 +223,8 @@ def fit_from_weights(
     states: Mapping[int, dict[str, torch.Tensor]],
     core: tuple[np.ndarray, ...],
     known: Mapping[int, torch.Tensor],
-) -> tuple[bytes, dict[int, torch.Tensor]]:
+    reuse: tuple[str, str] | None = None,
+) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """:func:`fit_in_domain`'s fit of models rebuilt from their weights (in the pinned child)."""
     shape = tuple(core[1].shape[1:])
     module = None
@@ -195,7 +237,7 @@ def fit_from_weights(
         model = build_shard_model(cfg, shape, cfg.data.num_classes, module)
         model.load_state_dict(state)
         models[shard] = model.eval()
-    return _fit(cfg, keys, models, core, known)
+    return _fit(cfg, keys, models, core, known, reuse)
 
 
 def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -273,7 +315,9 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         names = {s: (domain, basis.core, r["key"], str(r.get("weights"))) for s, r in live.items()}
         known = {s: _logits[name] for s, name in names.items() if name in _logits}
         models, backbone = _live_models(store, cfg, txn, frozenset(known))
-    blob, fresh = fit_in_domain(cfg, basis.models, models, core, backbone, known)
+        stored_backbone = store.meta(txn).get("backbone")
+        reuse = (str(stored_backbone["digest"]), basis.core) if stored_backbone else None
+    blob, fresh, reused = fit_in_domain(cfg, basis.models, models, core, backbone, known, reuse)
     _logits.clear()  # the last refit's only
     _logits.update({names[s]: t for s, t in {**known, **fresh}.items()})
     key = COMBINER_PREFIX + basis.digest
@@ -288,11 +332,13 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
 
     store.write(put)
     log.info(
-        "stored the combiner %s... of %d live model(s); core-set logits computed for %d, reused for %d",
+        "stored the combiner %s... of %d live model(s); core-set logits computed for %d, reused for %d; "
+        "backbone features of the core set %s",
         basis.digest[:16],
         len(basis.models),
         len(fresh),
         len(known),
+        "reused" if reused else "computed" if backbone is not None and fresh else "not needed",
     )
     return key
 
@@ -324,7 +370,9 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
             return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
         models, backbone = _live_models(store, cfg, txn)
-    replay, _ = fit_in_domain(cfg, basis.models, models, core, backbone)  # every forward again: a check reuses nothing
+    replay, _, _ = fit_in_domain(
+        cfg, basis.models, models, core, backbone
+    )  # every forward again: a check reuses nothing
     if stored is None or stored[1] != replay:
         why = f"the stored combiner {key} differs from its refit on the live models"
         return {"ok": False, "key": key, "reason": why}

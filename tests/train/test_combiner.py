@@ -99,6 +99,30 @@ def test_a_deletion_refits_the_combiner_bit_identical_to_a_fresh_store_without_t
         np.testing.assert_array_equal(fresh.predict_proba(X[:50]), probabilities)
 
 
+def test_a_refit_keeps_the_backbones_core_features_chunk_by_chunk_and_verify_recomputes_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A core set of several FEATURE_CHUNKs (512 rows each): a refit that took the wrong kept chunk, or kept
+    # features of another backbone, would store a combiner that verify's full recompute does not match.
+    x, y = blobs(1400, d=10, seed=3)
+    core = np.arange(0, 1400, 1)[np.arange(1400) % 7 != 0]  # 1,200 core ids: three chunks
+    victims = [7, 700]  # not in the core set
+    with Ensemble.create(tmp_path / "st", small_config(*COMBINER)) as ens:
+        ens.ingest(x, y, np.arange(1400), core=core)
+        ens.fit()
+        with caplog.at_level(logging.INFO, logger="sisa.train.combiner"):
+            ens.delete(victims)
+        assert "backbone features of the core set reused" in caplog.text
+        report = ens.verify()
+        assert report["ok"] and report["combiner"]["ok"], report
+        blob = stored(ens)[1]
+    keep = np.setdiff1d(np.arange(1400), victims)
+    with Ensemble.create(tmp_path / "fresh", small_config(*COMBINER)) as fresh:
+        fresh.ingest(x[keep], y[keep], keep, core=core)
+        fresh.fit()
+        assert stored(fresh)[1] == blob
+
+
 def test_a_pending_deletion_never_serves_the_old_combiner(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with make(tmp_path / "st", "unlearn.policy=exclude") as ens:
         old_record, _ = stored(ens)
