@@ -30,7 +30,7 @@ from sisa.train import priority
 from sisa.train.jobs import ShardJob, StageResult
 from sisa.train.trainer import train_shard
 
-__all__ = ["LocalRunner", "close_all", "materialise", "pool", "shared", "warm_children"]
+__all__ = ["LocalRunner", "close_all", "cpu_domain", "materialise", "pool", "shared", "warm_children"]
 
 log = logging.getLogger(__name__)
 
