@@ -505,11 +505,20 @@ def plot(sets: dict[str, dict[str, Any]], methods: Sequence[str], title: str, pa
 
 
 # --------------------------------------------------------------------------- main
-def reused_monolithic(path: Path, base: SisaConfig, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The monolithic row of each training set of an earlier run, if it ran this config and these overrides.
+def reused_monolithic(
+    path: Path, base: SisaConfig, overrides: Sequence[str], sizes: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    """The monolithic row of each training set of an earlier run, if it ran this config, overrides and sizes.
+
+    Args:
+        path: The earlier run's JSON.
+        base: This run's config.
+        overrides: This run's overrides.
+        sizes: This run's training sets: name -> samples.
 
     Raises:
-        SystemExit: If the file cannot be read or ran another config (its models would not be this run's).
+        SystemExit: If the file cannot be read, ran another config or other overrides, or a training set
+            of this run has another size there (its models would not be this run's).
     """
     try:
         earlier = json.loads(path.read_text())
@@ -524,7 +533,10 @@ def reused_monolithic(path: Path, base: SisaConfig, overrides: Sequence[str]) ->
             f"--monolithic-from {path}: that run used another config or other overrides ({earlier['overrides']}); "
             "run without it to train the monolithic model"
         )
-    return {name: {**row, "reused_from": str(path)} for name, row in sets.items()}
+    for name, n in sizes.items():
+        if name in sets and sets[name].pop("n") != n:
+            raise SystemExit(f"--monolithic-from {path}: its {name} set has another size than this run's {n}")
+    return {name: {**row, "reused_from": str(path)} for name, row in sets.items() if name in sizes}
 
 
 def draw_ids(train: LabeledArrays, core_fraction: float, deletes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -543,12 +555,11 @@ def run_set(
 ) -> dict[str, Any]:
     """The monolithic model and every arm at every S on one training set; its rows, points and front."""
     train, test = data
-    reused = args.reused_monolithic.get(name)
-    if reused is not None and reused.pop("n") != len(train):
-        raise SystemExit(f"--monolithic-from: its {name} set has another size than {len(train)}")
     core, delete_ids = draw_ids(train, args.core_fraction, args.deletes, args.seed)
     print(f"\n=== {name}: {len(train)} train; core {len(core)} ids; delete {delete_ids.tolist()}", flush=True)
-    mono = reused or bench_backbone.run_store("monolithic", config_for(1, 1), train, test, workdir / f"{name}-mono")
+    mono = args.reused_monolithic.get(name) or bench_backbone.run_store(
+        "monolithic", config_for(1, 1), train, test, workdir / f"{name}-mono"
+    )
     rows = [
         measure_arm(
             arm,
@@ -599,12 +610,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.methods = list(AGGREGATE_METHODS)  # read at run time: a method added there is measured too
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     base = load_config(args.config, overrides)
-    args.reused_monolithic = reused_monolithic(args.monolithic_from, base, overrides) if args.monolithic_from else {}
     info = benchlib.machine_info()
     train, test = load_split(base.data, "train"), load_split(base.data, "test")
     data = {"full": train}
     if 0 < subset_n < len(train):
         data["subset"] = benchlib.subset(train, subset_n, args.seed)
+    sizes = {name: len(d) for name, d in data.items()}
+    args.reused_monolithic = (
+        reused_monolithic(args.monolithic_from, base, overrides, sizes) if args.monolithic_from else {}
+    )
     print(
         f"config {args.config} overrides {overrides or '(none)'}; shards {args.shard_counts}; methods "
         f"{args.methods}; train {[len(d) for d in data.values()]} / test {len(test)}",

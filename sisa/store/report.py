@@ -59,7 +59,7 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
         record = meta.get("backbone")
         core = store.core_count(txn)
         recipe = store.recipe_digest(txn, config)
-        aggregate = _aggregate(store, txn, config, live)
+        aggregate = _aggregate(store, txn, config, live, meta)
     backbone: dict[str, Any] | None = None
     if config.backbone.enabled:
         # Every checkpoint key covers the stored backbone's digest (none before the first fit).
@@ -89,7 +89,9 @@ def status(store: Store, config: SisaConfig) -> dict[str, Any]:
     }
 
 
-def _aggregate(store: Store, txn: Any, config: SisaConfig, live: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _aggregate(
+    store: Store, txn: Any, config: SisaConfig, live: dict[int, dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
     """The configured aggregation; under ``combiner``, the stored combiner and whether it is the live models'.
 
     A combiner is current when its basis names exactly the live checkpoints and the core set
@@ -98,7 +100,7 @@ def _aggregate(store: Store, txn: Any, config: SisaConfig, live: dict[int, dict[
     out: dict[str, Any] = {"method": config.aggregate.method}
     if config.aggregate.method != "combiner":
         return out
-    record = store.meta(txn).get("combiner")
+    record = meta.get("combiner")
     basis = Basis({s: r["key"] for s, r in live.items()}, store.core_ids(txn))
     out["combiner"] = {
         "key": record["key"] if record else None,

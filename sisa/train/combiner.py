@@ -308,15 +308,15 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         if not live:
             return None
         basis = Basis({s: r["key"] for s, r in live.items()}, core[0])
-        record = store.meta(txn).get("combiner")
+        meta = store.meta(txn)
+        record = meta.get("combiner")
         domain = fit_domain(cfg)
         if record is not None and record.get("basis") == basis.digest and record.get("domain") == domain:
             return str(record["key"])  # the stored one is this refit's bytes (a driver elsewhere refits it here)
         names = {s: (domain, basis.core, r["key"], str(r.get("weights"))) for s, r in live.items()}
         known = {s: _logits[name] for s, name in names.items() if name in _logits}
         models, backbone = _live_models(store, cfg, txn, frozenset(known))
-        stored_backbone = store.meta(txn).get("backbone")
-        reuse = (str(stored_backbone["digest"]), basis.core) if stored_backbone else None
+        reuse = (str(meta["backbone"]["digest"]), basis.core) if meta.get("backbone") else None
     blob, fresh, reused = fit_in_domain(cfg, basis.models, models, core, backbone, known, reuse)
     _logits.clear()  # the last refit's only
     _logits.update({names[s]: t for s, t in {**known, **fresh}.items()})
@@ -338,7 +338,7 @@ def refit_live(store: Store, cfg: SisaConfig) -> str | None:
         len(basis.models),
         len(fresh),
         len(known),
-        "reused" if reused else "computed" if backbone is not None and fresh else "not needed",
+        "reused" if reused else "not reused",
     )
     return key
 
@@ -370,9 +370,8 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
             return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
         models, backbone = _live_models(store, cfg, txn)
-    replay, _, _ = fit_in_domain(
-        cfg, basis.models, models, core, backbone
-    )  # every forward again: a check reuses nothing
+    # Every forward again, nothing kept reused: this is the check.
+    replay, _, _ = fit_in_domain(cfg, basis.models, models, core, backbone)
     if stored is None or stored[1] != replay:
         why = f"the stored combiner {key} differs from its refit on the live models"
         return {"ok": False, "key": key, "reason": why}

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from sisa.config.fields import config_to_dict
+from sisa.config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -65,3 +71,25 @@ def test_targets_are_judged_only_from_measured_full_size_points() -> None:
     goal = bac.targets(sets, quick=False)
     assert goal["full_s16"]["met"] is None and "60000" in goal["full_s16"]["not_measured"]
     assert goal["subset_s16"]["met"] is None and "S=16" in goal["subset_s16"]["not_measured"]
+
+
+def test_monolithic_rows_are_reused_only_from_a_run_of_the_same_config_overrides_and_sizes(tmp_path: Path) -> None:
+    base = load_config(ROOT / "configs/fashion_mnist_cnn.yaml", ["data.train_limit=2000"])
+    row = {"method": "monolithic", "accuracy": 0.9, "fit_s": 12.0}
+    earlier = {"config": config_to_dict(base), "overrides": ["data.train_limit=2000"], "sets": {}}
+    earlier["sets"]["full"] = {"n": 2000, "monolithic": row}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(earlier))
+    got = bac.reused_monolithic(path, base, ["data.train_limit=2000"], {"full": 2000})
+    assert got == {"full": {**row, "reused_from": str(path)}}
+    # another size, other overrides, another config, or not a result at all: refused, naming the file
+    with pytest.raises(SystemExit, match="full set has another size than this run's 1999"):
+        bac.reused_monolithic(path, base, ["data.train_limit=2000"], {"full": 1999})
+    with pytest.raises(SystemExit, match="another config or other overrides"):
+        bac.reused_monolithic(path, base, ["data.train_limit=2000", "train.epochs=3"], {"full": 2000})
+    other = load_config(ROOT / "configs/fashion_mnist_cnn.yaml", ["data.train_limit=2000", "train.epochs=3"])
+    with pytest.raises(SystemExit, match="another config or other overrides"):
+        bac.reused_monolithic(path, other, ["data.train_limit=2000"], {"full": 2000})
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match=f"--monolithic-from {path}: not a bench_accuracy_cost result"):
+        bac.reused_monolithic(path, base, ["data.train_limit=2000"], {"full": 2000})

@@ -20,6 +20,9 @@ from sisa.errors import ConfigError, DataError
 from sisa.serve.modelset import ModelView, read_models, read_state
 from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.digests import sha256
+from sisa.train import combiner
+from sisa.train.adapters import build_shard_model
+from sisa.train.backbone import build_network, freeze
 from sisa.train.combiner import Basis, fit_on_core, read_core
 from sisa.train.stacking import Stacker, apply_weights, fit_stacker, log_probs
 from tests.conftest import blobs, small_config
@@ -255,3 +258,25 @@ def test_the_fit_is_deterministic_and_learns_which_shard_to_trust() -> None:
     accuracy = (apply_weights(logits, first).argmax(1).numpy() == y).mean()
     mean = (torch.softmax(logits, -1).mean(0).argmax(1).numpy() == y).mean()
     assert accuracy >= mean
+
+
+def test_kept_backbone_features_give_the_same_logits_and_respect_the_size_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = small_config(*COMBINER)
+    torch.manual_seed(0)
+    backbone = freeze(build_network(cfg, (10,)), {}).module
+    models = [build_shard_model(cfg, (10,), 3, backbone).eval() for _ in range(2)]
+    x = torch.from_numpy(blobs(1100, d=10)[0])  # three chunks of FEATURE_CHUNK rows
+    monkeypatch.setattr(combiner, "_features", {})
+    first, reused = combiner._core_logits(models, x, ("backbone", "core"))
+    assert not reused and len(combiner._features[("backbone", "core")]) == 3
+    again, reused = combiner._core_logits(models[1:], x, ("backbone", "core"))
+    assert reused and torch.equal(again[0], first[1])  # the kept features give the bytes a forward gives
+    assert not combiner._core_logits(models, x, ("other backbone", "core"))[1]  # kept for another: computed
+    # Over the cap nothing is kept; without a name nothing is kept or reused.
+    monkeypatch.setattr(combiner, "_features", {})
+    monkeypatch.setattr(combiner, "FEATURE_CACHE_BYTES", 0)
+    combiner._core_logits(models, x, ("backbone", "core"))
+    assert combiner._features == {}
+    monkeypatch.setattr(combiner, "FEATURE_CACHE_BYTES", 1 << 28)
+    combiner._core_logits(models, x, None)
+    assert combiner._features == {}
