@@ -13,9 +13,10 @@ One trained store, one local Ray instance, one Ray Serve (HTTP on loopback), sid
   retrain), from a writable handle in a child process (a deleting client is not the HTTP
   clients' process), warmed up by one deletion before the load starts (its training runner is
   a Python child that imports torch: seconds of CPU that a running deleter paid long before);
-  each policy runs twice, the deleting process at niceness 0 (the default) and at ``--nice``
-  (default 10: the process and its training child, as ``sisa delete --nice 10`` runs,
-  :mod:`sisa.train.priority`);
+  each policy runs twice, the deleting process at niceness 0 (``--nice 0``: the caller's priority)
+  and at ``--nice`` (default: none given, so what ``sisa delete`` gets on this node, 10 while a sisa
+  replica runs here, :mod:`sisa.train.serving_node`; the process and its training child, as
+  ``sisa delete`` runs, :mod:`sisa.train.priority`);
 * **exclude again, deletions in the clients' process**: the first runs' setup, for comparison.
 
 Every client sends the same ``--batch`` images as JSON (``--body json``, the default) or as an
@@ -106,9 +107,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument(
         "--nice",
         type=int,
-        default=10,
-        help="training niceness of the extra arms (the deleting process's retrains, sisa.train.priority); "
-        "the first arms train at 0, the default",
+        default=None,
+        help="training niceness of the extra arms (the deleting process and its retrains, sisa.train.priority; "
+        "default: none given, what `sisa delete` gets on this node: 10 while a sisa replica runs here); the "
+        "first arms train at 0 (`--nice 0`)",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/bench_serving.json"))
     parser.add_argument("--workdir", type=Path, default=None)
@@ -278,32 +280,35 @@ def stream(
     return records
 
 
-def _stream_child(store: Path, base: str, warm_ids: list[int], nice: int, inbox: Any, outbox: Any) -> None:
+def _stream_child(store: Path, base: str, warm_ids: list[int], nice: int | None, inbox: Any, outbox: Any) -> None:
     """:func:`stream` in a child process (a deleting client is not the HTTP clients' process).
 
     It warms up first, before the load starts: one deletion of ``warm_ids`` and its ``apply``
     start the process's training runner (a Python child that imports torch: seconds of CPU), as
     a deleting service that has been running has done long before. Then it waits for the
     stream's arguments. It runs at niceness ``nice``, its training child too, as a ``sisa delete --nice``
-    command does (:mod:`sisa.train.priority`): the journal and the erasure as well as the retrain.
+    command does (:mod:`sisa.train.priority`): the journal and the erasure as well as the retrain;
+    ``nice`` None: at the niceness ``sisa delete`` without ``--nice`` takes on this node.
     """
-    from sisa.train.priority import apply_here, set_training_nice
+    from sisa.train.priority import apply_here, niceness, set_training_nice, training_nice
 
-    apply_here(nice)
-    set_training_nice(nice)
+    apply_here(training_nice() if nice is None else nice)  # what sisa.cli.dispatch does for a command
+    if nice is not None:
+        set_training_nice(nice)
     with Ensemble.open(store, address="local", lock_timeout=120) as ens:
         ens.delete(warm_ids, defer=True)
         ens.apply()
     get(f"{base}/await?timeout=60", timeout=120)
-    outbox.put("ready")
+    outbox.put(("ready", niceness()))
     outbox.put(stream(store, base, *inbox.get()))
 
 
 class Deleter:
     """The deletion stream of one arm: in this process (``inline``) or in a warmed-up child process."""
 
-    def __init__(self, inline: bool, store: Path, base: str, warm_ids: list[int], nice: int) -> None:
+    def __init__(self, inline: bool, store: Path, base: str, warm_ids: list[int], nice: int | None) -> None:
         self.inline, self.store, self.base, self.nice = inline, store, base, nice
+        self.niceness = nice  # the niceness the deleting process runs at (a child's, once it said)
         if inline:  # this process's runner is warm from the fit
             return
         import multiprocessing
@@ -314,8 +319,10 @@ class Deleter:
             target=_stream_child, args=(store, base, warm_ids, nice, self._inbox, self._outbox), name="bench-deleter"
         )
         self._child.start()
-        if self._outbox.get(timeout=600) != "ready":
+        ready = self._outbox.get(timeout=600)
+        if not (isinstance(ready, tuple) and ready[0] == "ready"):
             raise RuntimeError("the deleting child process did not warm up")
+        self.niceness = int(ready[1])
 
     def run(self, t0: float, events: int, every: float, per: int, pool: list[int]) -> list[dict[str, Any]]:
         """:func:`stream`'s records."""
@@ -416,12 +423,14 @@ def run(args: Any) -> dict[str, Any]:
         # The policies' arms delete from a child process, as a deleting client would; the last arm repeats
         # `exclude` with the deletions in this process, beside the HTTP clients' threads (the setup of the
         # first runs), to show what sharing the clients' process and GIL adds to their latency.
-        # Each policy twice: its retrains at niceness 0 (the default) and at --nice (sisa.train.priority), side by side.
-        arms = [
+        # Each policy twice: the deleting process at niceness 0 (--nice 0) and at --nice (none given: the niceness
+        # `sisa delete` takes on this node, where the replicas run; sisa.train.priority), side by side.
+        extra = "default" if args.nice is None else str(args.nice)
+        arms: list[tuple[str, str, bool, int | None]] = [
             ("exclude", "exclude", False, 0),
-            (f"exclude, training at nice {args.nice}", "exclude", False, args.nice),
+            (f"exclude, training at nice {extra}", "exclude", False, args.nice),
             ("serve-clean", "serve-clean", False, 0),
-            (f"serve-clean, training at nice {args.nice}", "serve-clean", False, args.nice),
+            (f"serve-clean, training at nice {extra}", "serve-clean", False, args.nice),
             ("exclude, deletions in the clients' process", "exclude", True, 0),
         ]
         if args.nice == 0:
@@ -447,7 +456,7 @@ def run(args: Any) -> dict[str, Any]:
             result = {"load": summary(load, 0.0, load.now(), windows, busy), **forget_times(records, reader, policy)}
             result["policy"] = policy
             result["deleter"] = "the clients' process" if inline else "a child process"
-            result["train_nice"] = nice
+            result["train_nice"] = deleter.niceness
             result["requests"] = records
             out["policies"][arm] = result
             series[arm] = {
@@ -469,7 +478,7 @@ def run(args: Any) -> dict[str, Any]:
                 else None
             )
             print(
-                f"{arm} (training nice {nice}): p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
+                f"{arm} (training nice {deleter.niceness}): p99 during swaps {swaps['p99'] or float('nan'):.1f} ms "
                 f"({ratio or float('nan'):.2f}x steady, n={swaps['n']}; "
                 f"{f['load']['p99_swaps_over_outside'] or float('nan'):.2f}x this arm's p99 outside deletions; "
                 f"whole deletions incl. apply {f['load']['p99_deletions_over_outside'] or float('nan'):.2f}x); "

@@ -13,9 +13,10 @@ import hashlib
 import os
 import site
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from sisa.user_folder import private_folder
 
 __all__ = ["REEXEC_ENV", "command_env", "reads_at_start", "start_env", "worker_key", "worker_paths"]
 
@@ -121,12 +122,7 @@ def worker_paths(key: str) -> tuple[Path, Path, Path] | None:
     None when that folder is not this user's own, mode 0700: a worker's socket must not be
     reachable by anyone else.
     """
-    folder = Path(tempfile.gettempdir()) / f"sisa-{os.getuid()}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        st = folder.lstat()
-    except OSError:
-        return None
-    if folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    folder = private_folder()
+    if folder is None:
         return None
     return folder / f"worker-{key}.sock", folder / f"worker-{key}.lock", folder / f"worker-{key}.log"

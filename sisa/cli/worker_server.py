@@ -176,6 +176,9 @@ class Worker:
         self.log_fd = 2  # the worker's log: the stderr it was started with
         self.state = _State()
         self.commands = 0
+        # A command may nice this process (--nice, or a node that serves); nothing unprivileged un-nices it,
+        # so a worker whose niceness rose ends after that command and the next one starts a fresh worker.
+        self.niceness = os.getpriority(os.PRIO_PROCESS, 0)
         # Set while a caller is being served; cleared as its last message goes out, so that a caller
         # who sends the next command at once is queued, not told the worker is busy.
         self.busy = threading.Event()
@@ -285,6 +288,19 @@ class Worker:
         _hang_up(conn, watcher)
         _after_command(code)
 
+    def _niced(self) -> bool:
+        """Whether the last command left this worker niced above its start (then it ends: see ``niceness``)."""
+        now = os.getpriority(os.PRIO_PROCESS, 0)
+        if now <= self.niceness:
+            return False
+        print(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} ends: a command left it at niceness {now} "
+            f"(started at {self.niceness}); the next command starts a fresh worker at its caller's priority",
+            file=sys.stderr,
+            flush=True,
+        )
+        return True
+
     def _last(self, channel: _Channel, kind: bytes, payload: bytes) -> None:
         """Send a caller its last message; from then on the next caller is queued, not turned away."""
         self.busy.clear()
@@ -328,6 +344,8 @@ class Worker:
                     except BaseException:
                         busy.clear()
                         raise
+                if self._niced():
+                    break
         except _Stop:
             pass
         finally:

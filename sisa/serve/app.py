@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse  # noqa: E402
 from sisa.serve.follower import Follower, StaleReplicaError  # noqa: E402
 from sisa.serve.modelset import POLICIES  # noqa: E402
 from sisa.serve.publisher import NAMESPACE, publisher_name, start_publisher  # noqa: E402
+from sisa.train import serving_node  # noqa: E402
 
 __all__ = ["SisaEnsemble", "ServeOptions", "build", "build_app"]
 
@@ -105,6 +106,8 @@ class SisaEnsemble:
         # A replica that Ray gave a GPU (num_gpus > 0) runs its models there; Ray sets CUDA_VISIBLE_DEVICES to it.
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self._follower = Follower(publisher, NAMESPACE, lease=lease, device=device)
+        # While this replica lives, training on its node (a `sisa delete` beside it) yields to it by default.
+        self._mark = serving_node.register("replica")
 
     def predict(self, features: Any, policy: str | None = None, method: str | None = None) -> dict[str, Any]:
         """Labels, probabilities and provenance (shard -> checkpoint key) of ``features``; for DeploymentHandles.
@@ -235,6 +238,7 @@ class SisaEnsemble:
         return payload["features"], payload.get("policy"), payload.get("method")
 
     def __del__(self) -> None:
+        serving_node.unregister(getattr(self, "_mark", None))
         follower = getattr(self, "_follower", None)
         if follower is not None:
             follower.close()

@@ -15,7 +15,9 @@ running it). In a library caller it applies to the runners' child processes only
 place* (a process that started pinned, or a ``native`` config) runs at the caller's priority, and
 Ray tasks at their workers' (Ray reuses a worker process for later tasks and actors, a serving replica
 among them, and an unprivileged process cannot lower a niceness again; on a cluster, keep
-training and serving apart with Ray resources instead).
+training and serving apart with Ray resources instead). Unset, it is 0, except on a node where a
+replica of the sisa Ray Serve application runs: there it is 10 (:mod:`sisa.train.serving_node`), so
+a ``sisa delete`` beside ``sisa serve`` yields the cores to the replicas without being told.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_NICE",
     "apply_here",
     "check_nice",
+    "default_nice",
     "niceness",
     "renice",
     "set_training_nice",
@@ -49,10 +52,12 @@ MAX_NICE = 19  # the lowest priority POSIX niceness allows
 # The default is 0, the priority of any other process: niceness is a policy of the node, and a library that
 # lowered its own training by default would hand most of the cores to whatever else runs there (another
 # tenant's batch job included) in the common case, a fit or a deletion on a machine that serves nothing. A
-# node that also serves sets it (10 is what `nice` itself applies; docs/benchmarks.md measures both).
+# node that runs a sisa replica has stated its policy, serving first: there the default is
+# serving_node.SERVING_NICE (default_nice; docs/benchmarks.md measures both).
 DEFAULT_NICE = 0
 
 _override: int | None = None
+_last_default = DEFAULT_NICE  # what default_nice last returned, so a change is logged once
 
 
 def check_nice(value: object, source: str = "nice") -> int:
@@ -79,7 +84,8 @@ def check_nice(value: object, source: str = "nice") -> int:
 def training_nice() -> int:
     """The niceness training child processes get now (at least; never below this process's own).
 
-    :func:`set_training_nice`'s, else ``$SISA_TRAIN_NICE``'s, else :data:`DEFAULT_NICE`.
+    :func:`set_training_nice`'s, else ``$SISA_TRAIN_NICE``'s, else :func:`default_nice`'s (10 on a node
+    that serves sisa predictions, 0 elsewhere).
 
     Raises:
         ConfigError: If ``$SISA_TRAIN_NICE`` is set to something else than 0..19.
@@ -88,8 +94,31 @@ def training_nice() -> int:
         return _override
     raw = os.environ.get(ENV)
     if raw is None or raw.strip() == "":
-        return DEFAULT_NICE
+        return default_nice()
     return check_nice(raw, f"${ENV}")
+
+
+def default_nice() -> int:
+    """The niceness when nothing sets one: :data:`SERVING_NICE` on a node that serves sisa predictions, else 0.
+
+    A node runs a sisa replica (:mod:`sisa.train.serving_node`) only where serving was chosen, so
+    its training yields to the replicas there; anywhere else :data:`DEFAULT_NICE`.
+    """
+    from sisa.train import serving_node  # psutil: only when no niceness was set
+
+    global _last_default
+    serving = serving_node.serving_processes()
+    nice = serving_node.SERVING_NICE if serving else DEFAULT_NICE
+    if nice != _last_default:  # said once per change, not at every training job
+        _last_default = nice
+        if serving:
+            log.info(
+                "this node serves sisa predictions (pid %s): training at niceness %d (SISA_TRAIN_NICE=0 or --nice 0 "
+                "keeps the caller's priority)",
+                ", ".join(str(p.get("pid")) for p in serving),
+                nice,
+            )
+    return nice
 
 
 def set_training_nice(nice: int | None) -> None:

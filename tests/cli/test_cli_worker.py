@@ -17,7 +17,7 @@ import pytest
 
 from sisa.cli.worker_identity import worker_key
 from sisa.ensemble import Ensemble
-from tests.cli.worker_helpers import sisa, start_sisa, wait_for_socket, worker_log
+from tests.cli.worker_helpers import sisa, start_sisa, wait_for_socket, wait_until, worker_log, worker_processes
 from tests.conftest import blobs, live_state, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -177,3 +177,23 @@ def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
     assert worker_key(avx2) == worker_key(dict(avx2))
     assert worker_key(avx2) != worker_key({**avx2, "ATEN_CPU_CAPABILITY": "default"})
     assert worker_key(avx2) != worker_key({**avx2, "OMP_NUM_THREADS": "3"})
+
+
+def test_a_worker_that_a_command_niced_ends_after_it(stores: tuple[Path, Path], run_dir: Path) -> None:
+    a, _ = stores
+    sisa(["delete", "--store", str(a), "--ids", "5"], run_dir)  # runs here, starts a worker
+    wait_for_socket(run_dir)
+    niced = sisa(["delete", "--store", str(a), "--ids", "17", "--nice", "5"], run_dir)
+    assert niced.returncode == 0, niced.stderr
+    # It ran in the worker, which nothing unprivileged can un-nice: the worker ends after it.
+    wait_until(lambda: not worker_processes(run_dir), what="the niced worker to end")
+    log = worker_log(run_dir)
+    assert "ran delete: exit 0" in log and "a command left it at niceness 5 (started at" in log
+    after = sisa(["delete", "--store", str(a), "--ids", "240", "-v"], run_dir)
+    assert after.returncode == 0, after.stderr
+    assert "this command runs at niceness 0" in after.stderr  # in place, at the caller's priority
+    wait_for_socket(run_dir)
+    assert [p.nice() for p in worker_processes(run_dir)] == [0]  # and the next worker starts at it too
+    assert worker_log(run_dir).count(" ran ") == 1
+    for proc in worker_processes(run_dir):
+        proc.terminate()

@@ -131,6 +131,15 @@ def test_replicas_without_a_gpu_run_their_models_on_the_cpu(service: Service) ->
     assert len(infos) == 2 and {i["device"] for i in infos.values()} == {"cpu"}, infos
 
 
+def test_every_replica_marks_its_node_as_serving(service: Service) -> None:
+    # So that a deletion on this node trains niced by default (sisa.train.serving_node).
+    from sisa.train import serving_node
+
+    infos = service.replicas(2)
+    marked = {p["pid"]: p["role"] for p in serving_node.serving_processes()}
+    assert all(marked.get(i["pid"]) == "replica" for i in infos.values()), (infos, marked)
+
+
 def test_unknown_paths_and_methods_are_refused(service: Service) -> None:
     assert get(service.base + "/nothing")[0] == 404
     assert get(service.url)[0] == 405
