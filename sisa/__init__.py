@@ -6,6 +6,7 @@ import each other, directly or in a cycle (local and ``TYPE_CHECKING`` imports i
 ``tests/test_layers.py`` reads this list and enforces it):
 
     errors      SisaError hierarchy, picklable across Ray processes
+    user_folder  this user's private folder on this node: warm workers' sockets, serving marks
     receipt     proofs anyone can check: RFC 6962 hashing, signed notes, receipts (stdlib + cryptography only)
     config      frozen dataclasses loaded from YAML, validated on load
     data        validated sample arrays; Fashion-MNIST, IDX, npz, CSV loaders
