@@ -198,6 +198,24 @@ def worker_job(argv: Sequence[str]) -> tuple[argparse.Namespace, Mapping[str, st
     return None if found is None else (args, found[1])
 
 
+def command_nice(args: argparse.Namespace) -> int | None:
+    """The niceness the parsed command will run at (what :func:`sisa.cli.dispatch` applies); None if unknown.
+
+    ``--nice``, else ``$SISA_TRAIN_NICE``, else the node's default (10 where a sisa replica serves):
+    part of the worker's identity, since a worker niced once cannot serve a command at a lower
+    niceness. None when the variable is malformed: the command runs in place and says so.
+    """
+    from sisa.errors import ConfigError
+    from sisa.train import priority
+
+    if getattr(args, "nice", None) is not None:
+        return int(args.nice)
+    try:
+        return priority.training_nice()
+    except ConfigError:
+        return None
+
+
 def run_in_worker() -> None:
     """Hand this ``sisa`` command to the user's warm worker, if it would train without Ray.
 
@@ -212,7 +230,10 @@ def run_in_worker() -> None:
         return
     from sisa.cli import worker
 
-    code = worker.delegate(sys.argv[1:], job[1], job[0].store)
+    nice = command_nice(job[0])
+    if nice is None:
+        return
+    code = worker.delegate(sys.argv[1:], job[1], job[0].store, nice)
     if code is None:
         return
     sys.stdout.flush()
@@ -239,5 +260,6 @@ def start_worker_after(argv: Sequence[str], env: Mapping[str, str]) -> None:
     if not worker.enabled():
         return
     job = worker_job(argv)
-    if job is not None:
-        worker.ensure_started(job[1], env)
+    nice = None if job is None else command_nice(job[0])
+    if job is not None and nice is not None:
+        worker.ensure_started(job[1], env, nice)

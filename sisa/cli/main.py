@@ -54,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # As this process started: a command may change its own environment (thread pools, Ray's
     # variables), and the worker started after it must be the process the next caller would be.
     start_env = dict(os.environ)
-    start_nice = os.getpriority(os.PRIO_PROCESS, 0)
     args = None
     try:
         # SIGTERM ends the command as Ctrl-C does, until it has returned (then the default again).
@@ -74,10 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stream in (sys.stdout, sys.stderr):  # the command's output first; the worker's start after it
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-        if os.getpriority(os.PRIO_PROCESS, 0) <= start_nice:
-            # Not after a command that niced this process (--nice, a node that serves): its worker would inherit
-            # the niceness, and run every later command at it. The next command, run here, starts one.
-            launch.start_worker_after(sys.argv[1:], start_env)
+        launch.start_worker_after(sys.argv[1:], start_env)
         if quick:
             os._exit(code)
     return code

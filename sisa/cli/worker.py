@@ -89,7 +89,7 @@ def _lock_free(lock: Path) -> bool:
     return True
 
 
-def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None) -> bool:
+def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None, nice: int = 0) -> bool:
     """Start the worker of the key of ``env`` with ``pins`` in the background, unless one runs.
 
     The worker starts in its socket's folder (never the caller's directory, where a ``sisa/``
@@ -100,15 +100,16 @@ def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None
     Args:
         pins: The store's kernel pins.
         env: The environment the worker starts with (default: this process's), pins applied.
+        nice: The niceness it runs at (part of its identity); none is started from a process niced above it.
 
     Returns:
         Whether a worker process was started.
     """
     env = dict(os.environ if env is None else env)
-    key = worker_key(pins, env)
+    key = worker_key(pins, env, nice)
     paths = worker_paths(key)
-    if paths is None:
-        return False
+    if paths is None or niceness() > nice:
+        return False  # a niced process cannot start a worker at a lower niceness than its own
     sock, lock, log = paths
     if not _lock_free(lock):
         return False
@@ -119,7 +120,7 @@ def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None
     os.fchmod(fd, 0o600)  # a log an older sisa made 0644
     try:
         proc = subprocess.Popen(
-            [sys.executable, *isolated, "-m", "sisa.cli.worker_process", str(sock), str(lock), key],
+            [sys.executable, *isolated, "-m", "sisa.cli.worker_process", str(sock), str(lock), key, str(nice)],
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
@@ -134,6 +135,11 @@ def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None
     return True
 
 
+def niceness() -> int:
+    """This process's niceness."""
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def _tty(stream: IO[Any]) -> bool:
     try:
         return bool(stream.isatty())
@@ -141,7 +147,7 @@ def _tty(stream: IO[Any]) -> bool:
         return False
 
 
-def delegate(argv: Sequence[str], pins: Mapping[str, str], store: str) -> int | None:
+def delegate(argv: Sequence[str], pins: Mapping[str, str], store: str, nice: int = 0) -> int | None:
     """Run the command ``argv`` in this user's warm worker; its exit code, or None to run it here.
 
     None when workers are off (``SISA_WORKER=0``), no worker answers, the worker is busy with
@@ -151,10 +157,11 @@ def delegate(argv: Sequence[str], pins: Mapping[str, str], store: str) -> int | 
         argv: The command line after the program name.
         pins: The store's kernel pins (part of the worker's identity).
         store: The command's store, named in what an interruption prints.
+        nice: The niceness the command runs at: only a worker at that niceness takes it.
     """
     if not enabled():
         return None
-    key = worker_key(pins)
+    key = worker_key(pins, nice=nice)
     paths = worker_paths(key)
     if paths is None:
         return None

@@ -90,12 +90,14 @@ def _distributions() -> list[str]:
     return sorted(found)
 
 
-def worker_key(pins: Mapping[str, str], env: Mapping[str, str] | None = None) -> str:
+def worker_key(pins: Mapping[str, str], env: Mapping[str, str] | None = None, nice: int = 0) -> str:
     """What a worker must share with its caller, as a short hex key.
 
     Args:
         pins: The store's kernel pins, applied over ``env``.
         env: The environment (default: this process's).
+        nice: The niceness the worker runs at, the command's (:func:`sisa.cli.launch.command_nice`): a
+            process cannot lower its niceness, so a command that trains at 0 never goes to a niced worker.
 
     Returns:
         16 hex digits over the interpreter, the sisa code (every file's size and mtime: an
@@ -113,6 +115,7 @@ def worker_key(pins: Mapping[str, str], env: Mapping[str, str] | None = None) ->
     merged = {**(os.environ if env is None else env), **pins}
     for name, value in sorted(start_env(merged).items()):
         h.update(f"{name}={value}\n".encode())
+    h.update(f"nice={nice}\n".encode())
     return h.hexdigest()[:16]
 
 

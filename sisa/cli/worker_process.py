@@ -1,4 +1,4 @@
-"""``python -m sisa.cli.worker_process SOCKET LOCK KEY``: the warm worker's own process (see :mod:`sisa.cli.worker`).
+"""``python -m sisa.cli.worker_process SOCKET LOCK KEY NICE``: the warm worker's own process (:mod:`sisa.cli.worker`).
 
 Its own module so that the caller's side, which the command line's launcher imports, never
 imports the commands: this one claims the worker's lock, checks that it is the worker its
@@ -7,6 +7,7 @@ caller asked for, loads the commands and serves.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import fcntl
 import os
@@ -66,11 +67,14 @@ def _warm_up() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Claim the lock ``argv[1]``, check the key ``argv[2]``, then serve on the socket ``argv[0]`` until idle."""
-    sock, lock, key = Path(argv[0]), Path(argv[1]), argv[2]
+    """Claim the lock ``argv[1]``, take the niceness ``argv[3]``, check the key ``argv[2]``, serve on ``argv[0]``."""
+    sock, lock, key, nice = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
     if claim(lock) is None:
         return 0  # another worker of this key is up (or starting)
-    own = worker_key({})
+    # Its commands' niceness, before any thread starts (threads inherit it): they keep it, never lower it.
+    with contextlib.suppress(PermissionError):  # started above it: the key check below refuses to serve
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    own = worker_key({}, nice=os.getpriority(os.PRIO_PROCESS, 0))
     if own != key:
         # Not the process the caller would be (its sisa, Python or libraries changed meanwhile, or
         # another sisa shadows this one): serving would run the caller's commands in another domain.

@@ -26,8 +26,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from sisa.user_folder import private_folder
 
 __all__ = ["SERVING_NICE", "marks_dir", "register", "serving_processes", "unregister"]
@@ -53,6 +51,8 @@ def marks_dir(*, create: bool = False) -> Path | None:
 
 def _start_ms(pid: int) -> int | None:
     """The process's start time in ms (with the pid, what names one process for its whole life); None if gone."""
+    import psutil  # ~25 ms: only where a mark exists (every `sisa` command asks whether this node serves)
+
     try:
         return int(psutil.Process(pid).create_time() * 1000)
     except psutil.Error:

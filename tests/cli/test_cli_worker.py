@@ -179,21 +179,18 @@ def test_the_worker_key_follows_what_a_process_reads_at_start() -> None:
     assert worker_key(avx2) != worker_key({**avx2, "OMP_NUM_THREADS": "3"})
 
 
-def test_a_worker_that_a_command_niced_ends_after_it(stores: tuple[Path, Path], run_dir: Path) -> None:
+def test_each_niceness_has_its_own_worker(stores: tuple[Path, Path], run_dir: Path) -> None:
     a, _ = stores
-    sisa(["delete", "--store", str(a), "--ids", "5"], run_dir)  # runs here, starts a worker
+    sisa(["delete", "--store", str(a), "--ids", "5"], run_dir)  # runs here, starts a worker at niceness 0
     wait_for_socket(run_dir)
-    niced = sisa(["delete", "--store", str(a), "--ids", "17", "--nice", "5"], run_dir)
+    niced = sisa(["delete", "--store", str(a), "--ids", "17", "--nice", "5", "-v"], run_dir)
     assert niced.returncode == 0, niced.stderr
-    # It ran in the worker, which nothing unprivileged can un-nice: the worker ends after it.
-    wait_until(lambda: not worker_processes(run_dir), what="the niced worker to end")
-    log = worker_log(run_dir)
-    assert "ran delete: exit 0" in log and "a command left it at niceness 5 (started at" in log
-    after = sisa(["delete", "--store", str(a), "--ids", "240", "-v"], run_dir)
-    assert after.returncode == 0, after.stderr
-    assert "this command runs at niceness 0" in after.stderr  # in place, at the caller's priority
-    wait_for_socket(run_dir)
-    assert [p.nice() for p in worker_processes(run_dir)] == [0]  # and the next worker starts at it too
-    assert worker_log(run_dir).count(" ran ") == 1
-    for proc in worker_processes(run_dir):
-        proc.terminate()
+    # Not the niceness-0 worker's (nothing unprivileged could un-nice it after): in place, then a worker of its own.
+    assert "this command runs at niceness 5" in niced.stderr and " ran " not in worker_log(run_dir)
+    wait_until(lambda: len(list(run_dir.glob("sisa-*/worker-*.sock"))) == 2, what="a second worker listening")
+    assert sorted(p.nice() for p in worker_processes(run_dir)) == [0, 5]
+    for nice, sample in (("5", 240), ("0", 300)):
+        done = sisa(["delete", "--store", str(a), "--ids", str(sample), "--nice", nice, "-v"], run_dir)
+        assert done.returncode == 0 and f"this command runs at niceness {nice}" in done.stderr, done.stderr
+    assert worker_log(run_dir).count("ran delete: exit 0") == 2  # each went to the worker of its niceness
+    assert sorted(p.nice() for p in worker_processes(run_dir)) == [0, 5]

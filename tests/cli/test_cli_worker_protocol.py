@@ -291,3 +291,17 @@ def test_the_workers_side_by_side_children_stay_warm_between_commands(store: str
     assert worker_log(run_dir).count("ran delete: exit 0") == 2  # the second found the children it left
     with Ensemble.open(store, readonly=True) as ens:
         assert ens.pending() == [] and len(ens.certificates()) == 3
+
+
+def test_a_worker_that_a_command_niced_ends_after_it(store: str, run_dir: Path) -> None:
+    sock = warm(store, run_dir)  # a worker at niceness 0
+    # A caller would take a --nice 5 command to a worker of its own (tests/cli/test_cli_worker.py); sent here
+    # anyway, it runs niced, and the worker, which nothing unprivileged can un-nice, ends after it.
+    answers = ask(sock, request(sock, ["delete", "--store", store, "--ids", "7", "--nice", "5"], run_dir))
+    assert answers[-1] == Kind.EXIT + b"0", answers
+    wait_until(lambda: not worker_processes(run_dir), what="the niced worker to end")
+    assert "a command left it at niceness 5 (started at 0)" in worker_log(run_dir)
+    done = sisa(["delete", "--store", store, "--ids", "8", "-v"], run_dir)
+    assert done.returncode == 0 and "this command runs at niceness 0" in done.stderr, done.stderr
+    wait_for_socket(run_dir)
+    assert [p.nice() for p in worker_processes(run_dir)] == [0]

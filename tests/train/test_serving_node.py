@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sisa.train import priority, serving_node
+from tests.cli.worker_helpers import sisa, wait_for_socket, worker_log, worker_processes
 from tests.conftest import ROOT, trained_blobs_store
 
 # A stand-in replica: registers as sisa's replicas do, says so, and lives until its stdin closes.
@@ -99,37 +101,32 @@ def test_a_mark_of_a_reused_pid_or_a_foreign_folder_does_not_count(temp: Path) -
     assert [p["pid"] for p in serving_node.serving_processes()] == [1]  # the same mark, now in a private folder
 
 
-def test_sisa_delete_beside_a_replica_runs_niced_and_leaves_no_niced_worker(temp: Path, tmp_path: Path) -> None:
+def test_sisa_delete_beside_a_replica_runs_niced_in_a_worker_of_that_niceness(
+    temp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if priority.niceness() > 0:
         pytest.skip(f"this test process runs at niceness {priority.niceness()}")
-    store = trained_blobs_store(tmp_path / "store", "shards=2", "slices=2")
+    store = str(trained_blobs_store(tmp_path / "store", "shards=2", "slices=2"))
+    short = Path(tempfile.mkdtemp(prefix="sn-", dir="/tmp"))  # a unix socket's path is limited to 107 bytes
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    monkeypatch.setenv("TMPDIR", str(short))  # the replica's, the commands' and the workers' alike
     replica, _ = start_replica()
     try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "SISA_WORKER": "1"}
-        done = subprocess.run(
-            [sys.executable, "-m", "sisa.cli", "delete", "--store", str(store), "--ids", "3", "-v"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-            cwd=ROOT,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"this node serves sisa predictions (pid {replica.pid})" in done.stderr
-        assert "runs at niceness 10 (--nice 10)" in done.stderr
-        # The command niced itself: no warm worker was started after it (it would inherit niceness 10).
-        private = temp / f"sisa-{os.getuid()}"
-        assert not list(private.glob("worker-*.sock")) and not list(private.glob("worker-*.log"))
-        again = subprocess.run(
-            [sys.executable, "-m", "sisa.cli", "delete", "--store", str(store), "--ids", "4", "--nice", "0", "-v"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**env, "SISA_WORKER": "0"},
-            cwd=ROOT,
-        )
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "runs at niceness 0 (--nice 0)" in again.stderr
+        first = sisa(["delete", "--store", store, "--ids", "3", "-v"], short)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert f"this node serves sisa predictions (pid {replica.pid})" in first.stderr
+        assert "this command runs at niceness 10 (--nice 10)" in first.stderr
+        # The worker it started after itself runs at that niceness, and takes the next such command.
+        wait_for_socket(short)
+        assert [p.nice() for p in worker_processes(short)] == [10]
+        second = sisa(["delete", "--store", store, "--ids", "4", "-v"], short)
+        assert second.returncode == 0 and "runs at niceness 10" in second.stderr, second.stderr[-3000:]
+        assert worker_log(short).count("ran delete: exit 0") == 1
+        opted_out = sisa(["delete", "--store", store, "--ids", "5", "--nice", "0", "-v"], short, worker=False)
+        assert opted_out.returncode == 0 and "runs at niceness 0 (--nice 0)" in opted_out.stderr
     finally:
         replica.send_signal(signal.SIGTERM)
         replica.wait()
+        for proc in worker_processes(short):
+            proc.kill()
+        shutil.rmtree(short, ignore_errors=True)
