@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ENV = "SISA_SIGNING_KEY_FILE"
 _loaded: tuple[str, Signer] | None = None  # the last key read: its file's text, and the signer
+_outside: set[tuple[str, str]] = set()  # (key file, store directory) names found not to nest, this process
 
 
 def key_path() -> Path:
@@ -54,12 +55,22 @@ def load_signer(*, create: bool = True, name: str | None = None, store_root: Pat
             read or is not a signing key.
     """
     path = key_path()
-    if store_root is not None and path.resolve().is_relative_to(Path(store_root).resolve()):
-        raise ConfigError(
-            f"the signing key {path} lies in the store directory {store_root}: a copy of the store would carry "
-            f"it and could sign. Keep it outside (unset {ENV}, or name a file elsewhere)"
-        )
-    if not path.exists():
+    if store_root is not None and (str(path), str(store_root)) not in _outside:
+        if path.resolve().is_relative_to(Path(store_root).resolve()):
+            raise ConfigError(
+                f"the signing key {path} lies in the store directory {store_root}: a copy of the store would carry "
+                f"it and could sign. Keep it outside (unset {ENV}, or name a file elsewhere)"
+            )
+        # Checked once per process and pair of names: a deletion signs every time, and the two path
+        # resolutions (a system call per path component) cost more than the rest of reading the key.
+        _outside.add((str(path), str(store_root)))
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        text = None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{ENV}/{path}: the signing key cannot be read ({exc})") from exc
+    if text is None:
         if not create:
             raise ConfigError(f"no signing key at {path}: run `sisa keys --generate`, or set {ENV} to the key file")
         signer = generate(name or default_name())
@@ -73,10 +84,6 @@ def load_signer(*, create: bool = True, name: str | None = None, store_root: Pat
         log.info("created the signing key %s (verifier key %s)", path, signer.verifier.encode())
         _remember(signer.encode() + "\n", signer)
         return signer
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{ENV}/{path}: the signing key cannot be read ({exc})") from exc
     if _loaded is not None and _loaded[0] == text:
         return _loaded[1]  # the same key as last time: parsed and derived once per process
     try:

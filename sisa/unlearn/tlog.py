@@ -173,11 +173,11 @@ def sign_checkpoint(store: Store, txn: lmdb.Transaction, signer: Signer, index: 
         The signed note.
     """
     index = log_index(store, txn, index)
-    origin = store.meta_value(txn, "log_origin") or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
+    stored_origin = store.meta_value(txn, "log_origin")
+    origin = stored_origin or f"sisa.log/{uuid.uuid4().hex}"  # one log, one origin, for life
     note = sign_note(format_checkpoint(Checkpoint(origin, index.frontier.size, index.frontier.root())), signer)
-    store.put_meta(
-        txn, log_origin=origin, log_checkpoint=note, log_key=signer.verifier.encode(), **{INDEX_KEY: index.to_json()}
-    )
+    first = {} if stored_origin else {"log_origin": origin}  # written once: every deletion signs
+    store.put_meta(txn, log_checkpoint=note, log_key=signer.verifier.encode(), **{INDEX_KEY: index.to_json()}, **first)
     return note
 
 
