@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,9 @@ def test_the_training_child_runs_at_the_set_niceness_follows_changes_and_trains_
 
 
 def test_the_setting_comes_from_the_call_then_the_environment_then_the_default(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no serving mark of this machine's (test_serving_node)
     monkeypatch.delenv(priority.ENV, raising=False)
     assert priority.training_nice() == priority.DEFAULT_NICE
     monkeypatch.setenv(priority.ENV, "12")
