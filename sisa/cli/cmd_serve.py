@@ -105,13 +105,19 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     address = ray.get_runtime_context().gcs_address  # what `--await-replicas --address` needs
     ready = {"ok": True, "serving": url, "app": args.name, "store": str(args.store), "policy": args.policy or "store"}
     ready["ray_address"] = address
+    from sisa.train.priority import training_nice
+
+    # What a `sisa delete` on this node now trains at: 10 where a replica of this application runs (it marked the node).
+    ready["training_nice_here"] = training_nice()
     if args.json:
         import json
 
         print(json.dumps(ready, sort_keys=True), flush=True)
     else:
         print(
-            f"serving {args.store} at {url} (application {args.name!r}, Ray at {address}); SIGTERM or Ctrl-C stops it",
+            f"serving {args.store} at {url} (application {args.name!r}, Ray at {address}); SIGTERM or Ctrl-C stops it; "
+            f"training on this node runs at niceness {ready['training_nice_here']} (`--nice` or SISA_TRAIN_NICE sets "
+            "another)",
             flush=True,
         )
     try:

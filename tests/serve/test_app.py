@@ -138,6 +138,7 @@ def test_every_replica_marks_its_node_as_serving(service: Service) -> None:
     infos = service.replicas(2)
     marked = {p["pid"]: p["role"] for p in serving_node.serving_processes()}
     assert all(marked.get(i["pid"]) == "replica" for i in infos.values()), (infos, marked)
+    assert service.ready["training_nice_here"] == 10  # what `sisa serve` said once its replicas were up
 
 
 def test_unknown_paths_and_methods_are_refused(service: Service) -> None:
