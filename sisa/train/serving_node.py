@@ -1,9 +1,9 @@
 """Whether this node serves sisa predictions, so that training here yields to serving unless told otherwise.
 
 A deletion's retrain (and its journal and erasure) is batch work. On a node that also answers
-predictions it takes cores from the replicas and lands in their tail latency: measured in
-docs/benchmarks.md ("Serving"), the p99 during a deletion's swap is 2.3-5x the steady p99 when the
-deleting process runs at the replicas' priority, and 1.2-1.9x at niceness 10. Niceness is a
+predictions it takes cores from the replicas and lands in their tail latency: docs/benchmarks.md
+("Serving") measures the p99 during a deletion's swap against the steady p99 with the deleting
+process at the replicas' priority (above 2x in every run) and at niceness 10. Niceness is a
 policy of the node (:mod:`sisa.train.priority`), and a node that runs a sisa replica has chosen
 one: serving first. So every replica of the sisa Ray Serve application (``sisa serve``, ``serve
 run``, ``serve deploy`` alike) marks its node while it lives, and :func:`sisa.train.priority.training_nice`
