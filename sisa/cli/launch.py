@@ -29,6 +29,7 @@ from sisa.cli.worker_identity import REEXEC_ENV
 __all__ = [
     "REEXEC_ENV",
     "command_line",
+    "command_nice",
     "reexec_pinned",
     "run_in_worker",
     "start_worker_after",

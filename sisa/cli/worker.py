@@ -41,7 +41,7 @@ from typing import IO, Any
 from sisa.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 from sisa.cli.worker_identity import REEXEC_ENV, worker_key, worker_paths
 
-__all__ = ["ENABLE_ENV", "IDLE_ENV", "Kind", "delegate", "enabled", "ensure_started", "idle_seconds"]
+__all__ = ["ENABLE_ENV", "IDLE_ENV", "Kind", "delegate", "enabled", "ensure_started", "idle_seconds", "niceness"]
 
 ENABLE_ENV = "SISA_WORKER"  # 0: never hand a command to a worker
 IDLE_ENV = "SISA_WORKER_IDLE"  # seconds a worker waits for its next command before it ends
