@@ -40,8 +40,9 @@ from typing import IO, Any
 
 from sisa.cli.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 from sisa.cli.worker_identity import REEXEC_ENV, worker_key, worker_paths
+from sisa.train import priority
 
-__all__ = ["ENABLE_ENV", "IDLE_ENV", "Kind", "delegate", "enabled", "ensure_started", "idle_seconds", "niceness"]
+__all__ = ["ENABLE_ENV", "IDLE_ENV", "Kind", "delegate", "enabled", "ensure_started", "idle_seconds"]
 
 ENABLE_ENV = "SISA_WORKER"  # 0: never hand a command to a worker
 IDLE_ENV = "SISA_WORKER_IDLE"  # seconds a worker waits for its next command before it ends
@@ -108,7 +109,7 @@ def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None
     env = dict(os.environ if env is None else env)
     key = worker_key(pins, env, nice)
     paths = worker_paths(key)
-    if paths is None or niceness() > nice:
+    if paths is None or priority.niceness() > nice:
         return False  # a niced process cannot start a worker at a lower niceness than its own
     sock, lock, log = paths
     if not _lock_free(lock):
@@ -133,11 +134,6 @@ def ensure_started(pins: Mapping[str, str], env: Mapping[str, str] | None = None
         os.close(fd)
     threading.Thread(target=proc.wait, daemon=True).start()  # no zombie while this process lives
     return True
-
-
-def niceness() -> int:
-    """This process's niceness."""
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _tty(stream: IO[Any]) -> bool:

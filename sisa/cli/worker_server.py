@@ -39,6 +39,7 @@ from sisa.cli.exits import (
 )
 from sisa.cli.worker import Kind
 from sisa.cli.worker_identity import command_env
+from sisa.train import priority
 
 __all__ = ["REQUEST_TIMEOUT", "Worker"]
 
@@ -178,7 +179,7 @@ class Worker:
         self.commands = 0
         # A command may nice this process (--nice, or a node that serves); nothing unprivileged un-nices it,
         # so a worker whose niceness rose ends after that command and the next one starts a fresh worker.
-        self.niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        self.niceness = priority.niceness()
         # Set while a caller is being served; cleared as its last message goes out, so that a caller
         # who sends the next command at once is queued, not told the worker is busy.
         self.busy = threading.Event()
@@ -290,7 +291,7 @@ class Worker:
 
     def _niced(self) -> bool:
         """Whether the last command left this worker niced above its start (then it ends: see ``niceness``)."""
-        now = os.getpriority(os.PRIO_PROCESS, 0)
+        now = priority.niceness()
         if now <= self.niceness:
             return False
         print(
