@@ -16,7 +16,7 @@ from torch import nn
 
 from sisa import unlearn
 from sisa.config.fields import config_to_dict
-from sisa.config.settings import SisaConfig
+from sisa.config.settings import AGGREGATE_METHODS, SisaConfig
 from sisa.config.stored import config_from_stored, refuse_config_at_open, require_config, require_same_fixed
 from sisa.data.arrays import check_labels
 from sisa.data.batches import DEFAULT_BATCH, Columns
@@ -27,6 +27,7 @@ from sisa.serve.serving import Serving
 from sisa.store import ingest as ingesting
 from sisa.store.database import Store
 from sisa.store.report import locate, status
+from sisa.train.combiner import has_core
 from sisa.train.planner import FitReport, Planner, Progress
 from sisa.unlearn import audit, receipts, tlog
 
@@ -313,7 +314,10 @@ class Ensemble:
         self._serving.clear()
 
     def predict_proba(self, x: Any, *, method: str | None = None, batch_size: int = 1024) -> np.ndarray:
-        """Ensemble class probabilities ``(n, num_classes)``; ``method``: mean (default), vote or weighted."""
+        """Ensemble class probabilities ``(n, num_classes)``; ``method``: mean, vote, weighted or combiner.
+
+        Without ``method``, the config's ``aggregate.method``.
+        """
         return self._serving.predict_proba(x, method or self.config.aggregate.method, batch_size)
 
     def provenance(self) -> dict[int, str]:
@@ -332,6 +336,36 @@ class Ensemble:
     def shard_scores(self, x: Any, y: Any) -> dict[int, float]:
         """Accuracy of each live shard model on ``(x, y)``."""
         return self._serving.shard_scores(x, y)
+
+    def scores(self, x: Any, y: Any, *, methods: Sequence[str] | None = None, batch_size: int = 1024) -> dict[str, Any]:
+        """Accuracy on ``(x, y)`` of several aggregation methods and of every shard, from one forward pass.
+
+        Each number equals what :meth:`score` (per method) and :meth:`shard_scores` give, at the cost
+        of one pass of the shard models instead of one per method: how to compare aggregations.
+
+        Args:
+            x: Inputs, as for :meth:`predict_proba`.
+            y: One label per input.
+            methods: Aggregation methods; None: every one this store can serve (``combiner`` only
+                with a core set).
+            batch_size: Rows per forward.
+
+        Returns:
+            ``{"accuracy": {method: accuracy}, "per_shard_accuracy": {shard: accuracy}}``.
+
+        Raises:
+            ConfigError: On an unknown method, or ``combiner`` without a core set.
+            DataError: On bad inputs or labels.
+        """
+        if methods is None:
+            methods = [m for m in AGGREGATE_METHODS if m != "combiner" or self._serves_combiner()]
+        accuracy, per_shard = self._serving.scores(x, y, list(methods), batch_size)
+        return {"accuracy": accuracy, "per_shard_accuracy": per_shard}
+
+    def _serves_combiner(self) -> bool:
+        """Whether this store can serve ``aggregate.method: combiner`` (a core backbone and core ids)."""
+        with self.store.read() as txn:
+            return has_core(self.config, self.store.core_count(txn))
 
     def status(self) -> dict[str, Any]:
         """Shards, slices, sample counts and live checkpoint digests; see :func:`sisa.store.report.status`."""

@@ -7,7 +7,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,27 @@ class CheckFailed(Exception):
         self.exit_code = exit_code
 
 
-def score_store(ens: Ensemble, method: str | None = None, test: LabeledArrays | None = None) -> dict[str, Any]:
-    """Ensemble and per-shard accuracy on ``test`` (default: the config's test split)."""
+def score_store(
+    ens: Ensemble, methods: Sequence[str] | None = None, test: LabeledArrays | None = None
+) -> dict[str, Any]:
+    """Ensemble and per-shard accuracy on ``test`` (default: the config's test split), from one forward pass.
+
+    Args:
+        ens: The open ensemble.
+        methods: Aggregation methods to score; holding ``"all"``: every one the store can serve;
+            None or empty: the config's. ``accuracy`` and ``method`` are the first one's.
+        test: The samples to score on.
+    """
     test = load_split(ens.config.data, "test") if test is None else test
     started = time.perf_counter()
-    accuracy = ens.score(test.x, test.y, method=method)
-    per_shard = ens.shard_scores(test.x, test.y)
+    chosen = None if "all" in (methods or ()) else list(dict.fromkeys(methods or [ens.config.aggregate.method]))
+    scores = ens.scores(test.x, test.y, methods=chosen)
+    first = next(iter(scores["accuracy"]))
     return {
-        "accuracy": accuracy,
-        "method": method or ens.config.aggregate.method,
-        "per_shard_accuracy": {str(k): v for k, v in per_shard.items()},
+        "accuracy": scores["accuracy"][first],
+        "method": first,
+        "accuracy_by_method": scores["accuracy"],
+        "per_shard_accuracy": {str(k): v for k, v in scores["per_shard_accuracy"].items()},
         "test_samples": len(test),
         "eval_seconds": time.perf_counter() - started,
     }

@@ -169,7 +169,12 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[common], help="test accuracy of the ensemble and of each shard")
     ev.add_argument(
-        "--method", choices=["mean", "vote", "weighted", "combiner"], default=None, help="aggregation (default: config)"
+        "--method",
+        nargs="+",
+        choices=["mean", "vote", "weighted", "combiner", "all"],
+        default=None,
+        help="aggregation(s), scored from one pass of the shard models (default: the config's; all: every one "
+        "the store serves)",
     )
     sub.add_parser("status", parents=[common], help="shards, slices, sample counts, live checkpoints")
 

@@ -24,7 +24,8 @@ __all__ = [
 def print_eval(result: dict[str, Any]) -> None:
     """Each shard's test accuracy, then the ensemble's."""
     rows = [[f"shard {k}", f"{v:.4f}"] for k, v in result["per_shard_accuracy"].items()]
-    rows.append([f"ensemble ({result['method']})", f"{result['accuracy']:.4f}"])
+    by_method = result.get("accuracy_by_method") or {result["method"]: result["accuracy"]}
+    rows.extend([f"ensemble ({method})", f"{accuracy:.4f}"] for method, accuracy in by_method.items())
     print(table(["model", "test accuracy"], rows))
 
 

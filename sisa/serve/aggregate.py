@@ -20,7 +20,16 @@ from torch.func import functional_call, stack_module_state, vmap
 from sisa.errors import ConfigError, DataError, ModelError, NotTrainedError
 from sisa.train.adapters import AdaptedModel
 
-__all__ = ["can_vmap", "choose_backend", "combine", "predict", "predict_proba", "shard_logits", "shard_probas"]
+__all__ = [
+    "can_vmap",
+    "choose_backend",
+    "combine",
+    "predict",
+    "predict_proba",
+    "probas_of",
+    "shard_logits",
+    "shard_probas",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +230,14 @@ def shard_probas(
     Returns:
         Probabilities of shape (S, n, C); half-precision logits are upcast to float32.
     """
-    logits = shard_logits(models, x, backend=backend, batch_size=batch_size)
+    return probas_of(shard_logits(models, x, backend=backend, batch_size=batch_size))
+
+
+def probas_of(logits: torch.Tensor) -> torch.Tensor:
+    """Per-shard class probabilities ``(S, n, C)`` from shard logits: what :func:`shard_probas` returns.
+
+    Half-precision logits are upcast to float32 first.
+    """
     # Softmax in half precision loses enough accuracy to flip near-tied votes.
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()

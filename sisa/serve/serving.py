@@ -9,17 +9,17 @@ thread deletes); each thread's provenance is that of its own last prediction.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from sisa.config.settings import SisaConfig
+from sisa.config.settings import AGGREGATE_METHODS, SisaConfig
 from sisa.data.arrays import LabeledArrays, check_labels, to_numpy
 from sisa.data.inputs import request_inputs
-from sisa.errors import DataError, NotTrainedError, StoreChangedError
+from sisa.errors import ConfigError, DataError, NotTrainedError, StoreChangedError
 from sisa.serve import aggregate
 from sisa.store.database import Store
 from sisa.train.backbone import Backbone, load_stored
@@ -183,25 +183,50 @@ class Serving:
         ``combiner``: the stored combiner of exactly the models served, else one fitted now on
         them (kept in memory only, until the served set changes; see :mod:`sisa.train.combiner`).
         """
-        live = self._snapshot()
+        return self.predict_probas(x, (method,), batch_size)[method]
+
+    def predict_probas(self, x: Any, methods: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
+        """:meth:`predict_proba` of every method in ``methods``, from one forward of each shard model.
+
+        Each method's probabilities are the bytes :meth:`predict_proba` gives for it alone: the
+        methods differ only in how they combine the same shard logits.
+
+        Raises:
+            ConfigError: On an unknown method, or ``combiner`` without a core set (before any forward).
+        """
+        live, _, out = self._pass(self.as_tensor(x), methods, batch_size)
         self._last.used = {shard: key for shard, (key, _, _) in live.items()}
+        return {m: p.cpu().numpy() for m, p in out.items()}
+
+    def _pass(
+        self, x: torch.Tensor, methods: Sequence[str], batch_size: int
+    ) -> tuple[dict[int, tuple[str, nn.Module, int]], torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward of every live model on ``x`` (checked inputs).
+
+        Returns:
+            The live set, the shard probabilities ``(S, n, C)`` and each method's ``(n, C)``.
+        """
+        for m in methods:
+            if m not in AGGREGATE_METHODS:
+                raise ConfigError(f"unknown method {m!r}; allowed: {', '.join(AGGREGATE_METHODS)}")
+        live = self._snapshot()
         models = [model for _, model, _ in live.values()]
-        if method == "combiner":
-            stacker = self._stacker({shard: (key, model) for shard, (key, model, _) in live.items()})
-            logits = aggregate.shard_logits(
-                models, self.as_tensor(x), backend=self._config().aggregate.backend, batch_size=batch_size
-            )
-            return apply_weights(logits, stacker).cpu().numpy()
-        weights = [float(n) for _, _, n in live.values()] if method == "weighted" else None
-        out = aggregate.predict_proba(
-            models,
-            self.as_tensor(x),
-            method=method,
-            weights=weights,
-            backend=self._config().aggregate.backend,
-            batch_size=batch_size,
+        # The combiner is looked up (or refused, without a core set) before the forwards are paid for.
+        stacker = (
+            self._stacker({shard: (key, model) for shard, (key, model, _) in live.items()})
+            if "combiner" in methods
+            else None
         )
-        return out.cpu().numpy()
+        logits = aggregate.shard_logits(models, x, backend=self._config().aggregate.backend, batch_size=batch_size)
+        probas = aggregate.probas_of(logits)
+        sizes = [float(n) for _, _, n in live.values()]
+        out = {
+            m: apply_weights(logits, stacker)
+            if stacker is not None and m == "combiner"
+            else aggregate.combine(probas, m, sizes if m == "weighted" else None)
+            for m in dict.fromkeys(methods)
+        }
+        return live, probas, out
 
     def _stacker(self, served: dict[int, tuple[str, nn.Module]]) -> Stacker:
         """The combiner of exactly the ``served`` models (shard -> (checkpoint key, model)).
@@ -233,11 +258,22 @@ class Serving:
         Raises:
             DataError: On bad inputs, or labels that are not ``len(x)`` integers in ``[0, num_classes)``.
         """
-        live = self.snapshot()
+        return self.scores(x, y, (), 1024)[1]
+
+    def scores(
+        self, x: Any, y: Any, methods: Sequence[str], batch_size: int
+    ) -> tuple[dict[str, float], dict[int, float]]:
+        """Accuracy on ``(x, y)`` of each method in ``methods``, and of each live shard, from one forward pass.
+
+        Raises:
+            DataError: On bad inputs, or labels that are not ``len(x)`` integers in ``[0, num_classes)``.
+            ConfigError: As :meth:`predict_probas`.
+        """
         xt = self.as_tensor(x)
-        y_np = check_labels(y, xt.shape[0], self._config().data.num_classes)
-        probas = aggregate.shard_probas(
-            [model for model, _ in live.values()], xt, backend=self._config().aggregate.backend
-        )
+        y_np = check_labels(y, xt.shape[0], self._config().data.num_classes)  # before the forwards
+        live, probas, out = self._pass(xt, methods, batch_size)
+        if methods:
+            self._last.used = {shard: key for shard, (key, _, _) in live.items()}
         labels = probas.argmax(dim=2).cpu().numpy()
-        return {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}
+        per_shard = {shard: float((labels[i] == y_np).mean()) for i, shard in enumerate(live)}
+        return {m: float((p.argmax(dim=1).cpu().numpy() == y_np).mean()) for m, p in out.items()}, per_shard

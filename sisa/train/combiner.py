@@ -42,6 +42,7 @@ __all__ = [
     "fit_from_weights",
     "fit_in_domain",
     "fit_on_core",
+    "has_core",
     "read_core",
     "refit_live",
     "require_core",
@@ -51,13 +52,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def has_core(cfg: SisaConfig, core_count: int) -> bool:
+    """Whether a store with this config and ``core_count`` core ids can fit (and so serve) the combiner."""
+    return cfg.backbone.source == "core" and core_count > 0
+
+
 def require_core(cfg: SisaConfig, core_count: int) -> None:
     """Refuse the combiner where there is no core set to fit it on.
 
     Raises:
         ConfigError: Without ``backbone.source: core`` or without core ids, naming the fix.
     """
-    if cfg.backbone.source != "core" or core_count == 0:
+    if not has_core(cfg, core_count):
         raise ConfigError(
             "aggregate.method: combiner is fitted on the core set (samples declared at ingest, never deletable), "
             f"and this store has {'no core set' if core_count == 0 else 'backbone.source: ' + cfg.backbone.source}: "

@@ -71,6 +71,26 @@ def test_human_output_has_a_results_table(tiny_store: Path, capsys: pytest.Captu
     assert header[-2:] == ["result", "reason"] and "weights" in header
 
 
+@needs_fashion
+def test_eval_compares_aggregations_from_one_pass(tiny_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    every = run_json(capsys, "eval", "--store", str(tiny_store), "--method", "all")
+    # A store without a core set serves every method but the combiner; each number is the one-method eval's.
+    assert set(every["accuracy_by_method"]) == {"mean", "vote", "weighted"}
+    for method, accuracy in every["accuracy_by_method"].items():
+        alone = run_json(capsys, "eval", "--store", str(tiny_store), "--method", method)
+        assert alone["accuracy"] == accuracy and alone["per_shard_accuracy"] == every["per_shard_accuracy"]
+    two = run_json(capsys, "eval", "--store", str(tiny_store), "--method", "vote", "mean")
+    assert (two["method"], two["accuracy"]) == ("vote", every["accuracy_by_method"]["vote"])
+    assert set(two["accuracy_by_method"]) == {"vote", "mean"}
+    assert main(["eval", "--store", str(tiny_store), "--method", "weighted", "vote"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble (weighted)" in out and "ensemble (vote)" in out
+    # The combiner needs a core set: refused with the fix, non-zero.
+    assert main(["eval", "--store", str(tiny_store), "--method", "mean", "combiner"]) == 2
+    assert "core set" in capsys.readouterr().err
+
+
 def test_importing_the_console_script_does_nothing() -> None:
     code = (
         "import sys, sisa.cli.main; "

@@ -280,3 +280,45 @@ def test_kept_backbone_features_give_the_same_logits_and_respect_the_size_cap(mo
     monkeypatch.setattr(combiner, "FEATURE_CACHE_BYTES", 1 << 28)
     combiner._core_logits(models, x, None)
     assert combiner._features == {}
+
+
+def test_scores_compare_every_aggregation_from_one_pass_of_the_shard_models(tmp_path: Path) -> None:
+    x, y = X[:200], Y[:200]
+    with make(tmp_path / "st") as ens:
+        alone = {m: ens.predict_proba(x, method=m) for m in ("mean", "vote", "weighted", "combiner")}
+        # Count the shard models' forwards: each pass runs every live head once on these 200 rows (the
+        # shared backbone's features are computed once per chunk for all of them).
+        calls = {"n": 0}
+
+        def count(*_: object) -> None:
+            calls["n"] += 1
+
+        hooks = [m.head.register_forward_hook(count) for m in ens.live_models().values()]
+        try:
+            scores = ens.scores(x, y)
+            assert calls["n"] == ens.config.shards  # one pass for four methods and every shard
+            together = ens._serving.predict_probas(x, ["combiner", "mean", "vote", "weighted"], 1024)
+            assert calls["n"] == 2 * ens.config.shards
+        finally:
+            for h in hooks:
+                h.remove()
+        assert list(scores["accuracy"]) == ["mean", "vote", "weighted", "combiner"]  # every method it serves
+        for method, proba in alone.items():
+            np.testing.assert_array_equal(together[method], proba)  # the bytes of each method alone
+            assert scores["accuracy"][method] == ens.score(x, y, method=method)
+        assert scores["per_shard_accuracy"] == ens.shard_scores(x, y)
+        chosen = ens.scores(x, y, methods=["vote"])
+        assert chosen["accuracy"] == {"vote": scores["accuracy"]["vote"]}
+        with pytest.raises(ConfigError, match="unknown method 'median'"):
+            ens.scores(x, y, methods=["mean", "median"])
+        with pytest.raises(DataError, match=r"len\(y\)=10 != len\(x\)=200"):
+            ens.scores(x, y[:10])
+
+
+def test_scores_leave_the_combiner_out_of_a_store_without_a_core_set(tmp_path: Path) -> None:
+    with Ensemble.create(tmp_path / "plain", small_config()) as ens:
+        ens.ingest(X, Y)
+        ens.fit()
+        assert list(ens.scores(X[:100], Y[:100])["accuracy"]) == ["mean", "vote", "weighted"]
+        with pytest.raises(ConfigError, match="core set"):
+            ens.scores(X[:100], Y[:100], methods=["mean", "combiner"])
