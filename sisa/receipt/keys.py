@@ -23,7 +23,7 @@ __all__ = ["ENV", "default_name", "key_path", "load_signer"]
 log = logging.getLogger(__name__)
 
 ENV = "SISA_SIGNING_KEY_FILE"
-_loaded: tuple[str, Signer] | None = None  # the last key read: its file's text, and the signer
+_loaded: tuple[bytes, Signer] | None = None  # the last key read: its file's bytes, and the signer
 _outside: set[tuple[str, str]] = set()  # (key file, store directory) names found not to nest, this process
 
 
@@ -65,39 +65,54 @@ def load_signer(*, create: bool = True, name: str | None = None, store_root: Pat
         # resolutions (a system call per path component) cost more than the rest of reading the key.
         _outside.add((str(path), str(store_root)))
     try:
-        text = path.read_text(encoding="ascii")
+        raw = _read(path)
     except FileNotFoundError:
-        text = None
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = None
+    except OSError as exc:
         raise ConfigError(f"{ENV}/{path}: the signing key cannot be read ({exc})") from exc
-    if text is None:
+    if raw is not None and _loaded is not None and _loaded[0] == raw:
+        return _loaded[1]  # the same key as last time: parsed and derived once per process
+    if raw is None:
         if not create:
             raise ConfigError(f"no signing key at {path}: run `sisa keys --generate`, or set {ENV} to the key file")
         signer = generate(name or default_name())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, (signer.encode() + "\n").encode())  # the text _remember keys it by
+            os.write(fd, written := (signer.encode() + "\n").encode())  # the bytes _remember keys it by
             os.fsync(fd)
         finally:
             os.close(fd)
         log.info("created the signing key %s (verifier key %s)", path, signer.verifier.encode())
-        _remember(signer.encode() + "\n", signer)
+        _remember(written, signer)
         return signer
-    if _loaded is not None and _loaded[0] == text:
-        return _loaded[1]  # the same key as last time: parsed and derived once per process
     try:
-        signer = Signer.decode(text)
+        signer = Signer.decode(raw.decode("ascii"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{ENV}/{path}: the signing key cannot be read ({exc})") from exc
     except ProofError as exc:
         raise ConfigError(f"{path} is not a sisa signing key: {exc}") from exc
-    _remember(text, signer)
+    _remember(raw, signer)
     return signer
 
 
-def _remember(text: str, signer: Signer) -> None:
+def _read(path: Path) -> bytes:
+    """The key file's bytes, with three system calls and no text layer (a deletion reads it each time it signs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _remember(raw: bytes, signer: Signer) -> None:
     """Keep the last key read, so that a process signing after each deletion parses and derives it once.
 
-    Keyed by the file's whole text, read every time: a key replaced on disk is never served from memory.
+    Keyed by the file's whole bytes, read every time: a key replaced on disk is never served from memory
+    (not by its size or times, which a rewrite within the same clock tick keeps).
     """
     global _loaded
-    _loaded = (text, signer)
+    _loaded = (raw, signer)

@@ -68,6 +68,7 @@ COMMITS_DB = "commits"
 BUCKETS = 256
 MAX_BUCKETS = 4096  # the header then holds 4096 x 104 bytes (~420 KB), read and written once a deletion
 _PER_BUCKET = 256
+_FEW = 64  # id counts sorted in Python by _distinct
 _MAGIC = b"sisa-commits-v3|"  # v3: the slices digest replaced the manifest digest
 
 
@@ -210,9 +211,37 @@ def _parse(raw: bytes | None) -> _Header | None:
     return _Header(digests, sizes, roots, levels)
 
 
+# The last header this process wrote or parsed: its bytes and it, parsed. A deletion writes the shard's
+# header in its journal transaction (follow) and reads it back in the certifying one (for_publication):
+# a header is a pure function of its bytes, so bytes equal to these are this header, and the second
+# read neither hashes nor parses them (a compare of ~26 KB instead). One entry: the last shard's.
+_last_header: tuple[bytes, _Header] | None = None
+
+
+def _copy(head: _Header) -> _Header:
+    """A header that shares no list or buffer with ``head`` (callers update theirs in place)."""
+    return _Header(list(head.digests), list(head.sizes), Hashes(head.roots.data), [Hashes(x.data) for x in head.levels])
+
+
 def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
-    raw = txn.get(_key(shard, b"h"), db=db) if db is not None else None
-    return _parse(bytes(raw) if raw is not None else None)
+    global _last_header
+    got = txn.get(_key(shard, b"h"), db=db) if db is not None else None
+    if got is None:
+        return None
+    raw = bytes(got)
+    if _last_header is not None and _last_header[0] == raw:
+        return _copy(_last_header[1])
+    head = _parse(raw)
+    if head is not None:
+        _last_header = (raw, _copy(head))
+    return head
+
+
+def _write_header(txn: lmdb.Transaction, db: Any, shard: int, head: _Header) -> None:
+    global _last_header
+    raw = _header(head)
+    txn.put(_key(shard, b"h"), raw, db=db)
+    _last_header = (raw, _copy(head))
 
 
 def _words(ids: np.ndarray) -> bytes:
@@ -275,6 +304,9 @@ def follow(store: Store, txn: lmdb.Transaction, secret: bytes, removed: Mapping[
 
 def _distinct(ids: np.ndarray) -> np.ndarray:
     """Sorted distinct ids as big-endian words (``np.unique`` imports ``numpy.ma`` on first use: ~25 ms)."""
+    if len(ids) <= _FEW:
+        # A deletion names a few ids: Python's sort of a handful beats numpy's per-call overhead.
+        return np.array(sorted(set(np.asarray(ids, dtype=np.int64).tolist())), dtype=">i8")
     out = np.sort(np.asarray(ids, dtype=np.int64))
     out = out[np.concatenate(([True], out[1:] != out[:-1]))] if len(out) else out
     return out.astype(">i8")
@@ -318,7 +350,7 @@ def _remove(
         head.digests[r] = slice_digest(words)
         txn.put(_key(shard, b"s", r), words, db=db)
     _put_buckets(txn, db, shard, rewritten, head.roots)
-    txn.put(_key(shard, b"h"), _header(head), db=db)
+    _write_header(txn, db, shard, head)
     return True
 
 
@@ -522,8 +554,7 @@ def shard_manifest(
         assert man.levels is not None  # both ways above build the top tree
         _put_buckets(txn, db, shard, man.buckets, man.roots)
         roots = man.roots if isinstance(man.roots, Hashes) else Hashes.of(man.roots)
-        head = _Header(digests, man.sizes, roots, man.levels)
-        txn.put(_key(shard, b"h"), _header(head), db=db)
+        _write_header(txn, db, shard, _Header(digests, man.sizes, roots, man.levels))
     return man
 
 

@@ -232,8 +232,8 @@ def apply(
         # The retrained models first: their "model published" entries bind the new weights to manifest
         # commitments without the deleted ids, and the certificates below then name those weights.
         index = log_index(store, txn)  # read once: publishing and signing bring it up to date in place
-        publish_models(store, txn, secret, store.recipe_digest(txn, planner.config), index)
-        live = store.live(txn)
+        live = store.live(txn)  # read once too: publishing reads it and changes no live record
+        publish_models(store, txn, secret, store.recipe_digest(txn, planner.config), index, live)
         certificates = []
         for request in chosen:
             shards = {key: _shard_entry(store, txn, key, info, live, report) for key, info in request["shards"].items()}

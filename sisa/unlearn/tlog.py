@@ -192,7 +192,12 @@ def latest_published(records: list[dict[str, Any]], size: int | None = None) -> 
 
 
 def publish_models(
-    store: Store, txn: lmdb.Transaction, secret: bytes, recipe: str, index: LogIndex | None = None
+    store: Store,
+    txn: lmdb.Transaction,
+    secret: bytes,
+    recipe: str,
+    index: LogIndex | None = None,
+    live: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Append a "model published" entry for every shard whose live model changed since it was last published.
 
@@ -205,11 +210,13 @@ def publish_models(
         secret: The store's HMAC secret (the samples' openings derive from it).
         recipe: The recipe digest the live models were trained under.
         index: The log index read earlier in ``txn`` (:func:`log_index`'s ``since``), if any.
+        live: ``store.live(txn)``, where the caller read it in ``txn`` already (publishing changes no
+            live record).
 
     Returns:
         The entries appended.
     """
-    live = store.live(txn)
+    live = store.live(txn) if live is None else live
     published = log_index(store, txn, index).published
     appended = []
     for shard in sorted(set(live) | set(published)):

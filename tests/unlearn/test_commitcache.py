@@ -240,7 +240,7 @@ def test_a_large_shard_gets_more_buckets_and_a_deletion_updates_them_without_rea
         assert now is not None and now.size == 0
 
 
-def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path) -> None:
+def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with small_store(tmp_path) as (store, secret):
         # Shard 9 (no membership records): the cache is all there is, so a fallback would empty it.
         slices = [np.arange(0, 9_000, 3, dtype=np.int64), np.arange(1, 9_000, 3, dtype=np.int64)]
@@ -254,13 +254,17 @@ def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path) -> N
         store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {2: np.array([9_002])}}))
         with store.read() as txn:
             assert bytes(txn.get(head_key, db=db)) == before
-        gone = np.array([3, 3_000], dtype=np.int64)  # both in slice 0
+        gone = np.array([3_000, 3, 3], dtype=np.int64)  # both in slice 0, one named twice, out of order
         store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {0: gone}}))
         fewer = [slices[0][~np.isin(slices[0], gone)], slices[1]]
+        parsed: list[bytes] = []
+        parse = commitcache._parse
+        monkeypatch.setattr(commitcache, "_parse", lambda raw: parsed.append(raw) or parse(raw))
         with store.read() as txn:
             assert txn.get(other, db=db) is None  # never read, never rewritten
             man = commitcache.for_publication(store, txn, secret, 9, model_record(fewer))
         assert man is not None and (man.source, man.root()) == ("cache", scratch_root(secret, fewer))
+        assert not parsed  # the header this process wrote is taken as written, not hashed and parsed again
 
 
 def test_a_receipt_from_a_shard_of_more_than_256_buckets_verifies(tmp_path: Path) -> None:
