@@ -32,7 +32,7 @@ from sisa.train import local_runner
 from sisa.train.adapters import AdaptedModel, build_shard_model
 from sisa.train.backbone import FEATURE_CHUNK, build_network, freeze, load_stored
 from sisa.train.live import load_live_model
-from sisa.train.stacking import Stacker, fit_stacker, log_probs
+from sisa.train.stacking import STACKING_FORMAT, Stacker, fit_stacker, log_probs
 from sisa.train.trainer import deterministic
 
 __all__ = [
@@ -142,6 +142,7 @@ def _fit(
     core: tuple[np.ndarray, ...],
     known: Mapping[int, torch.Tensor],
     reuse: tuple[str, str] | None = None,
+    fmt: int = STACKING_FORMAT,
 ) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """The combiner of the models ``keys`` names, with the core-set logits of those it had to compute.
 
@@ -157,6 +158,7 @@ def _fit(
         known: The other shards' logits ``(n, C)``, computed before in this domain.
         reuse: ``(backbone digest, core digest)``: keep and reuse the shared backbone's core features
             in this process (:func:`_core_logits`); None: compute them.
+        fmt: The stacking format to fit in (:data:`~sisa.train.stacking.FORMATS`).
 
     Returns:
         The combiner's bytes, the logits computed now by shard, and whether the backbone's features
@@ -171,7 +173,7 @@ def _fit(
             computed, reused = _core_logits([models[s].to("cpu").eval() for s in order], torch.from_numpy(x), reuse)
             fresh = {s: computed[i] for i, s in enumerate(order)}
         logits = torch.stack([fresh[s] if s in fresh else known[s] for s in sorted(keys)])
-        stacker = fit_stacker(log_probs(logits), y)
+        stacker = fit_stacker(log_probs(logits), y, fmt)
     return stacker.encode(Basis(keys, ids).header()), fresh, reused
 
 
@@ -191,6 +193,7 @@ def fit_in_domain(
     backbone: nn.Module | None,
     known: Mapping[int, torch.Tensor] | None = None,
     reuse: tuple[str, str] | None = None,
+    fmt: int = STACKING_FORMAT,
 ) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """The combiner fitted in the domain of :func:`fit_domain` (the models travel as their weights).
 
@@ -203,6 +206,7 @@ def fit_in_domain(
         known: Logits computed before in this domain, for the shards not in ``models``.
         reuse: ``(backbone digest, core digest)``: the process that fits (this one or the pinned
             child) keeps the backbone's core features for the next refit (see :func:`_core_logits`).
+        fmt: The stacking format to fit in (``verify`` refits a stored combiner in its own).
 
     Returns:
         The combiner's bytes, the logits computed now by shard, and whether the backbone's core
@@ -211,10 +215,12 @@ def fit_in_domain(
     runner = local_runner.cpu_domain(cfg)
     known = dict(known or {})
     if runner.in_process:
-        return _fit(cfg, keys, models, core, known, reuse)
+        return _fit(cfg, keys, models, core, known, reuse, fmt)
     states = {s: _cpu_state(m) for s, m in models.items()}
     shared = _cpu_state(backbone) if backbone is not None else None
-    blob, fresh, reused = runner.call(__name__, "fit_from_weights", cfg, dict(keys), shared, states, core, known, reuse)
+    blob, fresh, reused = runner.call(
+        __name__, "fit_from_weights", cfg, dict(keys), shared, states, core, known, reuse, fmt
+    )
     return bytes(blob), fresh, bool(reused)
 
 
@@ -230,6 +236,7 @@ def fit_from_weights(
     core: tuple[np.ndarray, ...],
     known: Mapping[int, torch.Tensor],
     reuse: tuple[str, str] | None = None,
+    fmt: int = STACKING_FORMAT,
 ) -> tuple[bytes, dict[int, torch.Tensor], bool]:
     """:func:`fit_in_domain`'s fit of models rebuilt from their weights (in the pinned child)."""
     shape = tuple(core[1].shape[1:])
@@ -243,7 +250,7 @@ def fit_from_weights(
         model = build_shard_model(cfg, shape, cfg.data.num_classes, module)
         model.load_state_dict(state)
         models[shard] = model.eval()
-    return _fit(cfg, keys, models, core, known, reuse)
+    return _fit(cfg, keys, models, core, known, reuse, fmt)
 
 
 def read_core(store: Store, cfg: SisaConfig, txn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,6 +278,16 @@ def stored_stacker(store: Store, txn: Any, basis: Basis) -> Stacker | None:
     if head.get("models") != basis.header()["models"]:
         raise IntegrityError(f"the stored combiner {got[0]['key']} names other models than its record")
     return stacker
+
+
+def _stored_format(stored: tuple[dict[str, Any], bytes] | None) -> int | None:
+    """The stacking format of stored combiner bytes (the current one when none is stored); None if unknown."""
+    if stored is None:
+        return STACKING_FORMAT
+    try:
+        return Stacker.decode(stored[1])[0].format
+    except IntegrityError:
+        return None
 
 
 def _live_models(
@@ -376,8 +393,12 @@ def check_live(store: Store, cfg: SisaConfig) -> dict[str, Any]:
             why = f"fitted in domain {record['domain']}, this machine fits in {fit_domain(cfg)}: run sisa train here"
             return {"ok": False, "key": key, "reason": "domain_unavailable", "message": why}
         models, backbone = _live_models(store, cfg, txn)
-    # Every forward again, nothing kept reused: this is the check.
-    replay, _, _ = fit_in_domain(cfg, basis.models, models, core, backbone)
+        fmt = _stored_format(stored)
+    if fmt is None:
+        return {"ok": False, "key": key, "reason": "the stored combiner is damaged: it names no format this sisa fits"}
+    # Every forward again, nothing kept reused: this is the check. In the stored one's format (an older
+    # store's combiner summed its Hessian another way, and is refitted that way).
+    replay, _, _ = fit_in_domain(cfg, basis.models, models, core, backbone, fmt=fmt)
     if stored is None or stored[1] != replay:
         why = f"the stored combiner {key} differs from its refit on the live models"
         return {"ok": False, "key": key, "reason": why}

@@ -34,3 +34,7 @@ def test_quick_run_measures_every_aggregation_and_verifies(tmp_path: Path, env_p
         assert all(0.0 <= a <= 1.0 for a in accuracies.values())
     assert row["verify_ok"] and row["combiner_verified"]
     assert row["combiner_refit_s"] > 0 and row["delete_s"] > 0
+    # Both stacking formats fitted side by side on the same log-probabilities: the same optimum (no timing asserted).
+    assert set(row["stacker_fit_s"]) == {"1", "2"} and all(v > 0 for v in row["stacker_fit_s"].values())
+    assert row["stacker_max_weight_diff"] < 1e-6 and row["stacker_speedup"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -16,15 +16,15 @@ import torch
 from sisa import unlearn
 from sisa.cli.render import print_status, print_verify
 from sisa.ensemble import Ensemble
-from sisa.errors import ConfigError, DataError
+from sisa.errors import ConfigError, DataError, IntegrityError
 from sisa.serve.modelset import ModelView, read_models, read_state
 from sisa.store.cipher import TOKEN_SIZE
 from sisa.store.digests import sha256
-from sisa.train import combiner
+from sisa.train import combiner, stacking
 from sisa.train.adapters import build_shard_model
 from sisa.train.backbone import build_network, freeze
 from sisa.train.combiner import Basis, fit_on_core, read_core
-from sisa.train.stacking import Stacker, apply_weights, fit_stacker, log_probs
+from sisa.train.stacking import STACKING_FORMAT, Stacker, apply_weights, fit_stacker, log_probs
 from tests.conftest import blobs, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -207,6 +207,58 @@ def test_verify_catches_a_combiner_that_is_not_the_refit_of_the_live_models(
         ens.store.write(lambda txn: txn.put(str(record["key"]).encode(), sealed[:-1] + b"x", db=ens.store.db("ckpt")))
         verdict = ens.verify()
         assert not verdict["ok"] and "damaged" in verdict["combiner"]["reason"]
+
+
+def test_a_combiner_an_older_sisa_stored_in_format_1_verifies_and_the_next_refit_writes_format_2(
+    tmp_path: Path,
+) -> None:
+    with make(tmp_path / "st") as ens:
+        record, blob = stored(ens)
+        assert Stacker.decode(blob)[0].format == STACKING_FORMAT == 2
+        # What a sisa before format 2 stored for these live models: the same fit, its Hessian summed by
+        # numpy's loops, refitted here in the shards' domain as verify does.
+        with ens.store.read() as txn:
+            core = read_core(ens.store, ens.config, txn)
+            models, backbone = combiner._live_models(ens.store, ens.config, txn)
+            keys = {s: r["key"] for s, r in ens.store.live(txn).items()}
+        old, _, _ = combiner.fit_in_domain(ens.config, keys, models, core, backbone, fmt=1)
+        v1, v2 = Stacker.decode(old)[0], Stacker.decode(blob)[0]
+        assert v1.format == 1 and old != blob  # other bytes ...
+        np.testing.assert_allclose(v1.weights, v2.weights, rtol=0, atol=1e-8)  # ... of the same optimum
+        sealed = ens.store.seal_checkpoint(old, str(record["key"]))
+        ens.store.write(lambda txn: ens.store.put_combiner(txn, {**record, "sha256": sha256(old)}, sealed))
+        verdict = ens.verify()
+        assert verdict["ok"] and verdict["combiner"]["sha256"] == sha256(old), verdict  # refitted in format 1
+        # A format-1 combiner refitted in format 2 is not its replay: verify compares in the stored format.
+        forged = Stacker(v2.weights, v2.bias, v2.steps, 1).encode(Stacker.decode(old)[1])
+        sealed = ens.store.seal_checkpoint(forged, str(record["key"]))
+        ens.store.write(lambda txn: ens.store.put_combiner(txn, {**record, "sha256": sha256(forged)}, sealed))
+        assert not ens.verify()["combiner"]["ok"]
+        ens.delete(VICTIMS)  # the refit after the deletion writes the current format
+        assert Stacker.decode(stored(ens)[1])[0].format == 2 and ens.verify()["ok"]
+
+
+def test_format_2_sums_the_same_hessian_as_format_1() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 10, size=600)
+    logits = torch.from_numpy(rng.normal(size=(16, 600, 10)))
+    logits[::4, torch.arange(600), torch.from_numpy(y)] += 2.0  # every 4th shard knows the labels
+    logp = log_probs(logits)
+    one, two = fit_stacker(logp, y, 1), fit_stacker(logp, y, 2)
+    assert (one.format, two.format) == (1, 2) and one.encode({}) != two.encode({})
+    np.testing.assert_allclose(one.weights, two.weights, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(one.bias, two.bias, rtol=0, atol=1e-8)
+    # The Hessians themselves, at one point: equal up to the order of float64 sums.
+    s, n, c = logp.shape
+    z = np.concatenate([logp.transpose(1, 2, 0), np.ones((n, c, 1))], axis=2)
+    proba = np.full((n, c), 1.0 / c)
+    np.testing.assert_allclose(
+        stacking._hessian(z, proba, n), stacking._hessian_mm(z, proba, n), rtol=1e-12, atol=1e-14
+    )
+    with pytest.raises(IntegrityError, match="unknown combiner format 3"):
+        fit_stacker(logp, y, 3)
+    with pytest.raises(IntegrityError, match="unknown format"):
+        Stacker.decode(Stacker(one.weights, one.bias, one.steps, 3).encode({}))
 
 
 def test_the_sisa_command_verifies_a_combiner_this_process_fitted(tmp_path: Path, env_python: dict[str, str]) -> None:
