@@ -257,14 +257,16 @@ def test_a_deletion_reads_only_the_slices_that_held_its_ids(tmp_path: Path, monk
         gone = np.array([3_000, 3, 3], dtype=np.int64)  # both in slice 0, one named twice, out of order
         store.write(lambda txn: commitcache.follow(store, txn, secret, {9: {0: gone}}))
         fewer = [slices[0][~np.isin(slices[0], gone)], slices[1]]
-        parsed: list[bytes] = []
+        parsed: list[bool] = []
         parse = commitcache._parse
-        monkeypatch.setattr(commitcache, "_parse", lambda raw: parsed.append(raw) or parse(raw))
+        monkeypatch.setattr(
+            commitcache, "_parse", lambda raw, checked=False: parsed.append(checked) or parse(raw, checked)
+        )
         with store.read() as txn:
             assert txn.get(other, db=db) is None  # never read, never rewritten
             man = commitcache.for_publication(store, txn, secret, 9, model_record(fewer))
         assert man is not None and (man.source, man.root()) == ("cache", scratch_root(secret, fewer))
-        assert not parsed  # the header this process wrote is taken as written, not hashed and parsed again
+        assert parsed == [True]  # the header this process wrote is known checked: its bytes are not hashed again
 
 
 def test_a_receipt_from_a_shard_of_more_than_256_buckets_verifies(tmp_path: Path) -> None:
@@ -305,3 +307,11 @@ def test_a_damaged_cached_slice_under_a_deletion_is_never_published_wrong(tmp_pa
         ens.delete([77])  # the journal takes 77 out of the damaged words; publication finds the digest wrong
         check_all(store)
         assert len(counted) == 4  # that shard once more from scratch, the others untouched
+
+
+def test_removing_words_from_a_cached_slice_keeps_the_others_in_order() -> None:
+    raw = np.arange(100, 110, dtype=">i8").tobytes()
+    words = np.frombuffer(raw, dtype=">i8")
+    for at in ([], [0], [9], [3, 4], [0, 5, 9], list(range(10))):
+        positions = np.array(at, dtype=np.int64)
+        assert commitcache._without(raw, positions) == np.delete(words, positions).tobytes()
