@@ -22,8 +22,9 @@ would try it. For each training set:
 
    Each arm's store is trained once and evaluated with every aggregation method in
    ``sisa.config.settings.AGGREGATE_METHODS`` (read at run time, so a method added there,
-   such as a core-trained ``combiner``, is measured too), through
-   ``Ensemble.predict_proba(x, method=...)``.
+   such as a core-trained ``combiner``, is measured too): the store's own method by the fit's
+   scoring, the others together by ``Ensemble.scores`` (one more pass of the shard models, not one
+   per method: a LoRA S=32 pass on the 10k test images took ~3 min on the 2-core machine).
 
 3. **The head bound** (when a backbone arm runs): one head (S=1, R=1) on the same core backbone,
    trained on every sample. No head arm can be expected to beat it, whatever S or graph, so it
@@ -62,8 +63,9 @@ extrapolated from bench_backbone's full run in docs/benchmarks.md (59.4 min; CNN
 shard). On 60k: the monolithic fit ~6.5 min; fits per S ~16 / 11.5 / 10.5 min at S = 8 / 16 / 32
 (scratch ~5 / 3.5 / 3.5, head ~1.3 / 0.9 / 0.8 with the backbone's ~35 s, ring:1 and ring:3 the
 head's shard training x2 and x4, LoRA ~4.5); 3 deletions per store ~18 min (scratch 68 / 27 / 12 s
-each, LoRA 50 / 29 / 13 s, ring:3 ~16x a head deletion's compute); inference ~30 min (4 predict
-calls per store on the 10k test images; S full CNNs take 32 / 51 / 104 s a call): about 1.6 h.
+each, LoRA 50 / 29 / 13 s, ring:3 ~16x a head deletion's compute); inference ~30 min (then 4 predict
+calls per store on the 10k test images, 2 passes since 8c33cf8; S full CNNs take 32 / 51 / 104 s a call):
+about 1.6 h.
 The 20k subset trains and deletes on a third of that, but predicts on the same 10k: about 0.9 h.
 Longer when another job shares the cores.
 
