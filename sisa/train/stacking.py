@@ -11,7 +11,8 @@ over the core set, is the fit's cost; how it is summed is the stored combiner's 
 
 * 1: numpy's ``einsum`` loops (not a BLAS), O(n (C(S+1))^2) multiply-adds one at a time: at S=32
   and 6,000 core samples about half a second a Newton step, most of a head deletion's time.
-* 2 (what a fit writes): the same sums as matrix products on torch's BLAS, about 20x faster. Like
+* 2 (what a fit writes): the same sums as matrix products on torch's BLAS (the whole fit 7.5x / 11.5x /
+  13.6x faster at S = 8 / 16 / 32 on 2,000 core samples, ``scripts/bench_combiner.py``). Like
   the linear solve each step has always run there, they run on torch's intra-op threads, which the
   caller pins (the shards' determinism domain: CPU kernels, BLAS and its reproducibility mode, thread
   count), so within a domain they give the same bytes.
