@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,15 +223,17 @@ def _parse(raw: bytes | None, checked: bool = False) -> _Header | None:
 # are a header whose check this process made: they are parsed without hashing them again (~110 us at
 # 2,048 buckets). The bytes are the key, so another store's header, or one changed on disk, is never taken.
 _headers: dict[int, bytes] = {}
+_headers_lock = threading.Lock()  # a receipt issued in one thread reads headers while another deletes
 MEMO_BYTES = 1 << 26
 
 
 def _remember(shard: int, raw: bytes) -> None:
-    _headers.pop(shard, None)
-    while _headers and sum(map(len, _headers.values())) + len(raw) > MEMO_BYTES:
-        del _headers[next(iter(_headers))]  # the oldest first
-    if len(raw) <= MEMO_BYTES:
-        _headers[shard] = raw
+    with _headers_lock:
+        _headers.pop(shard, None)
+        while _headers and sum(map(len, _headers.values())) + len(raw) > MEMO_BYTES:
+            del _headers[next(iter(_headers))]  # the oldest first
+        if len(raw) <= MEMO_BYTES:
+            _headers[shard] = raw
 
 
 def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
@@ -238,7 +241,9 @@ def _read_header(txn: lmdb.Transaction, db: Any, shard: int) -> _Header | None:
     if got is None:
         return None
     raw = bytes(got)
-    if _headers.get(shard) == raw:
+    with _headers_lock:
+        known = _headers.get(shard) == raw
+    if known:
         return _parse(raw, checked=True)
     head = _parse(raw)
     if head is not None:

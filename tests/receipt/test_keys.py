@@ -54,6 +54,12 @@ def test_a_damaged_key_file_is_a_config_error_naming_it(tmp_path: Path, monkeypa
     monkeypatch.setenv(keys.ENV, str(path))
     with pytest.raises(ConfigError, match=f"{path} is not a sisa signing key"):
         keys.load_signer()
+    path.write_bytes(b"PRIVATE+KEY+\xff\xfe\n")  # not ASCII: named as unreadable, never decoded as a key
+    with pytest.raises(ConfigError, match=f"{path}: the signing key cannot be read"):
+        keys.load_signer()
+    monkeypatch.setenv(keys.ENV, str(tmp_path))  # a directory, not a file
+    with pytest.raises(ConfigError, match="the signing key cannot be read"):
+        keys.load_signer()
     missing = tmp_path / "none.key"
     monkeypatch.setenv(keys.ENV, str(missing))
     with pytest.raises(ConfigError, match="sisa keys --generate"):
